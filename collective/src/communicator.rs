@@ -1,0 +1,127 @@
+//! The [`Communicator`] trait every transport implements, and the [`Collective`] names used in
+//! errors and on the wire.
+
+use std::fmt;
+
+use crate::buffer::{BufferMut, BufferRef, ReduceOp};
+use crate::error::Result;
+
+/// The collective operations, named as in error messages (`all_reduce: peer rank 2 ...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Collective {
+    /// [`Communicator::all_reduce`].
+    AllReduce,
+    /// [`Communicator::broadcast`].
+    Broadcast,
+    /// [`Communicator::all_gather`].
+    AllGather,
+    /// [`Communicator::reduce_scatter`].
+    ReduceScatter,
+    /// [`Communicator::barrier`].
+    Barrier,
+}
+
+impl Collective {
+    /// Returns the snake_case name (`all_reduce`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Collective::AllReduce => "all_reduce",
+            Collective::Broadcast => "broadcast",
+            Collective::AllGather => "all_gather",
+            Collective::ReduceScatter => "reduce_scatter",
+            Collective::Barrier => "barrier",
+        }
+    }
+
+    /// Returns the code that identifies the collective in message headers.
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            Collective::AllReduce => 1,
+            Collective::Broadcast => 2,
+            Collective::AllGather => 3,
+            Collective::ReduceScatter => 4,
+            Collective::Barrier => 5,
+        }
+    }
+
+    /// Decodes a header code.
+    pub(crate) fn from_code(code: u8) -> Option<Collective> {
+        Some(match code {
+            1 => Collective::AllReduce,
+            2 => Collective::Broadcast,
+            3 => Collective::AllGather,
+            4 => Collective::ReduceScatter,
+            5 => Collective::Barrier,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Collective {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(self.name())
+    }
+}
+
+/// A group of `world_size` ranks that run collectives together.
+///
+/// Every rank must call the same collectives in the same order with the same lengths, element
+/// types, operations and roots; implementations detect mismatches where they can and report them
+/// as errors. Calls block the calling thread until this rank's part is done. A call that fails
+/// (a peer died, stalled, or broke the protocol) leaves the communicator unusable: later calls
+/// return [`crate::Error::Poisoned`]; build a new one to continue.
+///
+/// Buffers of length 0 are allowed everywhere and return at once without communicating (all
+/// ranks must then pass length 0). With `world_size() == 1` every collective is a local copy or
+/// a no-op.
+pub trait Communicator: Send {
+    /// Returns this rank, in `0..world_size()`.
+    fn rank(&self) -> usize;
+
+    /// Returns the number of ranks in the group.
+    fn world_size(&self) -> usize;
+
+    /// Replaces `buffer` on every rank with the element-wise reduction over all ranks' buffers.
+    ///
+    /// Every rank receives bit-identical results. Low-precision buffers are accumulated in `f32`
+    /// and rounded once.
+    fn all_reduce(&mut self, buffer: BufferMut<'_>, op: ReduceOp) -> Result<()>;
+
+    /// Copies `root`'s `buffer` into every other rank's `buffer`.
+    fn broadcast(&mut self, buffer: BufferMut<'_>, root: usize) -> Result<()>;
+
+    /// Concatenates every rank's `input` (all of one length `n`) in rank order into `output`,
+    /// which must hold `n * world_size()` elements of the same type.
+    fn all_gather(&mut self, input: BufferRef<'_>, output: BufferMut<'_>) -> Result<()>;
+
+    /// Reduces the ranks' `input`s (all of length `n * world_size()`) element-wise and leaves
+    /// block `rank()` of the result, `n` elements, in `output`.
+    fn reduce_scatter(
+        &mut self,
+        input: BufferRef<'_>,
+        output: BufferMut<'_>,
+        op: ReduceOp,
+    ) -> Result<()>;
+
+    /// Returns only once every rank has entered the barrier.
+    fn barrier(&mut self) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collective_codes_round_trip() {
+        for collective in [
+            Collective::AllReduce,
+            Collective::Broadcast,
+            Collective::AllGather,
+            Collective::ReduceScatter,
+            Collective::Barrier,
+        ] {
+            assert_eq!(Collective::from_code(collective.code()), Some(collective));
+        }
+        assert_eq!(Collective::from_code(0), None);
+    }
+}

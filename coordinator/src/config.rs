@@ -1,0 +1,48 @@
+//! Coordinator settings.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How the coordinator runs. Built by the CLI from flags; tests build it directly.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// Directory for the embedded store and the job logs. Default `~/.local/share/cohort`.
+    pub data_dir: PathBuf,
+    /// How often workers heartbeat. Default 1 s.
+    pub heartbeat_interval: Duration,
+    /// A worker silent for this long is marked lost. Default 5 s.
+    pub heartbeat_deadline: Duration,
+    /// After a restart, how long ranks of running jobs have to re-report before their jobs are
+    /// failed with "coordinator restarted". Default: the heartbeat deadline.
+    pub restart_grace: Duration,
+    /// Most bytes of log kept per job; later lines are dropped and counted. Default 256 MiB.
+    pub max_log_bytes_per_job: u64,
+    /// How often the scheduler and the liveness checks run when nothing wakes them. Default
+    /// 200 ms.
+    pub tick: Duration,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        let heartbeat_deadline = Duration::from_secs(5);
+        Self {
+            data_dir: default_data_dir(),
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_deadline,
+            restart_grace: heartbeat_deadline,
+            max_log_bytes_per_job: 256 * 1024 * 1024,
+            tick: Duration::from_millis(200),
+        }
+    }
+}
+
+/// `$XDG_DATA_HOME/cohort`, else `~/.local/share/cohort`, else `./.cohort-data`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("cohort");
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/share/cohort"),
+        None => PathBuf::from(".cohort-data"),
+    }
+}

@@ -1,0 +1,232 @@
+//! Conversions between the coordinator's records and protocol messages. Decoding checks every
+//! field; encoding cannot fail.
+
+use cohort_proto::v1;
+use cohort_spec::{DeviceKind, JobKind};
+
+use crate::error::{Error, Result};
+use crate::limits::{MAX_EXTRA_METRICS, MAX_FIELD_BYTES};
+use crate::model::{DeviceRecord, JobRecord, MetricsRecord, NodeRecord, RankRecord, RankState};
+
+/// The spec's job kind as shown to users.
+pub fn kind_name(kind: JobKind) -> &'static str {
+    match kind {
+        JobKind::Command => "command",
+        JobKind::Train => "train",
+    }
+}
+
+/// The device kind as used in `COHORT_DEVICES` and the CLI (`cpu`, `gpu`).
+pub fn device_kind_name(kind: DeviceKind) -> &'static str {
+    match kind {
+        DeviceKind::Cpu => "cpu",
+        DeviceKind::Gpu => "gpu",
+    }
+}
+
+/// The protocol's device kind.
+pub fn device_kind_to_proto(kind: DeviceKind) -> v1::DeviceKind {
+    match kind {
+        DeviceKind::Cpu => v1::DeviceKind::Cpu,
+        DeviceKind::Gpu => v1::DeviceKind::Gpu,
+    }
+}
+
+fn device_kind_from_proto(kind: i32) -> Result<DeviceKind> {
+    match v1::DeviceKind::try_from(kind) {
+        Ok(v1::DeviceKind::Cpu) => Ok(DeviceKind::Cpu),
+        Ok(v1::DeviceKind::Gpu) => Ok(DeviceKind::Gpu),
+        _ => Err(Error::InvalidArgument(format!(
+            "device kind {kind}, expected cpu or gpu"
+        ))),
+    }
+}
+
+/// The coordinator's view of a reported rank state.
+pub fn rank_state(state: v1::RankState) -> RankState {
+    match state {
+        v1::RankState::Running => RankState::Running,
+        v1::RankState::Exited => RankState::Exited,
+        v1::RankState::Lost => RankState::Lost,
+        v1::RankState::StartFailed => RankState::StartFailed,
+        v1::RankState::Pending | v1::RankState::Unspecified => RankState::Pending,
+    }
+}
+
+fn rank_state_to_proto(state: RankState) -> v1::RankState {
+    match state {
+        RankState::Pending => v1::RankState::Pending,
+        RankState::Running => v1::RankState::Running,
+        RankState::Exited => v1::RankState::Exited,
+        RankState::Lost => v1::RankState::Lost,
+        RankState::StartFailed => v1::RankState::StartFailed,
+    }
+}
+
+/// Decodes and checks a node's devices: known kinds, no index registered twice.
+pub fn device_records(devices: &[v1::Device]) -> Result<Vec<DeviceRecord>> {
+    let mut records: Vec<DeviceRecord> = Vec::with_capacity(devices.len());
+    for device in devices {
+        let kind = device_kind_from_proto(device.kind)?;
+        for (name, value) in [
+            ("device name", &device.name),
+            ("compute capability", &device.compute_capability),
+            ("pci bus id", &device.pci_bus_id),
+        ] {
+            if value.len() > MAX_FIELD_BYTES {
+                return Err(Error::InvalidArgument(format!(
+                    "{name} of {} bytes, expected at most {MAX_FIELD_BYTES}",
+                    value.len()
+                )));
+            }
+        }
+        if records
+            .iter()
+            .any(|r| r.kind == kind && r.index == device.index)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "device {}:{} registered twice",
+                device_kind_name(kind),
+                device.index
+            )));
+        }
+        records.push(DeviceRecord {
+            kind,
+            index: device.index,
+            name: device.name.clone(),
+            memory_total_bytes: device.memory_total_bytes,
+            memory_free_bytes: device.memory_free_bytes,
+            compute_capability: device.compute_capability.clone(),
+            pci_bus_id: device.pci_bus_id.clone(),
+        });
+    }
+    Ok(records)
+}
+
+/// Decodes and checks a metrics report.
+pub fn metrics_record(metrics: &v1::RankMetrics) -> Result<MetricsRecord> {
+    if metrics.extra.len() > MAX_EXTRA_METRICS {
+        return Err(Error::InvalidArgument(format!(
+            "{} extra metrics, expected at most {MAX_EXTRA_METRICS}",
+            metrics.extra.len()
+        )));
+    }
+    if let Some(name) = metrics.extra.keys().find(|name| name.len() > 64) {
+        return Err(Error::InvalidArgument(format!(
+            "metric name of {} bytes, expected at most 64",
+            name.len()
+        )));
+    }
+    Ok(MetricsRecord {
+        step: metrics.step,
+        total_steps: metrics.total_steps,
+        epoch: metrics.epoch,
+        loss: metrics.loss,
+        samples_per_s: metrics.samples_per_s,
+        eval_loss: metrics.eval_loss,
+        eval_accuracy: metrics.eval_accuracy,
+        extra: metrics.extra.clone().into_iter().collect(),
+        reported_at_ms: crate::model::now_ms(),
+    })
+}
+
+fn rank_info(record: &JobRecord, rank: &RankRecord) -> v1::RankInfo {
+    v1::RankInfo {
+        rank: rank.rank,
+        node_id: rank.node_id.to_string(),
+        local_rank: rank.local_rank,
+        devices: rank
+            .devices
+            .iter()
+            .map(|&index| v1::DeviceRef {
+                kind: device_kind_to_proto(record.device_kind) as i32,
+                index,
+            })
+            .collect(),
+        state: rank_state_to_proto(rank.state) as i32,
+        pid: rank.pid,
+        exit_code: rank.exit_code,
+        signal: rank.signal,
+        exited_at_unix_ms: rank.exited_at_ms.unwrap_or(0),
+        detail: rank.detail.clone(),
+    }
+}
+
+/// The protocol's view of a job.
+pub fn job_info(record: &JobRecord) -> v1::JobInfo {
+    v1::JobInfo {
+        job_id: record.id.to_string(),
+        name: record.name.clone(),
+        state: record.state.to_proto() as i32,
+        reason: record.reason.clone(),
+        priority: record.priority,
+        ranks: record.ranks,
+        devices_per_rank: record.devices_per_rank,
+        device_kind: device_kind_to_proto(record.device_kind) as i32,
+        submitted_at_unix_ms: record.submitted_at_ms,
+        scheduled_at_unix_ms: record.scheduled_at_ms.unwrap_or(0),
+        started_at_unix_ms: record.started_at_ms.unwrap_or(0),
+        finished_at_unix_ms: record.finished_at_ms.unwrap_or(0),
+        rank_info: record
+            .placement
+            .iter()
+            .map(|rank| rank_info(record, rank))
+            .collect(),
+        metrics: record
+            .metrics
+            .iter()
+            .map(|(&rank, m)| v1::RankMetrics {
+                rank,
+                step: m.step,
+                total_steps: m.total_steps,
+                epoch: m.epoch,
+                loss: m.loss,
+                samples_per_s: m.samples_per_s,
+                eval_loss: m.eval_loss,
+                eval_accuracy: m.eval_accuracy,
+                extra: m.extra.clone().into_iter().collect(),
+                reported_at_unix_ms: m.reported_at_ms,
+            })
+            .collect(),
+        spec_toml: record.spec_toml.clone(),
+        kind: record.kind.clone(),
+    }
+}
+
+/// The protocol's view of a node.
+pub fn node_info(
+    record: &NodeRecord,
+    status: &str,
+    last_heartbeat_ms: i64,
+    busy: &[(DeviceKind, u32)],
+    running_ranks: u32,
+) -> v1::NodeInfo {
+    v1::NodeInfo {
+        node_id: record.id.to_string(),
+        hostname: record.hostname.clone(),
+        address: record.address.clone(),
+        devices: record
+            .devices
+            .iter()
+            .map(|d| v1::Device {
+                kind: device_kind_to_proto(d.kind) as i32,
+                index: d.index,
+                name: d.name.clone(),
+                memory_total_bytes: d.memory_total_bytes,
+                memory_free_bytes: d.memory_free_bytes,
+                compute_capability: d.compute_capability.clone(),
+                pci_bus_id: d.pci_bus_id.clone(),
+            })
+            .collect(),
+        status: status.to_owned(),
+        last_heartbeat_unix_ms: last_heartbeat_ms,
+        busy_devices: busy
+            .iter()
+            .map(|&(kind, index)| v1::DeviceRef {
+                kind: device_kind_to_proto(kind) as i32,
+                index,
+            })
+            .collect(),
+        running_ranks,
+    }
+}

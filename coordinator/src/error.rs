@@ -1,0 +1,94 @@
+//! The coordinator's error type and its one mapping to `tonic::Status`.
+
+use cohort_proto::IdError;
+use cohort_spec::SpecError;
+
+/// Everything that can go wrong inside the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request field is missing, malformed or out of bounds.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A submitted job spec was refused.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// An identifier in a request is malformed.
+    #[error(transparent)]
+    Id(#[from] IdError),
+    /// The job asks for more than the cluster could ever give it.
+    #[error("{0}")]
+    Unschedulable(String),
+    /// No job with this id.
+    #[error("job {0} not found")]
+    JobNotFound(String),
+    /// A node's session is unknown or stale: it must register again.
+    #[error("node {0} is not registered (or registered again elsewhere)")]
+    UnknownSession(String),
+    /// The job lifecycle refused a state change.
+    #[error("job {job_id}: cannot go from {from} to {to}")]
+    IllegalTransition {
+        /// The job.
+        job_id: String,
+        /// Its current state.
+        from: &'static str,
+        /// The state asked for.
+        to: &'static str,
+    },
+    /// A rendezvous wait or barrier ran out of time.
+    #[error("{0}")]
+    Timeout(String),
+    /// A request is valid but the job is in no state to serve it.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A resource bound was hit (log volume, key-value entries...).
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The cluster store failed.
+    #[error("cluster store: {0}")]
+    Store(String),
+    /// Reading or writing local files failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Result with the coordinator's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(error: Error) -> Self {
+        let message = error.to_string();
+        match error {
+            Error::InvalidArgument(_) | Error::Spec(_) | Error::Id(_) => {
+                tonic::Status::invalid_argument(message)
+            }
+            Error::Unschedulable(_)
+            | Error::FailedPrecondition(_)
+            | Error::IllegalTransition { .. } => tonic::Status::failed_precondition(message),
+            Error::JobNotFound(_) => tonic::Status::not_found(message),
+            Error::UnknownSession(_) => tonic::Status::unauthenticated(message),
+            Error::Timeout(_) => tonic::Status::deadline_exceeded(message),
+            Error::ResourceExhausted(_) => tonic::Status::resource_exhausted(message),
+            Error::Store(_) | Error::Io { .. } | Error::Transport(_) => {
+                tonic::Status::internal(message)
+            }
+        }
+    }
+}

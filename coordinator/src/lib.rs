@@ -1,0 +1,126 @@
+//! The Cohort coordinator: accepts jobs, keeps cluster state, tracks workers by heartbeat, and
+//! gang-schedules each job's ranks onto devices. It never links training code: it knows jobs,
+//! nodes and devices, not tensors.
+//!
+//! Where things are decided:
+//! - [`placement`]: where a job's ranks go (a pure function with property tests).
+//! - [`lifecycle`]: which job state changes are legal (the one state machine).
+//! - [`cluster`]: the domain core that applies both: submission, cancellation, rank outcomes,
+//!   membership and lost-node handling, the scheduler pass.
+//! - [`store`]: durable state behind [`store::ClusterStore`] (embedded redb, or etcd).
+//! - [`rendezvous`]: the per-job key-value store and barrier ranks use to find each other.
+//! - [`logs`]: captured rank output, on disk and live to followers.
+//! - [`service`]: the gRPC layer: decode, call [`cluster::Cluster`], encode.
+//! - [`model`], [`convert`], [`config`], [`limits`], [`error`]: records, protocol conversions,
+//!   settings, request bounds, and the crate's error type.
+
+pub mod cluster;
+pub mod config;
+pub mod convert;
+pub mod error;
+pub mod lifecycle;
+pub mod limits;
+pub mod logs;
+pub mod model;
+pub mod placement;
+pub mod rendezvous;
+pub mod service;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use cohort_proto::MAX_MESSAGE_BYTES;
+use cohort_proto::v1::job_control_server::JobControlServer;
+use cohort_proto::v1::membership_server::MembershipServer;
+use cohort_proto::v1::rendezvous_server::RendezvousServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+pub use cluster::Cluster;
+pub use config::CoordinatorConfig;
+pub use error::{Error, Result};
+pub use store::ClusterStore;
+
+/// Which store the coordinator keeps its state in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// The embedded database under the data directory.
+    Embedded,
+    /// An etcd cluster at `host:port`.
+    Etcd(String),
+}
+
+impl std::str::FromStr for StoreLocation {
+    type Err = Error;
+
+    /// Parses `embedded` or `etcd://host:port`.
+    fn from_str(text: &str) -> Result<Self> {
+        if text == "embedded" {
+            return Ok(StoreLocation::Embedded);
+        }
+        match text.strip_prefix("etcd://") {
+            Some(endpoint) if !endpoint.is_empty() => Ok(StoreLocation::Etcd(endpoint.to_owned())),
+            _ => Err(Error::InvalidArgument(format!(
+                "store {text:?}: expected \"embedded\" or \"etcd://host:port\""
+            ))),
+        }
+    }
+}
+
+/// Opens the store named by `location`.
+pub async fn open_store(
+    location: &StoreLocation,
+    config: &CoordinatorConfig,
+) -> Result<Arc<dyn ClusterStore>> {
+    Ok(match location {
+        StoreLocation::Embedded => {
+            Arc::new(store::embedded::EmbeddedStore::open(&config.data_dir)?)
+        }
+        StoreLocation::Etcd(endpoint) => {
+            Arc::new(store::etcd::EtcdStore::connect(endpoint, "/cohort").await?)
+        }
+    })
+}
+
+/// Serves the coordinator on `listener` until `shutdown` resolves.
+pub async fn run(
+    config: CoordinatorConfig,
+    store: Arc<dyn ClusterStore>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let address = listener
+        .local_addr()
+        .map_err(|e| Error::io("reading the listener's address", e))?;
+    let cluster = Arc::new(Cluster::load(config, store).await?);
+    let (stop_background, background_stopped) = tokio::sync::oneshot::channel::<()>();
+    let background = tokio::spawn(cluster.clone().run_background(async {
+        let _ = background_stopped.await;
+    }));
+    let service = service::CoordinatorService::new(cluster);
+    info!(%address, "coordinator ready");
+    let result = tonic::transport::Server::builder()
+        .add_service(
+            JobControlServer::new(service.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            MembershipServer::new(service.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            RendezvousServer::new(service)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    let _ = stop_background.send(());
+    let _ = background.await;
+    info!(%address, "coordinator stopped");
+    Ok(result?)
+}

@@ -1,0 +1,323 @@
+//! The gRPC services. Each handler decodes its request, calls [`Cluster`], and encodes the
+//! answer; errors become `tonic::Status` in one place (`impl From<Error> for Status`).
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use cohort_proto::JobId;
+use cohort_proto::v1::job_control_server::JobControl;
+use cohort_proto::v1::membership_server::Membership;
+use cohort_proto::v1::rendezvous_server::Rendezvous;
+use cohort_proto::v1::*;
+use futures::Stream;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::{debug, warn};
+
+use crate::cluster::Cluster;
+use crate::convert;
+use crate::error::Error;
+use crate::limits::MAX_LOG_LINES_PER_PUSH;
+
+/// A server stream of `T`.
+type ServerStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// How many messages a streaming handler buffers for a slow client.
+const STREAM_BUFFER: usize = 256;
+
+fn job_id(text: &str) -> Result<JobId, Status> {
+    JobId::new(text).map_err(|e| Status::from(Error::from(e)))
+}
+
+/// Serves [`JobControl`] (the CLI), [`Membership`] (workers) and [`Rendezvous`] (ranks).
+#[derive(Clone)]
+pub struct CoordinatorService {
+    /// The domain core.
+    cluster: Arc<Cluster>,
+}
+
+impl CoordinatorService {
+    /// Wraps the cluster.
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        Self { cluster }
+    }
+}
+
+#[tonic::async_trait]
+impl JobControl for CoordinatorService {
+    async fn submit_job(
+        &self,
+        request: Request<SubmitJobRequest>,
+    ) -> Result<Response<SubmitJobResponse>, Status> {
+        let request = request.into_inner();
+        let job = self
+            .cluster
+            .submit(request.spec_toml, request.wait_for_resources)
+            .await?;
+        Ok(Response::new(SubmitJobResponse { job: Some(job) }))
+    }
+
+    async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<JobInfo>, Status> {
+        let job_id = job_id(&request.into_inner().job_id)?;
+        Ok(Response::new(self.cluster.job(&job_id).await?))
+    }
+
+    async fn list_jobs(
+        &self,
+        _request: Request<ListJobsRequest>,
+    ) -> Result<Response<ListJobsResponse>, Status> {
+        Ok(Response::new(ListJobsResponse {
+            jobs: self.cluster.jobs().await,
+        }))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<CancelJobRequest>,
+    ) -> Result<Response<JobInfo>, Status> {
+        let job_id = job_id(&request.into_inner().job_id)?;
+        Ok(Response::new(self.cluster.cancel(&job_id).await?))
+    }
+
+    type WatchJobStream = ServerStream<JobEvent>;
+
+    async fn watch_job(
+        &self,
+        request: Request<WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let job_id = job_id(&request.into_inner().job_id)?;
+        // Subscribe before reading the snapshot so that no change falls in between.
+        let mut events = self.cluster.subscribe();
+        let first = self.cluster.job(&job_id).await?;
+        let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
+        let cluster = self.cluster.clone();
+        tokio::spawn(async move {
+            let mut finished = is_final(&first);
+            if sender
+                .send(Ok(JobEvent { job: Some(first) }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            while !finished {
+                let job = match events.recv().await {
+                    Ok(job) if job.job_id == job_id.as_str() => (*job).clone(),
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(skipped)) => {
+                        debug!(%job_id, skipped, "watcher lagged; re-reading the job");
+                        match cluster.job(&job_id).await {
+                            Ok(job) => job,
+                            Err(_) => return,
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                finished = is_final(&job);
+                if sender.send(Ok(JobEvent { job: Some(job) })).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    type StreamLogsStream = ServerStream<LogLine>;
+
+    async fn stream_logs(
+        &self,
+        request: Request<StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let request = request.into_inner();
+        let job_id = job_id(&request.job_id)?;
+        let job = self.cluster.job(&job_id).await?;
+        let follow = request.follow && !is_final(&job);
+        let mut job_events = self.cluster.subscribe();
+        let (lines, seen, feed) = self
+            .cluster
+            .logs()
+            .read(&job_id, request.rank, follow)
+            .map_err(Status::from)?;
+        let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
+        let cluster = self.cluster.clone();
+        let rank_filter = request.rank;
+        tokio::spawn(async move {
+            for line in lines {
+                if sender.send(Ok(line)).await.is_err() {
+                    return;
+                }
+            }
+            let Some(mut feed) = feed else {
+                return;
+            };
+            // A job may have ended between the snapshot and the subscription.
+            if cluster.job(&job_id).await.is_ok_and(|job| is_final(&job)) {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    line = feed.recv() => match line {
+                        Ok(line) if line.seq < seen => {}
+                        Ok(line) => {
+                            if rank_filter.is_none_or(|rank| rank == line.line.rank)
+                                && sender.send(Ok(line.line.clone())).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(skipped)) => {
+                            warn!(%job_id, skipped, "log follower fell behind; lines skipped");
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                    event = job_events.recv() => match event {
+                        Ok(job) if job.job_id == job_id.as_str() && is_final(&job) => return,
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn list_nodes(
+        &self,
+        _request: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        Ok(Response::new(ListNodesResponse {
+            nodes: self.cluster.nodes().await,
+        }))
+    }
+}
+
+fn is_final(job: &JobInfo) -> bool {
+    matches!(
+        job.state(),
+        JobState::Succeeded | JobState::Failed | JobState::Cancelled
+    )
+}
+
+#[tonic::async_trait]
+impl Membership for CoordinatorService {
+    type RegisterStream = ServerStream<Instruction>;
+
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<Self::RegisterStream>, Status> {
+        let receiver = self.cluster.register(request.into_inner()).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let accepted = self.cluster.heartbeat(request.into_inner()).await?;
+        Ok(Response::new(HeartbeatResponse { accepted }))
+    }
+
+    async fn push_logs(
+        &self,
+        request: Request<PushLogsRequest>,
+    ) -> Result<Response<PushLogsResponse>, Status> {
+        let request = request.into_inner();
+        let job_id = job_id(&request.job_id)?;
+        if request.lines.len() > MAX_LOG_LINES_PER_PUSH {
+            return Err(Error::InvalidArgument(format!(
+                "{} log lines, expected at most {MAX_LOG_LINES_PER_PUSH}",
+                request.lines.len()
+            ))
+            .into());
+        }
+        // Logs of unknown jobs are refused so a stray worker cannot fill the disk.
+        self.cluster.job(&job_id).await?;
+        self.cluster.logs().append(&job_id, &request.lines)?;
+        Ok(Response::new(PushLogsResponse {}))
+    }
+}
+
+#[tonic::async_trait]
+impl Rendezvous for CoordinatorService {
+    async fn set(&self, request: Request<KvSetRequest>) -> Result<Response<KvSetResponse>, Status> {
+        let request = request.into_inner();
+        let job_id = job_id(&request.job_id)?;
+        self.cluster.check_live(&job_id).await?;
+        self.cluster
+            .rendezvous()
+            .set(&job_id, &request.key, request.value)?;
+        Ok(Response::new(KvSetResponse {}))
+    }
+
+    async fn get(&self, request: Request<KvGetRequest>) -> Result<Response<KvGetResponse>, Status> {
+        let request = request.into_inner();
+        let job_id = job_id(&request.job_id)?;
+        self.cluster.check_live(&job_id).await?;
+        let value = self.cluster.rendezvous().get(&job_id, &request.key)?;
+        Ok(Response::new(KvGetResponse { value }))
+    }
+
+    async fn wait(
+        &self,
+        request: Request<KvWaitRequest>,
+    ) -> Result<Response<KvWaitResponse>, Status> {
+        let request = request.into_inner();
+        let job_id = job_id(&request.job_id)?;
+        self.cluster.check_live(&job_id).await?;
+        let values = self
+            .cluster
+            .rendezvous()
+            .wait(&job_id, &request.keys, request.timeout_ms)
+            .await?;
+        Ok(Response::new(KvWaitResponse { values }))
+    }
+
+    async fn add(&self, request: Request<KvAddRequest>) -> Result<Response<KvAddResponse>, Status> {
+        let request = request.into_inner();
+        let job_id = job_id(&request.job_id)?;
+        self.cluster.check_live(&job_id).await?;
+        let value = self
+            .cluster
+            .rendezvous()
+            .add(&job_id, &request.key, request.delta)?;
+        Ok(Response::new(KvAddResponse { value }))
+    }
+
+    async fn barrier(
+        &self,
+        request: Request<BarrierRequest>,
+    ) -> Result<Response<BarrierResponse>, Status> {
+        let request = request.into_inner();
+        let job_id = job_id(&request.job_id)?;
+        self.cluster.check_live(&job_id).await?;
+        self.cluster
+            .rendezvous()
+            .barrier(
+                &job_id,
+                &request.name,
+                request.rank,
+                request.world_size,
+                request.timeout_ms,
+            )
+            .await?;
+        Ok(Response::new(BarrierResponse {}))
+    }
+
+    async fn report_metrics(
+        &self,
+        request: Request<ReportMetricsRequest>,
+    ) -> Result<Response<ReportMetricsResponse>, Status> {
+        let request = request.into_inner();
+        let job_id = job_id(&request.job_id)?;
+        let metrics = request
+            .metrics
+            .ok_or_else(|| Error::InvalidArgument("metrics: missing".to_owned()))?;
+        let record = convert::metrics_record(&metrics)?;
+        self.cluster
+            .report_metrics(&job_id, record, metrics.rank)
+            .await?;
+        Ok(Response::new(ReportMetricsResponse {}))
+    }
+}

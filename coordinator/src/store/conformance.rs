@@ -1,0 +1,597 @@
+//! One conformance suite for every [`ClusterStore`] implementation.
+//!
+//! Each test is an async function taking a [`Backend`] (something that opens store handles over
+//! the same underlying data); [`conformance_suite!`] instantiates every test once per backend:
+//! `store::conformance::embedded_store::*` against a redb file in a temporary directory, and
+//! `store::conformance::etcd_store::*` against a real `etcd` server started by [`TestEtcd`].
+//!
+//! [`TestEtcd`] is self-contained (std and `tempfile` only, no async) so that other test crates
+//! (`cluster-tests`) can copy or move it as is.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use cohort_proto::{JobId, NodeId};
+use cohort_spec::DeviceKind;
+
+use super::ClusterStore;
+use super::embedded::EmbeddedStore;
+use super::etcd::EtcdStore;
+use crate::lifecycle::JobState;
+use crate::model::{DeviceRecord, JobRecord, MetricsRecord, NodeRecord, RankRecord, RankState};
+
+// ---------------------------------------------------------------------------------------------
+// A real etcd server for tests.
+// ---------------------------------------------------------------------------------------------
+
+/// A single-member etcd server started for one test, on free loopback ports, with its data in a
+/// temporary directory. Dropping it (also while a failing test unwinds) kills the process and
+/// removes the directory.
+///
+/// Usage: `let Some(etcd) = TestEtcd::start_or_skip("my_test") else { return };` then connect to
+/// `etcd.endpoint()` (`127.0.0.1:PORT`). The binary is `$ETCD_BIN`, else `/usr/bin/etcd`, else
+/// `etcd` on `PATH`; when none exists the test is skipped with a note on stderr, or fails when
+/// `CI=true` (CI must run every test). Startup blocks (up to [`TestEtcd::STARTUP_TIMEOUT`]), so
+/// async tests call it through `tokio::task::spawn_blocking`.
+pub(crate) struct TestEtcd {
+    /// The running server.
+    child: Child,
+    /// `127.0.0.1:PORT` of the client API.
+    client_address: SocketAddr,
+    /// Holds the server's data dir and log file; removed on drop, after the process is gone.
+    _directory: tempfile::TempDir,
+}
+
+impl TestEtcd {
+    /// How long a server may take to answer its health check.
+    pub(crate) const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// Starts a server, or returns `None` after explaining on stderr why the test is skipped.
+    ///
+    /// # Panics
+    ///
+    /// When the binary is missing and `CI=true`, or when a present binary fails to start.
+    pub(crate) fn start_or_skip(test_name: &str) -> Option<Self> {
+        let Some(binary) = Self::find_binary() else {
+            let message = format!(
+                "{test_name}: the etcd binary was not found ($ETCD_BIN, /usr/bin/etcd, PATH); \
+                 run scripts/setup.sh to install etcd-server"
+            );
+            if std::env::var("CI").is_ok_and(|value| value == "true") {
+                panic!("{message}");
+            }
+            eprintln!("skipping {message}");
+            return None;
+        };
+        match Self::start(&binary) {
+            Ok(server) => Some(server),
+            Err(error) => panic!("{test_name}: {error}"),
+        }
+    }
+
+    /// Returns the etcd binary to run, if there is one.
+    pub(crate) fn find_binary() -> Option<PathBuf> {
+        if let Some(path) = std::env::var_os("ETCD_BIN") {
+            return Some(PathBuf::from(path)).filter(|path| path.is_file());
+        }
+        let standard = PathBuf::from("/usr/bin/etcd");
+        if standard.is_file() {
+            return Some(standard);
+        }
+        std::env::split_paths(&std::env::var_os("PATH")?)
+            .map(|directory| directory.join("etcd"))
+            .find(|path| path.is_file())
+    }
+
+    /// Starts `binary` on free ports and waits until it reports healthy. Retries with new ports
+    /// a couple of times, in case another process took a port between choosing and binding it.
+    pub(crate) fn start(binary: &Path) -> Result<Self, String> {
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            match Self::start_once(binary) {
+                Ok(server) => return Ok(server),
+                Err(error) => last_error = error,
+            }
+        }
+        Err(last_error)
+    }
+
+    /// Returns `127.0.0.1:PORT` of the client API.
+    pub(crate) fn endpoint(&self) -> String {
+        self.client_address.to_string()
+    }
+
+    /// One attempt of [`TestEtcd::start`].
+    fn start_once(binary: &Path) -> Result<Self, String> {
+        let directory = tempfile::Builder::new()
+            .prefix("cohort-test-etcd-")
+            .tempdir()
+            .map_err(|error| format!("creating a temporary dir for etcd: {error}"))?;
+        let client_address = free_loopback_address()?;
+        let peer_address = free_loopback_address()?;
+        let client_url = format!("http://{client_address}");
+        let peer_url = format!("http://{peer_address}");
+        let log_path = directory.path().join("etcd.log");
+        let log = std::fs::File::create(&log_path)
+            .map_err(|error| format!("creating {}: {error}", log_path.display()))?;
+        let log_for_stderr = log
+            .try_clone()
+            .map_err(|error| format!("duplicating {}: {error}", log_path.display()))?;
+        let child = Command::new(binary)
+            .arg("--name")
+            .arg("test")
+            .arg("--data-dir")
+            .arg(directory.path().join("data"))
+            .arg("--listen-client-urls")
+            .arg(&client_url)
+            .arg("--advertise-client-urls")
+            .arg(&client_url)
+            .arg("--listen-peer-urls")
+            .arg(&peer_url)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer_url)
+            .arg("--initial-cluster")
+            .arg(format!("test={peer_url}"))
+            .arg("--initial-cluster-state")
+            .arg("new")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_for_stderr)
+            .spawn()
+            .map_err(|error| format!("starting {}: {error}", binary.display()))?;
+        // From here on, dropping `server` kills the process.
+        let mut server = Self {
+            child,
+            client_address,
+            _directory: directory,
+        };
+        let deadline = Instant::now() + Self::STARTUP_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                return Err(format!(
+                    "etcd exited during startup ({status}); its log:\n{}",
+                    log_tail(&log_path)
+                ));
+            }
+            if is_healthy(client_address) {
+                return Ok(server);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "etcd did not become healthy at {client_url} within {:?}; its log:\n{}",
+                    Self::STARTUP_TIMEOUT,
+                    log_tail(&log_path)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for TestEtcd {
+    fn drop(&mut self) {
+        // Already exited is fine; the wait reaps it either way.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Returns a loopback address whose port the OS just reported free.
+fn free_loopback_address() -> Result<SocketAddr, String> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map_err(|error| format!("finding a free loopback port: {error}"))
+}
+
+/// Asks etcd's `/health` endpoint whether the server is ready to serve requests.
+fn is_healthy(address: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_millis(200)) else {
+        return false;
+    };
+    let timeout = Some(Duration::from_secs(2));
+    if stream.set_read_timeout(timeout).is_err() || stream.set_write_timeout(timeout).is_err() {
+        return false;
+    }
+    let request = format!("GET /health HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.starts_with("HTTP/1.1 200") && response.contains("\"health\":\"true\"")
+}
+
+/// Returns the last lines of a log file, for startup failure messages.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backends and sample records.
+// ---------------------------------------------------------------------------------------------
+
+/// Opens store handles over one persistent state, as a restarted coordinator would.
+#[async_trait]
+trait Backend: Send + Sync {
+    /// Opens a new handle. For the embedded store, every earlier handle must be dropped first
+    /// (the file is locked while one is open).
+    async fn open(&self) -> Arc<dyn ClusterStore>;
+}
+
+/// The embedded store in a temporary data dir.
+struct EmbeddedBackend {
+    /// The data dir, removed at the end of the test.
+    data_dir: tempfile::TempDir,
+}
+
+impl EmbeddedBackend {
+    /// Creates an empty data dir.
+    fn new() -> Self {
+        Self {
+            data_dir: tempfile::tempdir().expect("creating a temporary data dir"),
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for EmbeddedBackend {
+    async fn open(&self) -> Arc<dyn ClusterStore> {
+        let data_dir = self.data_dir.path().to_owned();
+        let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&data_dir))
+            .await
+            .expect("opening task")
+            .expect("opening the embedded store");
+        Arc::new(store)
+    }
+}
+
+/// The etcd store against a server of its own.
+struct EtcdBackend {
+    /// The server, killed at the end of the test.
+    server: TestEtcd,
+}
+
+impl EtcdBackend {
+    /// Starts a server, or returns `None` when the test is skipped (see [`TestEtcd`]).
+    async fn start_or_skip(test_name: &'static str) -> Option<Self> {
+        tokio::task::spawn_blocking(move || TestEtcd::start_or_skip(test_name))
+            .await
+            .expect("etcd startup task")
+            .map(|server| Self { server })
+    }
+}
+
+#[async_trait]
+impl Backend for EtcdBackend {
+    async fn open(&self) -> Arc<dyn ClusterStore> {
+        let store = EtcdStore::connect(&self.server.endpoint(), super::etcd::DEFAULT_PREFIX)
+            .await
+            .expect("connecting to the test etcd");
+        Arc::new(store)
+    }
+}
+
+/// A job record exercising every field kind: options, nested placement, enums.
+pub(crate) fn sample_job(number: u64) -> JobRecord {
+    let node_id = NodeId::new(format!("node-{}", number % 3)).expect("valid node id");
+    JobRecord {
+        id: JobId::new(format!("job-{number}")).expect("valid job id"),
+        seq: number,
+        spec_toml: format!("version = 1\nname = \"job {number}\"\n[command]\nprogram = \"true\"\n"),
+        name: format!("job {number}"),
+        kind: "command".to_owned(),
+        priority: (number % 5) as i32 - 2,
+        ranks: 2,
+        devices_per_rank: 1,
+        device_kind: if number % 2 == 0 {
+            DeviceKind::Cpu
+        } else {
+            DeviceKind::Gpu
+        },
+        wait_for_resources: number % 2 == 1,
+        state: JobState::Running,
+        reason: String::new(),
+        submitted_at_ms: 1_700_000_000_000 + number as i64,
+        scheduled_at_ms: Some(1_700_000_000_100),
+        started_at_ms: None,
+        finished_at_ms: None,
+        placement: (0..2)
+            .map(|rank| RankRecord {
+                rank,
+                node_id: node_id.clone(),
+                local_rank: rank,
+                devices: vec![rank],
+                state: RankState::Running,
+                pid: 4_000 + rank,
+                exit_code: None,
+                signal: None,
+                exited_at_ms: None,
+                detail: String::new(),
+            })
+            .collect(),
+        metrics: [(
+            0,
+            MetricsRecord {
+                step: number * 10,
+                ..MetricsRecord::default()
+            },
+        )]
+        .into_iter()
+        .collect(),
+    }
+}
+
+/// A node record with one CPU slot and one GPU.
+pub(crate) fn sample_node(number: u64) -> NodeRecord {
+    NodeRecord {
+        id: NodeId::new(format!("node-{number}")).expect("valid node id"),
+        hostname: format!("host{number}.local"),
+        address: format!("10.0.0.{}:7070", number % 250),
+        devices: vec![
+            DeviceRecord {
+                kind: DeviceKind::Cpu,
+                index: 0,
+                name: "cpu".to_owned(),
+                memory_total_bytes: 0,
+                memory_free_bytes: 0,
+                compute_capability: String::new(),
+                pci_bus_id: String::new(),
+            },
+            DeviceRecord {
+                kind: DeviceKind::Gpu,
+                index: 0,
+                name: "NVIDIA H100".to_owned(),
+                memory_total_bytes: 80 << 30,
+                memory_free_bytes: 79 << 30,
+                compute_capability: "9.0".to_owned(),
+                pci_bus_id: "0000:01:00.0".to_owned(),
+            },
+        ],
+        registered_at_ms: 1_700_000_000_000 + number as i64,
+    }
+}
+
+/// Lists jobs sorted by id (stores promise no order).
+async fn sorted_jobs(store: &dyn ClusterStore) -> Vec<JobRecord> {
+    let mut jobs = store.list_jobs().await.expect("listing jobs");
+    jobs.sort_by(|left, right| left.id.cmp(&right.id));
+    jobs
+}
+
+/// Lists nodes sorted by id (stores promise no order).
+async fn sorted_nodes(store: &dyn ClusterStore) -> Vec<NodeRecord> {
+    let mut nodes = store.list_nodes().await.expect("listing nodes");
+    nodes.sort_by(|left, right| left.id.cmp(&right.id));
+    nodes
+}
+
+// ---------------------------------------------------------------------------------------------
+// The suite.
+// ---------------------------------------------------------------------------------------------
+
+/// Instantiates each named test once per backend.
+macro_rules! conformance_suite {
+    ($($test:ident),* $(,)?) => {
+        /// The suite against the embedded (redb) store.
+        mod embedded_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let backend = super::EmbeddedBackend::new();
+                    super::$test(&backend).await;
+                }
+            )*
+        }
+
+        /// The suite against the etcd store and a real etcd server.
+        mod etcd_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let Some(backend) = super::EtcdBackend::start_or_skip(stringify!($test)).await
+                    else {
+                        return;
+                    };
+                    super::$test(&backend).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance_suite!(
+    sequence_starts_at_one_and_counts_up,
+    sequence_is_unique_and_increasing_under_concurrent_callers,
+    jobs_round_trip_through_put_get_and_list,
+    nodes_round_trip_through_put_and_list,
+    put_replaces_an_existing_record,
+    records_and_sequence_survive_reopening,
+    listing_returns_more_records_than_one_page,
+    a_large_job_record_round_trips,
+);
+
+async fn sequence_starts_at_one_and_counts_up(backend: &dyn Backend) {
+    let store = backend.open().await;
+    let mut sequence = Vec::new();
+    for _ in 0..3 {
+        sequence.push(store.next_job_seq().await.unwrap());
+    }
+    assert_eq!(sequence, vec![1, 2, 3]);
+}
+
+async fn sequence_is_unique_and_increasing_under_concurrent_callers(backend: &dyn Backend) {
+    const TASKS: u64 = 8;
+    const CALLS_PER_TASK: u64 = 20;
+    let store = backend.open().await;
+    let mut tasks = Vec::new();
+    for _ in 0..TASKS {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..CALLS_PER_TASK {
+                seen.push(store.next_job_seq().await.unwrap());
+            }
+            seen
+        }));
+    }
+    let mut all = BTreeSet::new();
+    for task in tasks {
+        let seen = task.await.unwrap();
+        assert!(
+            seen.windows(2).all(|pair| pair[0] < pair[1]),
+            "one caller saw a non-increasing sequence: {seen:?}"
+        );
+        for value in seen {
+            assert!(all.insert(value), "sequence {value} was handed out twice");
+        }
+    }
+    let expected: BTreeSet<u64> = (1..=TASKS * CALLS_PER_TASK).collect();
+    assert_eq!(
+        all, expected,
+        "sequence numbers must be exactly 1..=N without gaps"
+    );
+    assert_eq!(
+        store.next_job_seq().await.unwrap(),
+        TASKS * CALLS_PER_TASK + 1
+    );
+}
+
+async fn jobs_round_trip_through_put_get_and_list(backend: &dyn Backend) {
+    let store = backend.open().await;
+    assert!(store.list_jobs().await.unwrap().is_empty());
+    let mut finished = sample_job(3);
+    finished.state = JobState::Failed;
+    finished.reason = "rank 1 on node-0 exited with code 3".to_owned();
+    finished.finished_at_ms = Some(1_700_000_009_999);
+    let jobs = vec![sample_job(1), sample_job(2), finished];
+    for job in &jobs {
+        store.put_job(job).await.unwrap();
+    }
+    for job in &jobs {
+        assert_eq!(store.get_job(&job.id).await.unwrap().as_ref(), Some(job));
+    }
+    assert_eq!(sorted_jobs(store.as_ref()).await, jobs);
+    let missing = JobId::new("job-404").unwrap();
+    assert_eq!(store.get_job(&missing).await.unwrap(), None);
+    // A job id that is a prefix of another must not match it.
+    let prefix_only = JobId::new("job-").unwrap();
+    assert_eq!(store.get_job(&prefix_only).await.unwrap(), None);
+}
+
+async fn nodes_round_trip_through_put_and_list(backend: &dyn Backend) {
+    let store = backend.open().await;
+    assert!(store.list_nodes().await.unwrap().is_empty());
+    let nodes = vec![sample_node(1), sample_node(2), sample_node(3)];
+    for node in &nodes {
+        store.put_node(node).await.unwrap();
+    }
+    assert_eq!(sorted_nodes(store.as_ref()).await, nodes);
+    // Nodes are not jobs.
+    assert!(store.list_jobs().await.unwrap().is_empty());
+}
+
+async fn put_replaces_an_existing_record(backend: &dyn Backend) {
+    let store = backend.open().await;
+    let original = sample_job(7);
+    store.put_job(&original).await.unwrap();
+    let mut updated = original.clone();
+    updated.state = JobState::Cancelled;
+    updated.reason = "cancelled by user".to_owned();
+    updated.placement.clear();
+    store.put_job(&updated).await.unwrap();
+    assert_eq!(
+        store.get_job(&original.id).await.unwrap(),
+        Some(updated.clone())
+    );
+    assert_eq!(store.list_jobs().await.unwrap(), vec![updated]);
+
+    let node = sample_node(4);
+    store.put_node(&node).await.unwrap();
+    let mut moved = node.clone();
+    moved.address = "10.9.9.9:7070".to_owned();
+    moved.devices.truncate(1);
+    store.put_node(&moved).await.unwrap();
+    assert_eq!(store.list_nodes().await.unwrap(), vec![moved]);
+}
+
+async fn records_and_sequence_survive_reopening(backend: &dyn Backend) {
+    let mut finished = sample_job(2);
+    finished.state = JobState::Succeeded;
+    finished.finished_at_ms = Some(1_700_000_005_000);
+    let jobs = vec![sample_job(1), finished];
+    let nodes = vec![sample_node(1), sample_node(2)];
+    {
+        let store = backend.open().await;
+        assert_eq!(store.next_job_seq().await.unwrap(), 1);
+        assert_eq!(store.next_job_seq().await.unwrap(), 2);
+        for job in &jobs {
+            store.put_job(job).await.unwrap();
+        }
+        for node in &nodes {
+            store.put_node(node).await.unwrap();
+        }
+    }
+    let reopened = backend.open().await;
+    assert_eq!(sorted_jobs(reopened.as_ref()).await, jobs);
+    assert_eq!(sorted_nodes(reopened.as_ref()).await, nodes);
+    assert_eq!(
+        reopened.get_job(&jobs[1].id).await.unwrap().as_ref(),
+        Some(&jobs[1])
+    );
+    assert_eq!(reopened.next_job_seq().await.unwrap(), 3);
+}
+
+async fn listing_returns_more_records_than_one_page(backend: &dyn Backend) {
+    const JOBS: u64 = 1_100;
+    let store = backend.open().await;
+    let mut writers = Vec::new();
+    for writer in 0..8u64 {
+        let store = Arc::clone(&store);
+        writers.push(tokio::spawn(async move {
+            for number in (writer..JOBS).step_by(8) {
+                let mut job = sample_job(number);
+                job.placement.clear();
+                store.put_job(&job).await.unwrap();
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let jobs = store.list_jobs().await.unwrap();
+    assert_eq!(jobs.len() as u64, JOBS);
+    let numbers: BTreeSet<u64> = jobs.iter().map(|job| job.seq).collect();
+    assert_eq!(numbers, (0..JOBS).collect::<BTreeSet<u64>>());
+}
+
+async fn a_large_job_record_round_trips(backend: &dyn Backend) {
+    let store = backend.open().await;
+    let mut job = sample_job(1);
+    // The largest spec a submission may carry, and a wide gang.
+    job.spec_toml = "#".repeat(cohort_spec::MAX_SPEC_BYTES);
+    job.placement = (0..1_024)
+        .map(|rank| RankRecord {
+            rank,
+            node_id: NodeId::new(format!("node-{}", rank / 8)).unwrap(),
+            local_rank: rank % 8,
+            devices: vec![rank % 8],
+            state: RankState::Pending,
+            pid: 0,
+            exit_code: None,
+            signal: None,
+            exited_at_ms: None,
+            detail: String::new(),
+        })
+        .collect();
+    store.put_job(&job).await.unwrap();
+    assert_eq!(store.get_job(&job.id).await.unwrap(), Some(job.clone()));
+    assert_eq!(store.list_jobs().await.unwrap(), vec![job]);
+}

@@ -1,0 +1,503 @@
+//! The etcd store: records kept in an etcd cluster under a key prefix (default `/cohort`).
+//!
+//! Keys:
+//! - `{prefix}/jobs/{job id}`: encoded [`JobRecord`] ([`super::codec`]).
+//! - `{prefix}/nodes/{node id}`: encoded [`NodeRecord`].
+//! - `{prefix}/meta/job_seq`: the last job sequence number handed out, in decimal ASCII (so
+//!   `etcdctl get` shows it).
+//!
+//! etcd acknowledges a write once a quorum has it on disk, so writes are durable when the call
+//! returns. The job sequence is advanced by compare-and-swap transactions on the key's
+//! `mod_revision`, retried on conflict, so concurrent coordinators never hand out the same
+//! number. Listings are read page by page at one revision, so they are a consistent snapshot of
+//! any number of records.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cohort_proto::JobId;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, KvClient, Txn, TxnOp, TxnOpResponse,
+};
+use tracing::{debug, info, warn};
+
+use super::ClusterStore;
+use super::codec;
+use crate::error::{Error, Result};
+use crate::model::{JobRecord, NodeRecord};
+
+/// Key prefix used when the operator names none.
+pub const DEFAULT_PREFIX: &str = "/cohort";
+
+/// How long [`EtcdStore::connect`] waits for the server to answer before giving up.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long any one request may take before it fails.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Records fetched per request when listing. A job record holds a spec of at most 64 KiB, so a
+/// page stays well under [`MAX_RESPONSE_BYTES`].
+const LIST_PAGE_SIZE: i64 = 256;
+
+/// Largest response accepted from etcd (tonic's default of 4 MiB is too small for a full page of
+/// large records).
+const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Compare-and-swap attempts [`EtcdStore::next_job_seq`] makes before reporting contention.
+const MAX_SEQUENCE_ATTEMPTS: u32 = 1_000;
+
+/// A [`ClusterStore`] kept in etcd.
+///
+/// Cloning gives another handle sharing the same connection.
+#[derive(Clone)]
+pub struct EtcdStore {
+    /// The connected client; held so its endpoint list lives as long as the store.
+    _client: Client,
+    /// The key-value API of that client.
+    kv: KvClient,
+    /// The endpoint as given, for error messages.
+    endpoint: String,
+    /// Key prefix without a trailing `/`.
+    prefix: String,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("EtcdStore")
+            .field("endpoint", &self.endpoint)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdStore {
+    /// Connects to the etcd server at `endpoint` and checks that it answers.
+    ///
+    /// `endpoint` is `host:port`, `http://host:port` or `etcd://host:port`. `prefix` is the key
+    /// prefix every record lives under ([`DEFAULT_PREFIX`] unless the operator chose another);
+    /// a trailing `/` is ignored. Fails within [`CONNECT_TIMEOUT`] with an error naming the
+    /// endpoint when the server cannot be reached.
+    pub async fn connect(endpoint: &str, prefix: &str) -> Result<Self> {
+        let url = endpoint_url(endpoint)?;
+        let prefix = normalize_prefix(prefix)?;
+        let options = ConnectOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        let unreachable = |detail: String| {
+            Error::Store(format!(
+                "etcd at {endpoint} is unreachable: {detail} (is etcd running there?)"
+            ))
+        };
+        let client = tokio::time::timeout(CONNECT_TIMEOUT, Client::connect([&url], Some(options)))
+            .await
+            .map_err(|_| unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
+            .map_err(|error| unreachable(error.to_string()))?;
+        let mut kv = client
+            .kv_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES);
+        // The client connects lazily: one small read proves the server is there and answering.
+        let probe_key = format!("{prefix}/meta/{JOB_SEQ_NAME}");
+        tokio::time::timeout(CONNECT_TIMEOUT, kv.get(probe_key, None))
+            .await
+            .map_err(|_| unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
+            .map_err(|error| unreachable(error.to_string()))?;
+        info!(endpoint, %prefix, "connected to etcd cluster store");
+        Ok(Self {
+            _client: client,
+            kv,
+            endpoint: endpoint.to_owned(),
+            prefix,
+        })
+    }
+
+    /// Returns the key prefix records live under, without a trailing `/`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Key of one job.
+    fn job_key(&self, id: &str) -> String {
+        format!("{}/jobs/{id}", self.prefix)
+    }
+
+    /// Key of one node.
+    fn node_key(&self, id: &str) -> String {
+        format!("{}/nodes/{id}", self.prefix)
+    }
+
+    /// Key of the job sequence counter.
+    fn job_seq_key(&self) -> String {
+        format!("{}/meta/{JOB_SEQ_NAME}", self.prefix)
+    }
+
+    /// Wraps an etcd failure with what was being done and the endpoint.
+    fn etcd_error(&self, operation: &str, error: impl std::fmt::Display) -> Error {
+        Error::Store(format!("{operation} (etcd at {}): {error}", self.endpoint))
+    }
+
+    /// Runs one request with [`REQUEST_TIMEOUT`] as an upper bound, also while the connection
+    /// is being re-established.
+    async fn request<T>(
+        &self,
+        operation: &str,
+        call: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(REQUEST_TIMEOUT, call).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(error)) => Err(self.etcd_error(operation, error)),
+            Err(_) => {
+                Err(self.etcd_error(operation, format!("no answer within {REQUEST_TIMEOUT:?}")))
+            }
+        }
+    }
+
+    /// Writes one value.
+    async fn put_bytes(&self, operation: &str, key: String, bytes: Vec<u8>) -> Result<()> {
+        let mut kv = self.kv.clone();
+        self.request(operation, kv.put(key, bytes, None)).await?;
+        Ok(())
+    }
+
+    /// Returns every key and value under `{prefix}/{directory}/`, page by page at the revision
+    /// of the first page.
+    async fn list_bytes(&self, operation: &str, directory: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let key_prefix = format!("{}/{directory}/", self.prefix);
+        let range_end = prefix_range_end(key_prefix.as_bytes());
+        let mut start = key_prefix.clone().into_bytes();
+        let mut revision = 0;
+        let mut entries = Vec::new();
+        loop {
+            let options = GetOptions::new()
+                .with_range(range_end.clone())
+                .with_limit(LIST_PAGE_SIZE)
+                .with_revision(revision);
+            let mut kv = self.kv.clone();
+            let mut response = self
+                .request(operation, kv.get(start.clone(), Some(options)))
+                .await?;
+            if revision == 0 {
+                revision = response.header().map_or(0, |header| header.revision());
+            }
+            let more = response.more();
+            let page = response.take_kvs();
+            let Some(last) = page.last() else {
+                break;
+            };
+            // The next page starts just after the last key of this one.
+            start = last.key().to_vec();
+            start.push(0);
+            for pair in page {
+                let (key, value) = pair.into_key_value();
+                let key = String::from_utf8_lossy(&key);
+                let name = key.strip_prefix(&key_prefix).unwrap_or(&key).to_owned();
+                entries.push((name, value));
+            }
+            if !more {
+                break;
+            }
+        }
+        debug!(
+            directory,
+            records = entries.len(),
+            revision,
+            "listed etcd records"
+        );
+        Ok(entries)
+    }
+}
+
+/// Last part of the job sequence counter's key.
+const JOB_SEQ_NAME: &str = "job_seq";
+
+/// Turns the operator's endpoint into the URL etcd-client expects.
+fn endpoint_url(endpoint: &str) -> Result<String> {
+    let trimmed = endpoint.trim();
+    let address = trimmed
+        .strip_prefix("etcd://")
+        .or_else(|| trimmed.strip_prefix("http://"))
+        .unwrap_or(trimmed);
+    let valid = !address.is_empty()
+        && !address.contains("://")
+        && !address.contains('/')
+        && address.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port != 0)
+        });
+    if valid {
+        Ok(format!("http://{address}"))
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "etcd endpoint {endpoint:?}: expected host:port, http://host:port or etcd://host:port"
+        )))
+    }
+}
+
+/// Strips trailing slashes from a key prefix; an empty prefix keeps keys at the root (`/jobs/..`).
+fn normalize_prefix(prefix: &str) -> Result<String> {
+    if prefix.contains(char::is_whitespace) {
+        return Err(Error::InvalidArgument(format!(
+            "etcd key prefix {prefix:?}: expected no whitespace"
+        )));
+    }
+    Ok(prefix.trim_end_matches('/').to_owned())
+}
+
+/// Returns the smallest key greater than every key starting with `prefix` (etcd's range end
+/// for a prefix).
+fn prefix_range_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte was 0xff: the range is open-ended ("\0" means "to the end" for etcd).
+    vec![0]
+}
+
+/// Parses the stored job sequence counter.
+fn parse_sequence(key: &str, value: &[u8]) -> Result<u64> {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|text| text.parse::<u64>().ok())
+        .ok_or_else(|| {
+            Error::Store(format!(
+                "{key}: value {:?} is not a decimal job sequence number",
+                String::from_utf8_lossy(value)
+            ))
+        })
+}
+
+#[async_trait]
+impl ClusterStore for EtcdStore {
+    async fn next_job_seq(&self) -> Result<u64> {
+        let operation = "allocating job sequence";
+        let key = self.job_seq_key();
+        let mut kv = self.kv.clone();
+        // Current (value, mod_revision); a missing key has mod_revision 0, which is exactly what
+        // a compare on a missing key's mod_revision sees.
+        let response = self.request(operation, kv.get(key.clone(), None)).await?;
+        let mut current = match response.kvs().first() {
+            Some(pair) => (parse_sequence(&key, pair.value())?, pair.mod_revision()),
+            None => (0, 0),
+        };
+        for attempt in 1..=MAX_SEQUENCE_ATTEMPTS {
+            let (last, mod_revision) = current;
+            let next = last.checked_add(1).ok_or_else(|| {
+                Error::Store(format!("{operation}: job sequence exhausted at {last}"))
+            })?;
+            let transaction = Txn::new()
+                .when([Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    mod_revision,
+                )])
+                .and_then([TxnOp::put(key.clone(), next.to_string(), None)])
+                .or_else([TxnOp::get(key.clone(), None)]);
+            let response = self.request(operation, kv.txn(transaction)).await?;
+            if response.succeeded() {
+                debug!(sequence = next, attempt, "allocated job sequence");
+                return Ok(next);
+            }
+            // Someone else advanced the counter: retry from what the failed transaction read.
+            current = match response.op_responses().first() {
+                Some(TxnOpResponse::Get(get)) => match get.kvs().first() {
+                    Some(pair) => (parse_sequence(&key, pair.value())?, pair.mod_revision()),
+                    None => (0, 0),
+                },
+                _ => {
+                    return Err(self.etcd_error(
+                        operation,
+                        "transaction failed without returning the current value",
+                    ));
+                }
+            };
+        }
+        warn!(attempts = MAX_SEQUENCE_ATTEMPTS, "job sequence contention");
+        Err(self.etcd_error(
+            operation,
+            format!("still conflicting after {MAX_SEQUENCE_ATTEMPTS} attempts"),
+        ))
+    }
+
+    async fn put_job(&self, job: &JobRecord) -> Result<()> {
+        let bytes = codec::encode(job)?;
+        let operation = format!("writing job {}", job.id);
+        self.put_bytes(&operation, self.job_key(job.id.as_str()), bytes)
+            .await?;
+        debug!(job_id = %job.id, state = job.state.name(), "stored job");
+        Ok(())
+    }
+
+    async fn get_job(&self, id: &JobId) -> Result<Option<JobRecord>> {
+        let operation = format!("reading job {id}");
+        let mut kv = self.kv.clone();
+        let response = self
+            .request(&operation, kv.get(self.job_key(id.as_str()), None))
+            .await?;
+        response
+            .kvs()
+            .first()
+            .map(|pair| decode_record(pair.value(), "job", id.as_str()))
+            .transpose()
+    }
+
+    async fn list_jobs(&self) -> Result<Vec<JobRecord>> {
+        let entries = self.list_bytes("listing jobs", "jobs").await?;
+        entries
+            .iter()
+            .map(|(key, bytes)| decode_record(bytes, "job", key))
+            .collect()
+    }
+
+    async fn put_node(&self, node: &NodeRecord) -> Result<()> {
+        let bytes = codec::encode(node)?;
+        let operation = format!("writing node {}", node.id);
+        self.put_bytes(&operation, self.node_key(node.id.as_str()), bytes)
+            .await?;
+        debug!(node_id = %node.id, "stored node");
+        Ok(())
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>> {
+        let entries = self.list_bytes("listing nodes", "nodes").await?;
+        entries
+            .iter()
+            .map(|(key, bytes)| decode_record(bytes, "node", key))
+            .collect()
+    }
+}
+
+/// Decodes a stored record, naming the record in the error (`job mnist-3: decoding ...`).
+fn decode_record<T: serde::de::DeserializeOwned>(bytes: &[u8], kind: &str, key: &str) -> Result<T> {
+    codec::decode(bytes).map_err(|error| Error::Store(format!("{kind} {key}: {error}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::conformance::{TestEtcd, sample_job, sample_node};
+
+    #[test]
+    fn accepts_the_three_endpoint_spellings() {
+        for spelling in [
+            "127.0.0.1:2379",
+            "http://127.0.0.1:2379",
+            "etcd://127.0.0.1:2379",
+        ] {
+            assert_eq!(endpoint_url(spelling).unwrap(), "http://127.0.0.1:2379");
+        }
+        assert_eq!(
+            endpoint_url("etcd.internal:2379").unwrap(),
+            "http://etcd.internal:2379"
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_endpoints_naming_them() {
+        for bad in [
+            "",
+            "127.0.0.1",
+            "127.0.0.1:0",
+            "host:port",
+            "https://h:1",
+            "h:1/x",
+            ":2379",
+        ] {
+            let error = endpoint_url(bad).unwrap_err().to_string();
+            assert!(error.contains(&format!("{bad:?}")), "{error}");
+            assert!(error.contains("expected host:port"), "{error}");
+        }
+    }
+
+    #[test]
+    fn normalizes_the_prefix() {
+        assert_eq!(normalize_prefix("/cohort").unwrap(), "/cohort");
+        assert_eq!(normalize_prefix("/cohort//").unwrap(), "/cohort");
+        assert_eq!(normalize_prefix("").unwrap(), "");
+        assert!(normalize_prefix("/co hort").is_err());
+    }
+
+    #[test]
+    fn computes_prefix_range_ends() {
+        assert_eq!(
+            prefix_range_end(b"/cohort/jobs/"),
+            b"/cohort/jobs0".to_vec()
+        );
+        assert_eq!(prefix_range_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_range_end(b"\xff\xff"), vec![0]);
+    }
+
+    #[test]
+    fn parses_the_sequence_counter_or_names_the_key() {
+        assert_eq!(parse_sequence("k", b"42").unwrap(), 42);
+        let error = parse_sequence("/cohort/meta/job_seq", b"x1")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("/cohort/meta/job_seq"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_endpoint_fails_quickly_naming_it() {
+        // A port that was free a moment ago: nothing listens there.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let endpoint = format!("127.0.0.1:{port}");
+        let started = std::time::Instant::now();
+        let error = EtcdStore::connect(&endpoint, DEFAULT_PREFIX)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            started.elapsed() < CONNECT_TIMEOUT + Duration::from_secs(3),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert!(
+            error.contains(&format!("etcd at {endpoint} is unreachable")),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn stores_with_different_prefixes_do_not_see_each_other() {
+        let Some(etcd) = TestEtcd::start_or_skip("stores_with_different_prefixes") else {
+            return;
+        };
+        let first = EtcdStore::connect(&etcd.endpoint(), "/first")
+            .await
+            .unwrap();
+        let second = EtcdStore::connect(&etcd.endpoint(), "/first-but-longer/")
+            .await
+            .unwrap();
+        first.put_job(&sample_job(1)).await.unwrap();
+        first.put_node(&sample_node(1)).await.unwrap();
+        assert_eq!(first.next_job_seq().await.unwrap(), 1);
+        assert!(second.list_jobs().await.unwrap().is_empty());
+        assert!(second.list_nodes().await.unwrap().is_empty());
+        assert_eq!(second.next_job_seq().await.unwrap(), 1);
+        assert_eq!(first.list_jobs().await.unwrap(), vec![sample_job(1)]);
+    }
+
+    #[tokio::test]
+    async fn an_undecodable_record_fails_the_listing_naming_its_key() {
+        let Some(etcd) = TestEtcd::start_or_skip("an_undecodable_record_fails_the_listing") else {
+            return;
+        };
+        let store = EtcdStore::connect(&etcd.endpoint(), DEFAULT_PREFIX)
+            .await
+            .unwrap();
+        store
+            .put_bytes("writing job", store.job_key("broken-7"), vec![9, 9, 9])
+            .await
+            .unwrap();
+        let error = store.list_jobs().await.unwrap_err().to_string();
+        assert!(error.contains("job broken-7"), "{error}");
+        assert!(error.contains("format version 9, expected 1"), "{error}");
+    }
+}

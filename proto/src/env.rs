@@ -1,0 +1,43 @@
+//! Environment variables the worker daemon sets for every rank process.
+//!
+//! The `COHORT_*` names are Cohort's own; `RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
+//! `LOCAL_WORLD_SIZE`, `MASTER_ADDR` and `MASTER_PORT` are those a PyTorch script expects.
+
+/// The job's id.
+pub const JOB_ID: &str = "COHORT_JOB_ID";
+/// The rank of this process, `0..world_size`.
+pub const RANK: &str = "COHORT_RANK";
+/// Number of ranks in the job.
+pub const WORLD_SIZE: &str = "COHORT_WORLD_SIZE";
+/// Index of this rank among the job's ranks on the same node.
+pub const LOCAL_RANK: &str = "COHORT_LOCAL_RANK";
+/// Number of the job's ranks on this node.
+pub const LOCAL_WORLD_SIZE: &str = "COHORT_LOCAL_WORLD_SIZE";
+/// The node the rank runs on.
+pub const NODE_ID: &str = "COHORT_NODE_ID";
+/// Devices assigned to the rank, as a comma-separated list of `kind:index` (`cpu:0,cpu:1`).
+pub const DEVICES: &str = "COHORT_DEVICES";
+/// Address (`host:port`) of the rendezvous service (served by the coordinator).
+pub const RENDEZVOUS_ADDR: &str = "COHORT_RENDEZVOUS_ADDR";
+/// Address (`host:port`) of the coordinator.
+pub const COORDINATOR_ADDR: &str = "COHORT_COORDINATOR_ADDR";
+/// Address other ranks of the job can reach this rank's node at (host only).
+pub const NODE_ADDR: &str = "COHORT_NODE_ADDR";
+/// Path of the `cohort` executable the worker runs, so rank scripts can call `cohort kv ...`.
+pub const COHORT_BIN: &str = "COHORT_BIN";
+
+/// PyTorch-compatible names.
+pub mod torch {
+    /// Same as `COHORT_RANK`.
+    pub const RANK: &str = "RANK";
+    /// Same as `COHORT_WORLD_SIZE`.
+    pub const WORLD_SIZE: &str = "WORLD_SIZE";
+    /// Same as `COHORT_LOCAL_RANK`.
+    pub const LOCAL_RANK: &str = "LOCAL_RANK";
+    /// Same as `COHORT_LOCAL_WORLD_SIZE`.
+    pub const LOCAL_WORLD_SIZE: &str = "LOCAL_WORLD_SIZE";
+    /// Host of rank 0's node.
+    pub const MASTER_ADDR: &str = "MASTER_ADDR";
+    /// A port chosen by the coordinator for the job, for rank 0 to listen on.
+    pub const MASTER_PORT: &str = "MASTER_PORT";
+}

@@ -1,0 +1,24 @@
+//! Cohort's wire protocol and shared identifiers.
+//!
+//! This crate depends on no other Cohort crate; every other crate depends on it.
+//!
+//! - [`v1`]: the generated gRPC services and messages of `proto/cohort.proto`
+//!   (`JobControl` for the CLI, `Membership` for worker daemons, `Rendezvous` for ranks).
+//! - [`ids`]: the newtypes [`JobId`], [`NodeId`] and [`Rank`] used instead of bare strings and
+//!   integers.
+//! - [`env`]: the names of the environment variables a rank process receives.
+
+pub mod env;
+pub mod ids;
+
+pub use ids::{IdError, JobId, NodeId, Rank};
+
+/// Generated code for package `cohort.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("cohort.v1");
+}
+
+/// Largest gRPC message either side accepts, in bytes. Bounded so a misbehaving peer cannot make
+/// the coordinator allocate without limit.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;

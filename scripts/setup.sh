@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs the system packages Cohort needs on a fresh Debian 12 machine.
+# Idempotent: packages already present are left alone.
+set -euo pipefail
+
+# libprotobuf-dev carries the well-known .proto files (descriptor.proto) that etcd-client needs.
+packages=(protobuf-compiler libprotobuf-dev etcd-server dataset-fashion-mnist)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "setup: installing ${missing[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

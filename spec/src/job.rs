@@ -1,0 +1,431 @@
+//! The top-level job spec and its parsing.
+//!
+//! ```toml
+//! version = 1
+//! name = "hello"
+//! kind = "command"
+//!
+//! [resources]
+//! ranks = 3
+//!
+//! [command]
+//! program = "python3"
+//! args = ["train.py"]
+//! ```
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::problems::{Problem, Problems, SpecError};
+use crate::train::{
+    CheckpointSpec, DataSpec, ModelSpec, OptimizerSpec, ParallelSpec, ScheduleSpec,
+};
+
+/// Largest job file accepted, in bytes.
+pub const MAX_SPEC_BYTES: usize = 64 * 1024;
+/// Most ranks one job may ask for.
+pub const MAX_RANKS: u32 = 4096;
+/// Most devices one rank may ask for.
+pub const MAX_DEVICES_PER_RANK: u32 = 64;
+/// Priorities lie in `-MAX_PRIORITY..=MAX_PRIORITY`.
+pub const MAX_PRIORITY: i32 = 1000;
+/// Longest job name, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+/// Most command-line arguments of a command job.
+pub const MAX_ARGS: usize = 1024;
+/// Longest single argument, environment value or path, in bytes.
+pub const MAX_STRING_LEN: usize = 4096;
+/// Most environment variables a job may add.
+pub const MAX_ENV_VARS: usize = 256;
+/// Longest grace period between SIGTERM and SIGKILL, in seconds.
+pub const MAX_STOP_GRACE_S: f64 = 600.0;
+
+/// What a rank runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    /// An arbitrary program, once per rank (`[command]`).
+    Command,
+    /// Cohort's own training runtime (`[model]`, `[data]`, `[optimizer]`, `[parallel]`...).
+    Train,
+}
+
+/// Kind of device a rank asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// A CPU slot of a worker (`cohort worker --cpu-slots N`).
+    #[default]
+    Cpu,
+    /// A GPU of a worker.
+    Gpu,
+}
+
+/// A whole job file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Format version of the file; must be 1. Required.
+    pub version: u32,
+    /// Human-readable name; the job id is derived from it. Default `"job"`.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// What each rank runs. Required.
+    pub kind: JobKind,
+    /// Scheduling priority, -1000 to 1000: higher runs first, FIFO among equals. Default 0.
+    #[serde(default)]
+    pub priority: i32,
+    /// Devices the job needs. Default: 1 rank of 1 CPU slot.
+    #[serde(default)]
+    pub resources: Resources,
+    /// The program a `kind = "command"` job runs. Required for that kind.
+    pub command: Option<CommandSpec>,
+    /// How a `kind = "train"` job divides its ranks. Default: data = 1.
+    pub parallel: Option<ParallelSpec>,
+    /// The model a `kind = "train"` job trains.
+    pub model: Option<ModelSpec>,
+    /// The data set a `kind = "train"` job reads.
+    pub data: Option<DataSpec>,
+    /// The optimizer of a `kind = "train"` job.
+    pub optimizer: Option<OptimizerSpec>,
+    /// Epochs, batch size and learning-rate schedule of a `kind = "train"` job.
+    pub schedule: Option<ScheduleSpec>,
+    /// Where and how often a `kind = "train"` job saves checkpoints.
+    pub checkpoint: Option<CheckpointSpec>,
+}
+
+fn default_name() -> String {
+    "job".to_owned()
+}
+
+/// `[resources]`: what the job asks the scheduler for. All ranks are placed together or none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Resources {
+    /// Number of ranks (1 to 4096). Default 1. For `kind = "train"` it is derived from
+    /// `[parallel]` and may be omitted; if given it must agree.
+    pub ranks: Option<u32>,
+    /// Devices each rank holds (1 to 64). Default 1.
+    pub devices_per_rank: u32,
+    /// Kind of those devices: `"cpu"` or `"gpu"`. Default `"cpu"`.
+    pub device: DeviceKind,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Self {
+            ranks: None,
+            devices_per_rank: 1,
+            device: DeviceKind::Cpu,
+        }
+    }
+}
+
+/// `[command]`: the program a command job runs once per rank.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandSpec {
+    /// Program to run, looked up in the worker's PATH unless it contains a `/`. Required.
+    pub program: String,
+    /// Its arguments. Default none.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Extra environment variables for every rank. Default none.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory of the rank processes. Default: the worker's working directory.
+    #[serde(default)]
+    pub working_dir: Option<String>,
+    /// Seconds between SIGTERM and SIGKILL when ranks are stopped. Default 10.
+    #[serde(default = "default_stop_grace_s")]
+    pub stop_grace_s: f64,
+}
+
+fn default_stop_grace_s() -> f64 {
+    10.0
+}
+
+impl JobSpec {
+    /// Number of ranks the job runs.
+    pub fn ranks(&self) -> u32 {
+        match self.kind {
+            JobKind::Train => self.parallel.as_ref().map_or(1, ParallelSpec::world_size),
+            JobKind::Command => self.resources.ranks.unwrap_or(1),
+        }
+    }
+
+    /// Seconds between SIGTERM and SIGKILL when the job's ranks are stopped.
+    pub fn stop_grace_s(&self) -> f64 {
+        self.command
+            .as_ref()
+            .map_or_else(default_stop_grace_s, |command| command.stop_grace_s)
+    }
+
+    /// Checks every rule and returns all problems found.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let mut problems = Problems::default();
+        if self.version != crate::SPEC_VERSION {
+            problems.push(
+                "version",
+                format!("{}, expected {}", self.version, crate::SPEC_VERSION),
+            );
+        }
+        validate_name(&self.name, &mut problems);
+        problems.check_range("priority", self.priority, -MAX_PRIORITY, MAX_PRIORITY);
+        if let Some(ranks) = self.resources.ranks {
+            problems.check_range("resources.ranks", ranks, 1, MAX_RANKS);
+        }
+        problems.check_range(
+            "resources.devices_per_rank",
+            self.resources.devices_per_rank,
+            1,
+            MAX_DEVICES_PER_RANK,
+        );
+        match self.kind {
+            JobKind::Command => {
+                match &self.command {
+                    Some(command) => command.validate(&mut problems),
+                    None => problems.push("command", "missing, expected a [command] section"),
+                }
+                let train_sections = [
+                    ("parallel", self.parallel.is_some()),
+                    ("model", self.model.is_some()),
+                    ("data", self.data.is_some()),
+                    ("optimizer", self.optimizer.is_some()),
+                    ("schedule", self.schedule.is_some()),
+                    ("checkpoint", self.checkpoint.is_some()),
+                ];
+                for (section, present) in train_sections {
+                    if present {
+                        problems.push(section, "only allowed with kind = \"train\"");
+                    }
+                }
+            }
+            JobKind::Train => {
+                if self.command.is_some() {
+                    problems.push("command", "only allowed with kind = \"command\"");
+                }
+                if let Some(ranks) = self.resources.ranks {
+                    let layout = self.ranks();
+                    if ranks != layout {
+                        problems.push(
+                            "resources.ranks",
+                            format!("{ranks}, expected {layout} (the product of [parallel])"),
+                        );
+                    }
+                }
+                crate::train::validate(self, &mut problems);
+            }
+        }
+        problems.into_result()
+    }
+}
+
+fn validate_name(name: &str, problems: &mut Problems) {
+    let valid = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !valid {
+        problems.push(
+            "name",
+            format!(
+                "{name:?}, expected 1 to {MAX_NAME_LEN} characters of a-z, A-Z, 0-9, '-', '_' or '.'"
+            ),
+        );
+    }
+}
+
+impl CommandSpec {
+    fn validate(&self, problems: &mut Problems) {
+        if self.program.trim().is_empty() {
+            problems.push("command.program", "empty, expected a program to run");
+        }
+        check_string("command.program", &self.program, problems);
+        if self.args.len() > MAX_ARGS {
+            problems.push(
+                "command.args",
+                format!("{} arguments, expected at most {MAX_ARGS}", self.args.len()),
+            );
+        }
+        for (i, arg) in self.args.iter().enumerate() {
+            check_string(&format!("command.args[{i}]"), arg, problems);
+        }
+        if self.env.len() > MAX_ENV_VARS {
+            problems.push(
+                "command.env",
+                format!(
+                    "{} variables, expected at most {MAX_ENV_VARS}",
+                    self.env.len()
+                ),
+            );
+        }
+        for (key, value) in &self.env {
+            let path = format!("command.env.{key}");
+            let valid_key = !key.is_empty()
+                && !key.starts_with(|c: char| c.is_ascii_digit())
+                && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !valid_key {
+                problems.push(&path, "invalid name, expected letters, digits and '_'");
+            }
+            check_string(&path, value, problems);
+        }
+        if let Some(dir) = &self.working_dir {
+            check_string("command.working_dir", dir, problems);
+            if dir.is_empty() {
+                problems.push("command.working_dir", "empty, expected a directory");
+            }
+        }
+        if !(self.stop_grace_s.is_finite() && (0.0..=MAX_STOP_GRACE_S).contains(&self.stop_grace_s))
+        {
+            problems.push(
+                "command.stop_grace_s",
+                format!("{}, expected 0 to {MAX_STOP_GRACE_S}", self.stop_grace_s),
+            );
+        }
+    }
+}
+
+fn check_string(path: &str, value: &str, problems: &mut Problems) {
+    if value.len() > MAX_STRING_LEN {
+        problems.push(
+            path,
+            format!("{} bytes, expected at most {MAX_STRING_LEN}", value.len()),
+        );
+    }
+    if value.contains('\0') {
+        problems.push(path, "contains a NUL byte");
+    }
+}
+
+/// Parses a job file and validates it, reporting every problem with its field path.
+pub fn parse(text: &str) -> Result<JobSpec, SpecError> {
+    if text.len() > MAX_SPEC_BYTES {
+        return Err(SpecError::Parse(Problem {
+            path: String::new(),
+            message: format!("{} bytes, expected at most {MAX_SPEC_BYTES}", text.len()),
+        }));
+    }
+    let deserializer = toml::Deserializer::parse(text).map_err(|error| {
+        SpecError::Parse(Problem {
+            path: String::new(),
+            message: one_line(&error.to_string()),
+        })
+    })?;
+    let spec: JobSpec = serde_path_to_error::deserialize(deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        SpecError::Parse(Problem {
+            path: if path == "." { String::new() } else { path },
+            message: one_line(&error.into_inner().to_string()),
+        })
+    })?;
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// Folds toml's multi-line diagnostics (which quote the source line) into one line.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.chars().all(|c| "|^ ".contains(c)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HELLO: &str = r#"
+version = 1
+name = "hello"
+kind = "command"
+[resources]
+ranks = 3
+[command]
+program = "sh"
+args = ["-c", "echo $RANK"]
+"#;
+
+    #[test]
+    fn parses_a_command_job_with_defaults() {
+        let spec = parse(HELLO).unwrap();
+        assert_eq!(spec.ranks(), 3);
+        assert_eq!(spec.priority, 0);
+        assert_eq!(spec.resources.devices_per_rank, 1);
+        assert_eq!(spec.resources.device, DeviceKind::Cpu);
+        assert_eq!(spec.stop_grace_s(), 10.0);
+    }
+
+    fn problem_paths(text: &str) -> Vec<String> {
+        parse(text)
+            .unwrap_err()
+            .problems()
+            .into_iter()
+            .map(|p| p.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let text = HELLO.replace("ranks = 3", "ranks = 3\nrankz = 4");
+        let problems = problem_paths(&text);
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].contains("rankz"), "{problems:?}");
+        assert!(problems[0].starts_with("resources"), "{problems:?}");
+    }
+
+    #[test]
+    fn wrong_type_is_named_with_its_path() {
+        let text = HELLO.replace("ranks = 3", "ranks = \"three\"");
+        let problems = problem_paths(&text);
+        assert!(problems[0].starts_with("resources.ranks"), "{problems:?}");
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let text = r#"
+version = 2
+name = "bad name"
+kind = "command"
+priority = 5000
+[resources]
+ranks = 0
+devices_per_rank = 1000
+[command]
+program = ""
+stop_grace_s = -1.0
+"#;
+        let problems = problem_paths(text);
+        for path in [
+            "version",
+            "name",
+            "priority",
+            "resources.ranks",
+            "resources.devices_per_rank",
+            "command.program",
+            "command.stop_grace_s",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(path)),
+                "{path} not in {problems:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_spec_is_refused_before_parsing() {
+        let text = format!("{HELLO}\n# {}", "x".repeat(MAX_SPEC_BYTES));
+        assert!(problem_paths(&text)[0].contains("expected at most"));
+    }
+
+    #[test]
+    fn syntax_error_is_one_line() {
+        let problems = problem_paths("version = = 1");
+        assert_eq!(problems.len(), 1);
+        assert!(!problems[0].contains('\n'));
+    }
+}

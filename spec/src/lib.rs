@@ -1,0 +1,21 @@
+//! Job spec files: the TOML a user submits, its defaults, and its validation.
+//!
+//! The CLI validates a spec before sending it and the coordinator validates it again on
+//! arrival, with the same code, so both report the same problems. Validation collects every
+//! problem with its field path (`resources.ranks: 0, expected 1 to 4096`) instead of stopping at
+//! the first.
+//!
+//! - [`job`]: the top-level [`JobSpec`], its `[resources]` and `[command]` sections, and parsing.
+//! - [`train`]: the sections of a `kind = "train"` job (`[model]`, `[data]`, `[optimizer]`,
+//!   `[schedule]`, `[parallel]`, `[checkpoint]`).
+//! - [`problems`]: [`Problems`], the list of field-path errors validation produces.
+
+pub mod job;
+pub mod problems;
+pub mod train;
+
+pub use job::{CommandSpec, DeviceKind, JobKind, JobSpec, MAX_SPEC_BYTES, Resources, parse};
+pub use problems::{Problem, Problems, SpecError};
+
+/// The only job-file format version this build understands.
+pub const SPEC_VERSION: u32 = 1;

@@ -1,0 +1,747 @@
+//! Sections of a `kind = "train"` job: what model is trained on which data, with which optimizer
+//! and schedule, over how many ranks, and where checkpoints go.
+//!
+//! ```toml
+//! version = 1
+//! name = "fashion-mlp"
+//! kind = "train"
+//!
+//! [model]
+//! kind = "mlp"
+//! hidden = [512, 256]
+//!
+//! [data]
+//! dataset = "fashion-mnist"
+//!
+//! [optimizer]
+//! kind = "adamw"
+//! lr = 0.001
+//!
+//! [schedule]
+//! epochs = 10
+//! batch_size = 256
+//! warmup_steps = 100
+//! lr_decay = "cosine"
+//!
+//! [parallel]
+//! data = 4
+//! ```
+//!
+//! Every section is optional and every field has a default, so `kind = "train"` alone trains
+//! the default MLP with AdamW on one rank.
+
+use serde::{Deserialize, Serialize};
+
+use crate::job::{JobSpec, MAX_RANKS, MAX_STRING_LEN};
+use crate::problems::Problems;
+
+/// Pixels of one Fashion-MNIST image (28 x 28); used to bound model sizes.
+pub const INPUT_FEATURES: u64 = 28 * 28;
+/// Classes of Fashion-MNIST; used to bound model sizes.
+pub const CLASSES: u64 = 10;
+/// Most hidden layers an MLP (or a CNN's dense head) may have.
+pub const MAX_HIDDEN_LAYERS: usize = 16;
+/// Widest hidden layer or most channels of one convolution.
+pub const MAX_LAYER_WIDTH: u32 = 65_536;
+/// Most convolution blocks of a CNN: each halves the 28 x 28 image, so 4 leave 1 x 1.
+pub const MAX_CONVOLUTION_BLOCKS: usize = 4;
+/// Most trainable parameters a model may have (400 MB of f32 per replica).
+pub const MAX_PARAMETERS: u64 = 100_000_000;
+/// Largest global batch.
+pub const MAX_BATCH_SIZE: u32 = 65_536;
+/// Most epochs of one job.
+pub const MAX_EPOCHS: u32 = 10_000;
+/// Most optimizer steps of one job (also bounds warmup and checkpoint intervals).
+pub const MAX_STEPS: u64 = 1_000_000_000;
+/// Smallest gradient bucket, in bytes.
+pub const MIN_GRADIENT_BUCKET_BYTES: u64 = 4 * 1024;
+/// Largest gradient bucket, in bytes.
+pub const MAX_GRADIENT_BUCKET_BYTES: u64 = 1024 * 1024 * 1024;
+/// Default gradient bucket: 25 MiB, as in PyTorch DDP.
+pub const DEFAULT_GRADIENT_BUCKET_BYTES: u64 = 25 * 1024 * 1024;
+/// Largest learning rate accepted.
+pub const MAX_LEARNING_RATE: f64 = 10.0;
+
+/// Which model architecture `[model]` builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// Fully connected layers with ReLU between them.
+    #[default]
+    Mlp,
+    /// 3x3 convolution blocks (convolution, ReLU, 2x2 max-pool) followed by a dense head.
+    Cnn,
+}
+
+/// `[model]`: which model to train and its shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Architecture: `"mlp"` or `"cnn"`. Default `"mlp"`.
+    pub kind: ModelKind,
+    /// Widths of the hidden dense layers (of the MLP, or of the CNN's head after its
+    /// convolutions); the input and output widths come from the data set. Default `[512, 256]`.
+    pub hidden: Vec<u32>,
+    /// Output channels of each convolution block of a CNN; refused for an MLP.
+    /// Default `[16, 32]` for a CNN.
+    pub channels: Option<Vec<u32>>,
+    /// Seed of the parameter initialisation (rank 0's values are broadcast to every rank).
+    /// Default 0.
+    pub seed: u64,
+}
+
+impl Default for ModelSpec {
+    fn default() -> Self {
+        Self {
+            kind: ModelKind::Mlp,
+            hidden: vec![512, 256],
+            channels: None,
+            seed: 0,
+        }
+    }
+}
+
+impl ModelSpec {
+    /// Returns the convolution channels of a CNN (`[16, 32]` unless given); empty for an MLP.
+    pub fn convolution_channels(&self) -> Vec<u32> {
+        match self.kind {
+            ModelKind::Mlp => Vec::new(),
+            ModelKind::Cnn => self.channels.clone().unwrap_or_else(|| vec![16, 32]),
+        }
+    }
+
+    /// Returns the number of trainable parameters for `input_side x input_side` images with
+    /// `classes` classes, saturating instead of overflowing.
+    pub fn parameter_count(&self, input_side: u64, classes: u64) -> u64 {
+        let mut count: u64 = 0;
+        let mut features = input_side.saturating_mul(input_side);
+        if self.kind == ModelKind::Cnn {
+            let mut in_channels: u64 = 1;
+            let mut side = input_side;
+            for &out_channels in &self.convolution_channels() {
+                let out_channels = u64::from(out_channels);
+                count = count
+                    .saturating_add(out_channels.saturating_mul(in_channels).saturating_mul(9))
+                    .saturating_add(out_channels);
+                in_channels = out_channels;
+                side /= 2;
+            }
+            features = in_channels.saturating_mul(side).saturating_mul(side);
+        }
+        for width in self.hidden.iter().map(|&w| u64::from(w)).chain([classes]) {
+            count = count
+                .saturating_add(features.saturating_mul(width))
+                .saturating_add(width);
+            features = width;
+        }
+        count
+    }
+
+    fn validate(&self, problems: &mut Problems) {
+        if self.hidden.len() > MAX_HIDDEN_LAYERS {
+            problems.push(
+                "model.hidden",
+                format!(
+                    "{} layers, expected at most {MAX_HIDDEN_LAYERS}",
+                    self.hidden.len()
+                ),
+            );
+        }
+        for (i, &width) in self.hidden.iter().enumerate() {
+            problems.check_range(&format!("model.hidden[{i}]"), width, 1, MAX_LAYER_WIDTH);
+        }
+        match (self.kind, &self.channels) {
+            (ModelKind::Mlp, Some(_)) => {
+                problems.push("model.channels", "only allowed with kind = \"cnn\"");
+            }
+            (ModelKind::Cnn, Some(channels)) => {
+                if channels.is_empty() || channels.len() > MAX_CONVOLUTION_BLOCKS {
+                    problems.push(
+                        "model.channels",
+                        format!(
+                            "{} blocks, expected 1 to {MAX_CONVOLUTION_BLOCKS}",
+                            channels.len()
+                        ),
+                    );
+                }
+                for (i, &width) in channels.iter().enumerate() {
+                    problems.check_range(
+                        &format!("model.channels[{i}]"),
+                        width,
+                        1,
+                        MAX_LAYER_WIDTH,
+                    );
+                }
+            }
+            _ => {}
+        }
+        let parameters = self.parameter_count(28, CLASSES);
+        if parameters > MAX_PARAMETERS {
+            problems.push(
+                "model",
+                format!("{parameters} parameters, expected at most {MAX_PARAMETERS}"),
+            );
+        }
+    }
+}
+
+/// Which data set `[data]` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum DatasetKind {
+    /// Zalando's Fashion-MNIST: 60,000 training and 10,000 test images of 28 x 28 pixels.
+    #[default]
+    #[serde(rename = "fashion-mnist")]
+    FashionMnist,
+}
+
+/// `[data]`: where the data set is and how it is read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataSpec {
+    /// The data set. Only `"fashion-mnist"` exists. Default `"fashion-mnist"`.
+    pub dataset: DatasetKind,
+    /// Directory holding the gzipped IDX files (`train-images-idx3-ubyte.gz`...). When given it
+    /// is the only place looked; when absent the rank searches `$COHORT_DATA`, then
+    /// `/usr/share/datasets/fashion-mnist`. Default: absent.
+    pub path: Option<String>,
+    /// Seed of the per-epoch shuffle, the same on every rank. Default 0.
+    pub seed: u64,
+}
+
+impl Default for DataSpec {
+    fn default() -> Self {
+        Self {
+            dataset: DatasetKind::FashionMnist,
+            path: None,
+            seed: 0,
+        }
+    }
+}
+
+impl DataSpec {
+    fn validate(&self, problems: &mut Problems) {
+        if let Some(path) = &self.path {
+            check_path("data.path", path, problems);
+        }
+    }
+}
+
+/// Which update rule `[optimizer]` applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// Stochastic gradient descent with (heavy-ball) momentum, as `torch.optim.SGD`.
+    Sgd,
+    /// Adam with decoupled weight decay, as `torch.optim.AdamW`.
+    #[default]
+    Adamw,
+}
+
+/// `[optimizer]`: the optimizer and its hyper-parameters. Fields that belong to one kind only
+/// are refused for the other.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimizerSpec {
+    /// Update rule: `"sgd"` or `"adamw"`. Default `"adamw"`.
+    pub kind: OptimizerKind,
+    /// Peak learning rate (reached after warmup). Default 0.1 for SGD, 0.001 for AdamW.
+    pub lr: Option<f64>,
+    /// SGD momentum factor, 0 to below 1 (0 disables momentum). Default 0.9; SGD only.
+    pub momentum: Option<f64>,
+    /// AdamW decay rates of the first and second moment estimates. Default `[0.9, 0.999]`;
+    /// AdamW only.
+    pub betas: Option<[f64; 2]>,
+    /// AdamW term added to the denominator for stability. Default 1e-8; AdamW only.
+    pub eps: Option<f64>,
+    /// Weight decay: L2 penalty added to the gradient for SGD, decoupled decay for AdamW.
+    /// Default 0 for SGD, 0.01 for AdamW.
+    pub weight_decay: Option<f64>,
+    /// Rescales the averaged gradients so that their global L2 norm is at most this value.
+    /// Default: no clipping.
+    pub grad_clip_norm: Option<f64>,
+}
+
+impl OptimizerSpec {
+    /// Returns the peak learning rate, applying the kind's default.
+    pub fn learning_rate(&self) -> f64 {
+        self.lr.unwrap_or(match self.kind {
+            OptimizerKind::Sgd => 0.1,
+            OptimizerKind::Adamw => 0.001,
+        })
+    }
+
+    /// Returns the SGD momentum factor (0.9 unless given).
+    pub fn momentum(&self) -> f64 {
+        self.momentum.unwrap_or(0.9)
+    }
+
+    /// Returns the AdamW betas (`[0.9, 0.999]` unless given).
+    pub fn betas(&self) -> [f64; 2] {
+        self.betas.unwrap_or([0.9, 0.999])
+    }
+
+    /// Returns the AdamW epsilon (1e-8 unless given).
+    pub fn eps(&self) -> f64 {
+        self.eps.unwrap_or(1e-8)
+    }
+
+    /// Returns the weight decay, applying the kind's default.
+    pub fn weight_decay(&self) -> f64 {
+        self.weight_decay.unwrap_or(match self.kind {
+            OptimizerKind::Sgd => 0.0,
+            OptimizerKind::Adamw => 0.01,
+        })
+    }
+
+    fn validate(&self, problems: &mut Problems) {
+        let learning_rate = self.learning_rate();
+        if !(learning_rate.is_finite() && learning_rate > 0.0 && learning_rate <= MAX_LEARNING_RATE)
+        {
+            problems.push(
+                "optimizer.lr",
+                format!("{learning_rate}, expected above 0 and at most {MAX_LEARNING_RATE}"),
+            );
+        }
+        let weight_decay = self.weight_decay();
+        if !(weight_decay.is_finite() && (0.0..=1.0).contains(&weight_decay)) {
+            problems.push(
+                "optimizer.weight_decay",
+                format!("{weight_decay}, expected 0 to 1"),
+            );
+        }
+        if let Some(norm) = self.grad_clip_norm
+            && !(norm.is_finite() && norm > 0.0)
+        {
+            problems.push(
+                "optimizer.grad_clip_norm",
+                format!("{norm}, expected a finite value above 0"),
+            );
+        }
+        match self.kind {
+            OptimizerKind::Sgd => {
+                for (field, present) in
+                    [("betas", self.betas.is_some()), ("eps", self.eps.is_some())]
+                {
+                    if present {
+                        problems.push(
+                            format!("optimizer.{field}"),
+                            "only allowed with kind = \"adamw\"",
+                        );
+                    }
+                }
+                let momentum = self.momentum();
+                if !(momentum.is_finite() && (0.0..1.0).contains(&momentum)) {
+                    problems.push(
+                        "optimizer.momentum",
+                        format!("{momentum}, expected 0 to below 1"),
+                    );
+                }
+            }
+            OptimizerKind::Adamw => {
+                if self.momentum.is_some() {
+                    problems.push("optimizer.momentum", "only allowed with kind = \"sgd\"");
+                }
+                for (i, beta) in self.betas().into_iter().enumerate() {
+                    if !(beta.is_finite() && (0.0..1.0).contains(&beta)) {
+                        problems.push(
+                            format!("optimizer.betas[{i}]"),
+                            format!("{beta}, expected 0 to below 1"),
+                        );
+                    }
+                }
+                let eps = self.eps();
+                if !(eps.is_finite() && eps > 0.0 && eps <= 1.0) {
+                    problems.push(
+                        "optimizer.eps",
+                        format!("{eps}, expected above 0 and at most 1"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// How the learning rate moves after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LearningRateDecay {
+    /// Half a cosine from the peak down to 0 at the last step.
+    #[default]
+    Cosine,
+    /// Stays at the peak.
+    Constant,
+}
+
+/// `[schedule]`: epochs, batch size, learning-rate warmup and decay. Evaluation on the test
+/// split runs at the end of every epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScheduleSpec {
+    /// Passes over the training split (1 to 10,000). An epoch is `floor(examples / batch_size)`
+    /// steps; the incomplete last batch is dropped, a different one each epoch. Default 1.
+    pub epochs: u32,
+    /// Global batch: examples per optimizer step summed over all data-parallel ranks
+    /// (1 to 65,536, and at least `parallel.data`). Default 256.
+    pub batch_size: u32,
+    /// Steps over which the learning rate rises linearly from `lr / warmup_steps` to `lr`.
+    /// Default 0 (no warmup).
+    pub warmup_steps: u64,
+    /// Decay after warmup: `"cosine"` or `"constant"`. Default `"cosine"`.
+    pub lr_decay: LearningRateDecay,
+    /// Stops after this many optimizer steps even if epochs remain; the cosine decay then
+    /// ends here. Default: no limit.
+    pub max_steps: Option<u64>,
+}
+
+impl Default for ScheduleSpec {
+    fn default() -> Self {
+        Self {
+            epochs: 1,
+            batch_size: 256,
+            warmup_steps: 0,
+            lr_decay: LearningRateDecay::Cosine,
+            max_steps: None,
+        }
+    }
+}
+
+impl ScheduleSpec {
+    fn validate(&self, world_size: u32, problems: &mut Problems) {
+        problems.check_range("schedule.epochs", self.epochs, 1, MAX_EPOCHS);
+        problems.check_range("schedule.batch_size", self.batch_size, 1, MAX_BATCH_SIZE);
+        if self.batch_size < world_size {
+            problems.push(
+                "schedule.batch_size",
+                format!(
+                    "{}, expected at least parallel.data = {world_size} (one example per rank)",
+                    self.batch_size
+                ),
+            );
+        }
+        problems.check_range("schedule.warmup_steps", self.warmup_steps, 0, MAX_STEPS);
+        if let Some(max_steps) = self.max_steps {
+            problems.check_range("schedule.max_steps", max_steps, 1, MAX_STEPS);
+        }
+    }
+}
+
+/// `[parallel]`: how ranks divide the work.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ParallelSpec {
+    /// Data-parallel degree: number of model replicas, each taking a share of every global
+    /// batch (1 to 4096). Default 1.
+    pub data: u32,
+    /// Size of the flat f32 buffers gradients are packed into before each all-reduce, in bytes
+    /// (4 KiB to 1 GiB). Default 25 MiB.
+    pub gradient_bucket_bytes: u64,
+}
+
+impl Default for ParallelSpec {
+    fn default() -> Self {
+        Self {
+            data: 1,
+            gradient_bucket_bytes: DEFAULT_GRADIENT_BUCKET_BYTES,
+        }
+    }
+}
+
+impl ParallelSpec {
+    /// Total number of ranks the layout needs.
+    pub fn world_size(&self) -> u32 {
+        self.data
+    }
+
+    fn validate(&self, problems: &mut Problems) {
+        problems.check_range("parallel.data", self.data, 1, MAX_RANKS);
+        problems.check_range(
+            "parallel.gradient_bucket_bytes",
+            self.gradient_bucket_bytes,
+            MIN_GRADIENT_BUCKET_BYTES,
+            MAX_GRADIENT_BUCKET_BYTES,
+        );
+    }
+}
+
+/// `[checkpoint]`: where and how often checkpoints are written. A checkpoint is always written
+/// at the end of training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointSpec {
+    /// Also writes a checkpoint every this many optimizer steps. Default: only at the end.
+    pub every_steps: Option<u64>,
+    /// Checkpoint directory (one written by an earlier run) to resume from: model weights,
+    /// optimizer state and step are restored. Default: start from scratch.
+    pub resume_from: Option<String>,
+    /// Directory checkpoints are written to; a relative path is resolved against the job's
+    /// output directory. Default `"checkpoints"`.
+    pub directory: String,
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        Self {
+            every_steps: None,
+            resume_from: None,
+            directory: "checkpoints".to_owned(),
+        }
+    }
+}
+
+impl CheckpointSpec {
+    fn validate(&self, problems: &mut Problems) {
+        if let Some(every_steps) = self.every_steps {
+            problems.check_range("checkpoint.every_steps", every_steps, 1, MAX_STEPS);
+        }
+        if let Some(resume_from) = &self.resume_from {
+            check_path("checkpoint.resume_from", resume_from, problems);
+        }
+        check_path("checkpoint.directory", &self.directory, problems);
+    }
+}
+
+fn check_path(path: &str, value: &str, problems: &mut Problems) {
+    if value.is_empty() {
+        problems.push(path, "empty, expected a path");
+    }
+    if value.len() > MAX_STRING_LEN {
+        problems.push(
+            path,
+            format!("{} bytes, expected at most {MAX_STRING_LEN}", value.len()),
+        );
+    }
+    if value.contains('\0') {
+        problems.push(path, "contains a NUL byte");
+    }
+}
+
+/// Records every problem of the training sections of `spec` (absent sections take their
+/// defaults, which are valid).
+pub fn validate(spec: &JobSpec, problems: &mut Problems) {
+    let parallel = spec.parallel.clone().unwrap_or_default();
+    parallel.validate(problems);
+    if let Some(model) = &spec.model {
+        model.validate(problems);
+    }
+    if let Some(data) = &spec.data {
+        data.validate(problems);
+    }
+    if let Some(optimizer) = &spec.optimizer {
+        optimizer.validate(problems);
+    }
+    spec.schedule
+        .clone()
+        .unwrap_or_default()
+        .validate(parallel.world_size(), problems);
+    if let Some(checkpoint) = &spec.checkpoint {
+        checkpoint.validate(problems);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::parse;
+
+    fn problem_strings(text: &str) -> Vec<String> {
+        parse(text)
+            .unwrap_err()
+            .problems()
+            .into_iter()
+            .map(|p| p.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn bare_train_job_takes_every_default() {
+        let spec = parse("version = 1\nkind = \"train\"\n").unwrap();
+        assert_eq!(spec.ranks(), 1);
+        assert!(spec.model.is_none());
+        let optimizer = OptimizerSpec::default();
+        assert_eq!(optimizer.kind, OptimizerKind::Adamw);
+        assert_eq!(optimizer.learning_rate(), 0.001);
+        assert_eq!(optimizer.weight_decay(), 0.01);
+        assert_eq!(ModelSpec::default().hidden, vec![512, 256]);
+        assert_eq!(
+            ParallelSpec::default().gradient_bucket_bytes,
+            25 * 1024 * 1024
+        );
+    }
+
+    #[test]
+    fn full_demo_job_parses() {
+        let text = r#"
+version = 1
+name = "fashion-mlp-dp"
+kind = "train"
+[model]
+kind = "mlp"
+hidden = [512, 256]
+seed = 7
+[data]
+dataset = "fashion-mnist"
+path = "/data/fashion-mnist"
+seed = 3
+[optimizer]
+kind = "adamw"
+lr = 0.002
+betas = [0.9, 0.99]
+eps = 1e-7
+weight_decay = 0.05
+grad_clip_norm = 1.0
+[schedule]
+epochs = 10
+batch_size = 256
+warmup_steps = 100
+lr_decay = "cosine"
+max_steps = 5000
+[parallel]
+data = 4
+gradient_bucket_bytes = 1048576
+[checkpoint]
+every_steps = 500
+resume_from = "/runs/old/step-00000500"
+directory = "out"
+"#;
+        let spec = parse(text).unwrap();
+        assert_eq!(spec.ranks(), 4);
+        let optimizer = spec.optimizer.unwrap();
+        assert_eq!(optimizer.betas(), [0.9, 0.99]);
+        assert_eq!(optimizer.learning_rate(), 0.002);
+        assert_eq!(spec.schedule.unwrap().max_steps, Some(5000));
+        assert_eq!(spec.model.unwrap().seed, 7);
+        assert_eq!(spec.checkpoint.unwrap().directory, "out");
+    }
+
+    #[test]
+    fn sgd_defaults_differ_from_adamw() {
+        let spec = parse("version = 1\nkind = \"train\"\n[optimizer]\nkind = \"sgd\"\n").unwrap();
+        let optimizer = spec.optimizer.unwrap();
+        assert_eq!(optimizer.learning_rate(), 0.1);
+        assert_eq!(optimizer.momentum(), 0.9);
+        assert_eq!(optimizer.weight_decay(), 0.0);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let text = r#"
+version = 1
+kind = "train"
+[model]
+kind = "mlp"
+hidden = [0, 70000]
+channels = [8]
+[optimizer]
+kind = "sgd"
+lr = -1.0
+momentum = 1.5
+betas = [0.9, 0.999]
+weight_decay = 2.0
+grad_clip_norm = 0.0
+[schedule]
+epochs = 0
+batch_size = 1000000000
+warmup_steps = 2000000000
+max_steps = 0
+[parallel]
+data = 0
+gradient_bucket_bytes = 10
+[checkpoint]
+every_steps = 0
+directory = ""
+"#;
+        let problems = problem_strings(text);
+        for path in [
+            "model.hidden[0]",
+            "model.hidden[1]",
+            "model.channels",
+            "optimizer.lr",
+            "optimizer.momentum",
+            "optimizer.betas",
+            "optimizer.weight_decay",
+            "optimizer.grad_clip_norm",
+            "schedule.epochs",
+            "schedule.batch_size",
+            "schedule.warmup_steps",
+            "schedule.max_steps",
+            "parallel.data",
+            "parallel.gradient_bucket_bytes",
+            "checkpoint.every_steps",
+            "checkpoint.directory",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(path)),
+                "{path} not in {problems:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn adamw_refuses_sgd_fields_and_bad_betas() {
+        let text = "version = 1\nkind = \"train\"\n[optimizer]\nmomentum = 0.9\nbetas = [1.0, \
+                    0.5]\neps = 0.0\n";
+        let problems = problem_strings(text);
+        for path in ["optimizer.momentum", "optimizer.betas[0]", "optimizer.eps"] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(path)),
+                "{path} not in {problems:?}"
+            );
+        }
+        assert!(!problems.iter().any(|p| p.starts_with("optimizer.betas[1]")));
+    }
+
+    #[test]
+    fn batch_smaller_than_world_is_refused() {
+        let text = "version = 1\nkind = \"train\"\n[parallel]\ndata = 8\n[schedule]\nbatch_size \
+                    = 4\n";
+        let problems = problem_strings(text);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("parallel.data = 8"), "{problems:?}");
+    }
+
+    #[test]
+    fn oversized_model_is_refused() {
+        let text = "version = 1\nkind = \"train\"\n[model]\nhidden = [65536, 65536, 65536]\n";
+        let problems = problem_strings(text);
+        assert!(
+            problems.iter().any(|p| p.starts_with("model:")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn parameter_count_matches_hand_count() {
+        let mlp = ModelSpec::default();
+        assert_eq!(
+            mlp.parameter_count(28, 10),
+            784 * 512 + 512 + 512 * 256 + 256 + 256 * 10 + 10
+        );
+        let cnn = ModelSpec {
+            kind: ModelKind::Cnn,
+            hidden: vec![64],
+            channels: Some(vec![8, 16]),
+            seed: 0,
+        };
+        let convolutions = (8 * 9 + 8) + (16 * 8 * 9 + 16);
+        let dense = (16 * 7 * 7 * 64 + 64) + (64 * 10 + 10);
+        assert_eq!(cnn.parameter_count(28, 10), convolutions + dense);
+    }
+
+    #[test]
+    fn unknown_train_field_is_named() {
+        let problems = problem_strings("version = 1\nkind = \"train\"\n[schedule]\nbatch = 4\n");
+        assert!(problems[0].starts_with("schedule"), "{problems:?}");
+        assert!(problems[0].contains("batch"), "{problems:?}");
+    }
+
+    #[test]
+    fn cnn_channels_are_bounded() {
+        let text = "version = 1\nkind = \"train\"\n[model]\nkind = \"cnn\"\nchannels = [1, 2, \
+                    3, 4, 5]\n";
+        let problems = problem_strings(text);
+        assert!(
+            problems.iter().any(|p| p.starts_with("model.channels")),
+            "{problems:?}"
+        );
+    }
+}

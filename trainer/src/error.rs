@@ -1,0 +1,60 @@
+//! The crate's error type.
+
+use std::path::PathBuf;
+
+/// Everything that can stop a rank's training run.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    /// A data file could not be opened or read (missing, permissions, broken gzip stream).
+    #[error("data file {path}: {source}")]
+    DataRead {
+        /// The file being read.
+        path: PathBuf,
+        /// The underlying failure.
+        source: std::io::Error,
+    },
+    /// A data file was read but its contents are not what the format promises.
+    #[error("data file {path}: {message}")]
+    DataFormat {
+        /// The offending file.
+        path: PathBuf,
+        /// What was expected and what was found.
+        message: String,
+    },
+    /// No directory holding the data set was found.
+    #[error("data set {dataset} not found; looked in {}", looked_in.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    DatasetNotFound {
+        /// Name of the data set.
+        dataset: String,
+        /// Every directory searched, in order, with why it was a candidate.
+        looked_in: Vec<PathBuf>,
+    },
+    /// The configuration cannot be run on the data or world it was given.
+    #[error("training config: {0}")]
+    Config(String),
+    /// candle refused a tensor operation.
+    #[error("tensor operation: {0}")]
+    Tensor(#[from] candle_core::Error),
+    /// A collective operation between ranks failed.
+    #[error("collective: {0}")]
+    Collective(#[from] cohort_collective::CollectiveError),
+    /// A checkpoint could not be written or read back.
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint {
+        /// The checkpoint directory or file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The loss became NaN or infinite; continuing would only spread garbage.
+    #[error("training diverged at step {step}: loss is {loss}")]
+    Diverged {
+        /// Optimizer step at which the loss was observed.
+        step: u64,
+        /// The non-finite loss.
+        loss: f32,
+    },
+}
+
+/// Result alias of the crate.
+pub type Result<T, E = TrainerError> = std::result::Result<T, E>;

@@ -1,0 +1,518 @@
+//! Optimizers (SGD with momentum, AdamW), the learning-rate schedule and gradient clipping.
+//!
+//! The update rules follow PyTorch's `torch.optim.SGD` (dampening 0, no Nesterov) and
+//! `torch.optim.AdamW` exactly, so hyper-parameters carry over. They run over the flat averaged
+//! gradient and write the parameters in place in their candle storage; the optimizer state
+//! (momentum buffers, moment estimates) is flat too, in the same order, which is what
+//! checkpoints store.
+
+use cohort_spec::train::{LearningRateDecay, OptimizerKind, OptimizerSpec, ScheduleSpec};
+
+use crate::error::{Result, TrainerError};
+use crate::parameters::ParameterSet;
+
+/// Learning rate as a function of the optimizer step: linear warmup, then cosine or constant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LearningRateSchedule {
+    /// Learning rate reached at the end of warmup.
+    peak: f64,
+    /// Steps of linear warmup.
+    warmup_steps: u64,
+    /// Total steps of the run; the cosine reaches 0 here.
+    total_steps: u64,
+    /// What happens after warmup.
+    decay: LearningRateDecay,
+}
+
+impl LearningRateSchedule {
+    /// Creates the schedule of a run of `total_steps` optimizer steps.
+    pub fn new(peak: f64, schedule: &ScheduleSpec, total_steps: u64) -> Self {
+        Self {
+            peak,
+            warmup_steps: schedule.warmup_steps,
+            total_steps,
+            decay: schedule.lr_decay,
+        }
+    }
+
+    /// Returns the learning rate of the update made at `step` (0-based): `peak * (step + 1) /
+    /// warmup_steps` during warmup, then `peak * (1 + cos(pi * progress)) / 2` where progress
+    /// runs from 0 right after warmup to 1 at `total_steps`.
+    pub fn learning_rate(&self, step: u64) -> f64 {
+        if step < self.warmup_steps {
+            return self.peak * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        match self.decay {
+            LearningRateDecay::Constant => self.peak,
+            LearningRateDecay::Cosine => {
+                let decay_steps = self.total_steps.saturating_sub(self.warmup_steps).max(1);
+                let progress = ((step - self.warmup_steps) as f64 / decay_steps as f64).min(1.0);
+                self.peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+        }
+    }
+}
+
+/// Scales `gradients` in place so that their L2 norm is at most `max_norm`, and returns the
+/// norm before scaling (computed in f64).
+pub fn clip_gradient_norm(gradients: &mut [f32], max_norm: f64) -> f64 {
+    let norm = gradients
+        .iter()
+        .map(|&g| f64::from(g) * f64::from(g))
+        .sum::<f64>()
+        .sqrt();
+    if norm > max_norm {
+        // PyTorch's `clip_grad_norm_` adds 1e-6 to the denominator in the same way.
+        let scale = (max_norm / (norm + 1e-6)) as f32;
+        gradients.iter_mut().for_each(|g| *g *= scale);
+    }
+    norm
+}
+
+/// State an optimizer keeps between steps, flat in parameter order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OptimizerState {
+    /// SGD's momentum buffer (empty when momentum is 0).
+    Sgd {
+        /// Velocity of every element.
+        momentum_buffer: Vec<f32>,
+    },
+    /// AdamW's exponential moving averages.
+    AdamW {
+        /// Moving average of the gradient.
+        first_moment: Vec<f32>,
+        /// Moving average of the squared gradient.
+        second_moment: Vec<f32>,
+    },
+}
+
+impl OptimizerState {
+    /// Returns the state buffers with the names checkpoints store them under.
+    pub fn buffers(&self) -> Vec<(&'static str, &[f32])> {
+        match self {
+            Self::Sgd { momentum_buffer } => vec![("momentum_buffer", momentum_buffer)],
+            Self::AdamW {
+                first_moment,
+                second_moment,
+            } => vec![("first_moment", first_moment), ("second_moment", second_moment)],
+        }
+    }
+
+    /// Returns the state buffers mutably, with their checkpoint names.
+    pub fn buffers_mut(&mut self) -> Vec<(&'static str, &mut Vec<f32>)> {
+        match self {
+            Self::Sgd { momentum_buffer } => vec![("momentum_buffer", momentum_buffer)],
+            Self::AdamW {
+                first_moment,
+                second_moment,
+            } => vec![("first_moment", first_moment), ("second_moment", second_moment)],
+        }
+    }
+}
+
+/// An optimizer over a flat parameter vector.
+#[derive(Debug, Clone)]
+pub struct Optimizer {
+    /// Hyper-parameters, defaults applied.
+    spec: OptimizerSpec,
+    /// Momentum or moment buffers.
+    state: OptimizerState,
+    /// Updates applied so far (AdamW's bias correction uses it).
+    steps_taken: u64,
+}
+
+impl Optimizer {
+    /// Creates an optimizer for `element_count` parameters with zeroed state.
+    pub fn new(spec: &OptimizerSpec, element_count: usize) -> Self {
+        let state = match spec.kind {
+            OptimizerKind::Sgd => OptimizerState::Sgd {
+                momentum_buffer: if spec.momentum() == 0.0 {
+                    Vec::new()
+                } else {
+                    vec![0.0; element_count]
+                },
+            },
+            OptimizerKind::Adamw => OptimizerState::AdamW {
+                first_moment: vec![0.0; element_count],
+                second_moment: vec![0.0; element_count],
+            },
+        };
+        Self {
+            spec: spec.clone(),
+            state,
+            steps_taken: 0,
+        }
+    }
+
+    /// Returns the number of updates applied.
+    pub fn steps_taken(&self) -> u64 {
+        self.steps_taken
+    }
+
+    /// Returns the state buffers.
+    pub fn state(&self) -> &OptimizerState {
+        &self.state
+    }
+
+    /// Restores state saved by a checkpoint: `buffers` must name every buffer of this kind with
+    /// the right length.
+    pub fn restore(&mut self, steps_taken: u64, buffers: &[(String, Vec<f32>)]) -> Result<()> {
+        for (name, buffer) in self.state.buffers_mut() {
+            let Some((_, saved)) = buffers.iter().find(|(saved_name, _)| saved_name == name)
+            else {
+                return Err(TrainerError::Config(format!(
+                    "optimizer state lacks {name}, expected it for {:?}",
+                    self.spec.kind
+                )));
+            };
+            if saved.len() != buffer.len() {
+                return Err(TrainerError::Config(format!(
+                    "optimizer {name} of {} elements, expected {}",
+                    saved.len(),
+                    buffer.len()
+                )));
+            }
+            buffer.copy_from_slice(saved);
+        }
+        self.steps_taken = steps_taken;
+        Ok(())
+    }
+
+    /// Applies one update with `learning_rate` to `parameters` from the flat averaged
+    /// `gradients`.
+    pub fn step(
+        &mut self,
+        parameters: &ParameterSet,
+        gradients: &[f32],
+        learning_rate: f64,
+    ) -> Result<()> {
+        if gradients.len() != parameters.element_count() {
+            return Err(TrainerError::Config(format!(
+                "{} gradients for {} parameters",
+                gradients.len(),
+                parameters.element_count()
+            )));
+        }
+        self.steps_taken += 1;
+        let weight_decay = self.spec.weight_decay() as f32;
+        let lr = learning_rate as f32;
+        match &mut self.state {
+            OptimizerState::Sgd { momentum_buffer } => {
+                let momentum = self.spec.momentum() as f32;
+                for (index, parameter) in parameters.iter().enumerate() {
+                    let range = parameter.flat_range();
+                    let gradient = &gradients[range.clone()];
+                    let velocity = momentum_buffer.get_mut(range);
+                    parameters.update(index, |values| {
+                        sgd_update(values, gradient, velocity, lr, momentum, weight_decay);
+                    })?;
+                }
+            }
+            OptimizerState::AdamW {
+                first_moment,
+                second_moment,
+            } => {
+                let [beta1, beta2] = self.spec.betas();
+                let step = self.steps_taken as i32;
+                let hyper = AdamWStep {
+                    lr,
+                    beta1: beta1 as f32,
+                    beta2: beta2 as f32,
+                    eps: self.spec.eps() as f32,
+                    weight_decay,
+                    step_size: (learning_rate / (1.0 - beta1.powi(step))) as f32,
+                    second_correction_sqrt: (1.0 - beta2.powi(step)).sqrt() as f32,
+                };
+                for (index, parameter) in parameters.iter().enumerate() {
+                    let range = parameter.flat_range();
+                    let gradient = &gradients[range.clone()];
+                    let first = &mut first_moment[range.clone()];
+                    let second = &mut second_moment[range];
+                    parameters.update(index, |values| {
+                        adamw_update(values, gradient, first, second, &hyper);
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `torch.optim.SGD`: `g += wd * p; v = mu * v + g; p -= lr * v` (`v` absent when mu = 0).
+fn sgd_update(
+    values: &mut [f32],
+    gradient: &[f32],
+    velocity: Option<&mut [f32]>,
+    lr: f32,
+    momentum: f32,
+    weight_decay: f32,
+) {
+    match velocity {
+        Some(velocity) => {
+            for ((p, &g), v) in values.iter_mut().zip(gradient).zip(velocity) {
+                let g = g + weight_decay * *p;
+                *v = momentum * *v + g;
+                *p -= lr * *v;
+            }
+        }
+        None => {
+            for (p, &g) in values.iter_mut().zip(gradient) {
+                *p -= lr * (g + weight_decay * *p);
+            }
+        }
+    }
+}
+
+/// Per-step constants of an AdamW update.
+struct AdamWStep {
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    weight_decay: f32,
+    /// `lr / (1 - beta1^t)`.
+    step_size: f32,
+    /// `sqrt(1 - beta2^t)`.
+    second_correction_sqrt: f32,
+}
+
+/// `torch.optim.AdamW`: decay, moment updates, bias-corrected step.
+fn adamw_update(
+    values: &mut [f32],
+    gradient: &[f32],
+    first: &mut [f32],
+    second: &mut [f32],
+    hyper: &AdamWStep,
+) {
+    let decay = 1.0 - hyper.lr * hyper.weight_decay;
+    for (((p, &g), m), v) in values.iter_mut().zip(gradient).zip(first).zip(second) {
+        *p *= decay;
+        *m = hyper.beta1 * *m + (1.0 - hyper.beta1) * g;
+        *v = hyper.beta2 * *v + (1.0 - hyper.beta2) * g * g;
+        let denominator = v.sqrt() / hyper.second_correction_sqrt + hyper.eps;
+        *p -= hyper.step_size * *m / denominator;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+    use candle_nn::optim::{AdamW, Optimizer as _, ParamsAdamW};
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+    use crate::parameters::Initialization;
+
+    fn one_parameter(values: &[f32]) -> ParameterSet {
+        let mut set = ParameterSet::new(Device::Cpu);
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        set.add("p", values.len(), Initialization::Zeros, &mut rng)
+            .unwrap();
+        set.write_values(values).unwrap();
+        set
+    }
+
+    fn values(set: &ParameterSet) -> Vec<f32> {
+        let mut flat = vec![0.0; set.element_count()];
+        set.read_values(&mut flat).unwrap();
+        flat
+    }
+
+    #[test]
+    fn sgd_momentum_matches_hand_computed_steps() {
+        let spec = OptimizerSpec {
+            kind: OptimizerKind::Sgd,
+            lr: Some(0.1),
+            momentum: Some(0.9),
+            weight_decay: Some(0.01),
+            ..OptimizerSpec::default()
+        };
+        let set = one_parameter(&[1.0]);
+        let mut optimizer = Optimizer::new(&spec, 1);
+        // Step 1: g = 0.5 + 0.01 * 1 = 0.51; v = 0.51; p = 1 - 0.051 = 0.949.
+        optimizer.step(&set, &[0.5], 0.1).unwrap();
+        assert!((values(&set)[0] - 0.949).abs() < 1e-7);
+        // Step 2: g = -0.2 + 0.00949 = -0.19051; v = 0.459 - 0.19051 = 0.26849;
+        // p = 0.949 - 0.026849 = 0.922151.
+        optimizer.step(&set, &[-0.2], 0.1).unwrap();
+        assert!((values(&set)[0] - 0.922151).abs() < 1e-6, "{:?}", values(&set));
+        // With momentum 0 there is no buffer: p = 2 - 0.5 * 1 = 1.5.
+        let plain = OptimizerSpec {
+            momentum: Some(0.0),
+            weight_decay: None,
+            ..spec
+        };
+        let set = one_parameter(&[2.0]);
+        let mut optimizer = Optimizer::new(&plain, 1);
+        optimizer.step(&set, &[1.0], 0.5).unwrap();
+        assert_eq!(values(&set), vec![1.5]);
+        assert_eq!(optimizer.state().buffers()[0].1.len(), 0);
+    }
+
+    #[test]
+    fn adamw_matches_hand_computed_first_steps() {
+        let spec = OptimizerSpec {
+            kind: OptimizerKind::Adamw,
+            weight_decay: Some(0.1),
+            ..OptimizerSpec::default()
+        };
+        let set = one_parameter(&[1.0, -3.0]);
+        let mut optimizer = Optimizer::new(&spec, 2);
+        optimizer.step(&set, &[0.5, -4.0], 0.01).unwrap();
+        // First step: m_hat = g, v_hat = g^2, so the step is lr * sign(g) (up to eps),
+        // after decay p *= 1 - 0.01 * 0.1.
+        let got = values(&set);
+        let expected = [1.0 * 0.999 - 0.01, -3.0 * 0.999 + 0.01];
+        for (g, e) in got.iter().zip(expected) {
+            assert!((g - e).abs() < 1e-6, "{got:?} vs {expected:?}");
+        }
+        // Second step with g = 0.5 again for element 0, in f64 by hand.
+        optimizer.step(&set, &[0.5, 0.0], 0.01).unwrap();
+        let (b1, b2, lr, wd, eps) = (0.9f64, 0.999f64, 0.01f64, 0.1f64, 1e-8f64);
+        let p = (1.0 * 0.999 - 0.01) * (1.0 - lr * wd);
+        let m = b1 * (0.1 * 0.5) + 0.1 * 0.5;
+        let v = b2 * (0.001 * 0.25) + 0.001 * 0.25;
+        let update = lr * (m / (1.0 - b1 * b1)) / ((v / (1.0 - b2 * b2)).sqrt() + eps);
+        assert!((f64::from(values(&set)[0]) - (p - update)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn adamw_matches_candle_reference_over_many_steps() {
+        let spec = OptimizerSpec {
+            kind: OptimizerKind::Adamw,
+            lr: Some(0.003),
+            betas: Some([0.8, 0.99]),
+            eps: Some(1e-6),
+            weight_decay: Some(0.05),
+            ..OptimizerSpec::default()
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let mut set = ParameterSet::new(Device::Cpu);
+        set.add("p", 64, Initialization::HeUniform { fan_in: 4 }, &mut rng)
+            .unwrap();
+        let initial = values(&set);
+        let reference = Var::from_slice(&initial, 64, &Device::Cpu).unwrap();
+        let mut candle_adamw = AdamW::new(
+            vec![reference.clone()],
+            ParamsAdamW {
+                lr: 0.003,
+                beta1: 0.8,
+                beta2: 0.99,
+                eps: 1e-6,
+                weight_decay: 0.05,
+            },
+        )
+        .unwrap();
+        let mut optimizer = Optimizer::new(&spec, 64);
+        for step in 0..30 {
+            // Loss sum(p^3 / 3 + step * p) has gradient p^2 + step: feed both the same one.
+            let gradient: Vec<f32> = values(&set)
+                .iter()
+                .map(|p| p * p + step as f32 * 0.1)
+                .collect();
+            let loss = ((reference.as_tensor().powf(3.0).unwrap() / 3.0).unwrap()
+                + (reference.as_tensor() * (step as f64 * 0.1)).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+            candle_adamw.backward_step(&loss).unwrap();
+            optimizer.step(&set, &gradient, 0.003).unwrap();
+        }
+        let expected = reference.as_tensor().to_vec1::<f32>().unwrap();
+        let got = values(&set);
+        let max_difference = got
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(max_difference < 1e-5, "max difference {max_difference}");
+        assert!(got.iter().zip(&initial).any(|(a, b)| (a - b).abs() > 0.01));
+    }
+
+    #[test]
+    fn sgd_without_momentum_matches_candle_reference() {
+        let initial = [0.5f32, -1.5, 2.0];
+        let set = one_parameter(&initial);
+        let reference = Var::from_slice(&initial, 3, &Device::Cpu).unwrap();
+        let mut candle_sgd = candle_nn::optim::SGD::new(vec![reference.clone()], 0.05).unwrap();
+        let spec = OptimizerSpec {
+            kind: OptimizerKind::Sgd,
+            momentum: Some(0.0),
+            ..OptimizerSpec::default()
+        };
+        let mut optimizer = Optimizer::new(&spec, 3);
+        for _ in 0..10 {
+            let gradient: Vec<f32> = values(&set).iter().map(|p| 2.0 * p).collect();
+            let loss = reference.as_tensor().sqr().unwrap().sum_all().unwrap();
+            candle_sgd.backward_step(&loss).unwrap();
+            optimizer.step(&set, &gradient, 0.05).unwrap();
+        }
+        let expected = reference.as_tensor().to_vec1::<f32>().unwrap();
+        for (g, e) in values(&set).iter().zip(&expected) {
+            assert!((g - e).abs() < 1e-6);
+        }
+        // Analytically p_10 = p_0 * (1 - 0.1)^10.
+        assert!((expected[2] - 2.0 * 0.9f32.powi(10)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn restore_checks_names_and_lengths() {
+        let spec = OptimizerSpec::default();
+        let mut optimizer = Optimizer::new(&spec, 2);
+        let saved = vec![
+            ("first_moment".to_owned(), vec![1.0, 2.0]),
+            ("second_moment".to_owned(), vec![3.0, 4.0]),
+        ];
+        optimizer.restore(7, &saved).unwrap();
+        assert_eq!(optimizer.steps_taken(), 7);
+        assert_eq!(optimizer.state().buffers()[1].1, &[3.0, 4.0]);
+        assert!(optimizer.restore(7, &saved[..1]).is_err());
+        let short = vec![
+            ("first_moment".to_owned(), vec![1.0]),
+            ("second_moment".to_owned(), vec![3.0, 4.0]),
+        ];
+        assert!(optimizer.restore(7, &short).is_err());
+    }
+
+    #[test]
+    fn schedule_warms_up_then_follows_a_cosine() {
+        let spec = ScheduleSpec {
+            warmup_steps: 10,
+            ..ScheduleSpec::default()
+        };
+        let schedule = LearningRateSchedule::new(1.0, &spec, 110);
+        assert!((schedule.learning_rate(0) - 0.1).abs() < 1e-12);
+        assert!((schedule.learning_rate(9) - 1.0).abs() < 1e-12);
+        assert!((schedule.learning_rate(10) - 1.0).abs() < 1e-12);
+        assert!((schedule.learning_rate(60) - 0.5).abs() < 1e-12);
+        assert!(schedule.learning_rate(110).abs() < 1e-12);
+        assert!(schedule.learning_rate(500).abs() < 1e-12);
+        let constant = ScheduleSpec {
+            lr_decay: LearningRateDecay::Constant,
+            ..ScheduleSpec::default()
+        };
+        let schedule = LearningRateSchedule::new(0.3, &constant, 5);
+        assert_eq!(schedule.learning_rate(0), 0.3);
+        assert_eq!(schedule.learning_rate(100), 0.3);
+    }
+
+    #[test]
+    fn clipping_rescales_to_the_max_norm_only_when_above() {
+        let mut gradients = vec![3.0f32, 4.0];
+        assert_eq!(clip_gradient_norm(&mut gradients, 10.0), 5.0);
+        assert_eq!(gradients, vec![3.0, 4.0]);
+        assert_eq!(clip_gradient_norm(&mut gradients, 1.0), 5.0);
+        let norm: f32 = gradients.iter().map(|g| g * g).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5);
+        assert!((gradients[0] / gradients[1] - 0.75).abs() < 1e-6);
+    }
+
+    #[test]
+    fn wrong_gradient_length_is_an_error() {
+        let set = one_parameter(&[1.0, 2.0]);
+        let mut optimizer = Optimizer::new(&OptimizerSpec::default(), 2);
+        assert!(optimizer.step(&set, &[1.0], 0.1).is_err());
+        let _ = Tensor::zeros(1, candle_core::DType::F32, &Device::Cpu).unwrap();
+    }
+}

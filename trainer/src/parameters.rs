@@ -1,0 +1,324 @@
+//! The trainable parameters of a model as one ordered set, with a flat f32 view of them.
+//!
+//! Each parameter is a candle [`Var`] (so `loss.backward()` produces its gradient) with a fixed
+//! position in a virtual flat vector of all parameters. Gradient packing, collective exchange,
+//! optimizer state and checkpoints all use that flat order, so every rank agrees on which
+//! element is which without exchanging names. Values are read and written in place in the
+//! `Var`s' own storage: no tensor is allocated on the update path.
+
+use std::cell::RefCell;
+
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Shape, Storage, Tensor, Var};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{Result, TrainerError};
+
+/// How a new parameter is initialised.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Initialization {
+    /// Uniform in `±sqrt(6 / fan_in)` (He et al., suited to ReLU layers).
+    HeUniform {
+        /// Inputs feeding one output unit.
+        fan_in: usize,
+    },
+    /// All zeros (biases).
+    Zeros,
+}
+
+/// One named parameter and its place in the flat vector.
+#[derive(Debug, Clone)]
+pub struct Parameter {
+    /// Name used in checkpoints, e.g. `dense.0.weight`.
+    name: String,
+    /// The variable candle tracks gradients for.
+    var: Var,
+    /// Position of its first element in the flat vector.
+    offset: usize,
+}
+
+impl Parameter {
+    /// Returns the checkpoint name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Returns the tensor models compute with (shares storage with the variable).
+    pub fn tensor(&self) -> &Tensor {
+        self.var.as_tensor()
+    }
+
+    /// Returns the shape.
+    pub fn shape(&self) -> &Shape {
+        self.var.shape()
+    }
+
+    /// Returns the number of elements.
+    pub fn len(&self) -> usize {
+        self.var.elem_count()
+    }
+
+    /// Returns whether the parameter has no element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Returns the range of the flat vector it occupies.
+    pub fn flat_range(&self) -> std::ops::Range<usize> {
+        self.offset..self.offset + self.len()
+    }
+}
+
+/// All parameters of a model, in creation order.
+#[derive(Debug, Clone)]
+pub struct ParameterSet {
+    /// The parameters, in flat-vector order.
+    parameters: Vec<Parameter>,
+    /// Sum of their element counts.
+    element_count: usize,
+    /// Device all parameters live on.
+    device: Device,
+}
+
+impl ParameterSet {
+    /// Creates an empty set on `device`.
+    pub fn new(device: Device) -> Self {
+        Self {
+            parameters: Vec::new(),
+            element_count: 0,
+            device,
+        }
+    }
+
+    /// Creates a parameter, draws its initial values from `rng` and returns the tensor a layer
+    /// should hold.
+    pub fn add(
+        &mut self,
+        name: impl Into<String>,
+        shape: impl Into<Shape>,
+        initialization: Initialization,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Tensor> {
+        let shape = shape.into();
+        let count = shape.elem_count();
+        let values: Vec<f32> = match initialization {
+            Initialization::HeUniform { fan_in } => {
+                let bound = (6.0 / fan_in.max(1) as f64).sqrt() as f32;
+                (0..count)
+                    .map(|_| rng.random_range(-bound..=bound))
+                    .collect()
+            }
+            Initialization::Zeros => vec![0.0; count],
+        };
+        let var = Var::from_vec(values, shape, &self.device)?;
+        let tensor = var.as_tensor().clone();
+        self.parameters.push(Parameter {
+            name: name.into(),
+            var,
+            offset: self.element_count,
+        });
+        self.element_count += count;
+        Ok(tensor)
+    }
+
+    /// Returns the parameters in flat order.
+    pub fn iter(&self) -> std::slice::Iter<'_, Parameter> {
+        self.parameters.iter()
+    }
+
+    /// Returns the number of parameters (tensors).
+    pub fn len(&self) -> usize {
+        self.parameters.len()
+    }
+
+    /// Returns whether the set holds no parameter.
+    pub fn is_empty(&self) -> bool {
+        self.parameters.is_empty()
+    }
+
+    /// Returns the total number of scalar elements, the length of the flat vector.
+    pub fn element_count(&self) -> usize {
+        self.element_count
+    }
+
+    /// Returns the device the parameters live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Copies every parameter's values into `flat` (of [`Self::element_count`] elements).
+    pub fn read_values(&self, flat: &mut [f32]) -> Result<()> {
+        self.check_flat_length(flat.len())?;
+        for parameter in &self.parameters {
+            with_f32_values(parameter.tensor(), |values| {
+                flat[parameter.flat_range()].copy_from_slice(values);
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Overwrites every parameter's values from `flat`, in place.
+    pub fn write_values(&self, flat: &[f32]) -> Result<()> {
+        self.check_flat_length(flat.len())?;
+        for (index, parameter) in self.parameters.iter().enumerate() {
+            let source = &flat[parameter.flat_range()];
+            self.update(index, |values| values.copy_from_slice(source))?;
+        }
+        Ok(())
+    }
+
+    /// Copies the gradients of `gradients` into `flat`, multiplied by `scale`; a parameter the
+    /// loss does not depend on gets zeros.
+    pub fn read_gradients(&self, gradients: &GradStore, flat: &mut [f32], scale: f32) -> Result<()> {
+        self.check_flat_length(flat.len())?;
+        for parameter in &self.parameters {
+            let destination = &mut flat[parameter.flat_range()];
+            match gradients.get(parameter.tensor()) {
+                Some(gradient) => with_f32_values(gradient, |values| {
+                    for (out, &value) in destination.iter_mut().zip(values) {
+                        *out = value * scale;
+                    }
+                })?,
+                None => destination.fill(0.0),
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `update` on the values of parameter `index`, in place in its storage.
+    pub fn update(&self, index: usize, update: impl FnMut(&mut [f32])) -> Result<()> {
+        let parameter = self.parameters.get(index).ok_or_else(|| {
+            TrainerError::Config(format!(
+                "parameter {index} requested from a set of {}",
+                self.parameters.len()
+            ))
+        })?;
+        parameter.var.inplace_op1(&InPlaceUpdate {
+            update: RefCell::new(update),
+        })?;
+        Ok(())
+    }
+
+    fn check_flat_length(&self, length: usize) -> Result<()> {
+        if length != self.element_count {
+            return Err(TrainerError::Config(format!(
+                "flat buffer of {length} elements, expected {}",
+                self.element_count
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Calls `read` with the f32 elements of `tensor` in row-major order, without copying when the
+/// tensor is a contiguous CPU tensor.
+pub(crate) fn with_f32_values<T>(tensor: &Tensor, read: impl FnOnce(&[f32]) -> T) -> Result<T> {
+    if tensor.dtype() != DType::F32 {
+        return Err(TrainerError::Config(format!(
+            "tensor of {:?}, expected f32",
+            tensor.dtype()
+        )));
+    }
+    {
+        let (storage, layout) = tensor.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(read(&values[start..end]));
+        }
+    }
+    // A strided view (e.g. a transposed gradient) or another device: copy it out.
+    let values = tensor.flatten_all()?.to_vec1::<f32>()?;
+    Ok(read(&values))
+}
+
+/// An in-place candle op handing the contiguous f32 storage of a tensor to a closure.
+struct InPlaceUpdate<F> {
+    /// The closure; in a `RefCell` because candle passes the op by shared reference.
+    update: RefCell<F>,
+}
+
+impl<F: FnMut(&mut [f32])> InplaceOp1 for InPlaceUpdate<F> {
+    fn name(&self) -> &'static str {
+        "cohort-parameter-update"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(values) = storage else {
+            candle_core::bail!("parameter update expects f32 storage");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("parameter update expects a contiguous parameter");
+        };
+        (self.update.borrow_mut())(&mut values[start..end]);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::*;
+
+    fn two_parameters(seed: u64) -> ParameterSet {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut set = ParameterSet::new(Device::Cpu);
+        set.add("w", (3, 2), Initialization::HeUniform { fan_in: 2 }, &mut rng)
+            .unwrap();
+        set.add("b", 3, Initialization::Zeros, &mut rng).unwrap();
+        set
+    }
+
+    #[test]
+    fn flat_round_trip_and_in_place_update() {
+        let set = two_parameters(1);
+        assert_eq!(set.element_count(), 9);
+        let mut flat = vec![0.0; 9];
+        set.read_values(&mut flat).unwrap();
+        let bound = 3f32.sqrt();
+        assert!(flat[..6].iter().all(|v| v.abs() <= bound && *v != 0.0));
+        assert_eq!(&flat[6..], &[0.0; 3]);
+        let replacement: Vec<f32> = (0..9).map(|i| i as f32).collect();
+        set.write_values(&replacement).unwrap();
+        let weight = set.iter().next().unwrap().tensor().to_vec2::<f32>().unwrap();
+        assert_eq!(weight, vec![vec![0.0, 1.0], vec![2.0, 3.0], vec![4.0, 5.0]]);
+        set.update(1, |values| values[0] = -1.0).unwrap();
+        set.read_values(&mut flat).unwrap();
+        assert_eq!(flat[6], -1.0);
+        assert!(set.write_values(&[0.0; 4]).is_err());
+        assert!(set.update(2, |_| ()).is_err());
+    }
+
+    #[test]
+    fn same_seed_same_values() {
+        let (mut a, mut b) = (vec![0.0; 9], vec![0.0; 9]);
+        two_parameters(5).read_values(&mut a).unwrap();
+        two_parameters(5).read_values(&mut b).unwrap();
+        assert_eq!(a, b);
+        two_parameters(6).read_values(&mut b).unwrap();
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn gradients_are_packed_scaled_including_transposed_ones() {
+        let set = two_parameters(2);
+        let mut parameters = set.iter();
+        let weight = parameters.next().unwrap().tensor().clone();
+        let bias = parameters.next().unwrap().tensor().clone();
+        // y = x W^T + b summed: dL/dW[i][j] = sum over rows of x[.][j]; dL/db[i] = rows.
+        let x = Tensor::new(&[[1f32, 2.], [3., 4.]], &Device::Cpu).unwrap();
+        let loss = x
+            .matmul(&weight.t().unwrap())
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let gradients = loss.backward().unwrap();
+        let mut flat = vec![0.0; 9];
+        set.read_gradients(&gradients, &mut flat, 0.5).unwrap();
+        assert_eq!(flat, vec![2.0, 3.0, 2.0, 3.0, 2.0, 3.0, 1.0, 1.0, 1.0]);
+    }
+}

@@ -1,0 +1,197 @@
+//! The deterministic distributed sampler: which examples each rank trains on at each step.
+//!
+//! Every epoch has its own permutation of the training examples, derived from the data seed and
+//! the epoch number alone, so every rank computes the same one without talking to the others.
+//! Step `s` of an epoch takes the global batch `order[s * B .. (s + 1) * B]`, which therefore
+//! does not depend on the world size; the last incomplete batch of an epoch is dropped (a
+//! different one each epoch). Rank `r` of `N` takes a contiguous share of that batch.
+//!
+//! # Uneven shares
+//!
+//! When `B` is not a multiple of `N`, the first `B mod N` ranks take `floor(B / N) + 1` examples
+//! and the others `floor(B / N)`. Each rank computes the mean gradient `g_r` over its own `b_r`
+//! examples; the data-parallel step scales it by `b_r / B` before a *sum* all-reduce, so the
+//! result `sum_r (b_r / B) g_r = (1 / B) sum_i grad(example i)` is exactly the mean gradient
+//! of the whole global batch, as one rank with batch `B` would compute it. A plain average of
+//! the `g_r` would instead over-weight the examples of the smaller shares.
+
+use std::ops::Range;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{Result, TrainerError};
+
+/// Returns the positions within a global batch of `global_batch` examples that `rank` of
+/// `world_size` takes: the first `global_batch % world_size` ranks take one extra example.
+pub fn rank_share(global_batch: usize, world_size: usize, rank: usize) -> Range<usize> {
+    let base = global_batch / world_size;
+    let extra = global_batch % world_size;
+    let start = rank * base + rank.min(extra);
+    let length = base + usize::from(rank < extra);
+    start..start + length
+}
+
+/// Yields, for one rank, the training examples of every step.
+#[derive(Debug, Clone)]
+pub struct DistributedSampler {
+    /// Size of the training split.
+    examples: usize,
+    /// Examples per optimizer step summed over all ranks.
+    global_batch: usize,
+    /// Positions of this rank's examples within each global batch.
+    share: Range<usize>,
+    /// Seed of the per-epoch permutations, identical on every rank.
+    seed: u64,
+}
+
+impl DistributedSampler {
+    /// Creates the sampler of `rank` among `world_size` ranks, refusing a batch larger than the
+    /// data set or smaller than the world.
+    pub fn new(
+        examples: usize,
+        global_batch: usize,
+        world_size: usize,
+        rank: usize,
+        seed: u64,
+    ) -> Result<Self> {
+        if world_size == 0 || rank >= world_size {
+            return Err(TrainerError::Config(format!(
+                "rank {rank} of world size {world_size}, expected a rank below the world size"
+            )));
+        }
+        if global_batch < world_size {
+            return Err(TrainerError::Config(format!(
+                "global batch {global_batch}, expected at least the world size {world_size}"
+            )));
+        }
+        if global_batch > examples {
+            return Err(TrainerError::Config(format!(
+                "global batch {global_batch}, expected at most the {examples} training examples"
+            )));
+        }
+        Ok(Self {
+            examples,
+            global_batch,
+            share: rank_share(global_batch, world_size, rank),
+            seed,
+        })
+    }
+
+    /// Returns the number of full global batches in an epoch.
+    pub fn steps_per_epoch(&self) -> usize {
+        self.examples / self.global_batch
+    }
+
+    /// Returns how many examples this rank takes from every global batch.
+    pub fn local_batch(&self) -> usize {
+        self.share.len()
+    }
+
+    /// Returns the weight `b_r / B` this rank's mean gradient gets in the global mean.
+    pub fn gradient_weight(&self) -> f64 {
+        self.share.len() as f64 / self.global_batch as f64
+    }
+
+    /// Writes the permutation of `epoch` into `order`, reusing its capacity. It depends only on
+    /// the seed and the epoch.
+    pub fn epoch_order(&self, epoch: u64, order: &mut Vec<usize>) {
+        order.clear();
+        order.extend(0..self.examples);
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        rng.set_stream(epoch);
+        // Fisher-Yates, written out so the order does not depend on rand's shuffle internals.
+        for i in (1..order.len()).rev() {
+            let j = rng.random_range(0..=i);
+            order.swap(i, j);
+        }
+    }
+
+    /// Returns the whole global batch of `step` (counted within the epoch) from `order`.
+    pub fn global_batch<'a>(&self, order: &'a [usize], step: usize) -> &'a [usize] {
+        &order[step * self.global_batch..(step + 1) * self.global_batch]
+    }
+
+    /// Returns this rank's share of the global batch of `step` (counted within the epoch).
+    pub fn rank_batch<'a>(&self, order: &'a [usize], step: usize) -> &'a [usize] {
+        let batch = self.global_batch(order, step);
+        &batch[self.share.clone()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn uneven_shares_give_the_first_ranks_one_more() {
+        let shares: Vec<_> = (0..3).map(|rank| rank_share(10, 3, rank)).collect();
+        assert_eq!(shares, vec![0..4, 4..7, 7..10]);
+        let weights: f64 = (0..3)
+            .map(|rank| DistributedSampler::new(100, 10, 3, rank, 0).unwrap().gradient_weight())
+            .sum();
+        assert!((weights - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn epochs_differ_and_repeat() {
+        let sampler = DistributedSampler::new(1000, 10, 1, 0, 42).unwrap();
+        let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+        sampler.epoch_order(0, &mut a);
+        sampler.epoch_order(1, &mut b);
+        sampler.epoch_order(0, &mut c);
+        assert_ne!(a, b);
+        assert_eq!(a, c);
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn refuses_impossible_batches() {
+        assert!(DistributedSampler::new(100, 2, 3, 0, 0).is_err());
+        assert!(DistributedSampler::new(100, 101, 1, 0, 0).is_err());
+        assert!(DistributedSampler::new(100, 10, 2, 2, 0).is_err());
+        assert!(DistributedSampler::new(100, 10, 0, 0, 0).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn union_over_ranks_is_exactly_the_global_batch(
+            examples in 1usize..400,
+            world_size in 1usize..9,
+            batch_fraction in 0.0f64..1.0,
+            seed in any::<u64>(),
+            epoch in 0u64..5,
+        ) {
+            prop_assume!(examples >= world_size);
+            let global_batch = world_size + ((examples - world_size) as f64 * batch_fraction) as usize;
+            let single = DistributedSampler::new(examples, global_batch, 1, 0, seed).unwrap();
+            let mut order = Vec::new();
+            single.epoch_order(epoch, &mut order);
+            let mut ranks = Vec::new();
+            for rank in 0..world_size {
+                let sampler =
+                    DistributedSampler::new(examples, global_batch, world_size, rank, seed).unwrap();
+                let mut rank_order = Vec::new();
+                sampler.epoch_order(epoch, &mut rank_order);
+                prop_assert_eq!(&rank_order, &order);
+                prop_assert_eq!(sampler.steps_per_epoch(), single.steps_per_epoch());
+                ranks.push((sampler, rank_order));
+            }
+            for step in 0..single.steps_per_epoch() {
+                let mut union = Vec::new();
+                for (sampler, rank_order) in &ranks {
+                    let part = sampler.rank_batch(rank_order, step);
+                    prop_assert!(part.len() == global_batch / world_size
+                        || part.len() == global_batch / world_size + 1);
+                    union.extend_from_slice(part);
+                }
+                // Concatenated in rank order, the shares are the global batch itself.
+                prop_assert_eq!(union.as_slice(), single.global_batch(&order, step));
+            }
+        }
+    }
+}
