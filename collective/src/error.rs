@@ -106,6 +106,15 @@ pub enum Error {
         found: String,
     },
 
+    /// A local operating-system call failed (creating a poller, reading a socket's address).
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The operating system's error.
+        source: io::Error,
+    },
+
     /// A constructor argument or configuration value is out of range.
     #[error("{field} = {found}, expected {expected}")]
     InvalidArgument {
@@ -269,6 +278,7 @@ impl Error {
             Error::Poisoned { failed_rank, .. } => *failed_rank,
             Error::Store { .. }
             | Error::StoreTimeout { .. }
+            | Error::Io { .. }
             | Error::InvalidArgument { .. }
             | Error::Listen { .. }
             | Error::LengthMismatch { .. }

@@ -1,1 +1,31 @@
-//! placeholder
+//! Collective communication between the ranks of a training job.
+//!
+//! Ranks find each other through a rendezvous [`Store`] (the coordinator's per-job key-value
+//! service in a cluster, [`InMemoryStore`] in tests), then run collectives (all-reduce,
+//! broadcast, all-gather, reduce-scatter, barrier) through the [`Communicator`] trait. The one
+//! implementation today is [`TcpRing`], a pipelined ring over TCP; a GPU implementation can be
+//! added behind a cargo feature without changing callers. This crate moves and reduces flat
+//! buffers of `f32`, `bf16` and `f16` and knows nothing of models.
+//!
+//! - [`rendezvous`]: the [`Store`] trait, [`InMemoryStore`], and key naming.
+//! - [`communicator`]: the [`Communicator`] trait and the [`Collective`] names.
+//! - [`buffer`]: typed buffers ([`BufferMut`], [`BufferRef`], [`Element`]), [`ReduceOp`], and
+//!   the `f32`-accumulating reduction kernels.
+//! - [`tcp_ring`]: [`TcpRing`] and [`TcpRingConfig`]: ring setup, the non-blocking transport,
+//!   and the message schedules of each collective.
+//! - [`bench`]: loopback TCP throughput, all-reduce timing and the busbw formula, for
+//!   `cohort bench allreduce`.
+//! - [`error`]: the crate's [`Error`] and [`Result`].
+
+pub mod bench;
+pub mod buffer;
+pub mod communicator;
+pub mod error;
+pub mod rendezvous;
+pub mod tcp_ring;
+
+pub use buffer::{BufferMut, BufferRef, DType, Element, ReduceOp};
+pub use communicator::{Collective, Communicator};
+pub use error::{AbortCause, Error, Result};
+pub use rendezvous::{InMemoryStore, Store, address_key};
+pub use tcp_ring::{TcpRing, TcpRingConfig};

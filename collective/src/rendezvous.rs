@@ -148,7 +148,10 @@ mod tests {
         let store = InMemoryStore::new();
         store.set("a", b"text").unwrap();
         let error = store.add("a", 1).unwrap_err();
-        assert!(error.to_string().contains("not a decimal integer"), "{error}");
+        assert!(
+            error.to_string().contains("not a decimal integer"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -30,6 +30,14 @@ pub struct SequencedLine {
     pub line: LogLine,
 }
 
+/// What [`LogStore::read`] returns: the lines so far, how many lines the log held, and the live
+/// feed when following.
+pub type LogSnapshot = (
+    Vec<LogLine>,
+    u64,
+    Option<broadcast::Receiver<Arc<SequencedLine>>>,
+);
+
 /// The open log of one job.
 struct JobLog {
     /// Append handle of the job's file.

@@ -24,8 +24,10 @@ pub const DATA_ENVIRONMENT_VARIABLE: &str = "COHORT_DATA";
 /// Where the Debian package `dataset-fashion-mnist` installs the files.
 pub const SYSTEM_DATA_DIRECTORY: &str = "/usr/share/datasets/fashion-mnist";
 /// Development fallback: the data shared next to the repository checkout.
-pub const DEVELOPMENT_DATA_DIRECTORY: &str =
-    concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/fashion-mnist");
+pub const DEVELOPMENT_DATA_DIRECTORY: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../shared/data/fashion-mnist"
+);
 
 /// Base names of the four Fashion-MNIST files (each may be gzipped with a `.gz` suffix).
 const TRAIN_IMAGES: &str = "train-images-idx3-ubyte";
@@ -72,7 +74,10 @@ impl Dataset {
                 labels.len().saturating_mul(features)
             )));
         }
-        if let Some(position) = labels.iter().position(|&label| usize::from(label) >= classes) {
+        if let Some(position) = labels
+            .iter()
+            .position(|&label| usize::from(label) >= classes)
+        {
             return Err(TrainerError::Config(format!(
                 "label {} of example {position}, expected below {classes}",
                 labels[position]
@@ -330,7 +335,10 @@ mod tests {
         let message = error.to_string();
         assert!(message.contains("fashion-mnist not found"), "{message}");
         for candidate in &candidates {
-            assert!(message.contains(&candidate.display().to_string()), "{message}");
+            assert!(
+                message.contains(&candidate.display().to_string()),
+                "{message}"
+            );
         }
     }
 
@@ -374,7 +382,12 @@ mod tests {
         let (mut images, mut labels) = (vec![9.0; 7], vec![7]);
         dataset.gather(&[1, 0], &mut images, &mut labels).unwrap();
         let normalise = |p: f32| (p / 255.0 - PIXEL_MEAN) / PIXEL_STD;
-        let expected = [normalise(51.0), normalise(102.0), normalise(0.0), normalise(255.0)];
+        let expected = [
+            normalise(51.0),
+            normalise(102.0),
+            normalise(0.0),
+            normalise(255.0),
+        ];
         assert_eq!(images.len(), 4);
         for (got, want) in images.iter().zip(expected) {
             assert!((got - want).abs() < 1e-6, "{got} vs {want}");

@@ -39,7 +39,10 @@ pub fn read_idx_file(path: &Path, expected_dimensions: usize) -> Result<IdxArray
     };
     let file = File::open(path).map_err(read_error)?;
     let mut reader = BufReader::new(file);
-    let is_gzip = reader.fill_buf().map_err(read_error)?.starts_with(&GZIP_MAGIC);
+    let is_gzip = reader
+        .fill_buf()
+        .map_err(read_error)?
+        .starts_with(&GZIP_MAGIC);
     if is_gzip {
         read_idx(GzDecoder::new(reader), expected_dimensions, path)
     } else {
@@ -200,7 +203,10 @@ mod tests {
     fn truncated_payload_is_an_error() {
         let raw = encode_idx(&[10], &[1; 10]);
         let message = format_message(read_idx(&raw[..raw.len() - 3], 1, Path::new("x")));
-        assert!(message.contains("truncated: 7 data bytes, expected 10"), "{message}");
+        assert!(
+            message.contains("truncated: 7 data bytes, expected 10"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -242,9 +248,7 @@ mod tests {
         let raw = encode_idx(&[0, 28, 28], &[]);
         assert!(format_message(read_idx(raw.as_slice(), 3, Path::new("x"))).contains("size 0"));
         let raw = encode_idx(&[u32::MAX, u32::MAX, u32::MAX], &[]);
-        assert!(
-            format_message(read_idx(raw.as_slice(), 3, Path::new("x"))).contains("at most")
-        );
+        assert!(format_message(read_idx(raw.as_slice(), 3, Path::new("x"))).contains("at most"));
     }
 
     #[test]
@@ -265,7 +269,10 @@ mod tests {
     #[test]
     fn missing_file_names_the_path() {
         let error = read_idx_file(Path::new("/nonexistent/file.gz"), 1).unwrap_err();
-        assert!(error.to_string().contains("/nonexistent/file.gz"), "{error}");
+        assert!(
+            error.to_string().contains("/nonexistent/file.gz"),
+            "{error}"
+        );
     }
 
     proptest::proptest! {

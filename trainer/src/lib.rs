@@ -1,1 +1,37 @@
-//! placeholder
+//! The training runtime a rank runs: models, data, optimizers and the data-parallel loop, on
+//! CPU with candle.
+//!
+//! The `cohort` binary's rank entry point parses the job spec, loads the data with
+//! [`data::load`], connects a communicator and calls [`train`]; everything else lives here.
+//!
+//! - [`train_loop`]: [`train`], the loop one rank runs (broadcast, per-step forward, backward,
+//!   gradient exchange and update, end-of-epoch evaluation, checkpoints), and [`TrainConfig`].
+//! - [`data_parallel`]: parameter broadcast and the bucketed gradient all-reduce that keeps
+//!   replicas identical.
+//! - [`sampler`]: the deterministic distributed sampler (which examples each rank takes at each
+//!   step) and how uneven shares are weighted.
+//! - [`data`]: in-memory data sets, Fashion-MNIST discovery and loading, synthetic data.
+//! - [`idx`]: the strict reader of (gzipped) IDX files.
+//! - [`models`]: the MLP and the CNN.
+//! - [`parameters`]: a model's parameters as one ordered set with a flat f32 view.
+//! - [`optim`]: SGD with momentum, AdamW, the learning-rate schedule, gradient clipping.
+//! - [`checkpoint`]: safetensors checkpoints of weights, optimizer state and step.
+//! - [`metrics`]: step and evaluation metrics, phase timings and the [`MetricsSink`] trait.
+//! - [`error`]: [`TrainerError`] and the crate's `Result`.
+
+pub mod checkpoint;
+mod collective_shim;
+pub mod data;
+pub mod data_parallel;
+pub mod error;
+pub mod idx;
+pub mod metrics;
+pub mod models;
+pub mod optim;
+pub mod parameters;
+pub mod sampler;
+pub mod train_loop;
+
+pub use error::{Result, TrainerError};
+pub use metrics::{EvaluationMetrics, MetricsSink, PhaseTimings, StepMetrics};
+pub use train_loop::{TrainConfig, TrainOutcome, train};

@@ -122,10 +122,7 @@ impl Module for Model {
             let (height, width) = self.image_shape;
             activations = activations.reshape((batch, 1, height, width))?;
             for convolution in &self.convolutions {
-                activations = convolution
-                    .forward(&activations)?
-                    .relu()?
-                    .max_pool2d(2)?;
+                activations = convolution.forward(&activations)?.relu()?.max_pool2d(2)?;
             }
             activations = activations.flatten_from(1)?;
         }
@@ -155,7 +152,11 @@ mod tests {
             model.parameters().element_count() as u64,
             spec.parameter_count(28, 10)
         );
-        let names: Vec<_> = model.parameters().iter().map(|p| p.name().to_owned()).collect();
+        let names: Vec<_> = model
+            .parameters()
+            .iter()
+            .map(|p| p.name().to_owned())
+            .collect();
         assert_eq!(
             names,
             [

@@ -170,7 +170,12 @@ impl ParameterSet {
 
     /// Copies the gradients of `gradients` into `flat`, multiplied by `scale`; a parameter the
     /// loss does not depend on gets zeros.
-    pub fn read_gradients(&self, gradients: &GradStore, flat: &mut [f32], scale: f32) -> Result<()> {
+    pub fn read_gradients(
+        &self,
+        gradients: &GradStore,
+        flat: &mut [f32],
+        scale: f32,
+    ) -> Result<()> {
         self.check_flat_length(flat.len())?;
         for parameter in &self.parameters {
             let destination = &mut flat[parameter.flat_range()];
@@ -265,8 +270,13 @@ mod tests {
     fn two_parameters(seed: u64) -> ParameterSet {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut set = ParameterSet::new(Device::Cpu);
-        set.add("w", (3, 2), Initialization::HeUniform { fan_in: 2 }, &mut rng)
-            .unwrap();
+        set.add(
+            "w",
+            (3, 2),
+            Initialization::HeUniform { fan_in: 2 },
+            &mut rng,
+        )
+        .unwrap();
         set.add("b", 3, Initialization::Zeros, &mut rng).unwrap();
         set
     }
@@ -282,7 +292,13 @@ mod tests {
         assert_eq!(&flat[6..], &[0.0; 3]);
         let replacement: Vec<f32> = (0..9).map(|i| i as f32).collect();
         set.write_values(&replacement).unwrap();
-        let weight = set.iter().next().unwrap().tensor().to_vec2::<f32>().unwrap();
+        let weight = set
+            .iter()
+            .next()
+            .unwrap()
+            .tensor()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_eq!(weight, vec![vec![0.0, 1.0], vec![2.0, 3.0], vec![4.0, 5.0]]);
         set.update(1, |values| values[0] = -1.0).unwrap();
         set.read_values(&mut flat).unwrap();

@@ -130,7 +130,11 @@ mod tests {
         let shares: Vec<_> = (0..3).map(|rank| rank_share(10, 3, rank)).collect();
         assert_eq!(shares, vec![0..4, 4..7, 7..10]);
         let weights: f64 = (0..3)
-            .map(|rank| DistributedSampler::new(100, 10, 3, rank, 0).unwrap().gradient_weight())
+            .map(|rank| {
+                DistributedSampler::new(100, 10, 3, rank, 0)
+                    .unwrap()
+                    .gradient_weight()
+            })
             .sum();
         assert!((weights - 1.0).abs() < 1e-12);
     }

@@ -1,1 +1,112 @@
-//! placeholder
+//! The Cohort worker daemon: runs on every node, offers the node's devices to the coordinator,
+//! runs one OS process per rank it is told to start, forwards their output, reports how they
+//! end, and stops them on instruction, on shutdown, or when the coordinator has been silent for
+//! longer than its heartbeat deadline. It spawns rank processes and never links training code.
+//!
+//! - [`session`]: registration, the instruction stream and heartbeats.
+//! - [`ranks`]: the rank table and each rank's supervising task.
+//! - [`process`]: process groups, signals and bounded line reading.
+//! - [`logship`]: batched, back-pressured shipping of rank output.
+//! - [`devices`]: the [`devices::DeviceInventory`] trait and CPU slots.
+//! - [`config`], [`error`]: settings and the crate's error type.
+
+pub mod config;
+pub mod devices;
+pub mod error;
+pub mod logship;
+pub mod process;
+pub mod ranks;
+pub mod session;
+
+use std::future::Future;
+use std::time::Duration;
+
+use cohort_proto::MAX_MESSAGE_BYTES;
+use cohort_proto::v1::membership_client::MembershipClient;
+use tokio::time::Instant;
+use tonic::transport::Endpoint;
+use tracing::{info, warn};
+
+pub use config::WorkerConfig;
+pub use error::{Error, Result};
+
+use devices::DeviceInventory;
+use ranks::{RankContext, Ranks};
+use session::{Contact, SessionEnd};
+
+/// Longest wait between two registration attempts.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
+/// Grace period for ranks when the worker itself shuts down.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs the worker until `shutdown` resolves, then stops every rank and returns.
+pub async fn run(
+    config: WorkerConfig,
+    inventory: Box<dyn DeviceInventory>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let endpoint = Endpoint::from_shared(format!("http://{}", config.coordinator))
+        .map_err(|e| Error::Config(format!("coordinator address {:?}: {e}", config.coordinator)))?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true);
+    let mut client = MembershipClient::new(endpoint.connect_lazy())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let shipper = logship::LogShipper::start(client.clone(), config.node_id.to_string());
+    let ranks = Ranks::new(
+        shipper,
+        RankContext {
+            coordinator: config.coordinator.clone(),
+            node_id: config.node_id.to_string(),
+            node_address: config.advertise_address.clone(),
+            cohort_executable: config.cohort_executable.clone(),
+        },
+    );
+    info!(
+        node_id = %config.node_id,
+        coordinator = %config.coordinator,
+        devices = inventory.devices().len(),
+        "worker ready"
+    );
+    let mut contact = Contact {
+        last: Instant::now(),
+        deadline: Duration::from_secs(5),
+    };
+    let sessions = async {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match session::serve(
+                &mut client,
+                &config,
+                inventory.as_ref(),
+                &ranks,
+                &mut contact,
+            )
+            .await
+            {
+                Ok(SessionEnd::Lost(why)) => {
+                    warn!(coordinator = %config.coordinator, why, "lost the coordinator; registering again");
+                    delay = Duration::from_millis(100);
+                }
+                Err(error) => warn!(%error, "registration failed"),
+            }
+            if contact.last.elapsed() > contact.deadline && ranks.running() > 0 {
+                warn!(
+                    deadline_s = contact.deadline.as_secs_f64(),
+                    "coordinator silent past its deadline; stopping every rank"
+                );
+                let ranks = ranks.clone();
+                tokio::spawn(async move { ranks.stop_all(SHUTDOWN_GRACE).await });
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(MAX_RETRY_DELAY);
+        }
+    };
+    tokio::select! {
+        () = shutdown => {}
+        () = sessions => {}
+    }
+    info!("worker shutting down; stopping ranks");
+    ranks.stop_all(SHUTDOWN_GRACE).await;
+    Ok(())
+}

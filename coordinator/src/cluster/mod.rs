@@ -179,7 +179,13 @@ impl Cluster {
                 recovering += 1;
                 Recovery {
                     deadline: grace_deadline,
-                    reported: HashSet::new(),
+                    // Ranks whose end was already recorded have nothing left to report.
+                    reported: record
+                        .placement
+                        .iter()
+                        .filter(|rank| rank.state.is_final())
+                        .map(|rank| rank.rank)
+                        .collect(),
                 }
             });
             state.jobs.insert(

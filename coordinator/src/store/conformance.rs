@@ -262,10 +262,11 @@ struct EtcdBackend {
 impl EtcdBackend {
     /// Starts a server, or returns `None` when the test is skipped (see [`TestEtcd`]).
     async fn start_or_skip(test_name: &'static str) -> Option<Self> {
-        tokio::task::spawn_blocking(move || TestEtcd::start_or_skip(test_name))
-            .await
-            .expect("etcd startup task")
-            .map(|server| Self { server })
+        match tokio::task::spawn_blocking(move || TestEtcd::start_or_skip(test_name)).await {
+            Ok(server) => server.map(|server| Self { server }),
+            // Re-raise the helper's own message (missing binary under CI, failed startup).
+            Err(error) => std::panic::resume_unwind(error.into_panic()),
+        }
     }
 }
 
@@ -291,7 +292,7 @@ pub(crate) fn sample_job(number: u64) -> JobRecord {
         priority: (number % 5) as i32 - 2,
         ranks: 2,
         devices_per_rank: 1,
-        device_kind: if number % 2 == 0 {
+        device_kind: if number.is_multiple_of(2) {
             DeviceKind::Cpu
         } else {
             DeviceKind::Gpu

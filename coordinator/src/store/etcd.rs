@@ -93,7 +93,7 @@ impl EtcdStore {
         let client = tokio::time::timeout(CONNECT_TIMEOUT, Client::connect([&url], Some(options)))
             .await
             .map_err(|_| unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
-            .map_err(|error| unreachable(error.to_string()))?;
+            .map_err(|error| unreachable(describe_etcd_error(&error)))?;
         let mut kv = client
             .kv_client()
             .max_decoding_message_size(MAX_RESPONSE_BYTES);
@@ -102,7 +102,7 @@ impl EtcdStore {
         tokio::time::timeout(CONNECT_TIMEOUT, kv.get(probe_key, None))
             .await
             .map_err(|_| unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
-            .map_err(|error| unreachable(error.to_string()))?;
+            .map_err(|error| unreachable(describe_etcd_error(&error)))?;
         info!(endpoint, %prefix, "connected to etcd cluster store");
         Ok(Self {
             _client: client,
@@ -146,7 +146,7 @@ impl EtcdStore {
     ) -> Result<T> {
         match tokio::time::timeout(REQUEST_TIMEOUT, call).await {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(error)) => Err(self.etcd_error(operation, error)),
+            Ok(Err(error)) => Err(self.etcd_error(operation, describe_etcd_error(&error))),
             Err(_) => {
                 Err(self.etcd_error(operation, format!("no answer within {REQUEST_TIMEOUT:?}")))
             }
@@ -210,6 +210,27 @@ impl EtcdStore {
 
 /// Last part of the job sequence counter's key.
 const JOB_SEQ_NAME: &str = "job_seq";
+
+/// Describes an etcd-client failure in one readable line: the server's message, or for a
+/// transport failure its innermost cause (`tcp connect error: Connection refused (os error 111)`)
+/// instead of the nested debug output of the error types.
+fn describe_etcd_error(error: &etcd_client::Error) -> String {
+    let etcd_client::Error::GRpcStatus(status) = error else {
+        return error.to_string();
+    };
+    let mut innermost = None;
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        innermost = Some(cause.to_string());
+        source = cause.source();
+    }
+    match innermost {
+        Some(cause) if !status.message().contains(&cause) => {
+            format!("{}: {cause}", status.message())
+        }
+        _ => status.message().to_owned(),
+    }
+}
 
 /// Turns the operator's endpoint into the URL etcd-client expects.
 fn endpoint_url(endpoint: &str) -> Result<String> {
@@ -462,6 +483,29 @@ mod tests {
             error.contains(&format!("etcd at {endpoint} is unreachable")),
             "{error}"
         );
+        assert!(error.contains("Connection refused"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_endpoint_fails_after_the_connect_timeout() {
+        // Accepts TCP connections (the kernel completes the handshake) but never answers.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = listener.local_addr().unwrap().to_string();
+        let started = std::time::Instant::now();
+        let error = EtcdStore::connect(&endpoint, DEFAULT_PREFIX)
+            .await
+            .unwrap_err()
+            .to_string();
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= CONNECT_TIMEOUT / 2 && elapsed < CONNECT_TIMEOUT + Duration::from_secs(3),
+            "took {elapsed:?}"
+        );
+        assert!(
+            error.contains(&format!("etcd at {endpoint} is unreachable")),
+            "{error}"
+        );
+        drop(listener);
     }
 
     #[tokio::test]

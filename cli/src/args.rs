@@ -1,0 +1,239 @@
+//! Command-line arguments of `cohort`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Default coordinator address, for the CLI and the daemons alike.
+pub const DEFAULT_COORDINATOR: &str = "127.0.0.1:7077";
+
+/// Cohort: run distributed training jobs on a cluster of worker nodes.
+#[derive(Debug, Parser)]
+#[command(name = "cohort", version, about, propagate_version = true)]
+pub struct Cli {
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How the CLI reaches the coordinator.
+#[derive(Debug, Clone, Args)]
+pub struct CoordinatorArgs {
+    /// Coordinator address (host:port).
+    #[arg(long, env = "COHORT_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
+    pub coordinator: String,
+}
+
+/// Output format of inspection commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum OutputFormat {
+    /// Human-readable tables.
+    #[default]
+    Table,
+    /// One JSON document, for scripts.
+    Json,
+}
+
+/// Every subcommand.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Submit a job file (validated locally first).
+    Submit(SubmitArgs),
+    /// Show all jobs, or one job in detail.
+    Status(StatusArgs),
+    /// Print a job's captured output, lines prefixed by rank.
+    Logs(LogsArgs),
+    /// Cancel a job: stop every rank (SIGTERM, then SIGKILL after the job's grace period).
+    Cancel(CancelArgs),
+    /// List worker nodes and their devices.
+    Nodes(NodesArgs),
+    /// Run the coordinator.
+    Coordinator(CoordinatorDaemonArgs),
+    /// Run a worker daemon on this node.
+    Worker(WorkerDaemonArgs),
+    /// Start a local cluster (coordinator and N workers) in the foreground.
+    Up(UpArgs),
+    /// Use the rendezvous store of the running job (from inside a rank).
+    Kv(KvArgs),
+}
+
+/// `cohort submit`.
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The job file (TOML).
+    pub file: PathBuf,
+    /// Follow the job until it ends, showing progress; exit non-zero unless it succeeds.
+    #[arg(long)]
+    pub watch: bool,
+    /// Queue the job even if the cluster is too small for it today.
+    #[arg(long)]
+    pub wait_for_resources: bool,
+    /// Where the coordinator is.
+    #[command(flatten)]
+    pub coordinator: CoordinatorArgs,
+}
+
+/// `cohort status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// A job id; all jobs when omitted.
+    pub job: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    /// Where the coordinator is.
+    #[command(flatten)]
+    pub coordinator: CoordinatorArgs,
+}
+
+/// `cohort logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The job id.
+    pub job: String,
+    /// Keep printing new lines until the job ends.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Only this rank's lines.
+    #[arg(long)]
+    pub rank: Option<u32>,
+    /// Where the coordinator is.
+    #[command(flatten)]
+    pub coordinator: CoordinatorArgs,
+}
+
+/// `cohort cancel`.
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    /// The job id.
+    pub job: String,
+    /// Where the coordinator is.
+    #[command(flatten)]
+    pub coordinator: CoordinatorArgs,
+}
+
+/// `cohort nodes`.
+#[derive(Debug, Args)]
+pub struct NodesArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    /// Where the coordinator is.
+    #[command(flatten)]
+    pub coordinator: CoordinatorArgs,
+}
+
+/// Settings shared by `cohort coordinator` and `cohort up`.
+#[derive(Debug, Clone, Args)]
+pub struct ClusterSettings {
+    /// Directory for the embedded store and job logs [default: ~/.local/share/cohort].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Where cluster state is kept: `embedded` (under --data-dir) or `etcd://host:port`.
+    #[arg(long, default_value = "embedded")]
+    pub store: String,
+    /// Seconds of silence after which a worker is marked lost.
+    #[arg(long, default_value_t = 5.0)]
+    pub heartbeat_deadline_s: f64,
+    /// Seconds between worker heartbeats.
+    #[arg(long, default_value_t = 1.0)]
+    pub heartbeat_interval_s: f64,
+}
+
+/// `cohort coordinator`.
+#[derive(Debug, Args)]
+pub struct CoordinatorDaemonArgs {
+    /// Address to listen on. Loopback by default: listen on a public address only on purpose.
+    #[arg(long, default_value = DEFAULT_COORDINATOR)]
+    pub listen: String,
+    /// Cluster settings.
+    #[command(flatten)]
+    pub settings: ClusterSettings,
+    /// Write the bound address to this file once serving (useful with port 0).
+    #[arg(long)]
+    pub address_file: Option<PathBuf>,
+}
+
+/// `cohort worker`.
+#[derive(Debug, Args)]
+pub struct WorkerDaemonArgs {
+    /// Coordinator address (host:port).
+    #[arg(long, env = "COHORT_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
+    pub coordinator: String,
+    /// CPU slots to offer [default: the number of logical CPUs].
+    #[arg(long)]
+    pub cpu_slots: Option<u32>,
+    /// Node id [default: the host name].
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// Address other nodes reach this node's ranks at.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub advertise_address: String,
+}
+
+/// `cohort up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Number of worker processes.
+    #[arg(long, default_value_t = 2)]
+    pub workers: u32,
+    /// CPU slots per worker.
+    #[arg(long, default_value_t = 1)]
+    pub cpu_slots: u32,
+    /// Coordinator address to listen on.
+    #[arg(long, default_value = DEFAULT_COORDINATOR)]
+    pub listen: String,
+    /// Cluster settings.
+    #[command(flatten)]
+    pub settings: ClusterSettings,
+    /// Submit this job file once the cluster is up, follow it, and exit when it ends.
+    #[arg(long)]
+    pub run: Option<PathBuf>,
+}
+
+/// `cohort kv`: the rendezvous store, for rank scripts. Job, rank and address come from the
+/// environment the worker gives every rank.
+#[derive(Debug, Args)]
+pub struct KvArgs {
+    /// The operation.
+    #[command(subcommand)]
+    pub operation: KvOperation,
+    /// Seconds a wait or barrier may take.
+    #[arg(long, global = true, default_value_t = 300.0)]
+    pub timeout_s: f64,
+}
+
+/// Rendezvous operations.
+#[derive(Debug, Subcommand)]
+pub enum KvOperation {
+    /// Store VALUE under KEY.
+    Set {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
+    /// Print the value under KEY (exit 1 if missing).
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Wait until KEY exists and print its value.
+    Wait {
+        /// The key.
+        key: String,
+    },
+    /// Add DELTA to the counter KEY and print the new value.
+    Add {
+        /// The key.
+        key: String,
+        /// The amount.
+        #[arg(allow_hyphen_values = true)]
+        delta: i64,
+    },
+    /// Wait until every rank of the job has entered barrier NAME.
+    Barrier {
+        /// The barrier's name.
+        name: String,
+    },
+}

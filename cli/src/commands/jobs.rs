@@ -1,0 +1,234 @@
+//! Job commands: submit, status, logs, cancel, nodes.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use cohort_proto::v1::job_control_client::JobControlClient;
+use cohort_proto::v1::{
+    CancelJobRequest, GetJobRequest, JobInfo, JobState, ListJobsRequest, ListNodesRequest,
+    LogStream, StreamLogsRequest, SubmitJobRequest, WatchJobRequest,
+};
+use tonic::transport::Channel;
+
+use crate::args::{CancelArgs, LogsArgs, NodesArgs, OutputFormat, StatusArgs, SubmitArgs};
+use crate::client;
+use crate::render;
+
+/// Reads and validates a job file locally, reporting every problem with its field path.
+pub fn read_spec(path: &std::path::Path) -> Result<String> {
+    let metadata =
+        std::fs::metadata(path).with_context(|| format!("reading job file {}", path.display()))?;
+    if metadata.len() > cohort_spec::MAX_SPEC_BYTES as u64 {
+        bail!(
+            "job file {}: {} bytes, expected at most {}",
+            path.display(),
+            metadata.len(),
+            cohort_spec::MAX_SPEC_BYTES
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading job file {}", path.display()))?;
+    if let Err(error) = cohort_spec::parse(&text) {
+        let problems = error.problems();
+        let listed = problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        bail!(
+            "job file {}: {} problem{}: {listed}",
+            path.display(),
+            problems.len(),
+            if problems.len() == 1 { "" } else { "s" }
+        );
+    }
+    Ok(text)
+}
+
+/// Submits a job file; with `--watch`, follows it and returns its outcome as the exit code.
+pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
+    let spec_toml = read_spec(&args.file)?;
+    let mut client = client::job_control(&args.coordinator.coordinator).await?;
+    let job = client
+        .submit_job(SubmitJobRequest {
+            spec_toml,
+            wait_for_resources: args.wait_for_resources,
+        })
+        .await
+        .map_err(client::status)?
+        .into_inner()
+        .job
+        .context("coordinator answered without the job")?;
+    println!("{}", job.job_id);
+    if !args.watch {
+        return Ok(ExitCode::SUCCESS);
+    }
+    watch(&mut client, &job.job_id).await
+}
+
+/// Follows a job until it ends, printing progress to stderr and a summary at the end. Returns
+/// success only if the job succeeded.
+pub async fn watch(client: &mut JobControlClient<Channel>, job_id: &str) -> Result<ExitCode> {
+    let mut stream = client
+        .watch_job(WatchJobRequest {
+            job_id: job_id.to_owned(),
+        })
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    let mut progress = render::Progress::new();
+    let mut last: Option<JobInfo> = None;
+    while let Some(event) = stream.message().await.map_err(client::status)? {
+        if let Some(job) = event.job {
+            progress.show(&job);
+            let done = render::is_final(&job);
+            last = Some(job);
+            if done {
+                break;
+            }
+        }
+    }
+    progress.finish();
+    let job = last.context("the watch ended before the job did")?;
+    if !render::is_final(&job) {
+        bail!("lost the watch of job {job_id} before it ended");
+    }
+    if let Some(accuracy) = job
+        .metrics
+        .iter()
+        .find(|m| m.rank == 0)
+        .and_then(|m| m.eval_accuracy)
+    {
+        eprintln!("final test accuracy: {:.2}%", accuracy * 100.0);
+    }
+    Ok(if job.state() == JobState::Succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Prints the job table, or one job in detail.
+pub async fn status(args: StatusArgs) -> Result<ExitCode> {
+    let mut client = client::job_control(&args.coordinator.coordinator).await?;
+    match args.job {
+        Some(job_id) => {
+            let job = client
+                .get_job(GetJobRequest { job_id })
+                .await
+                .map_err(client::status)?
+                .into_inner();
+            match args.output {
+                OutputFormat::Json => println!("{}", crate::commands::json::job(&job)),
+                OutputFormat::Table => print!("{}", render::job_detail(&job)),
+            }
+        }
+        None => {
+            let jobs = client
+                .list_jobs(ListJobsRequest {})
+                .await
+                .map_err(client::status)?
+                .into_inner()
+                .jobs;
+            match args.output {
+                OutputFormat::Json => {
+                    let list: Vec<_> = jobs.iter().map(crate::commands::json::job).collect();
+                    println!("{}", serde_json::Value::Array(list));
+                }
+                OutputFormat::Table => print!("{}", render::jobs_table(&jobs)),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints a job's captured output, each line prefixed by its rank.
+pub async fn logs(args: LogsArgs) -> Result<ExitCode> {
+    let mut client = client::job_control(&args.coordinator.coordinator).await?;
+    let mut stream = client
+        .stream_logs(StreamLogsRequest {
+            job_id: args.job,
+            follow: args.follow,
+            rank: args.rank,
+        })
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    let stdout = std::io::stdout();
+    while let Some(line) = stream.message().await.map_err(client::status)? {
+        let mut out = stdout.lock();
+        let marker = if line.stream == LogStream::Stderr as i32 {
+            "!"
+        } else {
+            ""
+        };
+        if writeln!(out, "[rank {}]{marker} {}", line.rank, line.text).is_err() {
+            // A closed pipe (`| head`) ends the command quietly.
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Cancels a job and waits until the coordinator has heard every rank process end.
+pub async fn cancel(args: CancelArgs) -> Result<ExitCode> {
+    let mut client = client::job_control(&args.coordinator.coordinator).await?;
+    let job = client
+        .cancel_job(CancelJobRequest {
+            job_id: args.job.clone(),
+        })
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    // Rank processes end after their grace period; report once the workers saw them go.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(660);
+    let mut job = job;
+    while job.rank_info.iter().any(|rank| {
+        matches!(
+            rank.state(),
+            cohort_proto::v1::RankState::Running | cohort_proto::v1::RankState::Pending
+        )
+    }) {
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "job {} cancelled, but some ranks still report running",
+                job.job_id
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        job = client
+            .get_job(GetJobRequest {
+                job_id: args.job.clone(),
+            })
+            .await
+            .map_err(client::status)?
+            .into_inner();
+    }
+    println!(
+        "{}: {} ({} ranks stopped)",
+        job.job_id,
+        render::job_state(job.state()),
+        job.rank_info.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the node table.
+pub async fn nodes(args: NodesArgs) -> Result<ExitCode> {
+    let mut client = client::job_control(&args.coordinator.coordinator).await?;
+    let nodes = client
+        .list_nodes(ListNodesRequest {})
+        .await
+        .map_err(client::status)?
+        .into_inner()
+        .nodes;
+    match args.output {
+        OutputFormat::Json => {
+            let list: Vec<_> = nodes.iter().map(crate::commands::json::node).collect();
+            println!("{}", serde_json::Value::Array(list));
+        }
+        OutputFormat::Table => print!("{}", render::nodes_table(&nodes)),
+    }
+    Ok(ExitCode::SUCCESS)
+}

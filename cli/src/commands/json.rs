@@ -1,0 +1,92 @@
+//! JSON views of jobs and nodes for `--output json`.
+
+use cohort_proto::v1::{DeviceKind, JobInfo, NodeInfo, RankState};
+use serde_json::{Value, json};
+
+use crate::render;
+
+fn kind(kind: i32) -> &'static str {
+    match DeviceKind::try_from(kind) {
+        Ok(DeviceKind::Gpu) => "gpu",
+        _ => "cpu",
+    }
+}
+
+fn rank_state(state: RankState) -> &'static str {
+    match state {
+        RankState::Pending => "pending",
+        RankState::Running => "running",
+        RankState::Exited => "exited",
+        RankState::Lost => "lost",
+        RankState::StartFailed => "start_failed",
+        RankState::Unspecified => "unknown",
+    }
+}
+
+fn optional_ms(ms: i64) -> Value {
+    if ms > 0 { json!(ms) } else { Value::Null }
+}
+
+/// A job as JSON.
+pub fn job(job: &JobInfo) -> Value {
+    json!({
+        "job_id": job.job_id,
+        "name": job.name,
+        "kind": job.kind,
+        "state": render::job_state(job.state()),
+        "reason": job.reason,
+        "priority": job.priority,
+        "ranks": job.ranks,
+        "devices_per_rank": job.devices_per_rank,
+        "device": kind(job.device_kind),
+        "submitted_at_unix_ms": job.submitted_at_unix_ms,
+        "scheduled_at_unix_ms": optional_ms(job.scheduled_at_unix_ms),
+        "started_at_unix_ms": optional_ms(job.started_at_unix_ms),
+        "finished_at_unix_ms": optional_ms(job.finished_at_unix_ms),
+        "placement": job.rank_info.iter().map(|rank| json!({
+            "rank": rank.rank,
+            "node_id": rank.node_id,
+            "local_rank": rank.local_rank,
+            "devices": rank.devices.iter().map(|d| format!("{}:{}", kind(d.kind), d.index)).collect::<Vec<_>>(),
+            "state": rank_state(rank.state()),
+            "pid": rank.pid,
+            "exit_code": rank.exit_code,
+            "signal": rank.signal,
+            "exited_at_unix_ms": optional_ms(rank.exited_at_unix_ms),
+            "detail": rank.detail,
+        })).collect::<Vec<_>>(),
+        "metrics": job.metrics.iter().map(|m| json!({
+            "rank": m.rank,
+            "step": m.step,
+            "total_steps": m.total_steps,
+            "epoch": m.epoch,
+            "loss": m.loss,
+            "samples_per_s": m.samples_per_s,
+            "eval_loss": m.eval_loss,
+            "eval_accuracy": m.eval_accuracy,
+            "extra": m.extra,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// A node as JSON.
+pub fn node(node: &NodeInfo) -> Value {
+    json!({
+        "node_id": node.node_id,
+        "hostname": node.hostname,
+        "address": node.address,
+        "status": node.status,
+        "last_heartbeat_unix_ms": node.last_heartbeat_unix_ms,
+        "running_ranks": node.running_ranks,
+        "devices": node.devices.iter().map(|d| json!({
+            "kind": kind(d.kind),
+            "index": d.index,
+            "name": d.name,
+            "memory_total_bytes": d.memory_total_bytes,
+            "memory_free_bytes": d.memory_free_bytes,
+            "compute_capability": d.compute_capability,
+            "pci_bus_id": d.pci_bus_id,
+        })).collect::<Vec<_>>(),
+        "busy_devices": node.busy_devices.iter().map(|d| format!("{}:{}", kind(d.kind), d.index)).collect::<Vec<_>>(),
+    })
+}

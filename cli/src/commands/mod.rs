@@ -1,0 +1,28 @@
+//! One module per group of subcommands.
+
+mod daemons;
+mod jobs;
+mod json;
+mod kv;
+mod up;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use crate::args::Command;
+
+/// Runs one subcommand and returns the process exit code.
+pub async fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Submit(args) => jobs::submit(args).await,
+        Command::Status(args) => jobs::status(args).await,
+        Command::Logs(args) => jobs::logs(args).await,
+        Command::Cancel(args) => jobs::cancel(args).await,
+        Command::Nodes(args) => jobs::nodes(args).await,
+        Command::Coordinator(args) => daemons::coordinator(args).await,
+        Command::Worker(args) => daemons::worker(args).await,
+        Command::Up(args) => up::up(args).await,
+        Command::Kv(args) => kv::kv(args).await,
+    }
+}

@@ -1,0 +1,397 @@
+//! Tables, durations and progress lines for humans.
+
+use std::fmt::Write as _;
+use std::io::IsTerminal;
+
+use cohort_proto::v1::{DeviceKind, JobInfo, JobState, NodeInfo, RankInfo, RankState};
+
+/// Lays out rows under a header with columns padded to their widest cell.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let last = cells.len().saturating_sub(1);
+        for (i, cell) in cells.iter().enumerate() {
+            if i == last {
+                out.push_str(cell);
+            } else {
+                let _ = write!(out, "{cell:<width$}  ", width = widths[i]);
+            }
+        }
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+/// Lower-case state name.
+pub fn job_state(state: JobState) -> &'static str {
+    match state {
+        JobState::Queued => "queued",
+        JobState::Scheduled => "scheduled",
+        JobState::Running => "running",
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+        JobState::Unspecified => "unknown",
+    }
+}
+
+/// Whether the job has ended.
+pub fn is_final(job: &JobInfo) -> bool {
+    matches!(
+        job.state(),
+        JobState::Succeeded | JobState::Failed | JobState::Cancelled
+    )
+}
+
+fn rank_state(rank: &RankInfo) -> String {
+    match rank.state() {
+        RankState::Pending => "pending".to_owned(),
+        RankState::Running => "running".to_owned(),
+        RankState::Exited => match (rank.exit_code, rank.signal) {
+            (Some(code), _) => format!("exited {code}"),
+            (None, Some(signal)) => format!("killed by signal {signal}"),
+            _ => "exited".to_owned(),
+        },
+        RankState::Lost => "lost".to_owned(),
+        RankState::StartFailed => "start failed".to_owned(),
+        RankState::Unspecified => "unknown".to_owned(),
+    }
+}
+
+fn device_kind(kind: i32) -> &'static str {
+    match DeviceKind::try_from(kind) {
+        Ok(DeviceKind::Gpu) => "gpu",
+        _ => "cpu",
+    }
+}
+
+/// `1h02m`, `3m05s`, `4.2s`.
+pub fn duration(millis: i64) -> String {
+    let seconds = millis.max(0) as f64 / 1000.0;
+    if seconds < 60.0 {
+        format!("{seconds:.1}s")
+    } else if seconds < 3600.0 {
+        format!("{}m{:02}s", (seconds / 60.0) as u64, seconds as u64 % 60)
+    } else {
+        format!(
+            "{}h{:02}m",
+            (seconds / 3600.0) as u64,
+            (seconds as u64 / 60) % 60
+        )
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as i64)
+}
+
+/// How long the job has run (or ran), or waited while queued.
+fn elapsed(job: &JobInfo) -> String {
+    let start = if job.started_at_unix_ms > 0 {
+        job.started_at_unix_ms
+    } else {
+        job.submitted_at_unix_ms
+    };
+    let end = if job.finished_at_unix_ms > 0 {
+        job.finished_at_unix_ms
+    } else {
+        now_ms()
+    };
+    duration(end - start)
+}
+
+/// The job list.
+pub fn jobs_table(jobs: &[JobInfo]) -> String {
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|job| {
+            vec![
+                job.job_id.clone(),
+                job.kind.clone(),
+                job_state(job.state()).to_owned(),
+                format!(
+                    "{}x{} {}",
+                    job.ranks,
+                    job.devices_per_rank,
+                    device_kind(job.device_kind)
+                ),
+                job.priority.to_string(),
+                elapsed(job),
+                job.reason.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "JOB", "KIND", "STATE", "RANKS", "PRIORITY", "TIME", "REASON",
+        ],
+        &rows,
+    )
+}
+
+/// One job in detail: state, reason, placement and per-rank state, latest metrics.
+pub fn job_detail(job: &JobInfo) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "job:       {}", job.job_id);
+    let _ = writeln!(out, "kind:      {}", job.kind);
+    let _ = writeln!(out, "state:     {}", job_state(job.state()));
+    if !job.reason.is_empty() {
+        let _ = writeln!(out, "reason:    {}", job.reason);
+    }
+    let _ = writeln!(
+        out,
+        "resources: {} ranks x {} {} device(s), priority {}",
+        job.ranks,
+        job.devices_per_rank,
+        device_kind(job.device_kind),
+        job.priority
+    );
+    let _ = writeln!(out, "time:      {}", elapsed(job));
+    if !job.rank_info.is_empty() {
+        let rows: Vec<Vec<String>> = job
+            .rank_info
+            .iter()
+            .map(|rank| {
+                let devices = rank
+                    .devices
+                    .iter()
+                    .map(|d| format!("{}:{}", device_kind(d.kind), d.index))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                vec![
+                    rank.rank.to_string(),
+                    rank.node_id.clone(),
+                    devices,
+                    rank_state(rank),
+                    if rank.pid > 0 {
+                        rank.pid.to_string()
+                    } else {
+                        "-".to_owned()
+                    },
+                    rank.detail.clone(),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(
+            &["RANK", "NODE", "DEVICES", "STATE", "PID", "DETAIL"],
+            &rows,
+        ));
+    }
+    if !job.metrics.is_empty() {
+        let rows: Vec<Vec<String>> = job
+            .metrics
+            .iter()
+            .map(|m| {
+                vec![
+                    m.rank.to_string(),
+                    m.epoch.to_string(),
+                    format!("{}/{}", m.step, m.total_steps),
+                    format!("{:.4}", m.loss),
+                    format!("{:.0}", m.samples_per_s),
+                    m.eval_loss.map_or("-".to_owned(), |l| format!("{l:.4}")),
+                    m.eval_accuracy
+                        .map_or("-".to_owned(), |a| format!("{:.2}%", a * 100.0)),
+                    m.extra
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(
+            &[
+                "RANK",
+                "EPOCH",
+                "STEP",
+                "LOSS",
+                "SAMPLES/S",
+                "EVAL LOSS",
+                "EVAL ACC",
+                "EXTRA",
+            ],
+            &rows,
+        ));
+    }
+    out
+}
+
+/// The node list.
+pub fn nodes_table(nodes: &[NodeInfo]) -> String {
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|node| {
+            let count = |kind: DeviceKind| {
+                node.devices
+                    .iter()
+                    .filter(|d| d.kind == kind as i32)
+                    .count()
+            };
+            let busy = |kind: DeviceKind| {
+                node.busy_devices
+                    .iter()
+                    .filter(|d| d.kind == kind as i32)
+                    .count()
+            };
+            let gpus = count(DeviceKind::Gpu);
+            let gpu_names = node
+                .devices
+                .iter()
+                .filter(|d| d.kind == DeviceKind::Gpu as i32)
+                .map(|d| d.name.clone())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+                .join(",");
+            vec![
+                node.node_id.clone(),
+                node.status.clone(),
+                node.address.clone(),
+                format!("{}/{}", busy(DeviceKind::Cpu), count(DeviceKind::Cpu)),
+                if gpus == 0 {
+                    "-".to_owned()
+                } else {
+                    format!("{}/{} {gpu_names}", busy(DeviceKind::Gpu), gpus)
+                },
+                node.running_ranks.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &["NODE", "STATUS", "ADDRESS", "CPU BUSY", "GPU BUSY", "RANKS"],
+        &rows,
+    )
+}
+
+/// Renders progress of a job being watched: a state line on every state change, and for
+/// training jobs a progress line (step, epoch, loss, throughput, ETA), redrawn in place on a
+/// terminal.
+pub struct Progress {
+    /// Last state printed.
+    last_state: Option<JobState>,
+    /// Whether stderr is a terminal (redraw in place) or a file (one line per update).
+    terminal: bool,
+    /// Last progress line printed, to avoid repeating it.
+    last_line: String,
+}
+
+impl Progress {
+    /// A progress renderer writing to stderr.
+    pub fn new() -> Self {
+        Self {
+            last_state: None,
+            terminal: std::io::stderr().is_terminal(),
+            last_line: String::new(),
+        }
+    }
+
+    /// Shows one job snapshot.
+    pub fn show(&mut self, job: &JobInfo) {
+        let state = job.state();
+        if self.last_state != Some(state) {
+            if self.terminal && !self.last_line.is_empty() {
+                eprintln!();
+            }
+            let mut line = format!("{}: {}", job.job_id, job_state(state));
+            if !job.reason.is_empty() {
+                let _ = write!(line, " ({})", job.reason);
+            }
+            eprintln!("{line}");
+            self.last_state = Some(state);
+            self.last_line.clear();
+        }
+        if let Some(line) = progress_line(job)
+            && line != self.last_line
+        {
+            if self.terminal {
+                eprint!("\r\x1b[2K{line}");
+            } else {
+                eprintln!("{line}");
+            }
+            self.last_line = line;
+        }
+    }
+
+    /// Ends the in-place line, if any.
+    pub fn finish(&mut self) {
+        if self.terminal && !self.last_line.is_empty() {
+            eprintln!();
+        }
+    }
+}
+
+/// The progress bar line of a training job, from rank 0's latest metrics.
+fn progress_line(job: &JobInfo) -> Option<String> {
+    let metrics = job.metrics.iter().find(|m| m.rank == 0)?;
+    let total_throughput: f64 = job.metrics.iter().map(|m| m.samples_per_s).sum();
+    let mut line = String::new();
+    if metrics.total_steps > 0 {
+        let fraction = (metrics.step as f64 / metrics.total_steps as f64).clamp(0.0, 1.0);
+        let filled = (fraction * 24.0).round() as usize;
+        let _ = write!(
+            line,
+            "[{}{}] {:>3.0}% ",
+            "#".repeat(filled),
+            ".".repeat(24 - filled),
+            fraction * 100.0
+        );
+    }
+    let _ = write!(
+        line,
+        "step {}/{} epoch {} loss {:.4} {:.0} samples/s",
+        metrics.step, metrics.total_steps, metrics.epoch, metrics.loss, total_throughput
+    );
+    if let Some(accuracy) = metrics.eval_accuracy {
+        let _ = write!(line, " test acc {:.2}%", accuracy * 100.0);
+    }
+    if metrics.total_steps > metrics.step && job.started_at_unix_ms > 0 && metrics.step > 0 {
+        let spent = (metrics.reported_at_unix_ms - job.started_at_unix_ms).max(0) as f64;
+        let remaining = spent / metrics.step as f64 * (metrics.total_steps - metrics.step) as f64;
+        let _ = write!(line, " eta {}", duration(remaining as i64));
+    }
+    Some(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_pads_columns() {
+        let text = table(
+            &["A", "B"],
+            &[
+                vec!["long cell".into(), "x".into()],
+                vec!["s".into(), "y".into()],
+            ],
+        );
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines[0], "A          B");
+        assert_eq!(lines[1], "long cell  x");
+        assert_eq!(lines[2], "s          y");
+    }
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(duration(4_200), "4.2s");
+        assert_eq!(duration(185_000), "3m05s");
+        assert_eq!(duration(3_720_000), "1h02m");
+        assert_eq!(duration(-5), "0.0s");
+    }
+}

@@ -1,0 +1,335 @@
+//! Building blocks of `cohort bench allreduce`: the raw TCP throughput a ring is compared with,
+//! all-reduce timing, and the bandwidth formulas of the nccl-tests convention.
+//!
+//! The command runs each side of the TCP measurement and each rank in its own process; the
+//! functions here do one side or one rank's work each, plus helpers that run everything in
+//! threads of one process for quick measurements and tests.
+//!
+//! Conventions (nccl-tests): for a buffer of `S` bytes all-reduced in time `t`, the algorithm
+//! bandwidth is `algbw = S / t` and the bus bandwidth is `busbw = algbw * 2 (N - 1) / N`, the
+//! rate every link must sustain, comparable across world sizes and with a link's raw rate.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use half::{bf16, f16};
+
+use crate::buffer::{BufferMut, DType, ReduceOp};
+use crate::communicator::Communicator;
+use crate::error::{Error, Result};
+use crate::rendezvous::InMemoryStore;
+use crate::tcp_ring::{TcpRing, TcpRingConfig};
+
+/// Size of each write in the raw TCP throughput measurement, as the issue specifies.
+pub const STREAM_WRITE_BYTES: usize = 1 << 20;
+
+/// Byte the receiving side answers with once it has read everything.
+const STREAM_DONE: u8 = 0x5a;
+
+/// The result of one side of a stream transfer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StreamMeasurement {
+    /// Bytes transferred.
+    pub bytes: u64,
+    /// Time from the first write to the receiver's acknowledgement (sender side), or from the
+    /// first byte to the last (receiver side).
+    pub elapsed: Duration,
+}
+
+impl StreamMeasurement {
+    /// Returns the throughput in bytes per second.
+    pub fn bytes_per_second(&self) -> f64 {
+        self.bytes as f64 / self.elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+}
+
+/// Maps an I/O error of the stream benchmark.
+fn stream_error(context: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        context: format!("stream benchmark: {context}"),
+        source,
+    }
+}
+
+/// Sends `total_bytes` over `stream` in [`STREAM_WRITE_BYTES`] writes and waits for the
+/// receiver ([`receive_stream`]) to acknowledge them all. The sender's measurement, which
+/// includes one round trip, is the one to report.
+pub fn send_stream(stream: &mut TcpStream, total_bytes: u64) -> Result<StreamMeasurement> {
+    stream
+        .set_nodelay(true)
+        .map_err(stream_error("set TCP_NODELAY"))?;
+    let block = vec![0x42_u8; STREAM_WRITE_BYTES];
+    let started = Instant::now();
+    let mut remaining = total_bytes;
+    while remaining > 0 {
+        let length = remaining.min(block.len() as u64) as usize;
+        stream
+            .write_all(&block[..length])
+            .map_err(stream_error("write"))?;
+        remaining -= length as u64;
+    }
+    let mut answer = [0_u8; 1];
+    stream
+        .read_exact(&mut answer)
+        .map_err(stream_error("read the acknowledgement"))?;
+    if answer[0] != STREAM_DONE {
+        return Err(Error::Io {
+            context: "stream benchmark: acknowledgement".to_owned(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("expected {STREAM_DONE:#04x}, found {:#04x}", answer[0]),
+            ),
+        });
+    }
+    Ok(StreamMeasurement {
+        bytes: total_bytes,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Receives `total_bytes` from a [`send_stream`] peer and acknowledges them.
+pub fn receive_stream(stream: &mut TcpStream, total_bytes: u64) -> Result<StreamMeasurement> {
+    let mut block = vec![0_u8; STREAM_WRITE_BYTES];
+    let mut received = 0_u64;
+    let mut started = None;
+    while received < total_bytes {
+        let count = stream.read(&mut block).map_err(stream_error("read"))?;
+        if count == 0 {
+            return Err(Error::Io {
+                context: "stream benchmark: read".to_owned(),
+                source: std::io::ErrorKind::UnexpectedEof.into(),
+            });
+        }
+        started.get_or_insert_with(Instant::now);
+        received += count as u64;
+    }
+    let elapsed = started.map_or(Duration::ZERO, |started| started.elapsed());
+    stream
+        .write_all(&[STREAM_DONE])
+        .map_err(stream_error("write the acknowledgement"))?;
+    Ok(StreamMeasurement {
+        bytes: total_bytes,
+        elapsed,
+    })
+}
+
+/// Measures single-stream TCP throughput over loopback between two threads of this process,
+/// in bytes per second (sender's measurement). The CLI runs the two sides in two processes
+/// instead; this is for quick checks and tests.
+pub fn loopback_tcp_throughput(total_bytes: u64) -> Result<f64> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(stream_error("bind"))?;
+    let address = listener
+        .local_addr()
+        .map_err(stream_error("read the listener address"))?;
+    let receiver = std::thread::spawn(move || -> Result<StreamMeasurement> {
+        let (mut stream, _) = listener.accept().map_err(stream_error("accept"))?;
+        receive_stream(&mut stream, total_bytes)
+    });
+    let mut stream = TcpStream::connect(address).map_err(stream_error("connect"))?;
+    let sent = send_stream(&mut stream, total_bytes);
+    let received = receiver.join().map_err(|_| Error::Io {
+        context: "stream benchmark: receiver thread panicked".to_owned(),
+        source: std::io::ErrorKind::Other.into(),
+    })?;
+    received?;
+    Ok(sent?.bytes_per_second())
+}
+
+/// Algorithm bandwidth in bytes per second: `bytes / time`.
+pub fn algorithm_bandwidth(bytes: usize, time: Duration) -> f64 {
+    bytes as f64 / time.as_secs_f64().max(f64::MIN_POSITIVE)
+}
+
+/// Bus bandwidth of an all-reduce in bytes per second: `algbw * 2 (N - 1) / N` (equal to the
+/// algorithm bandwidth for one rank, where nothing moves, by convention 0).
+pub fn bus_bandwidth(algorithm_bandwidth: f64, world_size: usize) -> f64 {
+    if world_size <= 1 {
+        return 0.0;
+    }
+    algorithm_bandwidth * 2.0 * (world_size - 1) as f64 / world_size as f64
+}
+
+/// Times `iterations` all-reduces (sum) of `elements` elements of `dtype` on `communicator`,
+/// after `warmup` untimed ones and a barrier, and returns the median time of one.
+///
+/// Every rank of the group must call this with the same arguments. The buffer holds zeros, so
+/// repeated sums stay finite; the time does not depend on the values.
+pub fn time_all_reduce(
+    communicator: &mut dyn Communicator,
+    elements: usize,
+    dtype: DType,
+    warmup: usize,
+    iterations: usize,
+) -> Result<Duration> {
+    let mut f32_buffer;
+    let mut bf16_buffer;
+    let mut f16_buffer;
+    let mut buffer = match dtype {
+        DType::F32 => {
+            f32_buffer = vec![0.0_f32; elements];
+            BufferMut::F32(&mut f32_buffer)
+        }
+        DType::Bf16 => {
+            bf16_buffer = vec![bf16::ZERO; elements];
+            BufferMut::Bf16(&mut bf16_buffer)
+        }
+        DType::F16 => {
+            f16_buffer = vec![f16::ZERO; elements];
+            BufferMut::F16(&mut f16_buffer)
+        }
+    };
+    for _ in 0..warmup {
+        communicator.all_reduce(buffer.reborrow(), ReduceOp::Sum)?;
+    }
+    communicator.barrier()?;
+    let mut times = Vec::with_capacity(iterations.max(1));
+    for _ in 0..iterations.max(1) {
+        let started = Instant::now();
+        communicator.all_reduce(buffer.reborrow(), ReduceOp::Sum)?;
+        times.push(started.elapsed());
+    }
+    times.sort_unstable();
+    Ok(times[times.len() / 2])
+}
+
+/// One row of an all-reduce benchmark.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AllReduceMeasurement {
+    /// Buffer size in bytes.
+    pub bytes: usize,
+    /// Median time of one all-reduce (the slowest rank's median).
+    pub time: Duration,
+    /// `bytes / time`, bytes per second.
+    pub algorithm_bandwidth: f64,
+    /// [`bus_bandwidth`] of that, bytes per second.
+    pub bus_bandwidth: f64,
+}
+
+/// Runs an all-reduce benchmark with `world_size` ranks as threads of this process, joined
+/// through an [`InMemoryStore`] and loopback TCP, and returns one row per size in `sizes_bytes`
+/// (rounded down to whole elements). Iterations per size shrink for large sizes so that each
+/// size takes a bounded time.
+pub fn all_reduce_in_threads(
+    world_size: usize,
+    sizes_bytes: &[usize],
+    dtype: DType,
+    config: &TcpRingConfig,
+) -> Result<Vec<AllReduceMeasurement>> {
+    let store = Arc::new(InMemoryStore::new());
+    let prefix = format!("bench-{}", std::process::id());
+    let ranks: Vec<_> = (0..world_size)
+        .map(|rank| {
+            let store = Arc::clone(&store);
+            let prefix = prefix.clone();
+            let config = config.clone();
+            let sizes = sizes_bytes.to_vec();
+            std::thread::spawn(move || -> Result<Vec<Duration>> {
+                let mut ring = TcpRing::connect(&*store, &prefix, rank, world_size, &config)?;
+                sizes
+                    .iter()
+                    .map(|&bytes| {
+                        let iterations = iterations_for(bytes);
+                        time_all_reduce(
+                            &mut ring,
+                            bytes / dtype.size_bytes(),
+                            dtype,
+                            (iterations / 5).max(2),
+                            iterations,
+                        )
+                    })
+                    .collect()
+            })
+        })
+        .collect();
+    let mut slowest = vec![Duration::ZERO; sizes_bytes.len()];
+    for rank in ranks {
+        let times = rank.join().map_err(|_| Error::Io {
+            context: "all-reduce benchmark: a rank thread panicked".to_owned(),
+            source: std::io::ErrorKind::Other.into(),
+        })??;
+        for (slowest, time) in slowest.iter_mut().zip(times) {
+            *slowest = (*slowest).max(time);
+        }
+    }
+    Ok(sizes_bytes
+        .iter()
+        .zip(slowest)
+        .map(|(&bytes, time)| {
+            let bytes = bytes / dtype.size_bytes() * dtype.size_bytes();
+            let algorithm_bandwidth = algorithm_bandwidth(bytes, time);
+            AllReduceMeasurement {
+                bytes,
+                time,
+                algorithm_bandwidth,
+                bus_bandwidth: bus_bandwidth(algorithm_bandwidth, world_size),
+            }
+        })
+        .collect())
+}
+
+/// Picks an iteration count that keeps one size's measurement to roughly a second on loopback.
+pub fn iterations_for(bytes: usize) -> usize {
+    match bytes {
+        0..=65_536 => 200,
+        65_537..=4_194_304 => 50,
+        4_194_305..=67_108_864 => 20,
+        _ => 5,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bus_bandwidth_follows_the_nccl_tests_convention() {
+        assert_eq!(bus_bandwidth(1.0e9, 2), 1.0e9);
+        assert_eq!(bus_bandwidth(1.0e9, 4), 1.5e9);
+        assert_eq!(bus_bandwidth(1.0e9, 1), 0.0);
+        assert_eq!(algorithm_bandwidth(1000, Duration::from_millis(1)), 1.0e6);
+    }
+
+    #[test]
+    fn loopback_stream_moves_every_byte() {
+        let throughput = loopback_tcp_throughput(8 << 20).unwrap();
+        assert!(throughput > 0.0);
+    }
+
+    #[test]
+    fn small_all_reduce_benchmark_runs() {
+        let rows =
+            all_reduce_in_threads(2, &[4096, 1 << 20], DType::F32, &TcpRingConfig::default())
+                .unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].bytes, 4096);
+        assert!(rows.iter().all(|row| row.time > Duration::ZERO));
+    }
+
+    /// Prints the numbers the issue asks for; run in release mode:
+    /// `cargo test -p cohort-collective --release -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a test"]
+    fn report_all_reduce_bandwidth() {
+        let loopback = loopback_tcp_throughput(2 << 30).unwrap();
+        println!("loopback single stream: {:.2} GB/s", loopback / 1e9);
+        let sizes = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20, 256 << 20];
+        for world_size in [2, 4] {
+            let rows =
+                all_reduce_in_threads(world_size, &sizes, DType::F32, &TcpRingConfig::default())
+                    .unwrap();
+            for row in rows {
+                println!(
+                    "ranks {world_size} bytes {:>10} time {:>10.1} us algbw {:.2} GB/s busbw \
+                     {:.2} GB/s ({:.0}% of loopback)",
+                    row.bytes,
+                    row.time.as_secs_f64() * 1e6,
+                    row.algorithm_bandwidth / 1e9,
+                    row.bus_bandwidth / 1e9,
+                    100.0 * row.bus_bandwidth / loopback
+                );
+            }
+        }
+    }
+}

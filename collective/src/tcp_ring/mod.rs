@@ -1,0 +1,361 @@
+//! [`TcpRing`]: a [`Communicator`] over TCP connections arranged in a ring.
+//!
+//! Each rank listens on a socket, publishes its address in the rendezvous [`Store`], connects
+//! to its successor and accepts its predecessor. All-reduce is a pipelined reduce-scatter
+//! followed by an all-gather, which moves `2 (N - 1) / N` times the buffer through every rank:
+//! bandwidth-optimal, and every link busy at once.
+//!
+//! - `setup`: rendezvous and handshake.
+//! - `transport`: the single-threaded, non-blocking event loop and failure handling.
+//! - `plans`: the message schedule of each collective.
+//! - `wire`: handshake and frame formats.
+
+mod plans;
+mod setup;
+mod transport;
+mod wire;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use tracing::debug;
+
+use self::plans::{BarrierPlan, BroadcastPlan, GatherPlan, ReducePlan, Scratch};
+use self::transport::RingTransport;
+use crate::buffer::{BufferMut, BufferRef, Element, ReduceOp};
+use crate::communicator::{Collective, Communicator};
+use crate::error::{Error, Result};
+use crate::rendezvous::Store;
+
+/// Settings of a [`TcpRing`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpRingConfig {
+    /// Address the rank listens on. Default `127.0.0.1:0` (loopback, any free port); use the
+    /// node's address (or `0.0.0.0:0` with `advertise_host`) for ranks on several machines.
+    pub listen_address: SocketAddr,
+    /// Host published to the other ranks instead of the listener's own address. Default `None`
+    /// (publish the listener's address, which must then not be unspecified).
+    pub advertise_host: Option<IpAddr>,
+    /// Longest wait for all ranks to publish their addresses and connect. Default 120 s.
+    pub connect_timeout: Duration,
+    /// Longest a collective may go without moving a byte before it fails naming the rank it
+    /// waits on. Default 30 s.
+    pub io_timeout: Duration,
+    /// Largest message, in bytes (chunks of reductions are counted as `f32`). Default 512 KiB;
+    /// a multiple of 4 from 1 KiB to 64 MiB.
+    pub chunk_bytes: usize,
+    /// Number of received chunks that may wait to be forwarded during a reduction; each costs
+    /// `chunk_bytes` of memory. Default 4; from 1 to 64.
+    pub pipeline_depth: usize,
+}
+
+impl Default for TcpRingConfig {
+    fn default() -> Self {
+        Self {
+            listen_address: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
+            advertise_host: None,
+            connect_timeout: Duration::from_secs(120),
+            io_timeout: Duration::from_secs(30),
+            chunk_bytes: 512 * 1024,
+            pipeline_depth: 4,
+        }
+    }
+}
+
+impl TcpRingConfig {
+    /// Checks every field; returns the first problem found.
+    pub fn validate(&self) -> Result<()> {
+        if self.chunk_bytes % 4 != 0 || !(1024..=64 << 20).contains(&self.chunk_bytes) {
+            return Err(Error::InvalidArgument {
+                field: "config.chunk_bytes",
+                found: self.chunk_bytes.to_string(),
+                expected: "a multiple of 4 from 1024 to 67108864",
+            });
+        }
+        if !(1..=64).contains(&self.pipeline_depth) {
+            return Err(Error::InvalidArgument {
+                field: "config.pipeline_depth",
+                found: self.pipeline_depth.to_string(),
+                expected: "1 to 64",
+            });
+        }
+        for (field, value) in [
+            ("config.connect_timeout", self.connect_timeout),
+            ("config.io_timeout", self.io_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(Error::InvalidArgument {
+                    field,
+                    found: format!("{value:?}"),
+                    expected: "a positive duration",
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A communicator whose ranks exchange data over a ring of TCP connections.
+///
+/// Built by every rank with [`TcpRing::connect`]; not shared between threads (collectives take
+/// `&mut self`), but it can be moved to a dedicated communication thread.
+pub struct TcpRing {
+    /// This rank.
+    rank: usize,
+    /// Number of ranks.
+    world_size: usize,
+    /// The key prefix the ring was formed under.
+    prefix: String,
+    /// Largest message in bytes.
+    chunk_bytes: usize,
+    /// The connections; `None` for a world of one rank.
+    transport: Option<RingTransport>,
+    /// Buffers reused by every reduction.
+    scratch: Scratch,
+}
+
+impl TcpRing {
+    /// Joins the ring named `prefix` as `rank` of `world_size`: binds
+    /// `config.listen_address`, publishes it under `{prefix}/addr/{rank}` in `store`, waits for
+    /// every rank's address, connects to `rank + 1` and accepts `rank - 1`. Returns once both
+    /// connections are up, or fails within `config.connect_timeout` naming missing ranks.
+    ///
+    /// Every rank must call this concurrently with the same `prefix` and `world_size`. The prefix
+    /// must be unique per ring for the life of the store (add a generation when re-forming a
+    /// ring). With `world_size == 1` nothing is bound or published.
+    pub fn connect(
+        store: &dyn Store,
+        prefix: &str,
+        rank: usize,
+        world_size: usize,
+        config: &TcpRingConfig,
+    ) -> Result<TcpRing> {
+        config.validate()?;
+        if world_size == 0 {
+            return Err(Error::InvalidArgument {
+                field: "world_size",
+                found: "0".to_owned(),
+                expected: "at least 1",
+            });
+        }
+        if rank >= world_size {
+            return Err(Error::InvalidArgument {
+                field: "rank",
+                found: rank.to_string(),
+                expected: "less than world_size",
+            });
+        }
+        if prefix.is_empty() || prefix.len() > wire::MAX_PREFIX_BYTES {
+            return Err(Error::InvalidArgument {
+                field: "prefix",
+                found: format!("{prefix:?}"),
+                expected: "1 to 1024 bytes",
+            });
+        }
+        let transport = if world_size == 1 {
+            None
+        } else {
+            let connections = setup::connect_ring(store, prefix, rank, world_size, config)?;
+            Some(RingTransport::new(
+                rank,
+                world_size,
+                connections.previous,
+                connections.next,
+                config.io_timeout,
+            )?)
+        };
+        debug!(prefix, rank, world_size, "tcp ring ready");
+        let scratch_elements = if world_size == 1 {
+            0
+        } else {
+            config.chunk_bytes / 4
+        };
+        Ok(TcpRing {
+            rank,
+            world_size,
+            prefix: prefix.to_owned(),
+            chunk_bytes: config.chunk_bytes,
+            transport,
+            scratch: Scratch::new(scratch_elements, config.pipeline_depth),
+        })
+    }
+
+    /// Returns the key prefix the ring was formed under.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Returns the transport, or `None` when there is nothing to exchange (one rank, or an
+    /// empty buffer) after checking the communicator is still usable.
+    fn transport_for(
+        &mut self,
+        collective: Collective,
+        elements: usize,
+    ) -> Result<Option<&mut RingTransport>> {
+        match self.transport.as_mut() {
+            None => Ok(None),
+            Some(transport) => {
+                transport.check_usable(collective)?;
+                Ok((elements > 0).then_some(transport))
+            }
+        }
+    }
+
+    fn all_reduce_typed<T: Element>(&mut self, buffer: &mut [T], op: ReduceOp) -> Result<()> {
+        let collective = Collective::AllReduce;
+        let (rank, world_size) = (self.rank, self.world_size);
+        let Some(transport) = self.transport.as_mut() else {
+            return Ok(());
+        };
+        transport.check_usable(collective)?;
+        if buffer.is_empty() {
+            return Ok(());
+        }
+        let mut plan = ReducePlan::all_reduce(buffer, rank, world_size, op, &mut self.scratch);
+        transport.run(collective, &mut plan)
+    }
+
+    fn broadcast_typed<T: Element>(&mut self, buffer: &mut [T], root: usize) -> Result<()> {
+        let collective = Collective::Broadcast;
+        if root >= self.world_size {
+            return Err(Error::RootOutOfRange {
+                collective,
+                root,
+                world_size: self.world_size,
+            });
+        }
+        let (rank, world_size, chunk_bytes) = (self.rank, self.world_size, self.chunk_bytes);
+        let Some(transport) = self.transport_for(collective, buffer.len())? else {
+            return Ok(());
+        };
+        let mut plan = BroadcastPlan::new(buffer, rank, world_size, root, chunk_bytes);
+        transport.run(collective, &mut plan)
+    }
+
+    fn all_gather_typed<T: Element>(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
+        let collective = Collective::AllGather;
+        let expected = input.len() * self.world_size;
+        if output.len() != expected {
+            return Err(Error::LengthMismatch {
+                collective,
+                what: "output",
+                found: output.len(),
+                expected,
+            });
+        }
+        let own_block = self.rank * input.len()..(self.rank + 1) * input.len();
+        let (rank, world_size, chunk_bytes) = (self.rank, self.world_size, self.chunk_bytes);
+        let transport = self.transport_for(collective, input.len())?;
+        output[own_block].copy_from_slice(input);
+        let Some(transport) = transport else {
+            return Ok(());
+        };
+        let mut plan = GatherPlan::new(output, rank, world_size, chunk_bytes);
+        transport.run(collective, &mut plan)
+    }
+
+    fn reduce_scatter_typed<T: Element>(
+        &mut self,
+        input: &[T],
+        output: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
+        let collective = Collective::ReduceScatter;
+        let expected = output.len() * self.world_size;
+        if input.len() != expected {
+            return Err(Error::LengthMismatch {
+                collective,
+                what: "input",
+                found: input.len(),
+                expected,
+            });
+        }
+        let (rank, world_size) = (self.rank, self.world_size);
+        let Some(transport) = self.transport.as_mut() else {
+            output.copy_from_slice(input);
+            return Ok(());
+        };
+        transport.check_usable(collective)?;
+        if output.is_empty() {
+            return Ok(());
+        }
+        let mut plan =
+            ReducePlan::reduce_scatter(input, output, rank, world_size, op, &mut self.scratch);
+        transport.run(collective, &mut plan)
+    }
+}
+
+/// Returns the error for an input and output of different element types.
+fn dtype_mismatch(collective: Collective, input: &BufferRef<'_>, output: &BufferMut<'_>) -> Error {
+    Error::DtypeMismatch {
+        collective,
+        input: input.dtype(),
+        output: output.dtype(),
+    }
+}
+
+impl Communicator for TcpRing {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn all_reduce(&mut self, buffer: BufferMut<'_>, op: ReduceOp) -> Result<()> {
+        match buffer {
+            BufferMut::F32(buffer) => self.all_reduce_typed(buffer, op),
+            BufferMut::Bf16(buffer) => self.all_reduce_typed(buffer, op),
+            BufferMut::F16(buffer) => self.all_reduce_typed(buffer, op),
+        }
+    }
+
+    fn broadcast(&mut self, buffer: BufferMut<'_>, root: usize) -> Result<()> {
+        match buffer {
+            BufferMut::F32(buffer) => self.broadcast_typed(buffer, root),
+            BufferMut::Bf16(buffer) => self.broadcast_typed(buffer, root),
+            BufferMut::F16(buffer) => self.broadcast_typed(buffer, root),
+        }
+    }
+
+    fn all_gather(&mut self, input: BufferRef<'_>, output: BufferMut<'_>) -> Result<()> {
+        match (input, output) {
+            (BufferRef::F32(input), BufferMut::F32(output)) => self.all_gather_typed(input, output),
+            (BufferRef::Bf16(input), BufferMut::Bf16(output)) => {
+                self.all_gather_typed(input, output)
+            }
+            (BufferRef::F16(input), BufferMut::F16(output)) => self.all_gather_typed(input, output),
+            (input, output) => Err(dtype_mismatch(Collective::AllGather, &input, &output)),
+        }
+    }
+
+    fn reduce_scatter(
+        &mut self,
+        input: BufferRef<'_>,
+        output: BufferMut<'_>,
+        op: ReduceOp,
+    ) -> Result<()> {
+        match (input, output) {
+            (BufferRef::F32(input), BufferMut::F32(output)) => {
+                self.reduce_scatter_typed(input, output, op)
+            }
+            (BufferRef::Bf16(input), BufferMut::Bf16(output)) => {
+                self.reduce_scatter_typed(input, output, op)
+            }
+            (BufferRef::F16(input), BufferMut::F16(output)) => {
+                self.reduce_scatter_typed(input, output, op)
+            }
+            (input, output) => Err(dtype_mismatch(Collective::ReduceScatter, &input, &output)),
+        }
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        let collective = Collective::Barrier;
+        let world_size = self.world_size;
+        let Some(transport) = self.transport_for(collective, 1)? else {
+            return Ok(());
+        };
+        transport.run(collective, &mut BarrierPlan::new(world_size))
+    }
+}

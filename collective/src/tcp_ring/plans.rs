@@ -1,0 +1,614 @@
+//! The message schedules of the ring collectives, as [`Plan`]s for the transport.
+//!
+//! A buffer of `len` elements is split into `world_size` segments whose lengths differ by at
+//! most one, and every segment into the same number of chunks (so that every step of the ring
+//! has the same number of messages, however uneven the segments). Message `m` of a ring phase is
+//! chunk `m % chunks` of the segment handled at step `m / chunks`, and send `m` waits for
+//! receive `m - chunks`: each chunk is forwarded as soon as it has arrived (and been reduced),
+//! which is what pipelines the ring.
+//!
+//! Reduce-scatter keeps partial sums in `f32` whatever the element type: they travel as `f32`
+//! between ranks and are rounded to the element type once, by the rank that owns the segment.
+
+use std::ops::Range;
+
+use super::transport::Plan;
+use crate::buffer::{DType, Element, ReduceOp, accumulate, finish_in_place, finish_into, widen};
+
+/// Returns part `index` of `len` elements split into `parts` near-equal parts (the first
+/// `len % parts` parts are one element longer).
+pub(crate) fn split_range(len: usize, parts: usize, index: usize) -> Range<usize> {
+    let base = len / parts;
+    let extra = len % parts;
+    let start = index * base + index.min(extra);
+    start..start + base + usize::from(index < extra)
+}
+
+/// How a buffer is cut into segments and chunks.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RingLayout {
+    /// Elements in the buffer.
+    len: usize,
+    /// Number of segments (the world size).
+    segments: usize,
+    /// Chunks per segment, at least one.
+    chunks: usize,
+}
+
+impl RingLayout {
+    /// Cuts `len` elements into `segments` segments of chunks of at most `max_chunk_elements`.
+    pub fn new(len: usize, segments: usize, max_chunk_elements: usize) -> Self {
+        let longest_segment = len.div_ceil(segments);
+        let chunks = longest_segment.div_ceil(max_chunk_elements.max(1)).max(1);
+        Self {
+            len,
+            segments,
+            chunks,
+        }
+    }
+
+    /// Returns the element range of `chunk` of `segment`.
+    pub fn chunk(&self, segment: usize, chunk: usize) -> Range<usize> {
+        let segment_range = split_range(self.len, self.segments, segment);
+        let within = split_range(segment_range.len(), self.chunks, chunk);
+        segment_range.start + within.start..segment_range.start + within.end
+    }
+
+    /// Returns the element range of `segment`.
+    pub fn segment(&self, segment: usize) -> Range<usize> {
+        split_range(self.len, self.segments, segment)
+    }
+}
+
+/// Buffers a communicator keeps between calls, so that collectives do not allocate.
+#[derive(Debug)]
+pub(crate) struct Scratch {
+    /// Partial sums of received reduce-scatter chunks, `chunk_elements` each; receive `m`
+    /// uses slot `m % slots.len()`.
+    slots: Vec<Vec<f32>>,
+    /// Whether each slot holds a chunk not yet forwarded.
+    slot_in_use: Vec<bool>,
+    /// A low-precision chunk widened to `f32` for sending.
+    widened: Vec<f32>,
+}
+
+impl Scratch {
+    /// Allocates `depth` slots of `chunk_elements` `f32`s.
+    pub fn new(chunk_elements: usize, depth: usize) -> Self {
+        Self {
+            slots: (0..depth).map(|_| vec![0.0; chunk_elements]).collect(),
+            slot_in_use: vec![false; depth],
+            widened: vec![0.0; chunk_elements],
+        }
+    }
+
+    /// Returns the capacity of one slot in elements.
+    pub fn chunk_elements(&self) -> usize {
+        self.widened.len()
+    }
+
+    /// Marks every slot free (a failed collective may leave some marked).
+    fn reset(&mut self) {
+        self.slot_in_use.fill(false);
+    }
+}
+
+/// The data a reduction works on.
+pub(crate) enum ReduceData<'a, T> {
+    /// All-reduce: the buffer is the input and receives the result.
+    InPlace(&'a mut [T]),
+    /// Reduce-scatter: the full input, and this rank's block of the result.
+    Separate {
+        /// `n * world_size` elements.
+        input: &'a [T],
+        /// `n` elements, the block of segment `own_segment`.
+        output: &'a mut [T],
+    },
+}
+
+/// Reduce-scatter, followed for all-reduce by an all-gather of the reduced segments.
+pub(crate) struct ReducePlan<'a, T> {
+    /// How the buffer is cut.
+    layout: RingLayout,
+    /// Number of ranks.
+    world_size: usize,
+    /// The segment this rank reduces completely (and, for all-reduce, distributes first).
+    own_segment: usize,
+    /// Input and output.
+    data: ReduceData<'a, T>,
+    /// Divisor applied to the final sums (`Some(world_size)` for averages).
+    divisor: Option<f32>,
+    /// Whether the all-gather phase follows (all-reduce).
+    gather: bool,
+    /// The communicator's reusable buffers.
+    scratch: &'a mut Scratch,
+}
+
+impl<'a, T: Element> ReducePlan<'a, T> {
+    /// Plans an in-place all-reduce of `buffer`.
+    pub fn all_reduce(
+        buffer: &'a mut [T],
+        rank: usize,
+        world_size: usize,
+        op: ReduceOp,
+        scratch: &'a mut Scratch,
+    ) -> Self {
+        Self::new(
+            ReduceData::InPlace(buffer),
+            (rank + 1) % world_size,
+            world_size,
+            op,
+            true,
+            scratch,
+        )
+    }
+
+    /// Plans a reduce-scatter of `input` (`n * world_size` elements) into `output` (`n`).
+    pub fn reduce_scatter(
+        input: &'a [T],
+        output: &'a mut [T],
+        rank: usize,
+        world_size: usize,
+        op: ReduceOp,
+        scratch: &'a mut Scratch,
+    ) -> Self {
+        Self::new(
+            ReduceData::Separate { input, output },
+            rank,
+            world_size,
+            op,
+            false,
+            scratch,
+        )
+    }
+
+    fn new(
+        data: ReduceData<'a, T>,
+        own_segment: usize,
+        world_size: usize,
+        op: ReduceOp,
+        gather: bool,
+        scratch: &'a mut Scratch,
+    ) -> Self {
+        let len = match &data {
+            ReduceData::InPlace(buffer) => buffer.len(),
+            ReduceData::Separate { input, .. } => input.len(),
+        };
+        scratch.reset();
+        Self {
+            layout: RingLayout::new(len, world_size, scratch.chunk_elements()),
+            world_size,
+            own_segment,
+            data,
+            divisor: match op {
+                ReduceOp::Sum => None,
+                ReduceOp::Average => Some(world_size as f32),
+            },
+            gather,
+            scratch,
+        }
+    }
+
+    /// Messages per phase.
+    fn phase_messages(&self) -> usize {
+        (self.world_size - 1) * self.layout.chunks
+    }
+
+    /// Returns `(step, chunk)` of message `index` within its phase, and whether it belongs to
+    /// the reduce-scatter phase.
+    fn locate(&self, index: usize) -> (bool, usize, usize) {
+        let phase_messages = self.phase_messages();
+        let (reducing, within) = if index < phase_messages {
+            (true, index)
+        } else {
+            (false, index - phase_messages)
+        };
+        (
+            reducing,
+            within / self.layout.chunks,
+            within % self.layout.chunks,
+        )
+    }
+
+    /// Returns segment `own_segment - offset` (mod world size).
+    fn segment_before_own(&self, offset: usize) -> usize {
+        (self.own_segment + self.world_size * 2 - offset % self.world_size) % self.world_size
+    }
+
+    /// Element range sent as message `index`.
+    fn send_range(&self, index: usize) -> Range<usize> {
+        let (reducing, step, chunk) = self.locate(index);
+        let segment = if reducing {
+            self.segment_before_own(1 + step)
+        } else {
+            self.segment_before_own(step)
+        };
+        self.layout.chunk(segment, chunk)
+    }
+
+    /// Element range received as message `index`.
+    fn recv_range(&self, index: usize) -> Range<usize> {
+        let (reducing, step, chunk) = self.locate(index);
+        let segment = if reducing {
+            self.segment_before_own(2 + step)
+        } else {
+            self.segment_before_own(step + 1)
+        };
+        self.layout.chunk(segment, chunk)
+    }
+
+    /// This rank's own contribution.
+    fn local(&self) -> &[T] {
+        match &self.data {
+            ReduceData::InPlace(buffer) => buffer,
+            ReduceData::Separate { input, .. } => input,
+        }
+    }
+
+    /// Scratch slot of receive `index`.
+    fn slot(&self, index: usize) -> usize {
+        index % self.scratch.slots.len()
+    }
+}
+
+impl<T: Element> Plan for ReducePlan<'_, T> {
+    fn send_count(&self) -> usize {
+        self.phase_messages() * if self.gather { 2 } else { 1 }
+    }
+
+    fn recv_count(&self) -> usize {
+        self.send_count()
+    }
+
+    fn send_dependency(&self, index: usize) -> Option<usize> {
+        index.checked_sub(self.layout.chunks)
+    }
+
+    fn prepare_send(&mut self, index: usize) {
+        if index < self.layout.chunks && T::DTYPE != DType::F32 {
+            let range = self.send_range(index);
+            let length = range.len();
+            let local = match &self.data {
+                ReduceData::InPlace(buffer) => &buffer[range],
+                ReduceData::Separate { input, .. } => &input[range],
+            };
+            widen(&mut self.scratch.widened[..length], local);
+        }
+    }
+
+    fn send_payload(&self, index: usize) -> &[u8] {
+        let range = self.send_range(index);
+        let length = range.len();
+        let (reducing, step, _) = self.locate(index);
+        if !reducing {
+            return bytemuck::cast_slice(&self.local()[range]);
+        }
+        if step > 0 {
+            let slot = self.slot(index - self.layout.chunks);
+            return bytemuck::cast_slice(&self.scratch.slots[slot][..length]);
+        }
+        if T::DTYPE == DType::F32 {
+            bytemuck::cast_slice(&self.local()[range])
+        } else {
+            bytemuck::cast_slice(&self.scratch.widened[..length])
+        }
+    }
+
+    fn finish_send(&mut self, index: usize) {
+        let (reducing, step, _) = self.locate(index);
+        if reducing && step > 0 {
+            let slot = self.slot(index - self.layout.chunks);
+            self.scratch.slot_in_use[slot] = false;
+        }
+    }
+
+    fn recv_bytes(&self, index: usize) -> usize {
+        let (reducing, _, _) = self.locate(index);
+        let element_bytes = if reducing { 4 } else { T::DTYPE.size_bytes() };
+        self.recv_range(index).len() * element_bytes
+    }
+
+    fn begin_recv(&mut self, index: usize) -> bool {
+        let (reducing, _, _) = self.locate(index);
+        if !reducing {
+            return true;
+        }
+        let slot = self.slot(index);
+        if self.scratch.slot_in_use[slot] {
+            return false;
+        }
+        self.scratch.slot_in_use[slot] = true;
+        true
+    }
+
+    fn recv_buffer(&mut self, index: usize) -> &mut [u8] {
+        let range = self.recv_range(index);
+        let (reducing, _, _) = self.locate(index);
+        if reducing {
+            let slot = self.slot(index);
+            return bytemuck::cast_slice_mut(&mut self.scratch.slots[slot][..range.len()]);
+        }
+        match &mut self.data {
+            ReduceData::InPlace(buffer) => bytemuck::cast_slice_mut(&mut buffer[range]),
+            // Reduce-scatter has no gather phase.
+            ReduceData::Separate { .. } => &mut [],
+        }
+    }
+
+    fn finish_recv(&mut self, index: usize) {
+        let (reducing, step, _) = self.locate(index);
+        if !reducing {
+            return;
+        }
+        let range = self.recv_range(index);
+        let length = range.len();
+        let slot = self.slot(index);
+        let final_step = step + 2 == self.world_size;
+        let own_start = self.layout.segment(self.own_segment).start;
+        let partial = &mut self.scratch.slots[slot][..length];
+        match &mut self.data {
+            ReduceData::InPlace(buffer) if final_step => {
+                finish_in_place(&mut buffer[range], partial, self.divisor);
+            }
+            ReduceData::Separate { input, output } if final_step => {
+                let output_range = range.start - own_start..range.end - own_start;
+                finish_into(
+                    &mut output[output_range],
+                    &input[range],
+                    partial,
+                    self.divisor,
+                );
+            }
+            ReduceData::InPlace(buffer) => accumulate(partial, &buffer[range]),
+            ReduceData::Separate { input, .. } => accumulate(partial, &input[range]),
+        }
+        if final_step {
+            self.scratch.slot_in_use[slot] = false;
+        }
+    }
+}
+
+/// All-gather: every rank's block travels once around the ring.
+pub(crate) struct GatherPlan<'a, T> {
+    /// How the output is cut (one segment per rank).
+    layout: RingLayout,
+    /// Number of ranks.
+    world_size: usize,
+    /// This rank, whose block is already in place.
+    rank: usize,
+    /// The `n * world_size` output.
+    output: &'a mut [T],
+}
+
+impl<'a, T: Element> GatherPlan<'a, T> {
+    /// Plans an all-gather into `output`, which must already hold this rank's block.
+    pub fn new(output: &'a mut [T], rank: usize, world_size: usize, chunk_bytes: usize) -> Self {
+        let max_chunk_elements = chunk_bytes / T::DTYPE.size_bytes();
+        Self {
+            layout: RingLayout::new(output.len(), world_size, max_chunk_elements),
+            world_size,
+            rank,
+            output,
+        }
+    }
+
+    /// Returns the element range of message `index`, sent (`offset` 0) or received (1).
+    fn range(&self, index: usize, offset: usize) -> Range<usize> {
+        let step = index / self.layout.chunks;
+        let segment = (self.rank + self.world_size * 2 - step - offset) % self.world_size;
+        self.layout.chunk(segment, index % self.layout.chunks)
+    }
+}
+
+impl<T: Element> Plan for GatherPlan<'_, T> {
+    fn send_count(&self) -> usize {
+        (self.world_size - 1) * self.layout.chunks
+    }
+    fn recv_count(&self) -> usize {
+        self.send_count()
+    }
+    fn send_dependency(&self, index: usize) -> Option<usize> {
+        index.checked_sub(self.layout.chunks)
+    }
+    fn prepare_send(&mut self, _index: usize) {}
+    fn send_payload(&self, index: usize) -> &[u8] {
+        bytemuck::cast_slice(&self.output[self.range(index, 0)])
+    }
+    fn finish_send(&mut self, _index: usize) {}
+    fn recv_bytes(&self, index: usize) -> usize {
+        self.range(index, 1).len() * T::DTYPE.size_bytes()
+    }
+    fn begin_recv(&mut self, _index: usize) -> bool {
+        true
+    }
+    fn recv_buffer(&mut self, index: usize) -> &mut [u8] {
+        let range = self.range(index, 1);
+        bytemuck::cast_slice_mut(&mut self.output[range])
+    }
+    fn finish_recv(&mut self, _index: usize) {}
+}
+
+/// Broadcast: the root's buffer flows down the ring in chunks, each rank forwarding a chunk as
+/// soon as it has it; the rank before the root only receives.
+pub(crate) struct BroadcastPlan<'a, T> {
+    /// The buffer, sent by the root and overwritten elsewhere.
+    buffer: &'a mut [T],
+    /// Number of chunks.
+    chunks: usize,
+    /// Whether this rank receives (every rank but the root).
+    receives: bool,
+    /// Whether this rank sends (every rank but the one before the root).
+    sends: bool,
+}
+
+impl<'a, T: Element> BroadcastPlan<'a, T> {
+    /// Plans a broadcast from `root`.
+    pub fn new(
+        buffer: &'a mut [T],
+        rank: usize,
+        world_size: usize,
+        root: usize,
+        chunk_bytes: usize,
+    ) -> Self {
+        let distance = (rank + world_size - root) % world_size;
+        let max_chunk_elements = (chunk_bytes / T::DTYPE.size_bytes()).max(1);
+        Self {
+            chunks: buffer.len().div_ceil(max_chunk_elements).max(1),
+            buffer,
+            receives: distance != 0,
+            sends: distance != world_size - 1,
+        }
+    }
+
+    fn range(&self, index: usize) -> Range<usize> {
+        split_range(self.buffer.len(), self.chunks, index)
+    }
+}
+
+impl<T: Element> Plan for BroadcastPlan<'_, T> {
+    fn send_count(&self) -> usize {
+        if self.sends { self.chunks } else { 0 }
+    }
+    fn recv_count(&self) -> usize {
+        if self.receives { self.chunks } else { 0 }
+    }
+    fn send_dependency(&self, index: usize) -> Option<usize> {
+        self.receives.then_some(index)
+    }
+    fn prepare_send(&mut self, _index: usize) {}
+    fn send_payload(&self, index: usize) -> &[u8] {
+        bytemuck::cast_slice(&self.buffer[self.range(index)])
+    }
+    fn finish_send(&mut self, _index: usize) {}
+    fn recv_bytes(&self, index: usize) -> usize {
+        self.range(index).len() * T::DTYPE.size_bytes()
+    }
+    fn begin_recv(&mut self, _index: usize) -> bool {
+        true
+    }
+    fn recv_buffer(&mut self, index: usize) -> &mut [u8] {
+        let range = self.range(index);
+        bytemuck::cast_slice_mut(&mut self.buffer[range])
+    }
+    fn finish_recv(&mut self, _index: usize) {}
+}
+
+/// Barrier: `world_size - 1` empty messages, each forwarded after the previous one arrived, so
+/// the last one to arrive proves every rank has entered.
+pub(crate) struct BarrierPlan {
+    /// Messages each way.
+    messages: usize,
+}
+
+impl BarrierPlan {
+    /// Plans a barrier among `world_size` ranks.
+    pub fn new(world_size: usize) -> Self {
+        Self {
+            messages: world_size - 1,
+        }
+    }
+}
+
+impl Plan for BarrierPlan {
+    fn send_count(&self) -> usize {
+        self.messages
+    }
+    fn recv_count(&self) -> usize {
+        self.messages
+    }
+    fn send_dependency(&self, index: usize) -> Option<usize> {
+        index.checked_sub(1)
+    }
+    fn prepare_send(&mut self, _index: usize) {}
+    fn send_payload(&self, _index: usize) -> &[u8] {
+        &[]
+    }
+    fn finish_send(&mut self, _index: usize) {}
+    fn recv_bytes(&self, _index: usize) -> usize {
+        0
+    }
+    fn begin_recv(&mut self, _index: usize) -> bool {
+        true
+    }
+    fn recv_buffer(&mut self, _index: usize) -> &mut [u8] {
+        &mut []
+    }
+    fn finish_recv(&mut self, _index: usize) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_ranges_cover_the_buffer_without_gaps() {
+        for len in [0, 1, 7, 10, 1023] {
+            for parts in 1..=6 {
+                let mut next_start = 0;
+                for index in 0..parts {
+                    let range = split_range(len, parts, index);
+                    assert_eq!(range.start, next_start);
+                    assert!(range.len() <= len.div_ceil(parts));
+                    next_start = range.end;
+                }
+                assert_eq!(next_start, len);
+            }
+        }
+    }
+
+    #[test]
+    fn layout_chunks_respect_the_size_limit_and_cover_each_segment() {
+        let layout = RingLayout::new(1_048_579, 3, 131_072);
+        assert_eq!(layout.chunks, 3);
+        for segment in 0..3 {
+            let mut covered = layout.segment(segment).start;
+            for chunk in 0..layout.chunks {
+                let range = layout.chunk(segment, chunk);
+                assert_eq!(range.start, covered);
+                assert!(range.len() <= 131_072);
+                covered = range.end;
+            }
+            assert_eq!(covered, layout.segment(segment).end);
+        }
+        // Tiny buffers take one message per step, even with empty segments.
+        let tiny = RingLayout::new(1, 5, 131_072);
+        assert_eq!(tiny.chunks, 1);
+        assert_eq!(tiny.chunk(4, 0).len(), 0);
+    }
+
+    #[test]
+    fn reduce_schedule_visits_every_segment_once_per_phase() {
+        let mut scratch = Scratch::new(4, 2);
+        let mut buffer = vec![0.0_f32; 10];
+        let world_size = 4;
+        let rank = 2;
+        let plan =
+            ReducePlan::all_reduce(&mut buffer, rank, world_size, ReduceOp::Sum, &mut scratch);
+        let chunks = plan.layout.chunks;
+        let phase = plan.phase_messages();
+        let segments_of = |ranges: Vec<Range<usize>>| {
+            let mut starts: Vec<usize> = ranges.iter().map(|range| range.start).collect();
+            starts.sort_unstable();
+            starts
+        };
+        // Reduce-scatter receives every segment except the one this rank sends first, and
+        // the last one received is the one it owns.
+        let received = segments_of(
+            (0..phase)
+                .step_by(chunks)
+                .map(|m| plan.recv_range(m))
+                .collect(),
+        );
+        assert_eq!(received.len(), world_size - 1);
+        assert!(!received.contains(&plan.send_range(0).start));
+        assert_eq!(
+            plan.recv_range(phase - chunks).start,
+            plan.layout.segment(plan.own_segment).start
+        );
+        // The gather phase starts by sending the owned segment.
+        assert_eq!(
+            plan.send_range(phase),
+            plan.layout.chunk(plan.own_segment, 0)
+        );
+    }
+}

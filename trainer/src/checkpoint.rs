@@ -1,0 +1,406 @@
+//! Checkpoints: model weights and optimizer state in safetensors, with the step they belong to.
+//!
+//! A checkpoint is a directory `step-NNNNNNNN/` holding
+//! - `model.safetensors`: one f32 tensor per parameter, under its name and shape, readable by
+//!   any safetensors tool;
+//! - `optimizer.safetensors`: the flat optimizer buffers (`momentum_buffer`, or
+//!   `first_moment` and `second_moment`) in parameter order.
+//!
+//! Both files carry the step in their metadata. The directory is written under a temporary name
+//! and renamed into place, so a crash never leaves a half-written checkpoint under the final
+//! name.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use cohort_spec::train::OptimizerKind;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::error::{Result, TrainerError};
+use crate::optim::{Optimizer, OptimizerState};
+use crate::parameters::ParameterSet;
+
+/// File holding the model weights.
+pub const MODEL_FILE: &str = "model.safetensors";
+/// File holding the optimizer state.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// Value of the `format` metadata key.
+const FORMAT: &str = "cohort-checkpoint-v1";
+
+/// What a loaded checkpoint restored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestoredCheckpoint {
+    /// Optimizer steps completed when it was written; training resumes with this step.
+    pub step: u64,
+}
+
+/// Returns the directory name of the checkpoint of `step`.
+pub fn checkpoint_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+fn checkpoint_error(path: &Path, message: impl std::fmt::Display) -> TrainerError {
+    TrainerError::Checkpoint {
+        path: path.to_owned(),
+        message: message.to_string(),
+    }
+}
+
+fn optimizer_name(state: &OptimizerState) -> &'static str {
+    match state {
+        OptimizerState::Sgd { .. } => "sgd",
+        OptimizerState::AdamW { .. } => "adamw",
+    }
+}
+
+fn to_le_bytes(values: &[f32]) -> Vec<u8> {
+    values
+        .iter()
+        .flat_map(|value| value.to_le_bytes())
+        .collect()
+}
+
+/// Writes the checkpoint of `step` into `directory` (created if missing) and returns its path.
+pub fn save(
+    directory: &Path,
+    step: u64,
+    parameters: &ParameterSet,
+    optimizer: &Optimizer,
+) -> Result<PathBuf> {
+    let final_path = directory.join(checkpoint_name(step));
+    let partial_path = directory.join(format!(
+        ".{}.partial-{}",
+        checkpoint_name(step),
+        std::process::id()
+    ));
+    let io_error = |path: &Path, error: std::io::Error| checkpoint_error(path, error);
+    std::fs::create_dir_all(&partial_path).map_err(|e| io_error(&partial_path, e))?;
+
+    let metadata = |extra: (&str, &str)| -> HashMap<String, String> {
+        HashMap::from([
+            ("format".to_owned(), FORMAT.to_owned()),
+            ("step".to_owned(), step.to_string()),
+            (extra.0.to_owned(), extra.1.to_owned()),
+        ])
+    };
+
+    let mut flat = vec![0.0f32; parameters.element_count()];
+    parameters.read_values(&mut flat)?;
+    let model_bytes: Vec<(String, Vec<usize>, Vec<u8>)> = parameters
+        .iter()
+        .map(|p| {
+            (
+                p.name().to_owned(),
+                p.shape().dims().to_vec(),
+                to_le_bytes(&flat[p.flat_range()]),
+            )
+        })
+        .collect();
+    write_tensors(
+        &partial_path.join(MODEL_FILE),
+        &model_bytes,
+        metadata(("parameters", &parameters.element_count().to_string())),
+    )?;
+
+    let state = optimizer.state();
+    let optimizer_bytes: Vec<(String, Vec<usize>, Vec<u8>)> = state
+        .buffers()
+        .into_iter()
+        .map(|(name, values)| (name.to_owned(), vec![values.len()], to_le_bytes(values)))
+        .collect();
+    let mut optimizer_metadata = metadata(("optimizer", optimizer_name(state)));
+    optimizer_metadata.insert(
+        "steps_taken".to_owned(),
+        optimizer.steps_taken().to_string(),
+    );
+    write_tensors(
+        &partial_path.join(OPTIMIZER_FILE),
+        &optimizer_bytes,
+        optimizer_metadata,
+    )?;
+
+    if final_path.exists() {
+        std::fs::remove_dir_all(&final_path).map_err(|e| io_error(&final_path, e))?;
+    }
+    std::fs::rename(&partial_path, &final_path).map_err(|e| io_error(&final_path, e))?;
+    tracing::info!(step, path = %final_path.display(), "checkpoint written");
+    Ok(final_path)
+}
+
+fn write_tensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<u8>)],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let views = tensors
+        .iter()
+        .map(|(name, shape, bytes)| {
+            TensorView::new(Dtype::F32, shape.clone(), bytes)
+                .map(|view| (name.as_str(), view))
+                .map_err(|e| checkpoint_error(path, e))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::tensor::serialize_to_file(views, Some(metadata), path)
+        .map_err(|e| checkpoint_error(path, e))
+}
+
+/// A safetensors file read into memory.
+struct TensorFile {
+    /// Where it was read from, for errors.
+    path: PathBuf,
+    /// Its bytes.
+    bytes: Vec<u8>,
+}
+
+impl TensorFile {
+    fn read(path: PathBuf) -> Result<Self> {
+        let bytes = std::fs::read(&path).map_err(|e| checkpoint_error(&path, e))?;
+        Ok(Self { path, bytes })
+    }
+
+    fn parse(&self) -> Result<(SafeTensors<'_>, HashMap<String, String>)> {
+        let (_, metadata) =
+            SafeTensors::read_metadata(&self.bytes).map_err(|e| checkpoint_error(&self.path, e))?;
+        let metadata = metadata.metadata().clone().unwrap_or_default();
+        if metadata.get("format").map(String::as_str) != Some(FORMAT) {
+            return Err(checkpoint_error(
+                &self.path,
+                format!(
+                    "metadata format {:?}, expected {FORMAT:?}",
+                    metadata.get("format")
+                ),
+            ));
+        }
+        let tensors =
+            SafeTensors::deserialize(&self.bytes).map_err(|e| checkpoint_error(&self.path, e))?;
+        Ok((tensors, metadata))
+    }
+
+    fn number(&self, metadata: &HashMap<String, String>, key: &str) -> Result<u64> {
+        metadata
+            .get(key)
+            .and_then(|value| value.parse().ok())
+            .ok_or_else(|| {
+                checkpoint_error(
+                    &self.path,
+                    format!(
+                        "metadata {key} = {:?}, expected an integer",
+                        metadata.get(key)
+                    ),
+                )
+            })
+    }
+
+    /// Reads tensor `name` as f32 values, checking its type and shape.
+    fn values(&self, tensors: &SafeTensors<'_>, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let view = tensors
+            .tensor(name)
+            .map_err(|e| checkpoint_error(&self.path, format!("tensor {name}: {e}")))?;
+        if view.dtype() != Dtype::F32 || view.shape() != shape {
+            return Err(checkpoint_error(
+                &self.path,
+                format!(
+                    "tensor {name} is {:?} {:?}, expected F32 {shape:?}",
+                    view.dtype(),
+                    view.shape()
+                ),
+            ));
+        }
+        Ok(view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+}
+
+/// Loads the checkpoint at `path` into `parameters` and `optimizer`, checking that names,
+/// shapes, optimizer kind and step agree with what this run built. Nothing is modified unless
+/// everything checks out.
+pub fn load(
+    path: &Path,
+    parameters: &ParameterSet,
+    optimizer: &mut Optimizer,
+    optimizer_kind: OptimizerKind,
+) -> Result<RestoredCheckpoint> {
+    let model_file = TensorFile::read(path.join(MODEL_FILE))?;
+    let (tensors, metadata) = model_file.parse()?;
+    let step = model_file.number(&metadata, "step")?;
+    let mut flat = vec![0.0f32; parameters.element_count()];
+    for parameter in parameters.iter() {
+        let values = model_file.values(&tensors, parameter.name(), parameter.shape().dims())?;
+        flat[parameter.flat_range()].copy_from_slice(&values);
+    }
+    if tensors.len() != parameters.len() {
+        return Err(checkpoint_error(
+            &model_file.path,
+            format!(
+                "{} tensors, expected the model's {} parameters",
+                tensors.len(),
+                parameters.len()
+            ),
+        ));
+    }
+
+    let optimizer_file = TensorFile::read(path.join(OPTIMIZER_FILE))?;
+    let (tensors, metadata) = optimizer_file.parse()?;
+    let expected_kind = match optimizer_kind {
+        OptimizerKind::Sgd => "sgd",
+        OptimizerKind::Adamw => "adamw",
+    };
+    if metadata.get("optimizer").map(String::as_str) != Some(expected_kind) {
+        return Err(checkpoint_error(
+            &optimizer_file.path,
+            format!(
+                "optimizer {:?}, expected {expected_kind:?} as the job spec says",
+                metadata.get("optimizer")
+            ),
+        ));
+    }
+    let optimizer_step = optimizer_file.number(&metadata, "step")?;
+    if optimizer_step != step {
+        return Err(checkpoint_error(
+            &optimizer_file.path,
+            format!("step {optimizer_step}, expected {step} as in {MODEL_FILE}"),
+        ));
+    }
+    let steps_taken = optimizer_file.number(&metadata, "steps_taken")?;
+    let mut buffers = Vec::new();
+    for (name, current) in optimizer.state().buffers() {
+        let values = optimizer_file.values(&tensors, name, &[current.len()])?;
+        buffers.push((name.to_owned(), values));
+    }
+    let mut restored = optimizer.clone();
+    restored
+        .restore(steps_taken, &buffers)
+        .map_err(|e| checkpoint_error(&optimizer_file.path, e))?;
+    parameters.write_values(&flat)?;
+    *optimizer = restored;
+    tracing::info!(step, path = %path.display(), "checkpoint loaded");
+    Ok(RestoredCheckpoint { step })
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+    use cohort_spec::train::{ModelSpec, OptimizerSpec};
+
+    use super::*;
+    use crate::models::Model;
+
+    fn model(seed: u64) -> Model {
+        let spec = ModelSpec {
+            hidden: vec![5],
+            seed,
+            ..ModelSpec::default()
+        };
+        Model::new(&spec, (2, 3), 4, &Device::Cpu).unwrap()
+    }
+
+    fn flat_values(parameters: &ParameterSet) -> Vec<f32> {
+        let mut flat = vec![0.0; parameters.element_count()];
+        parameters.read_values(&mut flat).unwrap();
+        flat
+    }
+
+    #[test]
+    fn save_then_load_restores_weights_state_and_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = model(1);
+        let spec = OptimizerSpec::default();
+        let count = source.parameters().element_count();
+        let mut optimizer = Optimizer::new(&spec, count);
+        let gradients: Vec<f32> = (0..count).map(|i| (i as f32).sin()).collect();
+        optimizer
+            .step(source.parameters(), &gradients, 0.01)
+            .unwrap();
+        let path = save(dir.path(), 17, source.parameters(), &optimizer).unwrap();
+        assert_eq!(path, dir.path().join("step-00000017"));
+
+        let target = model(2);
+        assert_ne!(
+            flat_values(target.parameters()),
+            flat_values(source.parameters())
+        );
+        let mut restored = Optimizer::new(&spec, count);
+        let loaded = load(&path, target.parameters(), &mut restored, spec.kind).unwrap();
+        assert_eq!(loaded.step, 17);
+        assert_eq!(
+            flat_values(target.parameters()),
+            flat_values(source.parameters())
+        );
+        assert_eq!(restored.state(), optimizer.state());
+        assert_eq!(restored.steps_taken(), 1);
+        // The model file is plain safetensors with named, shaped tensors.
+        let bytes = std::fs::read(path.join(MODEL_FILE)).unwrap();
+        let tensors = SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(tensors.tensor("dense.0.weight").unwrap().shape(), &[5, 6]);
+    }
+
+    #[test]
+    fn mismatches_are_refused_without_touching_the_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = model(1);
+        let spec = OptimizerSpec::default();
+        let optimizer = Optimizer::new(&spec, source.parameters().element_count());
+        let path = save(dir.path(), 3, source.parameters(), &optimizer).unwrap();
+
+        let other_shape = Model::new(
+            &ModelSpec {
+                hidden: vec![6],
+                ..ModelSpec::default()
+            },
+            (2, 3),
+            4,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let before = flat_values(other_shape.parameters());
+        let mut other_optimizer = Optimizer::new(&spec, other_shape.parameters().element_count());
+        let error = load(
+            &path,
+            other_shape.parameters(),
+            &mut other_optimizer,
+            spec.kind,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("expected F32 [6, 6]"), "{error}");
+        assert_eq!(flat_values(other_shape.parameters()), before);
+
+        let target = model(2);
+        let sgd = OptimizerSpec {
+            kind: OptimizerKind::Sgd,
+            ..OptimizerSpec::default()
+        };
+        let mut sgd_optimizer = Optimizer::new(&sgd, target.parameters().element_count());
+        let error = load(&path, target.parameters(), &mut sgd_optimizer, sgd.kind)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("expected \"sgd\""), "{error}");
+    }
+
+    #[test]
+    fn corrupt_or_missing_files_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = model(1);
+        let spec = OptimizerSpec::default();
+        let mut optimizer = Optimizer::new(&spec, source.parameters().element_count());
+        let missing = load(
+            &dir.path().join("nope"),
+            source.parameters(),
+            &mut optimizer,
+            spec.kind,
+        );
+        assert!(missing.unwrap_err().to_string().contains("nope"));
+        let path = save(dir.path(), 3, source.parameters(), &optimizer).unwrap();
+        let model_path = path.join(MODEL_FILE);
+        let bytes = std::fs::read(&model_path).unwrap();
+        for cut in [0, 7, 8, bytes.len() / 2, bytes.len() - 1] {
+            std::fs::write(&model_path, &bytes[..cut]).unwrap();
+            assert!(load(&path, source.parameters(), &mut optimizer, spec.kind).is_err());
+        }
+        std::fs::write(&model_path, vec![0xff; 64]).unwrap();
+        assert!(load(&path, source.parameters(), &mut optimizer, spec.kind).is_err());
+    }
+}

@@ -1,0 +1,430 @@
+//! The training loop a rank runs: [`train`] takes everything it needs as arguments (config,
+//! data, communicator, metrics sink) and computes on the calling thread.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::collective_shim::{Communicator, ReduceOp};
+use candle_core::{Device, Tensor};
+use candle_nn::Module;
+use cohort_spec::JobSpec;
+use cohort_spec::train::{
+    CheckpointSpec, DataSpec, ModelSpec, OptimizerSpec, ParallelSpec, ScheduleSpec,
+};
+
+use crate::checkpoint;
+use crate::data::{Dataset, TrainTestSplits};
+use crate::data_parallel::{
+    GradientBuckets, broadcast_optimizer_state, broadcast_outcome, broadcast_parameters,
+};
+use crate::error::{Result, TrainerError};
+use crate::metrics::{EvaluationMetrics, MetricsSink, PhaseTimings, StepMetrics};
+use crate::models::Model;
+use crate::optim::{LearningRateSchedule, Optimizer, clip_gradient_norm};
+use crate::sampler::{DistributedSampler, rank_share};
+
+/// Examples per forward pass during evaluation, unless configured otherwise.
+pub const DEFAULT_EVALUATION_BATCH: usize = 1000;
+
+/// Everything a training run is configured with: the job spec's training sections plus what
+/// the rank's launcher decides.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    /// `[model]`.
+    pub model: ModelSpec,
+    /// `[data]` (the data itself is passed to [`train`] separately; the seed is used here).
+    pub data: DataSpec,
+    /// `[optimizer]`.
+    pub optimizer: OptimizerSpec,
+    /// `[schedule]`.
+    pub schedule: ScheduleSpec,
+    /// `[parallel]`; `data` must equal the communicator's world size.
+    pub parallel: ParallelSpec,
+    /// `[checkpoint]`.
+    pub checkpoint: CheckpointSpec,
+    /// Directory relative checkpoint paths resolve against: the job's output directory.
+    pub output_directory: PathBuf,
+    /// Examples per forward pass during evaluation. Default 1000.
+    pub evaluation_batch: usize,
+    /// Evaluates on the test split at the end of every epoch and of training. Default true
+    /// (benchmarks turn it off).
+    pub evaluate: bool,
+    /// Writes a checkpoint at the end of training. Default true (benchmarks turn it off).
+    pub final_checkpoint: bool,
+}
+
+impl TrainConfig {
+    /// Builds the config of `spec`'s training sections (defaults for absent ones), with
+    /// checkpoints under `output_directory`.
+    pub fn from_job_spec(spec: &JobSpec, output_directory: impl Into<PathBuf>) -> Self {
+        Self {
+            model: spec.model.clone().unwrap_or_default(),
+            data: spec.data.clone().unwrap_or_default(),
+            optimizer: spec.optimizer.clone().unwrap_or_default(),
+            schedule: spec.schedule.clone().unwrap_or_default(),
+            parallel: spec.parallel.clone().unwrap_or_default(),
+            checkpoint: spec.checkpoint.clone().unwrap_or_default(),
+            output_directory: output_directory.into(),
+            evaluation_batch: DEFAULT_EVALUATION_BATCH,
+            evaluate: true,
+            final_checkpoint: true,
+        }
+    }
+
+    /// Returns where checkpoints are written.
+    pub fn checkpoint_directory(&self) -> PathBuf {
+        self.output_directory.join(&self.checkpoint.directory)
+    }
+
+    /// Returns the checkpoint to resume from, if any, resolved like the checkpoint directory.
+    pub fn resume_path(&self) -> Option<PathBuf> {
+        self.checkpoint
+            .resume_from
+            .as_ref()
+            .map(|path| self.output_directory.join(path))
+    }
+}
+
+/// What a finished run leaves behind.
+#[derive(Debug)]
+pub struct TrainOutcome {
+    /// The trained model (identical on every rank).
+    pub model: Model,
+    /// Optimizer steps completed, including those before a resume.
+    pub steps: u64,
+    /// The last evaluation, if evaluation is enabled.
+    pub final_evaluation: Option<EvaluationMetrics>,
+    /// The final checkpoint, on rank 0 when enabled.
+    pub checkpoint: Option<PathBuf>,
+    /// Time per phase summed over this run's steps.
+    pub timings: PhaseTimings,
+    /// Wall time of the steps of this run (excluding start-up and evaluation).
+    pub training_time: Duration,
+}
+
+/// Reused host buffers of one batch.
+#[derive(Debug, Default)]
+struct BatchBuffers {
+    /// Normalised pixels.
+    images: Vec<f32>,
+    /// Classes.
+    labels: Vec<u32>,
+    /// Example indices of an evaluation batch.
+    indices: Vec<usize>,
+}
+
+impl BatchBuffers {
+    /// Gathers `indices` of `dataset` and returns `(images, labels)` tensors.
+    fn tensors(
+        &mut self,
+        dataset: &Dataset,
+        indices: &[usize],
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        dataset.gather(indices, &mut self.images, &mut self.labels)?;
+        let images = Tensor::from_slice(&self.images, (indices.len(), dataset.features()), device)?;
+        let labels = Tensor::from_slice(&self.labels, indices.len(), device)?;
+        Ok((images, labels))
+    }
+}
+
+/// Trains `config`'s model on `data` as one rank of `communicator`'s group, reporting to
+/// `metrics`, and returns the trained model.
+///
+/// Every rank of the group must call it with the same config and data. Rank 0's initial
+/// parameters (or checkpoint) are broadcast first; each step then trains on this rank's share of
+/// the global batch and all-reduces the gradients. Computation runs on the calling thread
+/// (candle may use its own thread pool for matrix products).
+pub fn train(
+    config: &TrainConfig,
+    data: &TrainTestSplits,
+    communicator: &mut dyn Communicator,
+    metrics: &mut dyn MetricsSink,
+) -> Result<TrainOutcome> {
+    let rank = communicator.rank();
+    let world_size = communicator.world_size();
+    if world_size != config.parallel.data as usize {
+        return Err(TrainerError::Config(format!(
+            "communicator of world size {world_size}, expected parallel.data = {}",
+            config.parallel.data
+        )));
+    }
+    let device = Device::Cpu;
+    let global_batch = config.schedule.batch_size as usize;
+    let sampler = DistributedSampler::new(
+        data.train.len(),
+        global_batch,
+        world_size,
+        rank,
+        config.data.seed,
+    )?;
+    let steps_per_epoch = sampler.steps_per_epoch() as u64;
+    let planned_steps = steps_per_epoch * u64::from(config.schedule.epochs);
+    let total_steps = config
+        .schedule
+        .max_steps
+        .map_or(planned_steps, |max| max.min(planned_steps));
+    let model = Model::new(
+        &config.model,
+        data.train.image_shape(),
+        data.train.classes(),
+        &device,
+    )?;
+    let parameters = model.parameters();
+    let mut optimizer = Optimizer::new(&config.optimizer, parameters.element_count());
+    let schedule = LearningRateSchedule::new(
+        config.optimizer.learning_rate(),
+        &config.schedule,
+        total_steps,
+    );
+
+    let mut scratch = Vec::new();
+    let mut start_step = 0;
+    if let Some(path) = config.resume_path() {
+        let loaded = if rank == 0 {
+            checkpoint::load(&path, parameters, &mut optimizer, config.optimizer.kind)
+                .map(|restored| restored.step)
+        } else {
+            Ok(0)
+        };
+        let what = format!("loading checkpoint {}", path.display());
+        start_step = broadcast_outcome(communicator, loaded.as_ref().copied(), &what)?;
+        broadcast_optimizer_state(communicator, &mut optimizer)?;
+    }
+    broadcast_parameters(communicator, parameters, &mut scratch)?;
+    tracing::info!(
+        rank,
+        world_size,
+        parameters = parameters.element_count(),
+        global_batch,
+        local_batch = sampler.local_batch(),
+        steps_per_epoch,
+        start_step,
+        total_steps,
+        "training starts"
+    );
+
+    let mut buckets = GradientBuckets::new(
+        parameters.element_count(),
+        config.parallel.gradient_bucket_bytes,
+    );
+    let gradient_weight = sampler.gradient_weight() as f32;
+    let mut order = Vec::new();
+    let mut order_epoch = None;
+    let mut batch = BatchBuffers::default();
+    let mut run_timings = PhaseTimings::default();
+    let mut training_time = Duration::ZERO;
+    let mut final_evaluation = None;
+    let mut last_evaluated_step = None;
+
+    for step in start_step..total_steps {
+        let epoch = step / steps_per_epoch;
+        let step_in_epoch = (step % steps_per_epoch) as usize;
+        if order_epoch != Some(epoch) {
+            sampler.epoch_order(epoch, &mut order);
+            order_epoch = Some(epoch);
+        }
+        let started = Instant::now();
+        let mut timings = PhaseTimings::default();
+
+        let (images, labels) = batch.tensors(
+            &data.train,
+            sampler.rank_batch(&order, step_in_epoch),
+            &device,
+        )?;
+        let phase = Instant::now();
+        timings.data = phase - started;
+
+        let logits = model.forward(&images)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        let phase = lap(phase, &mut timings.forward);
+
+        let gradients = loss.backward()?;
+        parameters.read_gradients(&gradients, buckets.gradients_mut(), gradient_weight)?;
+        buckets.set_loss(loss.to_scalar::<f32>()? * gradient_weight);
+        drop(gradients);
+        let phase = lap(phase, &mut timings.backward);
+
+        buckets.all_reduce(communicator)?;
+        let phase = lap(phase, &mut timings.exposed_communication);
+
+        let global_loss = buckets.loss();
+        if !global_loss.is_finite() {
+            return Err(TrainerError::Diverged {
+                step: step + 1,
+                loss: global_loss,
+            });
+        }
+        if let Some(max_norm) = config.optimizer.grad_clip_norm {
+            clip_gradient_norm(buckets.gradients_mut(), max_norm);
+        }
+        let learning_rate = schedule.learning_rate(step);
+        optimizer.step(parameters, buckets.gradients(), learning_rate)?;
+        lap(phase, &mut timings.optimizer);
+
+        let elapsed = started.elapsed();
+        training_time += elapsed;
+        run_timings.accumulate(&timings);
+        let completed = step + 1;
+        metrics.on_step(&StepMetrics {
+            step: completed,
+            total_steps,
+            epoch,
+            loss: global_loss,
+            learning_rate,
+            global_batch,
+            samples_per_second: global_batch as f64 / elapsed.as_secs_f64().max(1e-9),
+            timings,
+        });
+
+        if let Some(every) = config.checkpoint.every_steps
+            && completed % every == 0
+            && completed != total_steps
+            && rank == 0
+        {
+            let path = checkpoint::save(
+                &config.checkpoint_directory(),
+                completed,
+                parameters,
+                &optimizer,
+            )?;
+            metrics.on_checkpoint(completed, &path);
+        }
+        if config.evaluate && completed % steps_per_epoch == 0 {
+            let evaluation = evaluate_split(
+                &model,
+                &data.test,
+                communicator,
+                config.evaluation_batch,
+                &mut batch,
+                (completed, epoch),
+            )?;
+            metrics.on_evaluation(&evaluation);
+            final_evaluation = Some(evaluation);
+            last_evaluated_step = Some(completed);
+        }
+    }
+
+    if config.evaluate && last_evaluated_step != Some(total_steps) {
+        let epoch = total_steps.saturating_sub(1) / steps_per_epoch;
+        let evaluation = evaluate_split(
+            &model,
+            &data.test,
+            communicator,
+            config.evaluation_batch,
+            &mut batch,
+            (total_steps, epoch),
+        )?;
+        metrics.on_evaluation(&evaluation);
+        final_evaluation = Some(evaluation);
+    }
+    let mut final_checkpoint = None;
+    if config.final_checkpoint && rank == 0 {
+        let path = checkpoint::save(
+            &config.checkpoint_directory(),
+            total_steps,
+            parameters,
+            &optimizer,
+        )?;
+        metrics.on_checkpoint(total_steps, &path);
+        final_checkpoint = Some(path);
+    }
+    tracing::info!(
+        rank,
+        steps = total_steps,
+        accuracy = final_evaluation.as_ref().map(|e| e.accuracy),
+        training_seconds = training_time.as_secs_f64(),
+        "training finished"
+    );
+    Ok(TrainOutcome {
+        model,
+        steps: total_steps,
+        final_evaluation,
+        checkpoint: final_checkpoint,
+        timings: run_timings,
+        training_time,
+    })
+}
+
+/// Adds the time since `since` to `phase` and returns now.
+fn lap(since: Instant, phase: &mut Duration) -> Instant {
+    let now = Instant::now();
+    *phase += now - since;
+    now
+}
+
+/// Evaluates `model` on `dataset`, each rank taking a contiguous share, and sums the results
+/// over all ranks.
+pub fn evaluate(
+    model: &Model,
+    dataset: &Dataset,
+    communicator: &mut dyn Communicator,
+    batch_size: usize,
+    step: u64,
+    epoch: u64,
+) -> Result<EvaluationMetrics> {
+    let mut batch = BatchBuffers::default();
+    evaluate_split(
+        model,
+        dataset,
+        communicator,
+        batch_size,
+        &mut batch,
+        (step, epoch),
+    )
+}
+
+fn evaluate_split(
+    model: &Model,
+    dataset: &Dataset,
+    communicator: &mut dyn Communicator,
+    batch_size: usize,
+    batch: &mut BatchBuffers,
+    (step, epoch): (u64, u64),
+) -> Result<EvaluationMetrics> {
+    let share = rank_share(
+        dataset.len(),
+        communicator.world_size(),
+        communicator.rank(),
+    );
+    // Loss sum, correct predictions, examples; summed over ranks.
+    let mut totals = [0.0f64; 3];
+    let mut start = share.start;
+    while start < share.end {
+        let end = (start + batch_size.max(1)).min(share.end);
+        let mut indices = std::mem::take(&mut batch.indices);
+        indices.clear();
+        indices.extend(start..end);
+        let (images, labels) = batch.tensors(dataset, &indices, model.parameters().device())?;
+        batch.indices = indices;
+        let logits = model.forward(&images)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?.to_scalar::<f32>()?;
+        let predictions = logits.argmax(1)?.to_vec1::<u32>()?;
+        let correct = predictions
+            .iter()
+            .zip(&batch.labels)
+            .filter(|(prediction, label)| prediction == label)
+            .count();
+        totals[0] += f64::from(loss) * (end - start) as f64;
+        totals[1] += correct as f64;
+        totals[2] += (end - start) as f64;
+        start = end;
+    }
+    let mut summed = totals.map(|value| value as f32);
+    if communicator.world_size() > 1 {
+        communicator.all_reduce(summed.as_mut_slice().into(), ReduceOp::Sum)?;
+    }
+    let examples = summed[2].max(1.0);
+    Ok(EvaluationMetrics {
+        step,
+        epoch,
+        loss: summed[0] / examples,
+        accuracy: summed[1] / examples,
+        examples: summed[2] as usize,
+    })
+}
+
+/// Returns whether `path` looks like a checkpoint directory written by this crate.
+pub fn is_checkpoint(path: &Path) -> bool {
+    path.join(checkpoint::MODEL_FILE).is_file() && path.join(checkpoint::OPTIMIZER_FILE).is_file()
+}

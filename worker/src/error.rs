@@ -1,0 +1,42 @@
+//! The worker daemon's error type.
+
+/// Everything that can go wrong in the worker daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A setting is invalid (node id, coordinator address, device list).
+    #[error("{0}")]
+    Config(String),
+    /// The coordinator refused a call or could not be reached.
+    #[error("coordinator {address}: {status}")]
+    Rpc {
+        /// The coordinator's address.
+        address: String,
+        /// What it answered.
+        status: Box<tonic::Status>,
+    },
+    /// Connecting to the coordinator failed.
+    #[error("coordinator {address}: {source}")]
+    Connect {
+        /// The coordinator's address.
+        address: String,
+        /// The transport error.
+        source: tonic::transport::Error,
+    },
+    /// The coordinator's instruction stream broke the protocol.
+    #[error("coordinator {0}: protocol error: {1}")]
+    Protocol(String, String),
+    /// The device inventory could not be read.
+    #[error("device inventory: {0}")]
+    Devices(String),
+    /// A rank process could not be started or controlled.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// Result with the worker's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

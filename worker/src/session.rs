@@ -1,0 +1,134 @@
+//! The worker's membership session: register, follow the instruction stream, heartbeat, and
+//! register again whenever the coordinator forgets or loses this worker.
+
+use std::time::Duration;
+
+use cohort_proto::v1::membership_client::MembershipClient;
+use cohort_proto::v1::{HeartbeatRequest, RegisterRequest, instruction};
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tracing::{debug, info, warn};
+
+use crate::config::WorkerConfig;
+use crate::devices::DeviceInventory;
+use crate::error::{Error, Result};
+use crate::ranks::Ranks;
+
+/// When the coordinator was last heard from, and how long the worker may go without it.
+pub struct Contact {
+    /// Last successful registration or heartbeat.
+    pub last: Instant,
+    /// Silence after which the worker stops its ranks (the coordinator's heartbeat deadline).
+    pub deadline: Duration,
+}
+
+/// Why a session ended.
+pub enum SessionEnd {
+    /// The coordinator closed the instruction stream or forgot the session.
+    Lost(String),
+}
+
+/// Registers and serves one session until the coordinator goes away or forgets this worker.
+pub async fn serve(
+    client: &mut MembershipClient<Channel>,
+    config: &WorkerConfig,
+    inventory: &dyn DeviceInventory,
+    ranks: &Ranks,
+    contact: &mut Contact,
+) -> Result<SessionEnd> {
+    let reports = ranks.reports();
+    let request = RegisterRequest {
+        node_id: config.node_id.to_string(),
+        hostname: crate::config::hostname(),
+        address: config.advertise_address.clone(),
+        devices: inventory.devices(),
+        ranks: reports.clone(),
+    };
+    let rpc_error = |status: tonic::Status| Error::Rpc {
+        address: config.coordinator.clone(),
+        status: Box::new(status),
+    };
+    let mut stream = client
+        .register(request)
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    let registered = match stream.message().await.map_err(rpc_error)? {
+        Some(message) => match message.kind {
+            Some(instruction::Kind::Registered(registered)) => registered,
+            other => {
+                return Err(Error::Protocol(
+                    config.coordinator.clone(),
+                    format!("expected a registration first, got {other:?}"),
+                ));
+            }
+        },
+        None => return Ok(SessionEnd::Lost("instruction stream closed".to_owned())),
+    };
+    ranks.acknowledge(&reports);
+    contact.last = Instant::now();
+    contact.deadline = Duration::from_millis(u64::from(registered.heartbeat_deadline_ms.max(100)));
+    let interval = Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(10)));
+    info!(
+        node_id = %config.node_id,
+        coordinator = %config.coordinator,
+        session_id = registered.session_id,
+        "worker registered"
+    );
+
+    let mut changes = ranks.subscribe();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            message = stream.message() => match message {
+                Ok(Some(message)) => match message.kind {
+                    Some(instruction::Kind::StartRank(start)) => {
+                        debug!(job_id = %start.job_id, rank = start.rank, "start instruction");
+                        ranks.start(start);
+                    }
+                    Some(instruction::Kind::StopRank(stop)) => {
+                        ranks.stop(&stop.job_id, stop.rank, &stop.reason);
+                    }
+                    Some(instruction::Kind::Registered(_)) | None => {
+                        warn!("ignoring an unexpected instruction");
+                    }
+                },
+                Ok(None) => return Ok(SessionEnd::Lost("instruction stream closed".to_owned())),
+                Err(status) => return Ok(SessionEnd::Lost(status.to_string())),
+            },
+            _ = ticker.tick() => {}
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return Ok(SessionEnd::Lost("rank table closed".to_owned()));
+                }
+            }
+        }
+        let reports = ranks.reports();
+        let heartbeat = HeartbeatRequest {
+            node_id: config.node_id.to_string(),
+            session_id: registered.session_id,
+            ranks: reports.clone(),
+        };
+        match client.heartbeat(heartbeat).await {
+            Ok(response) if response.get_ref().accepted => {
+                contact.last = Instant::now();
+                ranks.acknowledge(&reports);
+            }
+            Ok(_) => {
+                return Ok(SessionEnd::Lost(
+                    "coordinator forgot this session".to_owned(),
+                ));
+            }
+            Err(status) => {
+                warn!(%status, "heartbeat failed");
+                if contact.last.elapsed() > contact.deadline {
+                    return Ok(SessionEnd::Lost(format!(
+                        "no answer for {:?}",
+                        contact.deadline
+                    )));
+                }
+            }
+        }
+    }
+}
