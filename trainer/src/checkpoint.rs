@@ -34,6 +34,11 @@ pub struct RestoredCheckpoint {
     pub step: u64,
 }
 
+/// Returns whether `path` looks like a checkpoint directory written by this crate.
+pub fn is_checkpoint(path: &Path) -> bool {
+    path.join(MODEL_FILE).is_file() && path.join(OPTIMIZER_FILE).is_file()
+}
+
 /// Returns the directory name of the checkpoint of `step`.
 pub fn checkpoint_name(step: u64) -> String {
     format!("step-{step:08}")

@@ -263,27 +263,39 @@ fn load_split(directory: &Path, images_name: &str, labels_name: &str) -> Result<
 }
 
 /// Generates a learnable stand-in for Fashion-MNIST: each class has a random prototype image and
-/// every example is its class's prototype plus uniform noise. The same arguments give the same
-/// data.
-pub fn synthetic(examples: usize, side: usize, classes: usize, seed: u64) -> Result<Dataset> {
+/// every example, in either split, is its class's prototype plus uniform noise. The same
+/// arguments give the same data.
+pub fn synthetic_splits(
+    train_examples: usize,
+    test_examples: usize,
+    side: usize,
+    classes: usize,
+    seed: u64,
+) -> Result<TrainTestSplits> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let features = side * side;
     let prototypes: Vec<u8> = (0..classes * features)
         .map(|_| rng.random_range(0..=200u8))
         .collect();
-    let mut images = Vec::with_capacity(examples * features);
-    let mut labels = Vec::with_capacity(examples);
-    for _ in 0..examples {
-        let label = rng.random_range(0..classes);
-        let prototype = &prototypes[label * features..(label + 1) * features];
-        images.extend(
-            prototype
-                .iter()
-                .map(|&p| p.saturating_add(rng.random_range(0..=55u8))),
-        );
-        labels.push(label as u8);
-    }
-    Dataset::new(images, labels, side, side, classes)
+    let mut split = |examples: usize| {
+        let mut images = Vec::with_capacity(examples * features);
+        let mut labels = Vec::with_capacity(examples);
+        for _ in 0..examples {
+            let label = rng.random_range(0..classes);
+            let prototype = &prototypes[label * features..(label + 1) * features];
+            images.extend(
+                prototype
+                    .iter()
+                    .map(|&p| p.saturating_add(rng.random_range(0..=55u8))),
+            );
+            labels.push(label as u8);
+        }
+        Dataset::new(images, labels, side, side, classes)
+    };
+    Ok(TrainTestSplits {
+        train: split(train_examples)?,
+        test: split(test_examples)?,
+    })
 }
 
 #[cfg(test)]
@@ -398,10 +410,11 @@ mod tests {
 
     #[test]
     fn synthetic_data_is_deterministic() {
-        let a = synthetic(50, 4, 3, 9).unwrap();
-        assert_eq!(a, synthetic(50, 4, 3, 9).unwrap());
-        assert_ne!(a, synthetic(50, 4, 3, 10).unwrap());
-        assert_eq!(a.features(), 16);
+        let a = synthetic_splits(50, 20, 4, 3, 9).unwrap();
+        let b = synthetic_splits(50, 20, 4, 3, 9).unwrap();
+        assert_eq!((&a.train, &a.test), (&b.train, &b.test));
+        assert_ne!(a.train, synthetic_splits(50, 20, 4, 3, 10).unwrap().train);
+        assert_eq!((a.train.len(), a.test.len(), a.train.features()), (50, 20, 16));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! sum-all-reduces it bucket by bucket; the result is the exact mean gradient of the global
 //! batch on every rank, so every rank applies the same update and the replicas never drift.
 
-use crate::collective_shim::{Communicator, ReduceOp};
+use cohort_collective::{Communicator, ReduceOp};
 
 use crate::error::{Result, TrainerError};
 use crate::optim::Optimizer;

@@ -37,7 +37,7 @@ pub enum TrainerError {
     Tensor(#[from] candle_core::Error),
     /// A collective operation between ranks failed.
     #[error("collective: {0}")]
-    Collective(#[from] crate::collective_shim::Error),
+    Collective(#[from] cohort_collective::Error),
     /// A checkpoint could not be written or read back.
     #[error("checkpoint {path}: {message}")]
     Checkpoint {

@@ -20,7 +20,6 @@
 //! - [`error`]: [`TrainerError`] and the crate's `Result`.
 
 pub mod checkpoint;
-mod collective_shim;
 pub mod data;
 pub mod data_parallel;
 pub mod error;

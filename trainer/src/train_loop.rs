@@ -1,10 +1,10 @@
 //! The training loop a rank runs: [`train`] takes everything it needs as arguments (config,
 //! data, communicator, metrics sink) and computes on the calling thread.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::collective_shim::{Communicator, ReduceOp};
+use cohort_collective::{Communicator, ReduceOp};
 use candle_core::{Device, Tensor};
 use candle_nn::Module;
 use cohort_spec::JobSpec;
@@ -424,7 +424,198 @@ fn evaluate_split(
     })
 }
 
-/// Returns whether `path` looks like a checkpoint directory written by this crate.
-pub fn is_checkpoint(path: &Path) -> bool {
-    path.join(checkpoint::MODEL_FILE).is_file() && path.join(checkpoint::OPTIMIZER_FILE).is_file()
+#[cfg(test)]
+mod tests {
+    use cohort_spec::train::{LearningRateDecay, OptimizerKind};
+
+    use super::*;
+    use cohort_collective::{InMemoryStore, TcpRing, TcpRingConfig};
+    use crate::data::synthetic_splits;
+    use crate::metrics::DiscardMetrics;
+
+    /// Records everything a run reports.
+    #[derive(Default)]
+    struct Recorder {
+        steps: Vec<StepMetrics>,
+        evaluations: Vec<EvaluationMetrics>,
+        checkpoints: Vec<(u64, PathBuf)>,
+    }
+
+    impl MetricsSink for Recorder {
+        fn on_step(&mut self, metrics: &StepMetrics) {
+            self.steps.push(metrics.clone());
+        }
+        fn on_evaluation(&mut self, metrics: &EvaluationMetrics) {
+            self.evaluations.push(metrics.clone());
+        }
+        fn on_checkpoint(&mut self, step: u64, path: &std::path::Path) {
+            self.checkpoints.push((step, path.to_owned()));
+        }
+    }
+
+    fn small_splits() -> TrainTestSplits {
+        synthetic_splits(1200, 300, 8, 5, 1).unwrap()
+    }
+
+    fn small_config(world_size: u32, output: &std::path::Path) -> TrainConfig {
+        let mut config = TrainConfig::from_job_spec(
+            &cohort_spec::parse("version = 1\nkind = \"train\"\n").unwrap(),
+            output,
+        );
+        config.model.hidden = vec![16];
+        config.parallel.data = world_size;
+        config.schedule.batch_size = 100;
+        config.schedule.epochs = 2;
+        config.optimizer.lr = Some(0.01);
+        config
+    }
+
+    fn flat_values(model: &Model) -> Vec<f32> {
+        let mut flat = vec![0.0; model.parameters().element_count()];
+        model.parameters().read_values(&mut flat).unwrap();
+        flat
+    }
+
+    /// Connects `world_size` ranks through a TCP ring on loopback, each on its own thread, and
+    /// returns what `run` returns on each rank, in rank order.
+    fn on_ring<T: Send>(
+        world_size: usize,
+        run: impl Fn(usize, &mut TcpRing) -> T + Sync,
+    ) -> Vec<T> {
+        let store = InMemoryStore::new();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..world_size)
+                .map(|rank| {
+                    let (store, run) = (&store, &run);
+                    scope.spawn(move || {
+                        let config = TcpRingConfig::default();
+                        let mut ring =
+                            TcpRing::connect(store, "test", rank, world_size, &config).unwrap();
+                        run(rank, &mut ring)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    /// Runs `configs[r]` on rank `r` and returns every rank's outcome and recorder.
+    fn run_group(
+        configs: Vec<TrainConfig>,
+        data: &TrainTestSplits,
+    ) -> Vec<(TrainOutcome, Recorder)> {
+        on_ring(configs.len(), |rank, ring| {
+            let mut recorder = Recorder::default();
+            let outcome = train(&configs[rank], data, ring, &mut recorder).unwrap();
+            (outcome, recorder)
+        })
+    }
+
+    #[test]
+    fn single_rank_learns_and_reports_every_step_and_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = small_splits();
+        let config = small_config(1, dir.path());
+        let (outcome, recorder) = run_group(vec![config], &data).pop().unwrap();
+        assert_eq!(outcome.steps, 24);
+        assert_eq!(recorder.steps.len(), 24);
+        assert_eq!(recorder.steps[0].step, 1);
+        assert_eq!(recorder.steps[23].epoch, 1);
+        assert_eq!(recorder.evaluations.len(), 2);
+        assert_eq!(recorder.evaluations[1].examples, 300);
+        let first = recorder.steps[0].loss;
+        let last = recorder.steps[23].loss;
+        assert!(last < first * 0.5, "loss {first} -> {last}");
+        assert!(recorder.evaluations[1].accuracy > 0.9, "{:?}", recorder.evaluations);
+        let checkpoint = outcome.checkpoint.unwrap();
+        assert_eq!(checkpoint, dir.path().join("checkpoints/step-00000024"));
+        assert_eq!(recorder.checkpoints, vec![(24, checkpoint)]);
+    }
+
+    #[test]
+    fn ranks_start_from_rank_zero_and_stay_identical() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = small_splits();
+        let configs: Vec<_> = (0..3)
+            .map(|rank| {
+                let mut config = small_config(3, dir.path());
+                // Different initialisations: the broadcast must erase them.
+                config.model.seed = rank;
+                config.schedule.epochs = 1;
+                config.final_checkpoint = false;
+                config
+            })
+            .collect();
+        let results = run_group(configs, &data);
+        let reference = flat_values(&results[0].0.model);
+        for (outcome, recorder) in &results {
+            assert_eq!(flat_values(&outcome.model), reference);
+            assert_eq!(recorder.evaluations, results[0].1.evaluations);
+            let losses: Vec<_> = recorder.steps.iter().map(|s| s.loss).collect();
+            let reference_losses: Vec<_> = results[0].1.steps.iter().map(|s| s.loss).collect();
+            assert_eq!(losses, reference_losses);
+            assert!(outcome.checkpoint.is_none());
+        }
+    }
+
+    #[test]
+    fn world_size_mismatch_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = small_config(2, dir.path());
+        let error = on_ring(1, |_, ring| {
+            train(&config, &small_splits(), ring, &mut DiscardMetrics)
+                .unwrap_err()
+                .to_string()
+        });
+        let error = &error[0];
+        assert!(error.contains("expected parallel.data = 2"), "{error}");
+    }
+
+    #[test]
+    fn resuming_from_a_checkpoint_continues_the_same_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = small_splits();
+        let mut config = small_config(2, dir.path());
+        config.optimizer.kind = OptimizerKind::Adamw;
+        config.schedule.lr_decay = LearningRateDecay::Cosine;
+        config.schedule.warmup_steps = 3;
+        config.checkpoint.every_steps = Some(10);
+        config.checkpoint.directory = "uninterrupted".into();
+        let uninterrupted = run_group(vec![config.clone(), config.clone()], &data);
+        let saved = dir.path().join("uninterrupted/step-00000010");
+        assert!(uninterrupted[0].1.checkpoints.iter().any(|(_, p)| p == &saved));
+
+        let mut resumed = config.clone();
+        resumed.checkpoint.every_steps = None;
+        resumed.checkpoint.directory = "resumed".into();
+        resumed.checkpoint.resume_from = Some(saved.display().to_string());
+        let results = run_group(vec![resumed.clone(), resumed], &data);
+        assert_eq!(results[0].1.steps.first().unwrap().step, 11);
+        assert_eq!(results[0].0.steps, 24);
+        let expected = flat_values(&uninterrupted[0].0.model);
+        for (outcome, _) in &results {
+            let got = flat_values(&outcome.model);
+            let difference = got
+                .iter()
+                .zip(&expected)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(difference < 1e-6, "max difference {difference}");
+        }
+    }
+
+    #[test]
+    fn missing_checkpoint_fails_every_rank() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = small_config(2, dir.path());
+        config.checkpoint.resume_from = Some("does-not-exist".into());
+        let data = small_splits();
+        let errors = on_ring(2, |_, ring| {
+            train(&config, &data, ring, &mut DiscardMetrics)
+                .unwrap_err()
+                .to_string()
+        });
+        assert!(errors[0].contains("does-not-exist"), "{errors:?}");
+        assert!(errors[1].contains("failed on rank 0"), "{errors:?}");
+    }
 }

@@ -206,10 +206,11 @@ impl Cluster {
             rank.signal = report.signal;
             rank.exited_at_ms = (report.exited_at_unix_ms > 0).then_some(report.exited_at_unix_ms);
             rank.detail = report.detail.clone();
-            if let Some(recovery) = &mut entry.recovery {
-                recovery.reported.insert(report.rank);
-            }
-            if changed && !touched.contains(&job_id) {
+            let recovered = entry
+                .recovery
+                .as_mut()
+                .is_some_and(|recovery| recovery.reported.insert(report.rank));
+            if (changed || recovered) && !touched.contains(&job_id) {
                 touched.push(job_id);
             }
         }

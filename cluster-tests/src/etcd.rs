@@ -1,0 +1,194 @@
+//! A real etcd server for tests, used by the coordinator's store conformance suite and by the
+//! cluster tests that run the coordinator with `--store etcd://...`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+
+/// A single-member etcd server started for one test, on free loopback ports, with its data in a
+/// temporary directory. Dropping it (also while a failing test unwinds) kills the process and
+/// removes the directory.
+///
+/// Usage: `let Some(etcd) = TestEtcd::start_or_skip("my_test") else { return };` then connect to
+/// `etcd.endpoint()` (`127.0.0.1:PORT`). The binary is `$ETCD_BIN`, else `/usr/bin/etcd`, else
+/// `etcd` on `PATH`; when none exists the test is skipped with a note on stderr, or fails when
+/// `CI=true` (CI must run every test). Startup blocks (up to [`TestEtcd::STARTUP_TIMEOUT`]), so
+/// async tests call it through `tokio::task::spawn_blocking`.
+pub struct TestEtcd {
+    /// The running server.
+    child: Child,
+    /// `127.0.0.1:PORT` of the client API.
+    client_address: SocketAddr,
+    /// Holds the server's data dir and log file; removed on drop, after the process is gone.
+    _directory: tempfile::TempDir,
+}
+
+impl TestEtcd {
+    /// How long a server may take to answer its health check.
+    pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// Starts a server, or returns `None` after explaining on stderr why the test is skipped.
+    ///
+    /// # Panics
+    ///
+    /// When the binary is missing and `CI=true`, or when a present binary fails to start.
+    pub fn start_or_skip(test_name: &str) -> Option<Self> {
+        let Some(binary) = Self::find_binary() else {
+            let message = format!(
+                "{test_name}: the etcd binary was not found ($ETCD_BIN, /usr/bin/etcd, PATH); \
+                 run scripts/setup.sh to install etcd-server"
+            );
+            if std::env::var("CI").is_ok_and(|value| value == "true") {
+                panic!("{message}");
+            }
+            eprintln!("skipping {message}");
+            return None;
+        };
+        match Self::start(&binary) {
+            Ok(server) => Some(server),
+            Err(error) => panic!("{test_name}: {error}"),
+        }
+    }
+
+    /// Returns the etcd binary to run, if there is one.
+    pub fn find_binary() -> Option<PathBuf> {
+        if let Some(path) = std::env::var_os("ETCD_BIN") {
+            return Some(PathBuf::from(path)).filter(|path| path.is_file());
+        }
+        let standard = PathBuf::from("/usr/bin/etcd");
+        if standard.is_file() {
+            return Some(standard);
+        }
+        std::env::split_paths(&std::env::var_os("PATH")?)
+            .map(|directory| directory.join("etcd"))
+            .find(|path| path.is_file())
+    }
+
+    /// Starts `binary` on free ports and waits until it reports healthy. Retries with new ports
+    /// a couple of times, in case another process took a port between choosing and binding it.
+    pub fn start(binary: &Path) -> Result<Self, String> {
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            match Self::start_once(binary) {
+                Ok(server) => return Ok(server),
+                Err(error) => last_error = error,
+            }
+        }
+        Err(last_error)
+    }
+
+    /// Returns `127.0.0.1:PORT` of the client API.
+    pub fn endpoint(&self) -> String {
+        self.client_address.to_string()
+    }
+
+    /// One attempt of [`TestEtcd::start`].
+    fn start_once(binary: &Path) -> Result<Self, String> {
+        let directory = tempfile::Builder::new()
+            .prefix("cohort-test-etcd-")
+            .tempdir()
+            .map_err(|error| format!("creating a temporary dir for etcd: {error}"))?;
+        let client_address = free_loopback_address()?;
+        let peer_address = free_loopback_address()?;
+        let client_url = format!("http://{client_address}");
+        let peer_url = format!("http://{peer_address}");
+        let log_path = directory.path().join("etcd.log");
+        let log = std::fs::File::create(&log_path)
+            .map_err(|error| format!("creating {}: {error}", log_path.display()))?;
+        let log_for_stderr = log
+            .try_clone()
+            .map_err(|error| format!("duplicating {}: {error}", log_path.display()))?;
+        let child = Command::new(binary)
+            .arg("--name")
+            .arg("test")
+            .arg("--data-dir")
+            .arg(directory.path().join("data"))
+            .arg("--listen-client-urls")
+            .arg(&client_url)
+            .arg("--advertise-client-urls")
+            .arg(&client_url)
+            .arg("--listen-peer-urls")
+            .arg(&peer_url)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer_url)
+            .arg("--initial-cluster")
+            .arg(format!("test={peer_url}"))
+            .arg("--initial-cluster-state")
+            .arg("new")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_for_stderr)
+            .spawn()
+            .map_err(|error| format!("starting {}: {error}", binary.display()))?;
+        // From here on, dropping `server` kills the process.
+        let mut server = Self {
+            child,
+            client_address,
+            _directory: directory,
+        };
+        let deadline = Instant::now() + Self::STARTUP_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                return Err(format!(
+                    "etcd exited during startup ({status}); its log:\n{}",
+                    log_tail(&log_path)
+                ));
+            }
+            if is_healthy(client_address) {
+                return Ok(server);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "etcd did not become healthy at {client_url} within {:?}; its log:\n{}",
+                    Self::STARTUP_TIMEOUT,
+                    log_tail(&log_path)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for TestEtcd {
+    fn drop(&mut self) {
+        // Already exited is fine; the wait reaps it either way.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Returns a loopback address whose port the OS just reported free.
+fn free_loopback_address() -> Result<SocketAddr, String> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map_err(|error| format!("finding a free loopback port: {error}"))
+}
+
+/// Asks etcd's `/health` endpoint whether the server is ready to serve requests.
+fn is_healthy(address: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_millis(200)) else {
+        return false;
+    };
+    let timeout = Some(Duration::from_secs(2));
+    if stream.set_read_timeout(timeout).is_err() || stream.set_write_timeout(timeout).is_err() {
+        return false;
+    }
+    let request = format!("GET /health HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.starts_with("HTTP/1.1 200") && response.contains("\"health\":\"true\"")
+}
+
+/// Returns the last lines of a log file, for startup failure messages.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+

@@ -1,0 +1,401 @@
+//! A real cluster on loopback for one test: a coordinator process and worker processes, each a
+//! `cohort` executable, on ports the OS picks. Everything waits by polling the coordinator,
+//! never by fixed sleeps; every process is killed when the sandbox is dropped.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+
+/// How often state is polled.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// Default limit for waits that should succeed quickly on an idle machine (generous: CI
+/// machines are small and busy).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Finds the `cohort` executable: `$COHORT_BIN`, else the one built next to this test binary
+/// (`target/<profile>/cohort`).
+pub fn cohort_executable() -> PathBuf {
+    if let Some(path) = std::env::var_os("COHORT_BIN") {
+        return PathBuf::from(path);
+    }
+    let test_binary = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/cohort
+    let profile_dir = test_binary
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let executable = profile_dir.join("cohort");
+    assert!(
+        executable.exists(),
+        "{} not found: build it first with `cargo build -p cohort-cli` (scripts/test.sh does)",
+        executable.display()
+    );
+    executable
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Daemon {
+    /// The process.
+    child: Child,
+    /// Where its stderr goes, for failure messages.
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// The OS process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the process with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn terminate(&mut self) {
+        signal(self.child.id(), libc::SIGTERM);
+        let _ = self.child.wait();
+    }
+
+    /// The last lines of its log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Sends a signal to a process.
+pub fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z"),
+        Err(_) => false,
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing after `timeout` with `what` in the message.
+pub fn poll<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check()? {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Where the coordinator keeps its state.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// Embedded database in the sandbox's data dir.
+    Embedded,
+    /// etcd at `host:port`.
+    Etcd(String),
+}
+
+/// A running cluster for one test.
+pub struct Sandbox {
+    /// Holds data dirs, logs and job files; removed on drop.
+    directory: tempfile::TempDir,
+    /// The `cohort` executable.
+    executable: PathBuf,
+    /// The coordinator process, when running.
+    coordinator: Option<Daemon>,
+    /// The coordinator's `host:port`.
+    address: String,
+    /// Coordinator flags (heartbeat deadline, store).
+    coordinator_flags: Vec<String>,
+    /// Worker processes by node id.
+    workers: BTreeMap<String, Daemon>,
+    /// Counter for file names.
+    files: u32,
+}
+
+impl Sandbox {
+    /// Starts a coordinator with the embedded store and the default heartbeat deadline.
+    pub fn start() -> Result<Self> {
+        Self::start_with(Store::Embedded, 5.0)
+    }
+
+    /// Starts a coordinator with the given store and heartbeat deadline (seconds).
+    pub fn start_with(store: Store, heartbeat_deadline_s: f64) -> Result<Self> {
+        let directory = tempfile::Builder::new().prefix("cohort-sandbox-").tempdir()?;
+        let store_flag = match store {
+            Store::Embedded => "embedded".to_owned(),
+            Store::Etcd(endpoint) => format!("etcd://{endpoint}"),
+        };
+        let interval = (heartbeat_deadline_s / 5.0).min(1.0);
+        let mut sandbox = Self {
+            directory,
+            executable: cohort_executable(),
+            coordinator: None,
+            address: String::new(),
+            coordinator_flags: vec![
+                "--store".to_owned(),
+                store_flag,
+                "--heartbeat-deadline-s".to_owned(),
+                heartbeat_deadline_s.to_string(),
+                "--heartbeat-interval-s".to_owned(),
+                interval.to_string(),
+            ],
+            workers: BTreeMap::new(),
+            files: 0,
+        };
+        sandbox.start_coordinator("127.0.0.1:0")?;
+        Ok(sandbox)
+    }
+
+    /// The coordinator's `host:port`.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The sandbox's scratch directory.
+    pub fn path(&self) -> &Path {
+        self.directory.path()
+    }
+
+    fn spawn(&self, name: &str, args: &[String]) -> Result<Daemon> {
+        let log = self.directory.path().join(format!("{name}.log"));
+        let stderr = std::fs::File::create(&log)?;
+        let child = Command::new(&self.executable)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Daemon { child, log })
+    }
+
+    fn start_coordinator(&mut self, listen: &str) -> Result<()> {
+        let address_file = self.directory.path().join("coordinator.addr");
+        let _ = std::fs::remove_file(&address_file);
+        let mut args = vec![
+            "coordinator".to_owned(),
+            "--listen".to_owned(),
+            listen.to_owned(),
+            "--data-dir".to_owned(),
+            self.directory.path().join("data").display().to_string(),
+            "--address-file".to_owned(),
+            address_file.display().to_string(),
+        ];
+        args.extend(self.coordinator_flags.iter().cloned());
+        let mut daemon = self.spawn("coordinator", &args)?;
+        let address = poll("the coordinator's address file", DEFAULT_TIMEOUT, || {
+            if let Some(status) = daemon.child.try_wait()? {
+                bail!("coordinator exited ({status}): {}", daemon.log_tail());
+            }
+            Ok(std::fs::read_to_string(&address_file).ok())
+        })?;
+        self.address = address.trim().to_owned();
+        self.coordinator = Some(daemon);
+        poll("the coordinator to answer", DEFAULT_TIMEOUT, || {
+            Ok(self.cli(&["nodes"]).ok().filter(|o| o.status.success()))
+        })?;
+        Ok(())
+    }
+
+    /// Kills the coordinator with SIGKILL.
+    pub fn kill_coordinator(&mut self) {
+        if let Some(mut daemon) = self.coordinator.take() {
+            daemon.kill();
+        }
+    }
+
+    /// Starts the coordinator again on the same address and data dir.
+    pub fn restart_coordinator(&mut self) -> Result<()> {
+        let address = self.address.clone();
+        self.start_coordinator(&address)
+    }
+
+    /// Starts a worker with `cpu_slots` slots as node `node_id` and waits until it is ready.
+    pub fn add_worker(&mut self, node_id: &str, cpu_slots: u32) -> Result<()> {
+        let args: Vec<String> = [
+            "worker",
+            "--coordinator",
+            &self.address,
+            "--cpu-slots",
+            &cpu_slots.to_string(),
+            "--node-id",
+            node_id,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let daemon = self.spawn(&format!("worker-{node_id}"), &args)?;
+        self.workers.insert(node_id.to_owned(), daemon);
+        self.wait_for_node(node_id, "ready", DEFAULT_TIMEOUT)?;
+        Ok(())
+    }
+
+    /// Kills a worker process with SIGKILL; returns when it is gone.
+    pub fn kill_worker(&mut self, node_id: &str) -> Result<()> {
+        let mut daemon = self
+            .workers
+            .remove(node_id)
+            .ok_or_else(|| anyhow!("no worker {node_id}"))?;
+        daemon.kill();
+        Ok(())
+    }
+
+    /// The worker process of a node.
+    pub fn worker(&self, node_id: &str) -> Option<&Daemon> {
+        self.workers.get(node_id)
+    }
+
+    /// Runs a `cohort` CLI command against this cluster.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        Command::new(&self.executable)
+            .args(args)
+            .env("COHORT_COORDINATOR", &self.address)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .context("running the cohort CLI")
+    }
+
+    /// Runs a CLI command that must succeed and returns its stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
+        let output = self.cli(args)?;
+        if !output.status.success() {
+            bail!(
+                "cohort {} failed ({}): {}",
+                args.join(" "),
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Writes a job file into the sandbox and returns its path.
+    pub fn write_job(&mut self, toml: &str) -> Result<PathBuf> {
+        self.files += 1;
+        let path = self.directory.path().join(format!("job-{}.toml", self.files));
+        std::fs::write(&path, toml)?;
+        Ok(path)
+    }
+
+    /// Submits a job file through the CLI; returns the job id.
+    pub fn submit(&mut self, toml: &str, extra: &[&str]) -> Result<String> {
+        let path = self.write_job(toml)?;
+        let path = path.display().to_string();
+        let mut args = vec!["submit", path.as_str()];
+        args.extend_from_slice(extra);
+        Ok(self.cli_ok(&args)?.trim().to_owned())
+    }
+
+    /// `cohort status JOB --output json`.
+    pub fn job(&self, job_id: &str) -> Result<Value> {
+        let text = self.cli_ok(&["status", job_id, "--output", "json"])?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// `cohort status --output json`.
+    pub fn jobs(&self) -> Result<Vec<Value>> {
+        let text = self.cli_ok(&["status", "--output", "json"])?;
+        match serde_json::from_str(&text)? {
+            Value::Array(jobs) => Ok(jobs),
+            other => bail!("expected a JSON array, got {other}"),
+        }
+    }
+
+    /// `cohort nodes --output json`.
+    pub fn nodes(&self) -> Result<Vec<Value>> {
+        let text = self.cli_ok(&["nodes", "--output", "json"])?;
+        match serde_json::from_str(&text)? {
+            Value::Array(nodes) => Ok(nodes),
+            other => bail!("expected a JSON array, got {other}"),
+        }
+    }
+
+    /// Polls until the job's state is `state`; returns the job.
+    pub fn wait_for_state(&self, job_id: &str, state: &str, timeout: Duration) -> Result<Value> {
+        poll(&format!("job {job_id} to be {state}"), timeout, || {
+            let job = self.job(job_id)?;
+            let current = job["state"].as_str().unwrap_or_default();
+            if current == state {
+                return Ok(Some(job));
+            }
+            let finished = matches!(current, "succeeded" | "failed" | "cancelled");
+            if finished {
+                bail!("job {job_id} ended {current} instead of {state}: {job}");
+            }
+            Ok(None)
+        })
+    }
+
+    /// Polls until node `node_id` has `status` (`ready`, `lost`).
+    pub fn wait_for_node(&self, node_id: &str, status: &str, timeout: Duration) -> Result<Value> {
+        poll(&format!("node {node_id} to be {status}"), timeout, || {
+            Ok(self
+                .nodes()?
+                .into_iter()
+                .find(|node| node["node_id"] == node_id && node["status"] == status))
+        })
+    }
+
+    /// Pids of the job's ranks as reported by the workers (0 for ranks never started).
+    pub fn rank_pids(&self, job_id: &str) -> Result<Vec<u32>> {
+        let job = self.job(job_id)?;
+        Ok(job["placement"]
+            .as_array()
+            .map(|ranks| {
+                ranks
+                    .iter()
+                    .map(|rank| rank["pid"].as_u64().unwrap_or(0) as u32)
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Polls until every rank of the job reports running; returns their pids.
+    pub fn wait_for_running_ranks(&self, job_id: &str) -> Result<Vec<u32>> {
+        poll(&format!("every rank of {job_id} to run"), DEFAULT_TIMEOUT, || {
+            let job = self.job(job_id)?;
+            let ranks = job["placement"].as_array().cloned().unwrap_or_default();
+            let running = !ranks.is_empty() && ranks.iter().all(|rank| rank["state"] == "running");
+            Ok(running.then(|| {
+                ranks
+                    .iter()
+                    .map(|rank| rank["pid"].as_u64().unwrap_or(0) as u32)
+                    .collect()
+            }))
+        })
+    }
+
+    /// Polls until none of `pids` is alive.
+    pub fn wait_for_processes_gone(&self, pids: &[u32], timeout: Duration) -> Result<()> {
+        poll("rank processes to be gone", timeout, || {
+            Ok(pids.iter().all(|&pid| !process_alive(pid)).then_some(()))
+        })
+    }
+}

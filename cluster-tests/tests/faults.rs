@@ -1,0 +1,127 @@
+//! Faults injected on purpose: a worker killed with SIGKILL, the coordinator killed and
+//! restarted on its data (embedded store and a real etcd).
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use cohort_cluster_tests::etcd::TestEtcd;
+use cohort_cluster_tests::sandbox::{DEFAULT_TIMEOUT, Sandbox, Store};
+
+fn sleeper(name: &str, ranks: u32) -> String {
+    format!(
+        r#"
+version = 1
+name = "{name}"
+kind = "command"
+[resources]
+ranks = {ranks}
+[command]
+program = "sleep"
+args = ["600"]
+stop_grace_s = 1.0
+"#
+    )
+}
+
+fn one_shot(name: &str, exit_code: u32) -> String {
+    format!(
+        r#"
+version = 1
+name = "{name}"
+kind = "command"
+[command]
+program = "sh"
+args = ["-c", "echo finishing; exit {exit_code}"]
+"#
+    )
+}
+
+#[test]
+fn a_killed_worker_is_marked_lost_and_fails_its_job() -> Result<()> {
+    let deadline_s = 2.0;
+    let mut cluster = Sandbox::start_with(Store::Embedded, deadline_s)?;
+    cluster.add_worker("node-a", 1)?;
+    cluster.add_worker("node-b", 1)?;
+    let job_id = cluster.submit(&sleeper("victim", 2), &[])?;
+    let pids = cluster.wait_for_running_ranks(&job_id)?;
+
+    let killed_at = Instant::now();
+    cluster.kill_worker("node-b")?;
+    cluster.wait_for_node("node-b", "lost", DEFAULT_TIMEOUT)?;
+    let lost_after = killed_at.elapsed();
+    // The deadline, plus one scheduler tick and the time to look.
+    assert!(
+        lost_after < Duration::from_secs_f64(deadline_s + 1.5),
+        "node marked lost {lost_after:?} after the kill"
+    );
+    let job = cluster.wait_for_state(&job_id, "failed", DEFAULT_TIMEOUT)?;
+    let reason = job["reason"].as_str().unwrap();
+    assert!(reason.contains("node node-b lost"), "{reason}");
+    // The survivor on node-a is stopped; the rank on node-b died with its worker.
+    cluster.wait_for_processes_gone(&pids, DEFAULT_TIMEOUT)?;
+
+    // The worker comes back under the same id and runs work again.
+    cluster.add_worker("node-b", 1)?;
+    let again = cluster.submit(&one_shot("after", 0), &[])?;
+    cluster.wait_for_state(&again, "succeeded", DEFAULT_TIMEOUT)?;
+    Ok(())
+}
+
+/// Finished jobs keep their final state across a coordinator crash; a running job whose ranks
+/// re-report in time keeps running; one whose worker died with the coordinator fails with
+/// "coordinator restarted".
+fn restart_keeps_job_records(store: Store) -> Result<()> {
+    let mut cluster = Sandbox::start_with(store, 3.0)?;
+    cluster.add_worker("steady", 2)?;
+    cluster.add_worker("doomed", 1)?;
+    let succeeded = cluster.submit(&one_shot("good", 0), &[])?;
+    cluster.wait_for_state(&succeeded, "succeeded", DEFAULT_TIMEOUT)?;
+    let failed = cluster.submit(&one_shot("bad", 7), &[])?;
+    cluster.wait_for_state(&failed, "failed", DEFAULT_TIMEOUT)?;
+    // Fill "steady" first so the next job lands on "doomed".
+    let survivor = cluster.submit(&sleeper("survivor", 2), &[])?;
+    let survivor_pids = cluster.wait_for_running_ranks(&survivor)?;
+    let orphan = cluster.submit(&sleeper("orphan", 1), &[])?;
+    cluster.wait_for_running_ranks(&orphan)?;
+    let orphan_job = cluster.job(&orphan)?;
+    assert_eq!(orphan_job["placement"][0]["node_id"], "doomed", "{orphan_job}");
+
+    cluster.kill_coordinator();
+    cluster.kill_worker("doomed")?;
+    cluster.restart_coordinator()?;
+
+    let jobs = cluster.jobs()?;
+    let state_of = |id: &str| {
+        jobs.iter()
+            .find(|job| job["job_id"] == id)
+            .map(|job| job["state"].as_str().unwrap_or_default().to_owned())
+    };
+    assert_eq!(state_of(&succeeded).as_deref(), Some("succeeded"));
+    assert_eq!(state_of(&failed).as_deref(), Some("failed"));
+    let failed_job = cluster.job(&failed)?;
+    assert!(failed_job["reason"].as_str().unwrap().contains("code 7"), "{failed_job}");
+
+    let orphan_job = cluster.wait_for_state(&orphan, "failed", DEFAULT_TIMEOUT)?;
+    assert_eq!(orphan_job["reason"], "coordinator restarted");
+    // The survivor's worker re-registered and re-reported both ranks: still running, same pids.
+    cluster.wait_for_node("steady", "ready", DEFAULT_TIMEOUT)?;
+    let survivor_job = cluster.job(&survivor)?;
+    assert_eq!(survivor_job["state"], "running", "{survivor_job}");
+    assert_eq!(cluster.rank_pids(&survivor)?, survivor_pids);
+    let output = cluster.cli_ok(&["cancel", &survivor])?;
+    assert!(output.contains("cancelled"), "{output}");
+    Ok(())
+}
+
+#[test]
+fn coordinator_restart_keeps_jobs_with_the_embedded_store() -> Result<()> {
+    restart_keeps_job_records(Store::Embedded)
+}
+
+#[test]
+fn coordinator_restart_keeps_jobs_with_etcd() -> Result<()> {
+    let Some(etcd) = TestEtcd::start_or_skip("coordinator_restart_keeps_jobs_with_etcd") else {
+        return Ok(());
+    };
+    restart_keeps_job_records(Store::Etcd(etcd.endpoint()))
+}
