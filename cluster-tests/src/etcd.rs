@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-
 /// A single-member etcd server started for one test, on free loopback ports, with its data in a
 /// temporary directory. Dropping it (also while a failing test unwinds) kills the process and
 /// removes the directory.
@@ -191,4 +190,3 @@ fn log_tail(path: &Path) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
-

@@ -97,7 +97,11 @@ pub fn process_alive(pid: u32) -> bool {
 }
 
 /// Polls `check` until it returns `Some`, failing after `timeout` with `what` in the message.
-pub fn poll<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+pub fn poll<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(value) = check()? {
@@ -145,7 +149,9 @@ impl Sandbox {
 
     /// Starts a coordinator with the given store and heartbeat deadline (seconds).
     pub fn start_with(store: Store, heartbeat_deadline_s: f64) -> Result<Self> {
-        let directory = tempfile::Builder::new().prefix("cohort-sandbox-").tempdir()?;
+        let directory = tempfile::Builder::new()
+            .prefix("cohort-sandbox-")
+            .tempdir()?;
         let store_flag = match store {
             Store::Embedded => "embedded".to_owned(),
             Store::Etcd(endpoint) => format!("etcd://{endpoint}"),
@@ -299,7 +305,10 @@ impl Sandbox {
     /// Writes a job file into the sandbox and returns its path.
     pub fn write_job(&mut self, toml: &str) -> Result<PathBuf> {
         self.files += 1;
-        let path = self.directory.path().join(format!("job-{}.toml", self.files));
+        let path = self
+            .directory
+            .path()
+            .join(format!("job-{}.toml", self.files));
         std::fs::write(&path, toml)?;
         Ok(path)
     }
@@ -379,17 +388,22 @@ impl Sandbox {
 
     /// Polls until every rank of the job reports running; returns their pids.
     pub fn wait_for_running_ranks(&self, job_id: &str) -> Result<Vec<u32>> {
-        poll(&format!("every rank of {job_id} to run"), DEFAULT_TIMEOUT, || {
-            let job = self.job(job_id)?;
-            let ranks = job["placement"].as_array().cloned().unwrap_or_default();
-            let running = !ranks.is_empty() && ranks.iter().all(|rank| rank["state"] == "running");
-            Ok(running.then(|| {
-                ranks
-                    .iter()
-                    .map(|rank| rank["pid"].as_u64().unwrap_or(0) as u32)
-                    .collect()
-            }))
-        })
+        poll(
+            &format!("every rank of {job_id} to run"),
+            DEFAULT_TIMEOUT,
+            || {
+                let job = self.job(job_id)?;
+                let ranks = job["placement"].as_array().cloned().unwrap_or_default();
+                let running =
+                    !ranks.is_empty() && ranks.iter().all(|rank| rank["state"] == "running");
+                Ok(running.then(|| {
+                    ranks
+                        .iter()
+                        .map(|rank| rank["pid"].as_u64().unwrap_or(0) as u32)
+                        .collect()
+                }))
+            },
+        )
     }
 
     /// Polls until none of `pids` is alive.

@@ -53,7 +53,10 @@ echo "to stderr" >&2
             logs.contains(&format!("[rank {rank}] rank={rank} world=3 local=0")),
             "rank {rank} line missing from:\n{logs}"
         );
-        assert!(logs.contains(&format!("[rank {rank}]! to stderr")), "{logs}");
+        assert!(
+            logs.contains(&format!("[rank {rank}]! to stderr")),
+            "{logs}"
+        );
         let value = logs
             .lines()
             .find_map(|line| line.strip_prefix(&format!("[rank {rank}] agreed=")))
@@ -61,10 +64,16 @@ echo "to stderr" >&2
         agreed.push(value.to_owned());
     }
     assert!(!agreed[0].is_empty());
-    assert!(agreed.iter().all(|v| v == &agreed[0]), "ranks disagree: {agreed:?}");
+    assert!(
+        agreed.iter().all(|v| v == &agreed[0]),
+        "ranks disagree: {agreed:?}"
+    );
 
     let rank1 = cluster.cli_ok(&["logs", &job_id, "--rank", "1"])?;
-    assert!(rank1.lines().all(|line| line.starts_with("[rank 1]")), "{rank1}");
+    assert!(
+        rank1.lines().all(|line| line.starts_with("[rank 1]")),
+        "{rank1}"
+    );
     Ok(())
 }
 
@@ -80,7 +89,10 @@ fn a_gang_waits_until_the_cluster_can_hold_all_of_it() -> Result<()> {
     let refused = cluster.cli(&["submit", &path.display().to_string()])?;
     assert!(!refused.status.success());
     let message = String::from_utf8_lossy(&refused.stderr);
-    assert!(message.contains("6 ranks") && message.contains("--wait-for-resources"), "{message}");
+    assert!(
+        message.contains("6 ranks") && message.contains("--wait-for-resources"),
+        "{message}"
+    );
 
     let job_id = cluster.submit(&job, &["--wait-for-resources"])?;
     // It stays queued with nothing placed and no rank started while the cluster is too small,
@@ -146,15 +158,16 @@ fn cancel_leaves_no_rank_process_behind() -> Result<()> {
     let script = "trap '' TERM; sleep 600 & echo child=$!; exec sleep 600";
     let job_id = cluster.submit(&command_job("long", 4, script), &[])?;
     let pids = cluster.wait_for_running_ranks(&job_id)?;
-    let children: Vec<u32> = cohort_cluster_tests::sandbox::poll("children's pids", DEFAULT_TIMEOUT, || {
-        let logs = cluster.cli_ok(&["logs", &job_id])?;
-        let found: Vec<u32> = logs
-            .lines()
-            .filter_map(|line| line.split("child=").nth(1))
-            .filter_map(|pid| pid.trim().parse().ok())
-            .collect();
-        Ok((found.len() == 4).then_some(found))
-    })?;
+    let children: Vec<u32> =
+        cohort_cluster_tests::sandbox::poll("children's pids", DEFAULT_TIMEOUT, || {
+            let logs = cluster.cli_ok(&["logs", &job_id])?;
+            let found: Vec<u32> = logs
+                .lines()
+                .filter_map(|line| line.split("child=").nth(1))
+                .filter_map(|pid| pid.trim().parse().ok())
+                .collect();
+            Ok((found.len() == 4).then_some(found))
+        })?;
     assert!(pids.iter().chain(&children).all(|&pid| process_alive(pid)));
 
     let started = Instant::now();

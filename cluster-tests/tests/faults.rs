@@ -84,7 +84,10 @@ fn restart_keeps_job_records(store: Store) -> Result<()> {
     let orphan = cluster.submit(&sleeper("orphan", 1), &[])?;
     cluster.wait_for_running_ranks(&orphan)?;
     let orphan_job = cluster.job(&orphan)?;
-    assert_eq!(orphan_job["placement"][0]["node_id"], "doomed", "{orphan_job}");
+    assert_eq!(
+        orphan_job["placement"][0]["node_id"], "doomed",
+        "{orphan_job}"
+    );
 
     cluster.kill_coordinator();
     cluster.kill_worker("doomed")?;
@@ -99,7 +102,10 @@ fn restart_keeps_job_records(store: Store) -> Result<()> {
     assert_eq!(state_of(&succeeded).as_deref(), Some("succeeded"));
     assert_eq!(state_of(&failed).as_deref(), Some("failed"));
     let failed_job = cluster.job(&failed)?;
-    assert!(failed_job["reason"].as_str().unwrap().contains("code 7"), "{failed_job}");
+    assert!(
+        failed_job["reason"].as_str().unwrap().contains("code 7"),
+        "{failed_job}"
+    );
 
     let orphan_job = cluster.wait_for_state(&orphan, "failed", DEFAULT_TIMEOUT)?;
     assert_eq!(orphan_job["reason"], "coordinator restarted");

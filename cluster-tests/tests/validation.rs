@@ -82,10 +82,20 @@ fn the_cli_refuses_invalid_specs_naming_the_field() -> Result<()> {
         let output = cluster.cli(&["submit", &path.display().to_string()])?;
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{what}: accepted");
-        assert!(stderr.contains(field), "{what}: message does not name {field}: {stderr}");
-        assert_eq!(stderr.trim().lines().count(), 1, "{what}: not one line: {stderr}");
+        assert!(
+            stderr.contains(field),
+            "{what}: message does not name {field}: {stderr}"
+        );
+        assert_eq!(
+            stderr.trim().lines().count(),
+            1,
+            "{what}: not one line: {stderr}"
+        );
     }
-    assert!(cluster.jobs()?.is_empty(), "an invalid job reached the store");
+    assert!(
+        cluster.jobs()?.is_empty(),
+        "an invalid job reached the store"
+    );
     Ok(())
 }
 
@@ -101,10 +111,21 @@ async fn the_coordinator_refuses_invalid_specs_sent_directly() -> Result<()> {
             })
             .await
             .expect_err(what);
-        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{what}: {status:?}");
-        assert!(status.message().contains(field), "{what}: {}", status.message());
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{what}: {status:?}"
+        );
+        assert!(
+            status.message().contains(field),
+            "{what}: {}",
+            status.message()
+        );
     }
-    let oversized = format!("version = 1\nkind = \"command\"\n# {}\n{VALID_TAIL}", "x".repeat(70_000));
+    let oversized = format!(
+        "version = 1\nkind = \"command\"\n# {}\n{VALID_TAIL}",
+        "x".repeat(70_000)
+    );
     let status = client
         .submit_job(SubmitJobRequest {
             spec_toml: oversized,

@@ -12,8 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use cohort_collective::{
-    BufferMut, Communicator, DType, Element, Error, InMemoryStore, ReduceOp, TcpRing,
-    TcpRingConfig,
+    BufferMut, Communicator, DType, Element, Error, InMemoryStore, ReduceOp, TcpRing, TcpRingConfig,
 };
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
@@ -46,19 +45,17 @@ impl Default for GroupSettings {
 type GroupFactory = fn(usize, &GroupSettings) -> Vec<Box<dyn Communicator>>;
 
 /// Forms a [`TcpRing`] group over loopback through an [`InMemoryStore`], with the given
-/// message size and pipeline depth.
+/// message size.
 fn tcp_ring_group_with(
     world_size: usize,
     settings: &GroupSettings,
     chunk_bytes: usize,
-    pipeline_depth: usize,
 ) -> Vec<Box<dyn Communicator>> {
     let store = Arc::new(InMemoryStore::new());
     let config = TcpRingConfig {
         io_timeout: settings.io_timeout,
         connect_timeout: Duration::from_secs(60),
         chunk_bytes,
-        pipeline_depth,
         ..TcpRingConfig::default()
     };
     std::thread::scope(|scope| {
@@ -81,16 +78,16 @@ fn tcp_ring_group_with(
 
 /// [`TcpRing`] with default settings.
 fn tcp_ring_group(world_size: usize, settings: &GroupSettings) -> Vec<Box<dyn Communicator>> {
-    tcp_ring_group_with(world_size, settings, TcpRingConfig::default().chunk_bytes, 4)
+    tcp_ring_group_with(world_size, settings, TcpRingConfig::default().chunk_bytes)
 }
 
-/// [`TcpRing`] with the smallest messages and a single pipeline slot: many chunks per step and
-/// constant back-pressure, which exercises the pipelining logic.
+/// [`TcpRing`] with the smallest messages: many chunks per step, which exercises the
+/// pipelining logic.
 fn tcp_ring_small_chunks_group(
     world_size: usize,
     settings: &GroupSettings,
 ) -> Vec<Box<dyn Communicator>> {
-    tcp_ring_group_with(world_size, settings, 1024, 1)
+    tcp_ring_group_with(world_size, settings, 1024)
 }
 
 /// Runs `body` on every rank's communicator, each on its own thread, and returns the results in
@@ -109,7 +106,11 @@ fn run_ranks<R: Send>(
             .collect();
         handles
             .into_iter()
-            .map(|handle| handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .map(|handle| {
+                handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
             .collect()
     })
 }
@@ -295,7 +296,10 @@ fn gather_and_scatter_round_trip<T: Element>(factory: GroupFactory) {
         run_ranks(group, |communicator| {
             let rank = communicator.rank();
             for (seed, (&block, expected)) in blocks.iter().zip(&references).enumerate() {
-                let what = format!("{} block of {block} on rank {rank} of {world_size}", T::DTYPE);
+                let what = format!(
+                    "{} block of {block} on rank {rank} of {world_size}",
+                    T::DTYPE
+                );
                 // All-gather of each rank's own random block.
                 let own: Vec<T> = random_values(200 + seed as u64, rank, block);
                 let mut gathered = vec![T::from_f32(f32::NAN); block * world_size];
@@ -314,18 +318,32 @@ fn gather_and_scatter_round_trip<T: Element>(factory: GroupFactory) {
                 let input: Vec<T> = random_values(100 + seed as u64, rank, block * world_size);
                 let mut reduced = vec![T::from_f32(f32::NAN); block];
                 communicator
-                    .reduce_scatter((&input).into(), BufferMut::from(&mut reduced), ReduceOp::Sum)
+                    .reduce_scatter(
+                        (&input).into(),
+                        BufferMut::from(&mut reduced),
+                        ReduceOp::Sum,
+                    )
                     .unwrap();
                 let own_reference = Reference {
                     values: expected.values[rank * block..(rank + 1) * block].to_vec(),
                     magnitudes: expected.magnitudes[rank * block..(rank + 1) * block].to_vec(),
                 };
-                assert_close(&reduced, &own_reference, world_size, &format!("reduce_scatter: {what}"));
+                assert_close(
+                    &reduced,
+                    &own_reference,
+                    world_size,
+                    &format!("reduce_scatter: {what}"),
+                );
                 let mut everything = vec![T::from_f32(f32::NAN); block * world_size];
                 communicator
                     .all_gather((&reduced).into(), BufferMut::from(&mut everything))
                     .unwrap();
-                assert_close(&everything, expected, world_size, &format!("round trip: {what}"));
+                assert_close(
+                    &everything,
+                    expected,
+                    world_size,
+                    &format!("round trip: {what}"),
+                );
             }
         });
     }
@@ -366,7 +384,17 @@ fn bad_arguments_are_errors(factory: GroupFactory) {
         let error = communicator
             .all_gather((&input).into(), BufferMut::from(&mut short_output))
             .unwrap_err();
-        assert!(matches!(error, Error::LengthMismatch { found: 5, expected: 6, .. }), "{error}");
+        assert!(
+            matches!(
+                error,
+                Error::LengthMismatch {
+                    found: 5,
+                    expected: 6,
+                    ..
+                }
+            ),
+            "{error}"
+        );
 
         let mut half_output = vec![bf16::ZERO; 6];
         let error = communicator
@@ -384,7 +412,10 @@ fn bad_arguments_are_errors(factory: GroupFactory) {
         let error = communicator
             .broadcast(BufferMut::from(&mut buffer), 2)
             .unwrap_err();
-        assert_eq!(error.to_string(), "broadcast: root rank 2 out of range, expected 0..2");
+        assert_eq!(
+            error.to_string(),
+            "broadcast: root rank 2 out of range, expected 0..2"
+        );
 
         communicator
             .all_reduce(BufferMut::from(&mut buffer), ReduceOp::Sum)
@@ -424,8 +455,14 @@ fn dropped_peer_is_named(factory: GroupFactory) {
             error.to_string().contains(&format!("peer rank {DROPPED}")),
             "rank {rank}: {error}"
         );
-        assert!(elapsed < FAILURE_DETECTION_BOUND, "rank {rank} took {elapsed:?}");
-        assert!(matches!(later, Error::Poisoned { .. }), "rank {rank}: {later}");
+        assert!(
+            elapsed < FAILURE_DETECTION_BOUND,
+            "rank {rank} took {elapsed:?}"
+        );
+        assert!(
+            matches!(later, Error::Poisoned { .. }),
+            "rank {rank}: {later}"
+        );
         assert_eq!(later.failed_rank(), Some(DROPPED), "rank {rank}: {later}");
     }
 }

@@ -196,16 +196,7 @@ impl LogStore {
     /// Returns the job's lines so far (those of `rank` only, when given) and, when `follow`,
     /// a feed of later lines. Lines of the feed whose `seq` is below the returned count were
     /// already returned and must be skipped.
-    pub fn read(
-        &self,
-        job_id: &JobId,
-        rank: Option<u32>,
-        follow: bool,
-    ) -> Result<(
-        Vec<LogLine>,
-        u64,
-        Option<broadcast::Receiver<Arc<SequencedLine>>>,
-    )> {
+    pub fn read(&self, job_id: &JobId, rank: Option<u32>, follow: bool) -> Result<LogSnapshot> {
         // Subscribe before reading so that no line falls between the file and the feed.
         let feed = if follow {
             Some(self.with_log(job_id, |log| Ok(log.feed.subscribe()))?)

@@ -91,10 +91,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "ranks" => config.parallel.data = value.parse()?,
             "bucket_bytes" => config.parallel.gradient_bucket_bytes = value.parse()?,
             "hidden" => {
-                config.model.hidden = value
-                    .split(',')
-                    .map(str::parse)
-                    .collect::<Result<_, _>>()?
+                config.model.hidden = value.split(',').map(str::parse).collect::<Result<_, _>>()?
             }
             "seed" => config.data.seed = value.parse()?,
             _ => return Err(format!("unknown key {key:?}").into()),
@@ -115,9 +112,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|rank| {
                 let (store, config, data) = (&store, &config, &data);
                 scope.spawn(move || -> Result<_, String> {
-                    let mut ring =
-                        TcpRing::connect(store, "example", rank, world_size, &TcpRingConfig::default())
-                            .map_err(|e| e.to_string())?;
+                    let mut ring = TcpRing::connect(
+                        store,
+                        "example",
+                        rank,
+                        world_size,
+                        &TcpRingConfig::default(),
+                    )
+                    .map_err(|e| e.to_string())?;
                     let mut printer = Printer {
                         rank,
                         started: Instant::now(),

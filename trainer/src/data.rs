@@ -414,7 +414,10 @@ mod tests {
         let b = synthetic_splits(50, 20, 4, 3, 9).unwrap();
         assert_eq!((&a.train, &a.test), (&b.train, &b.test));
         assert_ne!(a.train, synthetic_splits(50, 20, 4, 3, 10).unwrap().train);
-        assert_eq!((a.train.len(), a.test.len(), a.train.features()), (50, 20, 16));
+        assert_eq!(
+            (a.train.len(), a.test.len(), a.train.features()),
+            (50, 20, 16)
+        );
     }
 
     #[test]

@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use cohort_collective::{Communicator, ReduceOp};
 use candle_core::{Device, Tensor};
 use candle_nn::Module;
+use cohort_collective::{Communicator, ReduceOp};
 use cohort_spec::JobSpec;
 use cohort_spec::train::{
     CheckpointSpec, DataSpec, ModelSpec, OptimizerSpec, ParallelSpec, ScheduleSpec,
@@ -429,9 +429,9 @@ mod tests {
     use cohort_spec::train::{LearningRateDecay, OptimizerKind};
 
     use super::*;
-    use cohort_collective::{InMemoryStore, TcpRing, TcpRingConfig};
     use crate::data::synthetic_splits;
     use crate::metrics::DiscardMetrics;
+    use cohort_collective::{InMemoryStore, TcpRing, TcpRingConfig};
 
     /// Records everything a run reports.
     #[derive(Default)]
@@ -526,7 +526,11 @@ mod tests {
         let first = recorder.steps[0].loss;
         let last = recorder.steps[23].loss;
         assert!(last < first * 0.5, "loss {first} -> {last}");
-        assert!(recorder.evaluations[1].accuracy > 0.9, "{:?}", recorder.evaluations);
+        assert!(
+            recorder.evaluations[1].accuracy > 0.9,
+            "{:?}",
+            recorder.evaluations
+        );
         let checkpoint = outcome.checkpoint.unwrap();
         assert_eq!(checkpoint, dir.path().join("checkpoints/step-00000024"));
         assert_eq!(recorder.checkpoints, vec![(24, checkpoint)]);
@@ -583,7 +587,13 @@ mod tests {
         config.checkpoint.directory = "uninterrupted".into();
         let uninterrupted = run_group(vec![config.clone(), config.clone()], &data);
         let saved = dir.path().join("uninterrupted/step-00000010");
-        assert!(uninterrupted[0].1.checkpoints.iter().any(|(_, p)| p == &saved));
+        assert!(
+            uninterrupted[0]
+                .1
+                .checkpoints
+                .iter()
+                .any(|(_, p)| p == &saved)
+        );
 
         let mut resumed = config.clone();
         resumed.checkpoint.every_steps = None;

@@ -115,9 +115,14 @@ fn assert_equivalent(world_size: u32, model: ModelSpec) {
     // The runs move far beyond the tolerance: an error in any step would show.
     let initial = initial_parameters(&single, &data);
     let moved = max_difference(&initial, &reference);
-    assert!(moved > 1000.0 * tolerance, "moved {moved}, tolerance {tolerance}");
+    assert!(
+        moved > 1000.0 * tolerance,
+        "moved {moved}, tolerance {tolerance}"
+    );
     // A different data order (another shuffle seed) ends far outside the tolerance too.
-    let other_order = train_on_ring(&config(1, model.clone(), 6), &data).pop().unwrap();
+    let other_order = train_on_ring(&config(1, model.clone(), 6), &data)
+        .pop()
+        .unwrap();
     assert!(max_difference(&other_order, &reference) > 100.0 * tolerance);
 
     let distributed = train_on_ring(&config(world_size, model, 5), &data);

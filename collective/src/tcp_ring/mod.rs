@@ -41,12 +41,10 @@ pub struct TcpRingConfig {
     /// Longest a collective may go without moving a byte before it fails naming the rank it
     /// waits on. Default 30 s.
     pub io_timeout: Duration,
-    /// Largest message, in bytes (chunks of reductions are counted as `f32`). Default 512 KiB;
-    /// a multiple of 4 from 1 KiB to 64 MiB.
+    /// Largest message, in bytes (chunks of reductions are counted as `f32`): smaller chunks
+    /// overlap more but cost more per byte. Default 512 KiB; a multiple of 4 from 1 KiB to
+    /// 64 MiB.
     pub chunk_bytes: usize,
-    /// Number of received chunks that may wait to be forwarded during a reduction; each costs
-    /// `chunk_bytes` of memory. Default 4; from 1 to 64.
-    pub pipeline_depth: usize,
 }
 
 impl Default for TcpRingConfig {
@@ -57,7 +55,6 @@ impl Default for TcpRingConfig {
             connect_timeout: Duration::from_secs(120),
             io_timeout: Duration::from_secs(30),
             chunk_bytes: 512 * 1024,
-            pipeline_depth: 4,
         }
     }
 }
@@ -70,13 +67,6 @@ impl TcpRingConfig {
                 field: "config.chunk_bytes",
                 found: self.chunk_bytes.to_string(),
                 expected: "a multiple of 4 from 1024 to 67108864",
-            });
-        }
-        if !(1..=64).contains(&self.pipeline_depth) {
-            return Err(Error::InvalidArgument {
-                field: "config.pipeline_depth",
-                found: self.pipeline_depth.to_string(),
-                expected: "1 to 64",
             });
         }
         for (field, value) in [
@@ -176,7 +166,7 @@ impl TcpRing {
             prefix: prefix.to_owned(),
             chunk_bytes: config.chunk_bytes,
             transport,
-            scratch: Scratch::new(scratch_elements, config.pipeline_depth),
+            scratch: Scratch::new(scratch_elements),
         })
     }
 
@@ -357,5 +347,204 @@ impl Communicator for TcpRing {
             return Ok(());
         };
         transport.run(collective, &mut BarrierPlan::new(world_size))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::TcpStream;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::rendezvous::{InMemoryStore, address_key};
+
+    /// Settings with short timeouts for failure tests.
+    fn quick_config() -> TcpRingConfig {
+        TcpRingConfig {
+            connect_timeout: Duration::from_secs(2),
+            io_timeout: Duration::from_secs(2),
+            ..TcpRingConfig::default()
+        }
+    }
+
+    /// Connects ranks `ranks` of a `world_size` ring on threads and returns their results in
+    /// the same order.
+    fn connect_ranks(
+        store: &Arc<InMemoryStore>,
+        prefix: &str,
+        ranks: &[usize],
+        world_size: usize,
+        config: &TcpRingConfig,
+    ) -> Vec<Result<TcpRing>> {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = ranks
+                .iter()
+                .map(|&rank| {
+                    scope.spawn(move || TcpRing::connect(&**store, prefix, rank, world_size, config))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|handle| handle.join().unwrap())
+                .collect()
+        })
+    }
+
+    #[test]
+    fn invalid_arguments_are_rejected_before_any_network_use() {
+        let store = InMemoryStore::new();
+        let config = TcpRingConfig::default();
+        let error = TcpRing::connect(&store, "ring", 2, 2, &config).err().unwrap();
+        assert_eq!(error.to_string(), "rank = 2, expected less than world_size");
+        let error = TcpRing::connect(&store, "", 0, 1, &config).err().unwrap();
+        assert!(error.to_string().starts_with("prefix = \"\""), "{error}");
+        let odd_chunks = TcpRingConfig {
+            chunk_bytes: 1001,
+            ..TcpRingConfig::default()
+        };
+        let error = TcpRing::connect(&store, "ring", 0, 1, &odd_chunks).err().unwrap();
+        assert!(error.to_string().starts_with("config.chunk_bytes = 1001"), "{error}");
+        let unspecified = TcpRingConfig {
+            listen_address: "0.0.0.0:0".parse().unwrap(),
+            ..TcpRingConfig::default()
+        };
+        let error = TcpRing::connect(&store, "ring", 0, 2, &unspecified).err().unwrap();
+        assert!(error.to_string().starts_with("config.advertise_host"), "{error}");
+    }
+
+    #[test]
+    fn a_rank_that_never_joins_is_named() {
+        let store = Arc::new(InMemoryStore::new());
+        let started = Instant::now();
+        let results = connect_ranks(&store, "ring", &[0, 2], 3, &quick_config());
+        for result in results {
+            match result {
+                Err(Error::RanksMissing { missing_ranks, .. }) => assert_eq!(missing_ranks, [1]),
+                Err(other) => panic!("expected RanksMissing, got {other}"),
+                Ok(_) => panic!("the ring formed without rank 1"),
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(30));
+    }
+
+    #[test]
+    fn stray_connections_are_rejected() {
+        let store = Arc::new(InMemoryStore::new());
+        let config = TcpRingConfig::default();
+        std::thread::scope(|scope| {
+            let store_for_rank_one = Arc::clone(&store);
+            let config_for_rank_one = config.clone();
+            let rank_one = scope.spawn(move || {
+                TcpRing::connect(&*store_for_rank_one, "ring", 1, 2, &config_for_rank_one)
+            });
+            // Before rank 0 starts, connect to rank 1 with the wrong prefix and with garbage.
+            let address = store
+                .wait(&[&address_key("ring", 1)], Duration::from_secs(60))
+                .unwrap();
+            let address = String::from_utf8(address[0].clone()).unwrap();
+            let wrong_prefix = wire::Handshake {
+                prefix: "other-ring".to_owned(),
+                rank: 0,
+                world_size: 2,
+            };
+            let mut stray = TcpStream::connect(&address).unwrap();
+            stray.write_all(&wrong_prefix.encode()).unwrap();
+            let mut garbage = TcpStream::connect(&address).unwrap();
+            garbage.write_all(&[0x47; 64]).unwrap();
+
+            let mut rank_zero = TcpRing::connect(&*store, "ring", 0, 2, &config).unwrap();
+            let mut rank_one = rank_one.join().unwrap().unwrap();
+            let helper = scope.spawn(move || {
+                let mut values = vec![2.0_f32; 5];
+                rank_one
+                    .all_reduce((&mut values).into(), ReduceOp::Sum)
+                    .unwrap();
+                values
+            });
+            let mut values = vec![1.0_f32; 5];
+            rank_zero
+                .all_reduce((&mut values).into(), ReduceOp::Sum)
+                .unwrap();
+            assert_eq!(values, [3.0; 5]);
+            assert_eq!(helper.join().unwrap(), [3.0; 5]);
+        });
+    }
+
+    #[test]
+    fn mismatched_lengths_fail_instead_of_hanging() {
+        let store = Arc::new(InMemoryStore::new());
+        let rings = connect_ranks(&store, "ring", &[0, 1], 2, &quick_config());
+        let started = Instant::now();
+        let errors: Vec<Error> = std::thread::scope(|scope| {
+            let handles: Vec<_> = rings
+                .into_iter()
+                .map(|ring| {
+                    scope.spawn(move || {
+                        let mut ring = ring.unwrap();
+                        let mut values = vec![1.0_f32; 100 + 100 * ring.rank()];
+                        ring.all_reduce((&mut values).into(), ReduceOp::Sum)
+                            .unwrap_err()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|handle| handle.join().unwrap())
+                .collect()
+        });
+        for error in &errors {
+            assert!(
+                matches!(error, Error::Protocol { .. } | Error::Aborted { .. }),
+                "{error}"
+            );
+        }
+        assert!(
+            errors
+                .iter()
+                .any(|error| error.to_string().contains("passed different lengths")),
+            "{errors:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(30));
+    }
+
+    #[test]
+    fn rings_with_different_prefixes_share_a_store() {
+        let store = Arc::new(InMemoryStore::new());
+        let config = TcpRingConfig::default();
+        let rings = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..4)
+                .map(|index| {
+                    let store = Arc::clone(&store);
+                    let config = config.clone();
+                    let prefix = if index < 2 { "axis-a" } else { "axis-b" };
+                    scope.spawn(move || TcpRing::connect(&*store, prefix, index % 2, 2, &config))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|handle| handle.join().unwrap().unwrap())
+                .collect::<Vec<_>>()
+        });
+        let sums: Vec<f32> = std::thread::scope(|scope| {
+            let handles: Vec<_> = rings
+                .into_iter()
+                .enumerate()
+                .map(|(index, mut ring)| {
+                    scope.spawn(move || {
+                        let mut values = [index as f32];
+                        ring.all_reduce((&mut values[..]).into(), ReduceOp::Sum)
+                            .unwrap();
+                        values[0]
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|handle| handle.join().unwrap())
+                .collect()
+        });
+        assert_eq!(sums, [1.0, 1.0, 5.0, 5.0]);
     }
 }

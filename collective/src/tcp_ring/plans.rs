@@ -60,36 +60,29 @@ impl RingLayout {
     }
 }
 
-/// Buffers a communicator keeps between calls, so that collectives do not allocate.
+/// Buffers a communicator keeps between calls, so that collectives do not allocate (the
+/// accumulator grows to the largest low-precision buffer seen, once).
 #[derive(Debug)]
 pub(crate) struct Scratch {
-    /// Partial sums of received reduce-scatter chunks, `chunk_elements` each; receive `m`
-    /// uses slot `m % slots.len()`.
-    slots: Vec<Vec<f32>>,
-    /// Whether each slot holds a chunk not yet forwarded.
-    slot_in_use: Vec<bool>,
-    /// A low-precision chunk widened to `f32` for sending.
-    widened: Vec<f32>,
+    /// Landing place of one received `f32` chunk before it is added into an `f32` buffer.
+    received: Vec<f32>,
+    /// `f32` partial sums for reductions that cannot accumulate in the caller's buffer
+    /// (low-precision elements, or a separate output): one element per input element.
+    accumulator: Vec<f32>,
 }
 
 impl Scratch {
-    /// Allocates `depth` slots of `chunk_elements` `f32`s.
-    pub fn new(chunk_elements: usize, depth: usize) -> Self {
+    /// Allocates room for one chunk of `chunk_elements` `f32`s.
+    pub fn new(chunk_elements: usize) -> Self {
         Self {
-            slots: (0..depth).map(|_| vec![0.0; chunk_elements]).collect(),
-            slot_in_use: vec![false; depth],
-            widened: vec![0.0; chunk_elements],
+            received: vec![0.0; chunk_elements],
+            accumulator: Vec::new(),
         }
     }
 
-    /// Returns the capacity of one slot in elements.
+    /// Returns the largest chunk, in `f32` elements.
     pub fn chunk_elements(&self) -> usize {
-        self.widened.len()
-    }
-
-    /// Marks every slot free (a failed collective may leave some marked).
-    fn reset(&mut self) {
-        self.slot_in_use.fill(false);
+        self.received.len()
     }
 }
 
@@ -107,6 +100,11 @@ pub(crate) enum ReduceData<'a, T> {
 }
 
 /// Reduce-scatter, followed for all-reduce by an all-gather of the reduced segments.
+///
+/// Receives never wait for storage (a rank that cannot read while its successor cannot read
+/// either would deadlock the ring): an `f32` all-reduce adds each received chunk into the
+/// caller's buffer and forwards the partial sums from there; other reductions keep partial
+/// sums in an `f32` accumulator as long as the input.
 pub(crate) struct ReducePlan<'a, T> {
     /// How the buffer is cut.
     layout: RingLayout,
@@ -120,6 +118,9 @@ pub(crate) struct ReducePlan<'a, T> {
     divisor: Option<f32>,
     /// Whether the all-gather phase follows (all-reduce).
     gather: bool,
+    /// Whether partial sums live in the caller's buffer (`f32` all-reduce) rather than in the
+    /// accumulator.
+    in_place: bool,
     /// The communicator's reusable buffers.
     scratch: &'a mut Scratch,
 }
@@ -170,11 +171,13 @@ impl<'a, T: Element> ReducePlan<'a, T> {
         gather: bool,
         scratch: &'a mut Scratch,
     ) -> Self {
-        let len = match &data {
-            ReduceData::InPlace(buffer) => buffer.len(),
-            ReduceData::Separate { input, .. } => input.len(),
+        let (len, in_place) = match &data {
+            ReduceData::InPlace(buffer) => (buffer.len(), T::DTYPE == DType::F32),
+            ReduceData::Separate { input, .. } => (input.len(), false),
         };
-        scratch.reset();
+        if !in_place && scratch.accumulator.len() < len {
+            scratch.accumulator.resize(len, 0.0);
+        }
         Self {
             layout: RingLayout::new(len, world_size, scratch.chunk_elements()),
             world_size,
@@ -185,6 +188,7 @@ impl<'a, T: Element> ReducePlan<'a, T> {
                 ReduceOp::Average => Some(world_size as f32),
             },
             gather,
+            in_place,
             scratch,
         }
     }
@@ -194,20 +198,14 @@ impl<'a, T: Element> ReducePlan<'a, T> {
         (self.world_size - 1) * self.layout.chunks
     }
 
-    /// Returns `(step, chunk)` of message `index` within its phase, and whether it belongs to
-    /// the reduce-scatter phase.
-    fn locate(&self, index: usize) -> (bool, usize, usize) {
+    /// Returns whether message `index` belongs to the reduce-scatter phase, and its step.
+    fn locate(&self, index: usize) -> (bool, usize) {
         let phase_messages = self.phase_messages();
-        let (reducing, within) = if index < phase_messages {
-            (true, index)
+        if index < phase_messages {
+            (true, index / self.layout.chunks)
         } else {
-            (false, index - phase_messages)
-        };
-        (
-            reducing,
-            within / self.layout.chunks,
-            within % self.layout.chunks,
-        )
+            (false, (index - phase_messages) / self.layout.chunks)
+        }
     }
 
     /// Returns segment `own_segment - offset` (mod world size).
@@ -217,24 +215,24 @@ impl<'a, T: Element> ReducePlan<'a, T> {
 
     /// Element range sent as message `index`.
     fn send_range(&self, index: usize) -> Range<usize> {
-        let (reducing, step, chunk) = self.locate(index);
+        let (reducing, step) = self.locate(index);
         let segment = if reducing {
             self.segment_before_own(1 + step)
         } else {
             self.segment_before_own(step)
         };
-        self.layout.chunk(segment, chunk)
+        self.layout.chunk(segment, index % self.layout.chunks)
     }
 
     /// Element range received as message `index`.
     fn recv_range(&self, index: usize) -> Range<usize> {
-        let (reducing, step, chunk) = self.locate(index);
+        let (reducing, step) = self.locate(index);
         let segment = if reducing {
             self.segment_before_own(2 + step)
         } else {
             self.segment_before_own(step + 1)
         };
-        self.layout.chunk(segment, chunk)
+        self.layout.chunk(segment, index % self.layout.chunks)
     }
 
     /// This rank's own contribution.
@@ -243,11 +241,6 @@ impl<'a, T: Element> ReducePlan<'a, T> {
             ReduceData::InPlace(buffer) => buffer,
             ReduceData::Separate { input, .. } => input,
         }
-    }
-
-    /// Scratch slot of receive `index`.
-    fn slot(&self, index: usize) -> usize {
-        index % self.scratch.slots.len()
     }
 }
 
@@ -265,105 +258,89 @@ impl<T: Element> Plan for ReducePlan<'_, T> {
     }
 
     fn prepare_send(&mut self, index: usize) {
-        if index < self.layout.chunks && T::DTYPE != DType::F32 {
+        if index < self.layout.chunks && !self.in_place {
             let range = self.send_range(index);
-            let length = range.len();
             let local = match &self.data {
-                ReduceData::InPlace(buffer) => &buffer[range],
-                ReduceData::Separate { input, .. } => &input[range],
+                ReduceData::InPlace(buffer) => &buffer[range.clone()],
+                ReduceData::Separate { input, .. } => &input[range.clone()],
             };
-            widen(&mut self.scratch.widened[..length], local);
+            widen(&mut self.scratch.accumulator[range], local);
         }
     }
 
     fn send_payload(&self, index: usize) -> &[u8] {
         let range = self.send_range(index);
-        let length = range.len();
-        let (reducing, step, _) = self.locate(index);
-        if !reducing {
-            return bytemuck::cast_slice(&self.local()[range]);
-        }
-        if step > 0 {
-            let slot = self.slot(index - self.layout.chunks);
-            return bytemuck::cast_slice(&self.scratch.slots[slot][..length]);
-        }
-        if T::DTYPE == DType::F32 {
-            bytemuck::cast_slice(&self.local()[range])
+        let (reducing, _) = self.locate(index);
+        if reducing && !self.in_place {
+            bytemuck::cast_slice(&self.scratch.accumulator[range])
         } else {
-            bytemuck::cast_slice(&self.scratch.widened[..length])
+            // The gather phase, or an `f32` reduction whose partial sums are in the buffer.
+            bytemuck::cast_slice(&self.local()[range])
         }
     }
 
-    fn finish_send(&mut self, index: usize) {
-        let (reducing, step, _) = self.locate(index);
-        if reducing && step > 0 {
-            let slot = self.slot(index - self.layout.chunks);
-            self.scratch.slot_in_use[slot] = false;
-        }
-    }
+    fn finish_send(&mut self, _index: usize) {}
 
     fn recv_bytes(&self, index: usize) -> usize {
-        let (reducing, _, _) = self.locate(index);
+        let (reducing, _) = self.locate(index);
         let element_bytes = if reducing { 4 } else { T::DTYPE.size_bytes() };
         self.recv_range(index).len() * element_bytes
     }
 
-    fn begin_recv(&mut self, index: usize) -> bool {
-        let (reducing, _, _) = self.locate(index);
-        if !reducing {
-            return true;
-        }
-        let slot = self.slot(index);
-        if self.scratch.slot_in_use[slot] {
-            return false;
-        }
-        self.scratch.slot_in_use[slot] = true;
+    fn begin_recv(&mut self, _index: usize) -> bool {
         true
     }
 
     fn recv_buffer(&mut self, index: usize) -> &mut [u8] {
         let range = self.recv_range(index);
-        let (reducing, _, _) = self.locate(index);
-        if reducing {
-            let slot = self.slot(index);
-            return bytemuck::cast_slice_mut(&mut self.scratch.slots[slot][..range.len()]);
-        }
-        match &mut self.data {
-            ReduceData::InPlace(buffer) => bytemuck::cast_slice_mut(&mut buffer[range]),
+        let (reducing, _) = self.locate(index);
+        match (&mut self.data, reducing) {
+            (_, true) if self.in_place => {
+                bytemuck::cast_slice_mut(&mut self.scratch.received[..range.len()])
+            }
+            (_, true) => bytemuck::cast_slice_mut(&mut self.scratch.accumulator[range]),
+            (ReduceData::InPlace(buffer), false) => bytemuck::cast_slice_mut(&mut buffer[range]),
             // Reduce-scatter has no gather phase.
-            ReduceData::Separate { .. } => &mut [],
+            (ReduceData::Separate { .. }, false) => &mut [],
         }
     }
 
     fn finish_recv(&mut self, index: usize) {
-        let (reducing, step, _) = self.locate(index);
+        let (reducing, step) = self.locate(index);
         if !reducing {
             return;
         }
         let range = self.recv_range(index);
-        let length = range.len();
-        let slot = self.slot(index);
         let final_step = step + 2 == self.world_size;
+        let divisor = if final_step { self.divisor } else { None };
         let own_start = self.layout.segment(self.own_segment).start;
-        let partial = &mut self.scratch.slots[slot][..length];
         match &mut self.data {
+            ReduceData::InPlace(buffer) if self.in_place => {
+                let received = &self.scratch.received[..range.len()];
+                finish_in_place(&mut buffer[range], received, divisor);
+            }
             ReduceData::InPlace(buffer) if final_step => {
-                finish_in_place(&mut buffer[range], partial, self.divisor);
+                finish_in_place(
+                    &mut buffer[range.clone()],
+                    &self.scratch.accumulator[range],
+                    divisor,
+                );
             }
             ReduceData::Separate { input, output } if final_step => {
                 let output_range = range.start - own_start..range.end - own_start;
                 finish_into(
                     &mut output[output_range],
-                    &input[range],
-                    partial,
-                    self.divisor,
+                    &input[range.clone()],
+                    &self.scratch.accumulator[range],
+                    divisor,
                 );
             }
-            ReduceData::InPlace(buffer) => accumulate(partial, &buffer[range]),
-            ReduceData::Separate { input, .. } => accumulate(partial, &input[range]),
-        }
-        if final_step {
-            self.scratch.slot_in_use[slot] = false;
+            ReduceData::InPlace(buffer) => {
+                accumulate(&mut self.scratch.accumulator[range.clone()], &buffer[range]);
+            }
+            ReduceData::Separate { input, .. } => {
+                accumulate(&mut self.scratch.accumulator[range.clone()], &input[range]);
+            }
         }
     }
 }
@@ -578,7 +555,7 @@ mod tests {
 
     #[test]
     fn reduce_schedule_visits_every_segment_once_per_phase() {
-        let mut scratch = Scratch::new(4, 2);
+        let mut scratch = Scratch::new(4);
         let mut buffer = vec![0.0_f32; 10];
         let world_size = 4;
         let rank = 2;
@@ -586,6 +563,7 @@ mod tests {
             ReducePlan::all_reduce(&mut buffer, rank, world_size, ReduceOp::Sum, &mut scratch);
         let chunks = plan.layout.chunks;
         let phase = plan.phase_messages();
+        assert!(plan.in_place);
         let segments_of = |ranges: Vec<Range<usize>>| {
             let mut starts: Vec<usize> = ranges.iter().map(|range| range.start).collect();
             starts.sort_unstable();

@@ -399,7 +399,9 @@ fn decode_record<T: serde::de::DeserializeOwned>(bytes: &[u8], kind: &str, key: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::conformance::{TestEtcd, sample_job, sample_node};
+    use cohort_cluster_tests::etcd::TestEtcd;
+
+    use crate::store::conformance::{sample_job, sample_node};
 
     #[test]
     fn accepts_the_three_endpoint_spellings() {
