@@ -35,10 +35,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// Daemons log at info, client commands only warnings, unless `RUST_LOG` says otherwise.
+/// Daemons log at info, other commands only warnings, unless `RUST_LOG` says otherwise.
 fn init_tracing(command: &args::Command) {
+    // `up` prints its own summary lines and the job's progress; its daemons speak up only
+    // when something is wrong.
     let default = match command {
-        args::Command::Coordinator(_) | args::Command::Worker(_) | args::Command::Up(_) => "info",
+        args::Command::Coordinator(_) | args::Command::Worker(_) => "info",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

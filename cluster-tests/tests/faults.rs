@@ -131,3 +131,31 @@ fn coordinator_restart_keeps_jobs_with_etcd() -> Result<()> {
     };
     restart_keeps_job_records(Store::Etcd(etcd.endpoint()))
 }
+
+#[test]
+fn a_worker_that_loses_the_coordinator_stops_its_ranks() -> Result<()> {
+    let deadline_s = 2.0;
+    let mut cluster = Sandbox::start_with(Store::Embedded, deadline_s)?;
+    cluster.add_worker("node-a", 2)?;
+    let job_id = cluster.submit(&sleeper("stranded", 2), &[])?;
+    let pids = cluster.wait_for_running_ranks(&job_id)?;
+    let killed_at = Instant::now();
+    cluster.kill_coordinator();
+    cluster.wait_for_processes_gone(&pids, DEFAULT_TIMEOUT)?;
+    let gone_after = killed_at.elapsed();
+    // Deadline, then SIGTERM (sleep exits at once), plus a retry interval of slack.
+    assert!(
+        gone_after >= Duration::from_secs_f64(deadline_s) - Duration::from_millis(200),
+        "ranks stopped {gone_after:?} after the coordinator died, before the deadline"
+    );
+    assert!(
+        gone_after < Duration::from_secs_f64(deadline_s + 4.0),
+        "{gone_after:?}"
+    );
+    assert!(
+        cluster
+            .worker("node-a")
+            .is_some_and(|w| cohort_cluster_tests::sandbox::process_alive(w.pid()))
+    );
+    Ok(())
+}

@@ -172,7 +172,18 @@ impl JobControl for CoordinatorService {
                         Err(broadcast::error::RecvError::Closed) => return,
                     },
                     event = job_events.recv() => match event {
-                        Ok(job) if job.job_id == job_id.as_str() && is_final(&job) => return,
+                        Ok(job) if job.job_id == job_id.as_str() && is_final(&job) => {
+                            // Lines shipped before the end are already in the feed: send them.
+                            while let Ok(line) = feed.try_recv() {
+                                if line.seq >= seen
+                                    && rank_filter.is_none_or(|rank| rank == line.line.rank)
+                                    && sender.send(Ok(line.line.clone())).await.is_err()
+                                {
+                                    return;
+                                }
+                            }
+                            return;
+                        }
                         Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                         Err(broadcast::error::RecvError::Closed) => return,
                     },

@@ -146,11 +146,23 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
 /// Prints a job's captured output, each line prefixed by its rank.
 pub async fn logs(args: LogsArgs) -> Result<ExitCode> {
     let mut client = client::job_control(&args.coordinator.coordinator).await?;
+    print_logs(&mut client, &args.job, args.follow, args.rank).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Streams a job's captured output to stdout, each line prefixed by its rank; with `follow`,
+/// until the job ends.
+pub async fn print_logs(
+    client: &mut JobControlClient<Channel>,
+    job_id: &str,
+    follow: bool,
+    rank: Option<u32>,
+) -> Result<()> {
     let mut stream = client
         .stream_logs(StreamLogsRequest {
-            job_id: args.job,
-            follow: args.follow,
-            rank: args.rank,
+            job_id: job_id.to_owned(),
+            follow,
+            rank,
         })
         .await
         .map_err(client::status)?
@@ -165,10 +177,10 @@ pub async fn logs(args: LogsArgs) -> Result<ExitCode> {
         };
         if writeln!(out, "[rank {}]{marker} {}", line.rank, line.text).is_err() {
             // A closed pipe (`| head`) ends the command quietly.
-            return Ok(ExitCode::SUCCESS);
+            return Ok(());
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// Cancels a job and waits until the coordinator has heard every rank process end.

@@ -127,10 +127,23 @@ pub async fn up(args: UpArgs) -> Result<ExitCode> {
                     .job
                     .context("coordinator answered without the job")?;
                 eprintln!("cohort: submitted {}", job.job_id);
-                tokio::select! {
+                // The job's output goes to stdout while its progress goes to stderr.
+                let mut log_client = client.clone();
+                let job_id = job.job_id.clone();
+                let logs = tokio::spawn(async move {
+                    jobs::print_logs(&mut log_client, &job_id, true, None).await
+                });
+                let code = tokio::select! {
                     code = jobs::watch(&mut client, &job.job_id) => code,
                     () = daemons::shutdown_signal() => Ok(ExitCode::FAILURE),
+                };
+                // The log stream ends by itself once the job has ended.
+                match tokio::time::timeout(Duration::from_secs(5), logs).await {
+                    Ok(Ok(Err(error))) => warn!(%error, "following the job's output failed"),
+                    Ok(_) => {}
+                    Err(_) => warn!("the job's output did not end with the job"),
                 }
+                code
             }
             None => {
                 eprintln!("cohort: press Ctrl-C to stop");

@@ -62,7 +62,7 @@ impl Default for TcpRingConfig {
 impl TcpRingConfig {
     /// Checks every field; returns the first problem found.
     pub fn validate(&self) -> Result<()> {
-        if self.chunk_bytes % 4 != 0 || !(1024..=64 << 20).contains(&self.chunk_bytes) {
+        if !self.chunk_bytes.is_multiple_of(4) || !(1024..=64 << 20).contains(&self.chunk_bytes) {
             return Err(Error::InvalidArgument {
                 field: "config.chunk_bytes",
                 found: self.chunk_bytes.to_string(),
@@ -382,7 +382,8 @@ mod tests {
             let handles: Vec<_> = ranks
                 .iter()
                 .map(|&rank| {
-                    scope.spawn(move || TcpRing::connect(&**store, prefix, rank, world_size, config))
+                    scope
+                        .spawn(move || TcpRing::connect(&**store, prefix, rank, world_size, config))
                 })
                 .collect();
             handles
@@ -396,7 +397,9 @@ mod tests {
     fn invalid_arguments_are_rejected_before_any_network_use() {
         let store = InMemoryStore::new();
         let config = TcpRingConfig::default();
-        let error = TcpRing::connect(&store, "ring", 2, 2, &config).err().unwrap();
+        let error = TcpRing::connect(&store, "ring", 2, 2, &config)
+            .err()
+            .unwrap();
         assert_eq!(error.to_string(), "rank = 2, expected less than world_size");
         let error = TcpRing::connect(&store, "", 0, 1, &config).err().unwrap();
         assert!(error.to_string().starts_with("prefix = \"\""), "{error}");
@@ -404,14 +407,24 @@ mod tests {
             chunk_bytes: 1001,
             ..TcpRingConfig::default()
         };
-        let error = TcpRing::connect(&store, "ring", 0, 1, &odd_chunks).err().unwrap();
-        assert!(error.to_string().starts_with("config.chunk_bytes = 1001"), "{error}");
+        let error = TcpRing::connect(&store, "ring", 0, 1, &odd_chunks)
+            .err()
+            .unwrap();
+        assert!(
+            error.to_string().starts_with("config.chunk_bytes = 1001"),
+            "{error}"
+        );
         let unspecified = TcpRingConfig {
             listen_address: "0.0.0.0:0".parse().unwrap(),
             ..TcpRingConfig::default()
         };
-        let error = TcpRing::connect(&store, "ring", 0, 2, &unspecified).err().unwrap();
-        assert!(error.to_string().starts_with("config.advertise_host"), "{error}");
+        let error = TcpRing::connect(&store, "ring", 0, 2, &unspecified)
+            .err()
+            .unwrap();
+        assert!(
+            error.to_string().starts_with("config.advertise_host"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -154,6 +154,15 @@ impl RingTransport {
             stream.set_nonblocking(true).map_err(setup_error)?;
             stream.set_read_timeout(None).map_err(setup_error)?;
             stream.set_write_timeout(None).map_err(setup_error)?;
+            if let Ok(size) = std::env::var("RING_SOCKBUF") {
+                let size: usize = size.parse().unwrap();
+                SockRef::from(stream)
+                    .set_send_buffer_size(size)
+                    .map_err(setup_error)?;
+                SockRef::from(stream)
+                    .set_recv_buffer_size(size)
+                    .map_err(setup_error)?;
+            }
         }
         let mut previous = mio::net::TcpStream::from_std(previous);
         let mut next = mio::net::TcpStream::from_std(next);

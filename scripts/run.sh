@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Sets up a fresh Debian 12 machine and runs Cohort's main demo on a local cluster.
+# Usage: bash scripts/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh
+cargo build --release --locked -p cohort-cli
+data_dir=$(mktemp -d -t cohort-run-XXXXXX)
+trap 'rm -rf "$data_dir"' EXIT
+./target/release/cohort up --workers 3 --cpu-slots 1 --listen 127.0.0.1:0 --data-dir "$data_dir" \
+  --run examples/hello.toml
