@@ -55,6 +55,78 @@ pub enum Command {
     Up(UpArgs),
     /// Use the rendezvous store of the running job (from inside a rank).
     Kv(KvArgs),
+    /// Benchmarks: print a table and, as the last line, one JSON object.
+    Bench(BenchArgs),
+    /// Run as a rank of a `kind = "train"` job (started by workers, not by hand).
+    #[command(hide = true)]
+    Rank,
+}
+
+/// `cohort bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The benchmark.
+    #[command(subcommand)]
+    pub benchmark: Benchmark,
+}
+
+/// Element type of a collective benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchDtype {
+    /// 32-bit floats.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half precision.
+    F16,
+}
+
+/// Every benchmark.
+#[derive(Debug, Subcommand)]
+pub enum Benchmark {
+    /// Ring all-reduce time, algbw and busbw per size across local rank processes, against raw
+    /// single-stream loopback TCP measured in the same run.
+    Allreduce {
+        /// Number of rank processes.
+        #[arg(long, default_value_t = 2)]
+        ranks: u32,
+        /// Payload sizes as fp32-equivalent bytes (element count x 4), with K, M or G suffixes.
+        #[arg(long, value_delimiter = ',', default_value = "4K,64K,1M,16M,64M,256M")]
+        sizes: Vec<String>,
+        /// Element type moved.
+        #[arg(long, value_enum, default_value_t = BenchDtype::F32)]
+        dtype: BenchDtype,
+    },
+    /// Data-parallel training throughput of the benchmark MLP (784-1024-1024-10, global batch
+    /// 256, fp32, SGD) per world size, scaling efficiency, and where a step's time goes.
+    Train {
+        /// World sizes to run.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        ranks: Vec<u32>,
+        /// Optimizer steps timed per world size (after warm-up).
+        #[arg(long, default_value_t = 30)]
+        steps: u64,
+        /// Device kind the ranks train on.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// One side of the loopback TCP measurement (run by `allreduce`).
+    #[command(hide = true)]
+    StreamReceive {
+        /// Bytes to receive.
+        #[arg(long)]
+        bytes: u64,
+    },
+    /// One rank of the all-reduce benchmark (run as a job by `allreduce`).
+    #[command(hide = true)]
+    AllreduceRank {
+        /// Element counts to time.
+        #[arg(long, value_delimiter = ',')]
+        elements: Vec<usize>,
+        /// Element type.
+        #[arg(long, value_enum)]
+        dtype: BenchDtype,
+    },
 }
 
 /// `cohort submit`.
@@ -169,6 +241,9 @@ pub struct WorkerDaemonArgs {
     /// Address other nodes reach this node's ranks at.
     #[arg(long, default_value = "127.0.0.1")]
     pub advertise_address: String,
+    /// Directory for job outputs: each job's ranks get `<dir>/<job id>` as `COHORT_OUTPUT_DIR`.
+    #[arg(long, default_value = "cohort-output")]
+    pub output_dir: PathBuf,
 }
 
 /// `cohort up`.
@@ -189,6 +264,9 @@ pub struct UpArgs {
     /// Submit this job file once the cluster is up, follow it, and exit when it ends.
     #[arg(long)]
     pub run: Option<PathBuf>,
+    /// Directory for job outputs (checkpoints): `<dir>/<job id>`.
+    #[arg(long, default_value = "cohort-output")]
+    pub output_dir: PathBuf,
 }
 
 /// `cohort kv`: the rendezvous store, for rank scripts. Job, rank and address come from the

@@ -5,11 +5,17 @@
 //! - `args`: the command line.
 //! - `client`: connecting to the coordinator.
 //! - `render`: tables and progress for humans.
+//! - `bench`: `cohort bench allreduce` and `cohort bench train`.
 //! - `commands`: one module per group of subcommands.
+//! - `local_cluster`: a coordinator and worker processes on this machine (`up`, benchmarks).
+//! - `rank`: the entry point of a training rank (`cohort rank`, run by workers).
 
 mod args;
+mod bench;
 mod client;
 mod commands;
+mod local_cluster;
+mod rank;
 mod render;
 
 use std::process::ExitCode;
@@ -19,6 +25,29 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = args::Cli::parse();
     init_tracing(&cli.command);
+    // Rank processes compute on their main thread and keep async code on a runtime of their
+    // own (see `rank`), so they start outside the CLI's runtime.
+    let outcome = match cli.command {
+        args::Command::Rank => rank::train::run(),
+        args::Command::Bench(args::BenchArgs {
+            benchmark: args::Benchmark::AllreduceRank { elements, dtype },
+        }) => bench::allreduce::rank(&elements, dtype),
+        args::Command::Bench(args::BenchArgs {
+            benchmark: args::Benchmark::StreamReceive { bytes },
+        }) => bench::allreduce::stream_receive(bytes),
+        command => return run_async(command),
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {}", one_line(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a command on the CLI's async runtime.
+fn run_async(command: args::Command) -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -26,7 +55,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(commands::run(cli.command)) {
+    match runtime.block_on(commands::run(command)) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {}", one_line(&error));

@@ -207,7 +207,8 @@ pub enum Error {
         collective: Collective,
         /// The rank blamed.
         peer: usize,
-        /// `"sent nothing"` or `"accepted no data"`.
+        /// `"sent nothing"`, `"accepted no data"` or `"stopped taking part"` (when the blame
+        /// came from other waiting ranks).
         activity: &'static str,
         /// How long this rank waited without progress.
         waited: Duration,

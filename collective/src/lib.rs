@@ -17,6 +17,8 @@
 //!   `cohort bench allreduce`.
 //! - [`error`]: the crate's [`Error`] and [`Result`].
 
+#![warn(missing_docs)]
+
 pub mod bench;
 pub mod buffer;
 pub mod communicator;

@@ -23,6 +23,9 @@ pub const RENDEZVOUS_ADDR: &str = "COHORT_RENDEZVOUS_ADDR";
 pub const COORDINATOR_ADDR: &str = "COHORT_COORDINATOR_ADDR";
 /// Address other ranks of the job can reach this rank's node at (host only).
 pub const NODE_ADDR: &str = "COHORT_NODE_ADDR";
+/// Directory for the rank's outputs (checkpoints): `<worker --output-dir>/<job id>`, shared by
+/// the job's ranks on one node.
+pub const OUTPUT_DIR: &str = "COHORT_OUTPUT_DIR";
 /// Path of the `cohort` executable the worker runs, so rank scripts can call `cohort kv ...`.
 pub const COHORT_BIN: &str = "COHORT_BIN";
 

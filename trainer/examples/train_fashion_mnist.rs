@@ -24,7 +24,9 @@ struct Printer {
 
 impl MetricsSink for Printer {
     fn on_step(&mut self, metrics: &StepMetrics) {
-        if self.rank == 0 && (metrics.step % 100 == 0 || metrics.step == metrics.total_steps) {
+        if self.rank == 0
+            && (metrics.step.is_multiple_of(100) || metrics.step == metrics.total_steps)
+        {
             println!(
                 "step {:>5}/{} epoch {} loss {:.4} lr {:.2e} {:.0} samples/s",
                 metrics.step,
@@ -94,6 +96,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 config.model.hidden = value.split(',').map(str::parse).collect::<Result<_, _>>()?
             }
             "seed" => config.data.seed = value.parse()?,
+            "overlap" => config.overlap_communication = value.parse()?,
+            "evaluate" => config.evaluate = value.parse()?,
             _ => return Err(format!("unknown key {key:?}").into()),
         }
     }

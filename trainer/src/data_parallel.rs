@@ -7,39 +7,87 @@
 //! sum-all-reduces it bucket by bucket; the result is the exact mean gradient of the global
 //! batch on every rank, so every rank applies the same update and the replicas never drift.
 
+use std::ops::Range;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
 use cohort_collective::{Communicator, ReduceOp};
 
 use crate::error::{Result, TrainerError};
+use crate::models::{Model, StagedForward};
 use crate::optim::Optimizer;
 use crate::parameters::ParameterSet;
 
 /// Largest integer f32 represents exactly; steps are split into pieces below it for broadcast.
 const F32_EXACT_INTEGER_BITS: u32 = 24;
 
+/// One all-reduce unit: consecutive parameters whose gradients are exchanged by one call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bucket {
+    /// Indices of its parameters in the [`ParameterSet`].
+    pub parameters: Range<usize>,
+    /// Its elements in the flat buffer (the first bucket also holds the loss slot).
+    pub elements: Range<usize>,
+}
+
 /// The reused flat gradient buffer and its division into all-reduce buckets.
 ///
 /// The buffer holds every parameter's gradient in flat order followed by one extra element, the
-/// rank's weighted loss, so the global mean loss arrives with the last bucket at no extra
-/// round trip.
+/// rank's weighted loss, so the global mean loss arrives with the gradients at no extra round
+/// trip. Buckets hold whole parameters, at most `bucket_bytes` of them unless one parameter is
+/// larger by itself, and are formed from the last parameter backwards, the order in which the
+/// backward pass produces gradients (as PyTorch DDP does).
 #[derive(Debug, Clone)]
 pub struct GradientBuckets {
     /// Gradients in flat parameter order, then the weighted loss.
     flat: Vec<f32>,
-    /// Elements per bucket (the last bucket may be shorter).
-    bucket_elements: usize,
+    /// Buckets in launch order: the one holding the last parameters first.
+    buckets: Vec<Bucket>,
+    /// Index in `buckets` of the bucket of each parameter.
+    bucket_of_parameter: Vec<usize>,
 }
 
 impl GradientBuckets {
-    /// Creates the buffer for `element_count` parameters with buckets of `bucket_bytes` bytes
-    /// (at least one element each).
-    pub fn new(element_count: usize, bucket_bytes: u64) -> Self {
-        let bucket_elements = usize::try_from(bucket_bytes / 4)
+    /// Creates the buffer for `parameters` with buckets of about `bucket_bytes` bytes.
+    pub fn new(parameters: &ParameterSet, bucket_bytes: u64) -> Self {
+        let limit = usize::try_from(bucket_bytes / 4)
             .unwrap_or(usize::MAX)
             .max(1);
+        let element_count = parameters.element_count();
+        let mut buckets: Vec<Bucket> = Vec::new();
+        let mut bucket_of_parameter = vec![0; parameters.len()];
+        for (index, parameter) in parameters.iter().enumerate().rev() {
+            let range = parameter.flat_range();
+            match buckets.last_mut() {
+                Some(bucket) if bucket.elements.end - range.start <= limit => {
+                    bucket.parameters.start = index;
+                    bucket.elements.start = range.start;
+                }
+                _ => buckets.push(Bucket {
+                    parameters: index..index + 1,
+                    elements: range,
+                }),
+            }
+            bucket_of_parameter[index] = buckets.len() - 1;
+        }
+        match buckets.first_mut() {
+            Some(first) => first.elements.end += 1,
+            None => buckets.push(Bucket {
+                parameters: 0..0,
+                elements: 0..1,
+            }),
+        }
         Self {
             flat: vec![0.0; element_count + 1],
-            bucket_elements,
+            buckets,
+            bucket_of_parameter,
         }
+    }
+
+    /// Returns the buckets in launch order.
+    pub fn buckets(&self) -> &[Bucket] {
+        &self.buckets
     }
 
     /// Returns the gradients (without the loss slot).
@@ -65,21 +113,95 @@ impl GradientBuckets {
         self.flat[last] = weighted_loss;
     }
 
-    /// Returns the number of all-reduce calls one exchange makes.
-    pub fn bucket_count(&self) -> usize {
-        self.flat.len().div_ceil(self.bucket_elements)
-    }
-
-    /// Sums the buffer over all ranks in place, one bucket per all-reduce call. With one rank
+    /// Sums the buffer over all ranks in place, one all-reduce call per bucket. With one rank
     /// it does nothing.
     pub fn all_reduce(&mut self, communicator: &mut dyn Communicator) -> Result<()> {
         if communicator.world_size() == 1 {
             return Ok(());
         }
-        for bucket in self.flat.chunks_mut(self.bucket_elements) {
-            communicator.all_reduce(bucket.into(), ReduceOp::Sum)?;
+        for bucket in &self.buckets {
+            communicator.all_reduce(
+                (&mut self.flat[bucket.elements.clone()]).into(),
+                ReduceOp::Sum,
+            )?;
         }
         Ok(())
+    }
+
+    /// Runs the staged backward pass of `forward` on the calling thread while a communication
+    /// thread all-reduces each bucket as soon as its gradients (scaled by `scale`) are packed,
+    /// so the exchange of the last layers overlaps the backward pass of the first ones. The
+    /// loss slot must be set first. Returns how long the calling thread then waited for the
+    /// remaining all-reduces: the communication left exposed.
+    pub fn backward_overlapped(
+        &mut self,
+        communicator: &mut dyn Communicator,
+        model: &Model,
+        forward: StagedForward,
+        loss: &Tensor,
+        scale: f32,
+    ) -> Result<Duration> {
+        // Cut the flat buffer into one slice per bucket; buckets cover it from the end down.
+        let mut slices: Vec<Option<&mut [f32]>> = Vec::with_capacity(self.buckets.len());
+        let mut rest = self.flat.as_mut_slice();
+        for bucket in &self.buckets {
+            let (head, tail) = rest.split_at_mut(bucket.elements.start);
+            slices.push(Some(tail));
+            rest = head;
+        }
+        let buckets = &self.buckets;
+        let bucket_of_parameter = &self.bucket_of_parameter;
+        let parameters = model.parameters();
+        std::thread::scope(|scope| {
+            let (sender, receiver) = mpsc::channel::<&mut [f32]>();
+            let exchange = scope.spawn(move || -> Result<()> {
+                for bucket in receiver {
+                    communicator.all_reduce(bucket.into(), ReduceOp::Sum)?;
+                }
+                Ok(())
+            });
+            let mut next_bucket = 0;
+            let backward = model.backward_staged(forward, loss, |stage, gradients| {
+                for index in stage.clone() {
+                    let bucket = bucket_of_parameter[index];
+                    let start = parameters.get(index)?.flat_range().start;
+                    let offset = start - buckets[bucket].elements.start;
+                    let length = parameters.get(index)?.len();
+                    let Some(slice) = slices[bucket].as_deref_mut() else {
+                        return Err(TrainerError::Config(format!(
+                            "bucket {bucket} sent before parameter {index} was packed"
+                        )));
+                    };
+                    parameters.read_gradient(
+                        index,
+                        gradients,
+                        &mut slice[offset..offset + length],
+                        scale,
+                    )?;
+                }
+                while next_bucket < buckets.len()
+                    && buckets[next_bucket].parameters.start >= stage.start
+                {
+                    if let Some(slice) = slices[next_bucket].take() {
+                        // A closed channel means the exchange failed; join reports why.
+                        let _ = sender.send(slice);
+                    }
+                    next_bucket += 1;
+                }
+                Ok(())
+            });
+            drop(sender);
+            let waiting = Instant::now();
+            let exchanged = exchange.join().unwrap_or_else(|_| {
+                Err(TrainerError::Config(
+                    "the gradient exchange thread panicked".to_owned(),
+                ))
+            });
+            let exposed = waiting.elapsed();
+            backward?;
+            exchanged?;
+            Ok(exposed)
+        })
     }
 }
 
@@ -141,11 +263,9 @@ pub fn broadcast_outcome(
         };
     }
     let mut message = [0.0f32; 4];
-    if communicator.rank() == 0 {
-        if let Ok(value) = outcome {
-            message[0] = 1.0;
-            message[1..].copy_from_slice(&split_integer(value));
-        }
+    if let (0, Ok(value)) = (communicator.rank(), outcome) {
+        message[0] = 1.0;
+        message[1..].copy_from_slice(&split_integer(value));
     }
     communicator.broadcast(message.as_mut_slice().into(), 0)?;
     if message[0] != 1.0 {
@@ -184,15 +304,62 @@ mod tests {
         }
     }
 
+    fn parameters_of_sizes(sizes: &[usize]) -> ParameterSet {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let mut set = ParameterSet::new(candle_core::Device::Cpu);
+        for (index, &size) in sizes.iter().enumerate() {
+            set.add(
+                format!("p{index}"),
+                size,
+                crate::parameters::Initialization::Zeros,
+                &mut rng,
+            )
+            .unwrap();
+        }
+        set
+    }
+
     #[test]
-    fn buckets_cover_the_buffer_and_the_loss_slot() {
-        let mut buckets = GradientBuckets::new(10, 16);
-        assert_eq!(buckets.bucket_count(), 3);
+    fn buckets_hold_whole_parameters_from_the_last_backwards() {
+        // Sizes 3, 5, 2, 9, 1 with 8-element buckets: [p4 p3] is 10 > 8 so p3 starts anew.
+        let set = parameters_of_sizes(&[3, 5, 2, 9, 1]);
+        let buckets = GradientBuckets::new(&set, 32);
+        let expected = vec![
+            Bucket {
+                parameters: 4..5,
+                elements: 19..21,
+            },
+            Bucket {
+                parameters: 3..4,
+                elements: 10..19,
+            },
+            Bucket {
+                parameters: 1..3,
+                elements: 3..10,
+            },
+            Bucket {
+                parameters: 0..1,
+                elements: 0..3,
+            },
+        ];
+        assert_eq!(buckets.buckets(), expected.as_slice());
+        assert_eq!(buckets.bucket_of_parameter, vec![3, 2, 2, 1, 0]);
+        let one = GradientBuckets::new(&set, 25 << 20);
+        assert_eq!(one.buckets().len(), 1);
+        assert_eq!(one.buckets()[0].elements, 0..21);
+    }
+
+    #[test]
+    fn loss_slot_follows_the_gradients() {
+        let set = parameters_of_sizes(&[4, 6]);
+        let mut buckets = GradientBuckets::new(&set, 16);
         buckets.gradients_mut()[9] = 2.0;
         buckets.set_loss(0.5);
         assert_eq!(buckets.gradients().len(), 10);
         assert_eq!(buckets.gradients()[9], 2.0);
         assert_eq!(buckets.loss(), 0.5);
-        assert_eq!(GradientBuckets::new(1000, 25 << 20).bucket_count(), 1);
+        let empty = GradientBuckets::new(&parameters_of_sizes(&[]), 16);
+        assert_eq!(empty.buckets()[0].elements, 0..1);
     }
 }

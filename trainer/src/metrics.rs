@@ -109,7 +109,9 @@ pub struct LogMetrics {
 
 impl MetricsSink for LogMetrics {
     fn on_step(&mut self, metrics: &StepMetrics) {
-        if metrics.step % self.step_interval.max(1) == 0 || metrics.step == metrics.total_steps {
+        if metrics.step.is_multiple_of(self.step_interval.max(1))
+            || metrics.step == metrics.total_steps
+        {
             tracing::info!(
                 step = metrics.step,
                 total_steps = metrics.total_steps,

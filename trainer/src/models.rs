@@ -1,7 +1,10 @@
 //! The models a job can train: an MLP of configurable widths and a small CNN, built from
 //! candle-nn layers over the parameters of a [`ParameterSet`].
 
-use candle_core::{Device, Tensor};
+use std::ops::Range;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, Module};
 use cohort_spec::train::{ModelKind, ModelSpec};
 use rand::SeedableRng;
@@ -10,15 +13,71 @@ use rand_chacha::ChaCha8Rng;
 use crate::error::{Result, TrainerError};
 use crate::parameters::{Initialization, ParameterSet};
 
+/// The layer of one stage.
+#[derive(Debug, Clone)]
+enum Layer {
+    /// A 3x3 convolution (padding 1), then ReLU and a 2x2 max-pool.
+    Convolution(Conv2d),
+    /// A dense layer (its input flattened first), then ReLU unless it produces the logits.
+    Dense {
+        /// The affine map.
+        linear: Linear,
+        /// Whether ReLU follows.
+        relu: bool,
+    },
+}
+
+/// One layer and the parameters it owns: the unit of the staged backward pass.
+#[derive(Debug, Clone)]
+struct Stage {
+    /// What the stage computes.
+    layer: Layer,
+    /// Indices of its parameters in the model's [`ParameterSet`].
+    parameters: Range<usize>,
+}
+
+impl Stage {
+    fn forward(&self, input: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.layer {
+            Layer::Convolution(convolution) => convolution.forward(input)?.relu()?.max_pool2d(2),
+            Layer::Dense { linear, relu } => {
+                let input = if input.rank() > 2 {
+                    input.flatten_from(1)?
+                } else {
+                    input.clone()
+                };
+                let output = linear.forward(&input)?;
+                if *relu { output.relu() } else { Ok(output) }
+            }
+        }
+    }
+}
+
+/// A forward pass cut at stage boundaries: each stage after the first starts from a fresh leaf
+/// variable holding the previous stage's output, so the backward pass can run one stage at a
+/// time and hand out each stage's gradients as soon as they exist.
+#[derive(Debug)]
+pub struct StagedForward {
+    /// The leaf input of each stage (`None` for the first, whose input is the data).
+    inputs: Vec<Option<Var>>,
+    /// The output of each stage; the last one holds the logits.
+    outputs: Vec<Tensor>,
+}
+
+impl StagedForward {
+    /// Returns the logits.
+    pub fn logits(&self) -> &Tensor {
+        &self.outputs[self.outputs.len() - 1]
+    }
+}
+
 /// A classifier of square grey-scale images.
 #[derive(Debug, Clone)]
 pub struct Model {
     /// Architecture, for logs and checkpoints.
     kind: ModelKind,
-    /// 3x3 convolutions (padding 1), each followed by ReLU and a 2x2 max-pool; empty for an MLP.
-    convolutions: Vec<Conv2d>,
-    /// Dense layers, ReLU between them, the last one producing the logits.
-    dense: Vec<Linear>,
+    /// Convolution blocks then dense layers, in forward order.
+    stages: Vec<Stage>,
     /// Every trainable parameter, in flat order.
     parameters: ParameterSet,
     /// Height and width of the input images.
@@ -36,7 +95,7 @@ impl Model {
     ) -> Result<Self> {
         let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
         let mut parameters = ParameterSet::new(device.clone());
-        let mut convolutions = Vec::new();
+        let mut stages = Vec::new();
         let (mut height, mut width) = image_shape;
         let mut channels = 1;
         for (index, &out_channels) in spec.convolution_channels().iter().enumerate() {
@@ -47,11 +106,13 @@ impl Model {
                      expected at least 2 x 2"
                 )));
             }
-            let fan_in = channels * 9;
+            let first_parameter = parameters.len();
             let weight = parameters.add(
                 format!("convolutions.{index}.weight"),
                 (out_channels, channels, 3, 3),
-                Initialization::HeUniform { fan_in },
+                Initialization::HeUniform {
+                    fan_in: channels * 9,
+                },
                 &mut rng,
             )?;
             let bias = parameters.add(
@@ -64,15 +125,23 @@ impl Model {
                 padding: 1,
                 ..Conv2dConfig::default()
             };
-            convolutions.push(Conv2d::new(weight, Some(bias), config));
+            stages.push(Stage {
+                layer: Layer::Convolution(Conv2d::new(weight, Some(bias), config)),
+                parameters: first_parameter..parameters.len(),
+            });
             channels = out_channels;
             height /= 2;
             width /= 2;
         }
         let mut features = channels * height * width;
-        let mut dense = Vec::new();
-        let widths = spec.hidden.iter().map(|&w| w as usize).chain([classes]);
-        for (index, out_features) in widths.enumerate() {
+        let widths: Vec<usize> = spec
+            .hidden
+            .iter()
+            .map(|&w| w as usize)
+            .chain([classes])
+            .collect();
+        for (index, &out_features) in widths.iter().enumerate() {
+            let first_parameter = parameters.len();
             let weight = parameters.add(
                 format!("dense.{index}.weight"),
                 (out_features, features),
@@ -85,7 +154,13 @@ impl Model {
                 Initialization::Zeros,
                 &mut rng,
             )?;
-            dense.push(Linear::new(weight, Some(bias)));
+            stages.push(Stage {
+                layer: Layer::Dense {
+                    linear: Linear::new(weight, Some(bias)),
+                    relu: index + 1 < widths.len(),
+                },
+                parameters: first_parameter..parameters.len(),
+            });
             features = out_features;
         }
         tracing::debug!(
@@ -95,8 +170,7 @@ impl Model {
         );
         Ok(Self {
             kind: spec.kind,
-            convolutions,
-            dense,
+            stages,
             parameters,
             image_shape,
         })
@@ -111,27 +185,78 @@ impl Model {
     pub fn parameters(&self) -> &ParameterSet {
         &self.parameters
     }
+
+    /// Shapes a `[batch, height * width]` batch as the first stage expects it.
+    fn stage_input(&self, images: &Tensor) -> candle_core::Result<Tensor> {
+        match self.stages.first().map(|stage| &stage.layer) {
+            Some(Layer::Convolution(_)) => {
+                let (height, width) = self.image_shape;
+                images.reshape((images.dim(0)?, 1, height, width))
+            }
+            _ => Ok(images.clone()),
+        }
+    }
+
+    /// Runs the forward pass cut into stages (see [`StagedForward`]); the logits equal those of
+    /// [`Module::forward`].
+    pub fn forward_staged(&self, images: &Tensor) -> Result<StagedForward> {
+        let mut inputs = Vec::with_capacity(self.stages.len());
+        let mut outputs: Vec<Tensor> = Vec::with_capacity(self.stages.len());
+        for stage in &self.stages {
+            let output = match outputs.last() {
+                None => {
+                    inputs.push(None);
+                    stage.forward(&self.stage_input(images)?)?
+                }
+                Some(previous) => {
+                    let input = Var::from_tensor(previous)?;
+                    let output = stage.forward(input.as_tensor())?;
+                    inputs.push(Some(input));
+                    output
+                }
+            };
+            outputs.push(output);
+        }
+        Ok(StagedForward { inputs, outputs })
+    }
+
+    /// Back-propagates `loss` (computed from `forward.logits()`) one stage at a time, last stage
+    /// first, calling `on_stage` with each stage's parameter indices and the gradient store
+    /// holding their gradients as soon as that stage is done.
+    pub fn backward_staged(
+        &self,
+        forward: StagedForward,
+        loss: &Tensor,
+        mut on_stage: impl FnMut(Range<usize>, &GradStore) -> Result<()>,
+    ) -> Result<()> {
+        let StagedForward { inputs, outputs } = forward;
+        let mut output_gradient: Option<Tensor> = None;
+        for (index, stage) in self.stages.iter().enumerate().rev() {
+            let gradients = match output_gradient.take() {
+                None => loss.backward()?,
+                // d/dθ sum(output * g) = J^T g: the vector-Jacobian product of this stage.
+                Some(gradient) => (&outputs[index] * gradient)?.sum_all()?.backward()?,
+            };
+            on_stage(stage.parameters.clone(), &gradients)?;
+            if let Some(input) = &inputs[index] {
+                let gradient = gradients.get(input.as_tensor()).ok_or_else(|| {
+                    TrainerError::Config(format!("stage {index} input has no gradient"))
+                })?;
+                // Detached: a stored gradient still records how it was computed, and walking
+                // that graph again in the next stage would differentiate the backward pass.
+                output_gradient = Some(gradient.detach());
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Module for Model {
     /// Maps a `[batch, height * width]` batch of normalised images to `[batch, classes]` logits.
     fn forward(&self, images: &Tensor) -> candle_core::Result<Tensor> {
-        let mut activations = images.clone();
-        if !self.convolutions.is_empty() {
-            let batch = images.dim(0)?;
-            let (height, width) = self.image_shape;
-            activations = activations.reshape((batch, 1, height, width))?;
-            for convolution in &self.convolutions {
-                activations = convolution.forward(&activations)?.relu()?.max_pool2d(2)?;
-            }
-            activations = activations.flatten_from(1)?;
-        }
-        let last = self.dense.len() - 1;
-        for (index, layer) in self.dense.iter().enumerate() {
-            activations = layer.forward(&activations)?;
-            if index != last {
-                activations = activations.relu()?;
-            }
+        let mut activations = self.stage_input(images)?;
+        for stage in &self.stages {
+            activations = stage.forward(&activations)?;
         }
         Ok(activations)
     }
@@ -225,5 +350,64 @@ mod tests {
             ..ModelSpec::default()
         };
         assert!(Model::new(&spec, (4, 4), 10, &Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn staged_backward_gives_the_gradients_of_the_whole_graph() {
+        for spec in [
+            ModelSpec {
+                hidden: vec![7, 5],
+                ..ModelSpec::default()
+            },
+            ModelSpec {
+                kind: ModelKind::Cnn,
+                hidden: vec![6],
+                channels: Some(vec![3, 4]),
+                seed: 1,
+            },
+        ] {
+            let model = Model::new(&spec, (8, 8), 3, &Device::Cpu).unwrap();
+            let splits = crate::data::synthetic_splits(10, 1, 8, 3, 4).unwrap();
+            let indices: Vec<usize> = (0..10).collect();
+            let (mut images, mut labels) = (Vec::new(), Vec::new());
+            splits
+                .train
+                .gather(&indices, &mut images, &mut labels)
+                .unwrap();
+            let images = Tensor::from_slice(&images, (10, 64), &Device::Cpu).unwrap();
+            let labels = Tensor::from_slice(&labels, 10, &Device::Cpu).unwrap();
+            let count = model.parameters().element_count();
+
+            let logits = model.forward(&images).unwrap();
+            let loss = candle_nn::loss::cross_entropy(&logits, &labels).unwrap();
+            let mut whole = vec![0.0; count];
+            model
+                .parameters()
+                .read_gradients(&loss.backward().unwrap(), &mut whole, 1.0)
+                .unwrap();
+
+            let staged = model.forward_staged(&images).unwrap();
+            let staged_logits = staged.logits().to_vec2::<f32>().unwrap();
+            assert_eq!(staged_logits, logits.to_vec2::<f32>().unwrap());
+            let loss = candle_nn::loss::cross_entropy(staged.logits(), &labels).unwrap();
+            let mut by_stage = vec![f32::NAN; count];
+            let mut order = Vec::new();
+            model
+                .backward_staged(staged, &loss, |parameters, gradients| {
+                    order.push(parameters.start);
+                    for index in parameters {
+                        let parameter = model.parameters().iter().nth(index).unwrap();
+                        let gradient = gradients.get(parameter.tensor()).unwrap();
+                        let values = gradient.flatten_all()?.to_vec1::<f32>()?;
+                        by_stage[parameter.flat_range()].copy_from_slice(&values);
+                    }
+                    Ok(())
+                })
+                .unwrap();
+            assert!(order.windows(2).all(|pair| pair[0] > pair[1]), "{order:?}");
+            for (a, b) in whole.iter().zip(&by_stage) {
+                assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "{a} vs {b}");
+            }
+        }
     }
 }

@@ -177,29 +177,56 @@ impl ParameterSet {
         scale: f32,
     ) -> Result<()> {
         self.check_flat_length(flat.len())?;
-        for parameter in &self.parameters {
-            let destination = &mut flat[parameter.flat_range()];
-            match gradients.get(parameter.tensor()) {
-                Some(gradient) => with_f32_values(gradient, |values| {
-                    for (out, &value) in destination.iter_mut().zip(values) {
-                        *out = value * scale;
-                    }
-                })?,
-                None => destination.fill(0.0),
-            }
+        for (index, parameter) in self.parameters.iter().enumerate() {
+            self.read_gradient(index, gradients, &mut flat[parameter.flat_range()], scale)?;
         }
         Ok(())
     }
 
-    /// Runs `update` on the values of parameter `index`, in place in its storage.
-    pub fn update(&self, index: usize, update: impl FnMut(&mut [f32])) -> Result<()> {
-        let parameter = self.parameters.get(index).ok_or_else(|| {
+    /// Copies the gradient of parameter `index` into `destination` (of the parameter's length),
+    /// multiplied by `scale`; zeros when the loss does not depend on it.
+    pub fn read_gradient(
+        &self,
+        index: usize,
+        gradients: &GradStore,
+        destination: &mut [f32],
+        scale: f32,
+    ) -> Result<()> {
+        let parameter = self.get(index)?;
+        if destination.len() != parameter.len() {
+            return Err(TrainerError::Config(format!(
+                "gradient buffer of {} elements for {} ({} elements)",
+                destination.len(),
+                parameter.name,
+                parameter.len()
+            )));
+        }
+        match gradients.get(parameter.tensor()) {
+            Some(gradient) => with_f32_values(gradient, |values| {
+                for (out, &value) in destination.iter_mut().zip(values) {
+                    *out = value * scale;
+                }
+            }),
+            None => {
+                destination.fill(0.0);
+                Ok(())
+            }
+        }
+    }
+
+    /// Returns parameter `index`.
+    pub fn get(&self, index: usize) -> Result<&Parameter> {
+        self.parameters.get(index).ok_or_else(|| {
             TrainerError::Config(format!(
                 "parameter {index} requested from a set of {}",
                 self.parameters.len()
             ))
-        })?;
-        parameter.var.inplace_op1(&InPlaceUpdate {
+        })
+    }
+
+    /// Runs `update` on the values of parameter `index`, in place in its storage.
+    pub fn update(&self, index: usize, update: impl FnMut(&mut [f32])) -> Result<()> {
+        self.get(index)?.var.inplace_op1(&InPlaceUpdate {
             update: RefCell::new(update),
         })?;
         Ok(())

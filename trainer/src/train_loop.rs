@@ -51,6 +51,11 @@ pub struct TrainConfig {
     pub evaluate: bool,
     /// Writes a checkpoint at the end of training. Default true (benchmarks turn it off).
     pub final_checkpoint: bool,
+    /// With several ranks, runs the backward pass layer by layer and all-reduces each gradient
+    /// bucket on a communication thread as soon as it is ready, overlapping communication with
+    /// the rest of the backward pass. Default true; false exchanges all buckets after the
+    /// backward pass (for comparison in benchmarks).
+    pub overlap_communication: bool,
 }
 
 impl TrainConfig {
@@ -68,6 +73,7 @@ impl TrainConfig {
             evaluation_batch: DEFAULT_EVALUATION_BATCH,
             evaluate: true,
             final_checkpoint: true,
+            overlap_communication: true,
         }
     }
 
@@ -204,10 +210,8 @@ pub fn train(
         "training starts"
     );
 
-    let mut buckets = GradientBuckets::new(
-        parameters.element_count(),
-        config.parallel.gradient_bucket_bytes,
-    );
+    let mut buckets = GradientBuckets::new(parameters, config.parallel.gradient_bucket_bytes);
+    let overlap = config.overlap_communication && world_size > 1;
     let gradient_weight = sampler.gradient_weight() as f32;
     let mut order = Vec::new();
     let mut order_epoch = None;
@@ -235,18 +239,33 @@ pub fn train(
         let phase = Instant::now();
         timings.data = phase - started;
 
-        let logits = model.forward(&images)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-        let phase = lap(phase, &mut timings.forward);
-
-        let gradients = loss.backward()?;
-        parameters.read_gradients(&gradients, buckets.gradients_mut(), gradient_weight)?;
-        buckets.set_loss(loss.to_scalar::<f32>()? * gradient_weight);
-        drop(gradients);
-        let phase = lap(phase, &mut timings.backward);
-
-        buckets.all_reduce(communicator)?;
-        let phase = lap(phase, &mut timings.exposed_communication);
+        if overlap {
+            let forward = model.forward_staged(&images)?;
+            let loss = candle_nn::loss::cross_entropy(forward.logits(), &labels)?;
+            buckets.set_loss(loss.to_scalar::<f32>()? * gradient_weight);
+            let phase = lap(phase, &mut timings.forward);
+            let exposed = buckets.backward_overlapped(
+                communicator,
+                &model,
+                forward,
+                &loss,
+                gradient_weight,
+            )?;
+            timings.exposed_communication = exposed;
+            timings.backward = phase.elapsed() - exposed;
+        } else {
+            let logits = model.forward(&images)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+            buckets.set_loss(loss.to_scalar::<f32>()? * gradient_weight);
+            let phase = lap(phase, &mut timings.forward);
+            let gradients = loss.backward()?;
+            parameters.read_gradients(&gradients, buckets.gradients_mut(), gradient_weight)?;
+            drop(gradients);
+            let phase = lap(phase, &mut timings.backward);
+            buckets.all_reduce(communicator)?;
+            lap(phase, &mut timings.exposed_communication);
+        }
+        let phase = Instant::now();
 
         let global_loss = buckets.loss();
         if !global_loss.is_finite() {

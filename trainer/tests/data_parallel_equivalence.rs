@@ -105,7 +105,7 @@ fn max_difference(a: &[f32], b: &[f32]) -> f32 {
 
 /// Checks that `world_size` ranks end where one rank does, and that the comparison is sharp
 /// enough to notice a different trajectory.
-fn assert_equivalent(world_size: u32, model: ModelSpec) {
+fn assert_equivalent(world_size: u32, model: ModelSpec, overlap_communication: bool) {
     let data = data();
     let single = config(1, model.clone(), 5);
     let reference = train_on_ring(&single, &data).pop().unwrap();
@@ -125,7 +125,9 @@ fn assert_equivalent(world_size: u32, model: ModelSpec) {
         .unwrap();
     assert!(max_difference(&other_order, &reference) > 100.0 * tolerance);
 
-    let distributed = train_on_ring(&config(world_size, model, 5), &data);
+    let mut distributed_config = config(world_size, model, 5);
+    distributed_config.overlap_communication = overlap_communication;
+    let distributed = train_on_ring(&distributed_config, &data);
     for (rank, parameters) in distributed.iter().enumerate() {
         let difference = max_difference(parameters, &reference);
         assert!(
@@ -137,7 +139,8 @@ fn assert_equivalent(world_size: u32, model: ModelSpec) {
         assert_eq!(parameters, &distributed[0]);
     }
     eprintln!(
-        "{world_size} ranks vs 1: max |difference| {:e}, tolerance {tolerance:e}",
+        "{world_size} ranks (overlap {overlap_communication}) vs 1: max |difference| {:e}, \
+         tolerance {tolerance:e}",
         max_difference(&distributed[0], &reference)
     );
 }
@@ -153,13 +156,18 @@ fn mlp() -> ModelSpec {
 
 #[test]
 fn four_ranks_of_64_match_one_rank_of_256() {
-    assert_equivalent(4, mlp());
+    assert_equivalent(4, mlp(), true);
+}
+
+#[test]
+fn four_ranks_exchanging_after_backward_match_one_rank() {
+    assert_equivalent(4, mlp(), false);
 }
 
 #[test]
 fn three_ranks_with_uneven_shares_match_one_rank() {
     // 256 = 86 + 85 + 85: the first rank's gradient weighs 86/256, the others 85/256.
-    assert_equivalent(3, mlp());
+    assert_equivalent(3, mlp(), true);
 }
 
 #[test]
@@ -170,5 +178,5 @@ fn cnn_on_two_ranks_matches_one_rank() {
         channels: Some(vec![4, 8]),
         seed: 3,
     };
-    assert_equivalent(2, cnn);
+    assert_equivalent(2, cnn, true);
 }

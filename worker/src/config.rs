@@ -16,6 +16,9 @@ pub struct WorkerConfig {
     pub advertise_address: String,
     /// CPU slots offered to the scheduler. Default: the number of logical CPUs.
     pub cpu_slots: u32,
+    /// Directory under which each job gets `<job id>/` for its outputs (`COHORT_OUTPUT_DIR`).
+    /// Default `./cohort-output`.
+    pub output_dir: PathBuf,
     /// The `cohort` executable that ranks of `kind = "train"` jobs run. Default: the running
     /// executable.
     pub cohort_executable: PathBuf,

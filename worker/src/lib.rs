@@ -60,6 +60,7 @@ pub async fn run(
             node_id: config.node_id.to_string(),
             node_address: config.advertise_address.clone(),
             cohort_executable: config.cohort_executable.clone(),
+            output_dir: config.output_dir.clone(),
         },
     );
     info!(

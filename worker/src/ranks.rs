@@ -46,6 +46,8 @@ pub struct RankContext {
     pub node_address: String,
     /// The `cohort` executable.
     pub cohort_executable: PathBuf,
+    /// Parent of every job's output directory.
+    pub output_dir: PathBuf,
 }
 
 /// The ranks of this worker, shared by the session (which starts and stops them) and their
@@ -192,6 +194,10 @@ impl Ranks {
             (
                 env::COHORT_BIN,
                 context.cohort_executable.display().to_string(),
+            ),
+            (
+                env::OUTPUT_DIR,
+                context.output_dir.join(&start.job_id).display().to_string(),
             ),
         ] {
             environment.insert(name.to_owned(), value);

@@ -109,6 +109,8 @@ pub async fn worker(args: WorkerDaemonArgs) -> Result<ExitCode> {
         node_id,
         advertise_address: args.advertise_address,
         cpu_slots,
+        output_dir: std::path::absolute(&args.output_dir)
+            .with_context(|| format!("output directory {}", args.output_dir.display()))?,
         cohort_executable: std::env::current_exe().context("locating the cohort executable")?,
     };
     cohort_worker::run(

@@ -24,5 +24,7 @@ pub async fn run(command: Command) -> Result<ExitCode> {
         Command::Worker(args) => daemons::worker(args).await,
         Command::Up(args) => up::up(args).await,
         Command::Kv(args) => kv::kv(args).await,
+        Command::Bench(args) => crate::bench::run(args).await,
+        Command::Rank => anyhow::bail!("`cohort rank` starts outside the CLI runtime (see main)"),
     }
 }

@@ -27,6 +27,9 @@ use super::wire::{FrameHeader, FrameKind, HEADER_BYTES};
 use crate::communicator::Collective;
 use crate::error::{AbortCause, Error, Result};
 
+/// Longest a failing rank spends completing a half-sent frame so its abort notice can follow.
+const ABANDON_FLUSH_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// Poll token of the connection from the predecessor.
 const PREVIOUS: Token = Token(0);
 /// Poll token of the connection to the successor.
@@ -133,6 +136,9 @@ pub(crate) struct RingTransport {
     reverse_read: usize,
     /// Whether the successor closed its connection after receiving all it needed.
     next_closed: bool,
+    /// An abort notice the successor sent after this rank had sent it everything for the
+    /// collective in progress; that collective may still complete, the next one fails with it.
+    deferred_abort: Option<FrameHeader>,
     /// The failure that broke the ring, and the rank it blamed; set once, never cleared.
     poisoned: Option<(String, Option<usize>)>,
 }
@@ -154,15 +160,6 @@ impl RingTransport {
             stream.set_nonblocking(true).map_err(setup_error)?;
             stream.set_read_timeout(None).map_err(setup_error)?;
             stream.set_write_timeout(None).map_err(setup_error)?;
-            if let Ok(size) = std::env::var("RING_SOCKBUF") {
-                let size: usize = size.parse().unwrap();
-                SockRef::from(stream)
-                    .set_send_buffer_size(size)
-                    .map_err(setup_error)?;
-                SockRef::from(stream)
-                    .set_recv_buffer_size(size)
-                    .map_err(setup_error)?;
-            }
         }
         let mut previous = mio::net::TcpStream::from_std(previous);
         let mut next = mio::net::TcpStream::from_std(next);
@@ -187,6 +184,7 @@ impl RingTransport {
             reverse_header: [0; HEADER_BYTES],
             reverse_read: 0,
             next_closed: false,
+            deferred_abort: None,
             poisoned: None,
         })
     }
@@ -211,7 +209,7 @@ impl RingTransport {
         let mut progress = Progress::default();
         let result = self.drive(collective, plan, &mut progress);
         if let Err(error) = &result {
-            self.abandon(collective, error, progress.at_frame_boundary());
+            self.abandon(collective, error, plan, &mut progress);
         }
         result
     }
@@ -223,6 +221,9 @@ impl RingTransport {
         plan: &mut dyn Plan,
         progress: &mut Progress,
     ) -> Result<()> {
+        if let Some(header) = &self.deferred_abort {
+            return Err(abort_error(collective, header));
+        }
         if self.next_closed && plan.send_count() > 0 {
             return Err(Error::PeerDisconnected {
                 collective,
@@ -359,7 +360,12 @@ impl RingTransport {
                 Ok(count) => return Ok(Some(count)),
                 Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
                 Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(error) => return Err(self.io_error(collective, self.next_rank, error)),
+                Err(error) => {
+                    // A successor that failed first has usually sent an abort notice before
+                    // closing; report the culprit it names rather than the successor.
+                    self.read_reverse(collective, false)?;
+                    return Err(self.io_error(collective, self.next_rank, error));
+                }
             }
         }
     }
@@ -492,8 +498,9 @@ impl RingTransport {
     }
 
     /// Reads frames sent backwards by the successor: abort notices, or the end of its stream.
+    /// When this rank has already sent everything the collective needs, neither fails it.
     fn read_reverse(&mut self, collective: Collective, sends_done: bool) -> Result<()> {
-        if self.next_closed {
+        if self.next_closed || self.deferred_abort.is_some() {
             return Ok(());
         }
         loop {
@@ -524,6 +531,10 @@ impl RingTransport {
                         }
                     })?;
                     if header.kind == FrameKind::Abort {
+                        if sends_done {
+                            self.deferred_abort = Some(header);
+                            return Ok(());
+                        }
                         return Err(abort_error(collective, &header));
                     }
                     return Err(Error::Protocol {
@@ -559,7 +570,9 @@ impl RingTransport {
         true
     }
 
-    /// Builds the error for a collective that made no progress for the I/O timeout.
+    /// Builds the error for a collective that made no progress for the I/O timeout. The rank
+    /// blamed is, in order of preference: the one the predecessor's notices name (the end of
+    /// a chain of waiting ranks), the successor if it stopped reading, or the predecessor.
     fn stall_error(
         &self,
         collective: Collective,
@@ -567,21 +580,17 @@ impl RingTransport {
         progress: &Progress,
         waited: Duration,
     ) -> Error {
-        let waiting_to_receive = progress.recv_index < plan.recv_count() && progress.recv_started;
-        if waiting_to_receive {
-            Error::PeerStalled {
-                collective,
-                peer: progress.upstream_blame.unwrap_or(self.previous_rank),
-                activity: "sent nothing",
-                waited,
-            }
-        } else {
-            Error::PeerStalled {
-                collective,
-                peer: self.next_rank,
-                activity: "accepted no data",
-                waited,
-            }
+        let send_blocked = progress.send_index < plan.send_count() && progress.send_started;
+        let (peer, activity) = match progress.upstream_blame {
+            Some(blamed) => (blamed, "stopped taking part"),
+            None if send_blocked => (self.next_rank, "accepted no data"),
+            None => (self.previous_rank, "sent nothing"),
+        };
+        Error::PeerStalled {
+            collective,
+            peer,
+            activity,
+            waited,
         }
     }
 
@@ -604,7 +613,13 @@ impl RingTransport {
 
     /// Tells both neighbours the ring is broken, shuts the connections down, and remembers
     /// the failure.
-    fn abandon(&mut self, collective: Collective, error: &Error, at_frame_boundary: bool) {
+    fn abandon(
+        &mut self,
+        collective: Collective,
+        error: &Error,
+        plan: &dyn Plan,
+        progress: &mut Progress,
+    ) {
         let (failed_rank, reporter, cause) = match error {
             Error::Aborted {
                 failed_rank,
@@ -634,14 +649,69 @@ impl RingTransport {
             payload_bytes: cause.code(),
         }
         .encode();
-        // Best effort: a full buffer or a dead peer just means the notice is not delivered.
-        if at_frame_boundary && !self.next_closed {
+        // Best effort: a full buffer or a dead peer just means the notice is not delivered, and
+        // the neighbour falls back to blaming this rank.
+        if !self.next_closed && self.finish_partial_frame(plan, progress) {
             let _ = SockRef::from(&self.next).send_with_flags(&abort, SEND_FLAGS);
         }
         let _ = SockRef::from(&self.previous).send_with_flags(&abort, SEND_FLAGS);
         let _ = self.next.shutdown(Shutdown::Write);
         let _ = self.previous.shutdown(Shutdown::Write);
         self.poisoned = Some((error.to_string(), error.failed_rank()));
+    }
+
+    /// Completes a half-written frame to the successor, so that an abort frame can follow it
+    /// (the successor is reading that frame and would otherwise see only the connection end).
+    /// Gives up after [`ABANDON_FLUSH_TIMEOUT`]; returns whether the stream is at a frame
+    /// boundary.
+    fn finish_partial_frame(&mut self, plan: &dyn Plan, progress: &mut Progress) -> bool {
+        if progress.notice.is_some_and(|(_, written)| written == 0) {
+            progress.notice = None;
+        }
+        let deadline = Instant::now() + ABANDON_FLUSH_TIMEOUT;
+        loop {
+            let result = if let Some((notice, written)) = &mut progress.notice {
+                let result = SockRef::from(&self.next)
+                    .send_with_flags(&notice[*written..], SEND_FLAGS)
+                    .map(|count| *written += count);
+                if *written == HEADER_BYTES {
+                    progress.notice = None;
+                }
+                result
+            } else if progress.send_started && progress.send_written > 0 {
+                let payload = plan.send_payload(progress.send_index);
+                let written = progress.send_written;
+                let result = if written < HEADER_BYTES {
+                    let slices = [
+                        IoSlice::new(&progress.send_header[written..]),
+                        IoSlice::new(payload),
+                    ];
+                    SockRef::from(&self.next).send_vectored_with_flags(&slices, SEND_FLAGS)
+                } else {
+                    SockRef::from(&self.next)
+                        .send_with_flags(&payload[written - HEADER_BYTES..], SEND_FLAGS)
+                };
+                let result = result.map(|count| progress.send_written += count);
+                if progress.send_written == HEADER_BYTES + payload.len() {
+                    progress.send_started = false;
+                }
+                result
+            } else {
+                return true;
+            };
+            match result {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return false;
+                    }
+                    let _ = self.poll.poll(&mut self.events, Some(deadline - now));
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
     }
 }
 

@@ -1,0 +1,144 @@
+//! Benchmarks. Each prints a table and, as its last line, one JSON object
+//! (`{"bench": NAME, ..., "results": [rows]}`); rates are `_gbps` (1e9 bytes/s) or `_per_s`,
+//! times `_s`. Ranks run as real jobs on a local cluster, so a benchmark measures what a job
+//! would see.
+
+pub mod allreduce;
+pub mod train;
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use cohort_coordinator::CoordinatorConfig;
+use cohort_proto::v1::job_control_client::JobControlClient;
+use cohort_proto::v1::{GetJobRequest, JobInfo, JobState, SubmitJobRequest, WatchJobRequest};
+use tonic::transport::Channel;
+
+use crate::args::{BenchArgs, Benchmark};
+use crate::client;
+use crate::local_cluster::{LocalCluster, LocalClusterConfig};
+
+/// Runs the benchmark named on the command line.
+pub async fn run(args: BenchArgs) -> Result<ExitCode> {
+    match args.benchmark {
+        Benchmark::Allreduce {
+            ranks,
+            sizes,
+            dtype,
+        } => allreduce::run(ranks, &sizes, dtype).await,
+        Benchmark::Train {
+            ranks,
+            steps,
+            device,
+        } => train::run(&ranks, steps, device).await,
+        Benchmark::StreamReceive { .. } | Benchmark::AllreduceRank { .. } => {
+            bail!("benchmark ranks start outside the CLI runtime (see main)")
+        }
+    }
+}
+
+/// Parses `4K`, `64M`, `1G` or a plain byte count.
+pub fn parse_size(text: &str) -> Result<usize> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((index, _)) => text.split_at(index),
+        None => (text, ""),
+    };
+    let value: usize = digits
+        .parse()
+        .with_context(|| format!("size {text:?}: expected a number with an optional K, M or G"))?;
+    let multiplier = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        other => bail!("size {text:?}: unknown unit {other:?}, expected K, M or G"),
+    };
+    value
+        .checked_mul(multiplier)
+        .with_context(|| format!("size {text:?} is too large"))
+}
+
+/// Starts a local cluster of one worker with `slots` CPU slots, in a temporary data dir.
+pub async fn start_cluster(data_dir: &Path, workers: u32, slots: u32) -> Result<LocalCluster> {
+    let coordinator = CoordinatorConfig {
+        data_dir: data_dir.to_owned(),
+        ..CoordinatorConfig::default()
+    };
+    let store =
+        cohort_coordinator::open_store(&cohort_coordinator::StoreLocation::Embedded, &coordinator)
+            .await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    LocalCluster::start(LocalClusterConfig {
+        coordinator,
+        store,
+        listener,
+        workers,
+        cpu_slots: slots,
+        output_dir: data_dir.join("outputs"),
+    })
+    .await
+}
+
+/// Submits a job and waits for it to end; fails with the job's reason unless it succeeded.
+pub async fn run_job(client: &mut JobControlClient<Channel>, spec_toml: String) -> Result<JobInfo> {
+    let job = client
+        .submit_job(SubmitJobRequest {
+            spec_toml,
+            wait_for_resources: false,
+        })
+        .await
+        .map_err(client::status)?
+        .into_inner()
+        .job
+        .context("coordinator answered without the job")?;
+    let mut events = client
+        .watch_job(WatchJobRequest {
+            job_id: job.job_id.clone(),
+        })
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    while let Some(event) = events.message().await.map_err(client::status)? {
+        if event.job.as_ref().is_some_and(crate::render::is_final) {
+            break;
+        }
+    }
+    let job = client
+        .get_job(GetJobRequest {
+            job_id: job.job_id.clone(),
+        })
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    if job.state() != JobState::Succeeded {
+        bail!(
+            "benchmark job {} {}: {}",
+            job.job_id,
+            crate::render::job_state(job.state()),
+            job.reason
+        );
+    }
+    Ok(job)
+}
+
+/// Formats bytes per second as GB/s (1e9).
+pub fn gbps(bytes_per_second: f64) -> f64 {
+    bytes_per_second / 1e9
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("4K").unwrap(), 4096);
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
+        assert_eq!(parse_size("100").unwrap(), 100);
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("").is_err());
+    }
+}

@@ -1,0 +1,170 @@
+//! A whole cluster on this machine: the coordinator in this process, every worker a separate
+//! `cohort worker` process, exactly as on a real cluster. Used by `cohort up` and by the
+//! benchmarks, which run their ranks as real jobs.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use cohort_coordinator::{ClusterStore, CoordinatorConfig};
+use cohort_proto::v1::ListNodesRequest;
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tracing::warn;
+
+use crate::client;
+
+/// How long workers get to register before start-up fails.
+const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a worker gets to stop its ranks and exit before it is killed.
+const WORKER_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What to start.
+pub struct LocalClusterConfig {
+    /// Coordinator settings.
+    pub coordinator: CoordinatorConfig,
+    /// Where the coordinator keeps its state.
+    pub store: Arc<dyn ClusterStore>,
+    /// Bound listener of the coordinator.
+    pub listener: TcpListener,
+    /// Number of worker processes.
+    pub workers: u32,
+    /// CPU slots of each worker.
+    pub cpu_slots: u32,
+    /// Parent of the jobs' output directories (`--output-dir` of the workers).
+    pub output_dir: PathBuf,
+}
+
+/// A running local cluster. Call [`LocalCluster::shutdown`] to stop it cleanly; dropping it
+/// kills the workers.
+pub struct LocalCluster {
+    /// The coordinator's `host:port`.
+    address: String,
+    /// Worker processes.
+    workers: Vec<Child>,
+    /// Stops the in-process coordinator.
+    stop_coordinator: Option<oneshot::Sender<()>>,
+    /// The coordinator's task.
+    coordinator: Option<JoinHandle<cohort_coordinator::Result<()>>>,
+}
+
+fn spawn_worker(address: &str, index: u32, cpu_slots: u32, output_dir: &PathBuf) -> Result<Child> {
+    let executable = std::env::current_exe().context("locating the cohort executable")?;
+    let mut command = Command::new(executable);
+    command
+        .args(["worker", "--coordinator", address])
+        .args(["--cpu-slots", &cpu_slots.to_string()])
+        .args(["--node-id", &format!("local-{index}")])
+        .arg("--output-dir")
+        .arg(output_dir)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    if std::env::var_os("RUST_LOG").is_none() {
+        // The command's own output goes to this terminal; workers speak up only when something
+        // is wrong.
+        command.env("RUST_LOG", "warn");
+    }
+    cohort_worker::process::die_with_parent(&mut command);
+    command
+        .spawn()
+        .with_context(|| format!("starting worker {index}"))
+}
+
+impl LocalCluster {
+    /// Starts the coordinator and the workers, and returns once every worker is registered.
+    pub async fn start(config: LocalClusterConfig) -> Result<Self> {
+        let address = config.listener.local_addr()?.to_string();
+        let (stop_coordinator, coordinator_stopped) = oneshot::channel::<()>();
+        let coordinator = tokio::spawn(cohort_coordinator::run(
+            config.coordinator,
+            config.store,
+            config.listener,
+            async {
+                let _ = coordinator_stopped.await;
+            },
+        ));
+        let mut cluster = Self {
+            address,
+            workers: Vec::new(),
+            stop_coordinator: Some(stop_coordinator),
+            coordinator: Some(coordinator),
+        };
+        for index in 0..config.workers {
+            let worker = spawn_worker(
+                &cluster.address,
+                index,
+                config.cpu_slots,
+                &config.output_dir,
+            )?;
+            cluster.workers.push(worker);
+        }
+        cluster.wait_for_workers(config.workers).await?;
+        Ok(cluster)
+    }
+
+    /// The coordinator's `host:port`.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Polls the coordinator until `workers` nodes are ready.
+    async fn wait_for_workers(&mut self, workers: u32) -> Result<()> {
+        let mut client = client::job_control(&self.address).await?;
+        let deadline = tokio::time::Instant::now() + REGISTRATION_TIMEOUT;
+        loop {
+            let nodes = client
+                .list_nodes(ListNodesRequest {})
+                .await
+                .map_err(client::status)?
+                .into_inner()
+                .nodes;
+            let ready = nodes.iter().filter(|n| n.status == "ready").count();
+            if ready >= workers as usize {
+                return Ok(());
+            }
+            for (index, child) in self.workers.iter_mut().enumerate() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("worker {index} exited during start-up ({status})");
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "only {ready} of {workers} workers registered within {REGISTRATION_TIMEOUT:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops every worker with SIGTERM (they stop their ranks first), then the coordinator.
+    pub async fn shutdown(mut self) {
+        for child in &self.workers {
+            if let Some(pid) = child.id() {
+                cohort_worker::process::signal_process(pid, cohort_worker::process::SIGTERM);
+            }
+        }
+        for child in &mut self.workers {
+            if tokio::time::timeout(WORKER_STOP_TIMEOUT, child.wait())
+                .await
+                .is_err()
+            {
+                warn!("a worker did not stop within {WORKER_STOP_TIMEOUT:?}; killing it");
+                let _ = child.kill().await;
+            }
+        }
+        if let Some(stop) = self.stop_coordinator.take() {
+            let _ = stop.send(());
+        }
+        if let Some(coordinator) = self.coordinator.take() {
+            match coordinator.await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => warn!(%error, "coordinator stopped with an error"),
+                Err(error) => warn!(%error, "coordinator task failed"),
+            }
+        }
+    }
+}

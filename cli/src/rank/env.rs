@@ -1,0 +1,65 @@
+//! What a rank learns from the environment its worker gave it.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use cohort_proto::env;
+
+/// The rank's place in its job and where its services are.
+#[derive(Debug, Clone)]
+pub struct RankEnv {
+    /// The job.
+    pub job_id: String,
+    /// This rank.
+    pub rank: usize,
+    /// Ranks in the job.
+    pub world_size: usize,
+    /// The coordinator's `host:port`.
+    pub coordinator: String,
+    /// The rendezvous service's `host:port`.
+    pub rendezvous: String,
+    /// The address other ranks reach this node at.
+    pub node_address: IpAddr,
+    /// Directory for outputs, when the worker gave one.
+    pub output_dir: Option<PathBuf>,
+}
+
+fn variable(name: &str) -> Result<String> {
+    std::env::var(name).with_context(|| {
+        format!("{name} is not set: this command runs as a rank started by a Cohort worker")
+    })
+}
+
+impl RankEnv {
+    /// Reads the rank environment.
+    pub fn from_env() -> Result<Self> {
+        let rank: usize = variable(env::RANK)?
+            .parse()
+            .with_context(|| format!("{} is not a number", env::RANK))?;
+        let world_size: usize = variable(env::WORLD_SIZE)?
+            .parse()
+            .with_context(|| format!("{} is not a number", env::WORLD_SIZE))?;
+        anyhow::ensure!(
+            rank < world_size,
+            "{} = {rank}, expected below {} = {world_size}",
+            env::RANK,
+            env::WORLD_SIZE
+        );
+        let node_address = match std::env::var(env::NODE_ADDR) {
+            Ok(text) => text
+                .parse()
+                .with_context(|| format!("{} = {text:?} is not an IP address", env::NODE_ADDR))?,
+            Err(_) => IpAddr::from([127, 0, 0, 1]),
+        };
+        Ok(Self {
+            job_id: variable(env::JOB_ID)?,
+            rank,
+            world_size,
+            coordinator: variable(env::COORDINATOR_ADDR)?,
+            rendezvous: variable(env::RENDEZVOUS_ADDR)?,
+            node_address,
+            output_dir: std::env::var_os(env::OUTPUT_DIR).map(PathBuf::from),
+        })
+    }
+}
