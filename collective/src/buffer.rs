@@ -65,7 +65,7 @@ mod sealed {
     impl Sealed for half::f16 {}
 }
 
-/// An element type collectives can move and reduce: `f32`, [`bf16`] or [`f16`].
+/// An element type collectives can move and reduce: `f32`, [`bf16`] or [`f16`](struct@f16).
 pub trait Element: sealed::Sealed + bytemuck::Pod + Send + Sync + 'static {
     /// The matching [`DType`].
     const DTYPE: DType;

@@ -13,7 +13,7 @@
 //!   the `f32`-accumulating reduction kernels.
 //! - [`tcp_ring`]: [`TcpRing`] and [`TcpRingConfig`]: ring setup, the non-blocking transport,
 //!   and the message schedules of each collective.
-//! - [`bench`]: loopback TCP throughput, all-reduce timing and the busbw formula, for
+//! - [`bench`](mod@bench): loopback TCP throughput, all-reduce timing and the busbw formula, for
 //!   `cohort bench allreduce`.
 //! - [`error`]: the crate's [`Error`] and [`Result`].
 

@@ -115,6 +115,9 @@ pub struct JobRecord {
     pub state: JobState,
     /// Why the job is in its state (empty when there is nothing to say).
     pub reason: String,
+    /// The rank whose failure `reason` describes, when a rank's end failed the job. Later
+    /// reports may move the blame to a rank that failed earlier (the root cause).
+    pub blamed_rank: Option<u32>,
     /// When it was submitted.
     pub submitted_at_ms: UnixMillis,
     /// When it was placed.

@@ -83,14 +83,17 @@ fn check_timeout(timeout_ms: u32) -> Result<Duration> {
     Ok(Duration::from_millis(u64::from(timeout_ms)))
 }
 
+/// Reads a counter: decimal text, as torch's TCPStore keeps it, so `cohort kv get` shows it.
 fn decode_counter(key: &str, value: &[u8]) -> Result<i64> {
-    let bytes: [u8; 8] = value.try_into().map_err(|_| {
-        Error::FailedPrecondition(format!(
-            "rendezvous key {key:?} holds {} bytes, expected an 8-byte counter",
-            value.len()
-        ))
-    })?;
-    Ok(i64::from_le_bytes(bytes))
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "rendezvous key {key:?} holds {} bytes that are not a decimal counter",
+                value.len()
+            ))
+        })
 }
 
 impl Rendezvous {
@@ -121,7 +124,7 @@ impl Rendezvous {
     }
 
     /// Adds `delta` to the counter under `key` (missing counts as 0) and returns the new value.
-    /// Counters are stored as 8 little-endian bytes.
+    /// Counters are stored as decimal text.
     pub fn add(&self, job_id: &JobId, key: &str, delta: i64) -> Result<i64> {
         check_key(key)?;
         self.with_job(job_id, |kv| {
@@ -132,7 +135,7 @@ impl Rendezvous {
             let updated = current.checked_add(delta).ok_or_else(|| {
                 Error::InvalidArgument(format!("rendezvous counter {key:?} would overflow"))
             })?;
-            kv.insert(job_id, key, updated.to_le_bytes().to_vec())?;
+            kv.insert(job_id, key, updated.to_string().into_bytes())?;
             Ok(updated)
         })
     }

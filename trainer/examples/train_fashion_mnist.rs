@@ -150,7 +150,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         outcome
             .final_evaluation
             .as_ref()
-            .map_or(f32::NAN, |evaluation| evaluation.accuracy),
+            .map_or("null".to_owned(), |evaluation| evaluation
+                .accuracy
+                .to_string()),
         per_step(timings.data),
         per_step(timings.forward),
         per_step(timings.backward),

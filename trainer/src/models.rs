@@ -4,7 +4,7 @@
 use std::ops::Range;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor, Var};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, Module};
 use cohort_spec::train::{ModelKind, ModelSpec};
 use rand::SeedableRng;
@@ -234,8 +234,9 @@ impl Model {
         for (index, stage) in self.stages.iter().enumerate().rev() {
             let gradients = match output_gradient.take() {
                 None => loss.backward()?,
-                // d/dθ sum(output * g) = J^T g: the vector-Jacobian product of this stage.
-                Some(gradient) => (&outputs[index] * gradient)?.sum_all()?.backward()?,
+                Some(gradient) => outputs[index]
+                    .apply_op1(SeedGradient { gradient })?
+                    .backward()?,
             };
             on_stage(stage.parameters.clone(), &gradients)?;
             if let Some(input) = &inputs[index] {
@@ -248,6 +249,37 @@ impl Model {
             }
         }
         Ok(())
+    }
+}
+
+/// A scalar whose gradient with respect to its argument is a given tensor: back-propagating it
+/// through a stage computes the stage's vector-Jacobian product with that tensor, the gradient
+/// the following stages sent back. Its value is 0 and never used.
+struct SeedGradient {
+    /// Gradient of the loss with respect to the stage's output.
+    gradient: Tensor,
+}
+
+impl CustomOp1 for SeedGradient {
+    fn name(&self) -> &'static str {
+        "cohort-seed-gradient"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _storage: &CpuStorage,
+        _layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((CpuStorage::F32(vec![0.0]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        _argument: &Tensor,
+        _result: &Tensor,
+        _result_gradient: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.gradient.clone()))
     }
 }
 

@@ -211,7 +211,8 @@ pub fn train(
     );
 
     let mut buckets = GradientBuckets::new(parameters, config.parallel.gradient_bucket_bytes);
-    let overlap = config.overlap_communication && world_size > 1;
+    // Overlap needs a second bucket to send early; with one there is nothing to hide behind.
+    let overlap = config.overlap_communication && world_size > 1 && buckets.buckets().len() > 1;
     let gradient_weight = sampler.gradient_weight() as f32;
     let mut order = Vec::new();
     let mut order_epoch = None;

@@ -88,7 +88,13 @@ impl TcpRingConfig {
 /// A communicator whose ranks exchange data over a ring of TCP connections.
 ///
 /// Built by every rank with [`TcpRing::connect`]; not shared between threads (collectives take
-/// `&mut self`), but it can be moved to a dedicated communication thread.
+/// `&mut self`), but it can be moved to a dedicated communication thread. Each call runs on the
+/// calling thread: non-blocking sockets let it send, receive and reduce at once.
+///
+/// Memory: one chunk of scratch, plus, for bf16/f16 all-reduces and for reduce-scatters, an
+/// `f32` accumulator as long as the input (kept for later calls). Partial sums travel between
+/// ranks as `f32`, so the reduce-scatter phase of a bf16/f16 all-reduce moves twice the bytes
+/// of the all-gather phase; the price of rounding only once.
 pub struct TcpRing {
     /// This rank.
     rank: usize,

@@ -9,7 +9,7 @@ use super::{Cluster, JobEntry, State};
 use crate::convert;
 use crate::error::{Error, Result};
 use crate::lifecycle::JobState;
-use crate::model::{JobRecord, MetricsRecord, RankState, now_ms};
+use crate::model::{JobRecord, MetricsRecord, RankRecord, RankState, now_ms};
 use crate::placement::{self, QueuedJob};
 
 impl Cluster {
@@ -50,6 +50,7 @@ impl Cluster {
             wait_for_resources,
             state: JobState::Queued,
             reason: String::new(),
+            blamed_rank: None,
             submitted_at_ms: now_ms(),
             scheduled_at_ms: None,
             started_at_ms: None,
@@ -226,19 +227,25 @@ impl Cluster {
             return Ok(());
         };
         if entry.record.state.is_terminal() {
+            // Ranks of an ended job still report their end: keep the record current, and let
+            // the earliest rank failure stay the reason (the root cause, not its echoes in the
+            // ranks that lost a peer).
+            if let (Some(blamed), Some(earliest)) = (
+                entry.record.blamed_rank,
+                earliest_failure(&entry.record.placement),
+            ) && earliest.rank != blamed
+            {
+                entry.record.reason = failure_reason(earliest);
+                entry.record.blamed_rank = Some(earliest.rank);
+            }
+            self.store.put_job(&entry.record).await?;
+            self.publish(entry);
             return Ok(());
         }
         let placement = &entry.record.placement;
-        if let Some(failed) = placement
-            .iter()
-            .find(|r| r.state.is_final() && !r.succeeded())
-        {
-            let reason = format!(
-                "rank {} on node {} {}",
-                failed.rank,
-                failed.node_id,
-                failed.describe_end()
-            );
+        if let Some(failed) = earliest_failure(placement) {
+            let reason = failure_reason(failed);
+            entry.record.blamed_rank = Some(failed.rank);
             return self
                 .finish_job(state, job_id, JobState::Failed, reason)
                 .await;
@@ -272,4 +279,22 @@ impl Cluster {
         self.publish(entry);
         Ok(())
     }
+}
+
+/// The failed rank that ended first (ties by rank), if any rank failed.
+fn earliest_failure(placement: &[RankRecord]) -> Option<&RankRecord> {
+    placement
+        .iter()
+        .filter(|rank| rank.state.is_final() && !rank.succeeded())
+        .min_by_key(|rank| (rank.exited_at_ms.unwrap_or(i64::MAX), rank.rank))
+}
+
+/// `rank 2 on node n1 exited with code 3`.
+fn failure_reason(rank: &RankRecord) -> String {
+    format!(
+        "rank {} on node {} {}",
+        rank.rank,
+        rank.node_id,
+        rank.describe_end()
+    )
 }

@@ -109,6 +109,7 @@ pub(crate) fn sample_job(number: u64) -> JobRecord {
         wait_for_resources: number % 2 == 1,
         state: JobState::Running,
         reason: String::new(),
+        blamed_rank: None,
         submitted_at_ms: 1_700_000_000_000 + number as i64,
         scheduled_at_ms: Some(1_700_000_000_100),
         started_at_ms: None,
