@@ -110,6 +110,13 @@ pub enum Benchmark {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// One rank of the training benchmark (run as a job by `train`).
+    #[command(hide = true)]
+    TrainRank {
+        /// Timed steps.
+        #[arg(long)]
+        steps: u64,
+    },
     /// One side of the loopback TCP measurement (run by `allreduce`).
     #[command(hide = true)]
     StreamReceive {

@@ -33,6 +33,9 @@ fn main() -> ExitCode {
             benchmark: args::Benchmark::AllreduceRank { elements, dtype },
         }) => bench::allreduce::rank(&elements, dtype),
         args::Command::Bench(args::BenchArgs {
+            benchmark: args::Benchmark::TrainRank { steps },
+        }) => bench::train::rank(steps),
+        args::Command::Bench(args::BenchArgs {
             benchmark: args::Benchmark::StreamReceive { bytes },
         }) => bench::allreduce::stream_receive(bytes),
         command => return run_async(command),

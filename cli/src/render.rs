@@ -289,7 +289,14 @@ pub struct Progress {
     terminal: bool,
     /// Last progress line printed, to avoid repeating it.
     last_line: String,
+    /// When the last progress line went to a non-terminal, to print one every few seconds.
+    last_printed: Option<std::time::Instant>,
+    /// Evaluation accuracy last printed, so that every evaluation gets a line.
+    last_accuracy: Option<f64>,
 }
+
+/// Least time between two progress lines when stderr is not a terminal.
+const FILE_PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Progress {
     /// A progress renderer writing to stderr.
@@ -298,6 +305,8 @@ impl Progress {
             last_state: None,
             terminal: std::io::stderr().is_terminal(),
             last_line: String::new(),
+            last_printed: None,
+            last_accuracy: None,
         }
     }
 
@@ -316,16 +325,32 @@ impl Progress {
             self.last_state = Some(state);
             self.last_line.clear();
         }
-        if let Some(line) = progress_line(job)
-            && line != self.last_line
-        {
-            if self.terminal {
-                eprint!("\r\x1b[2K{line}");
-            } else {
-                eprintln!("{line}");
-            }
-            self.last_line = line;
+        let Some(line) = progress_line(job) else {
+            return;
+        };
+        if line == self.last_line {
+            return;
         }
+        if self.terminal {
+            eprint!("\r\x1b[2K{line}");
+        } else {
+            // A log file gets a line every few seconds, on every evaluation, and at the end.
+            let accuracy = job
+                .metrics
+                .iter()
+                .find(|m| m.rank == 0)
+                .and_then(|m| m.eval_accuracy);
+            let due = self
+                .last_printed
+                .is_none_or(|at| at.elapsed() >= FILE_PROGRESS_INTERVAL);
+            if !(due || accuracy != self.last_accuracy || is_final(job)) {
+                return;
+            }
+            eprintln!("{line}");
+            self.last_printed = Some(std::time::Instant::now());
+            self.last_accuracy = accuracy;
+        }
+        self.last_line = line;
     }
 
     /// Ends the in-place line, if any.
@@ -339,7 +364,6 @@ impl Progress {
 /// The progress bar line of a training job, from rank 0's latest metrics.
 fn progress_line(job: &JobInfo) -> Option<String> {
     let metrics = job.metrics.iter().find(|m| m.rank == 0)?;
-    let total_throughput: f64 = job.metrics.iter().map(|m| m.samples_per_s).sum();
     let mut line = String::new();
     if metrics.total_steps > 0 {
         let fraction = (metrics.step as f64 / metrics.total_steps as f64).clamp(0.0, 1.0);
@@ -355,7 +379,7 @@ fn progress_line(job: &JobInfo) -> Option<String> {
     let _ = write!(
         line,
         "step {}/{} epoch {} loss {:.4} {:.0} samples/s",
-        metrics.step, metrics.total_steps, metrics.epoch, metrics.loss, total_throughput
+        metrics.step, metrics.total_steps, metrics.epoch, metrics.loss, metrics.samples_per_s
     );
     if let Some(accuracy) = metrics.eval_accuracy {
         let _ = write!(line, " test acc {:.2}%", accuracy * 100.0);

@@ -4,6 +4,8 @@
 //!
 //! - [`v1`]: the generated gRPC services and messages of `proto/cohort.proto`
 //!   (`JobControl` for the CLI, `Membership` for worker daemons, `Rendezvous` for ranks).
+//! - [`ps_v1`]: the generated `ParameterServer` service of `proto/parameter_server.proto`
+//!   (pushes, pulls, init and snapshots of one parameter shard).
 //! - [`ids`]: the newtypes [`JobId`], [`NodeId`] and [`Rank`] used instead of bare strings and
 //!   integers.
 //! - [`env`]: the names of the environment variables a rank process receives.
@@ -17,6 +19,12 @@ pub use ids::{IdError, JobId, NodeId, Rank};
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("cohort.v1");
+}
+
+/// Generated code for package `cohort.ps.v1` (the parameter server).
+#[allow(clippy::all, missing_docs)]
+pub mod ps_v1 {
+    tonic::include_proto!("cohort.ps.v1");
 }
 
 /// Largest gRPC message either side accepts, in bytes. Bounded so a misbehaving peer cannot make

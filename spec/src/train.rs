@@ -470,8 +470,9 @@ impl ParallelSpec {
 pub struct CheckpointSpec {
     /// Also writes a checkpoint every this many optimizer steps. Default: only at the end.
     pub every_steps: Option<u64>,
-    /// Checkpoint directory (one written by an earlier run) to resume from: model weights,
-    /// optimizer state and step are restored. Default: start from scratch.
+    /// Checkpoint directory (a `step-NNNNNNNN` written by an earlier run) to resume from:
+    /// model weights, optimizer state and step are restored; a relative path is resolved
+    /// against the job's output directory. Default: start from scratch.
     pub resume_from: Option<String>,
     /// Directory checkpoints are written to; a relative path is resolved against the job's
     /// output directory. Default `"checkpoints"`.

@@ -6,6 +6,11 @@
 //! its share of the global batch (see [`crate::sampler`]), into one reused flat f32 buffer and
 //! sum-all-reduces it bucket by bucket; the result is the exact mean gradient of the global
 //! batch on every rank, so every rank applies the same update and the replicas never drift.
+//!
+//! With more than one bucket, [`GradientBuckets::backward_overlapped`] runs the backward pass
+//! layer by layer and hands each bucket to a communication thread as soon as its gradients
+//! exist, so the exchange of the last layers' gradients overlaps the backward pass of the
+//! first ones; only what is left when the backward pass ends is exposed.
 
 use std::ops::Range;
 use std::sync::mpsc;

@@ -58,3 +58,14 @@ pub enum TrainerError {
 
 /// Result alias of the crate.
 pub type Result<T, E = TrainerError> = std::result::Result<T, E>;
+
+impl TrainerError {
+    /// Returns the peer rank a collective failure blames (one that disconnected, stalled or
+    /// never joined), for reporting which rank brought the job down.
+    pub fn failed_rank(&self) -> Option<usize> {
+        match self {
+            TrainerError::Collective(error) => error.failed_rank(),
+            _ => None,
+        }
+    }
+}

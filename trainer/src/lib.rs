@@ -7,12 +7,12 @@
 //! - [`train_loop`]: [`train`], the loop one rank runs (broadcast, per-step forward, backward,
 //!   gradient exchange and update, end-of-epoch evaluation, checkpoints), and [`TrainConfig`].
 //! - [`data_parallel`]: parameter broadcast and the bucketed gradient all-reduce that keeps
-//!   replicas identical.
+//!   replicas identical, overlapped with the backward pass.
 //! - [`sampler`]: the deterministic distributed sampler (which examples each rank takes at each
 //!   step) and how uneven shares are weighted.
 //! - [`data`]: in-memory data sets, Fashion-MNIST discovery and loading, synthetic data.
 //! - [`idx`]: the strict reader of (gzipped) IDX files.
-//! - [`models`]: the MLP and the CNN.
+//! - [`models`]: the MLP and the CNN, and their layer-by-layer (staged) backward pass.
 //! - [`parameters`]: a model's parameters as one ordered set with a flat f32 view.
 //! - [`optim`]: SGD with momentum, AdamW, the learning-rate schedule, gradient clipping.
 //! - [`checkpoint`]: safetensors checkpoints of weights, optimizer state and step.

@@ -93,12 +93,21 @@ impl Model {
         classes: usize,
         device: &Device,
     ) -> Result<Self> {
+        let convolution_channels = spec.convolution_channels();
+        if spec.hidden.contains(&0) || convolution_channels.contains(&0) || classes == 0 {
+            return Err(TrainerError::Config(format!(
+                "model with hidden widths {:?}, channels {convolution_channels:?} and {classes} \
+                 classes, \
+                 expected every width, channel count and the class count above 0",
+                spec.hidden
+            )));
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
         let mut parameters = ParameterSet::new(device.clone());
         let mut stages = Vec::new();
         let (mut height, mut width) = image_shape;
         let mut channels = 1;
-        for (index, &out_channels) in spec.convolution_channels().iter().enumerate() {
+        for (index, &out_channels) in convolution_channels.iter().enumerate() {
             let out_channels = out_channels as usize;
             if height < 2 || width < 2 {
                 return Err(TrainerError::Config(format!(
@@ -372,6 +381,16 @@ mod tests {
         for (got, want) in logits[0].iter().zip(&expected) {
             assert!((got - want).abs() < 1e-6, "{got} vs {want}");
         }
+    }
+
+    #[test]
+    fn zero_widths_are_errors() {
+        let spec = ModelSpec {
+            hidden: vec![4, 0],
+            ..ModelSpec::default()
+        };
+        assert!(Model::new(&spec, (4, 4), 10, &Device::Cpu).is_err());
+        assert!(Model::new(&ModelSpec::default(), (4, 4), 0, &Device::Cpu).is_err());
     }
 
     #[test]

@@ -202,11 +202,7 @@ impl ParameterSet {
             )));
         }
         match gradients.get(parameter.tensor()) {
-            Some(gradient) => with_f32_values(gradient, |values| {
-                for (out, &value) in destination.iter_mut().zip(values) {
-                    *out = value * scale;
-                }
-            }),
+            Some(gradient) => copy_scaled(gradient, destination, scale),
             None => {
                 destination.fill(0.0);
                 Ok(())
@@ -246,12 +242,7 @@ impl ParameterSet {
 /// Calls `read` with the f32 elements of `tensor` in row-major order, without copying when the
 /// tensor is a contiguous CPU tensor.
 pub(crate) fn with_f32_values<T>(tensor: &Tensor, read: impl FnOnce(&[f32]) -> T) -> Result<T> {
-    if tensor.dtype() != DType::F32 {
-        return Err(TrainerError::Config(format!(
-            "tensor of {:?}, expected f32",
-            tensor.dtype()
-        )));
-    }
+    check_f32(tensor)?;
     {
         let (storage, layout) = tensor.storage_and_layout();
         if let (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) =
@@ -260,9 +251,74 @@ pub(crate) fn with_f32_values<T>(tensor: &Tensor, read: impl FnOnce(&[f32]) -> T
             return Ok(read(&values[start..end]));
         }
     }
-    // A strided view (e.g. a transposed gradient) or another device: copy it out.
+    // A strided view or another device: copy it out.
     let values = tensor.flatten_all()?.to_vec1::<f32>()?;
     Ok(read(&values))
+}
+
+fn check_f32(tensor: &Tensor) -> Result<()> {
+    if tensor.dtype() != DType::F32 {
+        return Err(TrainerError::Config(format!(
+            "tensor of {:?}, expected f32",
+            tensor.dtype()
+        )));
+    }
+    Ok(())
+}
+
+/// Side of the square tiles of [`copy_transposed_scaled`].
+const TILE: usize = 32;
+
+/// Writes `scale` times the elements of `tensor`, in row-major order, into `destination`
+/// (of the tensor's element count). Contiguous tensors and transposed matrices (the layout of
+/// candle's weight gradients) are copied without an intermediate allocation.
+pub(crate) fn copy_scaled(tensor: &Tensor, destination: &mut [f32], scale: f32) -> Result<()> {
+    check_f32(tensor)?;
+    {
+        let (storage, layout) = tensor.storage_and_layout();
+        if let Storage::Cpu(CpuStorage::F32(values)) = &*storage {
+            if let Some((start, end)) = layout.contiguous_offsets() {
+                for (out, &value) in destination.iter_mut().zip(&values[start..end]) {
+                    *out = value * scale;
+                }
+                return Ok(());
+            }
+            if let (&[rows, columns], &[1, column_stride]) = (layout.dims(), layout.stride())
+                && column_stride == rows
+            {
+                let start = layout.start_offset();
+                let source = &values[start..start + rows * columns];
+                copy_transposed_scaled(source, rows, columns, destination, scale);
+                return Ok(());
+            }
+        }
+    }
+    with_f32_values(tensor, |values| {
+        for (out, &value) in destination.iter_mut().zip(values) {
+            *out = value * scale;
+        }
+    })
+}
+
+/// Writes the `rows x columns` row-major matrix whose column-major elements are `source`,
+/// scaled, into `destination`, tile by tile so that both sides stay in cache.
+fn copy_transposed_scaled(
+    source: &[f32],
+    rows: usize,
+    columns: usize,
+    destination: &mut [f32],
+    scale: f32,
+) {
+    for row_tile in (0..rows).step_by(TILE) {
+        for column_tile in (0..columns).step_by(TILE) {
+            for row in row_tile..(row_tile + TILE).min(rows) {
+                let out = &mut destination[row * columns..(row + 1) * columns];
+                for column in column_tile..(column_tile + TILE).min(columns) {
+                    out[column] = source[column * rows + row] * scale;
+                }
+            }
+        }
+    }
 }
 
 /// An in-place candle op handing the contiguous f32 storage of a tensor to a closure.
@@ -363,5 +419,31 @@ mod tests {
         let mut flat = vec![0.0; 9];
         set.read_gradients(&gradients, &mut flat, 0.5).unwrap();
         assert_eq!(flat, vec![2.0, 3.0, 2.0, 3.0, 2.0, 3.0, 1.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn transposed_and_strided_tensors_are_copied_in_row_major_order() {
+        let matrix = Tensor::arange(0f32, 70.0, &Device::Cpu)
+            .unwrap()
+            .reshape((7, 10))
+            .unwrap();
+        let expected: Vec<f32> = matrix
+            .t()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v * 2.0)
+            .collect();
+        let mut copied = vec![0.0; 70];
+        copy_scaled(&matrix.t().unwrap(), &mut copied, 2.0).unwrap();
+        assert_eq!(copied, expected);
+        // A column slice is neither contiguous nor a transpose: the general path.
+        let narrow = matrix.narrow(1, 2, 3).unwrap();
+        let mut copied = vec![0.0; 21];
+        copy_scaled(&narrow, &mut copied, 1.0).unwrap();
+        assert_eq!(copied[..4], [2.0, 3.0, 4.0, 12.0]);
     }
 }

@@ -9,6 +9,7 @@
 use cohort_collective::{InMemoryStore, TcpRing, TcpRingConfig};
 use cohort_spec::train::{LearningRateDecay, ModelKind, ModelSpec, OptimizerKind, OptimizerSpec};
 use cohort_trainer::data::{TrainTestSplits, synthetic_splits};
+use cohort_trainer::data_parallel::GradientBuckets;
 use cohort_trainer::metrics::DiscardMetrics;
 use cohort_trainer::{TrainConfig, train};
 
@@ -18,6 +19,8 @@ const RELATIVE_TOLERANCE: f32 = 1e-5;
 const STEPS: u64 = 20;
 /// Global batch of every run: 4 x 64, and not a multiple of 3.
 const GLOBAL_BATCH: u32 = 256;
+/// Gradient bucket size of every run.
+const BUCKET_BYTES: u64 = cohort_spec::train::MIN_GRADIENT_BUCKET_BYTES;
 
 fn data() -> TrainTestSplits {
     synthetic_splits(8 * 256, 100, 28, 10, 11).unwrap()
@@ -41,8 +44,9 @@ fn config(world_size: u32, model: ModelSpec, data_seed: u64) -> TrainConfig {
     config.schedule.max_steps = Some(STEPS);
     config.schedule.lr_decay = LearningRateDecay::Constant;
     config.parallel.data = world_size;
-    // Small buckets so that several all-reduce calls cover the gradient.
-    config.parallel.gradient_bucket_bytes = 64 * 1024;
+    // The smallest buckets the spec allows, so that several all-reduce calls cover the
+    // gradient and the overlapped exchange has something to overlap.
+    config.parallel.gradient_bucket_bytes = BUCKET_BYTES;
     config.evaluate = false;
     config.final_checkpoint = false;
     config
@@ -87,6 +91,8 @@ fn initial_parameters(config: &TrainConfig, data: &TrainTestSplits) -> Vec<f32> 
         &candle_core::Device::Cpu,
     )
     .unwrap();
+    let buckets = GradientBuckets::new(model.parameters(), BUCKET_BYTES);
+    assert!(buckets.buckets().len() > 2, "{:?}", buckets.buckets());
     let mut flat = vec![0.0; model.parameters().element_count()];
     model.parameters().read_values(&mut flat).unwrap();
     flat

@@ -8,12 +8,11 @@ use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use cohort_collective::DType;
 use cohort_collective::bench::{self as collective_bench, StreamMeasurement};
-use cohort_collective::{DType, Store};
-use cohort_proto::v1::StreamLogsRequest;
 use serde_json::json;
 
-use super::{gbps, parse_size, run_job, start_cluster};
+use super::{gbps, parse_size, publish_result, read_result, run_job, start_cluster};
 use crate::args::BenchDtype;
 use crate::client;
 use crate::rank::RankLink;
@@ -22,10 +21,6 @@ use crate::rank::RankLink;
 const STREAM_BYTES: u64 = 512 << 20;
 /// Loopback measurements; the median is reported.
 const STREAM_REPEATS: usize = 3;
-/// Prefix of the line rank 0 prints with the results.
-const RESULT_PREFIX: &str = "cohort-bench-result ";
-/// Longest a rank waits for the others' results.
-const RESULT_TIMEOUT: Duration = Duration::from_secs(600);
 
 fn dtype(dtype: BenchDtype) -> DType {
     match dtype {
@@ -99,25 +94,7 @@ pub fn rank(elements: &[usize], element_type: BenchDtype) -> Result<ExitCode> {
         )?;
         medians.push(median.as_secs_f64());
     }
-    let rank = link.env.rank;
-    link.store.set(
-        &format!("result/{rank}"),
-        serde_json::to_string(&medians)?.as_bytes(),
-    )?;
-    if rank == 0 {
-        let keys: Vec<String> = (0..link.env.world_size)
-            .map(|r| format!("result/{r}"))
-            .collect();
-        let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let mut slowest = vec![0.0_f64; elements.len()];
-        for value in link.store.wait(&key_refs, RESULT_TIMEOUT)? {
-            let times: Vec<f64> = serde_json::from_slice(&value)?;
-            for (slowest, time) in slowest.iter_mut().zip(times) {
-                *slowest = slowest.max(time);
-            }
-        }
-        println!("{RESULT_PREFIX}{}", serde_json::to_string(&slowest)?);
-    }
+    publish_result(&link, &medians)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -161,12 +138,18 @@ args = ["bench", "allreduce-rank", "--elements", "{element_list}", "--dtype", "{
     );
     let mut client = client::job_control(cluster.address()).await?;
     let outcome = run_job(&mut client, spec).await;
-    let medians = match outcome {
+    let per_rank: Result<Vec<Vec<f64>>> = match outcome {
         Ok(job) => read_result(&mut client, &job.job_id).await,
         Err(error) => Err(error),
     };
     cluster.shutdown().await;
-    let medians = medians?;
+    // Each size is as slow as its slowest rank.
+    let mut medians = vec![0.0_f64; elements.len()];
+    for times in per_rank? {
+        for (slowest, time) in medians.iter_mut().zip(times) {
+            *slowest = slowest.max(time);
+        }
+    }
 
     let mut rows = Vec::new();
     let mut table = Vec::new();
@@ -220,25 +203,4 @@ args = ["bench", "allreduce-rank", "--elements", "{element_list}", "--dtype", "{
         })
     );
     Ok(ExitCode::SUCCESS)
-}
-
-async fn read_result(
-    client: &mut cohort_proto::v1::job_control_client::JobControlClient<tonic::transport::Channel>,
-    job_id: &str,
-) -> Result<Vec<f64>> {
-    let mut lines = client
-        .stream_logs(StreamLogsRequest {
-            job_id: job_id.to_owned(),
-            follow: false,
-            rank: Some(0),
-        })
-        .await
-        .map_err(client::status)?
-        .into_inner();
-    while let Some(line) = lines.message().await.map_err(client::status)? {
-        if let Some(result) = line.text.strip_prefix(RESULT_PREFIX) {
-            return Ok(serde_json::from_str(result)?);
-        }
-    }
-    bail!("rank 0 of {job_id} printed no result")
 }

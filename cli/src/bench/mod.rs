@@ -15,9 +15,19 @@ use cohort_proto::v1::job_control_client::JobControlClient;
 use cohort_proto::v1::{GetJobRequest, JobInfo, JobState, SubmitJobRequest, WatchJobRequest};
 use tonic::transport::Channel;
 
+use cohort_collective::Store;
+use cohort_proto::v1::StreamLogsRequest;
+use serde::de::DeserializeOwned;
+
 use crate::args::{BenchArgs, Benchmark};
 use crate::client;
 use crate::local_cluster::{LocalCluster, LocalClusterConfig};
+use crate::rank::RankLink;
+
+/// Prefix of the line rank 0 of a benchmark job prints with the results.
+const RESULT_PREFIX: &str = "cohort-bench-result ";
+/// Longest rank 0 waits for the other ranks' results.
+const RESULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Runs the benchmark named on the command line.
 pub async fn run(args: BenchArgs) -> Result<ExitCode> {
@@ -32,7 +42,9 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
             steps,
             device,
         } => train::run(&ranks, steps, device).await,
-        Benchmark::StreamReceive { .. } | Benchmark::AllreduceRank { .. } => {
+        Benchmark::StreamReceive { .. }
+        | Benchmark::AllreduceRank { .. }
+        | Benchmark::TrainRank { .. } => {
             bail!("benchmark ranks start outside the CLI runtime (see main)")
         }
     }
@@ -121,6 +133,50 @@ pub async fn run_job(client: &mut JobControlClient<Channel>, spec_toml: String) 
         );
     }
     Ok(job)
+}
+
+/// Publishes this rank's result (JSON) in the job's rendezvous store; on rank 0, waits for every
+/// rank's and prints them all on one line for [`read_result`] to find.
+pub fn publish_result(link: &RankLink, result: &impl serde::Serialize) -> Result<()> {
+    let env = &link.env;
+    link.store.set(
+        &format!("result/{}", env.rank),
+        serde_json::to_string(result)?.as_bytes(),
+    )?;
+    if env.rank == 0 {
+        let keys: Vec<String> = (0..env.world_size).map(|r| format!("result/{r}")).collect();
+        let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let per_rank: Vec<serde_json::Value> = link
+            .store
+            .wait(&key_refs, RESULT_TIMEOUT)?
+            .iter()
+            .map(|value| serde_json::from_slice(value))
+            .collect::<Result<_, _>>()?;
+        println!("{RESULT_PREFIX}{}", serde_json::Value::Array(per_rank));
+    }
+    Ok(())
+}
+
+/// Reads the per-rank results rank 0 of a finished benchmark job printed.
+pub async fn read_result<T: DeserializeOwned>(
+    client: &mut JobControlClient<Channel>,
+    job_id: &str,
+) -> Result<Vec<T>> {
+    let mut lines = client
+        .stream_logs(StreamLogsRequest {
+            job_id: job_id.to_owned(),
+            follow: false,
+            rank: Some(0),
+        })
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    while let Some(line) = lines.message().await.map_err(client::status)? {
+        if let Some(result) = line.text.strip_prefix(RESULT_PREFIX) {
+            return Ok(serde_json::from_str(result)?);
+        }
+    }
+    bail!("rank 0 of {job_id} printed no result")
 }
 
 /// Formats bytes per second as GB/s (1e9).

@@ -3,6 +3,7 @@
 //! job's rendezvous store through the coordinator, and joins a communicator.
 
 pub mod env;
+pub mod metrics;
 pub mod store;
 pub mod train;
 

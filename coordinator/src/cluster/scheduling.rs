@@ -115,6 +115,13 @@ fn start_instruction(
         .collect::<Vec<_>>()
         .join(",");
     let mut environment = BTreeMap::new();
+    if record.device_kind == DeviceKind::Cpu {
+        // A CPU slot is a core: size the rank's thread pools to the slots it holds, as
+        // torchrun does with OMP_NUM_THREADS, so ranks sharing a node do not oversubscribe it.
+        let threads = rank.devices.len().max(1).to_string();
+        environment.insert("OMP_NUM_THREADS".to_owned(), threads.clone());
+        environment.insert("RAYON_NUM_THREADS".to_owned(), threads);
+    }
     if let Some(command) = &spec.command {
         environment.extend(command.env.clone());
     }

@@ -1,0 +1,174 @@
+//! Forwards a rank's training metrics to the coordinator without slowing training: the training
+//! thread only replaces the latest snapshot; a task on the rank's runtime sends it at most every
+//! [`REPORT_INTERVAL`], and evaluations and the final figures go out at once.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use cohort_proto::v1::rendezvous_client::RendezvousClient;
+use cohort_proto::v1::{RankMetrics, ReportMetricsRequest};
+use cohort_trainer::{EvaluationMetrics, MetricsSink, PhaseTimings, StepMetrics};
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+/// Least time between two step reports.
+const REPORT_INTERVAL: Duration = Duration::from_millis(500);
+/// Steps at the start whose timings are left out of the medians (warm-up, allocation).
+const WARMUP_STEPS: usize = 3;
+
+/// A [`MetricsSink`] that reports to the coordinator and keeps per-step timings for medians.
+pub struct CoordinatorMetrics {
+    /// Latest snapshot; the reporter task sends it when it changes.
+    latest: watch::Sender<RankMetrics>,
+    /// Runtime of the reporter task.
+    runtime: Handle,
+    /// Client of the rendezvous service (which takes metrics).
+    client: RendezvousClient<Channel>,
+    /// The job.
+    job_id: String,
+    /// Wall time of each step, seconds.
+    step_times: Vec<f64>,
+    /// Timings of each step.
+    phases: Vec<PhaseTimings>,
+}
+
+impl CoordinatorMetrics {
+    /// Starts the reporter task on `runtime`.
+    pub fn start(
+        runtime: Handle,
+        client: RendezvousClient<Channel>,
+        job_id: String,
+        rank: u32,
+    ) -> Self {
+        let (latest, mut changes) = watch::channel(RankMetrics {
+            rank,
+            ..RankMetrics::default()
+        });
+        let mut reporter = client.clone();
+        let reporter_job = job_id.clone();
+        runtime.spawn(async move {
+            while changes.changed().await.is_ok() {
+                let metrics = changes.borrow_and_update().clone();
+                send(&mut reporter, &reporter_job, metrics).await;
+                tokio::time::sleep(REPORT_INTERVAL).await;
+            }
+        });
+        Self {
+            latest,
+            runtime,
+            client,
+            job_id,
+            step_times: Vec::new(),
+            phases: Vec::new(),
+        }
+    }
+
+    /// Medians of the per-step figures (steps after warm-up), as named extra metrics.
+    pub fn medians(&self) -> HashMap<String, f64> {
+        let skip = if self.step_times.len() > WARMUP_STEPS * 2 {
+            WARMUP_STEPS
+        } else {
+            0
+        };
+        let median = |mut values: Vec<f64>| -> f64 {
+            if values.is_empty() {
+                return 0.0;
+            }
+            values.sort_by(f64::total_cmp);
+            values[values.len() / 2]
+        };
+        let phase = |pick: fn(&PhaseTimings) -> Duration| {
+            median(
+                self.phases
+                    .iter()
+                    .skip(skip)
+                    .map(|p| pick(p).as_secs_f64())
+                    .collect(),
+            )
+        };
+        HashMap::from([
+            (
+                "median_step_s".to_owned(),
+                median(self.step_times.iter().skip(skip).copied().collect()),
+            ),
+            ("median_data_s".to_owned(), phase(|p| p.data)),
+            ("median_forward_s".to_owned(), phase(|p| p.forward)),
+            ("median_backward_s".to_owned(), phase(|p| p.backward)),
+            ("median_optimizer_s".to_owned(), phase(|p| p.optimizer)),
+            (
+                "median_exposed_comm_s".to_owned(),
+                phase(|p| p.exposed_communication),
+            ),
+        ])
+    }
+
+    /// Sends the final figures (with the timing medians) and waits until the coordinator has
+    /// them.
+    pub fn finish(&mut self) {
+        let medians = self.medians();
+        self.latest
+            .send_modify(|metrics| metrics.extra.extend(medians));
+        let metrics = self.latest.borrow().clone();
+        let mut client = self.client.clone();
+        let job_id = self.job_id.clone();
+        self.runtime.block_on(send(&mut client, &job_id, metrics));
+    }
+}
+
+async fn send(client: &mut RendezvousClient<Channel>, job_id: &str, mut metrics: RankMetrics) {
+    metrics.reported_at_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as i64);
+    let request = ReportMetricsRequest {
+        job_id: job_id.to_owned(),
+        metrics: Some(metrics),
+    };
+    if let Err(status) = client.report_metrics(request).await {
+        warn!(%status, "could not report metrics");
+    }
+}
+
+impl MetricsSink for CoordinatorMetrics {
+    fn on_step(&mut self, step: &StepMetrics) {
+        self.step_times
+            .push(step.global_batch as f64 / step.samples_per_second.max(f64::MIN_POSITIVE));
+        self.phases.push(step.timings);
+        self.latest.send_modify(|metrics| {
+            metrics.step = step.step;
+            metrics.total_steps = step.total_steps;
+            // 1-based, as in the per-epoch log lines.
+            metrics.epoch = step.epoch as u32 + 1;
+            metrics.loss = f64::from(step.loss);
+            metrics.samples_per_s = step.samples_per_second;
+            metrics
+                .extra
+                .insert("learning_rate".to_owned(), step.learning_rate);
+        });
+    }
+
+    fn on_evaluation(&mut self, evaluation: &EvaluationMetrics) {
+        if self.latest.borrow().rank == 0 {
+            // One line per epoch in the job's log, next to the progress bar's figures.
+            println!(
+                "epoch {} step {}: test loss {:.4}, test accuracy {:.2}% ({} examples)",
+                evaluation.epoch + 1,
+                evaluation.step,
+                evaluation.loss,
+                evaluation.accuracy * 100.0,
+                evaluation.examples
+            );
+        }
+        self.latest.send_modify(|metrics| {
+            metrics.eval_loss = Some(f64::from(evaluation.loss));
+            metrics.eval_accuracy = Some(f64::from(evaluation.accuracy));
+        });
+    }
+
+    fn on_checkpoint(&mut self, step: u64, path: &Path) {
+        info!(step, path = %path.display(), "checkpoint written");
+        println!("checkpoint at step {step}: {}", path.display());
+    }
+}

@@ -1,0 +1,94 @@
+//! Cohort's own training runtime through the real cluster: a 4-rank data-parallel MLP on
+//! Fashion-MNIST, and a rank killed in the middle of training.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use cohort_cluster_tests::sandbox::{DEFAULT_TIMEOUT, Sandbox, poll, signal};
+
+/// Fashion-MNIST must be installed (scripts/setup.sh installs `dataset-fashion-mnist`); the
+/// ranks find it in /usr/share/datasets/fashion-mnist or `$COHORT_DATA`.
+fn train_job(name: &str, epochs: u32, max_steps: Option<u64>) -> String {
+    let max_steps = max_steps.map_or(String::new(), |steps| format!("max_steps = {steps}"));
+    format!(
+        r#"
+version = 1
+name = "{name}"
+kind = "train"
+[model]
+kind = "mlp"
+hidden = [512, 256]
+[optimizer]
+kind = "adamw"
+lr = 0.002
+[schedule]
+epochs = {epochs}
+batch_size = 256
+warmup_steps = 50
+lr_decay = "cosine"
+{max_steps}
+[parallel]
+data = 4
+"#
+    )
+}
+
+#[test]
+fn four_ranks_train_the_mlp_to_83_percent_in_one_epoch() -> Result<()> {
+    let mut cluster = Sandbox::start()?;
+    cluster.add_worker("node-a", 2)?;
+    cluster.add_worker("node-b", 2)?;
+    let job_id = cluster.submit(&train_job("mlp", 1, None), &[])?;
+    let job = cluster.wait_for_state(&job_id, "succeeded", Duration::from_secs(900))?;
+    let metrics = job["metrics"].as_array().unwrap();
+    assert_eq!(metrics.len(), 4, "every rank reports: {job}");
+    let accuracy = metrics[0]["eval_accuracy"].as_f64().unwrap();
+    eprintln!(
+        "4-rank MLP, 1 epoch: test accuracy {:.2}%",
+        accuracy * 100.0
+    );
+    assert!(accuracy >= 0.83, "test accuracy {accuracy} after 1 epoch");
+    // Every replica evaluated the same model.
+    for rank in metrics {
+        assert_eq!(rank["eval_accuracy"], metrics[0]["eval_accuracy"], "{job}");
+        assert_eq!(rank["step"], 234, "60000 / 256 steps: {job}");
+    }
+    let logs = cluster.cli_ok(&["logs", &job_id, "--rank", "0"])?;
+    assert!(logs.contains("final test accuracy"), "{logs}");
+    assert!(logs.contains("final checkpoint"), "{logs}");
+    Ok(())
+}
+
+#[test]
+fn a_rank_killed_during_training_fails_the_job_within_five_seconds() -> Result<()> {
+    let mut cluster = Sandbox::start()?;
+    cluster.add_worker("node-a", 2)?;
+    cluster.add_worker("node-b", 2)?;
+    let job_id = cluster.submit(&train_job("victim", 50, None), &[])?;
+    let pids = cluster.wait_for_running_ranks(&job_id)?;
+    // Wait until gradients are being exchanged: rank 2 has reported a step.
+    poll("training steps", DEFAULT_TIMEOUT, || {
+        let job = cluster.job(&job_id)?;
+        Ok(job["metrics"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|r| r["step"].as_u64().unwrap_or(0) > 2))
+            .then_some(()))
+    })?;
+    let killed_at = Instant::now();
+    signal(pids[2], libc::SIGKILL);
+    let job = cluster.wait_for_state(&job_id, "failed", DEFAULT_TIMEOUT)?;
+    let failed_after = killed_at.elapsed();
+    assert!(
+        failed_after < Duration::from_secs(5),
+        "failed {failed_after:?} after the kill"
+    );
+    // The reason names the killed rank (the root cause), not a rank that lost its peer.
+    let named = poll("the reason to name rank 2", Duration::from_secs(5), || {
+        let job = cluster.job(&job_id)?;
+        let reason = job["reason"].as_str().unwrap_or_default().to_owned();
+        Ok(reason.starts_with("rank 2 ").then_some(reason))
+    })?;
+    assert!(named.contains("signal 9"), "{named} / {job}");
+    cluster.wait_for_processes_gone(&pids, DEFAULT_TIMEOUT)?;
+    Ok(())
+}

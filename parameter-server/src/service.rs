@@ -1,0 +1,162 @@
+//! The `ParameterServer` gRPC service: decodes each request, calls [`ShardServer`], encodes the
+//! reply. Errors become statuses through the crate's one mapping (`From<Error> for Status`).
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use cohort_proto::ps_v1::{self, init_chunk, push_chunk};
+use futures::Stream;
+use prost::bytes::Bytes;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::instrument;
+
+use crate::error::Error;
+use crate::server::{InitStart, ShardServer};
+use crate::shard::assembly::{GradientAssembly, InitAssembly};
+
+/// A stream of reply messages.
+type ReplyStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Turns a finished list of reply messages into a reply stream.
+fn reply_stream<T: Send + 'static>(messages: Vec<T>) -> ReplyStream<T> {
+    Box::pin(futures::stream::iter(messages.into_iter().map(Ok)))
+}
+
+/// The gRPC face of one shard.
+#[derive(Debug, Clone)]
+pub struct ParameterService {
+    /// The shard it serves.
+    server: Arc<ShardServer>,
+}
+
+impl ParameterService {
+    /// Wraps a shard.
+    pub fn new(server: Arc<ShardServer>) -> Self {
+        Self { server }
+    }
+}
+
+#[tonic::async_trait]
+impl ps_v1::parameter_server_server::ParameterServer for ParameterService {
+    #[instrument(skip_all, fields(shard_id = self.server.config().shard_id))]
+    async fn describe(
+        &self,
+        request: Request<ps_v1::DescribeRequest>,
+    ) -> Result<Response<ps_v1::DescribeReply>, Status> {
+        let request = request.into_inner();
+        self.server
+            .check_target(&request.job_id, request.shard_id)?;
+        Ok(Response::new(self.server.describe().await))
+    }
+
+    #[instrument(skip_all, fields(shard_id = self.server.config().shard_id))]
+    async fn init(
+        &self,
+        request: Request<Streaming<ps_v1::InitChunk>>,
+    ) -> Result<Response<ps_v1::InitReply>, Status> {
+        let mut stream = request.into_inner();
+        let header = match stream.message().await? {
+            Some(ps_v1::InitChunk {
+                body: Some(init_chunk::Body::Header(header)),
+            }) => header,
+            _ => return Err(Error::invalid("init: the first message must be the header").into()),
+        };
+        let shape = match self.server.start_init(&header)? {
+            InitStart::AlreadyInitialised(reply) => return Ok(Response::new(reply)),
+            InitStart::Needed(shape) => shape,
+        };
+        let mut assembly = InitAssembly::new(&shape, &self.server.config().limits)?;
+        while let Some(chunk) = stream.message().await? {
+            match chunk.body {
+                Some(init_chunk::Body::Dense(chunk)) => assembly.add_dense(&chunk)?,
+                Some(init_chunk::Body::Rows(chunk)) => assembly.add_rows(&chunk)?,
+                Some(init_chunk::Body::Header(_)) | None => {
+                    return Err(
+                        Error::invalid("init: a header or empty message after the header").into(),
+                    );
+                }
+            }
+        }
+        let values = assembly.finish()?;
+        Ok(Response::new(self.server.initialise(shape, values).await?))
+    }
+
+    type PullStream = ReplyStream<ps_v1::PullChunk>;
+
+    #[instrument(skip_all, fields(shard_id = self.server.config().shard_id))]
+    async fn pull(
+        &self,
+        request: Request<ps_v1::PullRequest>,
+    ) -> Result<Response<Self::PullStream>, Status> {
+        let request = request.into_inner();
+        let rank = self.server.check_sender(request.sender.as_ref())?;
+        let spec = request.pull.unwrap_or_default();
+        let chunks = self
+            .server
+            .pull(rank, request.min_version, &spec, 0)
+            .await?;
+        Ok(Response::new(reply_stream(chunks)))
+    }
+
+    type PushPullStream = ReplyStream<ps_v1::PullChunk>;
+
+    #[instrument(skip_all, fields(shard_id = self.server.config().shard_id))]
+    async fn push_pull(
+        &self,
+        request: Request<Streaming<ps_v1::PushChunk>>,
+    ) -> Result<Response<Self::PushPullStream>, Status> {
+        let mut stream = request.into_inner();
+        let header = match stream.message().await? {
+            Some(ps_v1::PushChunk {
+                body: Some(push_chunk::Body::Header(header)),
+            }) => header,
+            _ => return Err(Error::invalid("push: the first message must be the header").into()),
+        };
+        let push = self.server.push_request(&header)?;
+        self.server.precheck_push(&push).await?;
+        let (limits, shape) = self.server.limits_and_shape()?;
+        let mut assembly = GradientAssembly::new(shape, limits, push.dtype)?;
+        while let Some(chunk) = stream.message().await? {
+            match chunk.body {
+                Some(push_chunk::Body::Dense(chunk)) => assembly.add_dense(chunk)?,
+                Some(push_chunk::Body::Rows(chunk)) => assembly.add_rows(&chunk)?,
+                Some(push_chunk::Body::Header(_)) | None => {
+                    return Err(
+                        Error::invalid("push: a header or empty message after the header").into(),
+                    );
+                }
+            }
+        }
+        let gradient = assembly.finish()?;
+        let staleness = self.server.push(&push, gradient).await?;
+        let chunks = self
+            .server
+            .pull_planned(push.rank, push.pull, staleness)
+            .await?;
+        Ok(Response::new(reply_stream(chunks)))
+    }
+
+    type SnapshotStream = ReplyStream<ps_v1::SnapshotChunk>;
+
+    #[instrument(skip_all, fields(shard_id = self.server.config().shard_id))]
+    async fn snapshot(
+        &self,
+        request: Request<ps_v1::SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        let request = request.into_inner();
+        self.server
+            .check_target(&request.job_id, request.shard_id)?;
+        let bytes = Bytes::from(self.server.snapshot(request.min_version).await?);
+        let chunk_bytes = self.server.config().limits.max_chunk_bytes as usize;
+        let total_bytes = bytes.len() as u64;
+        let chunks = (0..bytes.len())
+            .step_by(chunk_bytes)
+            .map(|offset| ps_v1::SnapshotChunk {
+                total_bytes,
+                offset: offset as u64,
+                data: bytes.slice(offset..(offset + chunk_bytes).min(bytes.len())),
+            })
+            .collect();
+        Ok(Response::new(reply_stream(chunks)))
+    }
+}
