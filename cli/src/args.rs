@@ -147,6 +147,10 @@ pub struct SubmitArgs {
     /// Queue the job even if the cluster is too small for it today.
     #[arg(long)]
     pub wait_for_resources: bool,
+    /// Start a `kind = "train"` job from this checkpoint directory (sets
+    /// `checkpoint.resume_from`): weights, optimizer state and step are restored.
+    #[arg(long)]
+    pub resume_from: Option<PathBuf>,
     /// Where the coordinator is.
     #[command(flatten)]
     pub coordinator: CoordinatorArgs,

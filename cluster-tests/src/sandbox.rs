@@ -252,6 +252,8 @@ impl Sandbox {
             &cpu_slots.to_string(),
             "--node-id",
             node_id,
+            "--output-dir",
+            &self.directory.path().join("outputs").display().to_string(),
         ]
         .iter()
         .map(|s| s.to_string())

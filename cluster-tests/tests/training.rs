@@ -9,6 +9,10 @@ use cohort_cluster_tests::sandbox::{DEFAULT_TIMEOUT, Sandbox, poll, signal};
 /// Fashion-MNIST must be installed (scripts/setup.sh installs `dataset-fashion-mnist`); the
 /// ranks find it in /usr/share/datasets/fashion-mnist or `$COHORT_DATA`.
 fn train_job(name: &str, epochs: u32, max_steps: Option<u64>) -> String {
+    train_job_of(name, epochs, max_steps, 4)
+}
+
+fn train_job_of(name: &str, epochs: u32, max_steps: Option<u64>, ranks: u32) -> String {
     let max_steps = max_steps.map_or(String::new(), |steps| format!("max_steps = {steps}"));
     format!(
         r#"
@@ -28,7 +32,7 @@ warmup_steps = 50
 lr_decay = "cosine"
 {max_steps}
 [parallel]
-data = 4
+data = {ranks}
 "#
     )
 }
@@ -90,5 +94,37 @@ fn a_rank_killed_during_training_fails_the_job_within_five_seconds() -> Result<(
     })?;
     assert!(named.contains("signal 9"), "{named} / {job}");
     cluster.wait_for_processes_gone(&pids, DEFAULT_TIMEOUT)?;
+    Ok(())
+}
+
+#[test]
+fn a_job_resumes_from_the_checkpoint_of_another() -> Result<()> {
+    let mut cluster = Sandbox::start()?;
+    cluster.add_worker("node-a", 2)?;
+    let first = cluster.submit(&train_job_of("first", 1, Some(20), 2), &[])?;
+    cluster.wait_for_state(&first, "succeeded", DEFAULT_TIMEOUT)?;
+    let logs = cluster.cli_ok(&["logs", &first, "--rank", "0"])?;
+    let checkpoint = logs
+        .lines()
+        .find_map(|line| line.split("final checkpoint: ").nth(1))
+        .unwrap_or_else(|| panic!("no checkpoint in:\n{logs}"))
+        .trim()
+        .to_owned();
+    assert!(checkpoint.ends_with("step-00000020"), "{checkpoint}");
+
+    let second = cluster.submit(
+        &train_job_of("second", 1, Some(30), 2),
+        &["--resume-from", &checkpoint],
+    )?;
+    let job = cluster.wait_for_state(&second, "succeeded", DEFAULT_TIMEOUT)?;
+    assert_eq!(job["metrics"][0]["step"], 30, "{job}");
+    let logs = cluster.cli_ok(&["logs", &second, "--rank", "0"])?;
+    assert!(logs.contains("step-00000030"), "{logs}");
+    // It ran steps 21 to 30 only (the sandbox's workers run ranks with RUST_LOG=info, so the
+    // trainer's start-up line is in the log).
+    assert!(
+        logs.contains("start_step=20"),
+        "did not resume at step 20:\n{logs}"
+    );
     Ok(())
 }

@@ -48,7 +48,10 @@ pub fn read_spec(path: &std::path::Path) -> Result<String> {
 
 /// Submits a job file; with `--watch`, follows it and returns its outcome as the exit code.
 pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
-    let spec_toml = read_spec(&args.file)?;
+    let mut spec_toml = read_spec(&args.file)?;
+    if let Some(checkpoint) = &args.resume_from {
+        spec_toml = with_resume_from(&spec_toml, checkpoint)?;
+    }
     let mut client = client::job_control(&args.coordinator.coordinator).await?;
     let job = client
         .submit_job(SubmitJobRequest {
@@ -65,6 +68,36 @@ pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     watch(&mut client, &job.job_id).await
+}
+
+/// Returns the spec with `checkpoint.resume_from` set to `checkpoint` (made absolute, since
+/// ranks resolve relative paths against their own output directory), validated again.
+fn with_resume_from(spec_toml: &str, checkpoint: &std::path::Path) -> Result<String> {
+    let spec = cohort_spec::parse(spec_toml)?;
+    if spec.kind != cohort_spec::JobKind::Train {
+        bail!("--resume-from: only a kind = \"train\" job can start from a checkpoint");
+    }
+    if !checkpoint.is_dir() {
+        bail!(
+            "--resume-from {}: not a checkpoint directory",
+            checkpoint.display()
+        );
+    }
+    let absolute = std::path::absolute(checkpoint)?;
+    let mut document: toml::Table = spec_toml.parse()?;
+    let section = document
+        .entry("checkpoint")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let toml::Value::Table(section) = section else {
+        bail!("job file: checkpoint is not a table");
+    };
+    section.insert(
+        "resume_from".to_owned(),
+        toml::Value::String(absolute.display().to_string()),
+    );
+    let text = toml::to_string(&document)?;
+    cohort_spec::parse(&text)?;
+    Ok(text)
 }
 
 /// Follows a job until it ends, printing progress to stderr and a summary at the end. Returns
