@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use cohort_proto::MAX_MESSAGE_BYTES;
 use cohort_proto::v1::job_control_client::JobControlClient;
 use cohort_proto::v1::rendezvous_client::RendezvousClient;
+use cohort_proto::v1::{JobInfo, SubmitJobRequest};
 use tonic::transport::{Channel, Endpoint};
 
 /// Opens a channel to the coordinator at `address`, failing fast when nothing answers.
@@ -38,4 +39,22 @@ pub async fn rendezvous(address: &str) -> Result<RendezvousClient<Channel>> {
 /// Turns a gRPC status into an error carrying only its message.
 pub fn status(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", status.message())
+}
+
+/// Submits a job spec and returns the queued job.
+pub async fn submit(
+    client: &mut JobControlClient<Channel>,
+    spec_toml: String,
+    wait_for_resources: bool,
+) -> Result<JobInfo> {
+    client
+        .submit_job(SubmitJobRequest {
+            spec_toml,
+            wait_for_resources,
+        })
+        .await
+        .map_err(status)?
+        .into_inner()
+        .job
+        .context("coordinator answered without the job")
 }

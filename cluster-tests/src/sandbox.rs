@@ -114,6 +114,24 @@ pub fn poll<T>(
     }
 }
 
+/// A `kind = "command"` job file whose `ranks` ranks each run `script` with `sh -c`, stopped
+/// with a 1 s grace period.
+pub fn shell_job(name: &str, ranks: u32, script: &str) -> String {
+    format!(
+        r#"
+version = 1
+name = "{name}"
+kind = "command"
+[resources]
+ranks = {ranks}
+[command]
+program = "sh"
+args = ["-c", '''{script}''']
+stop_grace_s = 1.0
+"#
+    )
+}
+
 /// Where the coordinator keeps its state.
 #[derive(Debug, Clone)]
 pub enum Store {

@@ -3,23 +3,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use cohort_cluster_tests::sandbox::{DEFAULT_TIMEOUT, Sandbox, process_alive};
-
-fn command_job(name: &str, ranks: u32, script: &str) -> String {
-    format!(
-        r#"
-version = 1
-name = "{name}"
-kind = "command"
-[resources]
-ranks = {ranks}
-[command]
-program = "sh"
-args = ["-c", '''{script}''']
-stop_grace_s = 2.0
-"#
-    )
-}
+use cohort_cluster_tests::sandbox::{DEFAULT_TIMEOUT, Sandbox, process_alive, shell_job};
 
 #[test]
 fn three_ranks_agree_through_rendezvous_and_their_logs_are_kept() -> Result<()> {
@@ -36,7 +20,7 @@ if [ "$RANK" = 0 ]; then "$COHORT_BIN" kv set agreed "$(od -An -N4 -tu4 /dev/ura
 echo "agreed=$("$COHORT_BIN" kv get agreed)"
 echo "to stderr" >&2
 "#;
-    let job_id = cluster.submit(&command_job("agree", 3, script), &[])?;
+    let job_id = cluster.submit(&shell_job("agree", 3, script), &[])?;
     let job = cluster.wait_for_state(&job_id, "succeeded", DEFAULT_TIMEOUT)?;
     let nodes: std::collections::BTreeSet<_> = job["placement"]
         .as_array()
@@ -82,7 +66,7 @@ fn a_gang_waits_until_the_cluster_can_hold_all_of_it() -> Result<()> {
     let mut cluster = Sandbox::start()?;
     cluster.add_worker("node-a", 2)?;
     cluster.add_worker("node-b", 2)?;
-    let job = command_job("gang", 6, "echo started; exit 0");
+    let job = shell_job("gang", 6, "echo started; exit 0");
 
     // Without --wait-for-resources, a job that can never fit is refused outright.
     let path = cluster.write_job(&job)?;
@@ -121,7 +105,7 @@ fn a_failing_rank_fails_the_job_within_two_seconds_and_stops_the_others() -> Res
 if [ "$RANK" = 1 ]; then exit 3; fi
 exec sleep 600
 "#;
-    let job_id = cluster.submit(&command_job("crash", 3, script), &[])?;
+    let job_id = cluster.submit(&shell_job("crash", 3, script), &[])?;
     let job = cluster.wait_for_state(&job_id, "failed", DEFAULT_TIMEOUT)?;
     let rank1 = &job["placement"][1];
     let node = rank1["node_id"].as_str().unwrap();
@@ -156,7 +140,7 @@ fn cancel_leaves_no_rank_process_behind() -> Result<()> {
     // Each rank starts a child of its own and ignores SIGTERM, so stopping it takes the group
     // kill after the grace period.
     let script = "trap '' TERM; sleep 600 & echo child=$!; exec sleep 600";
-    let job_id = cluster.submit(&command_job("long", 4, script), &[])?;
+    let job_id = cluster.submit(&shell_job("long", 4, script), &[])?;
     let pids = cluster.wait_for_running_ranks(&job_id)?;
     let children: Vec<u32> =
         cohort_cluster_tests::sandbox::poll("children's pids", DEFAULT_TIMEOUT, || {

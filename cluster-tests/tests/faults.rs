@@ -5,35 +5,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use cohort_cluster_tests::etcd::TestEtcd;
-use cohort_cluster_tests::sandbox::{DEFAULT_TIMEOUT, Sandbox, Store};
+use cohort_cluster_tests::sandbox::{DEFAULT_TIMEOUT, Sandbox, Store, shell_job};
 
 fn sleeper(name: &str, ranks: u32) -> String {
-    format!(
-        r#"
-version = 1
-name = "{name}"
-kind = "command"
-[resources]
-ranks = {ranks}
-[command]
-program = "sleep"
-args = ["600"]
-stop_grace_s = 1.0
-"#
-    )
+    shell_job(name, ranks, "exec sleep 600")
 }
 
 fn one_shot(name: &str, exit_code: u32) -> String {
-    format!(
-        r#"
-version = 1
-name = "{name}"
-kind = "command"
-[command]
-program = "sh"
-args = ["-c", "echo finishing; exit {exit_code}"]
-"#
-    )
+    shell_job(name, 1, &format!("echo finishing; exit {exit_code}"))
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use cohort_coordinator::CoordinatorConfig;
 use cohort_proto::v1::job_control_client::JobControlClient;
-use cohort_proto::v1::{GetJobRequest, JobInfo, JobState, SubmitJobRequest, WatchJobRequest};
+use cohort_proto::v1::{GetJobRequest, JobInfo, JobState, WatchJobRequest};
 use tonic::transport::Channel;
 
 use cohort_collective::Store;
@@ -95,16 +95,7 @@ pub async fn start_cluster(data_dir: &Path, workers: u32, slots: u32) -> Result<
 
 /// Submits a job and waits for it to end; fails with the job's reason unless it succeeded.
 pub async fn run_job(client: &mut JobControlClient<Channel>, spec_toml: String) -> Result<JobInfo> {
-    let job = client
-        .submit_job(SubmitJobRequest {
-            spec_toml,
-            wait_for_resources: false,
-        })
-        .await
-        .map_err(client::status)?
-        .into_inner()
-        .job
-        .context("coordinator answered without the job")?;
+    let job = client::submit(client, spec_toml, false).await?;
     let mut events = client
         .watch_job(WatchJobRequest {
             job_id: job.job_id.clone(),

@@ -17,7 +17,6 @@ use serde_json::{Value, json};
 use super::{publish_result, read_result, run_job, start_cluster};
 use crate::client;
 use crate::rank::RankLink;
-use crate::rank::metrics::CoordinatorMetrics;
 
 /// Global batch of the benchmark.
 const GLOBAL_BATCH: u32 = 256;
@@ -69,13 +68,7 @@ pub fn rank(steps: u64) -> Result<ExitCode> {
     let config = benchmark_config(env.world_size as u32, steps);
     let data = cohort_trainer::data::load(&config.data).context("loading Fashion-MNIST")?;
     let mut ring = link.ring("bench-train")?;
-    let rendezvous = link.runtime.block_on(client::rendezvous(&env.rendezvous))?;
-    let mut metrics = CoordinatorMetrics::start(
-        link.runtime.handle().clone(),
-        rendezvous,
-        env.job_id.clone(),
-        env.rank as u32,
-    );
+    let mut metrics = link.metrics()?;
     train(&config, &data, &mut ring, &mut metrics)?;
     let medians = metrics.medians();
     metrics.finish();

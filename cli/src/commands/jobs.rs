@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use cohort_proto::v1::job_control_client::JobControlClient;
 use cohort_proto::v1::{
     CancelJobRequest, GetJobRequest, JobInfo, JobState, ListJobsRequest, ListNodesRequest,
-    LogStream, StreamLogsRequest, SubmitJobRequest, WatchJobRequest,
+    LogStream, StreamLogsRequest, WatchJobRequest,
 };
 use tonic::transport::Channel;
 
@@ -53,16 +53,7 @@ pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
         spec_toml = with_resume_from(&spec_toml, checkpoint)?;
     }
     let mut client = client::job_control(&args.coordinator.coordinator).await?;
-    let job = client
-        .submit_job(SubmitJobRequest {
-            spec_toml,
-            wait_for_resources: args.wait_for_resources,
-        })
-        .await
-        .map_err(client::status)?
-        .into_inner()
-        .job
-        .context("coordinator answered without the job")?;
+    let job = client::submit(&mut client, spec_toml, args.wait_for_resources).await?;
     println!("{}", job.job_id);
     if !args.watch {
         return Ok(ExitCode::SUCCESS);

@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use tracing::warn;
 
 use crate::args::UpArgs;
@@ -58,16 +58,7 @@ pub async fn up(args: UpArgs) -> Result<ExitCode> {
 /// Submits a job, streams its output to stdout and its progress to stderr until it ends.
 async fn run_job(address: &str, spec_toml: String) -> Result<ExitCode> {
     let mut client = client::job_control(address).await?;
-    let job = client
-        .submit_job(cohort_proto::v1::SubmitJobRequest {
-            spec_toml,
-            wait_for_resources: false,
-        })
-        .await
-        .map_err(client::status)?
-        .into_inner()
-        .job
-        .context("coordinator answered without the job")?;
+    let job = client::submit(&mut client, spec_toml, false).await?;
     eprintln!("cohort: submitted {}", job.job_id);
     let mut log_client = client.clone();
     let job_id = job.job_id.clone();

@@ -45,6 +45,19 @@ impl RankLink {
         })
     }
 
+    /// Starts forwarding this rank's training metrics to the coordinator.
+    pub fn metrics(&self) -> Result<metrics::CoordinatorMetrics> {
+        let rendezvous = self
+            .runtime
+            .block_on(client::rendezvous(&self.env.rendezvous))?;
+        Ok(metrics::CoordinatorMetrics::start(
+            self.runtime.handle().clone(),
+            rendezvous,
+            self.env.job_id.clone(),
+            self.env.rank as u32,
+        ))
+    }
+
     /// Joins the ring of all the job's ranks under key prefix `name`, listening on the node's
     /// address.
     pub fn ring(&self, name: &str) -> Result<TcpRing> {

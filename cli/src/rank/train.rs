@@ -10,7 +10,6 @@ use cohort_proto::v1::GetJobRequest;
 use cohort_trainer::TrainConfig;
 
 use super::RankLink;
-use super::metrics::CoordinatorMetrics;
 use crate::client;
 
 /// Runs one training rank to the end of training.
@@ -34,13 +33,7 @@ pub fn run() -> Result<ExitCode> {
     let config = TrainConfig::from_job_spec(&spec, output_directory);
     let data = cohort_trainer::data::load(&config.data).context("loading the data set")?;
     let mut ring = link.ring("data-parallel")?;
-    let rendezvous = link.runtime.block_on(client::rendezvous(&env.rendezvous))?;
-    let mut metrics = CoordinatorMetrics::start(
-        link.runtime.handle().clone(),
-        rendezvous,
-        env.job_id.clone(),
-        env.rank as u32,
-    );
+    let mut metrics = link.metrics()?;
     let outcome = cohort_trainer::train(&config, &data, &mut ring, &mut metrics)
         .with_context(|| format!("rank {} training", env.rank))?;
     metrics.finish();
