@@ -66,7 +66,7 @@ impl std::fmt::Display for DType {
 /// Returns the number of elements in `bytes` of `dtype`, or an error naming `what` when the
 /// length is not a whole number of elements.
 pub fn element_count(dtype: DType, bytes: usize, what: &str) -> Result<usize> {
-    if bytes % dtype.size_bytes() != 0 {
+    if !bytes.is_multiple_of(dtype.size_bytes()) {
         return Err(Error::invalid(format!(
             "{what}: {bytes} bytes is not a whole number of {dtype} elements"
         )));

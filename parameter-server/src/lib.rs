@@ -46,5 +46,7 @@ pub use config::{
 };
 pub use encoding::DType;
 pub use error::{Error, Result};
-pub use server::{ShardParameters, ShardServer, ShardStatus, serve, serve_shard};
+pub use server::{
+    ShardParameters, ShardServer, ShardStatus, serve, serve_shard, shard_address_key,
+};
 pub use sharding::{ShardLayout, ShardPlan, TensorDeclaration, plan_shards};

@@ -28,6 +28,12 @@ use crate::shard::{Admission, PushRecord, ShardCore, ShardModel};
 use crate::sharding::{MAX_TENSORS, TensorDeclaration};
 use crate::snapshot;
 
+/// Returns the rendezvous key under which shard `shard_id`'s server publishes its `host:port`
+/// for the job's ranks (the convention the CLI and the rank entry point share).
+pub fn shard_address_key(shard_id: u32) -> String {
+    format!("ps/shard/{shard_id}/address")
+}
+
 /// A shard's progress, for operators and tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardStatus {

@@ -225,7 +225,7 @@ pub fn validate_tensors(tensors: &[TensorDeclaration]) -> Result<()> {
                 tensor.name
             )));
         }
-        if tensor.row_elements == 0 || tensor.element_count % tensor.row_elements != 0 {
+        if tensor.row_elements == 0 || !tensor.element_count.is_multiple_of(tensor.row_elements) {
             return Err(Error::invalid(format!(
                 "tensors[{index}] ({:?}): row_elements = {}, expected a divisor of its {} \
                  elements",

@@ -461,7 +461,7 @@ async fn an_uninitialised_shard_refuses_pushes_and_holds_pulls() {
     shards
         .wait_for("the pull to wait", |status| status.waiting_ranks == vec![0])
         .await;
-    let mut writer = shards.client(0, &tensors).await;
+    let writer = shards.client(0, &tensors).await;
     let values: Vec<f32> = (0..2400).map(|i| i as f32).collect();
     assert!(writer.init(&values, 1).await.unwrap());
     assert_eq!(waiting.await.unwrap(), values[..2000]);

@@ -58,7 +58,7 @@ async fn async_mode_applies_every_push_of_every_rank() {
     let shards = TestShards::start(&config, 2).await;
     let tensors = tensors();
     let elements = 607;
-    let mut first = shards.client(0, &tensors).await;
+    let first = shards.client(0, &tensors).await;
     first.init(&vec![0.0; elements], STEPS).await.unwrap();
     drop(first);
 

@@ -133,6 +133,10 @@ async fn run_sync_job(optimizer: OptimizerConfig, ranks: u32, shard_count: u32) 
     }
     let expected = reference(&optimizer, ranks, elements);
     let difference = max_relative_difference(&results[0], &expected);
+    println!(
+        "{ranks} ranks, {shard_count} shards, {:?}: max relative difference {difference:e}",
+        optimizer.kind
+    );
     assert!(
         difference <= 1e-5,
         "{ranks} ranks, {shard_count} shards, {:?}: max relative difference {difference:e}",

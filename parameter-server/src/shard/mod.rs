@@ -536,3 +536,138 @@ impl ShardCore {
         Ok(chunks)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Limits, OptimizerConfig, OptimizerKind};
+    use crate::shard::assembly::DenseGradient;
+    use crate::sharding::TensorDeclaration;
+
+    fn core(mode: Mode, staleness: u64, limits: Limits) -> ShardCore {
+        let config = Arc::new(ServerConfig {
+            ranks: 2,
+            mode,
+            staleness,
+            optimizer: OptimizerConfig {
+                kind: OptimizerKind::Sgd,
+                learning_rate: 1.0,
+                momentum: 0.0,
+                ..OptimizerConfig::default()
+            },
+            schedule: crate::config::ScheduleConfig {
+                warmup_steps: 0,
+                decay: crate::config::LearningRateDecay::Constant,
+            },
+            limits,
+            ..ServerConfig::default()
+        });
+        let tensors = vec![TensorDeclaration::dense("w", 4)];
+        let shape = Arc::new(
+            ShardShape::new(tensors, 1, 0, 10, &config.limits, &config.optimizer).unwrap(),
+        );
+        let values = InitialValues {
+            dense: vec![0.0; 4],
+            tables: Vec::new(),
+        };
+        let mut core = ShardCore::new(config.clone());
+        assert!(core.admit_push(0, 0, 0).is_err(), "uninitialised");
+        core.initialise(ShardModel::new(&config, shape, values).unwrap());
+        core
+    }
+
+    fn gradient(value: f32) -> Gradient {
+        Gradient {
+            dense: DenseGradient::from_values(&[value; 4]),
+            rows: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn sync_mode_averages_a_complete_step_and_refuses_stale_or_repeated_pushes() {
+        let mut core = core(Mode::Sync, 0, Limits::default());
+        assert_eq!(
+            core.admit_push(0, 0, 0).unwrap(),
+            Admission::Ready { staleness: 0 }
+        );
+        core.commit_push(0, 0, 0, gradient(1.0)).unwrap();
+        assert_eq!(core.version, 0, "waits for rank 1");
+        assert_eq!(core.pending_ranks(), vec![0]);
+        assert!(core.pull_gate(0, 0).is_some());
+        assert!(matches!(
+            core.admit_push(0, 1, 0).unwrap(),
+            Admission::Wait(_)
+        ));
+        core.commit_push(1, 0, 0, gradient(3.0)).unwrap();
+        assert_eq!(core.version, 1);
+        assert_eq!(core.model.as_ref().unwrap().dense, vec![-2.0; 4]);
+        assert_eq!(core.pull_gate(0, 0), None);
+        assert!(matches!(
+            core.admit_push(0, 1, 0),
+            Err(Error::StalePush { .. })
+        ));
+        assert!(matches!(
+            core.admit_push(1, 0, 0),
+            Err(Error::DuplicatePush { .. })
+        ));
+        assert!(matches!(
+            core.admit_push(1, 3, 1),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            core.admit_push(1, 1, 2),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert_eq!(
+            core.admit_push(1, 1, 1).unwrap(),
+            Admission::Ready { staleness: 0 }
+        );
+        assert_eq!(core.global_step(), 1);
+    }
+
+    #[test]
+    fn ssp_holds_a_rank_more_than_the_bound_ahead_of_the_slowest() {
+        let mut core = core(Mode::Ssp, 1, Limits::default());
+        core.commit_push(0, 0, 0, gradient(1.0)).unwrap();
+        assert_eq!(core.pull_gate(0, 0), None, "one step ahead is allowed");
+        core.commit_push(0, 1, 1, gradient(1.0)).unwrap();
+        assert!(core.pull_gate(0, 0).is_some(), "two steps ahead is not");
+        assert!(matches!(
+            core.admit_push(0, 2, 2).unwrap(),
+            Admission::Wait(_)
+        ));
+        assert_eq!(core.pull_gate(1, 0), None, "the slowest rank never waits");
+        core.commit_push(1, 0, 0, gradient(1.0)).unwrap();
+        assert_eq!(core.pull_gate(0, 0), None);
+        assert_eq!(core.version, 3, "every push is an update");
+        assert_eq!(core.global_step(), 1, "three updates of two ranks");
+        let records = core.recent_pushes();
+        assert_eq!(records.len(), 3);
+        assert_eq!(records[2].slowest_step, 0);
+        assert_eq!(records[2].shard_version, 2);
+    }
+
+    #[test]
+    fn async_mode_bounds_staleness_when_configured() {
+        let limits = Limits {
+            max_push_staleness: Some(1),
+            ..Limits::default()
+        };
+        let mut core = core(Mode::Async, 0, limits);
+        core.commit_push(0, 0, 0, gradient(1.0)).unwrap();
+        core.commit_push(0, 1, 1, gradient(1.0)).unwrap();
+        assert!(matches!(
+            core.admit_push(1, 0, 0),
+            Err(Error::StalePush { .. })
+        ));
+        assert_eq!(
+            core.admit_push(1, 0, 1).unwrap(),
+            Admission::Ready { staleness: 1 }
+        );
+        assert!(matches!(
+            core.admit_push(1, 0, 3),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert_eq!(core.model.as_ref().unwrap().dense, vec![-2.0; 4]);
+    }
+}
