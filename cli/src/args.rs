@@ -110,6 +110,22 @@ pub enum Benchmark {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Parameter-server push+pull throughput per rank and aggregate, against single-stream
+    /// loopback TCP measured in the same run.
+    Ps {
+        /// Parameter shards (one server each).
+        #[arg(long, default_value_t = 2)]
+        shards: u32,
+        /// Ranks pushing and pulling concurrently.
+        #[arg(long, default_value_t = 2)]
+        ranks: u32,
+        /// Parameter sizes in bytes (K, M, G suffixes).
+        #[arg(long, value_delimiter = ',', default_value = "64M")]
+        size: Vec<String>,
+        /// Element type of the pushed gradients.
+        #[arg(long, value_enum, default_value_t = BenchDtype::F32)]
+        dtype: BenchDtype,
+    },
     /// One rank of the training benchmark (run as a job by `train`).
     #[command(hide = true)]
     TrainRank {

@@ -4,6 +4,7 @@
 //! would see.
 
 pub mod allreduce;
+pub mod ps;
 pub mod train;
 
 use std::path::Path;
@@ -37,6 +38,12 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
             sizes,
             dtype,
         } => allreduce::run(ranks, &sizes, dtype).await,
+        Benchmark::Ps {
+            shards,
+            ranks,
+            size,
+            dtype,
+        } => ps::run(shards, ranks, &size, dtype).await,
         Benchmark::Train {
             ranks,
             steps,
