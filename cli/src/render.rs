@@ -208,7 +208,9 @@ pub fn job_detail(job: &JobInfo) -> String {
                         .map_or("-".to_owned(), |a| format!("{:.2}%", a * 100.0)),
                     m.extra
                         .iter()
-                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<std::collections::BTreeMap<_, _>>()
+                        .into_iter()
+                        .map(|(name, value)| format!("{name}={}", figure(*value)))
                         .collect::<Vec<_>>()
                         .join(" "),
                 ]
@@ -230,6 +232,19 @@ pub fn job_detail(job: &JobInfo) -> String {
         ));
     }
     out
+}
+
+/// A figure with at most four decimals, in scientific notation when very small or very large.
+fn figure(value: f64) -> String {
+    let magnitude = value.abs();
+    if value == 0.0 || (1e-3..1e6).contains(&magnitude) {
+        format!("{:.4}", value)
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_owned()
+    } else {
+        format!("{value:.3e}")
+    }
 }
 
 /// The node list.
@@ -409,6 +424,14 @@ mod tests {
         assert_eq!(lines[0], "A          B");
         assert_eq!(lines[1], "long cell  x");
         assert_eq!(lines[2], "s          y");
+    }
+
+    #[test]
+    fn figures_keep_at_most_four_decimals() {
+        assert_eq!(figure(0.031354235), "0.0314");
+        assert_eq!(figure(3.933991521765101e-9), "3.934e-9");
+        assert_eq!(figure(2.0), "2");
+        assert_eq!(figure(0.0), "0");
     }
 
     #[test]
