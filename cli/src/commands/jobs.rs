@@ -210,37 +210,7 @@ pub async fn print_logs(
 /// Cancels a job and waits until the coordinator has heard every rank process end.
 pub async fn cancel(args: CancelArgs) -> Result<ExitCode> {
     let mut client = client::job_control(&args.coordinator.coordinator).await?;
-    let job = client
-        .cancel_job(CancelJobRequest {
-            job_id: args.job.clone(),
-        })
-        .await
-        .map_err(client::status)?
-        .into_inner();
-    // Rank processes end after their grace period; report once the workers saw them go.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(660);
-    let mut job = job;
-    while job.rank_info.iter().any(|rank| {
-        matches!(
-            rank.state(),
-            cohort_proto::v1::RankState::Running | cohort_proto::v1::RankState::Pending
-        )
-    }) {
-        if std::time::Instant::now() > deadline {
-            bail!(
-                "job {} cancelled, but some ranks still report running",
-                job.job_id
-            );
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        job = client
-            .get_job(GetJobRequest {
-                job_id: args.job.clone(),
-            })
-            .await
-            .map_err(client::status)?
-            .into_inner();
-    }
+    let job = cancel_and_wait(&mut client, &args.job).await?;
     println!(
         "{}: {} ({} ranks stopped)",
         job.job_id,
@@ -248,6 +218,42 @@ pub async fn cancel(args: CancelArgs) -> Result<ExitCode> {
         job.rank_info.len()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Cancels a job and polls until the workers have seen every rank process end (after at most
+/// the job's grace period); returns the job as it is then.
+pub async fn cancel_and_wait(
+    client: &mut JobControlClient<Channel>,
+    job_id: &str,
+) -> Result<JobInfo> {
+    let mut job = client
+        .cancel_job(CancelJobRequest {
+            job_id: job_id.to_owned(),
+        })
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    // The longest grace period a spec may ask for, plus time for the reports.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(660);
+    while job.rank_info.iter().any(|rank| {
+        matches!(
+            rank.state(),
+            cohort_proto::v1::RankState::Running | cohort_proto::v1::RankState::Pending
+        )
+    }) {
+        if std::time::Instant::now() > deadline {
+            bail!("job {job_id} cancelled, but some ranks still report running");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        job = client
+            .get_job(GetJobRequest {
+                job_id: job_id.to_owned(),
+            })
+            .await
+            .map_err(client::status)?
+            .into_inner();
+    }
+    Ok(job)
 }
 
 /// Prints the node table.

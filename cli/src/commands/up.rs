@@ -64,15 +64,27 @@ async fn run_job(address: &str, spec_toml: String) -> Result<ExitCode> {
     let job_id = job.job_id.clone();
     let logs =
         tokio::spawn(async move { jobs::print_logs(&mut log_client, &job_id, true, None).await });
-    let code = tokio::select! {
-        code = jobs::watch(&mut client, &job.job_id) => code,
-        () = daemons::shutdown_signal() => Ok(ExitCode::FAILURE),
+    let interrupted = tokio::select! {
+        code = jobs::watch(&mut client, &job.job_id) => Err(code),
+        () = daemons::shutdown_signal() => Ok(()),
     };
-    // The log stream ends by itself once the job has ended.
-    match tokio::time::timeout(Duration::from_secs(5), logs).await {
-        Ok(Ok(Err(error))) => warn!(%error, "following the job's output failed"),
-        Ok(_) => {}
-        Err(_) => warn!("the job's output did not end with the job"),
-    }
+    let code = match interrupted {
+        Err(code) => {
+            // The log stream ends by itself once the job has ended.
+            match tokio::time::timeout(Duration::from_secs(5), logs).await {
+                Ok(Ok(Err(error))) => warn!(%error, "following the job's output failed"),
+                Ok(_) => {}
+                Err(_) => warn!("the job's output did not end with the job"),
+            }
+            code
+        }
+        Ok(()) => {
+            eprintln!("cohort: interrupted; cancelling {}", job.job_id);
+            logs.abort();
+            jobs::cancel_and_wait(&mut client, &job.job_id).await?;
+            // 128 + SIGINT, as shells report an interrupted command.
+            Ok(ExitCode::from(130))
+        }
+    };
     code
 }

@@ -176,7 +176,7 @@ impl Cluster {
         for report in reports {
             let job_id = JobId::new(report.job_id.clone())?;
             let Some(entry) = state.jobs.get_mut(&job_id) else {
-                self.stop_stray_rank(state, node_id, &report.job_id, report.rank);
+                self.stop_stray_rank(state, node_id, &report.job_id, report.rank, false);
                 continue;
             };
             let terminal = entry.record.state.is_terminal();
@@ -186,7 +186,7 @@ impl Cluster {
                 .iter_mut()
                 .find(|r| r.rank == report.rank && &r.node_id == node_id)
             else {
-                self.stop_stray_rank(state, node_id, &report.job_id, report.rank);
+                self.stop_stray_rank(state, node_id, &report.job_id, report.rank, false);
                 continue;
             };
             let reported = convert::rank_state(report.state());
@@ -194,7 +194,7 @@ impl Cluster {
                 // The job ended (cancel, another rank failed) and this rank still runs: the
                 // stop may have been lost with a dropped stream. Ask again.
                 rank.pid = report.pid;
-                self.stop_stray_rank(state, node_id, &report.job_id, report.rank);
+                self.stop_stray_rank(state, node_id, &report.job_id, report.rank, true);
                 continue;
             }
             if rank.state.is_final() || reported == RankState::Pending {

@@ -21,7 +21,7 @@ use cohort_proto::{JobId, NodeId};
 use cohort_spec::JobSpec;
 use tokio::sync::{Mutex, Notify, broadcast, mpsc};
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::CoordinatorConfig;
 use crate::convert;
@@ -313,10 +313,22 @@ impl Cluster {
         Ok(())
     }
 
-    /// Sends a stop for every rank that still runs, on any node, of a job that has ended.
-    /// Used when a rank report arrives for a job the coordinator considers over.
-    fn stop_stray_rank(&self, state: &State, node_id: &NodeId, job_id: &str, rank: u32) {
-        warn!(%node_id, job_id, rank, "stopping a rank the coordinator does not expect to run");
+    /// Tells a node to stop one rank the coordinator does not expect to run: one of an ended
+    /// job that is still inside its grace period (`expected`, logged quietly), or one the
+    /// coordinator does not know at all (a warning).
+    fn stop_stray_rank(
+        &self,
+        state: &State,
+        node_id: &NodeId,
+        job_id: &str,
+        rank: u32,
+        expected: bool,
+    ) {
+        if expected {
+            debug!(%node_id, job_id, rank, "rank of an ended job still runs; asking again to stop it");
+        } else {
+            warn!(%node_id, job_id, rank, "stopping a rank the coordinator does not know");
+        }
         state.send(
             node_id,
             instruction::Kind::StopRank(StopRank {
