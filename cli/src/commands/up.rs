@@ -68,7 +68,7 @@ async fn run_job(address: &str, spec_toml: String) -> Result<ExitCode> {
         code = jobs::watch(&mut client, &job.job_id) => Err(code),
         () = daemons::shutdown_signal() => Ok(()),
     };
-    let code = match interrupted {
+    match interrupted {
         Err(code) => {
             // The log stream ends by itself once the job has ended.
             match tokio::time::timeout(Duration::from_secs(5), logs).await {
@@ -85,6 +85,5 @@ async fn run_job(address: &str, spec_toml: String) -> Result<ExitCode> {
             // 128 + SIGINT, as shells report an interrupted command.
             Ok(ExitCode::from(130))
         }
-    };
-    code
+    }
 }
