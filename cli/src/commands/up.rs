@@ -64,12 +64,13 @@ async fn run_job(address: &str, spec_toml: String) -> Result<ExitCode> {
     let job_id = job.job_id.clone();
     let logs =
         tokio::spawn(async move { jobs::print_logs(&mut log_client, &job_id, true, None).await });
-    let interrupted = tokio::select! {
-        code = jobs::watch(&mut client, &job.job_id) => Err(code),
-        () = daemons::shutdown_signal() => Ok(()),
+    // `None` when interrupted before the job ended.
+    let finished = tokio::select! {
+        code = jobs::watch(&mut client, &job.job_id) => Some(code),
+        () = daemons::shutdown_signal() => None,
     };
-    match interrupted {
-        Err(code) => {
+    match finished {
+        Some(code) => {
             // The log stream ends by itself once the job has ended.
             match tokio::time::timeout(Duration::from_secs(5), logs).await {
                 Ok(Ok(Err(error))) => warn!(%error, "following the job's output failed"),
@@ -78,7 +79,7 @@ async fn run_job(address: &str, spec_toml: String) -> Result<ExitCode> {
             }
             code
         }
-        Ok(()) => {
+        None => {
             eprintln!("cohort: interrupted; cancelling {}", job.job_id);
             logs.abort();
             jobs::cancel_and_wait(&mut client, &job.job_id).await?;
