@@ -243,8 +243,10 @@ impl Membership for CoordinatorService {
             ))
             .into());
         }
-        // Logs of unknown jobs are refused so a stray worker cannot fill the disk.
-        self.cluster.job(&job_id).await?;
+        // Only a node that runs one of the job's ranks may add to its log, so a stray client
+        // cannot fill the disk.
+        let node_id = cohort_proto::NodeId::new(request.node_id).map_err(Error::from)?;
+        self.cluster.check_log_source(&node_id, &job_id).await?;
         self.cluster.logs().append(&job_id, &request.lines)?;
         Ok(Response::new(PushLogsResponse {}))
     }

@@ -146,6 +146,28 @@ impl Cluster {
         Ok(())
     }
 
+    /// Checks that `node_id` is a registered node that runs (or ran) a rank of `job_id`, so
+    /// that only a job's own workers add to its log.
+    pub async fn check_log_source(&self, node_id: &NodeId, job_id: &JobId) -> Result<()> {
+        let state = self.state.lock().await;
+        let entry = state
+            .jobs
+            .get(job_id)
+            .ok_or_else(|| Error::JobNotFound(job_id.to_string()))?;
+        if entry
+            .record
+            .placement
+            .iter()
+            .any(|rank| &rank.node_id == node_id)
+        {
+            Ok(())
+        } else {
+            Err(Error::FailedPrecondition(format!(
+                "node {node_id} runs no rank of job {job_id}"
+            )))
+        }
+    }
+
     /// Checks that a job exists and is placed, for rendezvous calls.
     pub async fn check_live(&self, job_id: &JobId) -> Result<()> {
         let state = self.state.lock().await;
@@ -297,4 +319,66 @@ fn failure_reason(rank: &RankRecord) -> String {
         rank.node_id,
         rank.describe_end()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rank(
+        rank: u32,
+        state: RankState,
+        exit_code: Option<i32>,
+        exited_at_ms: Option<i64>,
+    ) -> RankRecord {
+        RankRecord {
+            rank,
+            node_id: NodeId::new(format!("node-{rank}")).unwrap(),
+            local_rank: 0,
+            devices: vec![0],
+            state,
+            pid: 100 + rank,
+            exit_code,
+            signal: None,
+            exited_at_ms,
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_rank_that_failed_first_is_blamed() {
+        let placement = vec![
+            rank(0, RankState::Running, None, None),
+            rank(1, RankState::Exited, Some(1), Some(2_000)),
+            rank(2, RankState::Exited, Some(0), Some(500)),
+            rank(3, RankState::Exited, Some(3), Some(1_000)),
+        ];
+        let blamed = earliest_failure(&placement).unwrap();
+        assert_eq!(
+            blamed.rank, 3,
+            "rank 2 succeeded; rank 3 failed before rank 1"
+        );
+        assert_eq!(
+            failure_reason(blamed),
+            "rank 3 on node node-3 exited with code 3"
+        );
+    }
+
+    #[test]
+    fn no_failure_when_every_rank_ran_or_succeeded() {
+        let placement = vec![
+            rank(0, RankState::Running, None, None),
+            rank(1, RankState::Exited, Some(0), Some(10)),
+        ];
+        assert!(earliest_failure(&placement).is_none());
+    }
+
+    #[test]
+    fn a_lost_rank_without_exit_time_is_blamed_after_timed_failures() {
+        let placement = vec![
+            rank(0, RankState::Lost, None, None),
+            rank(1, RankState::Exited, Some(9), Some(10)),
+        ];
+        assert_eq!(earliest_failure(&placement).unwrap().rank, 1);
+    }
 }
