@@ -292,6 +292,16 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Stops a worker process with SIGTERM (it stops its ranks first); returns when it is gone.
+    pub fn terminate_worker(&mut self, node_id: &str) -> Result<()> {
+        let mut daemon = self
+            .workers
+            .remove(node_id)
+            .ok_or_else(|| anyhow!("no worker {node_id}"))?;
+        daemon.terminate();
+        Ok(())
+    }
+
     /// The worker process of a node.
     pub fn worker(&self, node_id: &str) -> Option<&Daemon> {
         self.workers.get(node_id)

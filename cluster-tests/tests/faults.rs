@@ -138,3 +138,28 @@ fn a_worker_that_loses_the_coordinator_stops_its_ranks() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_worker_shut_down_cleanly_reports_its_stopped_ranks_at_once() -> Result<()> {
+    // A long deadline: the job must fail from the worker's last report, not from node loss.
+    let mut cluster = Sandbox::start_with(Store::Embedded, 30.0)?;
+    cluster.add_worker("node-a", 1)?;
+    cluster.add_worker("node-b", 1)?;
+    let job_id = cluster.submit(&sleeper("drained", 2), &[])?;
+    let pids = cluster.wait_for_running_ranks(&job_id)?;
+    let stopped_at = Instant::now();
+    cluster.terminate_worker("node-b")?;
+    let job = cluster.wait_for_state(&job_id, "failed", DEFAULT_TIMEOUT)?;
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        stopped_at.elapsed()
+    );
+    let reason = job["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("node-b") && reason.contains("signal 15"),
+        "{reason}"
+    );
+    cluster.wait_for_processes_gone(&pids, DEFAULT_TIMEOUT)?;
+    Ok(())
+}

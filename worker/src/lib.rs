@@ -72,6 +72,7 @@ pub async fn run(
     let mut contact = Contact {
         last: Instant::now(),
         deadline: Duration::from_secs(5),
+        session_id: None,
     };
     let sessions = async {
         let mut delay = Duration::from_millis(100);
@@ -109,5 +110,8 @@ pub async fn run(
     }
     info!("worker shutting down; stopping ranks");
     ranks.stop_all(SHUTDOWN_GRACE).await;
+    if let Some(session_id) = contact.session_id {
+        session::final_heartbeat(&mut client, &config, &ranks, session_id).await;
+    }
     Ok(())
 }

@@ -20,12 +20,34 @@ pub struct Contact {
     pub last: Instant,
     /// Silence after which the worker stops its ranks (the coordinator's heartbeat deadline).
     pub deadline: Duration,
+    /// The current registration, once registered.
+    pub session_id: Option<u64>,
 }
 
 /// Why a session ended.
 pub enum SessionEnd {
     /// The coordinator closed the instruction stream or forgot the session.
     Lost(String),
+}
+
+/// Sends one heartbeat with the current rank states outside a session's loop (the last one, on
+/// shutdown, so the coordinator hears at once how the ranks ended).
+pub async fn final_heartbeat(
+    client: &mut MembershipClient<Channel>,
+    config: &WorkerConfig,
+    ranks: &Ranks,
+    session_id: u64,
+) {
+    let request = HeartbeatRequest {
+        node_id: config.node_id.to_string(),
+        session_id,
+        ranks: ranks.reports(),
+    };
+    match tokio::time::timeout(Duration::from_secs(2), client.heartbeat(request)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(status)) => warn!(%status, "final heartbeat failed"),
+        Err(_) => warn!("final heartbeat timed out"),
+    }
 }
 
 /// Registers and serves one session until the coordinator goes away or forgets this worker.
@@ -67,6 +89,7 @@ pub async fn serve(
     };
     ranks.acknowledge(&reports);
     contact.last = Instant::now();
+    contact.session_id = Some(registered.session_id);
     contact.deadline = Duration::from_millis(u64::from(registered.heartbeat_deadline_ms.max(100)));
     let interval = Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(10)));
     info!(
