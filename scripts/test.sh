@@ -20,13 +20,18 @@ cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "cargo clippy with --features cuda (builds without CUDA installed)"
+cargo clippy --locked -p cohort-worker -p cohort-cli --features cohort-cli/cuda --all-targets -- -D warnings
+
 step "build the cohort executable the cluster tests run"
 cargo build --locked -p cohort-cli
 
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
+  cargo nextest run --locked -p cohort-worker --features cuda --no-fail-fast
 else
   echo "test: cargo-nextest not found; using cargo test" >&2
   cargo test --workspace --locked --no-fail-fast
+  cargo test --locked -p cohort-worker --features cuda --no-fail-fast
 fi

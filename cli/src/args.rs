@@ -271,6 +271,10 @@ pub struct WorkerDaemonArgs {
     /// Directory for job outputs: each job's ranks get `<dir>/<job id>` as `COHORT_OUTPUT_DIR`.
     #[arg(long, default_value = "cohort-output")]
     pub output_dir: PathBuf,
+    /// GPUs to offer: a comma-separated list of indices, or `none` [default: every GPU the CUDA
+    /// driver reports, when built with `--features cuda`].
+    #[arg(long)]
+    pub gpus: Option<String>,
 }
 
 /// `cohort up`.

@@ -17,6 +17,9 @@ pub const LOCAL_WORLD_SIZE: &str = "COHORT_LOCAL_WORLD_SIZE";
 pub const NODE_ID: &str = "COHORT_NODE_ID";
 /// Devices assigned to the rank, as a comma-separated list of `kind:index` (`cpu:0,cpu:1`).
 pub const DEVICES: &str = "COHORT_DEVICES";
+/// Index of the rank's first GPU among those `CUDA_VISIBLE_DEVICES` makes visible (always 0:
+/// the worker lists only the rank's own GPUs there).
+pub const CUDA_DEVICE: &str = "COHORT_CUDA_DEVICE";
 /// Address (`host:port`) of the rendezvous service (served by the coordinator).
 pub const RENDEZVOUS_ADDR: &str = "COHORT_RENDEZVOUS_ADDR";
 /// Address (`host:port`) of the coordinator.

@@ -28,6 +28,12 @@ pub enum Error {
     /// The device inventory could not be read.
     #[error("device inventory: {0}")]
     Devices(String),
+    /// GPUs were asked for, but this build has no CUDA support.
+    #[error("not compiled with CUDA support: rebuild with `--features cuda`")]
+    NotCompiledWithCuda,
+    /// GPUs were asked for, but the CUDA driver library could not be loaded.
+    #[error("no CUDA driver found (libcuda.so could not be loaded)")]
+    NoCudaDriver,
     /// A rank process could not be started or controlled.
     #[error("{context}: {source}")]
     Io {

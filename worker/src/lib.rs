@@ -8,11 +8,13 @@
 //! - [`process`]: process groups, signals and bounded line reading.
 //! - [`logship`]: batched, back-pressured shipping of rank output.
 //! - [`devices`]: the [`devices::DeviceInventory`] trait and CPU slots.
+//! - [`gpu`]: GPUs through the CUDA driver (`cuda` feature), or a typed error without it.
 //! - [`config`], [`error`]: settings and the crate's error type.
 
 pub mod config;
 pub mod devices;
 pub mod error;
+pub mod gpu;
 pub mod logship;
 pub mod process;
 pub mod ranks;

@@ -9,7 +9,8 @@ use anyhow::{Context, Result, bail};
 use cohort_coordinator::{CoordinatorConfig, StoreLocation};
 use cohort_proto::NodeId;
 use cohort_worker::WorkerConfig;
-use cohort_worker::devices::CpuSlots;
+use cohort_worker::devices::{Combined, CpuSlots};
+use cohort_worker::gpu::GpuInventory;
 use tokio::net::TcpListener;
 
 use crate::args::{ClusterSettings, CoordinatorDaemonArgs, WorkerDaemonArgs};
@@ -95,6 +96,32 @@ pub async fn coordinator(args: CoordinatorDaemonArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The GPUs to offer: those `--gpus` lists (an error if any is missing), none for `none`, or
+/// every GPU found when the flag is absent (none, with a note, when there is no CUDA).
+fn gpu_inventory(flag: Option<&str>) -> Result<GpuInventory> {
+    match flag {
+        Some("none") => Ok(GpuInventory::default()),
+        Some(list) => {
+            let indices = list
+                .split(',')
+                .map(|index| {
+                    index.trim().parse::<u32>().with_context(|| {
+                        format!("--gpus {list:?}: expected GPU indices like 0,1 or `none`")
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(GpuInventory::detect(Some(&indices)).with_context(|| format!("--gpus {list}"))?)
+        }
+        None => match GpuInventory::detect(None) {
+            Ok(gpus) => Ok(gpus),
+            Err(error) => {
+                tracing::info!(%error, "offering no GPUs");
+                Ok(GpuInventory::default())
+            }
+        },
+    }
+}
+
 /// `cohort worker`.
 pub async fn worker(args: WorkerDaemonArgs) -> Result<ExitCode> {
     let node_id = NodeId::new(args.node_id.unwrap_or_else(cohort_worker::config::hostname))?;
@@ -113,11 +140,11 @@ pub async fn worker(args: WorkerDaemonArgs) -> Result<ExitCode> {
             .with_context(|| format!("output directory {}", args.output_dir.display()))?,
         cohort_executable: std::env::current_exe().context("locating the cohort executable")?,
     };
-    cohort_worker::run(
-        config,
+    let gpus = gpu_inventory(args.gpus.as_deref())?;
+    let inventory = Combined(vec![
         Box::new(CpuSlots { slots: cpu_slots }),
-        shutdown_signal(),
-    )
-    .await?;
+        Box::new(gpus),
+    ]);
+    cohort_worker::run(config, Box::new(inventory), shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -115,12 +115,26 @@ fn start_instruction(
         .collect::<Vec<_>>()
         .join(",");
     let mut environment = BTreeMap::new();
-    if record.device_kind == DeviceKind::Cpu {
-        // A CPU slot is a core: size the rank's thread pools to the slots it holds, as
-        // torchrun does with OMP_NUM_THREADS, so ranks sharing a node do not oversubscribe it.
-        let threads = rank.devices.len().max(1).to_string();
-        environment.insert("OMP_NUM_THREADS".to_owned(), threads.clone());
-        environment.insert("RAYON_NUM_THREADS".to_owned(), threads);
+    match record.device_kind {
+        DeviceKind::Cpu => {
+            // A CPU slot is a core: size the rank's thread pools to the slots it holds, as
+            // torchrun does with OMP_NUM_THREADS, so ranks sharing a node do not oversubscribe
+            // it.
+            let threads = rank.devices.len().max(1).to_string();
+            environment.insert("OMP_NUM_THREADS".to_owned(), threads.clone());
+            environment.insert("RAYON_NUM_THREADS".to_owned(), threads);
+        }
+        DeviceKind::Gpu => {
+            // The rank sees only its own GPUs, renumbered from 0.
+            let visible = rank
+                .devices
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            environment.insert("CUDA_VISIBLE_DEVICES".to_owned(), visible);
+            environment.insert(env::CUDA_DEVICE.to_owned(), "0".to_owned());
+        }
     }
     if let Some(command) = &spec.command {
         environment.extend(command.env.clone());
