@@ -116,6 +116,7 @@ exec sleep 600
     );
     let exited = rank1["exited_at_unix_ms"].as_i64().unwrap();
     let failed = job["finished_at_unix_ms"].as_i64().unwrap();
+    eprintln!("job failed {} ms after rank 1 exited", failed - exited);
     assert!(
         failed - exited < 2_000,
         "job failed {} ms after the rank exited",

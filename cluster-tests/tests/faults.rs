@@ -28,6 +28,7 @@ fn a_killed_worker_is_marked_lost_and_fails_its_job() -> Result<()> {
     cluster.kill_worker("node-b")?;
     cluster.wait_for_node("node-b", "lost", DEFAULT_TIMEOUT)?;
     let lost_after = killed_at.elapsed();
+    eprintln!("node marked lost {lost_after:?} after the kill (deadline {deadline_s} s)");
     // The deadline, plus one scheduler tick and the time to look.
     assert!(
         lost_after < Duration::from_secs_f64(deadline_s + 1.5),

@@ -82,6 +82,7 @@ fn a_rank_killed_during_training_fails_the_job_within_five_seconds() -> Result<(
     signal(pids[2], libc::SIGKILL);
     let job = cluster.wait_for_state(&job_id, "failed", DEFAULT_TIMEOUT)?;
     let failed_after = killed_at.elapsed();
+    eprintln!("job failed {failed_after:?} after rank 2 was killed (as observed by polling)");
     assert!(
         failed_after < Duration::from_secs(5),
         "failed {failed_after:?} after the kill"
