@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use cohort_proto::JobId;
+pub use cohort_spec::train::LearningRateDecay;
 use serde::{Deserialize, Serialize};
 
 use crate::encoding::DType;
@@ -113,17 +114,6 @@ impl Default for OptimizerConfig {
             weight_decay: 0.0,
         }
     }
-}
-
-/// What the learning rate does after warmup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum LearningRateDecay {
-    /// Half a cosine from the peak down to 0 at the last planned step.
-    #[default]
-    Cosine,
-    /// Stays at the peak.
-    Constant,
 }
 
 /// The learning-rate schedule, driven by the shard's global step (its update count in sync

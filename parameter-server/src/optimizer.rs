@@ -9,50 +9,10 @@
 //! Row-sparse updates are lazy, as TensorFlow's `LazyAdam`: only the rows a push touched are
 //! updated (their decay, momentum and moments included); untouched rows stay as they are.
 
-use crate::config::{LearningRateDecay, OptimizerConfig, OptimizerKind, ScheduleConfig};
+pub use cohort_spec::train::LearningRateSchedule;
+
+use crate::config::{OptimizerConfig, OptimizerKind};
 use crate::error::{Error, Result};
-
-/// Learning rate as a function of the global step: linear warmup, then cosine or constant.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LearningRateSchedule {
-    /// Learning rate reached at the end of warmup.
-    peak: f64,
-    /// Steps of linear warmup.
-    warmup_steps: u64,
-    /// Planned steps of the run; the cosine reaches 0 here.
-    total_steps: u64,
-    /// What happens after warmup.
-    decay: LearningRateDecay,
-}
-
-impl LearningRateSchedule {
-    /// Creates the schedule of a run of `total_steps` steps peaking at `peak`.
-    pub fn new(peak: f64, schedule: &ScheduleConfig, total_steps: u64) -> Self {
-        Self {
-            peak,
-            warmup_steps: schedule.warmup_steps,
-            total_steps,
-            decay: schedule.decay,
-        }
-    }
-
-    /// Returns the learning rate of the update made at `step` (0-based): `peak * (step + 1) /
-    /// warmup_steps` during warmup, then `peak * (1 + cos(pi * progress)) / 2` where progress
-    /// runs from 0 right after warmup to 1 at `total_steps` (and stays there).
-    pub fn learning_rate(&self, step: u64) -> f64 {
-        if step < self.warmup_steps {
-            return self.peak * (step + 1) as f64 / self.warmup_steps as f64;
-        }
-        match self.decay {
-            LearningRateDecay::Constant => self.peak,
-            LearningRateDecay::Cosine => {
-                let decay_steps = self.total_steps.saturating_sub(self.warmup_steps).max(1);
-                let progress = ((step - self.warmup_steps) as f64 / decay_steps as f64).min(1.0);
-                self.peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
-            }
-        }
-    }
-}
 
 /// State an optimizer keeps for one buffer, element for element.
 #[derive(Debug, Clone, PartialEq)]
@@ -366,14 +326,8 @@ mod tests {
                     .collect()
             })
             .collect();
-        let schedule = LearningRateSchedule::new(
-            0.01,
-            &ScheduleConfig {
-                warmup_steps: 5,
-                decay: LearningRateDecay::Cosine,
-            },
-            40,
-        );
+        let schedule =
+            LearningRateSchedule::new(0.01, 5, cohort_spec::train::LearningRateDecay::Cosine, 40);
         let lr: Vec<f64> = (0..40).map(|step| schedule.learning_rate(step)).collect();
         for config in &configs {
             let got = run(config, &starts, &gradients, &lr);
@@ -414,33 +368,5 @@ mod tests {
             1,
         );
         assert!(apply(&sgd, &mut values, &mut state, 0..1, &[1.0]).is_err());
-    }
-
-    #[test]
-    fn schedule_warms_up_then_follows_a_cosine() {
-        let schedule = LearningRateSchedule::new(
-            1.0,
-            &ScheduleConfig {
-                warmup_steps: 10,
-                decay: LearningRateDecay::Cosine,
-            },
-            110,
-        );
-        assert!((schedule.learning_rate(0) - 0.1).abs() < 1e-12);
-        assert!((schedule.learning_rate(9) - 1.0).abs() < 1e-12);
-        assert!((schedule.learning_rate(10) - 1.0).abs() < 1e-12);
-        assert!((schedule.learning_rate(60) - 0.5).abs() < 1e-12);
-        assert!(schedule.learning_rate(110).abs() < 1e-12);
-        assert!(schedule.learning_rate(500).abs() < 1e-12);
-        let constant = LearningRateSchedule::new(
-            0.3,
-            &ScheduleConfig {
-                warmup_steps: 0,
-                decay: LearningRateDecay::Constant,
-            },
-            5,
-        );
-        assert_eq!(constant.learning_rate(0), 0.3);
-        assert_eq!(constant.learning_rate(100), 0.3);
     }
 }

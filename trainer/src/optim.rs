@@ -6,52 +6,12 @@
 //! (momentum buffers, moment estimates) is flat too, in the same order, which is what
 //! checkpoints store.
 
-use cohort_spec::train::{LearningRateDecay, OptimizerKind, OptimizerSpec, ScheduleSpec};
+use cohort_spec::train::{OptimizerKind, OptimizerSpec};
+
+pub use cohort_spec::train::LearningRateSchedule;
 
 use crate::error::{Result, TrainerError};
 use crate::parameters::ParameterSet;
-
-/// Learning rate as a function of the optimizer step: linear warmup, then cosine or constant.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LearningRateSchedule {
-    /// Learning rate reached at the end of warmup.
-    peak: f64,
-    /// Steps of linear warmup.
-    warmup_steps: u64,
-    /// Total steps of the run; the cosine reaches 0 here.
-    total_steps: u64,
-    /// What happens after warmup.
-    decay: LearningRateDecay,
-}
-
-impl LearningRateSchedule {
-    /// Creates the schedule of a run of `total_steps` optimizer steps.
-    pub fn new(peak: f64, schedule: &ScheduleSpec, total_steps: u64) -> Self {
-        Self {
-            peak,
-            warmup_steps: schedule.warmup_steps,
-            total_steps,
-            decay: schedule.lr_decay,
-        }
-    }
-
-    /// Returns the learning rate of the update made at `step` (0-based): `peak * (step + 1) /
-    /// warmup_steps` during warmup, then `peak * (1 + cos(pi * progress)) / 2` where progress
-    /// runs from 0 right after warmup to 1 at `total_steps`.
-    pub fn learning_rate(&self, step: u64) -> f64 {
-        if step < self.warmup_steps {
-            return self.peak * (step + 1) as f64 / self.warmup_steps as f64;
-        }
-        match self.decay {
-            LearningRateDecay::Constant => self.peak,
-            LearningRateDecay::Cosine => {
-                let decay_steps = self.total_steps.saturating_sub(self.warmup_steps).max(1);
-                let progress = ((step - self.warmup_steps) as f64 / decay_steps as f64).min(1.0);
-                self.peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
-            }
-        }
-    }
-}
 
 /// Scales `gradients` in place so that their L2 norm is at most `max_norm`, and returns the
 /// norm before scaling (computed in f64).
@@ -483,28 +443,6 @@ mod tests {
             ("second_moment".to_owned(), vec![3.0, 4.0]),
         ];
         assert!(optimizer.restore(7, &short).is_err());
-    }
-
-    #[test]
-    fn schedule_warms_up_then_follows_a_cosine() {
-        let spec = ScheduleSpec {
-            warmup_steps: 10,
-            ..ScheduleSpec::default()
-        };
-        let schedule = LearningRateSchedule::new(1.0, &spec, 110);
-        assert!((schedule.learning_rate(0) - 0.1).abs() < 1e-12);
-        assert!((schedule.learning_rate(9) - 1.0).abs() < 1e-12);
-        assert!((schedule.learning_rate(10) - 1.0).abs() < 1e-12);
-        assert!((schedule.learning_rate(60) - 0.5).abs() < 1e-12);
-        assert!(schedule.learning_rate(110).abs() < 1e-12);
-        assert!(schedule.learning_rate(500).abs() < 1e-12);
-        let constant = ScheduleSpec {
-            lr_decay: LearningRateDecay::Constant,
-            ..ScheduleSpec::default()
-        };
-        let schedule = LearningRateSchedule::new(0.3, &constant, 5);
-        assert_eq!(schedule.learning_rate(0), 0.3);
-        assert_eq!(schedule.learning_rate(100), 0.3);
     }
 
     #[test]

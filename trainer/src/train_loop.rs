@@ -180,7 +180,8 @@ pub fn train(
     let mut optimizer = Optimizer::new(&config.optimizer, parameters.element_count());
     let schedule = LearningRateSchedule::new(
         config.optimizer.learning_rate(),
-        &config.schedule,
+        config.schedule.warmup_steps,
+        config.schedule.lr_decay,
         total_steps,
     );
 

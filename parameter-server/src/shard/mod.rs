@@ -87,7 +87,8 @@ impl ShardModel {
         Ok(Self {
             schedule: LearningRateSchedule::new(
                 config.optimizer.learning_rate,
-                &config.schedule,
+                config.schedule.warmup_steps,
+                config.schedule.decay,
                 shape.total_steps,
             ),
             shape,
