@@ -162,5 +162,7 @@ fn a_worker_shut_down_cleanly_reports_its_stopped_ranks_at_once() -> Result<()> 
         "{reason}"
     );
     cluster.wait_for_processes_gone(&pids, DEFAULT_TIMEOUT)?;
+    // The node left: nothing is scheduled on it, long before its heartbeat deadline.
+    cluster.wait_for_node("node-b", "left", Duration::from_secs(5))?;
     Ok(())
 }

@@ -30,8 +30,8 @@ pub enum SessionEnd {
     Lost(String),
 }
 
-/// Sends one heartbeat with the current rank states outside a session's loop (the last one, on
-/// shutdown, so the coordinator hears at once how the ranks ended).
+/// Sends the last heartbeat, on shutdown: the final rank states, so the coordinator hears at
+/// once how the ranks ended, and that this node leaves.
 pub async fn final_heartbeat(
     client: &mut MembershipClient<Channel>,
     config: &WorkerConfig,
@@ -42,6 +42,7 @@ pub async fn final_heartbeat(
         node_id: config.node_id.to_string(),
         session_id,
         ranks: ranks.reports(),
+        leaving: true,
     };
     match tokio::time::timeout(Duration::from_secs(2), client.heartbeat(request)).await {
         Ok(Ok(_)) => {}
@@ -132,6 +133,7 @@ pub async fn serve(
             node_id: config.node_id.to_string(),
             session_id: registered.session_id,
             ranks: reports.clone(),
+            leaving: false,
         };
         match client.heartbeat(heartbeat).await {
             Ok(response) if response.get_ref().accepted => {

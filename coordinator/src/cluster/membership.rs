@@ -75,7 +75,7 @@ impl Cluster {
         let was_lost = state
             .nodes
             .get(&node_id)
-            .is_some_and(|node| node.status == NodeStatus::Lost);
+            .is_some_and(|node| node.status != NodeStatus::Ready);
         state.nodes.insert(
             node_id.clone(),
             NodeEntry {
@@ -129,6 +129,15 @@ impl Cluster {
         node.last_heartbeat_ms = now_ms();
         self.apply_rank_reports(&mut state, &node_id, &request.ranks)
             .await?;
+        if request.leaving {
+            // Its ranks were reported above; the node takes no more work until it registers
+            // again.
+            info!(%node_id, "node left");
+            if let Some(node) = state.nodes.get_mut(&node_id) {
+                node.status = NodeStatus::Left;
+                node.session = None;
+            }
+        }
         Ok(true)
     }
 
@@ -143,6 +152,7 @@ impl Cluster {
                 let status = match node.status {
                     NodeStatus::Ready => "ready",
                     NodeStatus::Lost => "lost",
+                    NodeStatus::Left => "left",
                 };
                 let node_busy = busy.get(&node.record.id);
                 convert::node_info(

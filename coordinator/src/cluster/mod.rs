@@ -55,6 +55,8 @@ enum NodeStatus {
     Ready,
     /// Missed its heartbeat deadline, or not seen since the coordinator started.
     Lost,
+    /// Shut down cleanly (its last heartbeat said so).
+    Left,
 }
 
 /// A node and its liveness.
