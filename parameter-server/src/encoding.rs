@@ -10,56 +10,28 @@ use prost::bytes::Bytes;
 use crate::error::{Error, Result};
 use cohort_proto::ps_v1;
 
-/// Element type of tensor bytes on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum DType {
-    /// IEEE single precision, 4 bytes.
-    #[default]
-    F32,
-    /// bfloat16, 2 bytes.
-    Bf16,
-    /// IEEE half precision, 2 bytes.
-    F16,
-}
+/// Element type of tensor bytes on the wire: the collective crate's, so ranks push gradients
+/// in the type their communicator already uses.
+pub use cohort_collective::DType;
 
-impl DType {
-    /// Returns the size of one element in bytes.
-    pub fn size_bytes(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::Bf16 | DType::F16 => 2,
-        }
-    }
-
-    /// Returns the protocol's value for this type.
-    pub fn to_wire(self) -> ps_v1::ElementType {
-        match self {
-            DType::F32 => ps_v1::ElementType::F32,
-            DType::Bf16 => ps_v1::ElementType::Bf16,
-            DType::F16 => ps_v1::ElementType::F16,
-        }
-    }
-
-    /// Decodes a protocol value; unspecified means `f32`, unknown values are refused.
-    pub fn from_wire(value: i32, field: &str) -> Result<Self> {
-        match ps_v1::ElementType::try_from(value) {
-            Ok(ps_v1::ElementType::Unspecified | ps_v1::ElementType::F32) => Ok(DType::F32),
-            Ok(ps_v1::ElementType::Bf16) => Ok(DType::Bf16),
-            Ok(ps_v1::ElementType::F16) => Ok(DType::F16),
-            Err(_) => Err(Error::invalid(format!(
-                "{field} = {value}, expected an ElementType (1 = f32, 2 = bf16, 3 = f16)"
-            ))),
-        }
+/// Returns the protocol's value for `dtype`.
+pub fn to_wire(dtype: DType) -> ps_v1::ElementType {
+    match dtype {
+        DType::F32 => ps_v1::ElementType::F32,
+        DType::Bf16 => ps_v1::ElementType::Bf16,
+        DType::F16 => ps_v1::ElementType::F16,
     }
 }
 
-impl std::fmt::Display for DType {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.write_str(match self {
-            DType::F32 => "f32",
-            DType::Bf16 => "bf16",
-            DType::F16 => "f16",
-        })
+/// Decodes a protocol value; unspecified means `f32`, unknown values are refused.
+pub fn from_wire(value: i32, field: &str) -> Result<DType> {
+    match ps_v1::ElementType::try_from(value) {
+        Ok(ps_v1::ElementType::Unspecified | ps_v1::ElementType::F32) => Ok(DType::F32),
+        Ok(ps_v1::ElementType::Bf16) => Ok(DType::Bf16),
+        Ok(ps_v1::ElementType::F16) => Ok(DType::F16),
+        Err(_) => Err(Error::invalid(format!(
+            "{field} = {value}, expected an ElementType (1 = f32, 2 = bf16, 3 = f16)"
+        ))),
     }
 }
 
@@ -208,9 +180,9 @@ mod tests {
     fn partial_elements_and_unknown_types_are_refused() {
         assert!(element_count(DType::F32, 6, "dense chunk").is_err());
         assert_eq!(element_count(DType::Bf16, 6, "dense chunk").unwrap(), 3);
-        assert_eq!(DType::from_wire(0, "dtype").unwrap(), DType::F32);
-        assert_eq!(DType::from_wire(2, "dtype").unwrap(), DType::Bf16);
-        let error = DType::from_wire(9, "header.dtype").unwrap_err();
+        assert_eq!(from_wire(0, "dtype").unwrap(), DType::F32);
+        assert_eq!(from_wire(2, "dtype").unwrap(), DType::Bf16);
+        let error = from_wire(9, "header.dtype").unwrap_err();
         assert!(error.to_string().starts_with("header.dtype = 9"), "{error}");
     }
 }

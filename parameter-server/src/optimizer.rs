@@ -2,7 +2,7 @@
 //! learning-rate schedule (linear warmup, then cosine or constant).
 //!
 //! The rules are those of `torch.optim.SGD` (dampening 0, no Nesterov) and `torch.optim.AdamW`,
-//! the same as the trainer's (`trainer/src/optim.rs`), so a job switched from all-reduce to a
+//! and the trainer (`trainer/src/optim.rs`) applies these same functions, so a job switched from all-reduce to a
 //! parameter server keeps its hyper-parameters and, in sync mode, its results. State is kept per
 //! buffer (a shard's dense elements, each embedding-table part), element for element.
 //!
@@ -136,23 +136,44 @@ impl UpdateConstants {
     /// Returns the constants of the `update_number`-th update (1-based) at `learning_rate`.
     pub fn new(config: &OptimizerConfig, learning_rate: f64, update_number: u64) -> Self {
         match config.kind {
-            OptimizerKind::Sgd => UpdateConstants::Sgd {
-                lr: learning_rate as f32,
-                momentum: config.momentum as f32,
-                weight_decay: config.weight_decay as f32,
-            },
-            OptimizerKind::Adamw => {
-                let exponent = update_number.min(i32::MAX as u64) as i32;
-                UpdateConstants::AdamW {
-                    lr: learning_rate as f32,
-                    beta1: config.beta1 as f32,
-                    beta2: config.beta2 as f32,
-                    eps: config.eps as f32,
-                    weight_decay: config.weight_decay as f32,
-                    step_size: (learning_rate / (1.0 - config.beta1.powi(exponent))) as f32,
-                    second_correction_sqrt: (1.0 - config.beta2.powi(exponent)).sqrt() as f32,
-                }
-            }
+            OptimizerKind::Sgd => Self::sgd(learning_rate, config.momentum, config.weight_decay),
+            OptimizerKind::Adamw => Self::adamw(
+                learning_rate,
+                [config.beta1, config.beta2],
+                config.eps,
+                config.weight_decay,
+                update_number,
+            ),
+        }
+    }
+
+    /// SGD's constants: `momentum` 0 means plain SGD; `weight_decay` is an L2 penalty.
+    pub fn sgd(learning_rate: f64, momentum: f64, weight_decay: f64) -> Self {
+        UpdateConstants::Sgd {
+            lr: learning_rate as f32,
+            momentum: momentum as f32,
+            weight_decay: weight_decay as f32,
+        }
+    }
+
+    /// AdamW's constants for its `update_number`-th update (1-based), bias corrections
+    /// included; `weight_decay` is decoupled.
+    pub fn adamw(
+        learning_rate: f64,
+        [beta1, beta2]: [f64; 2],
+        eps: f64,
+        weight_decay: f64,
+        update_number: u64,
+    ) -> Self {
+        let exponent = update_number.min(i32::MAX as u64) as i32;
+        UpdateConstants::AdamW {
+            lr: learning_rate as f32,
+            beta1: beta1 as f32,
+            beta2: beta2 as f32,
+            eps: eps as f32,
+            weight_decay: weight_decay as f32,
+            step_size: (learning_rate / (1.0 - beta1.powi(exponent))) as f32,
+            second_correction_sqrt: (1.0 - beta2.powi(exponent)).sqrt() as f32,
         }
     }
 }
@@ -166,7 +187,24 @@ pub fn apply(
     range: std::ops::Range<usize>,
     gradient: &[f32],
 ) -> Result<()> {
-    let values = &mut values[range.clone()];
+    apply_to_slice(
+        constants,
+        &mut values[range.clone()],
+        state,
+        range,
+        gradient,
+    )
+}
+
+/// Applies one update to `values`, the elements at `range` of the buffer `state` covers (the
+/// trainer updates one parameter's storage at a time). State of the wrong kind is an error.
+pub fn apply_to_slice(
+    constants: &UpdateConstants,
+    values: &mut [f32],
+    state: &mut OptimizerState,
+    range: std::ops::Range<usize>,
+    gradient: &[f32],
+) -> Result<()> {
     match (constants, state) {
         (
             UpdateConstants::Sgd {

@@ -347,7 +347,7 @@ impl ShardServer {
     /// Checks a push header: sender, element type, layout fingerprint and what to pull after.
     pub fn push_request(&self, header: &ps_v1::PushHeader) -> Result<PushRequest> {
         let rank = self.check_sender(header.sender.as_ref())?;
-        let dtype = DType::from_wire(header.dtype, "dtype")?;
+        let dtype = crate::encoding::from_wire(header.dtype, "dtype")?;
         let shape = self.initialised_shape()?;
         if header.layout_fingerprint != shape.fingerprint {
             return Err(Error::LayoutMismatch {

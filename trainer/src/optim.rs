@@ -8,7 +8,10 @@
 
 use cohort_spec::train::{OptimizerKind, OptimizerSpec};
 
+pub use cohort_parameter_server::optimizer::OptimizerState;
 pub use cohort_spec::train::LearningRateSchedule;
+
+use cohort_parameter_server::optimizer::{UpdateConstants, apply_to_slice};
 
 use crate::error::{Result, TrainerError};
 use crate::parameters::ParameterSet;
@@ -27,53 +30,6 @@ pub fn clip_gradient_norm(gradients: &mut [f32], max_norm: f64) -> f64 {
         gradients.iter_mut().for_each(|g| *g *= scale);
     }
     norm
-}
-
-/// State an optimizer keeps between steps, flat in parameter order.
-#[derive(Debug, Clone, PartialEq)]
-pub enum OptimizerState {
-    /// SGD's momentum buffer (empty when momentum is 0).
-    Sgd {
-        /// Velocity of every element.
-        momentum_buffer: Vec<f32>,
-    },
-    /// AdamW's exponential moving averages.
-    AdamW {
-        /// Moving average of the gradient.
-        first_moment: Vec<f32>,
-        /// Moving average of the squared gradient.
-        second_moment: Vec<f32>,
-    },
-}
-
-impl OptimizerState {
-    /// Returns the state buffers with the names checkpoints store them under.
-    pub fn buffers(&self) -> Vec<(&'static str, &[f32])> {
-        match self {
-            Self::Sgd { momentum_buffer } => vec![("momentum_buffer", momentum_buffer)],
-            Self::AdamW {
-                first_moment,
-                second_moment,
-            } => vec![
-                ("first_moment", first_moment),
-                ("second_moment", second_moment),
-            ],
-        }
-    }
-
-    /// Returns the state buffers mutably, with their checkpoint names.
-    pub fn buffers_mut(&mut self) -> Vec<(&'static str, &mut Vec<f32>)> {
-        match self {
-            Self::Sgd { momentum_buffer } => vec![("momentum_buffer", momentum_buffer)],
-            Self::AdamW {
-                first_moment,
-                second_moment,
-            } => vec![
-                ("first_moment", first_moment),
-                ("second_moment", second_moment),
-            ],
-        }
-    }
 }
 
 /// An optimizer over a flat parameter vector.
@@ -159,104 +115,31 @@ impl Optimizer {
             )));
         }
         self.steps_taken += 1;
-        let weight_decay = self.spec.weight_decay() as f32;
-        let lr = learning_rate as f32;
-        match &mut self.state {
-            OptimizerState::Sgd { momentum_buffer } => {
-                let momentum = self.spec.momentum() as f32;
-                for (index, parameter) in parameters.iter().enumerate() {
-                    let range = parameter.flat_range();
-                    let gradient = &gradients[range.clone()];
-                    let mut velocity = momentum_buffer.get_mut(range);
-                    parameters.update(index, |values| {
-                        let velocity = velocity.as_deref_mut();
-                        sgd_update(values, gradient, velocity, lr, momentum, weight_decay);
-                    })?;
-                }
+        let weight_decay = self.spec.weight_decay();
+        // The same update rules as the parameter server's, over each parameter's storage.
+        let constants = match self.spec.kind {
+            OptimizerKind::Sgd => {
+                UpdateConstants::sgd(learning_rate, self.spec.momentum(), weight_decay)
             }
-            OptimizerState::AdamW {
-                first_moment,
-                second_moment,
-            } => {
-                let [beta1, beta2] = self.spec.betas();
-                let step = self.steps_taken as i32;
-                let hyper = AdamWStep {
-                    lr,
-                    beta1: beta1 as f32,
-                    beta2: beta2 as f32,
-                    eps: self.spec.eps() as f32,
-                    weight_decay,
-                    step_size: (learning_rate / (1.0 - beta1.powi(step))) as f32,
-                    second_correction_sqrt: (1.0 - beta2.powi(step)).sqrt() as f32,
-                };
-                for (index, parameter) in parameters.iter().enumerate() {
-                    let range = parameter.flat_range();
-                    let gradient = &gradients[range.clone()];
-                    let first = &mut first_moment[range.clone()];
-                    let second = &mut second_moment[range];
-                    parameters.update(index, |values| {
-                        adamw_update(values, gradient, first, second, &hyper);
-                    })?;
-                }
-            }
+            OptimizerKind::Adamw => UpdateConstants::adamw(
+                learning_rate,
+                self.spec.betas(),
+                self.spec.eps(),
+                weight_decay,
+                self.steps_taken,
+            ),
+        };
+        for (index, parameter) in parameters.iter().enumerate() {
+            let range = parameter.flat_range();
+            let gradient = &gradients[range.clone()];
+            let mut outcome = Ok(());
+            parameters.update(index, |values| {
+                outcome =
+                    apply_to_slice(&constants, values, &mut self.state, range.clone(), gradient);
+            })?;
+            outcome.map_err(|error| TrainerError::Config(format!("optimizer: {error}")))?;
         }
         Ok(())
-    }
-}
-
-/// `torch.optim.SGD`: `g += wd * p; v = mu * v + g; p -= lr * v` (`v` absent when mu = 0).
-fn sgd_update(
-    values: &mut [f32],
-    gradient: &[f32],
-    velocity: Option<&mut [f32]>,
-    lr: f32,
-    momentum: f32,
-    weight_decay: f32,
-) {
-    match velocity {
-        Some(velocity) => {
-            for ((p, &g), v) in values.iter_mut().zip(gradient).zip(velocity) {
-                let g = g + weight_decay * *p;
-                *v = momentum * *v + g;
-                *p -= lr * *v;
-            }
-        }
-        None => {
-            for (p, &g) in values.iter_mut().zip(gradient) {
-                *p -= lr * (g + weight_decay * *p);
-            }
-        }
-    }
-}
-
-/// Per-step constants of an AdamW update.
-struct AdamWStep {
-    lr: f32,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    weight_decay: f32,
-    /// `lr / (1 - beta1^t)`.
-    step_size: f32,
-    /// `sqrt(1 - beta2^t)`.
-    second_correction_sqrt: f32,
-}
-
-/// `torch.optim.AdamW`: decay, moment updates, bias-corrected step.
-fn adamw_update(
-    values: &mut [f32],
-    gradient: &[f32],
-    first: &mut [f32],
-    second: &mut [f32],
-    hyper: &AdamWStep,
-) {
-    let decay = 1.0 - hyper.lr * hyper.weight_decay;
-    for (((p, &g), m), v) in values.iter_mut().zip(gradient).zip(first).zip(second) {
-        *p *= decay;
-        *m = hyper.beta1 * *m + (1.0 - hyper.beta1) * g;
-        *v = hyper.beta2 * *v + (1.0 - hyper.beta2) * g * g;
-        let denominator = v.sqrt() / hyper.second_correction_sqrt + hyper.eps;
-        *p -= hyper.step_size * *m / denominator;
     }
 }
 

@@ -8,11 +8,10 @@ use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use cohort_collective::DType;
 use cohort_collective::bench::{self as collective_bench, StreamMeasurement};
 use serde_json::json;
 
-use super::{gbps, parse_size, publish_result, read_result, run_job, start_cluster};
+use super::{dtype, gbps, parse_size, publish_result, read_result, run_job, start_cluster};
 use crate::args::BenchDtype;
 use crate::client;
 use crate::rank::RankLink;
@@ -21,14 +20,6 @@ use crate::rank::RankLink;
 const STREAM_BYTES: u64 = 512 << 20;
 /// Loopback measurements; the median is reported.
 const STREAM_REPEATS: usize = 3;
-
-fn dtype(dtype: BenchDtype) -> DType {
-    match dtype {
-        BenchDtype::F32 => DType::F32,
-        BenchDtype::Bf16 => DType::Bf16,
-        BenchDtype::F16 => DType::F16,
-    }
-}
 
 /// The receiving side of the loopback measurement: listens on loopback, prints its port, reads
 /// `bytes` bytes and acknowledges.

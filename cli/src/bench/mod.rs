@@ -16,11 +16,11 @@ use cohort_proto::v1::job_control_client::JobControlClient;
 use cohort_proto::v1::{GetJobRequest, JobInfo, JobState, WatchJobRequest};
 use tonic::transport::Channel;
 
-use cohort_collective::Store;
+use cohort_collective::{DType, Store};
 use cohort_proto::v1::StreamLogsRequest;
 use serde::de::DeserializeOwned;
 
-use crate::args::{BenchArgs, Benchmark};
+use crate::args::{BenchArgs, BenchDtype, Benchmark};
 use crate::client;
 use crate::local_cluster::{LocalCluster, LocalClusterConfig};
 use crate::rank::RankLink;
@@ -175,6 +175,15 @@ pub async fn read_result<T: DeserializeOwned>(
         }
     }
     bail!("rank 0 of {job_id} printed no result")
+}
+
+/// The element type a `--dtype` flag names.
+pub fn dtype(dtype: BenchDtype) -> DType {
+    match dtype {
+        BenchDtype::F32 => DType::F32,
+        BenchDtype::Bf16 => DType::Bf16,
+        BenchDtype::F16 => DType::F16,
+    }
 }
 
 /// Formats bytes per second as GB/s (1e9).

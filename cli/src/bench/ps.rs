@@ -5,7 +5,6 @@
 use std::process::ExitCode;
 
 use anyhow::{Result, bail};
-use cohort_parameter_server::DType;
 use cohort_parameter_server::bench::{BenchConfig, run as run_rounds};
 use serde_json::json;
 
@@ -24,11 +23,7 @@ pub async fn run(shards: u32, ranks: u32, sizes: &[String], dtype: BenchDtype) -
     {
         bail!("--size {size}: expected 4 bytes to 4 GiB");
     }
-    let (gradient_dtype, dtype_name) = match dtype {
-        BenchDtype::F32 => (DType::F32, "f32"),
-        BenchDtype::Bf16 => (DType::Bf16, "bf16"),
-        BenchDtype::F16 => (DType::F16, "f16"),
-    };
+    let gradient_dtype = super::dtype(dtype);
     eprintln!("measuring single-stream loopback TCP...");
     let loopback = tokio::task::spawn_blocking(|| {
         cohort_collective::bench::loopback_tcp_throughput(LOOPBACK_BYTES)
@@ -61,7 +56,7 @@ pub async fn run(shards: u32, ranks: u32, sizes: &[String], dtype: BenchDtype) -
     }
     println!(
         "parameter server push+pull, {shards} shards, {ranks} ranks, gradients {}; loopback TCP {:.3} GB/s single stream",
-        dtype_name,
+        gradient_dtype.name(),
         gbps(loopback)
     );
     print!(
@@ -82,7 +77,7 @@ pub async fn run(shards: u32, ranks: u32, sizes: &[String], dtype: BenchDtype) -
             "bench": "ps",
             "shards": shards,
             "ranks": ranks,
-            "dtype": dtype_name,
+            "dtype": gradient_dtype.name(),
             "loopback_gbps": gbps(loopback),
             "results": rows,
         })

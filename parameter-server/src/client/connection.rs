@@ -281,7 +281,7 @@ pub(crate) async fn call_shard(
             plan.fingerprint()
         )));
     }
-    let dtype = DType::from_wire(header.dtype, "reply dtype")
+    let dtype = crate::encoding::from_wire(header.dtype, "reply dtype")
         .map_err(|error| connection.protocol(error.to_string()))?;
     let mut owned = Vec::new();
     let (dense, expected): (&mut [f32], usize) = match output {

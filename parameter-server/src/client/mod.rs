@@ -157,7 +157,7 @@ impl ParameterClient {
     fn pull_spec(&self, dense: bool, rows: Vec<ps_v1::RowSelection>) -> ps_v1::PullSpec {
         ps_v1::PullSpec {
             dense,
-            dtype: self.config.parameter_dtype.to_wire() as i32,
+            dtype: crate::encoding::to_wire(self.config.parameter_dtype) as i32,
             rows,
             all_rows: false,
         }
@@ -309,7 +309,7 @@ impl ParameterClient {
         check_length("full output", values.len(), self.plan.total_element_count())?;
         let spec = ps_v1::PullSpec {
             dense: true,
-            dtype: DType::F32.to_wire() as i32,
+            dtype: crate::encoding::to_wire(DType::F32) as i32,
             rows: Vec::new(),
             all_rows: true,
         };
@@ -442,7 +442,7 @@ impl ParameterClient {
                 sender: self.sender(connection.shard_id),
                 step,
                 version: self.versions[shard].unwrap_or(0),
-                dtype: dtype.to_wire() as i32,
+                dtype: crate::encoding::to_wire(dtype) as i32,
                 layout_fingerprint: self.plan.fingerprint(),
                 pull: Some(pull),
             })),

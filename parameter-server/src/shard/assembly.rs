@@ -528,7 +528,7 @@ pub struct PullPlan {
 impl PullPlan {
     /// Checks a pull spec against the shape: known tables, held rows, bounded counts.
     pub fn new(shape: &ShardShape, limits: &Limits, spec: &ps_v1::PullSpec) -> Result<Self> {
-        let dtype = DType::from_wire(spec.dtype, "pull.dtype")?;
+        let dtype = crate::encoding::from_wire(spec.dtype, "pull.dtype")?;
         let total: u64 = spec.rows.iter().map(|s| s.rows.len() as u64).sum();
         if total > limits.max_rows_per_request {
             return Err(Error::invalid(format!(

@@ -466,7 +466,7 @@ impl ShardCore {
             next_step: self.rank_next_step[rank as usize],
             slowest_step: self.slowest_step(),
             layout_fingerprint: model.shape.fingerprint,
-            dtype: plan.dtype.to_wire() as i32,
+            dtype: crate::encoding::to_wire(plan.dtype) as i32,
             dense_element_count: model.dense.len() as u64,
             staleness,
             learning_rate: self.last_learning_rate,
