@@ -155,6 +155,16 @@ impl JobSpec {
         }
     }
 
+    /// Number of processes the job runs: its ranks plus, for `parallel.comm = "ps"`, one
+    /// parameter server per shard (numbered after the ranks).
+    pub fn processes(&self) -> u32 {
+        let servers = match self.kind {
+            JobKind::Train => self.parallel.as_ref().map_or(0, ParallelSpec::server_count),
+            JobKind::Command => 0,
+        };
+        self.ranks().saturating_add(servers)
+    }
+
     /// Seconds between SIGTERM and SIGKILL when the job's ranks are stopped.
     pub fn stop_grace_s(&self) -> f64 {
         self.command

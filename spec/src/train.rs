@@ -32,7 +32,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::job::{JobSpec, MAX_RANKS, MAX_STRING_LEN};
+use crate::job::{DeviceKind, JobSpec, MAX_RANKS, MAX_STRING_LEN};
 use crate::problems::Problems;
 
 /// Pixels of one Fashion-MNIST image (28 x 28); used to bound model sizes.
@@ -61,6 +61,20 @@ pub const MAX_GRADIENT_BUCKET_BYTES: u64 = 1024 * 1024 * 1024;
 pub const DEFAULT_GRADIENT_BUCKET_BYTES: u64 = 25 * 1024 * 1024;
 /// Largest learning rate accepted.
 pub const MAX_LEARNING_RATE: f64 = 10.0;
+/// Default width of an embedding model's rows.
+pub const DEFAULT_EMBEDDING_WIDTH: u32 = 32;
+/// Widest embedding row.
+pub const MAX_EMBEDDING_WIDTH: u32 = 4096;
+/// Default intensity levels of an embedding model.
+pub const DEFAULT_INTENSITY_LEVELS: u32 = 8;
+/// Most intensity levels of an embedding model (one per 8-bit grey value).
+pub const MAX_INTENSITY_LEVELS: u32 = 256;
+/// Most parameter-server shards of one job.
+pub const MAX_PS_SHARDS: u32 = 256;
+/// Largest `ssp` staleness bound.
+pub const MAX_STALENESS: u64 = 1_000_000;
+/// `ssp` staleness bound unless given.
+pub const DEFAULT_STALENESS: u64 = 2;
 
 /// Which model architecture `[model]` builds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -71,6 +85,11 @@ pub enum ModelKind {
     Mlp,
     /// 3x3 convolution blocks (convolution, ReLU, 2x2 max-pool) followed by a dense head.
     Cnn,
+    /// A bag of pixel tokens: every non-background pixel becomes the token (position,
+    /// intensity level); the image is the mean of its tokens' rows of an embedding table,
+    /// followed by a dense head. With `parallel.comm = "ps"` the table is row-sparse: only the
+    /// rows a batch touches travel.
+    Embedding,
 }
 
 /// `[model]`: which model to train and its shape.
@@ -85,6 +104,13 @@ pub struct ModelSpec {
     /// Output channels of each convolution block of a CNN; refused for an MLP.
     /// Default `[16, 32]` for a CNN.
     pub channels: Option<Vec<u32>>,
+    /// Width of an embedding model's table rows (1 to 4096); refused for other kinds.
+    /// Default 32 for `kind = "embedding"`.
+    pub embedding_width: Option<u32>,
+    /// Intensity levels an embedding model quantises pixels into (2 to 256; level 0 is
+    /// background and has no token, so the table has `pixels x (levels - 1)` rows); refused
+    /// for other kinds. Default 8 for `kind = "embedding"`.
+    pub intensity_levels: Option<u32>,
     /// Seed of the parameter initialisation (rank 0's values are broadcast to every rank).
     /// Default 0.
     pub seed: u64,
@@ -96,6 +122,8 @@ impl Default for ModelSpec {
             kind: ModelKind::Mlp,
             hidden: vec![512, 256],
             channels: None,
+            embedding_width: None,
+            intensity_levels: None,
             seed: 0,
         }
     }
@@ -105,9 +133,24 @@ impl ModelSpec {
     /// Returns the convolution channels of a CNN (`[16, 32]` unless given); empty for an MLP.
     pub fn convolution_channels(&self) -> Vec<u32> {
         match self.kind {
-            ModelKind::Mlp => Vec::new(),
+            ModelKind::Mlp | ModelKind::Embedding => Vec::new(),
             ModelKind::Cnn => self.channels.clone().unwrap_or_else(|| vec![16, 32]),
         }
+    }
+
+    /// Returns the width of an embedding model's rows (32 unless given).
+    pub fn embedding_width(&self) -> u32 {
+        self.embedding_width.unwrap_or(DEFAULT_EMBEDDING_WIDTH)
+    }
+
+    /// Returns the intensity levels of an embedding model (8 unless given).
+    pub fn intensity_levels(&self) -> u32 {
+        self.intensity_levels.unwrap_or(DEFAULT_INTENSITY_LEVELS)
+    }
+
+    /// Returns the rows of an embedding model's table for `pixels` pixels per image.
+    pub fn embedding_rows(&self, pixels: u64) -> u64 {
+        pixels.saturating_mul(u64::from(self.intensity_levels().saturating_sub(1)))
     }
 
     /// Returns the number of trainable parameters for `input_side x input_side` images with
@@ -127,6 +170,11 @@ impl ModelSpec {
                 side /= 2;
             }
             features = in_channels.saturating_mul(side).saturating_mul(side);
+        }
+        if self.kind == ModelKind::Embedding {
+            let width = u64::from(self.embedding_width());
+            count = self.embedding_rows(features).saturating_mul(width);
+            features = width;
         }
         for width in self.hidden.iter().map(|&w| u64::from(w)).chain([classes]) {
             count = count
@@ -150,8 +198,34 @@ impl ModelSpec {
         for (i, &width) in self.hidden.iter().enumerate() {
             problems.check_range(&format!("model.hidden[{i}]"), width, 1, MAX_LAYER_WIDTH);
         }
+        if self.kind != ModelKind::Embedding {
+            for (field, present) in [
+                ("embedding_width", self.embedding_width.is_some()),
+                ("intensity_levels", self.intensity_levels.is_some()),
+            ] {
+                if present {
+                    problems.push(
+                        format!("model.{field}"),
+                        "only allowed with kind = \"embedding\"",
+                    );
+                }
+            }
+        } else {
+            problems.check_range(
+                "model.embedding_width",
+                self.embedding_width(),
+                1,
+                MAX_EMBEDDING_WIDTH,
+            );
+            problems.check_range(
+                "model.intensity_levels",
+                self.intensity_levels(),
+                2,
+                MAX_INTENSITY_LEVELS,
+            );
+        }
         match (self.kind, &self.channels) {
-            (ModelKind::Mlp, Some(_)) => {
+            (ModelKind::Mlp | ModelKind::Embedding, Some(_)) => {
                 problems.push("model.channels", "only allowed with kind = \"cnn\"");
             }
             (ModelKind::Cnn, Some(channels)) => {
@@ -469,6 +543,45 @@ impl ScheduleSpec {
     }
 }
 
+/// How ranks exchange gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Communication {
+    /// Ring all-reduce between the ranks; every rank runs the optimizer on the averaged
+    /// gradients.
+    #[default]
+    Allreduce,
+    /// Sharded parameter servers: ranks push gradients and pull parameters; the servers run
+    /// the optimizer.
+    Ps,
+}
+
+/// When a parameter server applies pushed gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PsMode {
+    /// Waits for every rank's gradients of a step, averages them and applies the optimizer
+    /// once: the same result as all-reduce data parallelism.
+    #[default]
+    Sync,
+    /// Applies each push on arrival (one at a time per shard); ranks never wait for each other.
+    Async,
+    /// Stale-synchronous: applied on arrival, but a rank may run at most `staleness` steps
+    /// ahead of the slowest one.
+    Ssp,
+}
+
+impl PsMode {
+    /// The mode's name in job specs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sync => "sync",
+            Self::Async => "async",
+            Self::Ssp => "ssp",
+        }
+    }
+}
+
 /// `[parallel]`: how ranks divide the work.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -479,6 +592,17 @@ pub struct ParallelSpec {
     /// Size of the flat f32 buffers gradients are packed into before each all-reduce, in bytes
     /// (4 KiB to 1 GiB). Default 25 MiB.
     pub gradient_bucket_bytes: u64,
+    /// How gradients are exchanged: `"allreduce"` or `"ps"` (parameter servers, run by the
+    /// job as extra processes on CPU slots). Default `"allreduce"`.
+    pub comm: Communication,
+    /// Parameter-server processes (shards) with `comm = "ps"`, 1 to 256. Default 1.
+    pub ps_shards: Option<u32>,
+    /// Parameter-server mode with `comm = "ps"`: `"sync"`, `"async"` or `"ssp"`.
+    /// Default `"sync"`.
+    pub ps_mode: Option<PsMode>,
+    /// How many steps a rank may run ahead of the slowest with `ps_mode = "ssp"` (0 to
+    /// 1,000,000; 0 behaves like sync without averaging). Default 2.
+    pub staleness: Option<u64>,
 }
 
 impl Default for ParallelSpec {
@@ -486,14 +610,36 @@ impl Default for ParallelSpec {
         Self {
             data: 1,
             gradient_bucket_bytes: DEFAULT_GRADIENT_BUCKET_BYTES,
+            comm: Communication::Allreduce,
+            ps_shards: None,
+            ps_mode: None,
+            staleness: None,
         }
     }
 }
 
 impl ParallelSpec {
-    /// Total number of ranks the layout needs.
+    /// Number of training ranks the layout needs.
     pub fn world_size(&self) -> u32 {
         self.data
+    }
+
+    /// Number of parameter-server processes the job runs besides its training ranks.
+    pub fn server_count(&self) -> u32 {
+        match self.comm {
+            Communication::Allreduce => 0,
+            Communication::Ps => self.ps_shards.unwrap_or(1),
+        }
+    }
+
+    /// The parameter-server mode (`sync` unless given).
+    pub fn ps_mode(&self) -> PsMode {
+        self.ps_mode.unwrap_or_default()
+    }
+
+    /// The `ssp` staleness bound (2 unless given).
+    pub fn staleness(&self) -> u64 {
+        self.staleness.unwrap_or(DEFAULT_STALENESS)
     }
 
     fn validate(&self, problems: &mut Problems) {
@@ -504,6 +650,32 @@ impl ParallelSpec {
             MIN_GRADIENT_BUCKET_BYTES,
             MAX_GRADIENT_BUCKET_BYTES,
         );
+        match self.comm {
+            Communication::Allreduce => {
+                for (field, present) in [
+                    ("ps_shards", self.ps_shards.is_some()),
+                    ("ps_mode", self.ps_mode.is_some()),
+                    ("staleness", self.staleness.is_some()),
+                ] {
+                    if present {
+                        problems.push(
+                            format!("parallel.{field}"),
+                            "only allowed with comm = \"ps\"",
+                        );
+                    }
+                }
+            }
+            Communication::Ps => {
+                problems.check_range("parallel.ps_shards", self.server_count(), 1, MAX_PS_SHARDS);
+                if let Some(staleness) = self.staleness {
+                    if self.ps_mode() == PsMode::Ssp {
+                        problems.check_range("parallel.staleness", staleness, 0, MAX_STALENESS);
+                    } else {
+                        problems.push("parallel.staleness", "only allowed with ps_mode = \"ssp\"");
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -580,6 +752,42 @@ pub fn validate(spec: &JobSpec, problems: &mut Problems) {
         .validate(parallel.world_size(), problems);
     if let Some(checkpoint) = &spec.checkpoint {
         checkpoint.validate(problems);
+    }
+    if parallel.comm == Communication::Ps {
+        validate_parameter_server(spec, &parallel, problems);
+    }
+}
+
+/// The rules that tie `comm = "ps"` to the other sections.
+fn validate_parameter_server(spec: &JobSpec, parallel: &ParallelSpec, problems: &mut Problems) {
+    if spec
+        .optimizer
+        .as_ref()
+        .is_some_and(|optimizer| optimizer.grad_clip_norm.is_some())
+    {
+        problems.push(
+            "optimizer.grad_clip_norm",
+            "not supported with parallel.comm = \"ps\" (the servers apply each shard's \
+             gradients on their own, so no one sees the global norm)",
+        );
+    }
+    if spec.resources.device != DeviceKind::Cpu {
+        problems.push(
+            "resources.device",
+            "\"gpu\" with parallel.comm = \"ps\", expected \"cpu\" (parameter servers and \
+             the ranks they serve share the job's CPU slots)",
+        );
+    }
+    let processes = u64::from(parallel.world_size()) + u64::from(parallel.server_count());
+    if processes > u64::from(MAX_RANKS) {
+        problems.push(
+            "parallel.ps_shards",
+            format!(
+                "{} servers and {} ranks make {processes} processes, expected at most {MAX_RANKS}",
+                parallel.server_count(),
+                parallel.world_size()
+            ),
+        );
     }
 }
 
@@ -765,7 +973,7 @@ directory = ""
             kind: ModelKind::Cnn,
             hidden: vec![64],
             channels: Some(vec![8, 16]),
-            seed: 0,
+            ..ModelSpec::default()
         };
         let convolutions = (8 * 9 + 8) + (16 * 8 * 9 + 16);
         let dense = (16 * 7 * 7 * 64 + 64) + (64 * 10 + 10);
@@ -802,5 +1010,116 @@ directory = ""
         let schedule = LearningRateSchedule::new(0.3, 0, LearningRateDecay::Constant, 5);
         assert_eq!(schedule.learning_rate(0), 0.3);
         assert_eq!(schedule.learning_rate(100), 0.3);
+    }
+
+    #[test]
+    fn parameter_server_job_runs_its_servers_after_its_ranks() {
+        let text = "version = 1\nkind = \"train\"\n[parallel]\ndata = 4\ncomm = \"ps\"\n\
+                    ps_shards = 2\nps_mode = \"ssp\"\nstaleness = 3\n";
+        let spec = parse(text).unwrap();
+        let parallel = spec.parallel.clone().unwrap();
+        assert_eq!(spec.ranks(), 4);
+        assert_eq!(spec.processes(), 6);
+        assert_eq!(parallel.ps_mode(), PsMode::Ssp);
+        assert_eq!(parallel.staleness(), 3);
+        let defaults = parse("version = 1\nkind = \"train\"\n[parallel]\ncomm = \"ps\"\n")
+            .unwrap()
+            .parallel
+            .unwrap();
+        assert_eq!(defaults.server_count(), 1);
+        assert_eq!(defaults.ps_mode(), PsMode::Sync);
+        assert_eq!(
+            parse("version = 1\nkind = \"train\"\n")
+                .unwrap()
+                .processes(),
+            1
+        );
+    }
+
+    #[test]
+    fn parameter_server_fields_are_refused_where_they_do_not_apply() {
+        let problems = problem_strings(
+            "version = 1\nkind = \"train\"\n[parallel]\nps_shards = 2\nstaleness = 1\n",
+        );
+        assert!(
+            problems.iter().any(|p| p.starts_with("parallel.ps_shards")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.starts_with("parallel.staleness")),
+            "{problems:?}"
+        );
+        let problems = problem_strings(
+            "version = 1\nkind = \"train\"\n[parallel]\ncomm = \"ps\"\nps_mode = \"async\"\n\
+             staleness = 1\n",
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("parallel.staleness") && p.contains("ssp")),
+            "{problems:?}"
+        );
+        let problems = problem_strings(
+            "version = 1\nkind = \"train\"\n[parallel]\ncomm = \"ps\"\nps_shards = 0\n\
+             [optimizer]\ngrad_clip_norm = 1.0\n",
+        );
+        assert!(
+            problems.iter().any(|p| p.starts_with("parallel.ps_shards")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("optimizer.grad_clip_norm")),
+            "{problems:?}"
+        );
+        let problems = problem_strings(
+            "version = 1\nkind = \"train\"\n[resources]\ndevice = \"gpu\"\n[parallel]\n\
+             comm = \"ps\"\n",
+        );
+        assert!(
+            problems.iter().any(|p| p.starts_with("resources.device")),
+            "{problems:?}"
+        );
+        let problems =
+            problem_strings("version = 1\nkind = \"train\"\n[parallel]\ncomm = \"gossip\"\n");
+        assert!(
+            problems.iter().any(|p| p.starts_with("parallel.comm")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn embedding_model_fields_belong_to_the_embedding_kind() {
+        let spec = parse(
+            "version = 1\nkind = \"train\"\n[model]\nkind = \"embedding\"\nhidden = [64]\n\
+             intensity_levels = 4\n",
+        )
+        .unwrap();
+        let model = spec.model.unwrap();
+        assert_eq!(model.embedding_width(), DEFAULT_EMBEDDING_WIDTH);
+        assert_eq!(model.embedding_rows(784), 784 * 3);
+        assert_eq!(
+            model.parameter_count(28, CLASSES),
+            784 * 3 * 32 + (32 * 64 + 64) + (64 * 10 + 10)
+        );
+        let problems =
+            problem_strings("version = 1\nkind = \"train\"\n[model]\nembedding_width = 8\n");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("model.embedding_width")),
+            "{problems:?}"
+        );
+        let problems = problem_strings(
+            "version = 1\nkind = \"train\"\n[model]\nkind = \"embedding\"\n\
+             intensity_levels = 1\n",
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("model.intensity_levels")),
+            "{problems:?}"
+        );
     }
 }
