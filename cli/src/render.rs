@@ -152,10 +152,19 @@ pub fn job_detail(job: &JobInfo) -> String {
     if !job.reason.is_empty() {
         let _ = writeln!(out, "reason:    {}", job.reason);
     }
+    // Parameter servers of a `comm = "ps"` job are placed after its training ranks.
+    let training_ranks = cohort_spec::parse(&job.spec_toml)
+        .map_or(job.ranks, |spec| spec.ranks())
+        .min(job.ranks);
+    let servers = job.ranks - training_ranks;
+    let processes = if servers > 0 {
+        format!("{training_ranks} ranks + {servers} parameter servers")
+    } else {
+        format!("{} ranks", job.ranks)
+    };
     let _ = writeln!(
         out,
-        "resources: {} ranks x {} {} device(s), priority {}",
-        job.ranks,
+        "resources: {processes} x {} {} device(s), priority {}",
         job.devices_per_rank,
         device_kind(job.device_kind),
         job.priority
@@ -172,8 +181,12 @@ pub fn job_detail(job: &JobInfo) -> String {
                     .map(|d| format!("{}:{}", device_kind(d.kind), d.index))
                     .collect::<Vec<_>>()
                     .join(",");
+                let label = match rank.rank.checked_sub(training_ranks) {
+                    None => rank.rank.to_string(),
+                    Some(shard) => format!("{} (ps shard {shard})", rank.rank),
+                };
                 vec![
-                    rank.rank.to_string(),
+                    label,
                     rank.node_id.clone(),
                     devices,
                     rank_state(rank),
@@ -440,5 +453,31 @@ mod tests {
         assert_eq!(duration(185_000), "3m05s");
         assert_eq!(duration(3_720_000), "1h02m");
         assert_eq!(duration(-5), "0.0s");
+    }
+
+    #[test]
+    fn parameter_servers_are_labelled_by_shard() {
+        let spec = "version = 1\nkind = \"train\"\n[parallel]\ndata = 2\ncomm = \"ps\"\n\
+                    ps_shards = 1\n";
+        let job = JobInfo {
+            job_id: "ps-1".to_owned(),
+            spec_toml: spec.to_owned(),
+            ranks: 3,
+            rank_info: (0..3)
+                .map(|rank| cohort_proto::v1::RankInfo {
+                    rank,
+                    node_id: "n".to_owned(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let text = job_detail(&job);
+        assert!(
+            text.contains("resources: 2 ranks + 1 parameter servers x"),
+            "{text}"
+        );
+        assert!(text.contains("\n2 (ps shard 0)  n"), "{text}");
+        assert!(text.contains("\n1               n"), "{text}");
     }
 }

@@ -69,6 +69,39 @@ pub struct RankRecord {
     pub detail: String,
 }
 
+/// What one of a job's processes does. Placement records number every process; the
+/// parameter servers of a `comm = "ps"` job come after its training ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcessRole {
+    /// A training rank (or a rank of a command job).
+    Rank,
+    /// The parameter server of one shard.
+    ParameterServer {
+        /// The shard it serves.
+        shard: u32,
+    },
+}
+
+impl ProcessRole {
+    /// Returns the role of process `index` of a job with `ranks` training ranks.
+    pub fn of(index: u32, ranks: u32) -> Self {
+        match index.checked_sub(ranks) {
+            None => Self::Rank,
+            Some(shard) => Self::ParameterServer { shard },
+        }
+    }
+
+    /// Names process `index` in messages: `rank 2`, `parameter server shard 1 (process 5)`.
+    pub fn describe(self, index: u32) -> String {
+        match self {
+            Self::Rank => format!("rank {index}"),
+            Self::ParameterServer { shard } => {
+                format!("parameter server shard {shard} (process {index})")
+            }
+        }
+    }
+}
+
 impl RankRecord {
     /// Whether the rank ended successfully.
     pub fn succeeded(&self) -> bool {
@@ -103,7 +136,8 @@ pub struct JobRecord {
     pub kind: String,
     /// Scheduling priority; higher first.
     pub priority: i32,
-    /// Number of ranks (gang size).
+    /// Number of processes placed together (gang size): the training ranks, then one
+    /// parameter server per shard for `parallel.comm = "ps"`.
     pub ranks: u32,
     /// Devices each rank holds.
     pub devices_per_rank: u32,

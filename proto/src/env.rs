@@ -29,6 +29,18 @@ pub const NODE_ADDR: &str = "COHORT_NODE_ADDR";
 /// Directory for the rank's outputs (checkpoints): `<worker --output-dir>/<job id>`, shared by
 /// the job's ranks on one node.
 pub const OUTPUT_DIR: &str = "COHORT_OUTPUT_DIR";
+/// What the process is: [`ROLE_RANK`] (a training rank, the default when unset) or
+/// [`ROLE_PARAMETER_SERVER`].
+pub const ROLE: &str = "COHORT_ROLE";
+/// `COHORT_ROLE` of a training rank.
+pub const ROLE_RANK: &str = "rank";
+/// `COHORT_ROLE` of a parameter-server process. Its `COHORT_RANK` is its process index
+/// (`world_size + shard`) and `COHORT_WORLD_SIZE` the number of training ranks it serves.
+pub const ROLE_PARAMETER_SERVER: &str = "parameter-server";
+/// The shard a parameter-server process serves, `0..COHORT_PS_SHARDS`.
+pub const PS_SHARD: &str = "COHORT_PS_SHARD";
+/// Number of parameter-server shards of the job.
+pub const PS_SHARDS: &str = "COHORT_PS_SHARDS";
 /// Path of the `cohort` executable the worker runs, so rank scripts can call `cohort kv ...`.
 pub const COHORT_BIN: &str = "COHORT_BIN";
 

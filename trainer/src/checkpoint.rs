@@ -72,6 +72,40 @@ pub fn save(
     parameters: &ParameterSet,
     optimizer: &Optimizer,
 ) -> Result<PathBuf> {
+    save_with_files(directory, step, parameters, optimizer, &[])
+}
+
+/// Returns the file name of parameter-server shard `shard`'s snapshot inside a checkpoint.
+pub fn parameter_server_snapshot_name(shard: u32) -> String {
+    format!("parameter-server-shard-{shard}.safetensors")
+}
+
+/// Reads parameter-server shard `shard`'s snapshot from the checkpoint at `path`, if it has
+/// one (checkpoints of all-reduce jobs have none).
+pub fn read_parameter_server_snapshot(path: &Path, shard: u32) -> Result<Option<Vec<u8>>> {
+    let file = path.join(parameter_server_snapshot_name(shard));
+    match std::fs::read(&file) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            if path.join(MODEL_FILE).is_file() {
+                Ok(None)
+            } else {
+                Err(checkpoint_error(path, "not a checkpoint: no model file"))
+            }
+        }
+        Err(error) => Err(checkpoint_error(&file, error)),
+    }
+}
+
+/// Like [`save`], with `extra_files` (name and bytes, e.g. parameter-server snapshots) written
+/// into the checkpoint before it appears under its final name.
+pub fn save_with_files(
+    directory: &Path,
+    step: u64,
+    parameters: &ParameterSet,
+    optimizer: &Optimizer,
+    extra_files: &[(String, Vec<u8>)],
+) -> Result<PathBuf> {
     let final_path = directory.join(checkpoint_name(step));
     let partial_path = directory.join(format!(
         ".{}.partial-{}",
@@ -123,6 +157,11 @@ pub fn save(
         &optimizer_bytes,
         optimizer_metadata,
     )?;
+
+    for (name, bytes) in extra_files {
+        let path = partial_path.join(name);
+        std::fs::write(&path, bytes).map_err(|e| io_error(&path, e))?;
+    }
 
     if final_path.exists() {
         std::fs::remove_dir_all(&final_path).map_err(|e| io_error(&final_path, e))?;
@@ -219,15 +258,18 @@ impl TensorFile {
     }
 }
 
-/// Loads the checkpoint at `path` into `parameters` and `optimizer`, checking that names,
-/// shapes, optimizer kind and step agree with what this run built. Nothing is modified unless
-/// everything checks out.
-pub fn load(
-    path: &Path,
-    parameters: &ParameterSet,
-    optimizer: &mut Optimizer,
-    optimizer_kind: OptimizerKind,
-) -> Result<RestoredCheckpoint> {
+/// Loads only the weights of the checkpoint at `path` into `parameters` (for parameter-server
+/// jobs, whose optimizer state lives in the servers' snapshots), checking names and shapes.
+pub fn load_weights(path: &Path, parameters: &ParameterSet) -> Result<RestoredCheckpoint> {
+    let (flat, step) = read_weights(path, parameters)?;
+    parameters.write_values(&flat)?;
+    tracing::info!(step, path = %path.display(), "checkpoint weights loaded");
+    Ok(RestoredCheckpoint { step })
+}
+
+/// Reads and checks the weights of the checkpoint at `path` against `parameters`; returns the
+/// flat values and the checkpoint's step.
+fn read_weights(path: &Path, parameters: &ParameterSet) -> Result<(Vec<f32>, u64)> {
     let model_file = TensorFile::read(path.join(MODEL_FILE))?;
     let (tensors, metadata) = model_file.parse()?;
     let step = model_file.number(&metadata, "step")?;
@@ -246,6 +288,19 @@ pub fn load(
             ),
         ));
     }
+    Ok((flat, step))
+}
+
+/// Loads the checkpoint at `path` into `parameters` and `optimizer`, checking that names,
+/// shapes, optimizer kind and step agree with what this run built. Nothing is modified unless
+/// everything checks out.
+pub fn load(
+    path: &Path,
+    parameters: &ParameterSet,
+    optimizer: &mut Optimizer,
+    optimizer_kind: OptimizerKind,
+) -> Result<RestoredCheckpoint> {
+    let (flat, step) = read_weights(path, parameters)?;
 
     let optimizer_file = TensorFile::read(path.join(OPTIMIZER_FILE))?;
     let (tensors, metadata) = optimizer_file.parse()?;

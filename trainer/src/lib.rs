@@ -6,6 +6,9 @@
 //!
 //! - [`train_loop`]: [`train`], the loop one rank runs (broadcast, per-step forward, backward,
 //!   gradient exchange and update, end-of-epoch evaluation, checkpoints), and [`TrainConfig`].
+//! - [`parameter_server`]: [`train_with_parameter_server`], the loop of a rank of a
+//!   `comm = "ps"` job (push gradients, pull parameters, row-sparse embedding tables), and the
+//!   server configuration a job spec implies.
 //! - [`data_parallel`]: parameter broadcast and the bucketed gradient all-reduce that keeps
 //!   replicas identical, overlapped with the backward pass.
 //! - [`sampler`]: the deterministic distributed sampler (which examples each rank takes at each
@@ -13,6 +16,7 @@
 //! - [`data`]: in-memory data sets, Fashion-MNIST discovery and loading, synthetic data.
 //! - [`idx`]: the strict reader of (gzipped) IDX files.
 //! - [`models`]: the MLP and the CNN, and their layer-by-layer (staged) backward pass.
+//! - [`embedding`]: the embedding model's pixel tokens and its bag-of-tokens first stage.
 //! - [`parameters`]: a model's parameters as one ordered set with a flat f32 view.
 //! - [`optim`]: SGD with momentum, AdamW, the learning-rate schedule, gradient clipping.
 //! - [`checkpoint`]: safetensors checkpoints of weights, optimizer state and step.
@@ -22,15 +26,18 @@
 pub mod checkpoint;
 pub mod data;
 pub mod data_parallel;
+pub mod embedding;
 pub mod error;
 pub mod idx;
 pub mod metrics;
 pub mod models;
 pub mod optim;
+pub mod parameter_server;
 pub mod parameters;
 pub mod sampler;
 pub mod train_loop;
 
 pub use error::{Result, TrainerError};
 pub use metrics::{EvaluationMetrics, MetricsSink, PhaseTimings, StepMetrics};
+pub use parameter_server::{ParameterServerLink, train_with_parameter_server};
 pub use train_loop::{TrainConfig, TrainOutcome, train};

@@ -110,18 +110,18 @@ pub struct TrainOutcome {
 
 /// Reused host buffers of one batch.
 #[derive(Debug, Default)]
-struct BatchBuffers {
+pub(crate) struct BatchBuffers {
     /// Normalised pixels.
-    images: Vec<f32>,
+    pub(crate) images: Vec<f32>,
     /// Classes.
-    labels: Vec<u32>,
+    pub(crate) labels: Vec<u32>,
     /// Example indices of an evaluation batch.
     indices: Vec<usize>,
 }
 
 impl BatchBuffers {
     /// Gathers `indices` of `dataset` and returns `(images, labels)` tensors.
-    fn tensors(
+    pub(crate) fn tensors(
         &mut self,
         dataset: &Dataset,
         indices: &[usize],
@@ -131,6 +131,62 @@ impl BatchBuffers {
         let images = Tensor::from_slice(&self.images, (indices.len(), dataset.features()), device)?;
         let labels = Tensor::from_slice(&self.labels, indices.len(), device)?;
         Ok((images, labels))
+    }
+}
+
+/// What every training loop derives from its config before the first step.
+pub(crate) struct RunPlan {
+    /// Where tensors live.
+    pub(crate) device: Device,
+    /// Examples per optimizer step over all ranks.
+    pub(crate) global_batch: usize,
+    /// This rank's examples of every step.
+    pub(crate) sampler: DistributedSampler,
+    /// Optimizer steps of one epoch.
+    pub(crate) steps_per_epoch: u64,
+    /// Optimizer steps of the run (epochs, capped by `max_steps`).
+    pub(crate) total_steps: u64,
+    /// The freshly initialised model.
+    pub(crate) model: Model,
+}
+
+impl RunPlan {
+    /// Plans rank `rank` of `world_size` training `config` on `data`.
+    pub(crate) fn new(
+        config: &TrainConfig,
+        data: &TrainTestSplits,
+        world_size: usize,
+        rank: usize,
+    ) -> Result<Self> {
+        let device = Device::Cpu;
+        let global_batch = config.schedule.batch_size as usize;
+        let sampler = DistributedSampler::new(
+            data.train.len(),
+            global_batch,
+            world_size,
+            rank,
+            config.data.seed,
+        )?;
+        let steps_per_epoch = sampler.steps_per_epoch() as u64;
+        let planned_steps = steps_per_epoch * u64::from(config.schedule.epochs);
+        let total_steps = config
+            .schedule
+            .max_steps
+            .map_or(planned_steps, |max| max.min(planned_steps));
+        let model = Model::new(
+            &config.model,
+            data.train.image_shape(),
+            data.train.classes(),
+            &device,
+        )?;
+        Ok(Self {
+            device,
+            global_batch,
+            sampler,
+            steps_per_epoch,
+            total_steps,
+            model,
+        })
     }
 }
 
@@ -155,27 +211,14 @@ pub fn train(
             config.parallel.data
         )));
     }
-    let device = Device::Cpu;
-    let global_batch = config.schedule.batch_size as usize;
-    let sampler = DistributedSampler::new(
-        data.train.len(),
+    let RunPlan {
+        device,
         global_batch,
-        world_size,
-        rank,
-        config.data.seed,
-    )?;
-    let steps_per_epoch = sampler.steps_per_epoch() as u64;
-    let planned_steps = steps_per_epoch * u64::from(config.schedule.epochs);
-    let total_steps = config
-        .schedule
-        .max_steps
-        .map_or(planned_steps, |max| max.min(planned_steps));
-    let model = Model::new(
-        &config.model,
-        data.train.image_shape(),
-        data.train.classes(),
-        &device,
-    )?;
+        sampler,
+        steps_per_epoch,
+        total_steps,
+        model,
+    } = RunPlan::new(config, data, world_size, rank)?;
     let parameters = model.parameters();
     let mut optimizer = Optimizer::new(&config.optimizer, parameters.element_count());
     let schedule = LearningRateSchedule::new(
@@ -368,7 +411,7 @@ pub fn train(
 }
 
 /// Adds the time since `since` to `phase` and returns now.
-fn lap(since: Instant, phase: &mut Duration) -> Instant {
+pub(crate) fn lap(since: Instant, phase: &mut Duration) -> Instant {
     let now = Instant::now();
     *phase += now - since;
     now
@@ -408,7 +451,33 @@ fn evaluate_split(
         communicator.world_size(),
         communicator.rank(),
     );
-    // Loss sum, correct predictions, examples; summed over ranks.
+    let mut summed = evaluation_totals(model, dataset, share, batch_size, batch)?;
+    if communicator.world_size() > 1 {
+        communicator.all_reduce(summed.as_mut_slice().into(), ReduceOp::Sum)?;
+    }
+    Ok(evaluation_metrics(summed, step, epoch))
+}
+
+/// Evaluates `model` on all of `dataset` on this rank alone.
+pub(crate) fn evaluate_locally(
+    model: &Model,
+    dataset: &Dataset,
+    batch_size: usize,
+    batch: &mut BatchBuffers,
+    (step, epoch): (u64, u64),
+) -> Result<EvaluationMetrics> {
+    let totals = evaluation_totals(model, dataset, 0..dataset.len(), batch_size, batch)?;
+    Ok(evaluation_metrics(totals, step, epoch))
+}
+
+/// Loss sum, correct predictions and examples of `model` on the examples `share` of `dataset`.
+fn evaluation_totals(
+    model: &Model,
+    dataset: &Dataset,
+    share: std::ops::Range<usize>,
+    batch_size: usize,
+    batch: &mut BatchBuffers,
+) -> Result<[f32; 3]> {
     let mut totals = [0.0f64; 3];
     let mut start = share.start;
     while start < share.end {
@@ -431,18 +500,18 @@ fn evaluate_split(
         totals[2] += (end - start) as f64;
         start = end;
     }
-    let mut summed = totals.map(|value| value as f32);
-    if communicator.world_size() > 1 {
-        communicator.all_reduce(summed.as_mut_slice().into(), ReduceOp::Sum)?;
-    }
+    Ok(totals.map(|value| value as f32))
+}
+
+fn evaluation_metrics(summed: [f32; 3], step: u64, epoch: u64) -> EvaluationMetrics {
     let examples = summed[2].max(1.0);
-    Ok(EvaluationMetrics {
+    EvaluationMetrics {
         step,
         epoch,
         loss: summed[0] / examples,
         accuracy: summed[1] / examples,
         examples: summed[2] as usize,
-    })
+    }
 }
 
 #[cfg(test)]

@@ -6,12 +6,12 @@
 //! data are synthetic (the property is about arithmetic, not about Fashion-MNIST) so the test
 //! runs anywhere in seconds.
 
-use cohort_collective::{InMemoryStore, TcpRing, TcpRingConfig};
+mod common;
+
 use cohort_spec::train::{LearningRateDecay, ModelKind, ModelSpec, OptimizerKind, OptimizerSpec};
+use cohort_trainer::TrainConfig;
 use cohort_trainer::data::{TrainTestSplits, synthetic_splits};
 use cohort_trainer::data_parallel::GradientBuckets;
-use cohort_trainer::metrics::DiscardMetrics;
-use cohort_trainer::{TrainConfig, train};
 
 /// Largest difference allowed, relative to the largest parameter magnitude.
 const RELATIVE_TOLERANCE: f32 = 1e-5;
@@ -52,37 +52,6 @@ fn config(world_size: u32, model: ModelSpec, data_seed: u64) -> TrainConfig {
     config
 }
 
-/// Trains `config` on `world_size` ranks (threads joined by a TCP ring) and returns every
-/// rank's final parameters, flat.
-fn train_on_ring(config: &TrainConfig, data: &TrainTestSplits) -> Vec<Vec<f32>> {
-    let world_size = config.parallel.data as usize;
-    let store = InMemoryStore::new();
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..world_size)
-            .map(|rank| {
-                let store = &store;
-                scope.spawn(move || {
-                    let mut ring = TcpRing::connect(
-                        store,
-                        "equivalence",
-                        rank,
-                        world_size,
-                        &TcpRingConfig::default(),
-                    )
-                    .unwrap();
-                    let outcome = train(config, data, &mut ring, &mut DiscardMetrics).unwrap();
-                    assert_eq!(outcome.steps, STEPS);
-                    let parameters = outcome.model.parameters();
-                    let mut flat = vec![0.0; parameters.element_count()];
-                    parameters.read_values(&mut flat).unwrap();
-                    flat
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
-}
-
 fn initial_parameters(config: &TrainConfig, data: &TrainTestSplits) -> Vec<f32> {
     let model = cohort_trainer::models::Model::new(
         &config.model,
@@ -98,44 +67,33 @@ fn initial_parameters(config: &TrainConfig, data: &TrainTestSplits) -> Vec<f32> 
     flat
 }
 
-fn max_abs(values: &[f32]) -> f32 {
-    values.iter().fold(0.0f32, |max, v| max.max(v.abs()))
-}
-
-fn max_difference(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .fold(0.0f32, |max, (x, y)| max.max((x - y).abs()))
-}
-
 /// Checks that `world_size` ranks end where one rank does, and that the comparison is sharp
 /// enough to notice a different trajectory.
 fn assert_equivalent(world_size: u32, model: ModelSpec, overlap_communication: bool) {
     let data = data();
     let single = config(1, model.clone(), 5);
-    let reference = train_on_ring(&single, &data).pop().unwrap();
-    let scale = max_abs(&reference);
+    let reference = common::train_on_ring(&single, &data, STEPS).pop().unwrap();
+    let scale = common::max_abs(&reference);
     let tolerance = RELATIVE_TOLERANCE * scale;
 
     // The runs move far beyond the tolerance: an error in any step would show.
     let initial = initial_parameters(&single, &data);
-    let moved = max_difference(&initial, &reference);
+    let moved = common::max_difference(&initial, &reference);
     assert!(
         moved > 1000.0 * tolerance,
         "moved {moved}, tolerance {tolerance}"
     );
     // A different data order (another shuffle seed) ends far outside the tolerance too.
-    let other_order = train_on_ring(&config(1, model.clone(), 6), &data)
+    let other_order = common::train_on_ring(&config(1, model.clone(), 6), &data, STEPS)
         .pop()
         .unwrap();
-    assert!(max_difference(&other_order, &reference) > 100.0 * tolerance);
+    assert!(common::max_difference(&other_order, &reference) > 100.0 * tolerance);
 
     let mut distributed_config = config(world_size, model, 5);
     distributed_config.overlap_communication = overlap_communication;
-    let distributed = train_on_ring(&distributed_config, &data);
+    let distributed = common::train_on_ring(&distributed_config, &data, STEPS);
     for (rank, parameters) in distributed.iter().enumerate() {
-        let difference = max_difference(parameters, &reference);
+        let difference = common::max_difference(parameters, &reference);
         assert!(
             difference <= tolerance,
             "rank {rank} of {world_size}: max |difference| {difference:e} > {tolerance:e} \
@@ -147,7 +105,7 @@ fn assert_equivalent(world_size: u32, model: ModelSpec, overlap_communication: b
     eprintln!(
         "{world_size} ranks (overlap {overlap_communication}) vs 1: max |difference| {:e}, \
          tolerance {tolerance:e}",
-        max_difference(&distributed[0], &reference)
+        common::max_difference(&distributed[0], &reference)
     );
 }
 
@@ -155,8 +113,8 @@ fn mlp() -> ModelSpec {
     ModelSpec {
         kind: ModelKind::Mlp,
         hidden: vec![64, 32],
-        channels: None,
         seed: 3,
+        ..ModelSpec::default()
     }
 }
 
@@ -183,6 +141,7 @@ fn cnn_on_two_ranks_matches_one_rank() {
         hidden: vec![16],
         channels: Some(vec![4, 8]),
         seed: 3,
+        ..ModelSpec::default()
     };
     assert_equivalent(2, cnn, true);
 }

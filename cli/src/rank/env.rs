@@ -6,14 +6,30 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use cohort_proto::env;
 
+/// What the process runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A training rank.
+    Rank,
+    /// The parameter server of one shard.
+    ParameterServer {
+        /// The shard it serves.
+        shard: u32,
+        /// Shards of the job.
+        shards: u32,
+    },
+}
+
 /// The rank's place in its job and where its services are.
 #[derive(Debug, Clone)]
 pub struct RankEnv {
     /// The job.
     pub job_id: String,
-    /// This rank.
+    /// What this process is.
+    pub role: Role,
+    /// This rank (a parameter server's process index, after the ranks).
     pub rank: usize,
-    /// Ranks in the job.
+    /// Training ranks in the job.
     pub world_size: usize,
     /// The coordinator's `host:port`.
     pub coordinator: String,
@@ -40,8 +56,32 @@ impl RankEnv {
         let world_size: usize = variable(env::WORLD_SIZE)?
             .parse()
             .with_context(|| format!("{} is not a number", env::WORLD_SIZE))?;
+        let role = match std::env::var(env::ROLE).as_deref() {
+            Err(_) | Ok(env::ROLE_RANK) => Role::Rank,
+            Ok(env::ROLE_PARAMETER_SERVER) => {
+                let number = |name: &str| -> Result<u32> {
+                    variable(name)?
+                        .parse()
+                        .with_context(|| format!("{name} is not a number"))
+                };
+                let (shard, shards) = (number(env::PS_SHARD)?, number(env::PS_SHARDS)?);
+                anyhow::ensure!(
+                    shard < shards,
+                    "{} = {shard}, expected below {} = {shards}",
+                    env::PS_SHARD,
+                    env::PS_SHARDS
+                );
+                Role::ParameterServer { shard, shards }
+            }
+            Ok(other) => anyhow::bail!(
+                "{} = {other:?}, expected {:?} or {:?}",
+                env::ROLE,
+                env::ROLE_RANK,
+                env::ROLE_PARAMETER_SERVER
+            ),
+        };
         anyhow::ensure!(
-            rank < world_size,
+            role != Role::Rank || rank < world_size,
             "{} = {rank}, expected below {} = {world_size}",
             env::RANK,
             env::WORLD_SIZE
@@ -54,6 +94,7 @@ impl RankEnv {
         };
         Ok(Self {
             job_id: variable(env::JOB_ID)?,
+            role,
             rank,
             world_size,
             coordinator: variable(env::COORDINATOR_ADDR)?,

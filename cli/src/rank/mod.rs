@@ -1,9 +1,10 @@
 //! The entry point of processes that run as ranks of a job: `cohort rank` (Cohort's training
-//! runtime) and the benchmark ranks. Each reads its place from the environment, reaches the
+//! runtime, or one of a job's parameter servers) and the benchmark ranks. Each reads its place from the environment, reaches the
 //! job's rendezvous store through the coordinator, and joins a communicator.
 
 pub mod env;
 pub mod metrics;
+pub mod parameter_server;
 pub mod store;
 pub mod train;
 

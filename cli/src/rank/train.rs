@@ -1,18 +1,29 @@
-//! `cohort rank`: one rank of a `kind = "train"` job. Reads its place from the environment,
-//! fetches the job spec from the coordinator, loads the data, joins the data-parallel ring and
-//! trains on this (plain, non-async) thread, reporting metrics as it goes.
+//! `cohort rank`: one process of a `kind = "train"` job. Reads its place from the environment,
+//! fetches the job spec from the coordinator, and either serves a parameter-server shard or
+//! trains: loads the data, joins the data-parallel ring (or reaches the job's parameter
+//! servers) and trains on this (plain, non-async) thread, reporting metrics as it goes.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
+use cohort_collective::Store;
+use cohort_parameter_server::ClientConfig;
+use cohort_parameter_server::server::shard_address_key;
+use cohort_proto::JobId;
 use cohort_proto::v1::GetJobRequest;
-use cohort_trainer::TrainConfig;
+use cohort_spec::train::Communication;
+use cohort_trainer::{ParameterServerLink, TrainConfig, TrainOutcome};
 
-use super::RankLink;
+use super::env::Role;
+use super::{RankLink, parameter_server};
 use crate::client;
 
-/// Runs one training rank to the end of training.
+/// How long a rank waits for the job's parameter servers to publish their addresses.
+const SERVER_WAIT: Duration = Duration::from_secs(300);
+
+/// Runs one process of a training job to its end.
 pub fn run() -> Result<ExitCode> {
     let link = RankLink::connect()?;
     let env = link.env.clone();
@@ -31,24 +42,72 @@ pub fn run() -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("cohort-output").join(&env.job_id));
     let config = TrainConfig::from_job_spec(&spec, output_directory);
+    if let Role::ParameterServer { shard, shards } = env.role {
+        return parameter_server::serve(&link, &config, shard, shards);
+    }
+
     let data = cohort_trainer::data::load(&config.data).context("loading the data set")?;
-    let mut ring = link.ring("data-parallel")?;
     let mut metrics = link.metrics()?;
-    let outcome = cohort_trainer::train(&config, &data, &mut ring, &mut metrics)
-        .with_context(|| format!("rank {} training", env.rank))?;
-    metrics.finish();
-    if env.rank == 0 {
-        if let Some(evaluation) = &outcome.final_evaluation {
-            println!(
-                "final test accuracy {:.2}% (loss {:.4}) after {} steps",
-                evaluation.accuracy * 100.0,
-                evaluation.loss,
-                outcome.steps
-            );
+    let outcome = match config.parallel.comm {
+        Communication::Allreduce => {
+            let mut ring = link.ring("data-parallel")?;
+            cohort_trainer::train(&config, &data, &mut ring, &mut metrics)
         }
-        if let Some(path) = &outcome.checkpoint {
-            println!("final checkpoint: {}", path.display());
+        Communication::Ps => {
+            let parameter_servers = connect_parameter_servers(&link, &config)?;
+            cohort_trainer::train_with_parameter_server(
+                &config,
+                &data,
+                &parameter_servers,
+                &mut metrics,
+            )
         }
     }
+    .with_context(|| format!("rank {} training", env.rank))?;
+    metrics.finish();
+    if env.rank == 0 {
+        print_outcome(&outcome);
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Waits for every shard's address in the rendezvous store.
+fn connect_parameter_servers(link: &RankLink, config: &TrainConfig) -> Result<ParameterServerLink> {
+    let shards = config.parallel.server_count();
+    let keys: Vec<String> = (0..shards).map(shard_address_key).collect();
+    let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let values = link
+        .store
+        .wait(&key_refs, SERVER_WAIT)
+        .context("waiting for the parameter servers' addresses")?;
+    let addresses = values
+        .into_iter()
+        .zip(&keys)
+        .map(|(value, key)| {
+            String::from_utf8(value).with_context(|| format!("{key} is not an address"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ParameterServerLink {
+        runtime: link.runtime.handle().clone(),
+        client: ClientConfig {
+            job_id: JobId::new(link.env.job_id.clone()).context("the job id")?,
+            rank: link.env.rank as u32,
+            ..ClientConfig::default()
+        },
+        addresses,
+    })
+}
+
+fn print_outcome(outcome: &TrainOutcome) {
+    if let Some(evaluation) = &outcome.final_evaluation {
+        println!(
+            "final test accuracy {:.2}% (loss {:.4}) after {} steps",
+            evaluation.accuracy * 100.0,
+            evaluation.loss,
+            outcome.steps
+        );
+    }
+    if let Some(path) = &outcome.checkpoint {
+        println!("final checkpoint: {}", path.display());
+    }
 }

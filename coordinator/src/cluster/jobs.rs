@@ -9,7 +9,7 @@ use super::{Cluster, JobEntry, State};
 use crate::convert;
 use crate::error::{Error, Result};
 use crate::lifecycle::JobState;
-use crate::model::{JobRecord, MetricsRecord, RankRecord, RankState, now_ms};
+use crate::model::{JobRecord, MetricsRecord, ProcessRole, RankRecord, RankState, now_ms};
 use crate::placement::{self, QueuedJob};
 
 impl Cluster {
@@ -23,7 +23,7 @@ impl Cluster {
             job_id: JobId::new("candidate")?,
             priority: spec.priority,
             seq: 0,
-            ranks: spec.ranks(),
+            ranks: spec.processes(),
             devices_per_rank: spec.resources.devices_per_rank,
             device_kind: spec.resources.device,
         };
@@ -44,7 +44,7 @@ impl Cluster {
             name: spec.name.clone(),
             kind: convert::kind_name(spec.kind).to_owned(),
             priority: spec.priority,
-            ranks: spec.ranks(),
+            ranks: spec.processes(),
             devices_per_rank: spec.resources.devices_per_rank,
             device_kind: spec.resources.device,
             wait_for_resources,
@@ -248,16 +248,17 @@ impl Cluster {
         let Some(entry) = state.jobs.get_mut(job_id) else {
             return Ok(());
         };
+        let ranks = entry.spec.ranks();
         if entry.record.state.is_terminal() {
             // Ranks of an ended job still report their end: keep the record current, and let
             // the earliest rank failure stay the reason (the root cause, not its echoes in the
             // ranks that lost a peer).
             if let (Some(blamed), Some(earliest)) = (
                 entry.record.blamed_rank,
-                earliest_failure(&entry.record.placement),
+                earliest_failure(&entry.record.placement, ranks),
             ) && earliest.rank != blamed
             {
-                entry.record.reason = failure_reason(earliest);
+                entry.record.reason = failure_reason(earliest, ranks);
                 entry.record.blamed_rank = Some(earliest.rank);
             }
             self.store.put_job(&entry.record).await?;
@@ -265,14 +266,19 @@ impl Cluster {
             return Ok(());
         }
         let placement = &entry.record.placement;
-        if let Some(failed) = earliest_failure(placement) {
-            let reason = failure_reason(failed);
+        if let Some(failed) = earliest_failure(placement, ranks) {
+            let reason = failure_reason(failed, ranks);
             entry.record.blamed_rank = Some(failed.rank);
             return self
                 .finish_job(state, job_id, JobState::Failed, reason)
                 .await;
         }
-        if placement.iter().all(|r| r.succeeded()) {
+        // The job is done when its training ranks are; its parameter servers are then stopped.
+        if placement
+            .iter()
+            .filter(|r| ProcessRole::of(r.rank, ranks) == ProcessRole::Rank)
+            .all(|r| r.succeeded())
+        {
             return self
                 .finish_job(state, job_id, JobState::Succeeded, String::new())
                 .await;
@@ -303,19 +309,24 @@ impl Cluster {
     }
 }
 
-/// The failed rank that ended first (ties by rank), if any rank failed.
-fn earliest_failure(placement: &[RankRecord]) -> Option<&RankRecord> {
+/// The failed process that ended first (ties by index), if any failed, of a job with `ranks`
+/// training ranks. A parameter server fails by ending at all: it serves until stopped.
+fn earliest_failure(placement: &[RankRecord], ranks: u32) -> Option<&RankRecord> {
     placement
         .iter()
-        .filter(|rank| rank.state.is_final() && !rank.succeeded())
+        .filter(|rank| {
+            rank.state.is_final()
+                && (!rank.succeeded() || ProcessRole::of(rank.rank, ranks) != ProcessRole::Rank)
+        })
         .min_by_key(|rank| (rank.exited_at_ms.unwrap_or(i64::MAX), rank.rank))
 }
 
-/// `rank 2 on node n1 exited with code 3`.
-fn failure_reason(rank: &RankRecord) -> String {
+/// `rank 2 on node n1 exited with code 3`, `parameter server shard 1 (process 5) on node n1
+/// killed by signal 9`.
+fn failure_reason(rank: &RankRecord, ranks: u32) -> String {
     format!(
-        "rank {} on node {} {}",
-        rank.rank,
+        "{} on node {} {}",
+        ProcessRole::of(rank.rank, ranks).describe(rank.rank),
         rank.node_id,
         rank.describe_end()
     )
@@ -353,13 +364,13 @@ mod tests {
             rank(2, RankState::Exited, Some(0), Some(500)),
             rank(3, RankState::Exited, Some(3), Some(1_000)),
         ];
-        let blamed = earliest_failure(&placement).unwrap();
+        let blamed = earliest_failure(&placement, 4).unwrap();
         assert_eq!(
             blamed.rank, 3,
             "rank 2 succeeded; rank 3 failed before rank 1"
         );
         assert_eq!(
-            failure_reason(blamed),
+            failure_reason(blamed, 4),
             "rank 3 on node node-3 exited with code 3"
         );
     }
@@ -370,7 +381,7 @@ mod tests {
             rank(0, RankState::Running, None, None),
             rank(1, RankState::Exited, Some(0), Some(10)),
         ];
-        assert!(earliest_failure(&placement).is_none());
+        assert!(earliest_failure(&placement, 4).is_none());
     }
 
     #[test]
@@ -379,6 +390,26 @@ mod tests {
             rank(0, RankState::Lost, None, None),
             rank(1, RankState::Exited, Some(9), Some(10)),
         ];
-        assert_eq!(earliest_failure(&placement).unwrap().rank, 1);
+        assert_eq!(earliest_failure(&placement, 4).unwrap().rank, 1);
+    }
+
+    #[test]
+    fn a_parameter_server_that_ends_at_all_is_blamed_by_shard() {
+        // Two ranks, then the servers of shards 0 and 1 (processes 2 and 3).
+        let placement = vec![
+            rank(0, RankState::Running, None, None),
+            rank(1, RankState::Exited, Some(1), Some(2_000)),
+            rank(2, RankState::Running, None, None),
+            rank(3, RankState::Exited, Some(0), Some(1_000)),
+        ];
+        let blamed = earliest_failure(&placement, 2).unwrap();
+        assert_eq!(
+            blamed.rank, 3,
+            "a server exiting 0 mid-job is still a failure"
+        );
+        assert_eq!(
+            failure_reason(blamed, 2),
+            "parameter server shard 1 (process 3) on node node-3 exited with code 0"
+        );
     }
 }

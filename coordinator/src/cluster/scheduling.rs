@@ -12,7 +12,7 @@ use super::{Cluster, NodeStatus, State};
 use crate::convert;
 use crate::error::Result;
 use crate::lifecycle::{JobState, transition};
-use crate::model::{JobRecord, RankRecord, RankState, now_ms};
+use crate::model::{JobRecord, ProcessRole, RankRecord, RankState, now_ms};
 use crate::placement::{self, ClusterView, NodeView, QueuedJob};
 
 /// First port of the range `MASTER_PORT` is drawn from.
@@ -139,7 +139,8 @@ fn start_instruction(
     if let Some(command) = &spec.command {
         environment.extend(command.env.clone());
     }
-    let world_size = record.ranks.to_string();
+    // WORLD_SIZE counts training ranks only: parameter servers are extra processes of the gang.
+    let world_size = spec.ranks().to_string();
     let rank_text = rank.rank.to_string();
     let local_rank = rank.local_rank.to_string();
     let local_world_size_text = local_world_size.to_string();
@@ -150,14 +151,33 @@ fn start_instruction(
         (env::LOCAL_RANK, local_rank.clone()),
         (env::LOCAL_WORLD_SIZE, local_world_size_text.clone()),
         (env::DEVICES, devices),
-        (env::torch::RANK, rank_text),
-        (env::torch::WORLD_SIZE, world_size),
-        (env::torch::LOCAL_RANK, local_rank),
-        (env::torch::LOCAL_WORLD_SIZE, local_world_size_text),
-        (env::torch::MASTER_ADDR, master_addr.to_owned()),
-        (env::torch::MASTER_PORT, master_port(record.seq).to_string()),
     ] {
         environment.insert(name.to_owned(), value);
+    }
+    match ProcessRole::of(rank.rank, spec.ranks()) {
+        ProcessRole::Rank => {
+            for (name, value) in [
+                (env::ROLE, env::ROLE_RANK.to_owned()),
+                (env::torch::RANK, rank_text),
+                (env::torch::WORLD_SIZE, world_size),
+                (env::torch::LOCAL_RANK, local_rank),
+                (env::torch::LOCAL_WORLD_SIZE, local_world_size_text),
+                (env::torch::MASTER_ADDR, master_addr.to_owned()),
+                (env::torch::MASTER_PORT, master_port(record.seq).to_string()),
+            ] {
+                environment.insert(name.to_owned(), value);
+            }
+        }
+        ProcessRole::ParameterServer { shard } => {
+            let shards = record.ranks - spec.ranks();
+            for (name, value) in [
+                (env::ROLE, env::ROLE_PARAMETER_SERVER.to_owned()),
+                (env::PS_SHARD, shard.to_string()),
+                (env::PS_SHARDS, shards.to_string()),
+            ] {
+                environment.insert(name.to_owned(), value);
+            }
+        }
     }
     let (argv, working_dir) = match (spec.kind, &spec.command) {
         (JobKind::Command, Some(command)) => (
@@ -268,10 +288,22 @@ impl Cluster {
                 .get(rank0_node)
                 .map_or("127.0.0.1", |node| host_of(&node.record.address))
                 .to_owned();
-            let instructions: Vec<_> = entry
+            // Parameter servers (numbered after the ranks) start first: ranks wait for their
+            // addresses anyway, and this way the wait is short.
+            let ranks = entry.spec.ranks();
+            let servers_first = entry
                 .record
                 .placement
                 .iter()
+                .filter(|rank| rank.rank >= ranks)
+                .chain(
+                    entry
+                        .record
+                        .placement
+                        .iter()
+                        .filter(|rank| rank.rank < ranks),
+                );
+            let instructions: Vec<_> = servers_first
                 .map(|rank| {
                     let local_world_size = entry
                         .record

@@ -306,6 +306,17 @@ impl ParameterClient {
     /// Pulls every parameter (the full vector, embedding tables whole, in f32) into `values`:
     /// for evaluation, checkpoints and export, not for every step.
     pub async fn pull_all(&mut self, values: &mut [f32]) -> Result<StepReport> {
+        self.pull_all_at(values, 0).await
+    }
+
+    /// Like [`ParameterClient::pull_all`], once every shard has applied at least `min_version`
+    /// updates (the state at the end of training: `steps` in sync mode, `steps * ranks`
+    /// otherwise).
+    pub async fn pull_all_at(
+        &mut self,
+        values: &mut [f32],
+        min_version: u64,
+    ) -> Result<StepReport> {
         check_length("full output", values.len(), self.plan.total_element_count())?;
         let spec = ps_v1::PullSpec {
             dense: true,
@@ -316,7 +327,11 @@ impl ParameterClient {
         let calls = self.shards.iter().map(|connection| {
             let layout = &self.plan.shards()[connection.shard_id as usize];
             let output = DenseOutput::Owned(layout.dense_element_count() as usize);
-            let call = self.pull_request(connection.shard_id, spec.clone());
+            let call = ShardCall::Pull(ps_v1::PullRequest {
+                sender: self.sender(connection.shard_id),
+                min_version,
+                pull: Some(spec.clone()),
+            });
             call_shard(connection, &self.traffic, &self.plan, call, output)
         });
         let replies = try_join_all(calls).await?;
