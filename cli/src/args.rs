@@ -57,6 +57,8 @@ pub enum Command {
     Kv(KvArgs),
     /// Benchmarks: print a table and, as the last line, one JSON object.
     Bench(BenchArgs),
+    /// Generate text from a transformer checkpoint (any mesh may have written it).
+    Sample(SampleArgs),
     /// Run as a rank of a `kind = "train"` job (started by workers, not by hand).
     #[command(hide = true)]
     Rank,
@@ -126,6 +128,16 @@ pub enum Benchmark {
         #[arg(long, value_enum, default_value_t = BenchDtype::F32)]
         dtype: BenchDtype,
     },
+    /// Transformer tokens/s under meshes of 4 ranks (4x1x1, 1x4x1 gpipe and 1f1b, 1x1x4,
+    /// 2x2x1) and each pipeline's measured bubble against the ideal (P-1)/(M+P-1).
+    Mesh {
+        /// Ranks of every mesh (4).
+        #[arg(long, default_value_t = 4)]
+        ranks: u32,
+        /// Optimizer steps timed per mesh (after 2 warm-up steps).
+        #[arg(long, default_value_t = 6)]
+        steps: u64,
+    },
     /// One rank of the training benchmark (run as a job by `train`).
     #[command(hide = true)]
     TrainRank {
@@ -170,6 +182,26 @@ pub struct SubmitArgs {
     /// Where the coordinator is.
     #[command(flatten)]
     pub coordinator: CoordinatorArgs,
+}
+
+/// `cohort sample`.
+#[derive(Debug, Args)]
+pub struct SampleArgs {
+    /// The checkpoint directory (`.../checkpoints/step-NNNNNNNN`) of a transformer job.
+    pub checkpoint: PathBuf,
+    /// Text the generation continues.
+    #[arg(long, default_value = "ROMEO:\n")]
+    pub prompt: String,
+    /// Characters to generate (at most 100,000).
+    #[arg(long, default_value_t = 400)]
+    pub tokens: usize,
+    /// Sampling temperature: 1 samples the model's distribution, lower is more conservative,
+    /// 0 always takes the most likely character.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    /// Seed of the sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 /// `cohort status`.

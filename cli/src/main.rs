@@ -29,12 +29,17 @@ fn main() -> ExitCode {
     // own (see `rank`), so they start outside the CLI's runtime.
     let outcome = match cli.command {
         args::Command::Rank => rank::train::run(),
+        // Tensor math: on this thread, not on an async runtime.
+        args::Command::Sample(args) => commands::sample::run(&args),
         args::Command::Bench(args::BenchArgs {
             benchmark: args::Benchmark::AllreduceRank { elements, dtype },
         }) => bench::allreduce::rank(&elements, dtype),
         args::Command::Bench(args::BenchArgs {
             benchmark: args::Benchmark::TrainRank { steps },
         }) => bench::train::rank(steps),
+        args::Command::Bench(args::BenchArgs {
+            benchmark: args::Benchmark::Mesh { ranks, steps },
+        }) => bench::mesh::run(ranks, steps),
         args::Command::Bench(args::BenchArgs {
             benchmark: args::Benchmark::StreamReceive { bytes },
         }) => bench::allreduce::stream_receive(bytes),

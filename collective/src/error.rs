@@ -260,6 +260,18 @@ pub enum Error {
         /// The rank blamed by that failure, if any.
         failed_rank: Option<usize>,
     },
+
+    /// A point-to-point [`crate::PeerLink`] failed: the peer disconnected, stalled or broke
+    /// the protocol, or a message could not be sent.
+    #[error("link {link:?} with peer rank {peer}: {failure}")]
+    Link {
+        /// The link's name (its store key prefix).
+        link: String,
+        /// The rank at the other end.
+        peer: usize,
+        /// What went wrong.
+        failure: crate::p2p::LinkFailure,
+    },
 }
 
 impl Error {
@@ -277,6 +289,7 @@ impl Error {
             | Error::Protocol { peer, .. } => Some(*peer),
             Error::Aborted { failed_rank, .. } => Some(*failed_rank),
             Error::Poisoned { failed_rank, .. } => *failed_rank,
+            Error::Link { peer, failure, .. } => failure.blames_peer().then_some(*peer),
             Error::Store { .. }
             | Error::StoreTimeout { .. }
             | Error::Io { .. }

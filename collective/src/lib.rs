@@ -13,6 +13,9 @@
 //!   the `f32`-accumulating reduction kernels.
 //! - [`tcp_ring`]: [`TcpRing`] and [`TcpRingConfig`]: ring setup, the non-blocking transport,
 //!   and the message schedules of each collective.
+//! - [`p2p`]: [`PeerLink`] and [`PeerLinkConfig`]: ordered, tagged `f32` messages between two
+//!   ranks (pipeline activations and gradients), sent by a writer thread so neighbours never
+//!   deadlock.
 //! - [`bench`](mod@bench): loopback TCP throughput, all-reduce timing and the busbw formula, for
 //!   `cohort bench allreduce`.
 //! - [`error`]: the crate's [`Error`] and [`Result`].
@@ -23,11 +26,13 @@ pub mod bench;
 pub mod buffer;
 pub mod communicator;
 pub mod error;
+pub mod p2p;
 pub mod rendezvous;
 pub mod tcp_ring;
 
 pub use buffer::{BufferMut, BufferRef, DType, Element, ReduceOp};
 pub use communicator::{Collective, Communicator};
 pub use error::{AbortCause, Error, Result};
+pub use p2p::{LinkFailure, PeerLink, PeerLinkConfig};
 pub use rendezvous::{InMemoryStore, Store, address_key};
 pub use tcp_ring::{TcpRing, TcpRingConfig};

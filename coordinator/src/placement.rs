@@ -20,6 +20,9 @@
 //!   node (fewest free devices of the kind) that holds it. So a job that fits on one node goes
 //!   to the smallest node that holds it whole (best fit, keeping big nodes free for big jobs),
 //!   and a job that needs `k` nodes gets exactly the minimum `k`. Ties are broken by node id.
+//! - A job with a `rank_group` of `g` > 1 (tensor-parallel groups of consecutive ranks) takes
+//!   from every node but the last a multiple of `g` ranks, so no group straddles two nodes,
+//!   whenever the job fits that way; otherwise it is placed as if `g` were 1.
 //! - Ranks are numbered consecutively node by node in the order the nodes were taken (the first
 //!   node gets ranks `0..a` with local ranks `0..a`, the next `a..b` with local ranks
 //!   `0..b - a`, ...), and each node hands out its free devices lowest index first.
@@ -112,6 +115,9 @@ pub struct QueuedJob {
     pub devices_per_rank: u32,
     /// Kind of those devices.
     pub device_kind: DeviceKind,
+    /// Size of the groups of consecutive ranks that should share a node where the cluster
+    /// allows (a transformer's tensor-parallel groups); 1 for none.
+    pub rank_group: u32,
 }
 
 /// Where one rank of a placed job runs.
@@ -291,7 +297,9 @@ impl FreeDevices {
             .iter()
             .map(|node| node.free_of(job.device_kind).len())
             .collect();
-        let chosen = choose_nodes(&free_counts, devices_per_rank, ranks)?;
+        let group = usize::try_from(job.rank_group.max(1)).ok()?;
+        let chosen = choose_nodes(&free_counts, devices_per_rank, ranks, group)
+            .or_else(|| choose_nodes(&free_counts, devices_per_rank, ranks, 1))?;
 
         let mut placements = Vec::with_capacity(ranks);
         let mut next_rank: u32 = 0;
@@ -328,19 +336,22 @@ impl FreeNode {
 /// `(node position, ranks on it)` in the order the ranks are numbered, or `None` if the job does
 /// not fit.
 ///
-/// Takes nodes by descending capacity (`free / devices_per_rank`) until the remaining ranks fit
-/// on one of the nodes not taken yet, then gives them to the one with the fewest free devices.
-/// The result uses the fewest nodes possible: it stops at the first `k` for which the `k`
-/// largest capacities hold the job.
+/// Takes nodes by descending capacity (`free / devices_per_rank`, rounded down to a multiple of
+/// `group`) until the remaining ranks fit on one of the nodes not taken yet, then gives them to
+/// the one with the fewest free devices. The result uses the fewest nodes possible for that
+/// rounding: it stops at the first `k` for which the `k` largest capacities hold the job.
 fn choose_nodes(
     free_counts: &[usize],
     devices_per_rank: usize,
     ranks: usize,
+    group: usize,
 ) -> Option<Vec<(usize, usize)>> {
-    if devices_per_rank == 0 || ranks == 0 {
+    if devices_per_rank == 0 || ranks == 0 || group == 0 {
         return None;
     }
-    let capacity = |position: usize| free_counts[position] / devices_per_rank;
+    let capacity = |position: usize| free_counts[position] / devices_per_rank / group * group;
+    // The last node takes the rest, which need not be a whole group.
+    let room = |position: usize| free_counts[position] / devices_per_rank;
     let mut by_capacity: Vec<usize> = (0..free_counts.len())
         .filter(|&position| capacity(position) > 0)
         .collect();
@@ -349,11 +360,11 @@ fn choose_nodes(
     let mut chosen = Vec::new();
     let mut remaining = ranks;
     for (taken_so_far, &position) in by_capacity.iter().enumerate() {
-        if capacity(position) >= remaining {
+        if capacity(position) >= remaining || (group > 1 && room(position) >= remaining) {
             let best_fit = by_capacity[taken_so_far..]
                 .iter()
                 .copied()
-                .filter(|&candidate| capacity(candidate) >= remaining)
+                .filter(|&candidate| room(candidate) >= remaining)
                 .min_by_key(|&candidate| (free_counts[candidate], candidate))?;
             chosen.push((best_fit, remaining));
             return Some(chosen);
@@ -406,6 +417,7 @@ mod tests {
             ranks,
             devices_per_rank,
             device_kind: kind,
+            rank_group: 1,
         }
     }
 
@@ -469,6 +481,28 @@ mod tests {
             layout(&assignments[0]),
             "a/0:0 a/1:1 b/0:0 b/1:1 c/0:0 c/1:1"
         );
+    }
+
+    #[test]
+    fn tensor_parallel_groups_stay_on_one_node_where_the_cluster_allows() {
+        let view = idle_cpu_cluster(&[("a", 3), ("b", 3)]);
+        let ungrouped = place(&view, &[job("four", 4, 1, CPU)]);
+        assert_eq!(layout(&ungrouped[0]), "a/0:0 a/1:1 a/2:2 b/0:0");
+        let grouped = QueuedJob {
+            rank_group: 2,
+            ..job("four", 4, 1, CPU)
+        };
+        assert_eq!(
+            layout(&place(&view, &[grouped])[0]),
+            "a/0:0 a/1:1 b/0:0 b/1:1"
+        );
+        // When groups cannot all stay whole, the gang is still placed.
+        let view = idle_cpu_cluster(&[("a", 3), ("b", 3), ("c", 2)]);
+        let grouped = QueuedJob {
+            rank_group: 4,
+            ..job("eight", 8, 1, CPU)
+        };
+        assert_eq!(place(&view, &[grouped])[0].ranks.len(), 8);
     }
 
     #[test]
@@ -729,14 +763,14 @@ mod tests {
     #[test]
     fn choose_nodes_stops_at_the_fewest_nodes() {
         assert_eq!(
-            choose_nodes(&[1, 3, 5, 3], 1, 8),
+            choose_nodes(&[1, 3, 5, 3], 1, 8, 1),
             Some(vec![(2, 5), (1, 3)])
         );
-        assert_eq!(choose_nodes(&[1, 3, 5, 3], 1, 3), Some(vec![(1, 3)]));
-        assert_eq!(choose_nodes(&[1, 3, 5, 3], 1, 13), None);
-        assert_eq!(choose_nodes(&[4, 4], 2, 3), Some(vec![(0, 2), (1, 1)]));
-        assert_eq!(choose_nodes(&[], 1, 1), None);
-        assert_eq!(choose_nodes(&[4], 0, 1), None);
+        assert_eq!(choose_nodes(&[1, 3, 5, 3], 1, 3, 1), Some(vec![(1, 3)]));
+        assert_eq!(choose_nodes(&[1, 3, 5, 3], 1, 13, 1), None);
+        assert_eq!(choose_nodes(&[4, 4], 2, 3, 1), Some(vec![(0, 2), (1, 1)]));
+        assert_eq!(choose_nodes(&[], 1, 1, 1), None);
+        assert_eq!(choose_nodes(&[4], 0, 1, 1), None);
     }
 
     // Property tests over random clusters and queues.
@@ -795,6 +829,7 @@ mod tests {
                             ranks,
                             devices_per_rank,
                             device_kind: kind,
+                            rank_group: 1,
                         },
                     )
                     .collect()

@@ -165,6 +165,18 @@ impl JobSpec {
         self.ranks().saturating_add(servers)
     }
 
+    /// Size of the groups of consecutive ranks that talk the most and should share a node: a
+    /// transformer's tensor-parallel degree; 1 otherwise.
+    pub fn rank_group(&self) -> u32 {
+        match self.kind {
+            JobKind::Train => self
+                .parallel
+                .as_ref()
+                .map_or(1, |parallel| parallel.tensor.max(1)),
+            JobKind::Command => 1,
+        }
+    }
+
     /// Seconds between SIGTERM and SIGKILL when the job's ranks are stopped.
     pub fn stop_grace_s(&self) -> f64 {
         self.command

@@ -8,9 +8,12 @@
 //! - [`job`]: the top-level [`JobSpec`], its `[resources]` and `[command]` sections, and parsing.
 //! - [`train`]: the sections of a `kind = "train"` job (`[model]`, `[data]`, `[optimizer]`,
 //!   `[schedule]`, `[parallel]`, `[checkpoint]`).
+//! - [`layout`]: the rules across training sections (model and data set, transformer meshes,
+//!   parameter-server jobs) and the pure pipeline-stage balancing.
 //! - [`problems`]: [`Problems`], the list of field-path errors validation produces.
 
 pub mod job;
+pub mod layout;
 pub mod problems;
 pub mod train;
 

@@ -32,7 +32,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::job::{DeviceKind, JobSpec, MAX_RANKS, MAX_STRING_LEN};
+use crate::job::{JobSpec, MAX_RANKS, MAX_STRING_LEN};
 use crate::problems::Problems;
 
 /// Pixels of one Fashion-MNIST image (28 x 28); used to bound model sizes.
@@ -75,6 +75,10 @@ pub const MAX_PS_SHARDS: u32 = 256;
 pub const MAX_STALENESS: u64 = 1_000_000;
 /// `ssp` staleness bound unless given.
 pub const DEFAULT_STALENESS: u64 = 2;
+/// Largest pipeline or tensor-parallel degree.
+pub const MAX_MESH_AXIS: u32 = 256;
+/// Most micro-batches per step.
+pub const MAX_MICRO_BATCHES: u32 = 1024;
 
 /// Which model architecture `[model]` builds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -90,13 +94,17 @@ pub enum ModelKind {
     /// followed by a dense head. With `parallel.comm = "ps"` the table is row-sparse: only the
     /// rows a batch touches travel.
     Embedding,
+    /// A decoder-only (GPT-style) character-level language model: token and position
+    /// embeddings, `layers` pre-LayerNorm blocks of causal self-attention and an MLP, a final
+    /// LayerNorm and a linear head. Trains on `dataset = "shakespeare"`.
+    Transformer,
 }
 
 /// `[model]`: which model to train and its shape.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelSpec {
-    /// Architecture: `"mlp"` or `"cnn"`. Default `"mlp"`.
+    /// Architecture: `"mlp"`, `"cnn"`, `"embedding"` or `"transformer"`. Default `"mlp"`.
     pub kind: ModelKind,
     /// Widths of the hidden dense layers (of the MLP, or of the CNN's head after its
     /// convolutions); the input and output widths come from the data set. Default `[512, 256]`.
@@ -111,6 +119,18 @@ pub struct ModelSpec {
     /// background and has no token, so the table has `pixels x (levels - 1)` rows); refused
     /// for other kinds. Default 8 for `kind = "embedding"`.
     pub intensity_levels: Option<u32>,
+    /// Transformer blocks (1 to 256); transformer only. Default 4.
+    pub layers: Option<u32>,
+    /// Attention heads per block (1 to 256, dividing `width`); transformer only. Default 4.
+    pub heads: Option<u32>,
+    /// Width of the residual stream (8 to 16,384); the MLP is 4 times wider; transformer
+    /// only. Default 128.
+    pub width: Option<u32>,
+    /// Tokens of context (2 to 4,096); transformer only. Default 64.
+    pub context: Option<u32>,
+    /// Uses the token embedding as the output head too (not with `parallel.pipeline > 1`);
+    /// transformer only. Default false.
+    pub tie_embeddings: Option<bool>,
     /// Seed of the parameter initialisation (rank 0's values are broadcast to every rank).
     /// Default 0.
     pub seed: u64,
@@ -124,6 +144,11 @@ impl Default for ModelSpec {
             channels: None,
             embedding_width: None,
             intensity_levels: None,
+            layers: None,
+            heads: None,
+            width: None,
+            context: None,
+            tie_embeddings: None,
             seed: 0,
         }
     }
@@ -133,7 +158,7 @@ impl ModelSpec {
     /// Returns the convolution channels of a CNN (`[16, 32]` unless given); empty for an MLP.
     pub fn convolution_channels(&self) -> Vec<u32> {
         match self.kind {
-            ModelKind::Mlp | ModelKind::Embedding => Vec::new(),
+            ModelKind::Mlp | ModelKind::Embedding | ModelKind::Transformer => Vec::new(),
             ModelKind::Cnn => self.channels.clone().unwrap_or_else(|| vec![16, 32]),
         }
     }
@@ -225,7 +250,7 @@ impl ModelSpec {
             );
         }
         match (self.kind, &self.channels) {
-            (ModelKind::Mlp | ModelKind::Embedding, Some(_)) => {
+            (ModelKind::Mlp | ModelKind::Embedding | ModelKind::Transformer, Some(_)) => {
                 problems.push("model.channels", "only allowed with kind = \"cnn\"");
             }
             (ModelKind::Cnn, Some(channels)) => {
@@ -250,7 +275,8 @@ impl ModelSpec {
             _ => {}
         }
         let parameters = self.parameter_count(28, CLASSES);
-        if parameters > MAX_PARAMETERS {
+        // A transformer's size is checked with its own shape (`layout`).
+        if self.kind != ModelKind::Transformer && parameters > MAX_PARAMETERS {
             problems.push(
                 "model",
                 format!("{parameters} parameters, expected at most {MAX_PARAMETERS}"),
@@ -266,17 +292,21 @@ pub enum DatasetKind {
     #[default]
     #[serde(rename = "fashion-mnist")]
     FashionMnist,
+    /// The complete works of Shakespeare as one text (about 5 MB), for character-level
+    /// language models; the last 10% is the validation split.
+    #[serde(rename = "shakespeare")]
+    Shakespeare,
 }
 
 /// `[data]`: where the data set is and how it is read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataSpec {
-    /// The data set. Only `"fashion-mnist"` exists. Default `"fashion-mnist"`.
+    /// The data set: `"fashion-mnist"` or `"shakespeare"`. Default `"fashion-mnist"`.
     pub dataset: DatasetKind,
-    /// Directory holding the gzipped IDX files (`train-images-idx3-ubyte.gz`...). When given it
-    /// is the only place looked; when absent the rank searches `$COHORT_DATA`, then
-    /// `/usr/share/datasets/fashion-mnist`. Default: absent.
+    /// Directory holding the data set's files (Fashion-MNIST's gzipped IDX files, or
+    /// `shakespeare.txt`). When given it is the only place looked; otherwise the rank searches
+    /// the data set's usual places (see the README). Default: absent.
     pub path: Option<String>,
     /// Seed of the per-epoch shuffle, the same on every rank. Default 0.
     pub seed: u64,
@@ -509,6 +539,9 @@ pub struct ScheduleSpec {
     /// Stops after this many optimizer steps even if epochs remain; the cosine decay then
     /// ends here. Default: no limit.
     pub max_steps: Option<u64>,
+    /// Also evaluates every this many steps (1 to 1,000,000,000). Default: only at the end of
+    /// every epoch and of training.
+    pub eval_every_steps: Option<u64>,
 }
 
 impl Default for ScheduleSpec {
@@ -519,6 +552,7 @@ impl Default for ScheduleSpec {
             warmup_steps: 0,
             lr_decay: LearningRateDecay::Cosine,
             max_steps: None,
+            eval_every_steps: None,
         }
     }
 }
@@ -539,6 +573,9 @@ impl ScheduleSpec {
         problems.check_range("schedule.warmup_steps", self.warmup_steps, 0, MAX_STEPS);
         if let Some(max_steps) = self.max_steps {
             problems.check_range("schedule.max_steps", max_steps, 1, MAX_STEPS);
+        }
+        if let Some(every) = self.eval_every_steps {
+            problems.check_range("schedule.eval_every_steps", every, 1, MAX_STEPS);
         }
     }
 }
@@ -603,6 +640,45 @@ pub struct ParallelSpec {
     /// How many steps a rank may run ahead of the slowest with `ps_mode = "ssp"` (0 to
     /// 1,000,000; 0 behaves like sync without averaging). Default 2.
     pub staleness: Option<u64>,
+    /// Pipeline stages: the transformer's blocks are split into this many consecutive stages,
+    /// each on its own rank (1 to 256, at most `model.layers`). Default 1.
+    pub pipeline: u32,
+    /// Tensor-parallel degree: each block's attention heads and MLP are split over this many
+    /// ranks (1 to 256, dividing `model.heads` and `model.width`). Default 1.
+    pub tensor: u32,
+    /// Micro-batches each data-parallel replica's share of a step is cut into for the
+    /// pipeline (1 to 1024; the share must divide evenly). Default: `pipeline`.
+    pub micro_batches: Option<u32>,
+    /// Pipeline schedule: `"gpipe"` (all forwards, then all backwards) or `"1f1b"` (one
+    /// forward, one backward; at most `pipeline` micro-batches of activations held).
+    /// Default `"1f1b"`.
+    pub pipeline_schedule: PipelineSchedule,
+    /// Blocks of each pipeline stage, in order (one entry per stage, each at least 1, summing
+    /// to `model.layers`). Default: balanced by parameter count.
+    pub stage_layers: Option<Vec<u32>>,
+}
+
+/// The order in which a pipeline stage runs its micro-batches' forward and backward passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum PipelineSchedule {
+    /// GPipe: every micro-batch forward, then every micro-batch backward.
+    #[serde(rename = "gpipe")]
+    Gpipe,
+    /// One forward, one backward (PipeDream-Flush): after a warm-up of forwards, forwards and
+    /// backwards alternate.
+    #[default]
+    #[serde(rename = "1f1b")]
+    OneForwardOneBackward,
+}
+
+impl PipelineSchedule {
+    /// The schedule's name in job specs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Gpipe => "gpipe",
+            Self::OneForwardOneBackward => "1f1b",
+        }
+    }
 }
 
 impl Default for ParallelSpec {
@@ -614,14 +690,31 @@ impl Default for ParallelSpec {
             ps_shards: None,
             ps_mode: None,
             staleness: None,
+            pipeline: 1,
+            tensor: 1,
+            micro_batches: None,
+            pipeline_schedule: PipelineSchedule::OneForwardOneBackward,
+            stage_layers: None,
         }
     }
 }
 
 impl ParallelSpec {
-    /// Number of training ranks the layout needs.
+    /// Number of training ranks the layout needs: `data x pipeline x tensor` (saturating).
     pub fn world_size(&self) -> u32 {
         self.data
+            .saturating_mul(self.pipeline)
+            .saturating_mul(self.tensor)
+    }
+
+    /// Micro-batches per step (`pipeline` unless given).
+    pub fn micro_batches(&self) -> u32 {
+        self.micro_batches.unwrap_or(self.pipeline)
+    }
+
+    /// Whether the layout splits the model (pipeline or tensor parallelism).
+    pub fn splits_the_model(&self) -> bool {
+        self.pipeline > 1 || self.tensor > 1
     }
 
     /// Number of parameter-server processes the job runs besides its training ranks.
@@ -644,6 +737,23 @@ impl ParallelSpec {
 
     fn validate(&self, problems: &mut Problems) {
         problems.check_range("parallel.data", self.data, 1, MAX_RANKS);
+        problems.check_range("parallel.pipeline", self.pipeline, 1, MAX_MESH_AXIS);
+        problems.check_range("parallel.tensor", self.tensor, 1, MAX_MESH_AXIS);
+        if let Some(micro_batches) = self.micro_batches {
+            problems.check_range(
+                "parallel.micro_batches",
+                micro_batches,
+                1,
+                MAX_MICRO_BATCHES,
+            );
+        }
+        let ranks = u64::from(self.data) * u64::from(self.pipeline) * u64::from(self.tensor);
+        if ranks > u64::from(MAX_RANKS) {
+            problems.push(
+                "parallel",
+                format!("data x pipeline x tensor = {ranks} ranks, expected at most {MAX_RANKS}"),
+            );
+        }
         problems.check_range(
             "parallel.gradient_bucket_bytes",
             self.gradient_bucket_bytes,
@@ -749,46 +859,11 @@ pub fn validate(spec: &JobSpec, problems: &mut Problems) {
     spec.schedule
         .clone()
         .unwrap_or_default()
-        .validate(parallel.world_size(), problems);
+        .validate(parallel.data, problems);
     if let Some(checkpoint) = &spec.checkpoint {
         checkpoint.validate(problems);
     }
-    if parallel.comm == Communication::Ps {
-        validate_parameter_server(spec, &parallel, problems);
-    }
-}
-
-/// The rules that tie `comm = "ps"` to the other sections.
-fn validate_parameter_server(spec: &JobSpec, parallel: &ParallelSpec, problems: &mut Problems) {
-    if spec
-        .optimizer
-        .as_ref()
-        .is_some_and(|optimizer| optimizer.grad_clip_norm.is_some())
-    {
-        problems.push(
-            "optimizer.grad_clip_norm",
-            "not supported with parallel.comm = \"ps\" (the servers apply each shard's \
-             gradients on their own, so no one sees the global norm)",
-        );
-    }
-    if spec.resources.device != DeviceKind::Cpu {
-        problems.push(
-            "resources.device",
-            "\"gpu\" with parallel.comm = \"ps\", expected \"cpu\" (parameter servers and \
-             the ranks they serve share the job's CPU slots)",
-        );
-    }
-    let processes = u64::from(parallel.world_size()) + u64::from(parallel.server_count());
-    if processes > u64::from(MAX_RANKS) {
-        problems.push(
-            "parallel.ps_shards",
-            format!(
-                "{} servers and {} ranks make {processes} processes, expected at most {MAX_RANKS}",
-                parallel.server_count(),
-                parallel.world_size()
-            ),
-        );
-    }
+    crate::layout::validate(spec, &parallel, problems);
 }
 
 #[cfg(test)]

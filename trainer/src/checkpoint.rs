@@ -25,7 +25,7 @@ pub const MODEL_FILE: &str = "model.safetensors";
 /// File holding the optimizer state.
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// Value of the `format` metadata key.
-const FORMAT: &str = "cohort-checkpoint-v1";
+pub(crate) const FORMAT: &str = "cohort-checkpoint-v1";
 
 /// What a loaded checkpoint restored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +44,7 @@ pub fn checkpoint_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
-fn checkpoint_error(path: &Path, message: impl std::fmt::Display) -> TrainerError {
+pub(crate) fn checkpoint_error(path: &Path, message: impl std::fmt::Display) -> TrainerError {
     TrainerError::Checkpoint {
         path: path.to_owned(),
         message: message.to_string(),
@@ -171,7 +171,7 @@ pub fn save_with_files(
     Ok(final_path)
 }
 
-fn write_tensors(
+pub(crate) fn write_tensors(
     path: &Path,
     tensors: &[(String, Vec<usize>, Vec<u8>)],
     metadata: HashMap<String, String>,
@@ -189,7 +189,7 @@ fn write_tensors(
 }
 
 /// A safetensors file read into memory.
-struct TensorFile {
+pub(crate) struct TensorFile {
     /// Where it was read from, for errors.
     path: PathBuf,
     /// Its bytes.
@@ -197,12 +197,12 @@ struct TensorFile {
 }
 
 impl TensorFile {
-    fn read(path: PathBuf) -> Result<Self> {
+    pub(crate) fn read(path: PathBuf) -> Result<Self> {
         let bytes = std::fs::read(&path).map_err(|e| checkpoint_error(&path, e))?;
         Ok(Self { path, bytes })
     }
 
-    fn parse(&self) -> Result<(SafeTensors<'_>, HashMap<String, String>)> {
+    pub(crate) fn parse(&self) -> Result<(SafeTensors<'_>, HashMap<String, String>)> {
         let (_, metadata) =
             SafeTensors::read_metadata(&self.bytes).map_err(|e| checkpoint_error(&self.path, e))?;
         let metadata = metadata.metadata().clone().unwrap_or_default();
@@ -220,7 +220,7 @@ impl TensorFile {
         Ok((tensors, metadata))
     }
 
-    fn number(&self, metadata: &HashMap<String, String>, key: &str) -> Result<u64> {
+    pub(crate) fn number(&self, metadata: &HashMap<String, String>, key: &str) -> Result<u64> {
         metadata
             .get(key)
             .and_then(|value| value.parse().ok())
@@ -236,7 +236,12 @@ impl TensorFile {
     }
 
     /// Reads tensor `name` as f32 values, checking its type and shape.
-    fn values(&self, tensors: &SafeTensors<'_>, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    pub(crate) fn values(
+        &self,
+        tensors: &SafeTensors<'_>,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<Vec<f32>> {
         let view = tensors
             .tensor(name)
             .map_err(|e| checkpoint_error(&self.path, format!("tensor {name}: {e}")))?;

@@ -183,6 +183,7 @@ pub fn candidate_directories(spec: &DataSpec, cohort_data: Option<&OsStr>) -> Ve
 fn dataset_directory_name(dataset: DatasetKind) -> &'static str {
     match dataset {
         DatasetKind::FashionMnist => "fashion-mnist",
+        DatasetKind::Shakespeare => "shakespeare",
     }
 }
 

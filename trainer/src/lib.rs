@@ -13,10 +13,18 @@
 //!   replicas identical, overlapped with the backward pass.
 //! - [`sampler`]: the deterministic distributed sampler (which examples each rank takes at each
 //!   step) and how uneven shares are weighted.
+//! - [`language_model`]: training the transformer on a data x pipeline x tensor mesh
+//!   ([`language_model::train_language_model`]), layout-independent checkpoints, sampling.
+//! - [`mesh`]: where a rank sits in the mesh and its data, tensor and pipeline communicators.
+//! - [`text`]: the Shakespeare corpus, its character vocabulary, splits and windows.
 //! - [`data`]: in-memory data sets, Fashion-MNIST discovery and loading, synthetic data.
 //! - [`idx`]: the strict reader of (gzipped) IDX files.
+//! - [`pipeline`]: pipeline parallelism on one stage: the GPipe and 1F1B schedules and the
+//!   engine that runs a [`pipeline::PipelineStage`] in their order over peer links.
 //! - [`models`]: the MLP and the CNN, and their layer-by-layer (staged) backward pass.
 //! - [`embedding`]: the embedding model's pixel tokens and its bag-of-tokens first stage.
+//! - [`transformer`]: the GPT-style transformer, cut into pipeline stages and split over
+//!   tensor-parallel ranks (Megatron's `f` and `g`), with name-seeded initialisation.
 //! - [`parameters`]: a model's parameters as one ordered set with a flat f32 view.
 //! - [`optim`]: SGD with momentum, AdamW, the learning-rate schedule, gradient clipping.
 //! - [`checkpoint`]: safetensors checkpoints of weights, optimizer state and step.
@@ -29,13 +37,18 @@ pub mod data_parallel;
 pub mod embedding;
 pub mod error;
 pub mod idx;
+pub mod language_model;
+pub mod mesh;
 pub mod metrics;
 pub mod models;
 pub mod optim;
 pub mod parameter_server;
 pub mod parameters;
+pub mod pipeline;
 pub mod sampler;
+pub mod text;
 pub mod train_loop;
+pub mod transformer;
 
 pub use error::{Result, TrainerError};
 pub use metrics::{EvaluationMetrics, MetricsSink, PhaseTimings, StepMetrics};

@@ -332,9 +332,9 @@ impl Model {
 /// A scalar whose gradient with respect to its argument is a given tensor: back-propagating it
 /// through a stage computes the stage's vector-Jacobian product with that tensor, the gradient
 /// the following stages sent back. Its value is 0 and never used.
-struct SeedGradient {
+pub(crate) struct SeedGradient {
     /// Gradient of the loss with respect to the stage's output.
-    gradient: Tensor,
+    pub(crate) gradient: Tensor,
 }
 
 impl CustomOp1 for SeedGradient {

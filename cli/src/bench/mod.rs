@@ -4,6 +4,7 @@
 //! would see.
 
 pub mod allreduce;
+pub mod mesh;
 pub mod ps;
 pub mod train;
 
@@ -49,6 +50,9 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
             steps,
             device,
         } => train::run(&ranks, steps, device).await,
+        Benchmark::Mesh { .. } => {
+            bail!("the mesh benchmark starts outside the CLI runtime (see main)")
+        }
         Benchmark::StreamReceive { .. }
         | Benchmark::AllreduceRank { .. }
         | Benchmark::TrainRank { .. } => {

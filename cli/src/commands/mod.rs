@@ -4,6 +4,7 @@ mod daemons;
 mod jobs;
 mod json;
 mod kv;
+pub mod sample;
 mod up;
 
 use std::process::ExitCode;
@@ -25,6 +26,10 @@ pub async fn run(command: Command) -> Result<ExitCode> {
         Command::Up(args) => up::up(args).await,
         Command::Kv(args) => kv::kv(args).await,
         Command::Bench(args) => crate::bench::run(args).await,
-        Command::Rank => anyhow::bail!("`cohort rank` starts outside the CLI runtime (see main)"),
+        Command::Rank | Command::Sample(_) => {
+            anyhow::bail!(
+                "`cohort rank` and `cohort sample` start outside the CLI runtime (see main)"
+            )
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! trains: loads the data, joins the data-parallel ring (or reaches the job's parameter
 //! servers) and trains on this (plain, non-async) thread, reporting metrics as it goes.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,7 +14,9 @@ use cohort_parameter_server::ClientConfig;
 use cohort_parameter_server::server::shard_address_key;
 use cohort_proto::JobId;
 use cohort_proto::v1::GetJobRequest;
-use cohort_spec::train::Communication;
+use cohort_spec::train::{Communication, ModelKind};
+use cohort_trainer::language_model::train_language_model;
+use cohort_trainer::mesh::{MeshShape, connect_mesh};
 use cohort_trainer::{ParameterServerLink, TrainConfig, TrainOutcome};
 
 use super::env::Role;
@@ -46,6 +49,9 @@ pub fn run() -> Result<ExitCode> {
         return parameter_server::serve(&link, &config, shard, shards);
     }
 
+    if config.model.kind == ModelKind::Transformer {
+        return train_transformer(&link, &config);
+    }
     let data = cohort_trainer::data::load(&config.data).context("loading the data set")?;
     let mut metrics = link.metrics()?;
     let outcome = match config.parallel.comm {
@@ -67,6 +73,51 @@ pub fn run() -> Result<ExitCode> {
     metrics.finish();
     if env.rank == 0 {
         print_outcome(&outcome);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Trains the transformer as one rank of the job's mesh.
+fn train_transformer(link: &RankLink, config: &TrainConfig) -> Result<ExitCode> {
+    let env = &link.env;
+    let corpus = cohort_trainer::text::load(&config.data).context("loading the text")?;
+    let shape = MeshShape::of(&config.parallel);
+    let mesh = connect_mesh(
+        &link.store,
+        env.rank,
+        shape,
+        SocketAddr::new(env.node_address, 0),
+    )
+    .with_context(|| format!("rank {} joining the {} mesh", env.rank, shape.name()))?;
+    let mut metrics = link.metrics()?;
+    let outcome = train_language_model(config, &corpus, mesh, &mut metrics)
+        .with_context(|| format!("rank {} training", env.rank))?;
+    metrics.finish();
+    if env.rank == 0 {
+        let describe = |evaluation: &cohort_trainer::EvaluationMetrics| {
+            format!(
+                "validation loss {:.4} (perplexity {:.2}, next-character accuracy {:.2}%) at step {}",
+                evaluation.loss,
+                f64::from(evaluation.loss).exp(),
+                evaluation.accuracy * 100.0,
+                evaluation.step
+            )
+        };
+        if let Some(initial) = &outcome.initial_validation {
+            println!("initial {}", describe(initial));
+        }
+        if let Some(last) = &outcome.final_validation {
+            println!("final {}", describe(last));
+        }
+        println!(
+            "{:.0} tokens/s; pipeline waiting {:.1}% of its time",
+            outcome.tokens_per_second,
+            100.0 * outcome.pipeline.waiting.as_secs_f64()
+                / outcome.pipeline.total.as_secs_f64().max(1e-9)
+        );
+        if let Some(path) = &outcome.checkpoint {
+            println!("final checkpoint: {}", path.display());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -26,6 +26,7 @@ impl Cluster {
             ranks: spec.processes(),
             devices_per_rank: spec.resources.devices_per_rank,
             device_kind: spec.resources.device,
+            rank_group: spec.rank_group(),
         };
         if !wait_for_resources {
             let view = state.cluster_view(false);

@@ -235,6 +235,7 @@ impl Cluster {
                 ranks: entry.record.ranks,
                 devices_per_rank: entry.record.devices_per_rank,
                 device_kind: entry.record.device_kind,
+                rank_group: entry.spec.rank_group(),
             })
             .collect();
         if queue.is_empty() {
