@@ -5,6 +5,10 @@
 //! functions here do one side or one rank's work each, plus helpers that run everything in
 //! threads of one process for quick measurements and tests.
 //!
+//! Low-precision all-reduces are timed against `f32` at the same element count in the same
+//! run, interleaved call by call, so that both see the same machine load; the ratio of the two
+//! times is what a mixed-precision job gains, and the bytes each sends show why.
+//!
 //! Conventions (nccl-tests): for a buffer of `S` bytes all-reduced in time `t`, the algorithm
 //! bandwidth is `algbw = S / t` and the bus bandwidth is `busbw = algbw * 2 (N - 1) / N`, the
 //! rate every link must sustain, comparable across world sizes and with a link's raw rate.
@@ -151,11 +155,47 @@ pub fn bus_bandwidth(algorithm_bandwidth: f64, world_size: usize) -> f64 {
     algorithm_bandwidth * 2.0 * (world_size - 1) as f64 / world_size as f64
 }
 
+/// A benchmark buffer of zeros, so repeated sums stay finite (the time does not depend on the
+/// values).
+enum ZeroBuffer {
+    /// `f32` elements.
+    F32(Vec<f32>),
+    /// `bf16` elements.
+    Bf16(Vec<bf16>),
+    /// `f16` elements.
+    F16(Vec<f16>),
+}
+
+impl ZeroBuffer {
+    /// Allocates `elements` zeros of `dtype`.
+    fn new(dtype: DType, elements: usize) -> Self {
+        match dtype {
+            DType::F32 => ZeroBuffer::F32(vec![0.0; elements]),
+            DType::Bf16 => ZeroBuffer::Bf16(vec![bf16::ZERO; elements]),
+            DType::F16 => ZeroBuffer::F16(vec![f16::ZERO; elements]),
+        }
+    }
+
+    /// Returns the buffer as collectives take it.
+    fn as_mut(&mut self) -> BufferMut<'_> {
+        match self {
+            ZeroBuffer::F32(values) => BufferMut::F32(values),
+            ZeroBuffer::Bf16(values) => BufferMut::Bf16(values),
+            ZeroBuffer::F16(values) => BufferMut::F16(values),
+        }
+    }
+}
+
+/// Returns the median of `times` (which must not be empty).
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort_unstable();
+    times[times.len() / 2]
+}
+
 /// Times `iterations` all-reduces (sum) of `elements` elements of `dtype` on `communicator`,
 /// after `warmup` untimed ones and a barrier, and returns the median time of one.
 ///
-/// Every rank of the group must call this with the same arguments. The buffer holds zeros, so
-/// repeated sums stay finite; the time does not depend on the values.
+/// Every rank of the group must call this with the same arguments.
 pub fn time_all_reduce(
     communicator: &mut dyn Communicator,
     elements: usize,
@@ -163,35 +203,74 @@ pub fn time_all_reduce(
     warmup: usize,
     iterations: usize,
 ) -> Result<Duration> {
-    let mut f32_buffer;
-    let mut bf16_buffer;
-    let mut f16_buffer;
-    let mut buffer = match dtype {
-        DType::F32 => {
-            f32_buffer = vec![0.0_f32; elements];
-            BufferMut::F32(&mut f32_buffer)
-        }
-        DType::Bf16 => {
-            bf16_buffer = vec![bf16::ZERO; elements];
-            BufferMut::Bf16(&mut bf16_buffer)
-        }
-        DType::F16 => {
-            f16_buffer = vec![f16::ZERO; elements];
-            BufferMut::F16(&mut f16_buffer)
-        }
-    };
+    let mut buffer = ZeroBuffer::new(dtype, elements);
     for _ in 0..warmup {
-        communicator.all_reduce(buffer.reborrow(), ReduceOp::Sum)?;
+        communicator.all_reduce(buffer.as_mut(), ReduceOp::Sum)?;
     }
     communicator.barrier()?;
     let mut times = Vec::with_capacity(iterations.max(1));
     for _ in 0..iterations.max(1) {
         let started = Instant::now();
-        communicator.all_reduce(buffer.reborrow(), ReduceOp::Sum)?;
+        communicator.all_reduce(buffer.as_mut(), ReduceOp::Sum)?;
         times.push(started.elapsed());
     }
-    times.sort_unstable();
-    Ok(times[times.len() / 2])
+    Ok(median(times))
+}
+
+/// One element type's side of [`compare_all_reduce_with_f32`], as seen by one rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllReduceSample {
+    /// Median time of one all-reduce.
+    pub time: Duration,
+    /// Payload bytes this rank sent to its ring successor during one all-reduce.
+    pub bytes_sent: u64,
+}
+
+/// Times all-reduces (sum) of `elements` elements of `dtype` and of `f32` on `ring`,
+/// alternating one of each `iterations` times after `warmup` untimed pairs and a barrier, so
+/// that both types see the same machine load. Returns `[dtype, f32]`: each one's median time
+/// and the payload bytes this rank sent for one all-reduce. For `dtype == F32` the one
+/// measurement is returned twice.
+///
+/// Every rank of the ring must call this with the same arguments.
+pub fn compare_all_reduce_with_f32(
+    ring: &mut TcpRing,
+    elements: usize,
+    dtype: DType,
+    warmup: usize,
+    iterations: usize,
+) -> Result<[AllReduceSample; 2]> {
+    let mut buffers = vec![ZeroBuffer::new(dtype, elements)];
+    if dtype != DType::F32 {
+        buffers.push(ZeroBuffer::new(DType::F32, elements));
+    }
+    for _ in 0..warmup {
+        for buffer in &mut buffers {
+            ring.all_reduce(buffer.as_mut(), ReduceOp::Sum)?;
+        }
+    }
+    ring.barrier()?;
+    let mut times = vec![Vec::with_capacity(iterations.max(1)); buffers.len()];
+    let mut bytes_sent = vec![0; buffers.len()];
+    for _ in 0..iterations.max(1) {
+        for ((buffer, times), bytes_sent) in buffers.iter_mut().zip(&mut times).zip(&mut bytes_sent)
+        {
+            let bytes_before = ring.payload_bytes_sent();
+            let started = Instant::now();
+            ring.all_reduce(buffer.as_mut(), ReduceOp::Sum)?;
+            times.push(started.elapsed());
+            *bytes_sent = ring.payload_bytes_sent() - bytes_before;
+        }
+    }
+    let samples: Vec<AllReduceSample> = times
+        .into_iter()
+        .zip(bytes_sent)
+        .map(|(times, bytes_sent)| AllReduceSample {
+            time: median(times),
+            bytes_sent,
+        })
+        .collect();
+    Ok([samples[0], samples[samples.len() - 1]])
 }
 
 /// One row of an all-reduce benchmark.
@@ -305,6 +384,33 @@ mod tests {
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].bytes, 4096);
         assert!(rows.iter().all(|row| row.time > Duration::ZERO));
+    }
+
+    #[test]
+    fn bf16_comparison_with_f32_shows_half_the_bytes_over_two_ranks() {
+        let store = Arc::new(InMemoryStore::new());
+        let config = TcpRingConfig::default();
+        let samples: Vec<[AllReduceSample; 2]> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..2)
+                .map(|rank| {
+                    let (store, config) = (Arc::clone(&store), &config);
+                    scope.spawn(move || {
+                        let mut ring = TcpRing::connect(&*store, "compare", rank, 2, config)?;
+                        compare_all_reduce_with_f32(&mut ring, 100_000, DType::Bf16, 1, 3)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|handle| handle.join().unwrap().unwrap())
+                .collect()
+        });
+        for [bf16_sample, f32_sample] in samples {
+            // Each rank sends half the buffer in each phase: 100,000 elements in all.
+            assert_eq!(f32_sample.bytes_sent, 400_000);
+            assert_eq!(bf16_sample.bytes_sent, 200_000);
+            assert!(bf16_sample.time > Duration::ZERO && f32_sample.time > Duration::ZERO);
+        }
     }
 
     /// Prints the numbers the issue asks for; run in release mode:

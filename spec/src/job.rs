@@ -93,6 +93,8 @@ pub struct JobSpec {
     pub schedule: Option<ScheduleSpec>,
     /// Where and how often a `kind = "train"` job saves checkpoints.
     pub checkpoint: Option<CheckpointSpec>,
+    /// Precision and loss scaling of a `kind = "train"` job.
+    pub train: Option<crate::precision::TrainSpec>,
 }
 
 fn default_name() -> String {
@@ -217,6 +219,7 @@ impl JobSpec {
                     ("optimizer", self.optimizer.is_some()),
                     ("schedule", self.schedule.is_some()),
                     ("checkpoint", self.checkpoint.is_some()),
+                    ("train", self.train.is_some()),
                 ];
                 for (section, present) in train_sections {
                     if present {

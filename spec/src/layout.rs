@@ -342,6 +342,18 @@ fn validate_parameter_server(
              the ranks they serve share the job's CPU slots)",
         );
     }
+    if spec
+        .train
+        .as_ref()
+        .is_some_and(|train| train.precision == crate::precision::Precision::Fp16)
+    {
+        problems.push(
+            "train.precision",
+            "\"fp16\" with parallel.comm = \"ps\", expected \"fp32\" or \"bf16\" (fp16 loss \
+             scaling needs every rank to agree on skipped steps, which parameter servers do not \
+             coordinate)",
+        );
+    }
     if model.kind == ModelKind::Transformer {
         problems.push(
             "parallel.comm",

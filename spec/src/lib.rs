@@ -10,10 +10,12 @@
 //!   `[schedule]`, `[parallel]`, `[checkpoint]`).
 //! - [`layout`]: the rules across training sections (model and data set, transformer meshes,
 //!   parameter-server jobs) and the pure pipeline-stage balancing.
+//! - [`precision`]: `[train]`, the compute and gradient-exchange formats and fp16 loss scaling.
 //! - [`problems`]: [`Problems`], the list of field-path errors validation produces.
 
 pub mod job;
 pub mod layout;
+pub mod precision;
 pub mod problems;
 pub mod train;
 

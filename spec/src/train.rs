@@ -863,6 +863,9 @@ pub fn validate(spec: &JobSpec, problems: &mut Problems) {
     if let Some(checkpoint) = &spec.checkpoint {
         checkpoint.validate(problems);
     }
+    if let Some(train) = &spec.train {
+        train.validate(problems);
+    }
     crate::layout::validate(spec, &parallel, problems);
 }
 

@@ -19,10 +19,13 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 use cohort_collective::{Communicator, ReduceOp};
 
+use cohort_spec::precision::Precision;
+
 use crate::error::{Result, TrainerError};
 use crate::models::{Model, StagedForward};
 use crate::optim::Optimizer;
 use crate::parameters::ParameterSet;
+use crate::precision::NarrowBuffers;
 
 /// Largest integer f32 represents exactly; steps are split into pieces below it for broadcast.
 const F32_EXACT_INTEGER_BITS: u32 = 24;
@@ -130,6 +133,33 @@ impl GradientBuckets {
                 ReduceOp::Sum,
             )?;
         }
+        Ok(())
+    }
+
+    /// Sums the gradients over all ranks in `format` (bucket by bucket; the collective
+    /// accumulates in f32 and rounds once) and the loss slot in f32. With one rank it does
+    /// nothing.
+    pub fn all_reduce_as(
+        &mut self,
+        communicator: &mut dyn Communicator,
+        format: Precision,
+        narrow: &mut NarrowBuffers,
+    ) -> Result<()> {
+        if communicator.world_size() == 1 {
+            return Ok(());
+        }
+        let loss_slot = self.flat.len() - 1;
+        for bucket in &self.buckets {
+            let end = bucket.elements.end.min(loss_slot);
+            if bucket.elements.start < end {
+                narrow.all_reduce(
+                    &mut self.flat[bucket.elements.start..end],
+                    format,
+                    communicator,
+                )?;
+            }
+        }
+        communicator.all_reduce((&mut self.flat[loss_slot..]).into(), ReduceOp::Sum)?;
         Ok(())
     }
 

@@ -174,7 +174,7 @@ impl EmbeddingBag {
             start = end;
         }
         let device = self.table.device();
-        let bag = Tensor::from_vec(bag, (batch, touched), device)?;
+        let bag = Tensor::from_vec(bag, (batch, touched), device)?.to_dtype(self.table.dtype())?;
         let indices = row_indices(&tokens.rows, device)?;
         bag.matmul(&self.table.index_select(&indices, 0)?)
     }

@@ -11,6 +11,8 @@
 //!   server configuration a job spec implies.
 //! - [`data_parallel`]: parameter broadcast and the bucketed gradient all-reduce that keeps
 //!   replicas identical, overlapped with the backward pass.
+//! - [`precision`]: mixed precision: working formats, gradient-exchange formats, fp16 loss
+//!   scaling and the agreement on skipped steps.
 //! - [`sampler`]: the deterministic distributed sampler (which examples each rank takes at each
 //!   step) and how uneven shares are weighted.
 //! - [`language_model`]: training the transformer on a data x pipeline x tensor mesh
@@ -45,6 +47,7 @@ pub mod optim;
 pub mod parameter_server;
 pub mod parameters;
 pub mod pipeline;
+pub mod precision;
 pub mod sampler;
 pub mod text;
 pub mod train_loop;

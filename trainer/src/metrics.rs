@@ -55,6 +55,13 @@ pub struct StepMetrics {
     pub samples_per_second: f64,
     /// Where this step's time went on this rank.
     pub timings: PhaseTimings,
+    /// Mixed precision: the loss scale this step used (1 without fp16 loss scaling).
+    pub loss_scale: f64,
+    /// Steps skipped so far because a gradient overflowed on some rank.
+    pub skipped_steps: u64,
+    /// Bytes of gradients this rank contributed to the exchange this step (elements times the
+    /// exchange format's size; 0 when it did not communicate).
+    pub gradient_bytes: u64,
 }
 
 /// Results of one evaluation on the test split, summed over all ranks' shares.

@@ -5,7 +5,7 @@
 use std::ops::Range;
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, Module};
 use cohort_spec::train::{MAX_EMBEDDING_WIDTH, MAX_INTENSITY_LEVELS, ModelKind, ModelSpec};
 use rand::SeedableRng;
@@ -94,12 +94,24 @@ pub struct Model {
 
 impl Model {
     /// Builds the model `spec` describes for `image_shape` images and `classes` classes, with
-    /// parameters drawn from `spec.seed`.
+    /// f32 parameters drawn from `spec.seed`.
     pub fn new(
         spec: &ModelSpec,
         image_shape: (usize, usize),
         classes: usize,
         device: &Device,
+    ) -> Result<Self> {
+        Self::with_dtype(spec, image_shape, classes, device, DType::F32)
+    }
+
+    /// Like [`Model::new`], with parameters stored (and computed) as `dtype`: a bf16 or f16
+    /// working copy for mixed precision. It takes f32 images and returns logits in `dtype`.
+    pub fn with_dtype(
+        spec: &ModelSpec,
+        image_shape: (usize, usize),
+        classes: usize,
+        device: &Device,
+        dtype: DType,
     ) -> Result<Self> {
         let convolution_channels = spec.convolution_channels();
         if spec.hidden.contains(&0) || convolution_channels.contains(&0) || classes == 0 {
@@ -111,7 +123,7 @@ impl Model {
             )));
         }
         let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
-        let mut parameters = ParameterSet::new(device.clone());
+        let mut parameters = ParameterSet::with_dtype(device.clone(), dtype);
         let mut stages = Vec::new();
         let (mut height, mut width) = image_shape;
         let mut channels = 1;
@@ -265,12 +277,17 @@ impl Model {
 
     /// Shapes a `[batch, height * width]` batch as the first stage expects it.
     fn stage_input(&self, images: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = self.parameters.dtype();
         match self.stages.first().map(|stage| &stage.layer) {
             Some(Layer::Convolution(_)) => {
                 let (height, width) = self.image_shape;
-                images.reshape((images.dim(0)?, 1, height, width))
+                images
+                    .to_dtype(dtype)?
+                    .reshape((images.dim(0)?, 1, height, width))
             }
-            _ => Ok(images.clone()),
+            // The bag reads the pixels' exact intensities: it takes f32 and casts its own output.
+            Some(Layer::EmbeddingBag(_)) => Ok(images.clone()),
+            _ => images.to_dtype(dtype),
         }
     }
 

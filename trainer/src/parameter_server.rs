@@ -25,6 +25,7 @@ use cohort_parameter_server::{
     SparseGradient, StepReport, TensorDeclaration,
 };
 use cohort_proto::JobId;
+use cohort_spec::precision::Precision;
 use cohort_spec::train::{OptimizerKind, PsMode};
 use tokio::runtime::Handle;
 
@@ -321,10 +322,26 @@ pub fn train_with_parameter_server(
     let mut final_evaluation = None;
     let mut last_evaluated_step = None;
 
+    // Mixed precision (bf16): a working copy refreshed from the pulled f32 values computes.
+    let working = match config.train.precision {
+        Precision::Fp32 => None,
+        precision => Some(Model::with_dtype(
+            &config.model,
+            data.train.image_shape(),
+            data.train.classes(),
+            &device,
+            crate::precision::tensor_dtype(precision),
+        )?),
+    };
+    let compute_model = working.as_ref().unwrap_or(&model);
     for step in start_step..total_steps {
         let epoch = step / steps_per_epoch;
         let started = Instant::now();
         let mut timings = PhaseTimings::default();
+        if let Some(working) = &working {
+            working.parameters().copy_from(model.parameters())?;
+        }
+        let traffic_before = client.traffic();
         let images = Tensor::from_slice(
             &current.buffers.images,
             (current.len, data.train.features()),
@@ -333,7 +350,9 @@ pub fn train_with_parameter_server(
         let labels = Tensor::from_slice(&current.buffers.labels, current.len, &device)?;
         let phase = lap(started, &mut timings.data);
 
-        let logits = model.forward(&images)?;
+        let logits = compute_model
+            .forward(&images)?
+            .to_dtype(candle_core::DType::F32)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
         let local_loss = loss.to_scalar::<f32>()?;
         if !local_loss.is_finite() {
@@ -345,7 +364,7 @@ pub fn train_with_parameter_server(
         let phase = lap(phase, &mut timings.forward);
         let gradients = loss.backward()?;
         read_gradients(
-            &model,
+            compute_model,
             &layout,
             &gradients,
             gradient_scale,
@@ -406,6 +425,9 @@ pub fn train_with_parameter_server(
             global_batch,
             samples_per_second: global_batch as f64 / elapsed.as_secs_f64().max(1e-9),
             timings,
+            loss_scale: 1.0,
+            skipped_steps: 0,
+            gradient_bytes: client.traffic().since(&traffic_before).bytes_sent,
         });
 
         if rank != 0 {

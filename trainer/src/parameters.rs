@@ -79,16 +79,58 @@ pub struct ParameterSet {
     element_count: usize,
     /// Device all parameters live on.
     device: Device,
+    /// Element type of every parameter (f32 for master weights, bf16 or f16 for a working
+    /// copy).
+    dtype: DType,
 }
 
 impl ParameterSet {
-    /// Creates an empty set on `device`.
+    /// Creates an empty set of f32 parameters on `device`.
     pub fn new(device: Device) -> Self {
+        Self::with_dtype(device, DType::F32)
+    }
+
+    /// Creates an empty set whose parameters are stored as `dtype` on `device`.
+    pub fn with_dtype(device: Device, dtype: DType) -> Self {
         Self {
             parameters: Vec::new(),
             element_count: 0,
             device,
+            dtype,
         }
+    }
+
+    /// Element type of the parameters.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Overwrites every parameter with the value of the parameter at the same position of
+    /// `master` (same names and shapes), converted to this set's element type: how a bf16 or
+    /// f16 working copy is refreshed from the f32 master weights after each step.
+    pub fn copy_from(&self, master: &ParameterSet) -> Result<()> {
+        if master.parameters.len() != self.parameters.len() {
+            return Err(TrainerError::Config(format!(
+                "{} master parameters for {} working ones",
+                master.parameters.len(),
+                self.parameters.len()
+            )));
+        }
+        for (working, master) in self.parameters.iter().zip(&master.parameters) {
+            if working.name != master.name || working.var.shape() != master.var.shape() {
+                return Err(TrainerError::Config(format!(
+                    "master parameter {} {:?} does not match working parameter {} {:?}",
+                    master.name,
+                    master.var.shape(),
+                    working.name,
+                    working.var.shape()
+                )));
+            }
+            working
+                .var
+                .set(&master.var.as_tensor().to_dtype(self.dtype)?)?;
+        }
+        Ok(())
     }
 
     /// Creates a parameter, draws its initial values from `rng` and returns the tensor a layer
@@ -112,6 +154,11 @@ impl ParameterSet {
             Initialization::Zeros => vec![0.0; count],
         };
         let var = Var::from_vec(values, shape, &self.device)?;
+        let var = if self.dtype == DType::F32 {
+            var
+        } else {
+            Var::from_tensor(&var.as_tensor().to_dtype(self.dtype)?)?
+        };
         let tensor = var.as_tensor().clone();
         self.parameters.push(Parameter {
             name: name.into(),
@@ -273,7 +320,14 @@ const TILE: usize = 32;
 /// (of the tensor's element count). Contiguous tensors and transposed matrices (the layout of
 /// candle's weight gradients) are copied without an intermediate allocation.
 pub(crate) fn copy_scaled(tensor: &Tensor, destination: &mut [f32], scale: f32) -> Result<()> {
-    check_f32(tensor)?;
+    // Gradients of a bf16 or f16 working copy are widened first.
+    let widened;
+    let tensor = if tensor.dtype() == DType::F32 {
+        tensor
+    } else {
+        widened = tensor.to_dtype(DType::F32)?;
+        &widened
+    };
     {
         let (storage, layout) = tensor.storage_and_layout();
         if let Storage::Cpu(CpuStorage::F32(values)) = &*storage {

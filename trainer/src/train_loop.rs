@@ -4,10 +4,11 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::Module;
 use cohort_collective::{Communicator, ReduceOp};
 use cohort_spec::JobSpec;
+use cohort_spec::precision::{Precision, TrainSpec};
 use cohort_spec::train::{
     CheckpointSpec, DataSpec, ModelSpec, OptimizerSpec, ParallelSpec, ScheduleSpec,
 };
@@ -21,7 +22,12 @@ use crate::error::{Result, TrainerError};
 use crate::metrics::{EvaluationMetrics, MetricsSink, PhaseTimings, StepMetrics};
 use crate::models::Model;
 use crate::optim::{LearningRateSchedule, Optimizer, clip_gradient_norm};
+use crate::precision::{self, LossScaler, NarrowBuffers};
 use crate::sampler::{DistributedSampler, rank_share};
+
+/// Steps skipped in a row after which a run is declared diverged (the loss scale would have
+/// backed off by 2^-100 by then).
+pub const MAX_SKIPPED_STEPS_IN_A_ROW: u64 = 100;
 
 /// Examples per forward pass during evaluation, unless configured otherwise.
 pub const DEFAULT_EVALUATION_BATCH: usize = 1000;
@@ -42,6 +48,8 @@ pub struct TrainConfig {
     pub parallel: ParallelSpec,
     /// `[checkpoint]`.
     pub checkpoint: CheckpointSpec,
+    /// `[train]`: precision and loss scaling.
+    pub train: TrainSpec,
     /// Directory relative checkpoint paths resolve against: the job's output directory.
     pub output_directory: PathBuf,
     /// Examples per forward pass during evaluation. Default 1000.
@@ -56,6 +64,9 @@ pub struct TrainConfig {
     /// the rest of the backward pass. Default true; false exchanges all buckets after the
     /// backward pass (for comparison in benchmarks).
     pub overlap_communication: bool,
+    /// Fault injection for tests: `(rank, step)` makes that rank's gradients of that
+    /// (0-based) step infinite, as an fp16 overflow would. Default `None`.
+    pub inject_overflow: Option<(usize, u64)>,
 }
 
 impl TrainConfig {
@@ -69,11 +80,13 @@ impl TrainConfig {
             schedule: spec.schedule.clone().unwrap_or_default(),
             parallel: spec.parallel.clone().unwrap_or_default(),
             checkpoint: spec.checkpoint.clone().unwrap_or_default(),
+            train: spec.train.clone().unwrap_or_default(),
             output_directory: output_directory.into(),
             evaluation_batch: DEFAULT_EVALUATION_BATCH,
             evaluate: true,
             final_checkpoint: true,
             overlap_communication: true,
+            inject_overflow: None,
         }
     }
 
@@ -255,8 +268,35 @@ pub fn train(
     );
 
     let mut buckets = GradientBuckets::new(parameters, config.parallel.gradient_bucket_bytes);
+    // Mixed precision: a working copy computes, the f32 masters are updated.
+    let precision = config.train.precision;
+    let gradient_format = config.train.grad_comm_dtype();
+    let working = if precision == Precision::Fp32 {
+        None
+    } else {
+        let working = Model::with_dtype(
+            &config.model,
+            data.train.image_shape(),
+            data.train.classes(),
+            &device,
+            precision::tensor_dtype(precision),
+        )?;
+        working.parameters().copy_from(parameters)?;
+        Some(working)
+    };
+    let compute_model = working.as_ref().unwrap_or(&model);
+    let mixed = precision != Precision::Fp32 || gradient_format != Precision::Fp32;
+    let mut scaler = LossScaler::new(config.train.loss_scaling());
+    let mut narrow = NarrowBuffers::default();
+    let gradient_bytes = if world_size > 1 {
+        precision::gradient_bytes(parameters.element_count(), gradient_format)
+    } else {
+        0
+    };
     // Overlap needs a second bucket to send early; with one there is nothing to hide behind.
-    let overlap = config.overlap_communication && world_size > 1 && buckets.buckets().len() > 1;
+    // Mixed precision exchanges after the ranks agree the step is clean, so it does not overlap.
+    let overlap =
+        config.overlap_communication && world_size > 1 && buckets.buckets().len() > 1 && !mixed;
     let gradient_weight = sampler.gradient_weight() as f32;
     let mut order = Vec::new();
     let mut order_epoch = None;
@@ -284,6 +324,7 @@ pub fn train(
         let phase = Instant::now();
         timings.data = phase - started;
 
+        let mut overflow = false;
         if overlap {
             let forward = model.forward_staged(&images)?;
             let loss = candle_nn::loss::cross_entropy(forward.logits(), &labels)?;
@@ -299,31 +340,85 @@ pub fn train(
             timings.exposed_communication = exposed;
             timings.backward = phase.elapsed() - exposed;
         } else {
-            let logits = model.forward(&images)?;
+            let logits = compute_model.forward(&images)?.to_dtype(DType::F32)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-            buckets.set_loss(loss.to_scalar::<f32>()? * gradient_weight);
+            let local_loss = loss.to_scalar::<f32>()?;
+            buckets.set_loss(local_loss * gradient_weight);
             let phase = lap(phase, &mut timings.forward);
-            let gradients = loss.backward()?;
-            parameters.read_gradients(&gradients, buckets.gradients_mut(), gradient_weight)?;
+            let scale = scaler.scale();
+            let gradients = if scale == 1.0 {
+                loss.backward()?
+            } else {
+                loss.affine(scale, 0.0)?.backward()?
+            };
+            compute_model.parameters().read_gradients(
+                &gradients,
+                buckets.gradients_mut(),
+                gradient_weight,
+            )?;
             drop(gradients);
+            if config.inject_overflow == Some((rank, step)) {
+                buckets.gradients_mut()[0] = f32::INFINITY;
+            }
             let phase = lap(phase, &mut timings.backward);
-            buckets.all_reduce(communicator)?;
+            if mixed {
+                let local_overflow =
+                    !local_loss.is_finite() || precision::has_non_finite(buckets.gradients());
+                overflow = precision::agree_on_overflow(local_overflow, communicator)?;
+                if !overflow {
+                    buckets.all_reduce_as(communicator, gradient_format, &mut narrow)?;
+                }
+            } else {
+                buckets.all_reduce(communicator)?;
+            }
             lap(phase, &mut timings.exposed_communication);
         }
         let phase = Instant::now();
 
-        let global_loss = buckets.loss();
-        if !global_loss.is_finite() {
-            return Err(TrainerError::Diverged {
-                step: step + 1,
-                loss: global_loss,
-            });
-        }
-        if let Some(max_norm) = config.optimizer.grad_clip_norm {
-            clip_gradient_norm(buckets.gradients_mut(), max_norm);
-        }
         let learning_rate = schedule.learning_rate(step);
-        optimizer.step(parameters, buckets.gradients(), learning_rate)?;
+        let global_loss = buckets.loss();
+        if overflow {
+            // Every rank skips this step: no update, a smaller scale next time.
+            scaler.update(true);
+            if scaler.skipped_in_a_row() > MAX_SKIPPED_STEPS_IN_A_ROW {
+                return Err(TrainerError::Diverged {
+                    step: step + 1,
+                    loss: global_loss,
+                });
+            }
+            tracing::warn!(
+                rank,
+                step = step + 1,
+                loss_scale = scaler.scale(),
+                skipped_steps = scaler.skipped_steps(),
+                "gradients overflowed on some rank: step skipped"
+            );
+        } else {
+            if !global_loss.is_finite() {
+                return Err(TrainerError::Diverged {
+                    step: step + 1,
+                    loss: global_loss,
+                });
+            }
+            let scale = scaler.scale();
+            if scale != 1.0 {
+                let unscale = (1.0 / scale) as f32;
+                buckets
+                    .gradients_mut()
+                    .iter_mut()
+                    .for_each(|g| *g *= unscale);
+            }
+            if mixed {
+                scaler.update(false);
+            }
+            if let Some(max_norm) = config.optimizer.grad_clip_norm {
+                clip_gradient_norm(buckets.gradients_mut(), max_norm);
+            }
+            optimizer.step(parameters, buckets.gradients(), learning_rate)?;
+            if let Some(working) = &working {
+                working.parameters().copy_from(parameters)?;
+            }
+        }
         lap(phase, &mut timings.optimizer);
 
         let elapsed = started.elapsed();
@@ -339,6 +434,9 @@ pub fn train(
             global_batch,
             samples_per_second: global_batch as f64 / elapsed.as_secs_f64().max(1e-9),
             timings,
+            loss_scale: scaler.scale(),
+            skipped_steps: scaler.skipped_steps(),
+            gradient_bytes: if overflow { 0 } else { gradient_bytes },
         });
 
         if let Some(every) = config.checkpoint.every_steps

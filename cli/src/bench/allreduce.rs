@@ -1,6 +1,11 @@
 //! `cohort bench allreduce`: ring all-reduce across N local rank processes (a real job on a local
 //! cluster), reported nccl-tests style (time, algbw, busbw), against raw single-stream loopback
 //! TCP between two processes measured by the same command.
+//!
+//! For bf16 and f16 the ranks also time `f32` at the same element count (the same
+//! fp32-equivalent payload), alternating call by call, and report the time ratio and the bytes
+//! each rank sent for one all-reduce of each type: what mixed precision saves, measured under
+//! the same load.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -8,7 +13,9 @@ use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use cohort_collective::DType;
 use cohort_collective::bench::{self as collective_bench, StreamMeasurement};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{dtype, gbps, parse_size, publish_result, read_result, run_job, start_cluster};
@@ -67,26 +74,75 @@ fn loopback_between_processes() -> Result<f64> {
     Ok(rates[rates.len() / 2])
 }
 
-/// One rank of the benchmark: times every size, publishes its medians, and rank 0 prints the
-/// slowest rank's median per size.
+/// What one rank measured for one size.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct RankSample {
+    /// Median time of one all-reduce of the benchmarked type, in seconds.
+    time_s: f64,
+    /// Median time of one `f32` all-reduce of as many elements, in seconds (`time_s` when the
+    /// benchmarked type is `f32`).
+    f32_time_s: f64,
+    /// Payload bytes the rank sent for one all-reduce of the benchmarked type.
+    bytes_sent: u64,
+    /// Payload bytes the rank sent for one `f32` all-reduce.
+    f32_bytes_sent: u64,
+}
+
+/// One rank of the benchmark: times every size (against `f32` for low-precision types),
+/// publishes its medians, and rank 0 prints every rank's.
 pub fn rank(elements: &[usize], element_type: BenchDtype) -> Result<ExitCode> {
     let link = RankLink::connect()?;
     let mut ring = link.ring("bench-allreduce")?;
     let dtype = dtype(element_type);
-    let mut medians = Vec::with_capacity(elements.len());
+    let mut samples = Vec::with_capacity(elements.len());
     for &count in elements {
-        let iterations = collective_bench::iterations_for(count * dtype.size_bytes());
-        let median = collective_bench::time_all_reduce(
+        // Sized by the fp32-equivalent payload, so every type gets the same number of calls.
+        let iterations = collective_bench::iterations_for(count * 4);
+        let [own, f32_sample] = collective_bench::compare_all_reduce_with_f32(
             &mut ring,
             count,
             dtype,
             (iterations / 5).max(2),
             iterations,
         )?;
-        medians.push(median.as_secs_f64());
+        samples.push(RankSample {
+            time_s: own.time.as_secs_f64(),
+            f32_time_s: f32_sample.time.as_secs_f64(),
+            bytes_sent: own.bytes_sent,
+            f32_bytes_sent: f32_sample.bytes_sent,
+        });
     }
-    publish_result(&link, &medians)?;
+    publish_result(&link, &samples)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Combines the ranks' samples of each size: a size is as slow, and sends as much, as its
+/// slowest and busiest rank.
+fn slowest_ranks(per_rank: &[Vec<RankSample>], sizes: usize) -> Result<Vec<RankSample>> {
+    let mut combined = vec![
+        RankSample {
+            time_s: 0.0,
+            f32_time_s: 0.0,
+            bytes_sent: 0,
+            f32_bytes_sent: 0,
+        };
+        sizes
+    ];
+    for (rank, samples) in per_rank.iter().enumerate() {
+        if samples.len() != sizes {
+            bail!(
+                "rank {rank} reported {} sizes, expected {sizes}",
+                samples.len()
+            );
+        }
+        for (combined, sample) in combined.iter_mut().zip(samples) {
+            combined.time_s = combined.time_s.max(sample.time_s);
+            combined.f32_time_s = combined.f32_time_s.max(sample.f32_time_s);
+            combined.bytes_sent = combined.bytes_sent.max(sample.bytes_sent);
+            combined.f32_bytes_sent = combined.f32_bytes_sent.max(sample.f32_bytes_sent);
+        }
+    }
+    Ok(combined)
 }
 
 /// `cohort bench allreduce`.
@@ -129,25 +185,21 @@ args = ["bench", "allreduce-rank", "--elements", "{element_list}", "--dtype", "{
     );
     let mut client = client::job_control(cluster.address()).await?;
     let outcome = run_job(&mut client, spec).await;
-    let per_rank: Result<Vec<Vec<f64>>> = match outcome {
+    let per_rank: Result<Vec<Vec<RankSample>>> = match outcome {
         Ok(job) => read_result(&mut client, &job.job_id).await,
         Err(error) => Err(error),
     };
     cluster.shutdown().await;
-    // Each size is as slow as its slowest rank.
-    let mut medians = vec![0.0_f64; elements.len()];
-    for times in per_rank? {
-        for (slowest, time) in medians.iter_mut().zip(times) {
-            *slowest = slowest.max(time);
-        }
-    }
+    let samples = slowest_ranks(&per_rank?, elements.len())?;
 
     let mut rows = Vec::new();
     let mut table = Vec::new();
-    for ((&payload, &count), &time_s) in payloads.iter().zip(&elements).zip(&medians) {
+    for ((&payload, &count), sample) in payloads.iter().zip(&elements).zip(&samples) {
         let bytes = count * dtype.size_bytes();
+        let time_s = sample.time_s;
         let algbw = collective_bench::algorithm_bandwidth(bytes, Duration::from_secs_f64(time_s));
         let busbw = collective_bench::bus_bandwidth(algbw, ranks as usize);
+        let time_ratio_vs_f32 = time_s / sample.f32_time_s.max(f64::MIN_POSITIVE);
         table.push(vec![
             payload.to_string(),
             bytes.to_string(),
@@ -155,6 +207,10 @@ args = ["bench", "allreduce-rank", "--elements", "{element_list}", "--dtype", "{
             format!("{:.3}", gbps(algbw)),
             format!("{:.3}", gbps(busbw)),
             format!("{:.2}", busbw / loopback),
+            format!("{:.1}", sample.f32_time_s * 1e6),
+            format!("{time_ratio_vs_f32:.2}"),
+            sample.bytes_sent.to_string(),
+            sample.f32_bytes_sent.to_string(),
         ]);
         rows.push(json!({
             "fp32_equivalent_bytes": payload,
@@ -163,10 +219,20 @@ args = ["bench", "allreduce-rank", "--elements", "{element_list}", "--dtype", "{
             "algbw_gbps": gbps(algbw),
             "busbw_gbps": gbps(busbw),
             "busbw_fraction_of_loopback": busbw / loopback,
+            "f32_time_s": sample.f32_time_s,
+            "time_ratio_vs_f32": time_ratio_vs_f32,
+            "bytes_sent_per_rank": sample.bytes_sent,
+            "f32_bytes_sent_per_rank": sample.f32_bytes_sent,
         }));
     }
+    let comparison = if dtype == DType::F32 {
+        String::new()
+    } else {
+        " against f32 at the same element count (calls interleaved)".to_owned()
+    };
     println!(
-        "all-reduce (ring over TCP), {ranks} ranks, {dtype}; loopback TCP {:.3} GB/s single stream",
+        "all-reduce (ring over TCP), {ranks} ranks, {dtype}{comparison}; loopback TCP {:.3} GB/s \
+         single stream",
         gbps(loopback)
     );
     print!(
@@ -178,7 +244,11 @@ args = ["bench", "allreduce-rank", "--elements", "{element_list}", "--dtype", "{
                 "TIME(US)",
                 "ALGBW(GB/S)",
                 "BUSBW(GB/S)",
-                "BUSBW/LOOPBACK"
+                "BUSBW/LOOPBACK",
+                "F32 TIME(US)",
+                "TIME/F32",
+                "SENT/RANK(BYTES)",
+                "F32 SENT/RANK(BYTES)"
             ],
             &table
         )

@@ -54,6 +54,7 @@ fn benchmark_config(world_size: u32, steps: u64) -> TrainConfig {
             ..ScheduleSpec::default()
         }),
         checkpoint: None,
+        train: None,
     };
     let mut config = TrainConfig::from_job_spec(&spec, std::env::temp_dir());
     config.evaluate = false;

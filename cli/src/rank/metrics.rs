@@ -146,6 +146,17 @@ impl MetricsSink for CoordinatorMetrics {
             metrics
                 .extra
                 .insert("learning_rate".to_owned(), step.learning_rate);
+            // Mixed precision: the loss scale (1 without fp16 scaling), skipped steps, and the
+            // gradient bytes this rank exchanged in its last step.
+            metrics
+                .extra
+                .insert("loss_scale".to_owned(), step.loss_scale);
+            metrics
+                .extra
+                .insert("skipped_steps".to_owned(), step.skipped_steps as f64);
+            metrics
+                .extra
+                .insert("gradient_bytes".to_owned(), step.gradient_bytes as f64);
         });
     }
 

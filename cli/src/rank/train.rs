@@ -143,6 +143,7 @@ fn connect_parameter_servers(link: &RankLink, config: &TrainConfig) -> Result<Pa
         client: ClientConfig {
             job_id: JobId::new(link.env.job_id.clone()).context("the job id")?,
             rank: link.env.rank as u32,
+            gradient_dtype: cohort_trainer::precision::wire_dtype(config.train.grad_comm_dtype()),
             ..ClientConfig::default()
         },
         addresses,

@@ -41,9 +41,9 @@ pub struct TcpRingConfig {
     /// Longest a collective may go without moving a byte before it fails naming the rank it
     /// waits on. Default 30 s.
     pub io_timeout: Duration,
-    /// Largest message, in bytes (chunks of reductions are counted as `f32`): smaller chunks
-    /// overlap more but cost more per byte. Default 512 KiB; a multiple of 4 from 1 KiB to
-    /// 64 MiB.
+    /// Largest message, in bytes (chunks of reductions that forward `f32` partial sums are
+    /// counted as `f32` throughout): smaller chunks overlap more but cost more per byte.
+    /// Default 512 KiB; a multiple of 4 from 1 KiB to 64 MiB.
     pub chunk_bytes: usize,
 }
 
@@ -91,10 +91,15 @@ impl TcpRingConfig {
 /// `&mut self`), but it can be moved to a dedicated communication thread. Each call runs on the
 /// calling thread: non-blocking sockets let it send, receive and reduce at once.
 ///
-/// Memory: one chunk of scratch, plus, for bf16/f16 all-reduces and for reduce-scatters, an
-/// `f32` accumulator as long as the input (kept for later calls). Partial sums travel between
-/// ranks as `f32`, so the reduce-scatter phase of a bf16/f16 all-reduce moves twice the bytes
-/// of the all-gather phase; the price of rounding only once.
+/// Reductions accumulate in `f32` and round once. The first reduce-scatter step sends each
+/// rank's own values in their element type (exact); later steps forward `f32` partial sums, and
+/// the all-gather moves the rounded result in the element type. So with two ranks a bf16/f16
+/// all-reduce moves half the bytes of an `f32` one; with `N` ranks its reduce-scatter moves
+/// `(2 N - 3) / (N - 1)` times the bytes of its all-gather (the price of rounding only once).
+///
+/// Memory: one chunk of scratch, plus, for reductions over more than two ranks that cannot
+/// accumulate in the caller's buffer (bf16/f16 all-reduces, reduce-scatters), an `f32`
+/// accumulator as long as the input (kept for later calls).
 pub struct TcpRing {
     /// This rank.
     rank: usize,
@@ -161,10 +166,10 @@ impl TcpRing {
             )?)
         };
         debug!(prefix, rank, world_size, "tcp ring ready");
-        let scratch_elements = if world_size == 1 {
+        let scratch_bytes = if world_size == 1 {
             0
         } else {
-            config.chunk_bytes / 4
+            config.chunk_bytes
         };
         Ok(TcpRing {
             rank,
@@ -172,13 +177,22 @@ impl TcpRing {
             prefix: prefix.to_owned(),
             chunk_bytes: config.chunk_bytes,
             transport,
-            scratch: Scratch::new(scratch_elements),
+            scratch: Scratch::new(scratch_bytes),
         })
     }
 
     /// Returns the key prefix the ring was formed under.
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// Returns the payload bytes this rank has sent to its successor since the ring formed
+    /// (message headers excluded; 0 for a world of one rank). The difference across a call is
+    /// the traffic that collective put on this rank's outgoing link.
+    pub fn payload_bytes_sent(&self) -> u64 {
+        self.transport
+            .as_ref()
+            .map_or(0, RingTransport::payload_bytes_sent)
     }
 
     /// Returns the transport, or `None` when there is nothing to exchange (one rank, or an
@@ -398,6 +412,149 @@ mod tests {
                 .map(|handle| handle.join().unwrap())
                 .collect()
         })
+    }
+
+    /// All-reduces `inputs[rank]` on a ring of `inputs.len()` ranks (threads), and returns each
+    /// rank's result and the payload bytes it sent.
+    fn all_reduce_on_threads<T: Element>(inputs: Vec<Vec<T>>, op: ReduceOp) -> Vec<(Vec<T>, u64)> {
+        let world_size = inputs.len();
+        let store = Arc::new(InMemoryStore::new());
+        let ranks: Vec<usize> = (0..world_size).collect();
+        let rings = connect_ranks(&store, "ring", &ranks, world_size, &quick_config());
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = rings
+                .into_iter()
+                .zip(inputs)
+                .map(|(ring, mut values)| {
+                    scope.spawn(move || {
+                        let mut ring = ring.unwrap();
+                        let before = ring.payload_bytes_sent();
+                        ring.all_reduce((&mut values).into(), op).unwrap();
+                        (values, ring.payload_bytes_sent() - before)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|handle| handle.join().unwrap())
+                .collect()
+        })
+    }
+
+    /// Returns `len` values `±(1 + m 2^-bits) 2^e`, `e` in -6..=2, with `bits` significand bits
+    /// after the point (7 for bf16, 10 for f16): sums of up to 5 of them need at most 22
+    /// significant bits, so their `f32` sums are exact in any order.
+    fn exactly_summable<T: Element>(seed: u64, len: usize, bits: i32) -> Vec<T> {
+        use rand::{Rng, SeedableRng};
+        let mut generator = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..len)
+            .map(|_| {
+                let significand =
+                    1.0 + generator.random_range(0..1 << bits) as f32 / 2f32.powi(bits);
+                let sign = if generator.random() { 1.0 } else { -1.0 };
+                T::from_f32(sign * significand * 2f32.powi(generator.random_range(-6..=2)))
+            })
+            .collect()
+    }
+
+    /// Returns whether two elements have the same bits.
+    fn same_bits<T: Element>(left: &T, right: &T) -> bool {
+        bytemuck::bytes_of(left) == bytemuck::bytes_of(right)
+    }
+
+    /// Checks the rounding-once property bit for bit: the all-reduce of low-precision inputs
+    /// equals their `f32` sums (exact for these inputs, so the ring's summation order does not
+    /// matter), divided in `f32` for averages, rounded once to `T` by `half`
+    /// (`reference_narrow`); and rounding after every hop would have given other bits.
+    fn low_precision_all_reduce_rounds_once<T: Element>(
+        significand_bits: i32,
+        reference_narrow: fn(f32) -> T,
+    ) {
+        let len = 20_011;
+        for world_size in [4, 5] {
+            let inputs: Vec<Vec<T>> = (0..world_size)
+                .map(|rank| exactly_summable(rank as u64 + 17, len, significand_bits))
+                .collect();
+            for op in [ReduceOp::Sum, ReduceOp::Average] {
+                let divisor = match op {
+                    ReduceOp::Sum => 1.0,
+                    ReduceOp::Average => world_size as f32,
+                };
+                let mut rounded_once = Vec::with_capacity(len);
+                let mut rounded_every_hop = Vec::with_capacity(len);
+                for index in 0..len {
+                    let values = inputs.iter().map(|input| input[index].to_f32());
+                    let sum: f32 = values.clone().sum();
+                    rounded_once.push(reference_narrow(sum / divisor));
+                    let hops =
+                        values.fold(0.0, |sum, value| reference_narrow(sum + value).to_f32());
+                    rounded_every_hop.push(reference_narrow(hops / divisor));
+                }
+                let differing = (0..len)
+                    .filter(|&index| !same_bits(&rounded_once[index], &rounded_every_hop[index]))
+                    .count();
+                assert!(
+                    differing > len / 100,
+                    "{differing} elements tell the two apart"
+                );
+                for (rank, (result, _)) in all_reduce_on_threads(inputs.clone(), op)
+                    .into_iter()
+                    .enumerate()
+                {
+                    let mismatch =
+                        (0..len).find(|&index| !same_bits(&result[index], &rounded_once[index]));
+                    assert!(
+                        mismatch.is_none(),
+                        "{} {op:?} over {world_size} ranks, rank {rank}: element {mismatch:?} \
+                         differs from the sum rounded once",
+                        T::DTYPE
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_all_reduce_over_four_and_five_ranks_is_the_sum_rounded_once() {
+        low_precision_all_reduce_rounds_once(7, half::bf16::from_f32);
+    }
+
+    #[test]
+    fn f16_all_reduce_over_four_and_five_ranks_is_the_sum_rounded_once() {
+        low_precision_all_reduce_rounds_once(10, half::f16::from_f32);
+    }
+
+    #[test]
+    fn low_precision_all_reduce_sends_own_values_in_their_type() {
+        // 4096 elements in segments of 4096 / N. Per rank, in bytes: f32 moves
+        // 2 (N - 1) segments of 4-byte values; bf16 one segment of its own 2-byte values, N - 2
+        // of 4-byte partial sums, and N - 1 of 2-byte results.
+        for world_size in [2, 4] {
+            let segment = 4096 / world_size as u64;
+            let f32_sent =
+                all_reduce_on_threads(vec![vec![1.0_f32; 4096]; world_size], ReduceOp::Sum);
+            let bf16_sent =
+                all_reduce_on_threads(vec![vec![half::bf16::ONE; 4096]; world_size], ReduceOp::Sum);
+            for ((f32_result, f32_bytes), (bf16_result, bf16_bytes)) in
+                f32_sent.iter().zip(&bf16_sent)
+            {
+                assert!(f32_result.iter().all(|&value| value == world_size as f32));
+                assert!(
+                    bf16_result
+                        .iter()
+                        .all(|value| value.to_f32() == world_size as f32)
+                );
+                let n = world_size as u64;
+                assert_eq!(*f32_bytes, 2 * (n - 1) * segment * 4);
+                assert_eq!(
+                    *bf16_bytes,
+                    segment * 2 + (n - 2) * segment * 4 + (n - 1) * segment * 2
+                );
+            }
+            if world_size == 2 {
+                assert_eq!(bf16_sent[0].1 * 2, f32_sent[0].1);
+            }
+        }
     }
 
     #[test]

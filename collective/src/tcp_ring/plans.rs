@@ -9,11 +9,16 @@
 //!
 //! Reduce-scatter keeps partial sums in `f32` whatever the element type: they travel as `f32`
 //! between ranks and are rounded to the element type once, by the rank that owns the segment.
+//! The first step's messages are the exception: they carry only the sender's own values, which
+//! travel exactly in their own type, so with two ranks (one step) a bf16 or f16 reduction moves
+//! only 2-byte elements, half the bytes of an `f32` one.
 
 use std::ops::Range;
 
 use super::transport::Plan;
-use crate::buffer::{DType, Element, ReduceOp, accumulate, finish_in_place, finish_into, widen};
+use crate::buffer::{
+    Addend, DType, Element, ReduceOp, accumulate, finish_in_place, finish_into, sum_pair,
+};
 
 /// Returns part `index` of `len` elements split into `parts` near-equal parts (the first
 /// `len % parts` parts are one element longer).
@@ -61,28 +66,36 @@ impl RingLayout {
 }
 
 /// Buffers a communicator keeps between calls, so that collectives do not allocate (the
-/// accumulator grows to the largest low-precision buffer seen, once).
+/// accumulator grows to the largest buffer seen, once, and only for reductions over more than
+/// two ranks that cannot accumulate in the caller's buffer).
 #[derive(Debug)]
 pub(crate) struct Scratch {
-    /// Landing place of one received `f32` chunk before it is added into an `f32` buffer.
+    /// Landing place of one received chunk before it is reduced: `f32` partial sums added into
+    /// an `f32` buffer, or a first-step chunk of the sender's own values in their element type.
     received: Vec<f32>,
     /// `f32` partial sums for reductions that cannot accumulate in the caller's buffer
-    /// (low-precision elements, or a separate output): one element per input element.
+    /// (low-precision elements, or a separate output) over more than two ranks: one element
+    /// per input element.
     accumulator: Vec<f32>,
 }
 
 impl Scratch {
-    /// Allocates room for one chunk of `chunk_elements` `f32`s.
-    pub fn new(chunk_elements: usize) -> Self {
+    /// Allocates room for one chunk of `chunk_bytes` bytes (a multiple of 4).
+    pub fn new(chunk_bytes: usize) -> Self {
         Self {
-            received: vec![0.0; chunk_elements],
+            received: vec![0.0; chunk_bytes / 4],
             accumulator: Vec::new(),
         }
     }
 
-    /// Returns the largest chunk, in `f32` elements.
-    pub fn chunk_elements(&self) -> usize {
-        self.received.len()
+    /// Returns the largest chunk, in bytes.
+    pub fn chunk_bytes(&self) -> usize {
+        self.received.len() * 4
+    }
+
+    /// Returns the landing place of a received chunk of `len` elements of type `T`.
+    fn received_mut<T: Element>(&mut self, len: usize) -> &mut [T] {
+        &mut bytemuck::cast_slice_mut(&mut self.received)[..len]
     }
 }
 
@@ -104,7 +117,10 @@ pub(crate) enum ReduceData<'a, T> {
 /// Receives never wait for storage (a rank that cannot read while its successor cannot read
 /// either would deadlock the ring): an `f32` all-reduce adds each received chunk into the
 /// caller's buffer and forwards the partial sums from there; other reductions keep partial
-/// sums in an `f32` accumulator as long as the input.
+/// sums in an `f32` accumulator as long as the input. The first step sends the sender's own
+/// values in their element type, straight from the caller's buffer; its receiver lands them in
+/// one chunk of scratch and adds its own values in `f32`, which, with two ranks, completes the
+/// sum, rounded once.
 pub(crate) struct ReducePlan<'a, T> {
     /// How the buffer is cut.
     layout: RingLayout,
@@ -175,11 +191,20 @@ impl<'a, T: Element> ReducePlan<'a, T> {
             ReduceData::InPlace(buffer) => (buffer.len(), T::DTYPE == DType::F32),
             ReduceData::Separate { input, .. } => (input.len(), false),
         };
-        if !in_place && scratch.accumulator.len() < len {
+        // With two ranks the only reduce-scatter step is the first: no partial sums travel.
+        let partial_sums_travel = !in_place && world_size > 2;
+        if partial_sums_travel && scratch.accumulator.len() < len {
             scratch.accumulator.resize(len, 0.0);
         }
+        // Messages carry `f32` partial sums or elements of `T`: the chunk is as long as the
+        // widest of them allows.
+        let widest_element = if partial_sums_travel {
+            4
+        } else {
+            T::DTYPE.size_bytes()
+        };
         Self {
-            layout: RingLayout::new(len, world_size, scratch.chunk_elements()),
+            layout: RingLayout::new(len, world_size, scratch.chunk_bytes() / widest_element),
             world_size,
             own_segment,
             data,
@@ -198,7 +223,8 @@ impl<'a, T: Element> ReducePlan<'a, T> {
         (self.world_size - 1) * self.layout.chunks
     }
 
-    /// Returns whether message `index` belongs to the reduce-scatter phase, and its step.
+    /// Returns whether message `index` belongs to the reduce-scatter phase, and its step
+    /// within its phase.
     fn locate(&self, index: usize) -> (bool, usize) {
         let phase_messages = self.phase_messages();
         if index < phase_messages {
@@ -257,24 +283,16 @@ impl<T: Element> Plan for ReducePlan<'_, T> {
         index.checked_sub(self.layout.chunks)
     }
 
-    fn prepare_send(&mut self, index: usize) {
-        if index < self.layout.chunks && !self.in_place {
-            let range = self.send_range(index);
-            let local = match &self.data {
-                ReduceData::InPlace(buffer) => &buffer[range.clone()],
-                ReduceData::Separate { input, .. } => &input[range.clone()],
-            };
-            widen(&mut self.scratch.accumulator[range], local);
-        }
-    }
+    fn prepare_send(&mut self, _index: usize) {}
 
     fn send_payload(&self, index: usize) -> &[u8] {
         let range = self.send_range(index);
-        let (reducing, _) = self.locate(index);
-        if reducing && !self.in_place {
+        let (reducing, step) = self.locate(index);
+        if reducing && step > 0 && !self.in_place {
             bytemuck::cast_slice(&self.scratch.accumulator[range])
         } else {
-            // The gather phase, or an `f32` reduction whose partial sums are in the buffer.
+            // The sender's own values (first step), the gather phase, or an `f32` reduction
+            // whose partial sums are in the buffer.
             bytemuck::cast_slice(&self.local()[range])
         }
     }
@@ -282,8 +300,12 @@ impl<T: Element> Plan for ReducePlan<'_, T> {
     fn finish_send(&mut self, _index: usize) {}
 
     fn recv_bytes(&self, index: usize) -> usize {
-        let (reducing, _) = self.locate(index);
-        let element_bytes = if reducing { 4 } else { T::DTYPE.size_bytes() };
+        let (reducing, step) = self.locate(index);
+        let element_bytes = if reducing && step > 0 {
+            4
+        } else {
+            T::DTYPE.size_bytes()
+        };
         self.recv_range(index).len() * element_bytes
     }
 
@@ -293,10 +315,11 @@ impl<T: Element> Plan for ReducePlan<'_, T> {
 
     fn recv_buffer(&mut self, index: usize) -> &mut [u8] {
         let range = self.recv_range(index);
-        let (reducing, _) = self.locate(index);
+        let (reducing, step) = self.locate(index);
         match (&mut self.data, reducing) {
-            (_, true) if self.in_place => {
-                bytemuck::cast_slice_mut(&mut self.scratch.received[..range.len()])
+            // `f32` partial sums to add into the buffer, or the sender's own values.
+            (_, true) if self.in_place || step == 0 => {
+                bytemuck::cast_slice_mut(self.scratch.received_mut::<T>(range.len()))
             }
             (_, true) => bytemuck::cast_slice_mut(&mut self.scratch.accumulator[range]),
             (ReduceData::InPlace(buffer), false) => bytemuck::cast_slice_mut(&mut buffer[range]),
@@ -312,36 +335,54 @@ impl<T: Element> Plan for ReducePlan<'_, T> {
         }
         let range = self.recv_range(index);
         let final_step = step + 2 == self.world_size;
-        let divisor = if final_step { self.divisor } else { None };
         let own_start = self.layout.segment(self.own_segment).start;
+        let received: &[T] = &bytemuck::cast_slice(&self.scratch.received)[..range.len()];
+        let accumulator = &mut self.scratch.accumulator;
         match &mut self.data {
+            // An `f32` all-reduce accumulates in the buffer.
             ReduceData::InPlace(buffer) if self.in_place => {
-                let received = &self.scratch.received[..range.len()];
-                finish_in_place(&mut buffer[range], received, divisor);
+                let divisor = if final_step { self.divisor } else { None };
+                let partial_sums = Addend::Sums(bytemuck::cast_slice(received));
+                finish_in_place(&mut buffer[range], partial_sums, divisor);
             }
             ReduceData::InPlace(buffer) if final_step => {
-                finish_in_place(
-                    &mut buffer[range.clone()],
-                    &self.scratch.accumulator[range],
-                    divisor,
-                );
+                let others = others(step, received, accumulator, range.clone());
+                finish_in_place(&mut buffer[range], others, self.divisor);
             }
             ReduceData::Separate { input, output } if final_step => {
-                let output_range = range.start - own_start..range.end - own_start;
-                finish_into(
-                    &mut output[output_range],
-                    &input[range.clone()],
-                    &self.scratch.accumulator[range],
-                    divisor,
-                );
+                let others = others(step, received, accumulator, range.clone());
+                let output = &mut output[range.start - own_start..range.end - own_start];
+                finish_into(output, &input[range], others, self.divisor);
+            }
+            ReduceData::InPlace(buffer) if step == 0 => {
+                sum_pair(&mut accumulator[range.clone()], &buffer[range], received);
+            }
+            ReduceData::Separate { input, .. } if step == 0 => {
+                sum_pair(&mut accumulator[range.clone()], &input[range], received);
             }
             ReduceData::InPlace(buffer) => {
-                accumulate(&mut self.scratch.accumulator[range.clone()], &buffer[range]);
+                accumulate(&mut accumulator[range.clone()], &buffer[range]);
             }
             ReduceData::Separate { input, .. } => {
-                accumulate(&mut self.scratch.accumulator[range.clone()], &input[range]);
+                accumulate(&mut accumulator[range.clone()], &input[range]);
             }
         }
+    }
+}
+
+/// Returns what the other ranks contributed to chunk `range`, received at `step` by a
+/// reduction that keeps partial sums in the accumulator: the predecessor's own values at the
+/// first step (`received`), their partial sums after it (received into `accumulator`).
+fn others<'b, T>(
+    step: usize,
+    received: &'b [T],
+    accumulator: &'b [f32],
+    range: Range<usize>,
+) -> Addend<'b, T> {
+    if step == 0 {
+        Addend::Values(received)
+    } else {
+        Addend::Sums(&accumulator[range])
     }
 }
 
@@ -555,7 +596,7 @@ mod tests {
 
     #[test]
     fn reduce_schedule_visits_every_segment_once_per_phase() {
-        let mut scratch = Scratch::new(4);
+        let mut scratch = Scratch::new(16);
         let mut buffer = vec![0.0_f32; 10];
         let world_size = 4;
         let rank = 2;

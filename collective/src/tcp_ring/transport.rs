@@ -130,6 +130,8 @@ pub(crate) struct RingTransport {
     io_timeout: Duration,
     /// Counter of collectives run, carried in every header to catch mismatched calls.
     sequence: u32,
+    /// Payload bytes of every message sent to the successor so far (headers excluded).
+    payload_bytes_sent: u64,
     /// Bytes of a frame arriving backwards from the successor (only aborts travel that way).
     reverse_header: [u8; HEADER_BYTES],
     /// Bytes of `reverse_header` read so far.
@@ -181,12 +183,19 @@ impl RingTransport {
             events: Events::with_capacity(8),
             io_timeout,
             sequence: 0,
+            payload_bytes_sent: 0,
             reverse_header: [0; HEADER_BYTES],
             reverse_read: 0,
             next_closed: false,
             deferred_abort: None,
             poisoned: None,
         })
+    }
+
+    /// Returns the payload bytes of every message sent to the successor so far, headers
+    /// excluded: what the collectives' schedules moved out of this rank.
+    pub fn payload_bytes_sent(&self) -> u64 {
+        self.payload_bytes_sent
     }
 
     /// Fails if an earlier collective broke the ring.
@@ -340,6 +349,7 @@ impl RingTransport {
             progressed = true;
             progress.send_written += count;
             if progress.send_written == HEADER_BYTES + payload.len() {
+                self.payload_bytes_sent += payload.len() as u64;
                 plan.finish_send(index);
                 progress.send_index += 1;
                 progress.send_started = false;

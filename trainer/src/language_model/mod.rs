@@ -31,11 +31,13 @@ use crate::mesh::{MeshCoordinates, MeshGroups};
 use crate::metrics::{EvaluationMetrics, MetricsSink, PhaseTimings, StepMetrics};
 use crate::optim::{LearningRateSchedule, Optimizer};
 use crate::pipeline::{Schedule, run_forward_only, run_training_step};
+use crate::precision::{LossScaler, NarrowBuffers};
 use crate::sampler::{DistributedSampler, rank_share};
 use crate::text::{TextCorpus, Windows};
 use crate::train_loop::TrainConfig;
 use crate::transformer::{Split, StagePlan, TensorParallel, TransformerConfig, TransformerStage};
 use checkpoint::{FullParameter, SaveContext, check_layouts, full_parameters};
+use cohort_spec::precision::Precision;
 use stage::LanguageModelStage;
 
 /// Validation sequences every evaluation reads (the first ones of the validation split).
@@ -128,12 +130,18 @@ pub fn train_language_model(
         Some(group) if mesh.shape.tensor > 1 => TensorParallel::new(group),
         _ => TensorParallel::single(),
     });
-    let model = TransformerStage::new(
+    let mut model = TransformerStage::new(
         &model_config,
         plan.clone(),
         tensor_parallel.clone(),
         &device,
     )?;
+    let precision = config.train.precision;
+    model.set_compute_dtype(crate::precision::tensor_dtype(precision));
+    let gradient_format = config.train.grad_comm_dtype();
+    let mixed = precision != Precision::Fp32 || gradient_format != Precision::Fp32;
+    let mut scaler = LossScaler::new(config.train.loss_scaling());
+    let mut narrow = NarrowBuffers::default();
     let full = full_parameters(&model_config, &layers);
     check_layouts(model.layouts(), &full)?;
     let mut optimizer = Optimizer::new(&config.optimizer, model.parameters().element_count());
@@ -271,6 +279,7 @@ pub fn train_language_model(
             &mut targets,
         );
         stage.load_batch(&inputs, &targets, micro_sequences, context, loss_scale)?;
+        stage.set_gradient_scale(scaler.scale());
         timings.data = started.elapsed();
 
         let stats = run_training_step(
@@ -289,56 +298,86 @@ pub fn train_language_model(
         timings.exposed_communication = stats.waiting;
 
         let phase = Instant::now();
-        if replicas > 1 {
-            mesh.data
-                .all_reduce(stage.gradients_mut().into(), ReduceOp::Sum)?;
-        }
-        timings.exposed_communication += phase.elapsed();
-
-        let phase = Instant::now();
-        // The step's loss (from each replica's last stage) and the gradients' squared norm
-        // (each parameter once: replica 0, replicated ones on shard 0) over the whole mesh.
-        let squared_norm: f64 = if replica == 0 {
-            model
-                .parameters()
-                .iter()
-                .zip(&counted_once)
-                .filter(|(_, counted)| **counted)
-                .map(|(parameter, _)| {
-                    stage.gradients()[parameter.flat_range()]
-                        .iter()
-                        .map(|g| f64::from(*g) * f64::from(*g))
-                        .sum::<f64>()
-                })
-                .sum()
-        } else {
-            0.0
-        };
-        reduced[0] = if plan.last && shard == 0 {
+        // The step's loss (each replica's last stage, shard 0) and whether any rank's gradients
+        // overflowed, agreed over the whole mesh.
+        let local_loss = if plan.last && shard == 0 {
             stage.loss() as f32
         } else {
             0.0
         };
-        reduced[1] = squared_norm as f32;
+        let local_overflow =
+            !stage.loss().is_finite() || crate::precision::has_non_finite(stage.gradients());
+        reduced[0] = local_loss;
+        reduced[1] = if local_overflow { 1.0 } else { 0.0 };
         mesh.world
             .all_reduce(reduced.as_mut_slice().into(), ReduceOp::Sum)?;
         let loss = reduced[0];
-        if !loss.is_finite() {
+        let overflow = reduced[1] > 0.0 || !loss.is_finite();
+        if overflow && !mixed {
             return Err(TrainerError::Diverged {
                 step: step + 1,
                 loss,
             });
         }
-        if let Some(max_norm) = config.optimizer.grad_clip_norm {
-            let norm = f64::from(reduced[1]).sqrt();
-            if norm > max_norm {
-                let factor = (max_norm / norm) as f32;
-                stage.gradients_mut().iter_mut().for_each(|g| *g *= factor);
-            }
-        }
         let learning_rate = schedule.learning_rate(step);
-        optimizer.step(model.parameters(), stage.gradients(), learning_rate)?;
-        timings.optimizer = phase.elapsed();
+        if overflow {
+            scaler.update(true);
+            if scaler.skipped_in_a_row() > crate::train_loop::MAX_SKIPPED_STEPS_IN_A_ROW {
+                return Err(TrainerError::Diverged {
+                    step: step + 1,
+                    loss,
+                });
+            }
+            tracing::warn!(
+                step = step + 1,
+                loss_scale = scaler.scale(),
+                skipped_steps = scaler.skipped_steps(),
+                "gradients overflowed on some rank: step skipped"
+            );
+        } else {
+            if replicas > 1 {
+                narrow.all_reduce(stage.gradients_mut(), gradient_format, mesh.data.as_mut())?;
+            }
+            let unscale = 1.0 / scaler.scale();
+            if unscale != 1.0 {
+                let unscale = unscale as f32;
+                stage.gradients_mut().iter_mut().for_each(|g| *g *= unscale);
+            }
+            if mixed {
+                scaler.update(false);
+            }
+            timings.exposed_communication += phase.elapsed();
+            if let Some(max_norm) = config.optimizer.grad_clip_norm {
+                // The global norm: each parameter once (replica 0; replicated ones on shard 0).
+                let squared: f64 = if replica == 0 {
+                    model
+                        .parameters()
+                        .iter()
+                        .zip(&counted_once)
+                        .filter(|(_, counted)| **counted)
+                        .map(|(parameter, _)| {
+                            stage.gradients()[parameter.flat_range()]
+                                .iter()
+                                .map(|g| f64::from(*g) * f64::from(*g))
+                                .sum::<f64>()
+                        })
+                        .sum()
+                } else {
+                    0.0
+                };
+                let mut norm = [squared as f32];
+                mesh.world
+                    .all_reduce(norm.as_mut_slice().into(), ReduceOp::Sum)?;
+                let norm = f64::from(norm[0]).sqrt();
+                if norm > max_norm {
+                    let factor = (max_norm / norm) as f32;
+                    stage.gradients_mut().iter_mut().for_each(|g| *g *= factor);
+                }
+            }
+            let phase = Instant::now();
+            optimizer.step(model.parameters(), stage.gradients(), learning_rate)?;
+            timings.optimizer = phase.elapsed();
+        }
 
         let elapsed = started.elapsed();
         training_time += elapsed;
@@ -352,6 +391,13 @@ pub fn train_language_model(
             global_batch,
             samples_per_second: global_batch as f64 / elapsed.as_secs_f64().max(1e-9),
             timings,
+            loss_scale: scaler.scale(),
+            skipped_steps: scaler.skipped_steps(),
+            gradient_bytes: if overflow || replicas == 1 {
+                0
+            } else {
+                crate::precision::gradient_bytes(stage.gradients().len(), gradient_format)
+            },
         });
         let checkpoint_due = config
             .checkpoint

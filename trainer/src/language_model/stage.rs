@@ -45,6 +45,8 @@ pub struct LanguageModelStage<'a> {
     targets: Vec<Tensor>,
     /// Factor of each micro-batch loss in the step's loss: 1 / (replicas x micro-batches).
     loss_scale: f64,
+    /// fp16 loss scaling: the backward pass starts from the loss times this (1 otherwise).
+    gradient_scale: f64,
     /// Saved graphs by micro-batch.
     saved: HashMap<usize, Saved>,
     /// Accumulated gradients of the local parameters, flat.
@@ -69,6 +71,7 @@ impl<'a> LanguageModelStage<'a> {
             inputs: Vec::new(),
             targets: Vec::new(),
             loss_scale: 1.0,
+            gradient_scale: 1.0,
             saved: HashMap::new(),
             gradients: vec![0.0; count],
             scratch: vec![0.0; count],
@@ -115,6 +118,12 @@ impl<'a> LanguageModelStage<'a> {
         self.loss = 0.0;
         self.gradients.fill(0.0);
         Ok(inputs.len().div_ceil(per_micro))
+    }
+
+    /// Sets the factor the backward pass multiplies the loss by (fp16 loss scaling); the
+    /// gradients come out multiplied by it.
+    pub fn set_gradient_scale(&mut self, scale: f64) {
+        self.gradient_scale = scale;
     }
 
     /// The accumulated gradients of this step.
@@ -173,15 +182,11 @@ impl PipelineStage for LanguageModelStage<'_> {
         let (leaf, output) = self.run(micro, input)?;
         if self.last {
             let loss = TransformerStage::loss(&output, self.targets(micro)?)?;
+            // A non-finite loss propagates into `loss()`: the training loop decides whether it
+            // is an fp16 overflow (skip the step) or a divergence.
             let value = f64::from(loss.to_scalar::<f32>()?);
-            if !value.is_finite() {
-                return Err(TrainerError::Diverged {
-                    step: 0,
-                    loss: value as f32,
-                });
-            }
             self.loss += value * self.loss_scale;
-            let scaled = loss.affine(self.loss_scale, 0.0)?;
+            let scaled = loss.affine(self.loss_scale * self.gradient_scale, 0.0)?;
             self.saved.insert(
                 micro,
                 Saved {

@@ -1,7 +1,7 @@
 //! One transformer block (pre-LayerNorm causal self-attention and GELU MLP) as one rank of a
 //! tensor-parallel group computes it, and the LayerNorm and linear layers it is made of.
 
-use candle_core::{D, Tensor};
+use candle_core::{D, DType, Tensor};
 
 use super::LAYER_NORM_EPSILON;
 use super::tensor_parallel::TensorParallel;
@@ -56,26 +56,35 @@ pub(super) struct Block {
     pub(super) head_dimension: usize,
 }
 
-/// Returns `x W^T + b` for a `[rows, in]` input and a `(out, in)` weight.
+/// Returns `x W^T + b` for a `[rows, in]` input and a `(out, in)` weight, computed in
+/// `compute` (the f32 weights are cast on use: mixed precision's working copy) and returned
+/// in f32.
 pub(super) fn linear(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
+    compute: DType,
 ) -> candle_core::Result<Tensor> {
-    let product = x.matmul(&weight.t()?)?;
-    match bias {
-        Some(bias) => product.broadcast_add(bias),
-        None => Ok(product),
-    }
+    let product = x
+        .to_dtype(compute)?
+        .matmul(&weight.to_dtype(compute)?.t()?)?;
+    let product = match bias {
+        Some(bias) => product.broadcast_add(&bias.to_dtype(compute)?)?,
+        None => product,
+    };
+    product.to_dtype(DType::F32)
 }
 
 impl Block {
     /// Maps the residual stream `[batch, sequence, width]` through attention and the MLP.
+    /// Matrix products run in `compute` (f32, bf16 or f16); LayerNorms, the softmax, the
+    /// residual stream and the tensor-parallel all-reduces stay in f32.
     pub(super) fn forward(
         &self,
         x: &Tensor,
         tensor_parallel: &TensorParallel,
         mask: &Tensor,
+        compute: DType,
     ) -> Result<Tensor> {
         let (batch, sequence, width) = x.dims3()?;
         let rows = batch * sequence;
@@ -84,7 +93,8 @@ impl Block {
         let normed = self.ln1.forward(x)?.reshape((rows, width))?;
         let shared = tensor_parallel.copy_to_region(&normed)?;
         let heads = |(weight, bias): &(Tensor, Tensor)| -> candle_core::Result<Tensor> {
-            linear(&shared, weight, Some(bias))?
+            linear(&shared, weight, Some(bias), compute)?
+                .to_dtype(compute)?
                 .reshape((batch, sequence, self.local_heads, self.head_dimension))?
                 .transpose(1, 2)?
                 .contiguous()
@@ -93,15 +103,18 @@ impl Block {
         let scale = 1.0 / (self.head_dimension as f64).sqrt();
         let scores = query
             .matmul(&key.t()?)?
+            .to_dtype(DType::F32)?
             .affine(scale, 0.0)?
             .broadcast_add(&mask.narrow(0, 0, sequence)?.narrow(1, 0, sequence)?)?;
         let probabilities = candle_nn::ops::softmax(&scores, D::Minus1)?;
         let attended = probabilities
+            .to_dtype(compute)?
             .matmul(&value)?
+            .to_dtype(DType::F32)?
             .transpose(1, 2)?
             .contiguous()?
             .reshape((rows, local_width))?;
-        let partial = linear(&attended, &self.output_weight, None)?;
+        let partial = linear(&attended, &self.output_weight, None, compute)?;
         let projected = tensor_parallel
             .reduce_from_region(&partial)?
             .broadcast_add(&self.output_bias)?;
@@ -109,8 +122,8 @@ impl Block {
 
         let normed = self.ln2.forward(&x)?.reshape((rows, width))?;
         let shared = tensor_parallel.copy_to_region(&normed)?;
-        let hidden = linear(&shared, &self.up.0, Some(&self.up.1))?.gelu()?;
-        let partial = linear(&hidden, &self.down_weight, None)?;
+        let hidden = linear(&shared, &self.up.0, Some(&self.up.1), compute)?.gelu()?;
+        let partial = linear(&hidden, &self.down_weight, None, compute)?;
         let projected = tensor_parallel
             .reduce_from_region(&partial)?
             .broadcast_add(&self.down_bias)?;

@@ -287,6 +287,9 @@ pub struct TransformerStage {
     head: Option<Head>,
     /// Additive causal mask `[context, context]`: 0 on and below the diagonal, -inf above.
     mask: Tensor,
+    /// Element type of the matrix products (f32, or bf16/f16 for mixed precision); the
+    /// parameters stay f32 masters, cast on use.
+    compute_dtype: DType,
 }
 
 impl TransformerStage {
@@ -463,6 +466,7 @@ impl TransformerStage {
             blocks,
             head,
             mask,
+            compute_dtype: DType::F32,
         })
     }
 
@@ -524,7 +528,7 @@ impl TransformerStage {
         };
         for block in &self.blocks {
             x = block
-                .forward(&x, &self.tensor_parallel, &self.mask)
+                .forward(&x, &self.tensor_parallel, &self.mask, self.compute_dtype)
                 .map_err(|error| match error {
                     TrainerError::Tensor(error) => self.tensor_parallel.trainer_error(error),
                     other => other,
@@ -535,8 +539,19 @@ impl TransformerStage {
         };
         let (batch, sequence, width) = x.dims3()?;
         let normed = head.ln_f.forward(&x)?.reshape((batch * sequence, width))?;
-        let logits = linear(&normed, &head.weight, Some(&head.bias))?;
+        let logits = linear(&normed, &head.weight, Some(&head.bias), self.compute_dtype)?;
         Ok(logits.reshape((batch, sequence, self.config.vocabulary))?)
+    }
+
+    /// Computes the matrix products in `dtype` from now on (bf16 or f16 for mixed precision;
+    /// f32 by default). The parameters remain the f32 masters the optimizer updates.
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
+        self.compute_dtype = dtype;
+    }
+
+    /// Element type of the matrix products.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype
     }
 
     /// Returns the mean cross-entropy of `logits` (`[batch, sequence, vocabulary]`) against

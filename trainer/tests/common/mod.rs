@@ -7,7 +7,7 @@ use cohort_collective::{InMemoryStore, TcpRing, TcpRingConfig};
 use cohort_trainer::data::TrainTestSplits;
 use cohort_trainer::metrics::DiscardMetrics;
 use cohort_trainer::models::Model;
-use cohort_trainer::{TrainConfig, train};
+use cohort_trainer::{MetricsSink, TrainConfig, TrainOutcome, train};
 
 /// Returns `model`'s parameters, flat.
 pub fn flat(model: &Model) -> Vec<f32> {
@@ -24,6 +24,21 @@ pub fn train_on_ring(
     data: &TrainTestSplits,
     expected_steps: u64,
 ) -> Vec<Vec<f32>> {
+    train_on_ring_recording::<DiscardMetrics>(config, data)
+        .into_iter()
+        .map(|(outcome, _)| {
+            assert_eq!(outcome.steps, expected_steps);
+            flat(&outcome.model)
+        })
+        .collect()
+}
+
+/// Trains `config` on `parallel.data` ranks (threads joined by a TCP ring), each reporting to
+/// its own `S`; returns every rank's outcome and sink.
+pub fn train_on_ring_recording<S: MetricsSink + Default + Send>(
+    config: &TrainConfig,
+    data: &TrainTestSplits,
+) -> Vec<(TrainOutcome, S)> {
     let world_size = config.parallel.data as usize;
     let store = InMemoryStore::new();
     std::thread::scope(|scope| {
@@ -39,9 +54,9 @@ pub fn train_on_ring(
                         &TcpRingConfig::default(),
                     )
                     .unwrap();
-                    let outcome = train(config, data, &mut ring, &mut DiscardMetrics).unwrap();
-                    assert_eq!(outcome.steps, expected_steps);
-                    flat(&outcome.model)
+                    let mut sink = S::default();
+                    let outcome = train(config, data, &mut ring, &mut sink).unwrap();
+                    (outcome, sink)
                 })
             })
             .collect();
