@@ -410,7 +410,7 @@ fn progress_line(job: &JobInfo) -> Option<String> {
         metrics.step, metrics.total_steps, metrics.epoch, metrics.loss, metrics.samples_per_s
     );
     if let Some(accuracy) = metrics.eval_accuracy {
-        let _ = write!(line, " test acc {:.2}%", accuracy * 100.0);
+        let _ = write!(line, " eval acc {:.2}%", accuracy * 100.0);
     }
     if metrics.total_steps > metrics.step && job.started_at_unix_ms > 0 && metrics.step > 0 {
         let spent = (metrics.reported_at_unix_ms - job.started_at_unix_ms).max(0) as f64;

@@ -124,7 +124,7 @@ pub async fn watch(client: &mut JobControlClient<Channel>, job_id: &str) -> Resu
         .find(|m| m.rank == 0)
         .and_then(|m| m.eval_accuracy)
     {
-        eprintln!("final test accuracy: {:.2}%", accuracy * 100.0);
+        eprintln!("final evaluation accuracy: {:.2}%", accuracy * 100.0);
     }
     Ok(if job.state() == JobState::Succeeded {
         ExitCode::SUCCESS

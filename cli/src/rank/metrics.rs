@@ -33,6 +33,8 @@ pub struct CoordinatorMetrics {
     step_times: Vec<f64>,
     /// Timings of each step.
     phases: Vec<PhaseTimings>,
+    /// How evaluations are named in the log: the split and what an example is.
+    evaluation_words: (&'static str, &'static str),
 }
 
 impl CoordinatorMetrics {
@@ -63,7 +65,14 @@ impl CoordinatorMetrics {
             job_id,
             step_times: Vec::new(),
             phases: Vec::new(),
+            evaluation_words: ("test", "examples"),
         }
+    }
+
+    /// Names evaluations as a language model's: validation loss over tokens.
+    pub fn for_language_model(mut self) -> Self {
+        self.evaluation_words = ("validation", "tokens");
+        self
     }
 
     /// Medians of the per-step figures (steps after warm-up), as named extra metrics.
@@ -163,8 +172,9 @@ impl MetricsSink for CoordinatorMetrics {
     fn on_evaluation(&mut self, evaluation: &EvaluationMetrics) {
         if self.latest.borrow().rank == 0 {
             // One line per epoch in the job's log, next to the progress bar's figures.
+            let (split, units) = self.evaluation_words;
             println!(
-                "epoch {} step {}: test loss {:.4}, test accuracy {:.2}% ({} examples)",
+                "epoch {} step {}: {split} loss {:.4}, {split} accuracy {:.2}% ({} {units})",
                 evaluation.epoch + 1,
                 evaluation.step,
                 evaluation.loss,

@@ -89,7 +89,7 @@ fn train_transformer(link: &RankLink, config: &TrainConfig) -> Result<ExitCode> 
         SocketAddr::new(env.node_address, 0),
     )
     .with_context(|| format!("rank {} joining the {} mesh", env.rank, shape.name()))?;
-    let mut metrics = link.metrics()?;
+    let mut metrics = link.metrics()?.for_language_model();
     let outcome = train_language_model(config, &corpus, mesh, &mut metrics)
         .with_context(|| format!("rank {} training", env.rank))?;
     metrics.finish();
