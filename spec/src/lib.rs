@@ -10,11 +10,14 @@
 //!   `[schedule]`, `[parallel]`, `[checkpoint]`).
 //! - [`layout`]: the rules across training sections (model and data set, transformer meshes,
 //!   parameter-server jobs) and the pure pipeline-stage balancing.
+//! - [`parallel`]: `[parallel]`, the mesh of replicas, stages and shards and the gradient
+//!   exchange (all-reduce or parameter servers).
 //! - [`precision`]: `[train]`, the compute and gradient-exchange formats and fp16 loss scaling.
 //! - [`problems`]: [`Problems`], the list of field-path errors validation produces.
 
 pub mod job;
 pub mod layout;
+pub mod parallel;
 pub mod precision;
 pub mod problems;
 pub mod train;
