@@ -6,37 +6,14 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use cohort_cluster_tests::jobs::mlp_job;
 use cohort_cluster_tests::sandbox::{DEFAULT_TIMEOUT, Sandbox, poll, process_alive, signal};
 
-/// A 4-rank MLP job with 2 shards in `mode` (`staleness = K` appended for ssp).
+/// An MLP job of `ranks` ranks with 2 shards in `mode` (`staleness = 2` for ssp).
 fn ps_job(name: &str, mode: &str, ranks: u32, epochs: u32, max_steps: Option<u64>) -> String {
     let staleness = if mode == "ssp" { "staleness = 2" } else { "" };
-    let max_steps = max_steps.map_or(String::new(), |steps| format!("max_steps = {steps}"));
-    format!(
-        r#"
-version = 1
-name = "{name}"
-kind = "train"
-[model]
-kind = "mlp"
-hidden = [512, 256]
-[optimizer]
-kind = "adamw"
-lr = 0.001
-[schedule]
-epochs = {epochs}
-batch_size = 256
-warmup_steps = 50
-lr_decay = "cosine"
-{max_steps}
-[parallel]
-data = {ranks}
-comm = "ps"
-ps_shards = 2
-ps_mode = "{mode}"
-{staleness}
-"#
-    )
+    let parallel = format!("comm = \"ps\"\nps_shards = 2\nps_mode = \"{mode}\"\n{staleness}");
+    mlp_job(name, ranks, epochs, max_steps, 0.001, &parallel)
 }
 
 /// Runs one epoch in `mode` and returns rank 0's final test accuracy, checking the job's

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use cohort_cluster_tests::jobs::mlp_job;
 use cohort_cluster_tests::sandbox::{DEFAULT_TIMEOUT, Sandbox, poll, signal};
 
 /// Fashion-MNIST must be installed (scripts/setup.sh installs `dataset-fashion-mnist`); the
@@ -13,28 +14,7 @@ fn train_job(name: &str, epochs: u32, max_steps: Option<u64>) -> String {
 }
 
 fn train_job_of(name: &str, epochs: u32, max_steps: Option<u64>, ranks: u32) -> String {
-    let max_steps = max_steps.map_or(String::new(), |steps| format!("max_steps = {steps}"));
-    format!(
-        r#"
-version = 1
-name = "{name}"
-kind = "train"
-[model]
-kind = "mlp"
-hidden = [512, 256]
-[optimizer]
-kind = "adamw"
-lr = 0.002
-[schedule]
-epochs = {epochs}
-batch_size = 256
-warmup_steps = 50
-lr_decay = "cosine"
-{max_steps}
-[parallel]
-data = {ranks}
-"#
-    )
+    mlp_job(name, ranks, epochs, max_steps, 0.002, "")
 }
 
 #[test]

@@ -363,6 +363,7 @@ fn one_line(message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::problems::problem_strings;
 
     const HELLO: &str = r#"
 version = 1
@@ -385,19 +386,10 @@ args = ["-c", "echo $RANK"]
         assert_eq!(spec.stop_grace_s(), 10.0);
     }
 
-    fn problem_paths(text: &str) -> Vec<String> {
-        parse(text)
-            .unwrap_err()
-            .problems()
-            .into_iter()
-            .map(|p| p.to_string())
-            .collect()
-    }
-
     #[test]
     fn unknown_field_is_named() {
         let text = HELLO.replace("ranks = 3", "ranks = 3\nrankz = 4");
-        let problems = problem_paths(&text);
+        let problems = problem_strings(&text);
         assert_eq!(problems.len(), 1);
         assert!(problems[0].contains("rankz"), "{problems:?}");
         assert!(problems[0].starts_with("resources"), "{problems:?}");
@@ -406,7 +398,7 @@ args = ["-c", "echo $RANK"]
     #[test]
     fn wrong_type_is_named_with_its_path() {
         let text = HELLO.replace("ranks = 3", "ranks = \"three\"");
-        let problems = problem_paths(&text);
+        let problems = problem_strings(&text);
         assert!(problems[0].starts_with("resources.ranks"), "{problems:?}");
     }
 
@@ -424,7 +416,7 @@ devices_per_rank = 1000
 program = ""
 stop_grace_s = -1.0
 "#;
-        let problems = problem_paths(text);
+        let problems = problem_strings(text);
         for path in [
             "version",
             "name",
@@ -444,12 +436,12 @@ stop_grace_s = -1.0
     #[test]
     fn oversized_spec_is_refused_before_parsing() {
         let text = format!("{HELLO}\n# {}", "x".repeat(MAX_SPEC_BYTES));
-        assert!(problem_paths(&text)[0].contains("expected at most"));
+        assert!(problem_strings(&text)[0].contains("expected at most"));
     }
 
     #[test]
     fn syntax_error_is_one_line() {
-        let problems = problem_paths("version = = 1");
+        let problems = problem_strings("version = = 1");
         assert_eq!(problems.len(), 1);
         assert!(!problems[0].contains('\n'));
     }

@@ -378,15 +378,7 @@ fn validate_parameter_server(
 mod tests {
     use super::*;
     use crate::job::parse;
-
-    fn problem_strings(text: &str) -> Vec<String> {
-        parse(text)
-            .unwrap_err()
-            .problems()
-            .into_iter()
-            .map(|p| p.to_string())
-            .collect()
-    }
+    use crate::problems::problem_strings;
 
     fn transformer_job(parallel: &str) -> String {
         format!(

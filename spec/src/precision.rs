@@ -173,6 +173,7 @@ impl TrainSpec {
 mod tests {
     use super::*;
     use crate::job::parse;
+    use crate::problems::problem_strings;
 
     #[test]
     fn fp16_gets_dynamic_loss_scaling_and_bf16_none() {
@@ -209,13 +210,8 @@ mod tests {
             ),
             ("precision = \"fp8\"", "train.precision"),
         ] {
-            let problems: Vec<String> =
-                parse(&format!("version = 1\nkind = \"train\"\n[train]\n{text}\n"))
-                    .unwrap_err()
-                    .problems()
-                    .into_iter()
-                    .map(|p| p.to_string())
-                    .collect();
+            let problems =
+                problem_strings(&format!("version = 1\nkind = \"train\"\n[train]\n{text}\n"));
             assert!(
                 problems.iter().any(|p| p.starts_with(field)),
                 "{text}: {problems:?}"

@@ -86,3 +86,15 @@ impl SpecError {
         }
     }
 }
+
+/// Test support: parses `text`, which must be invalid, and returns every problem as text
+/// (`path: message`).
+#[cfg(test)]
+pub(crate) fn problem_strings(text: &str) -> Vec<String> {
+    crate::job::parse(text)
+        .unwrap_err()
+        .problems()
+        .into_iter()
+        .map(|p| p.to_string())
+        .collect()
+}

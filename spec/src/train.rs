@@ -666,15 +666,7 @@ pub fn validate(spec: &JobSpec, problems: &mut Problems) {
 mod tests {
     use super::*;
     use crate::job::parse;
-
-    fn problem_strings(text: &str) -> Vec<String> {
-        parse(text)
-            .unwrap_err()
-            .problems()
-            .into_iter()
-            .map(|p| p.to_string())
-            .collect()
-    }
+    use crate::problems::problem_strings;
 
     #[test]
     fn bare_train_job_takes_every_default() {
