@@ -272,6 +272,18 @@ pub enum Error {
         /// What went wrong.
         failure: crate::p2p::LinkFailure,
     },
+
+    /// A GPU path was asked for in a build without the `cuda` feature.
+    #[error("this cohort was built without CUDA support: rebuild with `--features cuda`")]
+    NotCompiledWithCuda,
+
+    /// A GPU path was asked for, but the CUDA driver library could not be loaded.
+    #[error("no CUDA driver found (libcuda.so.1 could not be loaded)")]
+    NoCudaDriver,
+
+    /// NCCL was asked for, but its library could not be loaded.
+    #[error("no NCCL library found (libnccl.so.2 could not be loaded; install NCCL)")]
+    NoNccl,
 }
 
 impl Error {
@@ -297,7 +309,10 @@ impl Error {
             | Error::Listen { .. }
             | Error::LengthMismatch { .. }
             | Error::DtypeMismatch { .. }
-            | Error::RootOutOfRange { .. } => None,
+            | Error::RootOutOfRange { .. }
+            | Error::NotCompiledWithCuda
+            | Error::NoCudaDriver
+            | Error::NoNccl => None,
         }
     }
 

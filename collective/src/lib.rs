@@ -18,6 +18,7 @@
 //!   deadlock.
 //! - [`bench`](mod@bench): loopback TCP throughput, all-reduce timing and the busbw formula, for
 //!   `cohort bench allreduce`.
+//! - [`cuda`]: whether this build and machine can use CUDA and NCCL.
 //! - [`error`]: the crate's [`Error`] and [`Result`].
 
 #![warn(missing_docs)]
@@ -25,6 +26,7 @@
 pub mod bench;
 pub mod buffer;
 pub mod communicator;
+pub mod cuda;
 pub mod error;
 pub mod p2p;
 pub mod rendezvous;
