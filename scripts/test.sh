@@ -20,18 +20,31 @@ cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "cargo clippy with --features cuda (builds without CUDA installed)"
-cargo clippy --locked -p cohort-worker -p cohort-cli --features cohort-cli/cuda --all-targets -- -D warnings
+step "cargo clippy --features cuda (NCCL and the driver are loaded at run time: no CUDA needed)"
+cargo clippy --workspace --all-targets --locked --features cohort-cli/cuda -- -D warnings
+
+step "cargo clippy --features candle-cuda (type-checks GPU training; nvcc from PyPI, no GPU)"
+toolkit="$(bash scripts/cuda-toolkit.sh)"
+PATH="$toolkit/bin:$PATH" CUDA_HOME="$toolkit" CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" \
+  cargo clippy --locked -p cohort-trainer -p cohort-cli --features cohort-cli/candle-cuda \
+  --all-targets -- -D warnings
 
 step "build the cohort executable the cluster tests run"
 cargo build --locked -p cohort-cli
 
 step "tests"
+# Then again with the cuda feature, on a machine without a GPU: the typed errors, the inventory,
+# and the GPU tests' skip paths (the conformance suite against NCCL runs where a GPU is present).
+cuda_packages=(-p cohort-worker -p cohort-collective -p cohort-trainer)
+cuda_features=cohort-worker/cuda,cohort-collective/cuda,cohort-trainer/cuda
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
-  cargo nextest run --locked -p cohort-worker --features cuda --no-fail-fast
+  # The trainer's CPU paths are the same code with or without the feature: only its device and
+  # GPU tests run twice.
+  cargo nextest run --locked --no-fail-fast "${cuda_packages[@]}" --features "$cuda_features" \
+    -E 'not package(cohort-trainer) or test(/gpu|cuda|device/)'
 else
   echo "test: cargo-nextest not found; using cargo test" >&2
   cargo test --workspace --locked --no-fail-fast
-  cargo test --locked -p cohort-worker --features cuda --no-fail-fast
+  cargo test --locked --no-fail-fast "${cuda_packages[@]}" --features "$cuda_features"
 fi

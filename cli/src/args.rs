@@ -83,15 +83,38 @@ pub enum BenchDtype {
     F16,
 }
 
+/// Device a training benchmark runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchDevice {
+    /// The CPU.
+    Cpu,
+    /// One CUDA device.
+    Gpu,
+}
+
+/// Transport of the all-reduce benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AllreduceBackend {
+    /// The TCP ring, across local rank processes.
+    Tcp,
+    /// NCCL on device buffers, one thread per local GPU (needs a `--features cuda` build).
+    Nccl,
+}
+
 /// Every benchmark.
 #[derive(Debug, Subcommand)]
 pub enum Benchmark {
-    /// Ring all-reduce time, algbw and busbw per size across local rank processes, against raw
-    /// single-stream loopback TCP measured in the same run.
+    /// All-reduce time, algbw and busbw per size: the TCP ring across local rank processes,
+    /// against raw single-stream loopback TCP measured in the same run, or NCCL across the
+    /// local GPUs.
     Allreduce {
-        /// Number of rank processes.
-        #[arg(long, default_value_t = 2)]
-        ranks: u32,
+        /// Number of ranks: rank processes for `tcp` (default 2); GPUs for `nccl` (default
+        /// every local GPU, and never more).
+        #[arg(long)]
+        ranks: Option<u32>,
+        /// Transport: `tcp` (the ring) or `nccl` (device buffers, no host copies).
+        #[arg(long, value_enum, default_value_t = AllreduceBackend::Tcp)]
+        backend: AllreduceBackend,
         /// Payload sizes as fp32-equivalent bytes (element count x 4), with K, M or G suffixes.
         #[arg(long, value_delimiter = ',', default_value = "4K,64K,1M,16M,64M,256M")]
         sizes: Vec<String>,
@@ -100,17 +123,23 @@ pub enum Benchmark {
         dtype: BenchDtype,
     },
     /// Data-parallel training throughput of the benchmark MLP (784-1024-1024-10, global batch
-    /// 256, fp32, SGD) per world size, scaling efficiency, and where a step's time goes.
+    /// 256, fp32, SGD) per world size, scaling efficiency, and where a step's time goes; with
+    /// `--device gpu`, samples/s of that MLP and tokens/s of a transformer on one GPU, in fp32
+    /// and bf16.
     Train {
-        /// World sizes to run.
-        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
-        ranks: Vec<u32>,
-        /// Optimizer steps timed per world size (after warm-up).
+        /// World sizes to run on the CPU (default 1,2,4); a GPU run is one rank.
+        #[arg(long, value_delimiter = ',')]
+        ranks: Option<Vec<u32>>,
+        /// Optimizer steps timed per run (after warm-up).
         #[arg(long, default_value_t = 30)]
         steps: u64,
-        /// Device kind the ranks train on.
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        /// Device the ranks train on: cpu (rank processes on a local cluster) or gpu (one rank
+        /// in this process; needs a build with `--features candle-cuda`).
+        #[arg(long, value_enum, default_value_t = BenchDevice::Cpu)]
+        device: BenchDevice,
+        /// Index of the CUDA device `--device gpu` trains on.
+        #[arg(long, default_value_t = 0)]
+        gpu: usize,
     },
     /// Parameter-server push+pull throughput per rank and aggregate, against single-stream
     /// loopback TCP measured in the same run.

@@ -31,7 +31,8 @@ pub struct LocalClusterConfig {
     pub store: Arc<dyn ClusterStore>,
     /// Bound listener of the coordinator.
     pub listener: TcpListener,
-    /// Number of worker processes.
+    /// Number of worker processes. The first offers the machine's GPUs (in a `cuda` build);
+    /// the others offer CPU slots only.
     pub workers: u32,
     /// CPU slots of each worker.
     pub cpu_slots: u32,
@@ -63,6 +64,11 @@ fn spawn_worker(address: &str, index: u32, cpu_slots: u32, output_dir: &PathBuf)
         .arg(output_dir)
         .stdin(Stdio::null())
         .kill_on_drop(true);
+    if index > 0 {
+        // The workers share one machine: only the first offers its GPUs, or each GPU would be
+        // handed out once per worker.
+        command.args(["--gpus", "none"]);
+    }
     if std::env::var_os("RUST_LOG").is_none() {
         // The command's own output goes to this terminal; workers speak up only when something
         // is wrong.

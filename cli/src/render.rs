@@ -301,10 +301,74 @@ pub fn nodes_table(nodes: &[NodeInfo]) -> String {
             ]
         })
         .collect();
-    table(
+    let mut text = table(
         &["NODE", "STATUS", "ADDRESS", "CPU BUSY", "GPU BUSY", "RANKS"],
         &rows,
-    )
+    );
+    let gpus: Vec<Vec<String>> = nodes
+        .iter()
+        .flat_map(|node| {
+            node.devices
+                .iter()
+                .filter(|device| device.kind == DeviceKind::Gpu as i32)
+                .map(|device| gpu_row(node, device))
+        })
+        .collect();
+    if !gpus.is_empty() {
+        text.push('\n');
+        text.push_str(&table(
+            &[
+                "NODE",
+                "GPU",
+                "NAME",
+                "FREE/TOTAL GIB",
+                "CC",
+                "PCI BUS",
+                "PEERS",
+            ],
+            &gpus,
+        ));
+    }
+    text
+}
+
+/// One GPU's line in the node list: memory, compute capability, bus, and its direct paths to
+/// the node's other GPUs (`1:p2p+atomics` is typically NVLink, `1:p2p` PCIe, `1:-` staged
+/// through the host; `/rank` is the driver's relative performance rank when not 0).
+fn gpu_row(node: &NodeInfo, device: &cohort_proto::v1::Device) -> Vec<String> {
+    const GIB: f64 = (1u64 << 30) as f64;
+    let peers: Vec<String> = device
+        .peers
+        .iter()
+        .map(|peer| {
+            let path = match (peer.access, peer.native_atomics) {
+                (false, _) => "-",
+                (true, false) => "p2p",
+                (true, true) => "p2p+atomics",
+            };
+            match peer.performance_rank {
+                0 => format!("{}:{path}", peer.index),
+                rank => format!("{}:{path}/{rank}", peer.index),
+            }
+        })
+        .collect();
+    vec![
+        node.node_id.clone(),
+        device.index.to_string(),
+        device.name.clone(),
+        format!(
+            "{:.1}/{:.1}",
+            device.memory_free_bytes as f64 / GIB,
+            device.memory_total_bytes as f64 / GIB
+        ),
+        device.compute_capability.clone(),
+        device.pci_bus_id.clone(),
+        if peers.is_empty() {
+            "-".to_owned()
+        } else {
+            peers.join(" ")
+        },
+    ]
 }
 
 /// Renders progress of a job being watched: a state line on every state change, and for
@@ -479,5 +543,55 @@ mod tests {
         );
         assert!(text.contains("\n2 (ps shard 0)  n"), "{text}");
         assert!(text.contains("\n1               n"), "{text}");
+    }
+
+    #[test]
+    fn gpu_nodes_list_each_gpu_with_its_peer_paths() {
+        use cohort_proto::v1::{Device, GpuPeer};
+        let gpu = |index: u32, peer: GpuPeer| Device {
+            kind: DeviceKind::Gpu as i32,
+            index,
+            name: "NVIDIA H100 80GB HBM3".to_owned(),
+            memory_total_bytes: 80 << 30,
+            memory_free_bytes: 79 << 30,
+            compute_capability: "9.0".to_owned(),
+            pci_bus_id: format!("0000:{:02x}:00.0", 0x19 + index),
+            peers: vec![peer],
+        };
+        let node = NodeInfo {
+            node_id: "gpu-node".to_owned(),
+            devices: vec![
+                gpu(
+                    0,
+                    GpuPeer {
+                        index: 1,
+                        access: true,
+                        native_atomics: true,
+                        performance_rank: 0,
+                    },
+                ),
+                gpu(
+                    1,
+                    GpuPeer {
+                        index: 0,
+                        access: true,
+                        native_atomics: false,
+                        performance_rank: 2,
+                    },
+                ),
+            ],
+            ..Default::default()
+        };
+        let text = nodes_table(&[node]);
+        let gpu_lines: Vec<&str> = text.lines().filter(|l| l.contains("0000:")).collect();
+        assert_eq!(gpu_lines.len(), 2, "{text}");
+        assert!(
+            gpu_lines[0].contains("79.0/80.0") && gpu_lines[0].contains("9.0"),
+            "{text}"
+        );
+        assert!(gpu_lines[0].ends_with("1:p2p+atomics"), "{text}");
+        assert!(gpu_lines[1].ends_with("0:p2p/2"), "{text}");
+        assert!(text.contains("0000:1a:00.0"), "{text}");
+        assert!(!nodes_table(&[NodeInfo::default()]).contains("PEERS"));
     }
 }

@@ -12,6 +12,12 @@
 //! Conventions (nccl-tests): for a buffer of `S` bytes all-reduced in time `t`, the algorithm
 //! bandwidth is `algbw = S / t` and the bus bandwidth is `busbw = algbw * 2 (N - 1) / N`, the
 //! rate every link must sustain, comparable across world sizes and with a link's raw rate.
+//!
+//! The NCCL measurement ([`nccl_all_reduce_in_threads`]) runs one thread per GPU and times
+//! [`Nccl`]'s device-buffer all-reduce as nccl-tests does: a burst of back-to-back calls queued on
+//! the stream, then one wait for them all, divided by their number. Unlike nccl-tests, which
+//! averages that time across ranks, it reports the slowest rank's time (see [`NCCL_TIME_NOTE`]),
+//! so its times read no lower, and its bandwidths no higher, than nccl-tests' for the same run.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -22,7 +28,11 @@ use half::{bf16, f16};
 
 use crate::buffer::{BufferMut, DType, ReduceOp};
 use crate::communicator::Communicator;
+use crate::cuda::{self, CudaLibrary};
 use crate::error::{Error, Result};
+#[cfg(doc)]
+use crate::nccl::Nccl;
+use crate::nccl::NcclConfig;
 use crate::rendezvous::InMemoryStore;
 use crate::tcp_ring::{TcpRing, TcpRingConfig};
 
@@ -146,8 +156,14 @@ pub fn algorithm_bandwidth(bytes: usize, time: Duration) -> f64 {
     bytes as f64 / time.as_secs_f64().max(f64::MIN_POSITIVE)
 }
 
-/// Bus bandwidth of an all-reduce in bytes per second: `algbw * 2 (N - 1) / N` (equal to the
-/// algorithm bandwidth for one rank, where nothing moves, by convention 0).
+/// What the time of an NCCL benchmark row is, for output that reports one: nccl-tests averages
+/// the time over ranks, this benchmark takes the slowest rank's.
+pub const NCCL_TIME_NOTE: &str = "time: the slowest rank's mean over a burst of calls \
+     (nccl-tests averages over ranks instead, so its times can read lower)";
+
+/// Bus bandwidth of an all-reduce in bytes per second, as nccl-tests computes it:
+/// `algbw * 2 (N - 1) / N` for `N` ranks. For one rank the factor is 0 (no data crosses a link),
+/// so the bus bandwidth is 0, as nccl-tests prints it; a world size of 0 also gives 0.
 pub fn bus_bandwidth(algorithm_bandwidth: f64, world_size: usize) -> f64 {
     if world_size <= 1 {
         return 0.0;
@@ -278,7 +294,9 @@ pub fn compare_all_reduce_with_f32(
 pub struct AllReduceMeasurement {
     /// Buffer size in bytes.
     pub bytes: usize,
-    /// Median time of one all-reduce (the slowest rank's median).
+    /// Time of one all-reduce, the slowest rank's: its median for the TCP ring
+    /// ([`all_reduce_in_threads`]), its mean over a burst of calls for NCCL
+    /// ([`nccl_all_reduce_in_threads`], where nccl-tests would average over ranks instead).
     pub time: Duration,
     /// `bytes / time`, bytes per second.
     pub algorithm_bandwidth: f64,
@@ -348,6 +366,168 @@ pub fn all_reduce_in_threads(
         .collect())
 }
 
+/// Runs an all-reduce benchmark of [`Nccl`]'s device-buffer all-reduce (sum, no host copies) with
+/// `world_size` ranks as threads of this process, rank `r` on GPU `r`, joined through an
+/// [`InMemoryStore`]. Returns one row per count in `elements`, whose time is the slowest rank's
+/// time of one all-reduce, averaged over a burst of calls after untimed warm-up ones and a
+/// barrier. nccl-tests averages over ranks instead: output should say which (see
+/// [`NCCL_TIME_NOTE`]).
+///
+/// Fails with [`Error::NotCompiledWithCuda`], [`Error::NoCudaDriver`] or [`Error::NoNccl`] where
+/// NCCL cannot run, and with an invalid-argument error when `world_size` exceeds the GPUs.
+pub fn nccl_all_reduce_in_threads(
+    world_size: usize,
+    elements: &[usize],
+    dtype: DType,
+    collective_timeout: Duration,
+) -> Result<Vec<AllReduceMeasurement>> {
+    cuda::require(CudaLibrary::Nccl)?;
+    let devices = cuda::device_count()?;
+    if world_size == 0 || world_size > devices {
+        return Err(Error::InvalidArgument {
+            field: "world_size",
+            found: format!("{world_size} ({devices} CUDA devices)"),
+            expected: "1 to the number of CUDA devices",
+        });
+    }
+    let store = InMemoryStore::new();
+    let config = NcclConfig {
+        prefix: format!("bench-nccl-{}", std::process::id()),
+        world_size,
+        collective_timeout,
+        ..NcclConfig::default()
+    };
+    let per_rank: Vec<Result<Vec<Duration>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..world_size)
+            .map(|rank| {
+                let config = NcclConfig {
+                    rank,
+                    device: rank,
+                    ..config.clone()
+                };
+                let store = &store;
+                scope.spawn(move || nccl_timing::time_rank(store, &config, elements, dtype))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| {
+                handle.join().unwrap_or_else(|_| {
+                    Err(Error::Io {
+                        context: "nccl all-reduce benchmark: a rank thread panicked".to_owned(),
+                        source: std::io::ErrorKind::Other.into(),
+                    })
+                })
+            })
+            .collect()
+    });
+    let mut slowest = vec![Duration::ZERO; elements.len()];
+    for times in per_rank {
+        for (slowest, time) in slowest.iter_mut().zip(times?) {
+            *slowest = (*slowest).max(time);
+        }
+    }
+    Ok(elements
+        .iter()
+        .zip(slowest)
+        .map(|(&count, time)| {
+            let bytes = count * dtype.size_bytes();
+            let algorithm_bandwidth = algorithm_bandwidth(bytes, time);
+            AllReduceMeasurement {
+                bytes,
+                time,
+                algorithm_bandwidth,
+                bus_bandwidth: bus_bandwidth(algorithm_bandwidth, world_size),
+            }
+        })
+        .collect())
+}
+
+/// One rank of the NCCL benchmark.
+#[cfg(feature = "cuda")]
+mod nccl_timing {
+    use std::time::{Duration, Instant};
+
+    use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+    use half::{bf16, f16};
+
+    use super::iterations_for;
+    use crate::buffer::{DType, Element, ReduceOp};
+    use crate::communicator::Communicator;
+    use crate::error::{Error, Result};
+    use crate::nccl::{Nccl, NcclConfig};
+    use crate::rendezvous::InMemoryStore;
+
+    /// Joins the communicator and times every count, in the element type of `dtype`.
+    pub(super) fn time_rank(
+        store: &InMemoryStore,
+        config: &NcclConfig,
+        elements: &[usize],
+        dtype: DType,
+    ) -> Result<Vec<Duration>> {
+        match dtype {
+            DType::F32 => time_counts::<f32>(store, config, elements),
+            DType::Bf16 => time_counts::<bf16>(store, config, elements),
+            DType::F16 => time_counts::<f16>(store, config, elements),
+        }
+    }
+
+    /// Times the all-reduce of the first `count` elements of one device buffer, for each count.
+    fn time_counts<T: Element + DeviceRepr + ValidAsZeroBits>(
+        store: &InMemoryStore,
+        config: &NcclConfig,
+        elements: &[usize],
+    ) -> Result<Vec<Duration>> {
+        let mut nccl = Nccl::connect(store, config)?;
+        let largest = elements.iter().copied().max().unwrap_or(0).max(1);
+        // Zeros, so that repeated sums stay finite (the time does not depend on the values).
+        let allocated = nccl.stream().alloc_zeros::<T>(largest);
+        let mut buffer = allocated.map_err(|error| Error::Cuda {
+            operation: "allocate the benchmark buffer",
+            message: error.to_string(),
+        })?;
+        let mut times = Vec::with_capacity(elements.len());
+        for &count in elements {
+            let iterations = iterations_for(count * T::DTYPE.size_bytes()).max(1);
+            let mut view = buffer.slice_mut(..count);
+            for _ in 0..(iterations / 5).max(2) {
+                nccl.all_reduce_device(&mut view, ReduceOp::Sum)?;
+            }
+            nccl.synchronize()?;
+            nccl.barrier()?;
+            let started = Instant::now();
+            for _ in 0..iterations {
+                nccl.all_reduce_device(&mut view, ReduceOp::Sum)?;
+            }
+            nccl.synchronize()?;
+            times.push(started.elapsed().div_f64(iterations as f64));
+        }
+        nccl.close()?;
+        Ok(times)
+    }
+}
+
+/// Never reached: [`nccl_all_reduce_in_threads`] checks for CUDA first.
+#[cfg(not(feature = "cuda"))]
+mod nccl_timing {
+    use std::time::Duration;
+
+    use crate::buffer::DType;
+    use crate::error::{Error, Result};
+    use crate::nccl::NcclConfig;
+    use crate::rendezvous::InMemoryStore;
+
+    /// Fails: this build has no CUDA support.
+    pub(super) fn time_rank(
+        _store: &InMemoryStore,
+        _config: &NcclConfig,
+        _elements: &[usize],
+        _dtype: DType,
+    ) -> Result<Vec<Duration>> {
+        Err(Error::NotCompiledWithCuda)
+    }
+}
+
 /// Picks an iteration count that keeps one size's measurement to roughly a second on loopback.
 pub fn iterations_for(bytes: usize) -> usize {
     match bytes {
@@ -368,6 +548,26 @@ mod tests {
         assert_eq!(bus_bandwidth(1.0e9, 4), 1.5e9);
         assert_eq!(bus_bandwidth(1.0e9, 1), 0.0);
         assert_eq!(algorithm_bandwidth(1000, Duration::from_millis(1)), 1.0e6);
+    }
+
+    #[test]
+    fn nccl_benchmark_reports_why_it_cannot_run_or_runs() {
+        let result =
+            nccl_all_reduce_in_threads(1, &[1024, 0], DType::Bf16, Duration::from_secs(60));
+        match (result, cuda::require(CudaLibrary::Nccl)) {
+            (Ok(rows), Ok(())) => {
+                assert_eq!(rows.len(), 2);
+                assert_eq!(rows[0].bytes, 2048);
+                // One rank moves nothing over links: busbw is 0 by convention.
+                assert_eq!(rows[0].bus_bandwidth, 0.0);
+            }
+            (Err(error), Err(expected)) => assert_eq!(error.to_string(), expected.to_string()),
+            // A machine with the libraries but no GPU.
+            (Err(error @ Error::InvalidArgument { .. }), Ok(())) => {
+                assert!(error.to_string().contains("CUDA devices"), "{error}")
+            }
+            (result, presence) => panic!("benchmark: {result:?}, presence check: {presence:?}"),
+        }
     }
 
     #[test]

@@ -74,7 +74,10 @@ impl fmt::Display for Collective {
 /// Buffers of length 0 are allowed everywhere and return at once without communicating (all
 /// ranks must then pass length 0). With `world_size() == 1` every collective is a local copy or
 /// a no-op.
-pub trait Communicator: Send {
+///
+/// Communicators need not be `Send`: NCCL's belong to the thread that created them. Those that
+/// may move to another thread say so through [`Communicator::as_send`].
+pub trait Communicator {
     /// Returns this rank, in `0..world_size()`.
     fn rank(&self) -> usize;
 
@@ -105,6 +108,12 @@ pub trait Communicator: Send {
 
     /// Returns only once every rank has entered the barrier.
     fn barrier(&mut self) -> Result<()>;
+
+    /// Returns this communicator as one that may be used from another thread (to overlap the
+    /// gradient exchange with the backward pass), or `None` when it is bound to its thread.
+    fn as_send(&mut self) -> Option<&mut (dyn Communicator + Send)> {
+        None
+    }
 }
 
 #[cfg(test)]

@@ -282,8 +282,33 @@ pub enum Error {
     NoCudaDriver,
 
     /// NCCL was asked for, but its library could not be loaded.
-    #[error("no NCCL library found (libnccl.so.2 could not be loaded; install NCCL)")]
+    #[error(
+        "no NCCL library found (libnccl.so could not be loaded; install NCCL with its \
+         development package, or put a libnccl.so link to libnccl.so.2 on LD_LIBRARY_PATH)"
+    )]
     NoNccl,
+
+    /// A CUDA driver call outside any communicator failed (counting devices).
+    #[error("cuda {operation}: {message}")]
+    Cuda {
+        /// What was being done (`count devices`).
+        operation: &'static str,
+        /// The driver's error.
+        message: String,
+    },
+
+    /// An NCCL communicator failed: an NCCL or CUDA call returned an error, NCCL reported an
+    /// asynchronous error, or a collective did not complete within the communicator's timeout.
+    /// The communicator has been aborted; later calls return [`Error::Poisoned`]. NCCL does not
+    /// say which rank failed, so this error blames none.
+    #[error("nccl {operation}: {message}")]
+    Nccl {
+        /// The collective's name (`all_reduce`, as [`Collective::name`]), `setup` while the
+        /// communicator forms, or `synchronize` while waiting for device collectives.
+        operation: &'static str,
+        /// What went wrong, with NCCL's own description where it gives one.
+        message: String,
+    },
 }
 
 impl Error {
@@ -312,7 +337,9 @@ impl Error {
             | Error::RootOutOfRange { .. }
             | Error::NotCompiledWithCuda
             | Error::NoCudaDriver
-            | Error::NoNccl => None,
+            | Error::NoNccl
+            | Error::Cuda { .. }
+            | Error::Nccl { .. } => None,
         }
     }
 

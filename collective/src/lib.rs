@@ -2,10 +2,11 @@
 //!
 //! Ranks find each other through a rendezvous [`Store`] (the coordinator's per-job key-value
 //! service in a cluster, [`InMemoryStore`] in tests), then run collectives (all-reduce,
-//! broadcast, all-gather, reduce-scatter, barrier) through the [`Communicator`] trait. The one
-//! implementation today is [`TcpRing`], a pipelined ring over TCP; a GPU implementation can be
-//! added behind a cargo feature without changing callers. This crate moves and reduces flat
-//! buffers of `f32`, `bf16` and `f16` and knows nothing of models.
+//! broadcast, all-gather, reduce-scatter, barrier) through the [`Communicator`] trait, which
+//! two implementations share: [`TcpRing`], a pipelined ring over TCP, and [`Nccl`], NVIDIA's
+//! NCCL on one GPU per rank, behind the `cuda` cargo feature (without it, the same API returns
+//! [`Error::NotCompiledWithCuda`]). This crate moves and reduces flat buffers of `f32`, `bf16`
+//! and `f16` and knows nothing of models.
 //!
 //! - [`rendezvous`]: the [`Store`] trait, [`InMemoryStore`], and key naming.
 //! - [`communicator`]: the [`Communicator`] trait and the [`Collective`] names.
@@ -13,12 +14,15 @@
 //!   the `f32`-accumulating reduction kernels.
 //! - [`tcp_ring`]: [`TcpRing`] and [`TcpRingConfig`]: ring setup, the non-blocking transport,
 //!   and the message schedules of each collective.
+//! - [`nccl`]: [`Nccl`] and [`NcclConfig`]: NCCL setup through the store, the trait on host
+//!   buffers (staged through the GPU), collectives on device buffers, and the deadline watchdog
+//!   that aborts a communicator whose collective never finishes.
 //! - [`p2p`]: [`PeerLink`] and [`PeerLinkConfig`]: ordered, tagged `f32` messages between two
 //!   ranks (pipeline activations and gradients), sent by a writer thread so neighbours never
 //!   deadlock.
-//! - [`bench`](mod@bench): loopback TCP throughput, all-reduce timing and the busbw formula, for
-//!   `cohort bench allreduce`.
-//! - [`cuda`]: whether this build and machine can use CUDA and NCCL.
+//! - [`bench`](mod@bench): loopback TCP throughput, all-reduce timing (TCP ring, and NCCL on
+//!   device buffers) and the busbw formula, for `cohort bench allreduce`.
+//! - [`cuda`]: whether this build and machine can use CUDA and NCCL, and how many devices.
 //! - [`error`]: the crate's [`Error`] and [`Result`].
 
 #![warn(missing_docs)]
@@ -28,6 +32,7 @@ pub mod buffer;
 pub mod communicator;
 pub mod cuda;
 pub mod error;
+pub mod nccl;
 pub mod p2p;
 pub mod rendezvous;
 pub mod tcp_ring;
@@ -35,6 +40,7 @@ pub mod tcp_ring;
 pub use buffer::{BufferMut, BufferRef, DType, Element, ReduceOp};
 pub use communicator::{Collective, Communicator};
 pub use error::{AbortCause, Error, Result};
+pub use nccl::{Nccl, NcclConfig};
 pub use p2p::{LinkFailure, PeerLink, PeerLinkConfig};
 pub use rendezvous::{InMemoryStore, Store, address_key};
 pub use tcp_ring::{TcpRing, TcpRingConfig};

@@ -5,8 +5,10 @@ use cohort_proto::v1;
 use cohort_spec::{DeviceKind, JobKind};
 
 use crate::error::{Error, Result};
-use crate::limits::{MAX_EXTRA_METRICS, MAX_FIELD_BYTES};
-use crate::model::{DeviceRecord, JobRecord, MetricsRecord, NodeRecord, RankRecord, RankState};
+use crate::limits::{MAX_EXTRA_METRICS, MAX_FIELD_BYTES, MAX_GPU_PEERS};
+use crate::model::{
+    DeviceRecord, GpuPeerRecord, JobRecord, MetricsRecord, NodeRecord, RankRecord, RankState,
+};
 
 /// The spec's job kind as shown to users.
 pub fn kind_name(kind: JobKind) -> &'static str {
@@ -98,6 +100,57 @@ pub fn device_records(devices: &[v1::Device]) -> Result<Vec<DeviceRecord>> {
             memory_free_bytes: device.memory_free_bytes,
             compute_capability: device.compute_capability.clone(),
             pci_bus_id: device.pci_bus_id.clone(),
+            peers: gpu_peer_records(kind, device)?,
+        });
+    }
+    for record in &records {
+        if let Some(peer) = record.peers.iter().find(|peer| {
+            !records
+                .iter()
+                .any(|other| other.kind == DeviceKind::Gpu && other.index == peer.index)
+        }) {
+            return Err(Error::InvalidArgument(format!(
+                "gpu:{} reports a peer path to gpu:{}, which the node does not offer",
+                record.index, peer.index
+            )));
+        }
+    }
+    Ok(records)
+}
+
+/// Decodes and checks a GPU's peer paths: bounded, none to itself, none twice, none on a CPU
+/// slot.
+fn gpu_peer_records(kind: DeviceKind, device: &v1::Device) -> Result<Vec<GpuPeerRecord>> {
+    let name = format!("{}:{}", device_kind_name(kind), device.index);
+    if kind != DeviceKind::Gpu && !device.peers.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{name} reports GPU peer paths, expected none for a CPU slot"
+        )));
+    }
+    if device.peers.len() > MAX_GPU_PEERS {
+        return Err(Error::InvalidArgument(format!(
+            "{name} reports {} peer paths, expected at most {MAX_GPU_PEERS}",
+            device.peers.len()
+        )));
+    }
+    let mut records: Vec<GpuPeerRecord> = Vec::with_capacity(device.peers.len());
+    for peer in &device.peers {
+        if peer.index == device.index || records.iter().any(|r| r.index == peer.index) {
+            return Err(Error::InvalidArgument(format!(
+                "{name} reports a peer path to gpu:{} {}",
+                peer.index,
+                if peer.index == device.index {
+                    "(itself)"
+                } else {
+                    "twice"
+                }
+            )));
+        }
+        records.push(GpuPeerRecord {
+            index: peer.index,
+            access: peer.access,
+            native_atomics: peer.native_atomics,
+            performance_rank: peer.performance_rank,
         });
     }
     Ok(records)
@@ -216,6 +269,16 @@ pub fn node_info(
                 memory_free_bytes: d.memory_free_bytes,
                 compute_capability: d.compute_capability.clone(),
                 pci_bus_id: d.pci_bus_id.clone(),
+                peers: d
+                    .peers
+                    .iter()
+                    .map(|peer| v1::GpuPeer {
+                        index: peer.index,
+                        access: peer.access,
+                        native_atomics: peer.native_atomics,
+                        performance_rank: peer.performance_rank,
+                    })
+                    .collect(),
             })
             .collect(),
         status: status.to_owned(),
@@ -228,5 +291,73 @@ pub fn node_info(
             })
             .collect(),
         running_ranks,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gpu(index: u32, peers: &[u32]) -> v1::Device {
+        v1::Device {
+            kind: v1::DeviceKind::Gpu as i32,
+            index,
+            name: "NVIDIA H100".to_owned(),
+            peers: peers
+                .iter()
+                .map(|&peer| v1::GpuPeer {
+                    index: peer,
+                    access: true,
+                    native_atomics: true,
+                    performance_rank: 1,
+                })
+                .collect(),
+            ..v1::Device::default()
+        }
+    }
+
+    #[test]
+    fn gpu_peer_paths_are_kept() {
+        let records = device_records(&[gpu(0, &[1]), gpu(1, &[0])]).unwrap();
+        assert_eq!(
+            records[0].peers,
+            [GpuPeerRecord {
+                index: 1,
+                access: true,
+                native_atomics: true,
+                performance_rank: 1
+            }]
+        );
+        assert_eq!(records[1].peers[0].index, 0);
+    }
+
+    #[test]
+    fn bad_gpu_peer_paths_are_refused_naming_the_device() {
+        let cases: [(Vec<v1::Device>, &str); 4] = [
+            (
+                vec![gpu(0, &[0])],
+                "gpu:0 reports a peer path to gpu:0 (itself)",
+            ),
+            (
+                vec![gpu(0, &[1, 1]), gpu(1, &[])],
+                "gpu:0 reports a peer path to gpu:1 twice",
+            ),
+            (
+                vec![gpu(0, &[7])],
+                "gpu:0 reports a peer path to gpu:7, which the node",
+            ),
+            (
+                vec![gpu(0, &(1..=MAX_GPU_PEERS as u32 + 1).collect::<Vec<_>>())],
+                "expected at most 64",
+            ),
+        ];
+        for (devices, expected) in cases {
+            let error = device_records(&devices).unwrap_err().to_string();
+            assert!(error.contains(expected), "{error:?} lacks {expected:?}");
+        }
+        let mut cpu = gpu(0, &[1]);
+        cpu.kind = v1::DeviceKind::Cpu as i32;
+        let error = device_records(&[cpu, gpu(1, &[])]).unwrap_err().to_string();
+        assert!(error.contains("expected none for a CPU slot"), "{error}");
     }
 }

@@ -23,5 +23,7 @@ pub const MAX_LOG_LINES_PER_PUSH: usize = 10_000;
 pub const MAX_LOG_LINE_BYTES: usize = 16 * 1024;
 /// Longest free-form string field (hostname, address, detail), in bytes.
 pub const MAX_FIELD_BYTES: usize = 4096;
+/// Most peer paths one GPU may report.
+pub const MAX_GPU_PEERS: usize = 64;
 /// Most extra metrics in one report.
 pub const MAX_EXTRA_METRICS: usize = 64;

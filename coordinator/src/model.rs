@@ -184,6 +184,23 @@ pub struct DeviceRecord {
     pub compute_capability: String,
     /// PCI bus id (empty for CPU slots).
     pub pci_bus_id: String,
+    /// For a GPU, its direct paths to the node's other GPUs (absent in records written before
+    /// GPUs reported them).
+    #[serde(default)]
+    pub peers: Vec<GpuPeerRecord>,
+}
+
+/// A direct path from one GPU to another of the same node (see `GpuPeer` in cohort.proto).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuPeerRecord {
+    /// Index of the other GPU.
+    pub index: u32,
+    /// Whether peer-to-peer memory access works.
+    pub access: bool,
+    /// Whether atomics work natively over the path (NVLink, NVSwitch).
+    pub native_atomics: bool,
+    /// The driver's relative performance rank of the path (0 is best).
+    pub performance_rank: i32,
 }
 
 /// A worker node as registered.

@@ -365,6 +365,30 @@ mod tests {
     use super::*;
     use crate::problems::problem_strings;
 
+    #[test]
+    fn every_example_job_file_is_valid() {
+        let directory = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&directory).unwrap() {
+            let path = entry.unwrap().path();
+            if path
+                .extension()
+                .is_some_and(|extension| extension == "toml")
+            {
+                let text = std::fs::read_to_string(&path).unwrap();
+                if let Err(error) = parse(&text) {
+                    panic!("{}: {error}", path.display());
+                }
+                checked += 1;
+            }
+        }
+        assert!(
+            checked >= 5,
+            "only {checked} examples in {}",
+            directory.display()
+        );
+    }
+
     const HELLO: &str = r#"
 version = 1
 name = "hello"

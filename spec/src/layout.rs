@@ -4,7 +4,9 @@
 
 use crate::job::{DeviceKind, JobSpec, MAX_RANKS};
 use crate::problems::Problems;
-use crate::train::{Communication, DatasetKind, ModelKind, ModelSpec, ParallelSpec};
+use crate::train::{
+    CollectiveBackend, Communication, DatasetKind, ModelKind, ModelSpec, ParallelSpec,
+};
 
 /// Default transformer blocks.
 pub const DEFAULT_LAYERS: u32 = 4;
@@ -193,6 +195,56 @@ pub fn validate(spec: &JobSpec, parallel: &ParallelSpec, problems: &mut Problems
     }
     if parallel.comm == Communication::Ps {
         validate_parameter_server(spec, &model, parallel, problems);
+    }
+    validate_collective(spec, &model, parallel, problems);
+}
+
+/// The transport `spec`'s all-reduce runs over, with `"auto"` resolved: NCCL for image models
+/// on GPU ranks with more than one replica, the TCP ring otherwise (one replica exchanges
+/// nothing; transformer meshes build TCP rings per axis).
+pub fn gradient_transport(spec: &JobSpec) -> CollectiveBackend {
+    let parallel = spec.parallel.clone().unwrap_or_default();
+    let model = spec.model.clone().unwrap_or_default();
+    match parallel.collective {
+        CollectiveBackend::Auto
+            if spec.resources.device == DeviceKind::Gpu
+                && parallel.data > 1
+                && model.kind != ModelKind::Transformer
+                && parallel.comm == Communication::Allreduce =>
+        {
+            CollectiveBackend::Nccl
+        }
+        CollectiveBackend::Auto => CollectiveBackend::Tcp,
+        explicit => explicit,
+    }
+}
+
+/// `parallel.collective = "nccl"` needs GPU ranks exchanging by all-reduce outside a mesh.
+fn validate_collective(
+    spec: &JobSpec,
+    model: &ModelSpec,
+    parallel: &ParallelSpec,
+    problems: &mut Problems,
+) {
+    if parallel.collective != CollectiveBackend::Nccl {
+        return;
+    }
+    let reason = if parallel.comm == Communication::Ps {
+        Some("with parallel.comm = \"ps\", expected \"auto\" (gradients go to the servers)")
+    } else if spec.resources.device != DeviceKind::Gpu {
+        Some(
+            "with resources.device = \"cpu\", expected \"auto\" or \"tcp\" (NCCL moves GPU memory)",
+        )
+    } else if model.kind == ModelKind::Transformer {
+        Some(
+            "with model.kind = \"transformer\", expected \"auto\" or \"tcp\" (transformer \
+             meshes exchange through TCP rings)",
+        )
+    } else {
+        None
+    };
+    if let Some(reason) = reason {
+        problems.push("parallel.collective", format!("\"nccl\" {reason}"));
     }
 }
 
@@ -432,6 +484,55 @@ mod tests {
             problems.iter().any(|p| p.starts_with("resources.ranks")),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn the_gradient_transport_is_nccl_only_for_replicated_image_models_on_gpus() {
+        let job = |resources: &str, parallel: &str| {
+            format!(
+                "version = 1\nkind = \"train\"\n[resources]\n{resources}\n[parallel]\n{parallel}\n"
+            )
+        };
+        let transport = |text: &str| gradient_transport(&parse(text).unwrap());
+        let gpu = "device = \"gpu\"";
+        assert_eq!(transport(&job(gpu, "data = 2")), CollectiveBackend::Nccl);
+        assert_eq!(transport(&job(gpu, "data = 1")), CollectiveBackend::Tcp);
+        assert_eq!(transport(&job("", "data = 2")), CollectiveBackend::Tcp);
+        assert_eq!(
+            transport(&job(gpu, "data = 2\ncollective = \"tcp\"")),
+            CollectiveBackend::Tcp
+        );
+        assert_eq!(
+            transport(&job(gpu, "data = 1\ncollective = \"nccl\"")),
+            CollectiveBackend::Nccl
+        );
+        let gpu_transformer = transformer_job("data = 2")
+            .replace("[parallel]", "[resources]\ndevice = \"gpu\"\n[parallel]");
+        assert_eq!(transport(&gpu_transformer), CollectiveBackend::Tcp);
+
+        for (text, expected) in [
+            (
+                job("", "data = 2\ncollective = \"nccl\""),
+                "resources.device = \"cpu\"",
+            ),
+            (
+                job(gpu, "data = 2\ncomm = \"ps\"\ncollective = \"nccl\""),
+                "parallel.comm = \"ps\"",
+            ),
+            (
+                gpu_transformer.replace("data = 2", "data = 2\ncollective = \"nccl\""),
+                "model.kind = \"transformer\"",
+            ),
+        ] {
+            let problems = problem_strings(&text);
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.starts_with("parallel.collective") && p.contains(expected)),
+                "{text}: {problems:?}"
+            );
+        }
+        assert!(parse(&job(gpu, "data = 2\ncollective = \"nccl\"")).is_ok());
     }
 
     #[test]

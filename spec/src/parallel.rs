@@ -24,6 +24,30 @@ pub enum Communication {
     Ps,
 }
 
+/// Which transport carries an all-reduce job's gradients between ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CollectiveBackend {
+    /// NCCL for image models on GPU ranks with more than one replica, the TCP ring otherwise.
+    #[default]
+    Auto,
+    /// The ring all-reduce over TCP between the ranks' host memory.
+    Tcp,
+    /// NCCL between the ranks' GPUs (GPU ranks only).
+    Nccl,
+}
+
+impl CollectiveBackend {
+    /// The backend's name in job specs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Tcp => "tcp",
+            Self::Nccl => "nccl",
+        }
+    }
+}
+
 /// When a parameter server applies pushed gradients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -63,6 +87,10 @@ pub struct ParallelSpec {
     /// How gradients are exchanged: `"allreduce"` or `"ps"` (parameter servers, run by the
     /// job as extra processes on CPU slots). Default `"allreduce"`.
     pub comm: Communication,
+    /// Transport of `comm = "allreduce"`: `"auto"`, `"tcp"` or `"nccl"`. `"auto"` picks NCCL
+    /// for image models on GPU ranks (`resources.device = "gpu"`) with `data` > 1, the TCP ring
+    /// otherwise. Default `"auto"`.
+    pub collective: CollectiveBackend,
     /// Parameter-server processes (shards) with `comm = "ps"`, 1 to 256. Default 1.
     pub ps_shards: Option<u32>,
     /// Parameter-server mode with `comm = "ps"`: `"sync"`, `"async"` or `"ssp"`.
@@ -118,6 +146,7 @@ impl Default for ParallelSpec {
             data: 1,
             gradient_bucket_bytes: DEFAULT_GRADIENT_BUCKET_BYTES,
             comm: Communication::Allreduce,
+            collective: CollectiveBackend::Auto,
             ps_shards: None,
             ps_mode: None,
             staleness: None,

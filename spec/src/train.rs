@@ -35,7 +35,9 @@ use serde::{Deserialize, Serialize};
 use crate::job::{JobSpec, MAX_STRING_LEN};
 use crate::problems::Problems;
 
-pub use crate::parallel::{Communication, ParallelSpec, PipelineSchedule, PsMode};
+pub use crate::parallel::{
+    CollectiveBackend, Communication, ParallelSpec, PipelineSchedule, PsMode,
+};
 
 /// Pixels of one Fashion-MNIST image (28 x 28); used to bound model sizes.
 pub const INPUT_FEATURES: u64 = 28 * 28;

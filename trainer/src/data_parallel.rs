@@ -170,7 +170,7 @@ impl GradientBuckets {
     /// remaining all-reduces: the communication left exposed.
     pub fn backward_overlapped(
         &mut self,
-        communicator: &mut dyn Communicator,
+        communicator: &mut (dyn Communicator + Send),
         model: &Model,
         forward: StagedForward,
         loss: &Tensor,

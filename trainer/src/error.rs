@@ -49,6 +49,36 @@ pub enum TrainerError {
         /// What went wrong.
         message: String,
     },
+    /// A CUDA device was asked for but this build or machine has no CUDA: the build lacks the
+    /// `cuda` feature, or the driver is missing. The reason is part of the message, not a
+    /// separate cause, so that one-line reports do not repeat it.
+    #[error("cuda device {ordinal}: {reason}")]
+    NoCuda {
+        /// The device asked for.
+        ordinal: usize,
+        /// Why CUDA cannot be used ([`cohort_collective::Error::NotCompiledWithCuda`] or
+        /// [`cohort_collective::Error::NoCudaDriver`]).
+        reason: cohort_collective::Error,
+    },
+    /// A CUDA device was asked for in a build with device selection but without candle's CUDA
+    /// kernels, so nothing could compute on it.
+    #[error(
+        "cuda device {ordinal}: this cohort was built without candle's CUDA kernels: rebuild \
+         with --features candle-cuda (needs the CUDA toolkit)"
+    )]
+    NoCandleCudaKernels {
+        /// The device asked for.
+        ordinal: usize,
+    },
+    /// The driver is there but the device could not be opened (no such device, out of memory,
+    /// a driver and runtime mismatch).
+    #[error("cuda device {ordinal}: opening it failed: {reason}")]
+    CudaDevice {
+        /// The device asked for.
+        ordinal: usize,
+        /// candle's (cudarc's) error, part of the message like [`TrainerError::NoCuda`]'s.
+        reason: candle_core::Error,
+    },
     /// The loss became NaN or infinite; continuing would only spread garbage.
     #[error("training diverged at step {step}: loss is {loss}")]
     Diverged {

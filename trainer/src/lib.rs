@@ -1,5 +1,5 @@
 //! The training runtime a rank runs: models, data, optimizers and the data-parallel loop, on
-//! CPU with candle.
+//! the CPU or a CUDA device with candle.
 //!
 //! The `cohort` binary's rank entry point parses the job spec, loads the data with
 //! [`data::load`], connects a communicator and calls [`train`]; everything else lives here.
@@ -9,6 +9,8 @@
 //! - [`parameter_server`]: [`train_with_parameter_server`], the loop of a rank of a
 //!   `comm = "ps"` job (push gradients, pull parameters, row-sparse embedding tables), and the
 //!   server configuration a job spec implies.
+//! - [`device`]: [`ComputeDevice`], where the passes run (CPU or a CUDA device, with the f32
+//!   masters and the optimizer kept in host memory), and opening it with typed errors.
 //! - [`data_parallel`]: parameter broadcast and the bucketed gradient all-reduce that keeps
 //!   replicas identical, overlapped with the backward pass.
 //! - [`precision`]: mixed precision: working formats, gradient-exchange formats, fp16 loss
@@ -36,6 +38,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod data_parallel;
+pub mod device;
 pub mod embedding;
 pub mod error;
 pub mod idx;
@@ -53,6 +56,7 @@ pub mod text;
 pub mod train_loop;
 pub mod transformer;
 
+pub use device::ComputeDevice;
 pub use error::{Result, TrainerError};
 pub use metrics::{EvaluationMetrics, MetricsSink, PhaseTimings, StepMetrics};
 pub use parameter_server::{ParameterServerLink, train_with_parameter_server};

@@ -79,11 +79,11 @@ pub struct MeshGroups {
     /// This rank's place.
     pub coordinates: MeshCoordinates,
     /// Every rank of the job (losses, checkpoints).
-    pub world: Box<dyn Communicator>,
+    pub world: Box<dyn Communicator + Send>,
     /// The replicas of this rank's stage and shard (gradient averaging).
-    pub data: Box<dyn Communicator>,
+    pub data: Box<dyn Communicator + Send>,
     /// The shards of this rank's stage and replica (Megatron's all-reduces); taken by the model.
-    pub tensor: Option<Box<dyn Communicator>>,
+    pub tensor: Option<Box<dyn Communicator + Send>>,
     /// This rank's pipeline neighbours.
     pub links: PipelineLinks,
 }
@@ -119,15 +119,16 @@ pub fn connect_mesh(
         listen_address,
         ..TcpRingConfig::default()
     };
-    let ring = |name: String, member: usize, members: usize| -> Result<Box<dyn Communicator>> {
-        Ok(Box::new(TcpRing::connect(
-            store,
-            &name,
-            member,
-            members,
-            &ring_config,
-        )?))
-    };
+    let ring =
+        |name: String, member: usize, members: usize| -> Result<Box<dyn Communicator + Send>> {
+            Ok(Box::new(TcpRing::connect(
+                store,
+                &name,
+                member,
+                members,
+                &ring_config,
+            )?))
+        };
     let MeshCoordinates {
         data,
         stage,

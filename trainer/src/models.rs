@@ -4,8 +4,9 @@
 
 use std::ops::Range;
 
+use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, Module};
 use cohort_spec::train::{MAX_EMBEDDING_WIDTH, MAX_INTENSITY_LEVELS, ModelKind, ModelSpec};
 use rand::SeedableRng;
@@ -104,8 +105,9 @@ impl Model {
         Self::with_dtype(spec, image_shape, classes, device, DType::F32)
     }
 
-    /// Like [`Model::new`], with parameters stored (and computed) as `dtype`: a bf16 or f16
-    /// working copy for mixed precision. It takes f32 images and returns logits in `dtype`.
+    /// Like [`Model::new`], with parameters stored (and computed) as `dtype` on `device`: a
+    /// working copy, in bf16 or f16 for mixed precision and on a GPU for a GPU rank. It takes
+    /// f32 images and returns logits in `dtype`.
     pub fn with_dtype(
         spec: &ModelSpec,
         image_shape: (usize, usize),
@@ -365,6 +367,19 @@ impl CustomOp1 for SeedGradient {
         _layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         Ok((CpuStorage::F32(vec![0.0]), Shape::from(())))
+    }
+
+    /// The same zero on the argument's GPU. Written against candle's backend traits, so it
+    /// builds with and without candle's CUDA kernels (without them no CUDA storage exists and
+    /// this is never called).
+    fn cuda_fwd(
+        &self,
+        storage: &CudaStorage,
+        _layout: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let scalar = Shape::from(());
+        let zero = storage.device().zeros_impl(&scalar, DType::F32)?;
+        Ok((zero, scalar))
     }
 
     fn bwd(

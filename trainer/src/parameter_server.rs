@@ -25,7 +25,6 @@ use cohort_parameter_server::{
     SparseGradient, StepReport, TensorDeclaration,
 };
 use cohort_proto::JobId;
-use cohort_spec::precision::Precision;
 use cohort_spec::train::{OptimizerKind, PsMode};
 use tokio::runtime::Handle;
 
@@ -36,7 +35,9 @@ use crate::metrics::{EvaluationMetrics, MetricsSink, PhaseTimings, StepMetrics};
 use crate::models::Model;
 use crate::optim::Optimizer;
 use crate::sampler::DistributedSampler;
-use crate::train_loop::{BatchBuffers, RunPlan, TrainConfig, TrainOutcome, evaluate_locally, lap};
+use crate::train_loop::{
+    BatchBuffers, RunPlan, TrainConfig, TrainOutcome, evaluate_locally, lap, working_copy,
+};
 
 /// What a rank needs to reach its job's parameter servers.
 #[derive(Debug, Clone)]
@@ -247,6 +248,13 @@ pub fn train_with_parameter_server(
 ) -> Result<TrainOutcome> {
     let rank = link.client.rank as usize;
     let world_size = config.parallel.world_size() as usize;
+    if !config.device.is_cpu() {
+        return Err(TrainerError::Config(format!(
+            "device {} with parameter servers, expected cpu (the job spec refuses \
+             resources.device = \"gpu\" with parallel.comm = \"ps\")",
+            config.device
+        )));
+    }
     let RunPlan {
         device,
         global_batch,
@@ -323,16 +331,13 @@ pub fn train_with_parameter_server(
     let mut last_evaluated_step = None;
 
     // Mixed precision (bf16): a working copy refreshed from the pulled f32 values computes.
-    let working = match config.train.precision {
-        Precision::Fp32 => None,
-        precision => Some(Model::with_dtype(
-            &config.model,
-            data.train.image_shape(),
-            data.train.classes(),
-            &device,
-            crate::precision::tensor_dtype(precision),
-        )?),
-    };
+    let working = working_copy(
+        config,
+        data,
+        &model,
+        &device,
+        crate::precision::tensor_dtype(config.train.precision),
+    )?;
     let compute_model = working.as_ref().unwrap_or(&model);
     for step in start_step..total_steps {
         let epoch = step / steps_per_epoch;

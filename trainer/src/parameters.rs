@@ -4,7 +4,10 @@
 //! position in a virtual flat vector of all parameters. Gradient packing, collective exchange,
 //! optimizer state and checkpoints all use that flat order, so every rank agrees on which
 //! element is which without exchanging names. Values are read and written in place in the
-//! `Var`s' own storage: no tensor is allocated on the update path.
+//! `Var`s' own storage: no tensor is allocated on the update path. In-place updates need host
+//! storage, so the sets the optimizer updates (the f32 masters) always live on the CPU; a
+//! working copy elsewhere (another format, a GPU) is refreshed with [`ParameterSet::copy_from`]
+//! and its gradients are copied back to the host as they are read.
 
 use std::cell::RefCell;
 
@@ -106,8 +109,10 @@ impl ParameterSet {
     }
 
     /// Overwrites every parameter with the value of the parameter at the same position of
-    /// `master` (same names and shapes), converted to this set's element type: how a bf16 or
-    /// f16 working copy is refreshed from the f32 master weights after each step.
+    /// `master` (same names and shapes), moved to this set's device and converted to its element
+    /// type: how a working copy (bf16 or f16 for mixed precision, on a GPU for a GPU rank) is
+    /// refreshed from the f32 host masters after each step. On a GPU each parameter crosses to
+    /// the device as f32 and is narrowed there.
     pub fn copy_from(&self, master: &ParameterSet) -> Result<()> {
         if master.parameters.len() != self.parameters.len() {
             return Err(TrainerError::Config(format!(
@@ -116,6 +121,7 @@ impl ParameterSet {
                 self.parameters.len()
             )));
         }
+        let same_place = self.device.same_device(&master.device) && self.dtype == master.dtype;
         for (working, master) in self.parameters.iter().zip(&master.parameters) {
             if working.name != master.name || working.var.shape() != master.var.shape() {
                 return Err(TrainerError::Config(format!(
@@ -126,9 +132,14 @@ impl ParameterSet {
                     working.var.shape()
                 )));
             }
-            working
-                .var
-                .set(&master.var.as_tensor().to_dtype(self.dtype)?)?;
+            let source = master.var.as_tensor();
+            let converted = if same_place {
+                // Neither move nor conversion copies: a variable cannot be set from itself.
+                source.copy()?
+            } else {
+                source.to_device(&self.device)?.to_dtype(self.dtype)?
+            };
+            working.var.set(&converted)?;
         }
         Ok(())
     }
@@ -153,6 +164,26 @@ impl ParameterSet {
             }
             Initialization::Zeros => vec![0.0; count],
         };
+        self.add_values(name, shape, values)
+    }
+
+    /// Creates a parameter holding `values` (row-major, of `shape`'s element count), stored in
+    /// this set's element type on its device, and returns the tensor a layer should hold.
+    pub fn add_values(
+        &mut self,
+        name: impl Into<String>,
+        shape: impl Into<Shape>,
+        values: Vec<f32>,
+    ) -> Result<Tensor> {
+        let shape = shape.into();
+        let name = name.into();
+        let count = shape.elem_count();
+        if values.len() != count {
+            return Err(TrainerError::Config(format!(
+                "parameter {name}: {} values for shape {shape:?} ({count} elements)",
+                values.len()
+            )));
+        }
         let var = Var::from_vec(values, shape, &self.device)?;
         let var = if self.dtype == DType::F32 {
             var
@@ -161,7 +192,7 @@ impl ParameterSet {
         };
         let tensor = var.as_tensor().clone();
         self.parameters.push(Parameter {
-            name: name.into(),
+            name,
             var,
             offset: self.element_count,
         });
@@ -442,6 +473,50 @@ mod tests {
         assert_eq!(flat[6], -1.0);
         assert!(set.write_values(&[0.0; 4]).is_err());
         assert!(set.update(2, |_| ()).is_err());
+    }
+
+    #[test]
+    fn a_working_copy_takes_the_masters_values_in_its_own_format() {
+        let master = two_parameters(3);
+        let mut expected = vec![0.0; 9];
+        master.read_values(&mut expected).unwrap();
+        let mut working = ParameterSet::with_dtype(Device::Cpu, DType::BF16);
+        working.add_values("w", (3, 2), vec![0.0; 6]).unwrap();
+        working.add_values("b", 3, vec![0.0; 3]).unwrap();
+        working.copy_from(&master).unwrap();
+        for parameter in working.iter() {
+            assert_eq!(parameter.tensor().dtype(), DType::BF16);
+            let widened = parameter
+                .tensor()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let rounded: Vec<f32> = expected[parameter.flat_range()]
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect();
+            assert_eq!(widened, rounded, "{}", parameter.name());
+        }
+        // A copy in the master's own place and format is a plain copy.
+        let same = two_parameters(4);
+        same.copy_from(&master).unwrap();
+        let mut copied = vec![0.0; 9];
+        same.read_values(&mut copied).unwrap();
+        assert_eq!(copied, expected);
+        // Sets of other parameters are refused.
+        let mut other = ParameterSet::new(Device::Cpu);
+        other.add_values("x", (3, 2), vec![0.0; 6]).unwrap();
+        other.add_values("b", 3, vec![0.0; 3]).unwrap();
+        let error = other.copy_from(&master).unwrap_err().to_string();
+        assert!(error.contains("does not match"), "{error}");
+        let error = other
+            .add_values("c", (2, 2), vec![0.0; 3])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("3 values for shape [2, 2]"), "{error}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The training loop a rank runs: [`train`] takes everything it needs as arguments (config,
-//! data, communicator, metrics sink) and computes on the calling thread.
+//! data, communicator, metrics sink) and computes on the calling thread, on the CPU or (with a
+//! working copy of the model there) on the device [`TrainConfig::device`] names.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ use crate::data::{Dataset, TrainTestSplits};
 use crate::data_parallel::{
     GradientBuckets, broadcast_optimizer_state, broadcast_outcome, broadcast_parameters,
 };
+use crate::device::ComputeDevice;
 use crate::error::{Result, TrainerError};
 use crate::metrics::{EvaluationMetrics, MetricsSink, PhaseTimings, StepMetrics};
 use crate::models::Model;
@@ -67,6 +69,10 @@ pub struct TrainConfig {
     /// Fault injection for tests: `(rank, step)` makes that rank's gradients of that
     /// (0-based) step infinite, as an fp16 overflow would. Default `None`.
     pub inject_overflow: Option<(usize, u64)>,
+    /// Where the forward and backward passes run. Default [`ComputeDevice::Cpu`]; the rank's
+    /// launcher sets the CUDA device of a `[resources] device = "gpu"` job, since only it knows
+    /// the local device index. The f32 masters and the optimizer stay in host memory either way.
+    pub device: ComputeDevice,
 }
 
 impl TrainConfig {
@@ -87,6 +93,7 @@ impl TrainConfig {
             final_checkpoint: true,
             overlap_communication: true,
             inject_overflow: None,
+            device: ComputeDevice::Cpu,
         }
     }
 
@@ -149,7 +156,7 @@ impl BatchBuffers {
 
 /// What every training loop derives from its config before the first step.
 pub(crate) struct RunPlan {
-    /// Where tensors live.
+    /// Where the passes run: batches and any working copy of the model live there.
     pub(crate) device: Device,
     /// Examples per optimizer step over all ranks.
     pub(crate) global_batch: usize,
@@ -159,7 +166,7 @@ pub(crate) struct RunPlan {
     pub(crate) steps_per_epoch: u64,
     /// Optimizer steps of the run (epochs, capped by `max_steps`).
     pub(crate) total_steps: u64,
-    /// The freshly initialised model.
+    /// The freshly initialised model: the f32 masters, in host memory.
     pub(crate) model: Model,
 }
 
@@ -171,7 +178,7 @@ impl RunPlan {
         world_size: usize,
         rank: usize,
     ) -> Result<Self> {
-        let device = Device::Cpu;
+        let device = config.device.open()?;
         let global_batch = config.schedule.batch_size as usize;
         let sampler = DistributedSampler::new(
             data.train.len(),
@@ -190,7 +197,7 @@ impl RunPlan {
             &config.model,
             data.train.image_shape(),
             data.train.classes(),
-            &device,
+            &Device::Cpu,
         )?;
         Ok(Self {
             device,
@@ -203,13 +210,41 @@ impl RunPlan {
     }
 }
 
+/// Returns the model the passes run on when it cannot be `master` itself: a copy on `device` in
+/// `dtype`, holding the master's values, or `None` when the master already lives there in that
+/// format. The caller refreshes it with [`crate::parameters::ParameterSet::copy_from`] after
+/// every update of the master. One mechanism serves mixed precision (another format) and GPU
+/// ranks (another device).
+pub(crate) fn working_copy(
+    config: &TrainConfig,
+    data: &TrainTestSplits,
+    master: &Model,
+    device: &Device,
+    dtype: DType,
+) -> Result<Option<Model>> {
+    let parameters = master.parameters();
+    if parameters.device().same_device(device) && parameters.dtype() == dtype {
+        return Ok(None);
+    }
+    let working = Model::with_dtype(
+        &config.model,
+        data.train.image_shape(),
+        data.train.classes(),
+        device,
+        dtype,
+    )?;
+    working.parameters().copy_from(parameters)?;
+    Ok(Some(working))
+}
+
 /// Trains `config`'s model on `data` as one rank of `communicator`'s group, reporting to
 /// `metrics`, and returns the trained model.
 ///
 /// Every rank of the group must call it with the same config and data. Rank 0's initial
 /// parameters (or checkpoint) are broadcast first; each step then trains on this rank's share of
 /// the global batch and all-reduces the gradients. Computation runs on the calling thread
-/// (candle may use its own thread pool for matrix products).
+/// (candle may use its own thread pool for matrix products), or on `config.device`'s GPU with
+/// the masters and the optimizer on the host; ranks on different devices may train together.
 pub fn train(
     config: &TrainConfig,
     data: &TrainTestSplits,
@@ -258,6 +293,7 @@ pub fn train(
     tracing::info!(
         rank,
         world_size,
+        device = %config.device,
         parameters = parameters.element_count(),
         global_batch,
         local_batch = sampler.local_batch(),
@@ -268,23 +304,24 @@ pub fn train(
     );
 
     let mut buckets = GradientBuckets::new(parameters, config.parallel.gradient_bucket_bytes);
-    // Mixed precision: a working copy computes, the f32 masters are updated.
+    // Mixed precision or a GPU: a working copy computes, the f32 host masters are updated.
     let precision = config.train.precision;
     let gradient_format = config.train.grad_comm_dtype();
-    let working = if precision == Precision::Fp32 {
-        None
-    } else {
-        let working = Model::with_dtype(
-            &config.model,
-            data.train.image_shape(),
-            data.train.classes(),
-            &device,
-            precision::tensor_dtype(precision),
-        )?;
-        working.parameters().copy_from(parameters)?;
-        Some(working)
-    };
+    let working = working_copy(
+        config,
+        data,
+        &model,
+        &device,
+        precision::tensor_dtype(precision),
+    )?;
     let compute_model = working.as_ref().unwrap_or(&model);
+    // Evaluation runs where the passes do: the f32 masters on the CPU, the working copy (in
+    // its compute format) on a GPU.
+    let evaluation_model = if device.is_cpu() {
+        &model
+    } else {
+        compute_model
+    };
     let mixed = precision != Precision::Fp32 || gradient_format != Precision::Fp32;
     let mut scaler = LossScaler::new(config.train.loss_scaling());
     let mut narrow = NarrowBuffers::default();
@@ -294,9 +331,13 @@ pub fn train(
         0
     };
     // Overlap needs a second bucket to send early; with one there is nothing to hide behind.
-    // Mixed precision exchanges after the ranks agree the step is clean, so it does not overlap.
-    let overlap =
-        config.overlap_communication && world_size > 1 && buckets.buckets().len() > 1 && !mixed;
+    // Mixed precision exchanges after the ranks agree the step is clean, so it does not overlap;
+    // a communicator bound to this thread (NCCL) cannot run on the exchange thread.
+    let overlap = config.overlap_communication
+        && world_size > 1
+        && buckets.buckets().len() > 1
+        && !mixed
+        && communicator.as_send().is_some();
     let gradient_weight = sampler.gradient_weight() as f32;
     let mut order = Vec::new();
     let mut order_epoch = None;
@@ -325,14 +366,15 @@ pub fn train(
         timings.data = phase - started;
 
         let mut overflow = false;
-        if overlap {
-            let forward = model.forward_staged(&images)?;
+        if let Some(communicator) = communicator.as_send().filter(|_| overlap) {
+            // Not mixed, so the compute model is f32: the master, or its copy on a GPU.
+            let forward = compute_model.forward_staged(&images)?;
             let loss = candle_nn::loss::cross_entropy(forward.logits(), &labels)?;
             buckets.set_loss(loss.to_scalar::<f32>()? * gradient_weight);
             let phase = lap(phase, &mut timings.forward);
             let exposed = buckets.backward_overlapped(
                 communicator,
-                &model,
+                compute_model,
                 forward,
                 &loss,
                 gradient_weight,
@@ -454,7 +496,7 @@ pub fn train(
         }
         if config.evaluate && completed % steps_per_epoch == 0 {
             let evaluation = evaluate_split(
-                &model,
+                evaluation_model,
                 &data.test,
                 communicator,
                 config.evaluation_batch,
@@ -470,7 +512,7 @@ pub fn train(
     if config.evaluate && last_evaluated_step != Some(total_steps) {
         let epoch = total_steps.saturating_sub(1) / steps_per_epoch;
         let evaluation = evaluate_split(
-            &model,
+            evaluation_model,
             &data.test,
             communicator,
             config.evaluation_batch,
@@ -585,7 +627,8 @@ fn evaluation_totals(
         indices.extend(start..end);
         let (images, labels) = batch.tensors(dataset, &indices, model.parameters().device())?;
         batch.indices = indices;
-        let logits = model.forward(&images)?;
+        // A working copy in bf16 or f16 returns logits in its format.
+        let logits = model.forward(&images)?.to_dtype(DType::F32)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?.to_scalar::<f32>()?;
         let predictions = logits.argmax(1)?.to_vec1::<u32>()?;
         let correct = predictions

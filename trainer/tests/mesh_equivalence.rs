@@ -6,18 +6,14 @@
 //! point-to-point links, exactly as rank processes are; the model is tiny and the text
 //! synthetic, so the arithmetic is what is tested.
 
+mod common;
+
 use std::collections::HashMap;
 
-use cohort_collective::InMemoryStore;
-use cohort_spec::train::{
-    DatasetKind, LearningRateDecay, ModelKind, ModelSpec, OptimizerKind, OptimizerSpec,
-    PipelineSchedule,
-};
+use cohort_spec::train::PipelineSchedule;
 use cohort_trainer::TrainConfig;
-use cohort_trainer::language_model::{LanguageModelOutcome, train_language_model};
-use cohort_trainer::mesh::{MeshShape, connect_mesh};
-use cohort_trainer::metrics::DiscardMetrics;
-use cohort_trainer::text::TextCorpus;
+use cohort_trainer::language_model::LanguageModelOutcome;
+use cohort_trainer::mesh::MeshShape;
 use cohort_trainer::transformer::Split;
 
 /// Largest difference allowed, relative to the largest parameter magnitude.
@@ -25,45 +21,8 @@ const RELATIVE_TOLERANCE: f32 = 1e-4;
 /// Optimizer steps of the equivalence runs.
 const STEPS: u64 = 10;
 
-/// A text with structure to learn: words drawn from a small lexicon by a fixed generator.
-fn corpus() -> TextCorpus {
-    let words = [
-        "to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis",
-    ];
-    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut text = String::new();
-    while text.len() < 40_000 {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        text.push_str(words[(state % words.len() as u64) as usize]);
-        text.push(if state.is_multiple_of(11) { '\n' } else { ' ' });
-    }
-    TextCorpus::from_text(text.as_bytes()).unwrap()
-}
-
 fn config(data: u32, pipeline: u32, tensor: u32, schedule: PipelineSchedule) -> TrainConfig {
-    let spec = cohort_spec::parse("version = 1\nkind = \"train\"\n").unwrap();
-    let mut config = TrainConfig::from_job_spec(&spec, std::env::temp_dir());
-    config.model = ModelSpec {
-        kind: ModelKind::Transformer,
-        layers: Some(4),
-        heads: Some(4),
-        width: Some(16),
-        context: Some(8),
-        seed: 7,
-        ..ModelSpec::default()
-    };
-    config.data.dataset = DatasetKind::Shakespeare;
-    config.optimizer = OptimizerSpec {
-        kind: OptimizerKind::Adamw,
-        lr: Some(0.01),
-        ..OptimizerSpec::default()
-    };
-    config.schedule.batch_size = 16;
-    config.schedule.max_steps = Some(STEPS);
-    config.schedule.warmup_steps = 2;
-    config.schedule.lr_decay = LearningRateDecay::Cosine;
+    let mut config = common::transformer_config(4, 16, 8, STEPS);
     config.parallel.data = data;
     config.parallel.pipeline = pipeline;
     config.parallel.tensor = tensor;
@@ -72,25 +31,6 @@ fn config(data: u32, pipeline: u32, tensor: u32, schedule: PipelineSchedule) -> 
     config.evaluate = false;
     config.final_checkpoint = false;
     config
-}
-
-/// Runs every rank of `config`'s mesh on its own thread; returns the outcomes by rank.
-fn run_mesh(config: &TrainConfig, corpus: &TextCorpus) -> Vec<LanguageModelOutcome> {
-    let shape = MeshShape::of(&config.parallel);
-    let store = InMemoryStore::new();
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..shape.world_size())
-            .map(|rank| {
-                let store = &store;
-                scope.spawn(move || {
-                    let mesh =
-                        connect_mesh(store, rank, shape, "127.0.0.1:0".parse().unwrap()).unwrap();
-                    train_language_model(config, corpus, mesh, &mut DiscardMetrics).unwrap()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
 }
 
 /// Assembles the full parameters by name from replica 0's stages and shards.
@@ -150,19 +90,25 @@ fn max_difference(a: &HashMap<String, Vec<f32>>, b: &HashMap<String, Vec<f32>>) 
 }
 
 fn assert_mesh_matches_one_rank(data: u32, pipeline: u32, tensor: u32, schedule: PipelineSchedule) {
-    let corpus = corpus();
+    let corpus = common::synthetic_corpus();
     // The reference takes the whole batch in one pass: no micro-batches, no mesh.
     let mut reference_config = config(1, 1, 1, schedule);
     reference_config.parallel.micro_batches = Some(1);
-    let reference = assemble(&reference_config, &run_mesh(&reference_config, &corpus));
+    let reference = assemble(
+        &reference_config,
+        &common::train_mesh(&reference_config, &corpus),
+    );
     let tolerance = RELATIVE_TOLERANCE * max_abs(&reference);
     // Training moved the parameters far beyond the tolerance: a wrong step would show.
     let mut untrained_config = reference_config.clone();
     untrained_config.schedule.max_steps = Some(0);
-    let untrained = assemble(&untrained_config, &run_mesh(&untrained_config, &corpus));
+    let untrained = assemble(
+        &untrained_config,
+        &common::train_mesh(&untrained_config, &corpus),
+    );
     assert!(max_difference(&untrained, &reference) > 100.0 * tolerance);
     let mesh_config = config(data, pipeline, tensor, schedule);
-    let outcomes = run_mesh(&mesh_config, &corpus);
+    let outcomes = common::train_mesh(&mesh_config, &corpus);
     let trained = assemble(&mesh_config, &outcomes);
     let difference = max_difference(&trained, &reference);
     eprintln!(
@@ -231,13 +177,13 @@ fn hybrid_meshes_match_one_rank() {
 
 #[test]
 fn a_checkpoint_of_one_mesh_resumes_under_another() {
-    let corpus = corpus();
+    let corpus = common::synthetic_corpus();
     let directory = tempfile::tempdir().unwrap();
     let mut first = config(2, 2, 1, PipelineSchedule::OneForwardOneBackward);
     first.output_directory = directory.path().to_owned();
     first.evaluate = true;
     first.final_checkpoint = true;
-    let outcomes = run_mesh(&first, &corpus);
+    let outcomes = common::train_mesh(&first, &corpus);
     let before = outcomes[0].final_validation.clone().unwrap();
     let initial = outcomes[0].initial_validation.clone().unwrap();
     assert!(before.loss < initial.loss, "{initial:?} -> {before:?}");
@@ -252,7 +198,7 @@ fn a_checkpoint_of_one_mesh_resumes_under_another() {
     second.evaluate = true;
     second.checkpoint.resume_from = Some(checkpoint.to_string_lossy().into_owned());
     // Resumed at the end: only the evaluation runs.
-    let resumed = run_mesh(&second, &corpus);
+    let resumed = common::train_mesh(&second, &corpus);
     let after = resumed[0].initial_validation.clone().unwrap();
     eprintln!(
         "validation loss {} under 2x2x1, {} resumed under 1x1x4",
@@ -276,7 +222,7 @@ fn a_checkpoint_of_one_mesh_resumes_under_another() {
         more.output_directory = directory.path().join(mesh);
         more.schedule.max_steps = Some(STEPS + 4);
         more.checkpoint.resume_from = Some(checkpoint.to_string_lossy().into_owned());
-        let outcomes = run_mesh(&more, &corpus);
+        let outcomes = common::train_mesh(&more, &corpus);
         assert_eq!(outcomes[0].steps, STEPS + 4);
         continued.push(assemble(&more, &outcomes));
     }

@@ -6,6 +6,10 @@
 //! fp32-equivalent payload), alternating call by call, and report the time ratio and the bytes
 //! each rank sent for one all-reduce of each type: what mixed precision saves, measured under
 //! the same load.
+//!
+//! With `--backend nccl` it times NCCL's all-reduce on device buffers instead (no host copies),
+//! one thread per local GPU in this process, as nccl-tests does; a build or machine without
+//! CUDA or NCCL fails with the reason.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -13,13 +17,14 @@ use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use cohort_collective::DType;
 use cohort_collective::bench::{self as collective_bench, StreamMeasurement};
+use cohort_collective::cuda::{self, CudaLibrary};
+use cohort_collective::{DType, NcclConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{dtype, gbps, parse_size, publish_result, read_result, run_job, start_cluster};
-use crate::args::BenchDtype;
+use crate::args::{AllreduceBackend, BenchDtype};
 use crate::client;
 use crate::rank::RankLink;
 
@@ -146,15 +151,37 @@ fn slowest_ranks(per_rank: &[Vec<RankSample>], sizes: usize) -> Result<Vec<RankS
 }
 
 /// `cohort bench allreduce`.
-pub async fn run(ranks: u32, sizes: &[String], element_type: BenchDtype) -> Result<ExitCode> {
-    if !(1..=64).contains(&ranks) {
-        bail!("--ranks = {ranks}, expected 1 to 64");
+pub async fn run(
+    backend: AllreduceBackend,
+    ranks: Option<u32>,
+    sizes: &[String],
+    element_type: BenchDtype,
+) -> Result<ExitCode> {
+    match backend {
+        AllreduceBackend::Tcp => run_tcp(ranks.unwrap_or(2), sizes, element_type).await,
+        AllreduceBackend::Nccl => {
+            let sizes = sizes.to_vec();
+            tokio::task::spawn_blocking(move || run_nccl(ranks, &sizes, element_type)).await?
+        }
     }
-    let dtype = dtype(element_type);
+}
+
+/// Parses `--sizes` (fp32-equivalent payloads) into bytes.
+fn payloads(sizes: &[String]) -> Result<Vec<usize>> {
     let payloads: Vec<usize> = sizes.iter().map(|s| parse_size(s)).collect::<Result<_>>()?;
     if let Some(too_big) = payloads.iter().find(|&&bytes| bytes > 4 << 30) {
         bail!("size {too_big} bytes, expected at most 4 GiB");
     }
+    Ok(payloads)
+}
+
+/// `cohort bench allreduce --backend tcp`.
+async fn run_tcp(ranks: u32, sizes: &[String], element_type: BenchDtype) -> Result<ExitCode> {
+    if !(1..=64).contains(&ranks) {
+        bail!("--ranks = {ranks}, expected 1 to 64");
+    }
+    let dtype = dtype(element_type);
+    let payloads = payloads(sizes)?;
     // Sizes are fp32-equivalent payloads: the same element count for every dtype.
     let elements: Vec<usize> = payloads.iter().map(|bytes| bytes / 4).collect();
 
@@ -261,6 +288,84 @@ args = ["bench", "allreduce-rank", "--elements", "{element_list}", "--dtype", "{
             "dtype": dtype.name(),
             "loopback_gbps": gbps(loopback),
             "results": rows,
+        })
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cohort bench allreduce --backend nccl`: one rank thread per GPU (all of them, or `ranks`
+/// capped at their number), all-reducing device buffers. Runs on a blocking thread.
+fn run_nccl(ranks: Option<u32>, sizes: &[String], element_type: BenchDtype) -> Result<ExitCode> {
+    let dtype = dtype(element_type);
+    let payloads = payloads(sizes)?;
+    let elements: Vec<usize> = payloads.iter().map(|bytes| bytes / 4).collect();
+    cuda::require(CudaLibrary::Nccl)?;
+    let gpus = cuda::device_count()?;
+    if gpus == 0 {
+        bail!("no CUDA device found: the nccl backend needs at least one GPU");
+    }
+    let world_size = match ranks {
+        None => gpus,
+        Some(0) => bail!("--ranks = 0, expected at least 1"),
+        Some(ranks) if ranks as usize > gpus => {
+            eprintln!("--ranks = {ranks}: this machine has {gpus} GPUs, running {gpus} ranks");
+            gpus
+        }
+        Some(ranks) => ranks as usize,
+    };
+    eprintln!("running {world_size} NCCL ranks, one thread per GPU...");
+    let rows = collective_bench::nccl_all_reduce_in_threads(
+        world_size,
+        &elements,
+        dtype,
+        NcclConfig::default().collective_timeout,
+    )?;
+
+    let mut table = Vec::new();
+    let mut results = Vec::new();
+    for (&payload, row) in payloads.iter().zip(&rows) {
+        let time_s = row.time.as_secs_f64();
+        table.push(vec![
+            payload.to_string(),
+            row.bytes.to_string(),
+            format!("{:.1}", time_s * 1e6),
+            format!("{:.3}", gbps(row.algorithm_bandwidth)),
+            format!("{:.3}", gbps(row.bus_bandwidth)),
+        ]);
+        results.push(json!({
+            "fp32_equivalent_bytes": payload,
+            "bytes": row.bytes,
+            "time_s": time_s,
+            "algbw_gbps": gbps(row.algorithm_bandwidth),
+            "busbw_gbps": gbps(row.bus_bandwidth),
+        }));
+    }
+    let device = cuda::device_name(0)?;
+    println!("all-reduce (NCCL, device buffers), {world_size} x {device}, {dtype}");
+    println!("{}", collective_bench::NCCL_TIME_NOTE);
+    print!(
+        "{}",
+        crate::render::table(
+            &[
+                "PAYLOAD(F32 BYTES)",
+                "BYTES",
+                "TIME(US)",
+                "ALGBW(GB/S)",
+                "BUSBW(GB/S)"
+            ],
+            &table
+        )
+    );
+    println!(
+        "{}",
+        json!({
+            "bench": "allreduce",
+            "backend": "nccl",
+            "ranks": world_size,
+            "gpus": gpus,
+            "device": device,
+            "dtype": dtype.name(),
+            "results": results,
         })
     );
     Ok(ExitCode::SUCCESS)

@@ -21,7 +21,7 @@ use cohort_collective::{DType, Store};
 use cohort_proto::v1::StreamLogsRequest;
 use serde::de::DeserializeOwned;
 
-use crate::args::{BenchArgs, BenchDtype, Benchmark};
+use crate::args::{BenchArgs, BenchDevice, BenchDtype, Benchmark};
 use crate::client;
 use crate::local_cluster::{LocalCluster, LocalClusterConfig};
 use crate::rank::RankLink;
@@ -36,9 +36,10 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     match args.benchmark {
         Benchmark::Allreduce {
             ranks,
+            backend,
             sizes,
             dtype,
-        } => allreduce::run(ranks, &sizes, dtype).await,
+        } => allreduce::run(backend, ranks, &sizes, dtype).await,
         Benchmark::Ps {
             shards,
             ranks,
@@ -48,8 +49,20 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
         Benchmark::Train {
             ranks,
             steps,
-            device,
-        } => train::run(&ranks, steps, device).await,
+            device: BenchDevice::Cpu,
+            ..
+        } => train::run(ranks.as_deref(), steps).await,
+        Benchmark::Train {
+            ranks,
+            steps,
+            device: BenchDevice::Gpu,
+            gpu,
+        } => {
+            // Tensor math: on a thread of its own, not on the async runtime.
+            tokio::task::spawn_blocking(move || train::run_on_gpu(ranks.as_deref(), steps, gpu))
+                .await
+                .context("the gpu benchmark thread")?
+        }
         Benchmark::Mesh { .. } => {
             bail!("the mesh benchmark starts outside the CLI runtime (see main)")
         }

@@ -3,15 +3,29 @@
 //! after another, each as a real job of rank processes on a local cluster. Reports samples/s,
 //! scaling efficiency against N times the 1-rank figure, and the median time of each phase of a
 //! step (forward, backward, optimizer, communication not hidden behind the backward pass).
+//!
+//! `--device gpu` measures one rank in this process on one CUDA device instead: samples/s of
+//! the same MLP and tokens/s of a transformer on the Shakespeare text, each in fp32 and bf16,
+//! with the median time of the passes and of the host-side update (the f32 masters and the
+//! optimizer stay in host memory; see `cohort_trainer::device`).
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use cohort_collective::{InMemoryStore, TcpRing, TcpRingConfig};
+use cohort_spec::precision::{Precision, TrainSpec};
 use cohort_spec::train::{
-    DataSpec, LearningRateDecay, ModelKind, ModelSpec, OptimizerKind, OptimizerSpec, ParallelSpec,
-    ScheduleSpec,
+    DataSpec, DatasetKind, LearningRateDecay, ModelKind, ModelSpec, OptimizerKind, OptimizerSpec,
+    ParallelSpec, ScheduleSpec,
 };
-use cohort_trainer::{TrainConfig, train};
+use cohort_trainer::data::TrainTestSplits;
+use cohort_trainer::language_model::train_language_model;
+use cohort_trainer::mesh::{MeshShape, connect_mesh};
+use cohort_trainer::text::TextCorpus;
+use cohort_trainer::{
+    ComputeDevice, EvaluationMetrics, MetricsSink, PhaseTimings, StepMetrics, TrainConfig, train,
+};
 use serde_json::{Value, json};
 
 use super::{publish_result, read_result, run_job, start_cluster};
@@ -85,17 +99,24 @@ fn slowest(per_rank: &[Value], key: &str) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// `cohort bench train`.
-pub async fn run(world_sizes: &[u32], steps: u64, device: String) -> Result<ExitCode> {
-    if device != "cpu" {
-        bail!("--device {device}: this build trains on cpu only");
-    }
-    if world_sizes.is_empty() || world_sizes.iter().any(|&n| !(1..=16).contains(&n)) {
-        bail!("--ranks {world_sizes:?}: expected world sizes of 1 to 16");
-    }
+/// World sizes `cohort bench train` runs on the CPU unless `--ranks` says otherwise.
+const DEFAULT_WORLD_SIZES: [u32; 3] = [1, 2, 4];
+
+/// Checks `--steps`.
+fn check_steps(steps: u64) -> Result<()> {
     if !(5..=10_000).contains(&steps) {
         bail!("--steps = {steps}, expected 5 to 10000");
     }
+    Ok(())
+}
+
+/// `cohort bench train` on the CPU.
+pub async fn run(world_sizes: Option<&[u32]>, steps: u64) -> Result<ExitCode> {
+    let world_sizes = world_sizes.unwrap_or(&DEFAULT_WORLD_SIZES);
+    if world_sizes.is_empty() || world_sizes.iter().any(|&n| !(1..=16).contains(&n)) {
+        bail!("--ranks {world_sizes:?}: expected world sizes of 1 to 16");
+    }
+    check_steps(steps)?;
     let executable = std::env::current_exe()?;
     let mut rows = Vec::new();
     let mut table = Vec::new();
@@ -182,4 +203,312 @@ args = ["bench", "train-rank", "--steps", "{steps}"]
     );
     println!("{}", json!({ "bench": "train", "results": rows }));
     Ok(ExitCode::SUCCESS)
+}
+
+/// Sequences per step of the transformer `--device gpu` measures.
+const TRANSFORMER_BATCH: u32 = 64;
+
+/// The transformer `--device gpu` measures (about 13 M parameters, 8192 tokens per step), on
+/// one rank: AdamW, `steps` timed steps after the warm-up ones, no evaluation or checkpoint.
+fn transformer_config(steps: u64) -> TrainConfig {
+    let mut config = benchmark_config(1, steps);
+    config.model = ModelSpec {
+        kind: ModelKind::Transformer,
+        layers: Some(4),
+        heads: Some(8),
+        width: Some(512),
+        context: Some(128),
+        ..ModelSpec::default()
+    };
+    config.data = DataSpec {
+        dataset: DatasetKind::Shakespeare,
+        ..DataSpec::default()
+    };
+    config.optimizer = OptimizerSpec {
+        kind: OptimizerKind::Adamw,
+        lr: Some(3e-4),
+        ..OptimizerSpec::default()
+    };
+    config.schedule.batch_size = TRANSFORMER_BATCH;
+    config
+}
+
+/// Sets where and in which format `config` computes.
+fn on(mut config: TrainConfig, device: ComputeDevice, precision: Precision) -> TrainConfig {
+    config.device = device;
+    config.train = TrainSpec {
+        precision,
+        ..TrainSpec::default()
+    };
+    config
+}
+
+/// Every step's wall time and phases, as the training loop reports them.
+#[derive(Debug, Default)]
+struct StepTimes(Vec<(Duration, PhaseTimings)>);
+
+impl MetricsSink for StepTimes {
+    fn on_step(&mut self, metrics: &StepMetrics) {
+        let step = metrics.global_batch as f64 / metrics.samples_per_second.max(1e-9);
+        self.0
+            .push((Duration::from_secs_f64(step), metrics.timings));
+    }
+
+    fn on_evaluation(&mut self, _metrics: &EvaluationMetrics) {}
+}
+
+/// Medians over the timed steps of one run, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Medians {
+    /// A whole step.
+    step: f64,
+    /// Forward and backward passes, the gradients' copy to the host included.
+    passes: f64,
+    /// The host-side update and the refresh of the device's working copy.
+    optimizer: f64,
+}
+
+impl StepTimes {
+    /// Medians of the steps after the warm-up ones.
+    fn medians(&self) -> Result<Medians> {
+        let timed = self.0.get(WARMUP_STEPS as usize..).unwrap_or_default();
+        if timed.is_empty() {
+            bail!("the run reported no timed step");
+        }
+        let median = |pick: fn(&(Duration, PhaseTimings)) -> Duration| {
+            let mut values: Vec<f64> = timed.iter().map(|step| pick(step).as_secs_f64()).collect();
+            values.sort_by(f64::total_cmp);
+            values[values.len() / 2]
+        };
+        Ok(Medians {
+            step: median(|(step, _)| *step),
+            passes: median(|(_, phases)| phases.forward + phases.backward),
+            optimizer: median(|(_, phases)| phases.optimizer),
+        })
+    }
+}
+
+/// Trains the benchmark MLP on `data` as a world of one on `device` in `precision`.
+fn measure_mlp(
+    config: TrainConfig,
+    device: ComputeDevice,
+    precision: Precision,
+    data: &TrainTestSplits,
+) -> Result<Medians> {
+    let config = on(config, device, precision);
+    let store = InMemoryStore::new();
+    let mut ring = TcpRing::connect(&store, "bench-train", 0, 1, &TcpRingConfig::default())?;
+    let mut times = StepTimes::default();
+    train(&config, data, &mut ring, &mut times)?;
+    times.medians()
+}
+
+/// Trains the transformer of `config` on `corpus` as a mesh of one rank on `device` in
+/// `precision`.
+fn measure_transformer(
+    config: TrainConfig,
+    device: ComputeDevice,
+    precision: Precision,
+    corpus: &TextCorpus,
+) -> Result<Medians> {
+    let config = on(config, device, precision);
+    let store = InMemoryStore::new();
+    let shape = MeshShape::of(&config.parallel);
+    let mesh = connect_mesh(&store, 0, shape, "127.0.0.1:0".parse()?)?;
+    let mut times = StepTimes::default();
+    train_language_model(&config, corpus, mesh, &mut times)?;
+    times.medians()
+}
+
+/// One measured row: the model, its format and its throughput in the unit users compare.
+struct Row {
+    /// `mlp` or `transformer`.
+    model: &'static str,
+    /// Format of the passes.
+    precision: Precision,
+    /// `samples_per_s` or `tokens_per_s`.
+    unit: &'static str,
+    /// Samples or tokens per second over the median step.
+    per_second: f64,
+    /// Where a step's time went.
+    medians: Medians,
+}
+
+impl Row {
+    /// The row as the benchmark's JSON line reports it.
+    fn to_json(&self) -> Value {
+        json!({
+            "model": self.model,
+            "precision": self.precision.name(),
+            self.unit: self.per_second,
+            "step_s": self.medians.step,
+            "passes_s": self.medians.passes,
+            "host_update_s": self.medians.optimizer,
+        })
+    }
+}
+
+/// Measures the MLP (on `images`) and the transformer (on `text`) in fp32 and bf16 on
+/// `device`, with the given configs.
+fn measure_on(
+    device: ComputeDevice,
+    (mlp, images): (&TrainConfig, &TrainTestSplits),
+    (transformer, text): (&TrainConfig, &TextCorpus),
+) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for precision in [Precision::Fp32, Precision::Bf16] {
+        eprintln!("MLP in {} on {device}...", precision.name());
+        let medians = measure_mlp(mlp.clone(), device, precision, images)?;
+        rows.push(Row {
+            model: "mlp",
+            precision,
+            unit: "samples_per_s",
+            per_second: f64::from(mlp.schedule.batch_size) / medians.step.max(f64::MIN_POSITIVE),
+            medians,
+        });
+    }
+    let tokens_per_step = f64::from(transformer.schedule.batch_size)
+        * f64::from(transformer.model.transformer().context);
+    for precision in [Precision::Fp32, Precision::Bf16] {
+        eprintln!("transformer in {} on {device}...", precision.name());
+        let medians = measure_transformer(transformer.clone(), device, precision, text)?;
+        rows.push(Row {
+            model: "transformer",
+            precision,
+            unit: "tokens_per_s",
+            per_second: tokens_per_step / medians.step.max(f64::MIN_POSITIVE),
+            medians,
+        });
+    }
+    Ok(rows)
+}
+
+/// `cohort bench train --device gpu`: one rank in this process on CUDA device `gpu`.
+pub fn run_on_gpu(world_sizes: Option<&[u32]>, steps: u64, gpu: usize) -> Result<ExitCode> {
+    if let Some(sizes) = world_sizes.filter(|sizes| *sizes != [1]) {
+        bail!("--ranks {sizes:?} with --device gpu, expected 1 (the gpu benchmark runs one rank)");
+    }
+    check_steps(steps)?;
+    let device = ComputeDevice::Cuda { ordinal: gpu };
+    // The typed reason a GPU cannot be used (a build without CUDA or candle's kernels, no
+    // driver, no such device), before any data is read.
+    device.open()?;
+    let mlp = benchmark_config(1, steps);
+    let images = cohort_trainer::data::load(&mlp.data).context("loading Fashion-MNIST")?;
+    let transformer = transformer_config(steps);
+    let text =
+        cohort_trainer::text::load(&transformer.data).context("loading the Shakespeare text")?;
+    let rows = measure_on(device, (&mlp, &images), (&transformer, &text))?;
+
+    let device_name = match device {
+        ComputeDevice::Cuda { ordinal } => cohort_collective::cuda::device_name(ordinal)?,
+        ComputeDevice::Cpu => "cpu".to_owned(),
+    };
+    let shape = transformer.model.transformer();
+    println!(
+        "one rank on {device} ({device_name}): MLP 784-1024-1024-10, batch {GLOBAL_BATCH}, SGD; transformer {} \
+         layers x width {} ({} heads), context {}, batch {TRANSFORMER_BATCH} sequences, AdamW; \
+         f32 masters and optimizer on the host; medians over {steps} steps",
+        shape.layers, shape.width, shape.heads, shape.context
+    );
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| {
+            vec![
+                row.model.to_owned(),
+                row.precision.name().to_owned(),
+                format!("{:.0}", row.per_second),
+                row.unit.trim_end_matches("_per_s").to_owned(),
+                format!("{:.2}", row.medians.step * 1e3),
+                format!("{:.2}", row.medians.passes * 1e3),
+                format!("{:.2}", row.medians.optimizer * 1e3),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        crate::render::table(
+            &[
+                "MODEL",
+                "PRECISION",
+                "PER SECOND",
+                "UNIT",
+                "STEP(MS)",
+                "PASSES(MS)",
+                "HOST UPDATE(MS)",
+            ],
+            &table
+        )
+    );
+    let results: Vec<Value> = rows.iter().map(Row::to_json).collect();
+    println!(
+        "{}",
+        json!({
+            "bench": "train",
+            "device": device.to_string(),
+            "device_name": device_name,
+            "results": results,
+        })
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_usable_gpu_the_gpu_benchmark_fails_with_the_typed_reason() {
+        // No machine has a device 4095, whatever the build.
+        let error = run_on_gpu(None, 5, 4095).unwrap_err().to_string();
+        assert!(error.starts_with("cuda device 4095: "), "{error}");
+        let error = run_on_gpu(Some(&[2]), 5, 0).unwrap_err().to_string();
+        assert!(error.contains("expected 1"), "{error}");
+    }
+
+    #[test]
+    fn every_model_and_format_is_measured_in_its_unit() {
+        // The GPU benchmark's code path, on the CPU with small models and synthetic data.
+        let mut mlp = benchmark_config(1, 2);
+        mlp.model.hidden = vec![16];
+        mlp.schedule.batch_size = 32;
+        let images = cohort_trainer::data::synthetic_splits(320, 10, 8, 4, 1).unwrap();
+        let mut transformer = transformer_config(2);
+        transformer.model = ModelSpec {
+            kind: ModelKind::Transformer,
+            layers: Some(1),
+            heads: Some(2),
+            width: Some(8),
+            context: Some(8),
+            ..ModelSpec::default()
+        };
+        transformer.schedule.batch_size = 4;
+        let text = TextCorpus::from_text(
+            "to be or not to be, that is the question. "
+                .repeat(40)
+                .as_bytes(),
+        )
+        .unwrap();
+        let rows = measure_on(ComputeDevice::Cpu, (&mlp, &images), (&transformer, &text)).unwrap();
+        let described: Vec<_> = rows
+            .iter()
+            .map(|row| (row.model, row.precision, row.unit))
+            .collect();
+        assert_eq!(
+            described,
+            [
+                ("mlp", Precision::Fp32, "samples_per_s"),
+                ("mlp", Precision::Bf16, "samples_per_s"),
+                ("transformer", Precision::Fp32, "tokens_per_s"),
+                ("transformer", Precision::Bf16, "tokens_per_s"),
+            ]
+        );
+        for row in &rows {
+            assert!(row.per_second > 0.0 && row.per_second.is_finite());
+            assert!(row.medians.step >= row.medians.passes);
+            let reported = row.to_json();
+            assert_eq!(reported[row.unit].as_f64(), Some(row.per_second));
+            assert_eq!(reported["precision"], row.precision.name());
+        }
+    }
 }

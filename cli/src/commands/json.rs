@@ -86,6 +86,12 @@ pub fn node(node: &NodeInfo) -> Value {
             "memory_free_bytes": d.memory_free_bytes,
             "compute_capability": d.compute_capability,
             "pci_bus_id": d.pci_bus_id,
+            "peers": d.peers.iter().map(|p| json!({
+                "index": p.index,
+                "access": p.access,
+                "native_atomics": p.native_atomics,
+                "performance_rank": p.performance_rank,
+            })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "busy_devices": node.busy_devices.iter().map(|d| format!("{}:{}", kind(d.kind), d.index)).collect::<Vec<_>>(),
     })

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use cohort_proto::env;
+use cohort_spec::DeviceKind;
+use cohort_trainer::ComputeDevice;
 
 /// What the process runs as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +41,9 @@ pub struct RankEnv {
     pub node_address: IpAddr,
     /// Directory for outputs, when the worker gave one.
     pub output_dir: Option<PathBuf>,
+    /// `COHORT_CUDA_DEVICE` as the worker set it (on GPU ranks): the index of the rank's GPU
+    /// among those `CUDA_VISIBLE_DEVICES` makes visible. Read by [`RankEnv::compute_device`].
+    pub cuda_device: Option<String>,
 }
 
 fn variable(name: &str) -> Result<String> {
@@ -101,6 +106,73 @@ impl RankEnv {
             rendezvous: variable(env::RENDEZVOUS_ADDR)?,
             node_address,
             output_dir: std::env::var_os(env::OUTPUT_DIR).map(PathBuf::from),
+            cuda_device: std::env::var(env::CUDA_DEVICE).ok(),
         })
+    }
+
+    /// Returns where a rank of a job asking for `kind` devices computes: the CPU, or the CUDA
+    /// device `COHORT_CUDA_DEVICE` names, which a GPU rank must have.
+    pub fn compute_device(&self, kind: DeviceKind) -> Result<ComputeDevice> {
+        compute_device(kind, self.cuda_device.as_deref())
+    }
+}
+
+/// Returns the device of a rank of a job asking for `kind` devices, given the value of
+/// `COHORT_CUDA_DEVICE` (ignored on CPU ranks).
+fn compute_device(kind: DeviceKind, cuda_device: Option<&str>) -> Result<ComputeDevice> {
+    match kind {
+        DeviceKind::Cpu => Ok(ComputeDevice::Cpu),
+        DeviceKind::Gpu => {
+            let text = cuda_device.with_context(|| {
+                format!(
+                    "{} is not set, expected the index of this rank's gpu (the job asks for \
+                     resources.device = \"gpu\")",
+                    env::CUDA_DEVICE
+                )
+            })?;
+            let ordinal = text.trim().parse().with_context(|| {
+                format!(
+                    "{} = {text:?}, expected the index of this rank's gpu (a number)",
+                    env::CUDA_DEVICE
+                )
+            })?;
+            Ok(ComputeDevice::Cuda { ordinal })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_ranks_compute_on_the_device_the_worker_names() {
+        assert_eq!(
+            compute_device(DeviceKind::Cpu, None).unwrap(),
+            ComputeDevice::Cpu
+        );
+        // A CPU rank ignores the variable, whatever it holds.
+        assert_eq!(
+            compute_device(DeviceKind::Cpu, Some("x")).unwrap(),
+            ComputeDevice::Cpu
+        );
+        assert_eq!(
+            compute_device(DeviceKind::Gpu, Some("2")).unwrap(),
+            ComputeDevice::Cuda { ordinal: 2 }
+        );
+        let missing = compute_device(DeviceKind::Gpu, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.starts_with("COHORT_CUDA_DEVICE is not set"),
+            "{missing}"
+        );
+        let garbage = compute_device(DeviceKind::Gpu, Some("gpu0"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            garbage.starts_with("COHORT_CUDA_DEVICE = \"gpu0\""),
+            "{garbage}"
+        );
     }
 }

@@ -11,7 +11,7 @@ pub mod train;
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
-use cohort_collective::{TcpRing, TcpRingConfig};
+use cohort_collective::{Nccl, NcclConfig, TcpRing, TcpRingConfig};
 use tokio::runtime::Runtime;
 
 use crate::client;
@@ -74,5 +74,23 @@ impl RankLink {
             &config,
         )
         .with_context(|| format!("rank {} joining communicator {name:?}", self.env.rank))
+    }
+
+    /// Joins the job's NCCL communicator `name` (every rank of the job), on local CUDA device
+    /// `ordinal`. Rank 0 publishes NCCL's unique id through the rendezvous store.
+    pub fn nccl(&self, name: &str, ordinal: usize) -> Result<Nccl> {
+        let config = NcclConfig {
+            prefix: name.to_owned(),
+            rank: self.env.rank,
+            world_size: self.env.world_size,
+            device: ordinal,
+            ..NcclConfig::default()
+        };
+        Nccl::connect(&self.store, &config).with_context(|| {
+            format!(
+                "rank {} joining NCCL communicator {name:?} on cuda:{ordinal}",
+                self.env.rank
+            )
+        })
     }
 }

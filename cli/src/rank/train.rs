@@ -1,7 +1,8 @@
 //! `cohort rank`: one process of a `kind = "train"` job. Reads its place from the environment,
 //! fetches the job spec from the coordinator, and either serves a parameter-server shard or
 //! trains: loads the data, joins the data-parallel ring (or reaches the job's parameter
-//! servers) and trains on this (plain, non-async) thread, reporting metrics as it goes.
+//! servers) and trains on this (plain, non-async) thread, reporting metrics as it goes. A rank
+//! of a `[resources] device = "gpu"` job computes on the CUDA device its worker named.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,10 +15,10 @@ use cohort_parameter_server::ClientConfig;
 use cohort_parameter_server::server::shard_address_key;
 use cohort_proto::JobId;
 use cohort_proto::v1::GetJobRequest;
-use cohort_spec::train::{Communication, ModelKind};
+use cohort_spec::train::{CollectiveBackend, Communication, ModelKind};
 use cohort_trainer::language_model::train_language_model;
 use cohort_trainer::mesh::{MeshShape, connect_mesh};
-use cohort_trainer::{ParameterServerLink, TrainConfig, TrainOutcome};
+use cohort_trainer::{ComputeDevice, ParameterServerLink, TrainConfig, TrainOutcome};
 
 use super::env::Role;
 use super::{RankLink, parameter_server};
@@ -44,10 +45,17 @@ pub fn run() -> Result<ExitCode> {
         .output_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from("cohort-output").join(&env.job_id));
-    let config = TrainConfig::from_job_spec(&spec, output_directory);
+    let mut config = TrainConfig::from_job_spec(&spec, output_directory);
     if let Role::ParameterServer { shard, shards } = env.role {
         return parameter_server::serve(&link, &config, shard, shards);
     }
+    config.device = env.compute_device(spec.resources.device)?;
+    tracing::info!(
+        rank = env.rank,
+        device = %config.device,
+        cuda_visible_devices = std::env::var("CUDA_VISIBLE_DEVICES").ok(),
+        "rank starts"
+    );
 
     if config.model.kind == ModelKind::Transformer {
         return train_transformer(&link, &config);
@@ -55,10 +63,25 @@ pub fn run() -> Result<ExitCode> {
     let data = cohort_trainer::data::load(&config.data).context("loading the data set")?;
     let mut metrics = link.metrics()?;
     let outcome = match config.parallel.comm {
-        Communication::Allreduce => {
-            let mut ring = link.ring("data-parallel")?;
-            cohort_trainer::train(&config, &data, &mut ring, &mut metrics)
-        }
+        Communication::Allreduce => match cohort_spec::layout::gradient_transport(&spec) {
+            CollectiveBackend::Nccl => {
+                let ComputeDevice::Cuda { ordinal } = config.device else {
+                    anyhow::bail!("parallel.collective = \"nccl\" on a rank without a GPU");
+                };
+                let mut nccl = link.nccl("data-parallel", ordinal)?;
+                let outcome = cohort_trainer::train(&config, &data, &mut nccl, &mut metrics);
+                // Finalize rather than abort, so that peers still finishing the last collective
+                // are not cut off.
+                if outcome.is_ok() {
+                    nccl.close().context("closing the NCCL communicator")?;
+                }
+                outcome
+            }
+            CollectiveBackend::Tcp | CollectiveBackend::Auto => {
+                let mut ring = link.ring("data-parallel")?;
+                cohort_trainer::train(&config, &data, &mut ring, &mut metrics)
+            }
+        },
         Communication::Ps => {
             let parameter_servers = connect_parameter_servers(&link, &config)?;
             cohort_trainer::train_with_parameter_server(

@@ -368,6 +368,10 @@ impl Communicator for TcpRing {
         };
         transport.run(collective, &mut BarrierPlan::new(world_size))
     }
+
+    fn as_send(&mut self) -> Option<&mut (dyn Communicator + Send)> {
+        Some(self)
+    }
 }
 
 #[cfg(test)]

@@ -21,7 +21,9 @@ use super::ClusterStore;
 use super::embedded::EmbeddedStore;
 use super::etcd::EtcdStore;
 use crate::lifecycle::JobState;
-use crate::model::{DeviceRecord, JobRecord, MetricsRecord, NodeRecord, RankRecord, RankState};
+use crate::model::{
+    DeviceRecord, GpuPeerRecord, JobRecord, MetricsRecord, NodeRecord, RankRecord, RankState,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Backends and sample records.
@@ -155,6 +157,7 @@ pub(crate) fn sample_node(number: u64) -> NodeRecord {
                 memory_free_bytes: 0,
                 compute_capability: String::new(),
                 pci_bus_id: String::new(),
+                peers: Vec::new(),
             },
             DeviceRecord {
                 kind: DeviceKind::Gpu,
@@ -164,6 +167,12 @@ pub(crate) fn sample_node(number: u64) -> NodeRecord {
                 memory_free_bytes: 79 << 30,
                 compute_capability: "9.0".to_owned(),
                 pci_bus_id: "0000:01:00.0".to_owned(),
+                peers: vec![GpuPeerRecord {
+                    index: 1,
+                    access: true,
+                    native_atomics: true,
+                    performance_rank: 0,
+                }],
             },
         ],
         registered_at_ms: 1_700_000_000_000 + number as i64,

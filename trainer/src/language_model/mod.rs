@@ -10,6 +10,11 @@
 //! models. The losses of the micro-batches are scaled by `1 / (replicas x micro-batches)`, so
 //! the update equals the one-rank update on the whole batch.
 //!
+//! On a GPU (data parallelism only: pipeline and tensor parallelism exchange activations
+//! through host memory) the stage's f32 master parameters and the optimizer stay in host
+//! memory and a working copy of the stage on the device runs the schedules; it is refreshed
+//! from the masters after every update, as for the image models (see [`crate::device`]).
+//!
 //! - `stage`: the pipeline stage the schedules drive.
 //! - `checkpoint`: layout-independent checkpoints (full tensors by name).
 //! - `sample`: text generation from a checkpoint.
@@ -106,7 +111,16 @@ pub fn train_language_model(
     mut mesh: MeshGroups,
     metrics: &mut dyn MetricsSink,
 ) -> Result<LanguageModelOutcome> {
-    let device = Device::Cpu;
+    if !config.device.is_cpu() && mesh.shape.pipeline * mesh.shape.tensor > 1 {
+        return Err(TrainerError::Config(format!(
+            "device {} with a {} mesh, expected data parallelism only (parallel.pipeline = \
+             parallel.tensor = 1): pipeline and tensor parallelism exchange activations through \
+             host memory",
+            config.device,
+            mesh.shape.name()
+        )));
+    }
+    let device = config.device.open()?;
     let shape = config.model.transformer();
     let context = shape.context as usize;
     let model_config = TransformerConfig {
@@ -130,11 +144,12 @@ pub fn train_language_model(
         Some(group) if mesh.shape.tensor > 1 => TensorParallel::new(group),
         _ => TensorParallel::single(),
     });
+    // The f32 masters the optimizer updates and checkpoints hold, in host memory.
     let mut model = TransformerStage::new(
         &model_config,
         plan.clone(),
         tensor_parallel.clone(),
-        &device,
+        &Device::Cpu,
     )?;
     let precision = config.train.precision;
     model.set_compute_dtype(crate::precision::tensor_dtype(precision));
@@ -203,8 +218,25 @@ pub fn train_language_model(
         .collect();
     let schedule_kind = Schedule::from(config.parallel.pipeline_schedule);
     let position = mesh.position();
+    // On a GPU, the stage the schedules run: f32 parameters on the device (cast to the compute
+    // format on use, like the masters on the CPU), refreshed after every update.
+    let working = if device.is_cpu() {
+        None
+    } else {
+        let mut working = TransformerStage::new(
+            &model_config,
+            plan.clone(),
+            tensor_parallel.clone(),
+            &device,
+        )?;
+        working.set_compute_dtype(model.compute_dtype());
+        working.parameters().copy_from(model.parameters())?;
+        Some(working)
+    };
+    let compute_model = working.as_ref().unwrap_or(&model);
     tracing::info!(
         rank = mesh.world.rank(),
+        device = %config.device,
         mesh = %mesh.shape.name(),
         replica,
         stage = stage_index,
@@ -219,7 +251,7 @@ pub fn train_language_model(
         "language model training starts"
     );
 
-    let mut stage = LanguageModelStage::new(&model, device.clone(), plan.first, plan.last);
+    let mut stage = LanguageModelStage::new(compute_model, device.clone(), plan.first, plan.last);
     let loss_scale = 1.0 / (replicas * micro_batches) as f64;
     let evaluate = |stage: &mut LanguageModelStage<'_>,
                     mesh: &mut MeshGroups,
@@ -376,6 +408,9 @@ pub fn train_language_model(
             }
             let phase = Instant::now();
             optimizer.step(model.parameters(), stage.gradients(), learning_rate)?;
+            if let Some(working) = &working {
+                working.parameters().copy_from(model.parameters())?;
+            }
             timings.optimizer = phase.elapsed();
         }
 

@@ -30,15 +30,13 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use cohort_spec::layout::TransformerShape;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 
 use block::{Block, LayerNorm, linear};
 pub use initialization::TensorInitialization;
 pub use tensor_parallel::{ParameterLayout, Split, TensorParallel};
 
 use crate::error::{Result, TrainerError};
-use crate::parameters::{Initialization, ParameterSet};
+use crate::parameters::ParameterSet;
 
 /// Epsilon added to the variance in every LayerNorm.
 pub const LAYER_NORM_EPSILON: f64 = 1e-5;
@@ -177,9 +175,6 @@ struct ParameterBuilder<'a> {
     parameters: ParameterSet,
     /// Their layouts, in the same order.
     layouts: Vec<ParameterLayout>,
-    /// Unused draws of [`ParameterSet::add`] (every parameter is added as zeros and then
-    /// overwritten with its name-seeded values).
-    unused_rng: ChaCha8Rng,
 }
 
 impl ParameterBuilder<'_> {
@@ -199,16 +194,10 @@ impl ParameterBuilder<'_> {
         let full = initialization::full_values(self.seed, &layout.name, count, initialization);
         let (rank, size) = (self.tensor_parallel.rank(), self.tensor_parallel.size());
         let local = layout.slice(&full, rank, size)?;
-        let tensor = self.parameters.add(
-            layout.name.clone(),
-            layout.local_shape(size)?,
-            Initialization::Zeros,
-            &mut self.unused_rng,
-        )?;
-        self.parameters
-            .update(self.parameters.len() - 1, |values| {
-                values.copy_from_slice(&local)
-            })?;
+        // Created from its values rather than updated in place, so a stage builds on any device.
+        let tensor =
+            self.parameters
+                .add_values(layout.name.clone(), layout.local_shape(size)?, local)?;
         self.layouts.push(layout);
         Ok(tensor)
     }
@@ -332,7 +321,6 @@ impl TransformerStage {
             tensor_parallel: &tensor_parallel,
             parameters: ParameterSet::new(device.clone()),
             layouts: Vec::new(),
-            unused_rng: ChaCha8Rng::seed_from_u64(0),
         };
         let token_shape = [vocabulary, width];
         let mut token = None;

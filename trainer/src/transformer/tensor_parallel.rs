@@ -128,7 +128,7 @@ impl ParameterLayout {
 /// The communicator of a tensor-parallel group, shared by the custom ops that use it.
 struct Group {
     /// The group's communicator; locked for each collective (the ops must be `Sync`).
-    communicator: Mutex<Box<dyn Communicator>>,
+    communicator: Mutex<Box<dyn Communicator + Send>>,
     /// The first collective failure, kept so that it can be reported as such after candle has
     /// turned it into a message.
     failure: Mutex<Option<cohort_collective::Error>>,
@@ -193,7 +193,7 @@ impl TensorParallel {
     }
 
     /// Wraps the communicator of the tensor-parallel group; rank and size are its own.
-    pub fn new(communicator: Box<dyn Communicator>) -> Self {
+    pub fn new(communicator: Box<dyn Communicator + Send>) -> Self {
         let (rank, size) = (communicator.rank(), communicator.world_size());
         Self {
             group: Some(Arc::new(Group {
