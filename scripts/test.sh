@@ -48,3 +48,17 @@ else
   cargo test --workspace --locked --no-fail-fast
   cargo test --locked --no-fail-fast "${cuda_packages[@]}" --features "$cuda_features"
 fi
+
+step "the --features cuda binary starts without CUDA and says why it cannot use a GPU"
+cargo build --locked -p cohort-cli --features cuda
+if output=$(target/debug/cohort bench allreduce --backend nccl --sizes 4K 2>&1); then
+  echo "$output"   # a machine with GPUs: the benchmark ran
+else
+  case "$output" in
+    *"no CUDA driver found"* | *"no NCCL library found"* | *"no CUDA device found"*)
+      echo "ok: $output" ;;
+    *)
+      echo "test: unexpected failure of the cuda build: $output" >&2
+      exit 1 ;;
+  esac
+fi
