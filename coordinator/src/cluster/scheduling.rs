@@ -134,6 +134,11 @@ fn start_instruction(
                 .join(",");
             environment.insert("CUDA_VISIBLE_DEVICES".to_owned(), visible);
             environment.insert(env::CUDA_DEVICE.to_owned(), "0".to_owned());
+            if is_loopback_host(master_addr) {
+                // NCCL listens on an interface of its own choosing, a non-loopback one when
+                // the machine has any; a cluster that lives on loopback keeps NCCL there too.
+                environment.insert("NCCL_SOCKET_IFNAME".to_owned(), "lo".to_owned());
+            }
         }
     }
     if let Some(command) = &spec.command {
@@ -217,6 +222,16 @@ fn host_of(address: &str) -> &str {
     address
         .rsplit_once(':')
         .map_or(address, |(host, _port)| host)
+}
+
+/// Whether `host` (an IP address, IPv6 in brackets or not, or a name) is this machine's
+/// loopback.
+fn is_loopback_host(host: &str) -> bool {
+    let address = host.trim_start_matches('[').trim_end_matches(']');
+    address == "localhost"
+        || address
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl Cluster {
@@ -363,5 +378,15 @@ mod tests {
         assert_eq!(host_of("10.0.0.2:7000"), "10.0.0.2");
         assert_eq!(host_of("[::1]:7000"), "[::1]");
         assert_eq!(host_of("node-a"), "node-a");
+    }
+
+    #[test]
+    fn loopback_hosts_are_recognised() {
+        for host in ["127.0.0.1", "127.3.2.1", "[::1]", "::1", "localhost"] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in ["10.0.0.2", "[fe80::1]", "node-a", "0.0.0.0", ""] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
     }
 }
