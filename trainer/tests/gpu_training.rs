@@ -112,6 +112,44 @@ fn a_gpu_rank_and_two_cpu_ranks_follow_the_all_cpu_run() {
     assert!(difference <= tolerance, "{difference} > {tolerance}");
 }
 
+/// Mixed precision on the GPU runs bf16/fp16 kernels where the CPU run emulates them, so the
+/// two differ by rounding, not by their trajectory: within 2 % of the largest parameter, while
+/// training moves the parameters more than ten times that.
+#[test]
+fn the_mlp_trains_in_bf16_and_fp16_on_a_gpu_as_on_the_cpu() {
+    let Some(gpu) = common::usable_gpu() else {
+        return;
+    };
+    let data = data();
+    for precision in [Precision::Bf16, Precision::Fp16] {
+        let mut config = mlp_config(1);
+        config.train = TrainSpec {
+            precision,
+            ..TrainSpec::default()
+        };
+        let reference = common::train_on_ring(&config, &data, STEPS).pop().unwrap();
+        let mut untrained = config.clone();
+        untrained.schedule.max_steps = Some(0);
+        untrained.evaluate = false;
+        let initial = common::train_on_ring(&untrained, &data, 0).pop().unwrap();
+        let tolerance = 2e-2 * common::max_abs(&reference);
+        let moved = common::max_difference(&initial, &reference);
+        assert!(
+            moved > 10.0 * tolerance,
+            "moved {moved}, tolerance {tolerance}"
+        );
+        let mut on_gpu = config.clone();
+        on_gpu.device = gpu;
+        let trained = common::train_on_ring(&on_gpu, &data, STEPS).pop().unwrap();
+        let difference = common::max_difference(&trained, &reference);
+        eprintln!(
+            "{}: max |gpu - cpu| = {difference:e} (tolerance {tolerance:e}, moved {moved:e})",
+            precision.name()
+        );
+        assert!(difference <= tolerance, "{difference} > {tolerance}");
+    }
+}
+
 /// The transformer on one rank, AdamW, on the synthetic text.
 fn transformer_config(precision: Precision, steps: u64) -> TrainConfig {
     let mut config = common::transformer_config(2, 32, 16, steps);
