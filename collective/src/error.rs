@@ -355,6 +355,19 @@ impl Error {
     }
 }
 
+/// Fails with [`Error::InvalidArgument`] naming the first of `durations` that is zero: the
+/// timeouts of every communicator's config must be positive.
+pub(crate) fn check_positive_durations(durations: &[(&'static str, Duration)]) -> Result<()> {
+    match durations.iter().find(|(_, value)| value.is_zero()) {
+        Some(&(field, value)) => Err(Error::InvalidArgument {
+            field,
+            found: format!("{value:?}"),
+            expected: "a positive duration",
+        }),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

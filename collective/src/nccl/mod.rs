@@ -136,19 +136,10 @@ impl NcclConfig {
                 expected: "a CUDA device ordinal",
             });
         }
-        for (field, value) in [
+        crate::error::check_positive_durations(&[
             ("config.connect_timeout", self.connect_timeout),
             ("config.collective_timeout", self.collective_timeout),
-        ] {
-            if value.is_zero() {
-                return Err(Error::InvalidArgument {
-                    field,
-                    found: format!("{value:?}"),
-                    expected: "a positive duration",
-                });
-            }
-        }
-        Ok(())
+        ])
     }
 
     /// Returns the store key under which rank 0 publishes NCCL's unique id.

@@ -69,19 +69,10 @@ impl TcpRingConfig {
                 expected: "a multiple of 4 from 1024 to 67108864",
             });
         }
-        for (field, value) in [
+        crate::error::check_positive_durations(&[
             ("config.connect_timeout", self.connect_timeout),
             ("config.io_timeout", self.io_timeout),
-        ] {
-            if value.is_zero() {
-                return Err(Error::InvalidArgument {
-                    field,
-                    found: format!("{value:?}"),
-                    expected: "a positive duration",
-                });
-            }
-        }
-        Ok(())
+        ])
     }
 }
 
