@@ -75,18 +75,10 @@ impl Default for PeerLinkConfig {
 impl PeerLinkConfig {
     /// Checks every field; returns the first problem found.
     pub fn validate(&self) -> Result<()> {
-        for (field, value) in [
+        crate::error::check_positive_durations(&[
             ("config.connect_timeout", self.connect_timeout),
             ("config.receive_timeout", self.receive_timeout),
-        ] {
-            if value.is_zero() {
-                return Err(Error::InvalidArgument {
-                    field,
-                    found: format!("{value:?}"),
-                    expected: "a positive duration",
-                });
-            }
-        }
+        ])?;
         if self.max_message_bytes == 0 {
             return Err(Error::InvalidArgument {
                 field: "config.max_message_bytes",
