@@ -3,8 +3,8 @@
 
 use std::fmt;
 
-use crate::buffer::{BufferMut, BufferRef, ReduceOp};
-use crate::error::Result;
+use crate::buffer::{BufferMut, BufferRef, Element, ReduceOp};
+use crate::error::{Error, Result};
 
 /// The collective operations, named as in error messages (`all_reduce: peer rank 2 ...`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -113,6 +113,151 @@ pub trait Communicator {
     /// gradient exchange with the backward pass), or `None` when it is bound to its thread.
     fn as_send(&mut self) -> Option<&mut (dyn Communicator + Send)> {
         None
+    }
+}
+
+/// The collectives of a transport over slices of one element type. The transports implement
+/// these; [`Communicator`]'s methods route buffers of every element type to them through the
+/// functions of [`typed`], so the routing and the argument checks exist once.
+pub(crate) trait TypedCollectives {
+    /// [`Communicator::all_reduce`] for elements of type `T`.
+    fn all_reduce_typed<T: Element>(&mut self, buffer: &mut [T], op: ReduceOp) -> Result<()>;
+
+    /// [`Communicator::broadcast`]; `root` is already checked to be a rank.
+    fn broadcast_typed<T: Element>(&mut self, buffer: &mut [T], root: usize) -> Result<()>;
+
+    /// [`Communicator::all_gather`]; `output` already holds `world_size` blocks of `input`'s
+    /// length.
+    fn all_gather_typed<T: Element>(&mut self, input: &[T], output: &mut [T]) -> Result<()>;
+
+    /// [`Communicator::reduce_scatter`]; `input` already holds `world_size` blocks of
+    /// `output`'s length.
+    fn reduce_scatter_typed<T: Element>(
+        &mut self,
+        input: &[T],
+        output: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()>;
+}
+
+/// Routes [`Communicator`] calls to a [`TypedCollectives`] after the checks every transport
+/// shares: matching element types, roots in range, block lengths.
+pub(crate) mod typed {
+    use super::*;
+
+    /// [`Communicator::all_reduce`].
+    pub(crate) fn all_reduce(
+        transport: &mut impl TypedCollectives,
+        buffer: BufferMut<'_>,
+        op: ReduceOp,
+    ) -> Result<()> {
+        match buffer {
+            BufferMut::F32(buffer) => transport.all_reduce_typed(buffer, op),
+            BufferMut::Bf16(buffer) => transport.all_reduce_typed(buffer, op),
+            BufferMut::F16(buffer) => transport.all_reduce_typed(buffer, op),
+        }
+    }
+
+    /// [`Communicator::broadcast`] in a group of `world_size`.
+    pub(crate) fn broadcast(
+        transport: &mut impl TypedCollectives,
+        world_size: usize,
+        buffer: BufferMut<'_>,
+        root: usize,
+    ) -> Result<()> {
+        if root >= world_size {
+            return Err(Error::RootOutOfRange {
+                collective: Collective::Broadcast,
+                root,
+                world_size,
+            });
+        }
+        match buffer {
+            BufferMut::F32(buffer) => transport.broadcast_typed(buffer, root),
+            BufferMut::Bf16(buffer) => transport.broadcast_typed(buffer, root),
+            BufferMut::F16(buffer) => transport.broadcast_typed(buffer, root),
+        }
+    }
+
+    /// [`Communicator::all_gather`] in a group of `world_size`.
+    pub(crate) fn all_gather(
+        transport: &mut impl TypedCollectives,
+        world_size: usize,
+        input: BufferRef<'_>,
+        output: BufferMut<'_>,
+    ) -> Result<()> {
+        let collective = Collective::AllGather;
+        check_blocks(collective, "output", output.len(), input.len(), world_size)?;
+        match (input, output) {
+            (BufferRef::F32(input), BufferMut::F32(output)) => {
+                transport.all_gather_typed(input, output)
+            }
+            (BufferRef::Bf16(input), BufferMut::Bf16(output)) => {
+                transport.all_gather_typed(input, output)
+            }
+            (BufferRef::F16(input), BufferMut::F16(output)) => {
+                transport.all_gather_typed(input, output)
+            }
+            (input, output) => Err(dtype_mismatch(collective, &input, &output)),
+        }
+    }
+
+    /// [`Communicator::reduce_scatter`] in a group of `world_size`.
+    pub(crate) fn reduce_scatter(
+        transport: &mut impl TypedCollectives,
+        world_size: usize,
+        input: BufferRef<'_>,
+        output: BufferMut<'_>,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let collective = Collective::ReduceScatter;
+        check_blocks(collective, "input", input.len(), output.len(), world_size)?;
+        match (input, output) {
+            (BufferRef::F32(input), BufferMut::F32(output)) => {
+                transport.reduce_scatter_typed(input, output, op)
+            }
+            (BufferRef::Bf16(input), BufferMut::Bf16(output)) => {
+                transport.reduce_scatter_typed(input, output, op)
+            }
+            (BufferRef::F16(input), BufferMut::F16(output)) => {
+                transport.reduce_scatter_typed(input, output, op)
+            }
+            (input, output) => Err(dtype_mismatch(collective, &input, &output)),
+        }
+    }
+
+    /// Fails unless the buffer called `what` holds `found` = `world_size` blocks of `block`.
+    fn check_blocks(
+        collective: Collective,
+        what: &'static str,
+        found: usize,
+        block: usize,
+        world_size: usize,
+    ) -> Result<()> {
+        let expected = block * world_size;
+        if found == expected {
+            Ok(())
+        } else {
+            Err(Error::LengthMismatch {
+                collective,
+                what,
+                found,
+                expected,
+            })
+        }
+    }
+
+    /// The error for an input and output of different element types.
+    fn dtype_mismatch(
+        collective: Collective,
+        input: &BufferRef<'_>,
+        output: &BufferMut<'_>,
+    ) -> Error {
+        Error::DtypeMismatch {
+            collective,
+            input: input.dtype(),
+            output: output.dtype(),
+        }
     }
 }
 

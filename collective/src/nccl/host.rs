@@ -16,8 +16,8 @@ use cudarc::nccl::sys;
 
 use super::device::{Nccl, cuda_message};
 use crate::buffer::{BufferMut, BufferRef, DType, Element, ReduceOp};
-use crate::communicator::{Collective, Communicator};
-use crate::error::{Error, Result};
+use crate::communicator::{Collective, Communicator, TypedCollectives, typed};
+use crate::error::Result;
 
 /// Buffers the host path keeps between calls: both only grow, so calls no larger than earlier
 /// ones allocate nothing.
@@ -131,15 +131,6 @@ fn divisor(op: ReduceOp, world_size: usize) -> Option<f32> {
     }
 }
 
-/// Returns the error for an input and output of different element types.
-fn dtype_mismatch(collective: Collective, input: &BufferRef<'_>, output: &BufferMut<'_>) -> Error {
-    Error::DtypeMismatch {
-        collective,
-        input: input.dtype(),
-        output: output.dtype(),
-    }
-}
-
 impl Nccl {
     /// Gets ready to stage a call of `bytes` bytes: waits for queued device collectives (so
     /// that the copies, which wait for the stream, cannot hang on one that never finishes),
@@ -215,8 +206,11 @@ impl Nccl {
         queued?;
         self.wait_in_flight()
     }
+}
 
-    fn all_reduce_host<T: Element>(&mut self, values: &mut [T], op: ReduceOp) -> Result<()> {
+/// Host buffers, staged through the device (see the module docs for the numerics).
+impl TypedCollectives for Nccl {
+    fn all_reduce_typed<T: Element>(&mut self, values: &mut [T], op: ReduceOp) -> Result<()> {
         let collective = Collective::AllReduce;
         self.check_usable(collective)?;
         if values.is_empty() {
@@ -244,7 +238,7 @@ impl Nccl {
         self.download(collective, values, 0, true, divisor)
     }
 
-    fn broadcast_host<T: Element>(&mut self, values: &mut [T], root: usize) -> Result<()> {
+    fn broadcast_typed<T: Element>(&mut self, values: &mut [T], root: usize) -> Result<()> {
         let collective = Collective::Broadcast;
         let root_int = self.check_root(collective, root)?;
         self.check_usable(collective)?;
@@ -277,17 +271,8 @@ impl Nccl {
         Ok(())
     }
 
-    fn all_gather_host<T: Element>(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
+    fn all_gather_typed<T: Element>(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
         let collective = Collective::AllGather;
-        let expected = input.len() * self.world_size;
-        if output.len() != expected {
-            return Err(Error::LengthMismatch {
-                collective,
-                what: "output",
-                found: output.len(),
-                expected,
-            });
-        }
         self.check_usable(collective)?;
         if input.is_empty() {
             return Ok(());
@@ -315,22 +300,13 @@ impl Nccl {
         self.download(collective, output, 0, false, None)
     }
 
-    fn reduce_scatter_host<T: Element>(
+    fn reduce_scatter_typed<T: Element>(
         &mut self,
         input: &[T],
         output: &mut [T],
         op: ReduceOp,
     ) -> Result<()> {
         let collective = Collective::ReduceScatter;
-        let expected = output.len() * self.world_size;
-        if input.len() != expected {
-            return Err(Error::LengthMismatch {
-                collective,
-                what: "input",
-                found: input.len(),
-                expected,
-            });
-        }
         self.check_usable(collective)?;
         if output.is_empty() {
             return Ok(());
@@ -379,30 +355,15 @@ impl Communicator for Nccl {
     }
 
     fn all_reduce(&mut self, buffer: BufferMut<'_>, op: ReduceOp) -> Result<()> {
-        match buffer {
-            BufferMut::F32(buffer) => self.all_reduce_host(buffer, op),
-            BufferMut::Bf16(buffer) => self.all_reduce_host(buffer, op),
-            BufferMut::F16(buffer) => self.all_reduce_host(buffer, op),
-        }
+        typed::all_reduce(self, buffer, op)
     }
 
     fn broadcast(&mut self, buffer: BufferMut<'_>, root: usize) -> Result<()> {
-        match buffer {
-            BufferMut::F32(buffer) => self.broadcast_host(buffer, root),
-            BufferMut::Bf16(buffer) => self.broadcast_host(buffer, root),
-            BufferMut::F16(buffer) => self.broadcast_host(buffer, root),
-        }
+        typed::broadcast(self, self.world_size, buffer, root)
     }
 
     fn all_gather(&mut self, input: BufferRef<'_>, output: BufferMut<'_>) -> Result<()> {
-        match (input, output) {
-            (BufferRef::F32(input), BufferMut::F32(output)) => self.all_gather_host(input, output),
-            (BufferRef::Bf16(input), BufferMut::Bf16(output)) => {
-                self.all_gather_host(input, output)
-            }
-            (BufferRef::F16(input), BufferMut::F16(output)) => self.all_gather_host(input, output),
-            (input, output) => Err(dtype_mismatch(Collective::AllGather, &input, &output)),
-        }
+        typed::all_gather(self, self.world_size, input, output)
     }
 
     fn reduce_scatter(
@@ -411,18 +372,7 @@ impl Communicator for Nccl {
         output: BufferMut<'_>,
         op: ReduceOp,
     ) -> Result<()> {
-        match (input, output) {
-            (BufferRef::F32(input), BufferMut::F32(output)) => {
-                self.reduce_scatter_host(input, output, op)
-            }
-            (BufferRef::Bf16(input), BufferMut::Bf16(output)) => {
-                self.reduce_scatter_host(input, output, op)
-            }
-            (BufferRef::F16(input), BufferMut::F16(output)) => {
-                self.reduce_scatter_host(input, output, op)
-            }
-            (input, output) => Err(dtype_mismatch(Collective::ReduceScatter, &input, &output)),
-        }
+        typed::reduce_scatter(self, self.world_size, input, output, op)
     }
 
     fn barrier(&mut self) -> Result<()> {

@@ -23,7 +23,7 @@ use tracing::debug;
 use self::plans::{BarrierPlan, BroadcastPlan, GatherPlan, ReducePlan, Scratch};
 use self::transport::RingTransport;
 use crate::buffer::{BufferMut, BufferRef, Element, ReduceOp};
-use crate::communicator::{Collective, Communicator};
+use crate::communicator::{Collective, Communicator, TypedCollectives, typed};
 use crate::error::{Error, Result};
 use crate::rendezvous::Store;
 
@@ -201,7 +201,9 @@ impl TcpRing {
             }
         }
     }
+}
 
+impl TypedCollectives for TcpRing {
     fn all_reduce_typed<T: Element>(&mut self, buffer: &mut [T], op: ReduceOp) -> Result<()> {
         let collective = Collective::AllReduce;
         let (rank, world_size) = (self.rank, self.world_size);
@@ -218,13 +220,6 @@ impl TcpRing {
 
     fn broadcast_typed<T: Element>(&mut self, buffer: &mut [T], root: usize) -> Result<()> {
         let collective = Collective::Broadcast;
-        if root >= self.world_size {
-            return Err(Error::RootOutOfRange {
-                collective,
-                root,
-                world_size: self.world_size,
-            });
-        }
         let (rank, world_size, chunk_bytes) = (self.rank, self.world_size, self.chunk_bytes);
         let Some(transport) = self.transport_for(collective, buffer.len())? else {
             return Ok(());
@@ -235,15 +230,6 @@ impl TcpRing {
 
     fn all_gather_typed<T: Element>(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
         let collective = Collective::AllGather;
-        let expected = input.len() * self.world_size;
-        if output.len() != expected {
-            return Err(Error::LengthMismatch {
-                collective,
-                what: "output",
-                found: output.len(),
-                expected,
-            });
-        }
         let own_block = self.rank * input.len()..(self.rank + 1) * input.len();
         let (rank, world_size, chunk_bytes) = (self.rank, self.world_size, self.chunk_bytes);
         let transport = self.transport_for(collective, input.len())?;
@@ -262,15 +248,6 @@ impl TcpRing {
         op: ReduceOp,
     ) -> Result<()> {
         let collective = Collective::ReduceScatter;
-        let expected = output.len() * self.world_size;
-        if input.len() != expected {
-            return Err(Error::LengthMismatch {
-                collective,
-                what: "input",
-                found: input.len(),
-                expected,
-            });
-        }
         let (rank, world_size) = (self.rank, self.world_size);
         let Some(transport) = self.transport.as_mut() else {
             output.copy_from_slice(input);
@@ -286,15 +263,6 @@ impl TcpRing {
     }
 }
 
-/// Returns the error for an input and output of different element types.
-fn dtype_mismatch(collective: Collective, input: &BufferRef<'_>, output: &BufferMut<'_>) -> Error {
-    Error::DtypeMismatch {
-        collective,
-        input: input.dtype(),
-        output: output.dtype(),
-    }
-}
-
 impl Communicator for TcpRing {
     fn rank(&self) -> usize {
         self.rank
@@ -305,30 +273,15 @@ impl Communicator for TcpRing {
     }
 
     fn all_reduce(&mut self, buffer: BufferMut<'_>, op: ReduceOp) -> Result<()> {
-        match buffer {
-            BufferMut::F32(buffer) => self.all_reduce_typed(buffer, op),
-            BufferMut::Bf16(buffer) => self.all_reduce_typed(buffer, op),
-            BufferMut::F16(buffer) => self.all_reduce_typed(buffer, op),
-        }
+        typed::all_reduce(self, buffer, op)
     }
 
     fn broadcast(&mut self, buffer: BufferMut<'_>, root: usize) -> Result<()> {
-        match buffer {
-            BufferMut::F32(buffer) => self.broadcast_typed(buffer, root),
-            BufferMut::Bf16(buffer) => self.broadcast_typed(buffer, root),
-            BufferMut::F16(buffer) => self.broadcast_typed(buffer, root),
-        }
+        typed::broadcast(self, self.world_size, buffer, root)
     }
 
     fn all_gather(&mut self, input: BufferRef<'_>, output: BufferMut<'_>) -> Result<()> {
-        match (input, output) {
-            (BufferRef::F32(input), BufferMut::F32(output)) => self.all_gather_typed(input, output),
-            (BufferRef::Bf16(input), BufferMut::Bf16(output)) => {
-                self.all_gather_typed(input, output)
-            }
-            (BufferRef::F16(input), BufferMut::F16(output)) => self.all_gather_typed(input, output),
-            (input, output) => Err(dtype_mismatch(Collective::AllGather, &input, &output)),
-        }
+        typed::all_gather(self, self.world_size, input, output)
     }
 
     fn reduce_scatter(
@@ -337,18 +290,7 @@ impl Communicator for TcpRing {
         output: BufferMut<'_>,
         op: ReduceOp,
     ) -> Result<()> {
-        match (input, output) {
-            (BufferRef::F32(input), BufferMut::F32(output)) => {
-                self.reduce_scatter_typed(input, output, op)
-            }
-            (BufferRef::Bf16(input), BufferMut::Bf16(output)) => {
-                self.reduce_scatter_typed(input, output, op)
-            }
-            (BufferRef::F16(input), BufferMut::F16(output)) => {
-                self.reduce_scatter_typed(input, output, op)
-            }
-            (input, output) => Err(dtype_mismatch(Collective::ReduceScatter, &input, &output)),
-        }
+        typed::reduce_scatter(self, self.world_size, input, output, op)
     }
 
     fn barrier(&mut self) -> Result<()> {
