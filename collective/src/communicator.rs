@@ -227,7 +227,7 @@ pub(crate) mod typed {
     }
 
     /// Fails unless the buffer called `what` holds `found` = `world_size` blocks of `block`.
-    fn check_blocks(
+    pub(crate) fn check_blocks(
         collective: Collective,
         what: &'static str,
         found: usize,

@@ -17,7 +17,7 @@ use super::handle::{self, RawComm};
 use super::host::Staging;
 use super::watchdog::{Failure, InFlight};
 use crate::buffer::{DType, Element, ReduceOp};
-use crate::communicator::Collective;
+use crate::communicator::{Collective, typed};
 use crate::cuda::{self, CudaLibrary};
 use crate::error::{Error, Result};
 use crate::rendezvous::Store;
@@ -259,37 +259,28 @@ impl Nccl {
         buffer: &mut B,
         op: ReduceOp,
     ) -> Result<()> {
-        let collective = Collective::AllReduce;
-        self.check_device(buffer.stream(), "buffer")?;
-        self.check_usable(collective)?;
-        let count = buffer.len();
-        if count == 0 {
-            return Ok(());
-        }
-        let stream = Arc::clone(&self.stream);
-        let buffer_stream = Arc::clone(buffer.stream());
-        let (pointer, written) = buffer.device_ptr_mut(&stream);
-        let buffer_streams = std::slice::from_ref(&buffer_stream);
-        let call = "ncclAllReduce";
-        let queued = self.enqueue(collective, call, buffer_streams, |comm, cu_stream| {
-            // SAFETY: `pointer` addresses `count` elements of `T` on this communicator's device
-            // (checked above), kept alive and unaliased by the borrow of `buffer` until the
-            // event `written` records after the collective; in-place reduction (send and receive
-            // buffers equal) is allowed by NCCL.
-            unsafe {
-                result::all_reduce(
-                    pointer as *const c_void,
-                    pointer as *mut c_void,
-                    count,
-                    nccl_type(T::DTYPE),
-                    nccl_op(op),
-                    comm,
-                    cu_stream,
-                )
-            }
-        });
-        drop(written);
-        queued
+        self.in_place(
+            Collective::AllReduce,
+            "ncclAllReduce",
+            buffer,
+            |pointer, count, comm, cu_stream| {
+                // SAFETY: `pointer` addresses `count` elements of `T` on this communicator's
+                // device (checked by `in_place`), kept alive and unaliased by the borrow of the
+                // buffer until the collective has been queued and recorded; in-place reduction
+                // (send and receive buffers equal) is allowed by NCCL.
+                unsafe {
+                    result::all_reduce(
+                        pointer as *const c_void,
+                        pointer,
+                        count,
+                        nccl_type(T::DTYPE),
+                        nccl_op(op),
+                        comm,
+                        cu_stream,
+                    )
+                }
+            },
+        )
     }
 
     /// All-reduces every bucket in one NCCL group call (one launch for all of them), each in
@@ -363,6 +354,42 @@ impl Nccl {
     ) -> Result<()> {
         let collective = Collective::Broadcast;
         let root_int = self.check_root(collective, root)?;
+        self.in_place(
+            collective,
+            "ncclBroadcast",
+            buffer,
+            |pointer, count, comm, cu_stream| {
+                // SAFETY: as in `all_reduce_device`; in-place broadcast is allowed by NCCL.
+                unsafe {
+                    result::broadcast(
+                        pointer as *const c_void,
+                        pointer,
+                        count,
+                        nccl_type(T::DTYPE),
+                        root_int,
+                        comm,
+                        cu_stream,
+                    )
+                }
+            },
+        )
+    }
+
+    /// Queues the in-place collective `launch` on `buffer` after the checks every in-place
+    /// device call makes (the buffer is on this device, the communicator usable, the buffer not
+    /// empty); `launch` gets the buffer's address and length, the communicator and the stream.
+    fn in_place<T: Element, B: DevicePtrMut<T>>(
+        &mut self,
+        collective: Collective,
+        call: &str,
+        buffer: &mut B,
+        launch: impl FnOnce(
+            *mut c_void,
+            usize,
+            sys::ncclComm_t,
+            sys::cudaStream_t,
+        ) -> std::result::Result<result::NcclStatus, result::NcclError>,
+    ) -> Result<()> {
         self.check_device(buffer.stream(), "buffer")?;
         self.check_usable(collective)?;
         let count = buffer.len();
@@ -373,20 +400,8 @@ impl Nccl {
         let buffer_stream = Arc::clone(buffer.stream());
         let (pointer, written) = buffer.device_ptr_mut(&stream);
         let buffer_streams = std::slice::from_ref(&buffer_stream);
-        let call = "ncclBroadcast";
         let queued = self.enqueue(collective, call, buffer_streams, |comm, cu_stream| {
-            // SAFETY: as in `all_reduce_device`; in-place broadcast is allowed by NCCL.
-            unsafe {
-                result::broadcast(
-                    pointer as *const c_void,
-                    pointer as *mut c_void,
-                    count,
-                    nccl_type(T::DTYPE),
-                    root_int,
-                    comm,
-                    cu_stream,
-                )
-            }
+            launch(pointer as *mut c_void, count, comm, cu_stream)
         });
         drop(written);
         queued
@@ -401,15 +416,7 @@ impl Nccl {
     ) -> Result<()> {
         let collective = Collective::AllGather;
         let count = input.len();
-        let expected = count * self.world_size;
-        if output.len() != expected {
-            return Err(Error::LengthMismatch {
-                collective,
-                what: "output",
-                found: output.len(),
-                expected,
-            });
-        }
+        typed::check_blocks(collective, "output", output.len(), count, self.world_size)?;
         self.check_device(input.stream(), "input")?;
         self.check_device(output.stream(), "output")?;
         self.check_usable(collective)?;
@@ -456,15 +463,7 @@ impl Nccl {
     ) -> Result<()> {
         let collective = Collective::ReduceScatter;
         let count = output.len();
-        let expected = count * self.world_size;
-        if input.len() != expected {
-            return Err(Error::LengthMismatch {
-                collective,
-                what: "input",
-                found: input.len(),
-                expected,
-            });
-        }
+        typed::check_blocks(collective, "input", input.len(), count, self.world_size)?;
         self.check_device(input.stream(), "input")?;
         self.check_device(output.stream(), "output")?;
         self.check_usable(collective)?;
