@@ -7,6 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Malformed requests are INVALID_ARGUMENT, not INTERNAL (src/codec.rs).
+        .codec_path("crate::codec::Codec")
         // Tensor chunks of the parameter server decode without a copy.
         .bytes(".cohort.ps.v1")
         .compile_protos(

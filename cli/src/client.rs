@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use cohort_proto::MAX_MESSAGE_BYTES;
 use cohort_proto::v1::job_control_client::JobControlClient;
 use cohort_proto::v1::rendezvous_client::RendezvousClient;
-use cohort_proto::v1::{JobInfo, SubmitJobRequest};
+use cohort_proto::v1::{JobInfo, ListJobsRequest, SubmitJobRequest};
 use tonic::transport::{Channel, Endpoint};
 
 /// Opens a channel to the coordinator at `address`, failing fast when nothing answers.
@@ -57,4 +57,30 @@ pub async fn submit(
         .into_inner()
         .job
         .context("coordinator answered without the job")
+}
+
+/// Most pages `list_jobs` follows: far more jobs than a coordinator queues and keeps, so a
+/// coordinator that kept answering with a next page could not loop the CLI forever.
+const MAX_LIST_PAGES: usize = 100_000;
+
+/// Lists every job's summary, oldest first, following the coordinator's pages.
+pub async fn list_jobs(client: &mut JobControlClient<Channel>) -> Result<Vec<JobInfo>> {
+    let mut jobs = Vec::new();
+    let mut page_token = String::new();
+    for _ in 0..MAX_LIST_PAGES {
+        let page = client
+            .list_jobs(ListJobsRequest {
+                page_size: 0,
+                page_token,
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        jobs.extend(page.jobs);
+        if page.next_page_token.is_empty() {
+            return Ok(jobs);
+        }
+        page_token = page.next_page_token;
+    }
+    anyhow::bail!("the coordinator listed more than {MAX_LIST_PAGES} pages of jobs")
 }

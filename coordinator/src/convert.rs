@@ -5,7 +5,7 @@ use cohort_proto::v1;
 use cohort_spec::{DeviceKind, JobKind};
 
 use crate::error::{Error, Result};
-use crate::limits::{MAX_EXTRA_METRICS, MAX_FIELD_BYTES, MAX_GPU_PEERS};
+use crate::limits::{MAX_EXTRA_METRICS, MAX_GPU_PEERS, MAX_NAME_BYTES};
 use crate::model::{
     DeviceRecord, GpuPeerRecord, JobRecord, MetricsRecord, NodeRecord, RankRecord, RankState,
 };
@@ -75,9 +75,9 @@ pub fn device_records(devices: &[v1::Device]) -> Result<Vec<DeviceRecord>> {
             ("compute capability", &device.compute_capability),
             ("pci bus id", &device.pci_bus_id),
         ] {
-            if value.len() > MAX_FIELD_BYTES {
+            if value.len() > MAX_NAME_BYTES {
                 return Err(Error::InvalidArgument(format!(
-                    "{name} of {} bytes, expected at most {MAX_FIELD_BYTES}",
+                    "{name} of {} bytes, expected at most {MAX_NAME_BYTES}",
                     value.len()
                 )));
             }
@@ -202,6 +202,7 @@ fn rank_info(record: &JobRecord, rank: &RankRecord) -> v1::RankInfo {
         signal: rank.signal,
         exited_at_unix_ms: rank.exited_at_ms.unwrap_or(0),
         detail: rank.detail.clone(),
+        stop_cause: 0,
     }
 }
 

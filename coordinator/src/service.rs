@@ -69,6 +69,7 @@ impl JobControl for CoordinatorService {
     ) -> Result<Response<ListJobsResponse>, Status> {
         Ok(Response::new(ListJobsResponse {
             jobs: self.cluster.jobs().await,
+            next_page_token: String::new(),
         }))
     }
 
@@ -243,10 +244,12 @@ impl Membership for CoordinatorService {
             ))
             .into());
         }
-        // Only a node that runs one of the job's ranks may add to its log, so a stray client
-        // cannot fill the disk.
+        // Only the registered worker of a node that runs one of the job's ranks may add to its
+        // log, so a stray client cannot fill the disk or forge a rank's output.
         let node_id = cohort_proto::NodeId::new(request.node_id).map_err(Error::from)?;
-        self.cluster.check_log_source(&node_id, &job_id).await?;
+        self.cluster
+            .check_log_source(&node_id, &request.session_id, &job_id)
+            .await?;
         self.cluster.logs().append(&job_id, &request.lines)?;
         Ok(Response::new(PushLogsResponse {}))
     }

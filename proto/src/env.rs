@@ -2,6 +2,8 @@
 //!
 //! The `COHORT_*` names are Cohort's own; `RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
 //! `LOCAL_WORLD_SIZE`, `MASTER_ADDR` and `MASTER_PORT` are those a PyTorch script expects.
+//! [`is_managed`] says which names Cohort sets itself, so that a job spec may not: a job's `env`
+//! that set `CUDA_VISIBLE_DEVICES` or `RANK` would override its device allocation or its place.
 
 /// The job's id.
 pub const JOB_ID: &str = "COHORT_JOB_ID";
@@ -44,6 +46,39 @@ pub const PS_SHARDS: &str = "COHORT_PS_SHARDS";
 /// Path of the `cohort` executable the worker runs, so rank scripts can call `cohort kv ...`.
 pub const COHORT_BIN: &str = "COHORT_BIN";
 
+/// The GPUs a GPU rank may see (its own, renumbered from 0).
+pub const CUDA_VISIBLE_DEVICES: &str = "CUDA_VISIBLE_DEVICES";
+/// The interface NCCL listens on; Cohort sets it to `lo` on a cluster that lives on loopback.
+pub const NCCL_SOCKET_IFNAME: &str = "NCCL_SOCKET_IFNAME";
+/// Threads of OpenMP pools: the CPU slots a CPU rank holds.
+pub const OMP_NUM_THREADS: &str = "OMP_NUM_THREADS";
+/// Threads of rayon pools: the CPU slots a CPU rank holds.
+pub const RAYON_NUM_THREADS: &str = "RAYON_NUM_THREADS";
+
+/// Prefix of every variable Cohort owns.
+pub const COHORT_PREFIX: &str = "COHORT_";
+
+/// Names outside `COHORT_*` that Cohort sets for a rank (some only for some ranks).
+pub const MANAGED_NAMES: [&str; 10] = [
+    torch::RANK,
+    torch::WORLD_SIZE,
+    torch::LOCAL_RANK,
+    torch::LOCAL_WORLD_SIZE,
+    torch::MASTER_ADDR,
+    torch::MASTER_PORT,
+    CUDA_VISIBLE_DEVICES,
+    NCCL_SOCKET_IFNAME,
+    OMP_NUM_THREADS,
+    RAYON_NUM_THREADS,
+];
+
+/// Whether Cohort sets the variable `name` itself: every `COHORT_*` name and
+/// [`MANAGED_NAMES`]. A job spec may not set these; the rest of `NCCL_*` (`NCCL_DEBUG`...) is
+/// the job's own.
+pub fn is_managed(name: &str) -> bool {
+    name.starts_with(COHORT_PREFIX) || MANAGED_NAMES.contains(&name)
+}
+
 /// PyTorch-compatible names.
 pub mod torch {
     /// Same as `COHORT_RANK`.
@@ -58,4 +93,34 @@ pub mod torch {
     pub const MASTER_ADDR: &str = "MASTER_ADDR";
     /// A port chosen by the coordinator for the job, for rank 0 to listen on.
     pub const MASTER_PORT: &str = "MASTER_PORT";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cohort_names_and_the_torch_and_device_names_are_managed() {
+        for name in [
+            JOB_ID,
+            RANK,
+            OUTPUT_DIR,
+            "COHORT_ANYTHING",
+            torch::MASTER_PORT,
+        ] {
+            assert!(is_managed(name), "{name}");
+        }
+        for name in MANAGED_NAMES {
+            assert!(is_managed(name), "{name}");
+        }
+        for name in [
+            "NCCL_DEBUG",
+            "PYTHONPATH",
+            "COHORT",
+            "cohort_rank",
+            "MY_RANK",
+        ] {
+            assert!(!is_managed(name), "{name}");
+        }
+    }
 }

@@ -8,10 +8,16 @@
 //!   (pushes, pulls, init and snapshots of one parameter shard).
 //! - [`ids`]: the newtypes [`JobId`], [`NodeId`] and [`Rank`] used instead of bare strings and
 //!   integers.
-//! - [`env`]: the names of the environment variables a rank process receives.
+//! - [`env`]: the names of the environment variables a rank process receives, and which of
+//!   them Cohort manages.
+//! - [`text`]: bounded free text (details, reasons, log lines, error messages) and excerpts.
+//! - [`codec`]: the protobuf codec of every service: a message that does not decode is the
+//!   caller's mistake (`INVALID_ARGUMENT`).
 
+pub mod codec;
 pub mod env;
 pub mod ids;
+pub mod text;
 
 pub use ids::{IdError, JobId, NodeId, Rank};
 

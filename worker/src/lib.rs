@@ -54,7 +54,9 @@ pub async fn run(
     let mut client = MembershipClient::new(endpoint.connect_lazy())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let shipper = logship::LogShipper::start(client.clone(), config.node_id.to_string());
+    let (session, session_changes) = tokio::sync::watch::channel(None);
+    let shipper =
+        logship::LogShipper::start(client.clone(), config.node_id.to_string(), session_changes);
     let ranks = Ranks::new(
         shipper,
         RankContext {
@@ -74,7 +76,7 @@ pub async fn run(
     let mut contact = Contact {
         last: Instant::now(),
         deadline: Duration::from_secs(5),
-        session_id: None,
+        session,
     };
     let sessions = async {
         let mut delay = Duration::from_millis(100);
@@ -112,7 +114,8 @@ pub async fn run(
     }
     info!("worker shutting down; stopping ranks");
     ranks.stop_all(SHUTDOWN_GRACE).await;
-    if let Some(session_id) = contact.session_id {
+    let session_id = contact.session.borrow().clone();
+    if let Some(session_id) = session_id {
         session::final_heartbeat(&mut client, &config, &ranks, session_id).await;
     }
     Ok(())

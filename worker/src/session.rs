@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use cohort_proto::v1::membership_client::MembershipClient;
 use cohort_proto::v1::{HeartbeatRequest, RegisterRequest, instruction};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
@@ -20,8 +21,8 @@ pub struct Contact {
     pub last: Instant,
     /// Silence after which the worker stops its ranks (the coordinator's heartbeat deadline).
     pub deadline: Duration,
-    /// The current registration, once registered.
-    pub session_id: Option<u64>,
+    /// The current registration's session id, once registered; the log shipper follows it.
+    pub session: watch::Sender<Option<String>>,
 }
 
 /// Why a session ended.
@@ -36,7 +37,7 @@ pub async fn final_heartbeat(
     client: &mut MembershipClient<Channel>,
     config: &WorkerConfig,
     ranks: &Ranks,
-    session_id: u64,
+    session_id: String,
 ) {
     let request = HeartbeatRequest {
         node_id: config.node_id.to_string(),
@@ -90,13 +91,14 @@ pub async fn serve(
     };
     ranks.acknowledge(&reports);
     contact.last = Instant::now();
-    contact.session_id = Some(registered.session_id);
+    contact
+        .session
+        .send_replace(Some(registered.session_id.clone()));
     contact.deadline = Duration::from_millis(u64::from(registered.heartbeat_deadline_ms.max(100)));
     let interval = Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(10)));
     info!(
         node_id = %config.node_id,
         coordinator = %config.coordinator,
-        session_id = registered.session_id,
         "worker registered"
     );
 
@@ -131,7 +133,7 @@ pub async fn serve(
         let reports = ranks.reports();
         let heartbeat = HeartbeatRequest {
             node_id: config.node_id.to_string(),
-            session_id: registered.session_id,
+            session_id: registered.session_id.clone(),
             ranks: reports.clone(),
             leaving: false,
         };

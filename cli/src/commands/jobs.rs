@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use cohort_proto::v1::job_control_client::JobControlClient;
 use cohort_proto::v1::{
-    CancelJobRequest, GetJobRequest, JobInfo, JobState, ListJobsRequest, ListNodesRequest,
-    LogStream, StreamLogsRequest, WatchJobRequest,
+    CancelJobRequest, GetJobRequest, JobInfo, JobState, ListNodesRequest, LogStream,
+    StreamLogsRequest, WatchJobRequest,
 };
 use tonic::transport::Channel;
 
@@ -149,12 +149,7 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
             }
         }
         None => {
-            let jobs = client
-                .list_jobs(ListJobsRequest {})
-                .await
-                .map_err(client::status)?
-                .into_inner()
-                .jobs;
+            let jobs = client::list_jobs(&mut client).await?;
             match args.output {
                 OutputFormat::Json => {
                     let list: Vec<_> = jobs.iter().map(crate::commands::json::job).collect();

@@ -147,10 +147,23 @@ impl Cluster {
         Ok(())
     }
 
-    /// Checks that `node_id` is a registered node that runs (or ran) a rank of `job_id`, so
-    /// that only a job's own workers add to its log.
-    pub async fn check_log_source(&self, node_id: &NodeId, job_id: &JobId) -> Result<()> {
+    /// Checks that `session_id` is the live session of node `node_id` and that the node runs
+    /// (or ran) a rank of `job_id`, so that only a job's own workers add to its log.
+    pub async fn check_log_source(
+        &self,
+        node_id: &NodeId,
+        session_id: &str,
+        job_id: &JobId,
+    ) -> Result<()> {
         let state = self.state.lock().await;
+        let registered = state
+            .nodes
+            .get(node_id)
+            .and_then(|node| node.session.as_ref())
+            .is_some_and(|session| session.token.matches(session_id));
+        if !registered {
+            return Err(Error::UnknownSession(node_id.to_string()));
+        }
         let entry = state
             .jobs
             .get(job_id)

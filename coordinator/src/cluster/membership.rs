@@ -12,20 +12,58 @@ use super::{Cluster, INSTRUCTION_BUFFER, NodeEntry, NodeStatus, Session, millis}
 use crate::convert;
 use crate::error::{Error, Result};
 use crate::lifecycle::JobState;
-use crate::limits::{MAX_DEVICES_PER_NODE, MAX_FIELD_BYTES, MAX_RANK_REPORTS};
+use crate::limits::{MAX_DEVICES_PER_NODE, MAX_NAME_BYTES, MAX_RANK_REPORTS};
 use crate::model::{NodeRecord, RankState, now_ms};
 
 /// The receiving end of a worker's instruction stream.
 pub type InstructionReceiver = mpsc::Receiver<std::result::Result<Instruction, tonic::Status>>;
 
 fn check_field(name: &str, value: &str) -> Result<()> {
-    if value.len() > MAX_FIELD_BYTES {
+    if value.len() > MAX_NAME_BYTES {
         return Err(Error::InvalidArgument(format!(
-            "{name} of {} bytes, expected at most {MAX_FIELD_BYTES}",
+            "{name} of {} bytes, expected at most {MAX_NAME_BYTES}",
             value.len()
         )));
     }
     Ok(())
+}
+
+/// Identifies one registration of a worker: 128 bits from the operating system's random
+/// source, shown as 32 hexadecimal digits. Only the worker that registered learns it (in its
+/// instruction stream), so nobody else can heartbeat, report ranks or push logs for the node.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionToken([u8; 16]);
+
+impl SessionToken {
+    /// Draws a new token.
+    pub fn generate() -> Self {
+        use rand::TryRngCore;
+        let mut bytes = [0u8; 16];
+        rand::rngs::OsRng
+            .try_fill_bytes(&mut bytes)
+            .expect("the operating system's random source works");
+        Self(bytes)
+    }
+
+    /// Whether `text` is this token, compared in constant time so that response timing tells
+    /// nothing about how much of a guess was right.
+    pub fn matches(&self, text: &str) -> bool {
+        let expected = self.to_string();
+        text.len() == expected.len()
+            && text
+                .bytes()
+                .zip(expected.bytes())
+                .fold(0u8, |difference, (a, b)| difference | (a ^ b))
+                == 0
+    }
+}
+
+impl std::fmt::Display for SessionToken {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0
+            .iter()
+            .try_for_each(|byte| write!(formatter, "{byte:02x}"))
+    }
 }
 
 impl Cluster {
@@ -59,11 +97,10 @@ impl Cluster {
         self.store.put_node(&record).await?;
 
         let mut state = self.state.lock().await;
-        let session_id = state.next_session_id;
-        state.next_session_id += 1;
+        let token = SessionToken::generate();
         let (sender, receiver) = mpsc::channel(INSTRUCTION_BUFFER);
         let registered = Registered {
-            session_id,
+            session_id: token.to_string(),
             heartbeat_interval_ms: millis(self.config.heartbeat_interval),
             heartbeat_deadline_ms: millis(self.config.heartbeat_deadline),
         };
@@ -84,14 +121,13 @@ impl Cluster {
                 last_heartbeat: Instant::now(),
                 last_heartbeat_ms: now_ms(),
                 session: Some(Session {
-                    id: session_id,
+                    token,
                     instructions: sender,
                 }),
             },
         );
         info!(
             %node_id,
-            session_id,
             devices = request.devices.len(),
             running_ranks = request.ranks.len(),
             was_lost,
@@ -121,7 +157,7 @@ impl Cluster {
         let current = node
             .session
             .as_ref()
-            .is_some_and(|session| session.id == request.session_id);
+            .is_some_and(|session| session.token.matches(&request.session_id));
         if !current || node.status != NodeStatus::Ready {
             return Ok(false);
         }

@@ -42,8 +42,9 @@ pub(crate) type InstructionSender = mpsc::Sender<std::result::Result<Instruction
 
 /// A worker's live registration.
 struct Session {
-    /// Identifies the registration; heartbeats must carry it.
-    id: u64,
+    /// Identifies the registration: a random token only the registering worker learns.
+    /// Heartbeats and log pushes must carry it.
+    token: membership::SessionToken,
     /// The worker's instruction stream.
     instructions: InstructionSender,
 }
@@ -99,8 +100,6 @@ struct State {
     jobs: BTreeMap<JobId, JobEntry>,
     /// Every node ever registered.
     nodes: BTreeMap<NodeId, NodeEntry>,
-    /// Session id for the next registration.
-    next_session_id: u64,
 }
 
 impl State {
@@ -163,10 +162,7 @@ impl Cluster {
     /// when the coordinator stopped get `restart_grace` for their ranks to re-report.
     pub async fn load(config: CoordinatorConfig, store: Arc<dyn ClusterStore>) -> Result<Self> {
         let logs = LogStore::open(config.data_dir.join("logs"), config.max_log_bytes_per_job)?;
-        let mut state = State {
-            next_session_id: 1,
-            ..State::default()
-        };
+        let mut state = State::default();
         let grace_deadline = Instant::now() + config.restart_grace;
         let mut recovering = 0;
         for record in store.list_jobs().await? {
