@@ -298,6 +298,12 @@ pub struct ClusterSettings {
     /// Seconds between worker heartbeats.
     #[arg(long, default_value_t = 1.0)]
     pub heartbeat_interval_s: f64,
+    /// Most jobs queued at once; later submissions are refused until some start.
+    #[arg(long, default_value_t = cohort_coordinator::limits::DEFAULT_MAX_QUEUED_JOBS)]
+    pub max_queued_jobs: usize,
+    /// Most jobs one submitter (a client address) may have queued at once.
+    #[arg(long, default_value_t = cohort_coordinator::limits::DEFAULT_MAX_QUEUED_JOBS_PER_SUBMITTER)]
+    pub max_queued_jobs_per_submitter: usize,
 }
 
 /// `cohort coordinator`.
@@ -336,6 +342,12 @@ pub struct WorkerDaemonArgs {
     /// driver reports, when built with `--features cuda`].
     #[arg(long)]
     pub gpus: Option<String>,
+    /// Directory where the worker records its ranks until they are gone, so that after a crash
+    /// the restarted worker kills what is left of them before offering devices; one per worker
+    /// [default: $XDG_STATE_HOME/cohort/worker-<node id>, else
+    /// ~/.local/state/cohort/worker-<node id>].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// `cohort up`.

@@ -47,13 +47,32 @@ pub struct LocalCluster {
     address: String,
     /// Worker processes.
     workers: Vec<Child>,
+    /// The workers' state directories, under `<state root>/up-<coordinator port>`: local
+    /// clusters running at once never share one (their coordinators' ports differ), and one
+    /// started again on the same port kills what a crashed predecessor's ranks left.
+    state_dirs: Vec<PathBuf>,
     /// Stops the in-process coordinator.
     stop_coordinator: Option<oneshot::Sender<()>>,
     /// The coordinator's task.
     coordinator: Option<JoinHandle<cohort_coordinator::Result<()>>>,
 }
 
-fn spawn_worker(address: &str, index: u32, cpu_slots: u32, output_dir: &PathBuf) -> Result<Child> {
+/// The state directory of local worker `index` of the cluster whose coordinator is at
+/// `address`.
+fn state_dir(address: &str, index: u32) -> Result<PathBuf> {
+    let port = address.rsplit_once(':').map_or(address, |(_, port)| port);
+    Ok(cohort_worker::config::state_root()?
+        .join(format!("up-{port}"))
+        .join(format!("worker-local-{index}")))
+}
+
+fn spawn_worker(
+    address: &str,
+    index: u32,
+    cpu_slots: u32,
+    output_dir: &PathBuf,
+    state_dir: &PathBuf,
+) -> Result<Child> {
     let executable = std::env::current_exe().context("locating the cohort executable")?;
     let mut command = Command::new(executable);
     command
@@ -62,6 +81,8 @@ fn spawn_worker(address: &str, index: u32, cpu_slots: u32, output_dir: &PathBuf)
         .args(["--node-id", &format!("local-{index}")])
         .arg("--output-dir")
         .arg(output_dir)
+        .arg("--state-dir")
+        .arg(state_dir)
         .stdin(Stdio::null())
         .kill_on_drop(true);
     if index > 0 {
@@ -96,17 +117,21 @@ impl LocalCluster {
         let mut cluster = Self {
             address,
             workers: Vec::new(),
+            state_dirs: Vec::new(),
             stop_coordinator: Some(stop_coordinator),
             coordinator: Some(coordinator),
         };
         for index in 0..config.workers {
+            let state_dir = state_dir(&cluster.address, index)?;
             let worker = spawn_worker(
                 &cluster.address,
                 index,
                 config.cpu_slots,
                 &config.output_dir,
+                &state_dir,
             )?;
             cluster.workers.push(worker);
+            cluster.state_dirs.push(state_dir);
         }
         cluster.wait_for_workers(config.workers).await?;
         Ok(cluster)
@@ -161,6 +186,14 @@ impl LocalCluster {
                 warn!("a worker did not stop within {WORKER_STOP_TIMEOUT:?}; killing it");
                 let _ = child.kill().await;
             }
+        }
+        // Workers that stopped cleanly left nothing to reclaim: drop their state directories
+        // (one that still holds rank records stays, for a later cluster on this port).
+        for dir in &self.state_dirs {
+            let _ = cohort_worker::records::remove_if_unused(dir);
+        }
+        if let Some(parent) = self.state_dirs.first().and_then(|dir| dir.parent()) {
+            let _ = std::fs::remove_dir(parent);
         }
         if let Some(stop) = self.stop_coordinator.take() {
             let _ = stop.send(());

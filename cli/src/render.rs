@@ -170,6 +170,9 @@ pub fn job_detail(job: &JobInfo) -> String {
         job.priority
     );
     let _ = writeln!(out, "time:      {}", elapsed(job));
+    if !job.submitter.is_empty() {
+        let _ = writeln!(out, "submitter: {}", job.submitter);
+    }
     if !job.rank_info.is_empty() {
         let rows: Vec<Vec<String>> = job
             .rank_info

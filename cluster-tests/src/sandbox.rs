@@ -1,6 +1,10 @@
 //! A real cluster on loopback for one test: a coordinator process and worker processes, each a
 //! `cohort` executable, on ports the OS picks. Everything waits by polling the coordinator,
-//! never by fixed sleeps; every process is killed when the sandbox is dropped.
+//! never by fixed sleeps. Every worker keeps its state directory in the sandbox
+//! (`state/<node id>`), so a worker restarted under the same node id finds what its
+//! predecessor left, and no test touches the real home. When the sandbox is dropped, workers
+//! are stopped with SIGTERM (so they stop their ranks and remove their cgroups), SIGKILL after
+//! [`WORKER_STOP_TIMEOUT`]; the coordinator is killed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,6 +12,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use cohort_worker::containment::procfs;
 use serde_json::Value;
 
 /// How often state is polled.
@@ -15,6 +20,8 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// Default limit for waits that should succeed quickly on an idle machine (generous: CI
 /// machines are small and busy).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long workers get to stop their ranks and exit when the sandbox is dropped.
+pub const WORKER_STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Finds the `cohort` executable: `$COHORT_BIN`, else the one built next to this test binary
 /// (`target/<profile>/cohort`).
@@ -96,6 +103,20 @@ pub fn process_alive(pid: u32) -> bool {
     }
 }
 
+/// Live processes whose environment (as they started) holds every `NAME=value` of `entries`,
+/// found in `/proc`.
+pub fn processes_with_environment(entries: &[String]) -> Vec<u32> {
+    let entries: Vec<&str> = entries.iter().map(String::as_str).collect();
+    let Ok(proc_entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    proc_entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| procfs::environment_has(pid, &entries) && process_alive(pid))
+        .collect()
+}
+
 /// Polls `check` until it returns `Some`, failing after `timeout` with `what` in the message.
 pub fn poll<T>(
     what: &str,
@@ -141,6 +162,27 @@ pub enum Store {
     Etcd(String),
 }
 
+/// How a sandbox's coordinator runs.
+#[derive(Debug, Clone)]
+pub struct SandboxOptions {
+    /// Where the coordinator keeps its state. Default: embedded.
+    pub store: Store,
+    /// Seconds of silence after which a worker is lost. Default 5.
+    pub heartbeat_deadline_s: f64,
+    /// Limit on the coordinator's open files (`RLIMIT_NOFILE`). Default: the test's own.
+    pub coordinator_open_files: Option<u64>,
+}
+
+impl Default for SandboxOptions {
+    fn default() -> Self {
+        Self {
+            store: Store::Embedded,
+            heartbeat_deadline_s: 5.0,
+            coordinator_open_files: None,
+        }
+    }
+}
+
 /// A running cluster for one test.
 pub struct Sandbox {
     /// Holds data dirs, logs and job files; removed on drop.
@@ -153,6 +195,8 @@ pub struct Sandbox {
     address: String,
     /// Coordinator flags (heartbeat deadline, store).
     coordinator_flags: Vec<String>,
+    /// Limit on the coordinator's open files, kept across restarts.
+    coordinator_open_files: Option<u64>,
     /// Worker processes by node id.
     workers: BTreeMap<String, Daemon>,
     /// Counter for file names.
@@ -167,6 +211,20 @@ impl Sandbox {
 
     /// Starts a coordinator with the given store and heartbeat deadline (seconds).
     pub fn start_with(store: Store, heartbeat_deadline_s: f64) -> Result<Self> {
+        Self::start_with_options(SandboxOptions {
+            store,
+            heartbeat_deadline_s,
+            ..SandboxOptions::default()
+        })
+    }
+
+    /// Starts a coordinator as `options` say.
+    pub fn start_with_options(options: SandboxOptions) -> Result<Self> {
+        let SandboxOptions {
+            store,
+            heartbeat_deadline_s,
+            coordinator_open_files,
+        } = options;
         let directory = tempfile::Builder::new()
             .prefix("cohort-sandbox-")
             .tempdir()?;
@@ -188,6 +246,7 @@ impl Sandbox {
                 "--heartbeat-interval-s".to_owned(),
                 interval.to_string(),
             ],
+            coordinator_open_files,
             workers: BTreeMap::new(),
             files: 0,
         };
@@ -205,15 +264,38 @@ impl Sandbox {
         self.directory.path()
     }
 
-    fn spawn(&self, name: &str, args: &[String]) -> Result<Daemon> {
+    /// Starts `cohort` with `args`, its stderr in `<name>.log`, with at most `open_files`
+    /// open files when given.
+    fn spawn(&self, name: &str, args: &[String], open_files: Option<u64>) -> Result<Daemon> {
         let log = self.directory.path().join(format!("{name}.log"));
-        let stderr = std::fs::File::create(&log)?;
-        let child = Command::new(&self.executable)
+        let stderr = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let mut command = Command::new(&self.executable);
+        command
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(stderr)
+            .stderr(stderr);
+        if let Some(limit) = open_files {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            // SAFETY: setrlimit is async-signal-safe and reads only the copied `limit`.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command
             .spawn()
             .with_context(|| format!("starting {name}"))?;
         Ok(Daemon { child, log })
@@ -232,7 +314,7 @@ impl Sandbox {
             address_file.display().to_string(),
         ];
         args.extend(self.coordinator_flags.iter().cloned());
-        let mut daemon = self.spawn("coordinator", &args)?;
+        let mut daemon = self.spawn("coordinator", &args, self.coordinator_open_files)?;
         let address = poll("the coordinator's address file", DEFAULT_TIMEOUT, || {
             if let Some(status) = daemon.child.try_wait()? {
                 bail!("coordinator exited ({status}): {}", daemon.log_tail());
@@ -245,6 +327,11 @@ impl Sandbox {
             Ok(self.cli(&["nodes"]).ok().filter(|o| o.status.success()))
         })?;
         Ok(())
+    }
+
+    /// The coordinator's process id, while it runs.
+    pub fn coordinator_pid(&self) -> Option<u32> {
+        self.coordinator.as_ref().map(Daemon::pid)
     }
 
     /// Kills the coordinator with SIGKILL.
@@ -262,6 +349,18 @@ impl Sandbox {
 
     /// Starts a worker with `cpu_slots` slots as node `node_id` and waits until it is ready.
     pub fn add_worker(&mut self, node_id: &str, cpu_slots: u32) -> Result<()> {
+        self.start_worker(node_id, cpu_slots)?;
+        self.wait_for_node(node_id, "ready", DEFAULT_TIMEOUT)?;
+        Ok(())
+    }
+
+    /// Starts a worker with `cpu_slots` slots as node `node_id`, with the node's output and
+    /// state directories, and returns at once (a worker restarted under a node id the
+    /// coordinator still shows `ready` cannot be waited for by status).
+    pub fn start_worker(&mut self, node_id: &str, cpu_slots: u32) -> Result<()> {
+        if self.workers.contains_key(node_id) {
+            bail!("worker {node_id} is already running");
+        }
         let args: Vec<String> = [
             "worker",
             "--coordinator",
@@ -272,14 +371,21 @@ impl Sandbox {
             node_id,
             "--output-dir",
             &self.directory.path().join("outputs").display().to_string(),
+            "--state-dir",
+            &self.state_dir(node_id).display().to_string(),
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let daemon = self.spawn(&format!("worker-{node_id}"), &args)?;
+        // A restarted worker appends to its predecessor's log.
+        let daemon = self.spawn(&format!("worker-{node_id}"), &args, None)?;
         self.workers.insert(node_id.to_owned(), daemon);
-        self.wait_for_node(node_id, "ready", DEFAULT_TIMEOUT)?;
         Ok(())
+    }
+
+    /// The state directory of node `node_id`'s worker.
+    pub fn state_dir(&self, node_id: &str) -> PathBuf {
+        self.directory.path().join("state").join(node_id)
     }
 
     /// Kills a worker process with SIGKILL; returns when it is gone.
@@ -436,10 +542,43 @@ impl Sandbox {
         )
     }
 
+    /// Stops every worker with SIGTERM and waits (at most [`WORKER_STOP_TIMEOUT`] in all) for
+    /// them to exit; SIGKILL for those that did not.
+    fn stop_workers(&mut self) {
+        for daemon in self.workers.values() {
+            signal(daemon.pid(), libc::SIGTERM);
+        }
+        let deadline = Instant::now() + WORKER_STOP_TIMEOUT;
+        for daemon in self.workers.values_mut() {
+            while matches!(daemon.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(POLL_INTERVAL);
+            }
+        }
+        // Dropping each daemon kills (if still running) and reaps it.
+        self.workers.clear();
+    }
+
+    /// Live processes of job `job_id` of this cluster, whatever started them: those whose
+    /// environment names the job and this sandbox's coordinator.
+    pub fn processes_of_job(&self, job_id: &str) -> Vec<u32> {
+        processes_with_environment(&[
+            format!("{}={job_id}", cohort_proto::env::JOB_ID),
+            format!("{}={}", cohort_proto::env::COORDINATOR_ADDR, self.address),
+        ])
+    }
+
     /// Polls until none of `pids` is alive.
     pub fn wait_for_processes_gone(&self, pids: &[u32], timeout: Duration) -> Result<()> {
         poll("rank processes to be gone", timeout, || {
             Ok(pids.iter().all(|&pid| !process_alive(pid)).then_some(()))
         })
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        // Workers first, while the coordinator still answers their last heartbeat and before
+        // the directory holding their state goes.
+        self.stop_workers();
     }
 }

@@ -158,11 +158,64 @@ fn a_worker_shut_down_cleanly_reports_its_stopped_ranks_at_once() -> Result<()> 
     );
     let reason = job["reason"].as_str().unwrap();
     assert!(
-        reason.contains("node-b") && reason.contains("signal 15"),
-        "{reason}"
+        reason.contains("node node-b left") && reason.contains("worker was shut down"),
+        "the reason must name the node that left, not a signal: {reason}"
     );
     cluster.wait_for_processes_gone(&pids, DEFAULT_TIMEOUT)?;
     // The node left: nothing is scheduled on it, long before its heartbeat deadline.
     cluster.wait_for_node("node-b", "left", Duration::from_secs(5))?;
     Ok(())
+}
+
+#[test]
+fn a_worker_that_lost_the_coordinator_is_named_as_the_cause() -> Result<()> {
+    let deadline_s = 2.0;
+    let mut cluster = Sandbox::start_with(Store::Embedded, deadline_s)?;
+    cluster.add_worker("node-a", 1)?;
+    let job_id = cluster.submit(&sleeper("stranded", 1), &[])?;
+    let pids = cluster.wait_for_running_ranks(&job_id)?;
+    cluster.kill_coordinator();
+    cluster.wait_for_processes_gone(&pids, DEFAULT_TIMEOUT)?;
+    // The worker stopped its rank on its own; back up, the coordinator hears why.
+    cluster.restart_coordinator()?;
+    let job = cluster.wait_for_state(&job_id, "failed", DEFAULT_TIMEOUT)?;
+    let reason = job["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("node node-a lost the coordinator"),
+        "the reason must name the lost coordinator, not a signal: {reason}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_rank_killed_by_something_else_is_told_apart_from_one_cohort_stopped() -> Result<()> {
+    let mut cluster = Sandbox::start()?;
+    cluster.add_worker("node-a", 2)?;
+    let job_id = cluster.submit(&sleeper("oom", 2), &[])?;
+    let pids = cluster.wait_for_running_ranks(&job_id)?;
+    // Something other than Cohort (the OOM killer, an operator) kills rank 1.
+    cohort_cluster_tests::sandbox::signal(pids[1], libc::SIGKILL);
+    let job = cluster.wait_for_state(&job_id, "failed", DEFAULT_TIMEOUT)?;
+    let reason = job["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("rank 1") && reason.contains("signal 9 (SIGKILL), not by cohort"),
+        "{reason}"
+    );
+    // Rank 0 was stopped by Cohort because of it, and says so.
+    let job = poll_rank_detail(&cluster, &job_id, 0)?;
+    let detail = job.as_str().unwrap_or_default();
+    assert!(detail.contains("stopped by cohort"), "{detail}");
+    Ok(())
+}
+
+/// Polls until rank `rank` of the job has a detail; returns it.
+fn poll_rank_detail(cluster: &Sandbox, job_id: &str, rank: usize) -> Result<serde_json::Value> {
+    cohort_cluster_tests::sandbox::poll("the rank's detail", DEFAULT_TIMEOUT, || {
+        let job = cluster.job(job_id)?;
+        let detail = job["placement"][rank]["detail"].clone();
+        Ok(detail
+            .as_str()
+            .is_some_and(|text| !text.is_empty())
+            .then_some(detail))
+    })
 }

@@ -1,8 +1,10 @@
 //! Invalid job specs are refused with a message naming the field, by the CLI before sending and
-//! by the coordinator on arrival; none reaches the store.
+//! by the coordinator on arrival; none reaches the store. Hostile ones (huge keys and values,
+//! deep nesting) get a short message on one line too, which a gRPC status can carry.
 
 use anyhow::Result;
 use cohort_cluster_tests::sandbox::Sandbox;
+use cohort_proto::text::MAX_ERROR_BYTES;
 use cohort_proto::v1::SubmitJobRequest;
 use cohort_proto::v1::job_control_client::JobControlClient;
 
@@ -14,7 +16,54 @@ program = "true"
 /// (what is wrong, the field the message must name, the spec).
 fn invalid_specs() -> Vec<(&'static str, &'static str, String)> {
     let head = "version = 1\nkind = \"command\"\n";
+    let train = "version = 1\nkind = \"train\"\n";
+    let env =
+        |variables: &str| format!("{head}[command]\nprogram = \"sh\"\nenv = {{ {variables} }}\n");
     vec![
+        (
+            "absolute checkpoint directory",
+            "checkpoint.directory",
+            format!("{train}[checkpoint]\ndirectory = \"/etc/cron.d\"\n"),
+        ),
+        (
+            "checkpoint directory out of the output directory",
+            "checkpoint.directory",
+            format!("{train}[checkpoint]\ndirectory = \"runs/../../elsewhere\"\n"),
+        ),
+        (
+            "environment sets the device allocation",
+            "command.env.CUDA_VISIBLE_DEVICES",
+            env("CUDA_VISIBLE_DEVICES = \"0,1,2,3\""),
+        ),
+        (
+            "environment sets the rank",
+            "command.env.RANK",
+            env("RANK = \"0\""),
+        ),
+        (
+            "environment sets a cohort variable",
+            "command.env.COHORT_FOO",
+            env("COHORT_FOO = \"x\""),
+        ),
+        (
+            "a 60 KB value of the wrong type",
+            "priority",
+            format!("{head}priority = \"{}\"\n{VALID_TAIL}", "v".repeat(60_000)),
+        ),
+        (
+            "arguments nested 5,000 deep",
+            "command.args",
+            format!(
+                "{head}[command]\nprogram = \"sh\"\nargs = {}\"x\"{}\n",
+                "[".repeat(5_000),
+                "]".repeat(5_000)
+            ),
+        ),
+        (
+            "a 60 KB unknown key",
+            "unknown field",
+            format!("{head}{} = 1\n{VALID_TAIL}", "k".repeat(60_000)),
+        ),
         (
             "unknown field",
             "colour",
@@ -91,6 +140,11 @@ fn the_cli_refuses_invalid_specs_naming_the_field() -> Result<()> {
             1,
             "{what}: not one line: {stderr}"
         );
+        assert!(
+            stderr.len() <= 2 * MAX_ERROR_BYTES,
+            "{what}: {} bytes",
+            stderr.len()
+        );
     }
     assert!(
         cluster.jobs()?.is_empty(),
@@ -119,6 +173,12 @@ async fn the_coordinator_refuses_invalid_specs_sent_directly() -> Result<()> {
         assert!(
             status.message().contains(field),
             "{what}: {}",
+            status.message()
+        );
+        assert!(
+            status.message().len() <= MAX_ERROR_BYTES && !status.message().contains('\n'),
+            "{what}: {} bytes: {}",
+            status.message().len(),
             status.message()
         );
     }

@@ -20,6 +20,11 @@ pub struct CoordinatorConfig {
     /// How often the scheduler and the liveness checks run when nothing wakes them. Default
     /// 200 ms.
     pub tick: Duration,
+    /// Most jobs queued at once; later submissions are refused until some start. Default
+    /// 10,000 (Slurm's `MaxJobCount`).
+    pub max_queued_jobs: usize,
+    /// Most jobs one submitter (a client address) may have queued at once. Default 5,000.
+    pub max_queued_jobs_per_submitter: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -32,6 +37,8 @@ impl Default for CoordinatorConfig {
             restart_grace: heartbeat_deadline,
             max_log_bytes_per_job: 256 * 1024 * 1024,
             tick: Duration::from_millis(200),
+            max_queued_jobs: crate::limits::DEFAULT_MAX_QUEUED_JOBS,
+            max_queued_jobs_per_submitter: crate::limits::DEFAULT_MAX_QUEUED_JOBS_PER_SUBMITTER,
         }
     }
 }

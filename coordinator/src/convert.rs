@@ -1,14 +1,163 @@
 //! Conversions between the coordinator's records and protocol messages. Decoding checks every
-//! field; encoding cannot fail.
+//! field of a request against [`crate::limits`] and produces domain values before anything is
+//! changed, so a request is refused whole or applied whole; free text is cut with a marker
+//! rather than refused. Encoding cannot fail.
 
-use cohort_proto::v1;
+use std::collections::HashSet;
+
+use cohort_proto::text::{excerpt, truncate};
+use cohort_proto::{JobId, NodeId, v1};
 use cohort_spec::{DeviceKind, JobKind};
 
 use crate::error::{Error, Result};
-use crate::limits::{MAX_EXTRA_METRICS, MAX_GPU_PEERS, MAX_NAME_BYTES};
-use crate::model::{
-    DeviceRecord, GpuPeerRecord, JobRecord, MetricsRecord, NodeRecord, RankRecord, RankState,
+use crate::limits::{
+    MAX_DETAIL_BYTES, MAX_DEVICES_PER_NODE, MAX_EXTRA_METRICS, MAX_GPU_PEERS,
+    MAX_METRIC_NAME_BYTES, MAX_NAME_BYTES, MAX_RANK_REPORTS,
 };
+use crate::model::{
+    DeviceRecord, GpuPeerRecord, JobRecord, JobSummary, MetricsRecord, NodeRecord, RankRecord,
+    RankState, StopCause, UnixMillis, now_ms,
+};
+
+/// One rank's state as a worker reported it, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankReport {
+    /// The rank's job.
+    pub job_id: JobId,
+    /// The rank (or parameter-server process) index.
+    pub rank: u32,
+    /// Its state.
+    pub state: RankState,
+    /// Its process id.
+    pub pid: u32,
+    /// Exit code, when it exited normally.
+    pub exit_code: Option<i32>,
+    /// Signal, when a signal ended it.
+    pub signal: Option<i32>,
+    /// When the worker saw it end.
+    pub exited_at_ms: Option<UnixMillis>,
+    /// Detail, cut to [`MAX_DETAIL_BYTES`].
+    pub detail: String,
+    /// Whether Cohort stopped it, and why.
+    pub stop_cause: StopCause,
+}
+
+/// A checked registration: the node as it registers, and its ranks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registration {
+    /// The node record to store.
+    pub node: NodeRecord,
+    /// Every rank the worker knows of.
+    pub ranks: Vec<RankReport>,
+}
+
+/// Checks a name-like field (hostname, address, device name) against [`MAX_NAME_BYTES`].
+fn check_name(field: &str, value: &str) -> Result<()> {
+    if value.len() > MAX_NAME_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "{field} of {} bytes, expected at most {MAX_NAME_BYTES}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Decodes a registration completely: the node id, its names, its devices, its rank reports.
+pub fn registration(request: &v1::RegisterRequest) -> Result<Registration> {
+    let node_id = NodeId::new(request.node_id.clone())?;
+    check_name("hostname", &request.hostname)?;
+    check_name("address", &request.address)?;
+    if request.devices.len() > MAX_DEVICES_PER_NODE {
+        return Err(Error::InvalidArgument(format!(
+            "{} devices, expected at most {MAX_DEVICES_PER_NODE}",
+            request.devices.len()
+        )));
+    }
+    let devices = device_records(&request.devices)?;
+    Ok(Registration {
+        node: NodeRecord {
+            id: node_id,
+            hostname: request.hostname.clone(),
+            address: request.address.clone(),
+            devices,
+            registered_at_ms: now_ms(),
+        },
+        ranks: rank_reports(&request.ranks)?,
+    })
+}
+
+/// Decodes a worker's rank reports completely: bounded in number, valid job ids, known states,
+/// no rank reported twice; details cut to [`MAX_DETAIL_BYTES`].
+pub fn rank_reports(reports: &[v1::RankReport]) -> Result<Vec<RankReport>> {
+    if reports.len() > MAX_RANK_REPORTS {
+        return Err(Error::InvalidArgument(format!(
+            "{} rank reports, expected at most {MAX_RANK_REPORTS}",
+            reports.len()
+        )));
+    }
+    let mut seen = HashSet::with_capacity(reports.len());
+    let mut checked = Vec::with_capacity(reports.len());
+    for (index, report) in reports.iter().enumerate() {
+        let job_id = JobId::new(report.job_id.clone())
+            .map_err(|error| Error::InvalidArgument(format!("ranks[{index}].job_id: {error}")))?;
+        if !seen.insert((job_id.clone(), report.rank)) {
+            return Err(Error::InvalidArgument(format!(
+                "ranks[{index}]: rank {} of job {job_id} reported twice",
+                report.rank
+            )));
+        }
+        let state = match v1::RankState::try_from(report.state) {
+            Ok(v1::RankState::Unspecified) | Err(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "ranks[{index}].state = {}, expected pending, running, exited, lost or start_failed",
+                    report.state
+                )));
+            }
+            Ok(state) => rank_state(state),
+        };
+        let stop_cause = match v1::StopCause::try_from(report.stop_cause) {
+            Ok(cause) => stop_cause(cause),
+            Err(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "ranks[{index}].stop_cause = {}, not a known stop cause",
+                    report.stop_cause
+                )));
+            }
+        };
+        checked.push(RankReport {
+            job_id,
+            rank: report.rank,
+            state,
+            pid: report.pid,
+            exit_code: report.exit_code,
+            signal: report.signal,
+            exited_at_ms: (report.exited_at_unix_ms > 0).then_some(report.exited_at_unix_ms),
+            detail: truncate(&report.detail, MAX_DETAIL_BYTES).into_owned(),
+            stop_cause,
+        });
+    }
+    Ok(checked)
+}
+
+fn stop_cause(cause: v1::StopCause) -> StopCause {
+    match cause {
+        v1::StopCause::Unspecified => StopCause::None,
+        v1::StopCause::Instructed => StopCause::Instructed,
+        v1::StopCause::WorkerShutdown => StopCause::WorkerShutdown,
+        v1::StopCause::CoordinatorLost => StopCause::CoordinatorLost,
+        v1::StopCause::WorkerRestarted => StopCause::WorkerRestarted,
+    }
+}
+
+fn stop_cause_to_proto(cause: StopCause) -> v1::StopCause {
+    match cause {
+        StopCause::None => v1::StopCause::Unspecified,
+        StopCause::Instructed => v1::StopCause::Instructed,
+        StopCause::WorkerShutdown => v1::StopCause::WorkerShutdown,
+        StopCause::CoordinatorLost => v1::StopCause::CoordinatorLost,
+        StopCause::WorkerRestarted => v1::StopCause::WorkerRestarted,
+    }
+}
 
 /// The spec's job kind as shown to users.
 pub fn kind_name(kind: JobKind) -> &'static str {
@@ -75,12 +224,7 @@ pub fn device_records(devices: &[v1::Device]) -> Result<Vec<DeviceRecord>> {
             ("compute capability", &device.compute_capability),
             ("pci bus id", &device.pci_bus_id),
         ] {
-            if value.len() > MAX_NAME_BYTES {
-                return Err(Error::InvalidArgument(format!(
-                    "{name} of {} bytes, expected at most {MAX_NAME_BYTES}",
-                    value.len()
-                )));
-            }
+            check_name(name, value)?;
         }
         if records
             .iter()
@@ -164,10 +308,14 @@ pub fn metrics_record(metrics: &v1::RankMetrics) -> Result<MetricsRecord> {
             metrics.extra.len()
         )));
     }
-    if let Some(name) = metrics.extra.keys().find(|name| name.len() > 64) {
+    if let Some(name) = metrics
+        .extra
+        .keys()
+        .find(|name| name.is_empty() || name.len() > MAX_METRIC_NAME_BYTES)
+    {
         return Err(Error::InvalidArgument(format!(
-            "metric name of {} bytes, expected at most 64",
-            name.len()
+            "metric name {}, expected 1 to {MAX_METRIC_NAME_BYTES} bytes",
+            excerpt(name)
         )));
     }
     Ok(MetricsRecord {
@@ -202,7 +350,7 @@ fn rank_info(record: &JobRecord, rank: &RankRecord) -> v1::RankInfo {
         signal: rank.signal,
         exited_at_unix_ms: rank.exited_at_ms.unwrap_or(0),
         detail: rank.detail.clone(),
-        stop_cause: 0,
+        stop_cause: stop_cause_to_proto(rank.stop_cause) as i32,
     }
 }
 
@@ -244,6 +392,28 @@ pub fn job_info(record: &JobRecord) -> v1::JobInfo {
             .collect(),
         spec_toml: record.spec_toml.clone(),
         kind: record.kind.clone(),
+        submitter: record.submitter.clone(),
+    }
+}
+
+/// The protocol's view of a job in a listing: no spec, placement or metrics.
+pub fn job_summary_info(summary: &JobSummary) -> v1::JobInfo {
+    v1::JobInfo {
+        job_id: summary.id.to_string(),
+        name: summary.name.clone(),
+        state: summary.state.to_proto() as i32,
+        reason: summary.reason.clone(),
+        priority: summary.priority,
+        ranks: summary.ranks,
+        devices_per_rank: summary.devices_per_rank,
+        device_kind: device_kind_to_proto(summary.device_kind) as i32,
+        submitted_at_unix_ms: summary.submitted_at_ms,
+        scheduled_at_unix_ms: summary.scheduled_at_ms.unwrap_or(0),
+        started_at_unix_ms: summary.started_at_ms.unwrap_or(0),
+        finished_at_unix_ms: summary.finished_at_ms.unwrap_or(0),
+        kind: summary.kind.clone(),
+        submitter: summary.submitter.clone(),
+        ..v1::JobInfo::default()
     }
 }
 
@@ -315,6 +485,49 @@ mod tests {
                 .collect(),
             ..v1::Device::default()
         }
+    }
+
+    fn report(job_id: &str, rank: u32, detail: &str) -> v1::RankReport {
+        v1::RankReport {
+            job_id: job_id.to_owned(),
+            rank,
+            state: v1::RankState::Exited as i32,
+            exit_code: Some(1),
+            detail: detail.to_owned(),
+            ..v1::RankReport::default()
+        }
+    }
+
+    #[test]
+    fn rank_reports_are_checked_whole_and_details_cut_with_a_marker() {
+        let huge = "x".repeat(5 * 1024 * 1024);
+        let checked = rank_reports(&[report("j-1", 0, &huge), report("j-1", 1, "")]).unwrap();
+        assert!(checked[0].detail.len() <= MAX_DETAIL_BYTES);
+        assert!(
+            checked[0].detail.ends_with("bytes cut]"),
+            "{}",
+            checked[0].detail
+        );
+        let cases = [
+            (
+                vec![report("j-1", 0, ""), report("bad id", 1, "")],
+                "ranks[1].job_id",
+            ),
+            (
+                vec![report("j-1", 0, ""), report("j-1", 0, "")],
+                "reported twice",
+            ),
+        ];
+        for (reports, expected) in cases {
+            let error = rank_reports(&reports).unwrap_err().to_string();
+            assert!(error.contains(expected), "{error}");
+        }
+        let mut unknown = report("j-1", 0, "");
+        unknown.state = 99;
+        assert!(rank_reports(&[unknown]).is_err());
+        let mut cause = report("j-1", 0, "");
+        cause.stop_cause = 77;
+        assert!(rank_reports(&[cause]).is_err());
     }
 
     #[test]

@@ -73,8 +73,12 @@ impl Error {
 }
 
 impl From<Error> for tonic::Status {
+    /// Maps the error to its status code. The message is cut to
+    /// [`cohort_proto::text::MAX_ERROR_BYTES`], so every client can read it.
     fn from(error: Error) -> Self {
-        let message = error.to_string();
+        let message =
+            cohort_proto::text::truncate(&error.to_string(), cohort_proto::text::MAX_ERROR_BYTES)
+                .into_owned();
         match error {
             Error::InvalidArgument(_) | Error::Spec(_) | Error::Id(_) => {
                 tonic::Status::invalid_argument(message)
@@ -90,5 +94,23 @@ impl From<Error> for tonic::Status {
                 tonic::Status::internal(message)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_message_fits_grpc_clients() {
+        let error = Error::InvalidArgument("é".repeat(100_000));
+        let status = tonic::Status::from(error);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().len() <= cohort_proto::text::MAX_ERROR_BYTES,
+            "{}",
+            status.message().len()
+        );
+        assert!(status.message().ends_with("bytes cut]"));
     }
 }

@@ -34,6 +34,22 @@ pub enum RankState {
     StartFailed,
 }
 
+/// Whether Cohort itself stopped a rank process, and why (see `StopCause` in cohort.proto).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum StopCause {
+    /// Cohort did not stop it: it ended on its own, or something else killed it.
+    #[default]
+    None,
+    /// The coordinator told its worker to stop it.
+    Instructed,
+    /// Its worker was shut down and stopped it before leaving.
+    WorkerShutdown,
+    /// Its worker lost the coordinator for the heartbeat deadline and stopped it.
+    CoordinatorLost,
+    /// It outlived its worker; the restarted worker killed what was left of it.
+    WorkerRestarted,
+}
+
 impl RankState {
     /// Whether the rank will not run again.
     pub fn is_final(self) -> bool {
@@ -65,8 +81,11 @@ pub struct RankRecord {
     pub signal: Option<i32>,
     /// When the worker saw the process end.
     pub exited_at_ms: Option<UnixMillis>,
-    /// Free-form detail (why a start failed).
+    /// Free-form detail: why a start failed, the last line of error output of a failed
+    /// process, why Cohort stopped it; at most [`crate::limits::MAX_DETAIL_BYTES`].
     pub detail: String,
+    /// Whether Cohort stopped the process, and why.
+    pub stop_cause: StopCause,
 }
 
 /// What one of a job's processes does. Placement records number every process; the
@@ -108,16 +127,53 @@ impl RankRecord {
         self.state == RankState::Exited && self.exit_code == Some(0)
     }
 
-    /// Describes how the rank ended, e.g. `exited with code 3` or `killed by signal 9`.
+    /// Describes how the rank ended, e.g. `exited with code 3: error: data.path /x: ...`,
+    /// `killed by signal 9 (SIGKILL), not by cohort`, `stopped by cohort (cancelled by user)`.
     pub fn describe_end(&self) -> String {
+        let detail = if self.detail.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", self.detail)
+        };
         match (self.state, self.exit_code, self.signal) {
-            (RankState::Exited, Some(code), _) => format!("exited with code {code}"),
-            (RankState::Exited, None, Some(signal)) => format!("killed by signal {signal}"),
-            (RankState::StartFailed, _, _) => format!("failed to start: {}", self.detail),
-            (RankState::Lost, _, _) => "lost with its node".to_owned(),
-            _ => "ended".to_owned(),
+            (RankState::StartFailed, _, _) => format!("failed to start{detail}"),
+            (RankState::Lost, _, _) if self.detail.is_empty() => "lost with its node".to_owned(),
+            (RankState::Lost, _, _) => format!("lost{detail}"),
+            (RankState::Exited, code, signal) if self.stop_cause != StopCause::None => {
+                let how = match (code, signal) {
+                    (Some(code), _) => format!("exited with code {code}"),
+                    (None, Some(signal)) => format!("ended by {}", signal_name(signal)),
+                    _ => "ended".to_owned(),
+                };
+                format!("{how} after it was stopped{detail}")
+            }
+            (RankState::Exited, Some(code), _) => format!("exited with code {code}{detail}"),
+            (RankState::Exited, None, Some(signal)) => {
+                format!("killed by {}, not by cohort{detail}", signal_name(signal))
+            }
+            _ => format!("ended{detail}"),
         }
     }
+}
+
+/// `signal 9 (SIGKILL)`: the number and, for the common ones, the name.
+pub fn signal_name(signal: i32) -> String {
+    let name = match signal {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        3 => "SIGQUIT",
+        4 => "SIGILL",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        11 => "SIGSEGV",
+        13 => "SIGPIPE",
+        14 => "SIGALRM",
+        15 => "SIGTERM",
+        _ => return format!("signal {signal}"),
+    };
+    format!("signal {signal} ({name})")
 }
 
 /// A job and everything the coordinator must remember about it across restarts.
@@ -145,6 +201,9 @@ pub struct JobRecord {
     pub device_kind: DeviceKind,
     /// Whether the job may wait for a cluster larger than the current one.
     pub wait_for_resources: bool,
+    /// Who submitted it: the client's address until clients authenticate. Queue caps count
+    /// per submitter.
+    pub submitter: String,
     /// Lifecycle state.
     pub state: JobState,
     /// Why the job is in its state (empty when there is nothing to say).
@@ -165,6 +224,65 @@ pub struct JobRecord {
     /// Latest metrics per rank. Persisted with the record's other changes (not on every
     /// report), so the final figures survive a coordinator restart.
     pub metrics: std::collections::BTreeMap<u32, MetricsRecord>,
+}
+
+/// What is kept in memory of a retired job (ended, every process gone): what listing needs.
+/// The full record stays in the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSummary {
+    /// The job's id.
+    pub id: JobId,
+    /// Submission order.
+    pub seq: u64,
+    /// Name from the spec.
+    pub name: String,
+    /// Kind from the spec.
+    pub kind: String,
+    /// Scheduling priority.
+    pub priority: i32,
+    /// Gang size.
+    pub ranks: u32,
+    /// Devices each rank holds.
+    pub devices_per_rank: u32,
+    /// Kind of those devices.
+    pub device_kind: DeviceKind,
+    /// Who submitted it.
+    pub submitter: String,
+    /// Lifecycle state.
+    pub state: JobState,
+    /// Why the job is in its state.
+    pub reason: String,
+    /// When it was submitted.
+    pub submitted_at_ms: UnixMillis,
+    /// When it was placed.
+    pub scheduled_at_ms: Option<UnixMillis>,
+    /// When every rank first ran.
+    pub started_at_ms: Option<UnixMillis>,
+    /// When it ended.
+    pub finished_at_ms: Option<UnixMillis>,
+}
+
+impl JobSummary {
+    /// The summary of a record.
+    pub fn of(record: &JobRecord) -> Self {
+        Self {
+            id: record.id.clone(),
+            seq: record.seq,
+            name: record.name.clone(),
+            kind: record.kind.clone(),
+            priority: record.priority,
+            ranks: record.ranks,
+            devices_per_rank: record.devices_per_rank,
+            device_kind: record.device_kind,
+            submitter: record.submitter.clone(),
+            state: record.state,
+            reason: record.reason.clone(),
+            submitted_at_ms: record.submitted_at_ms,
+            scheduled_at_ms: record.scheduled_at_ms,
+            started_at_ms: record.started_at_ms,
+            finished_at_ms: record.finished_at_ms,
+        }
+    }
 }
 
 /// One device a node offers.
@@ -239,4 +357,143 @@ pub struct MetricsRecord {
     pub extra: std::collections::BTreeMap<String, f64>,
     /// When it was reported.
     pub reported_at_ms: UnixMillis,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use prost::Message;
+
+    use super::*;
+    use crate::limits::{
+        MAX_DETAIL_BYTES, MAX_DEVICES_PER_NODE, MAX_EXTRA_METRICS, MAX_GPU_PEERS,
+        MAX_METRIC_NAME_BYTES, MAX_NAME_BYTES, MAX_PROCESSES_PER_JOB, MAX_REASON_BYTES,
+        MAX_RECORD_BYTES,
+    };
+    use cohort_proto::ids::MAX_ID_LEN;
+    use cohort_spec::job::{MAX_DEVICES_PER_RANK, MAX_NAME_LEN, MAX_SPEC_BYTES};
+
+    /// The largest job record the bounds allow: the largest spec, the widest gang with every
+    /// process on its own longest-named node holding the most devices, the longest details and
+    /// reason, and every rank's metrics with the most, longest-named extras.
+    fn largest_job() -> JobRecord {
+        let node = |index: usize| {
+            let suffix = index.to_string();
+            NodeId::new(format!("{}{suffix}", "n".repeat(MAX_ID_LEN - suffix.len()))).unwrap()
+        };
+        JobRecord {
+            id: JobId::new(format!("{}-{}", "j".repeat(MAX_NAME_LEN), u64::MAX)).unwrap(),
+            seq: u64::MAX,
+            spec_toml: "#".repeat(MAX_SPEC_BYTES),
+            name: "j".repeat(MAX_NAME_LEN),
+            kind: "command".to_owned(),
+            priority: i32::MIN,
+            ranks: u32::MAX,
+            devices_per_rank: u32::MAX,
+            device_kind: DeviceKind::Gpu,
+            wait_for_resources: true,
+            submitter: "f".repeat(64),
+            state: JobState::Failed,
+            reason: "r".repeat(MAX_REASON_BYTES),
+            blamed_rank: Some(u32::MAX),
+            submitted_at_ms: i64::MIN,
+            scheduled_at_ms: Some(i64::MIN),
+            started_at_ms: Some(i64::MIN),
+            finished_at_ms: Some(i64::MIN),
+            placement: (0..MAX_PROCESSES_PER_JOB)
+                .map(|rank| RankRecord {
+                    rank: u32::MAX - rank as u32,
+                    node_id: node(rank),
+                    local_rank: u32::MAX,
+                    devices: vec![u32::MAX; MAX_DEVICES_PER_RANK as usize],
+                    state: RankState::StartFailed,
+                    pid: u32::MAX,
+                    exit_code: Some(i32::MIN),
+                    signal: Some(i32::MIN),
+                    exited_at_ms: Some(i64::MIN),
+                    detail: "d".repeat(MAX_DETAIL_BYTES),
+                    stop_cause: StopCause::WorkerRestarted,
+                })
+                .collect(),
+            metrics: (0..MAX_PROCESSES_PER_JOB as u32)
+                .map(|rank| {
+                    let extra: BTreeMap<String, f64> = (0..MAX_EXTRA_METRICS)
+                        .map(|index| {
+                            let suffix = index.to_string();
+                            let name = "m".repeat(MAX_METRIC_NAME_BYTES - suffix.len()) + &suffix;
+                            (name, f64::MAX)
+                        })
+                        .collect();
+                    let metrics = MetricsRecord {
+                        step: u64::MAX,
+                        total_steps: u64::MAX,
+                        epoch: u32::MAX,
+                        loss: f64::MAX,
+                        samples_per_s: f64::MAX,
+                        eval_loss: Some(f64::MAX),
+                        eval_accuracy: Some(f64::MAX),
+                        extra,
+                        reported_at_ms: i64::MIN,
+                    };
+                    (u32::MAX - rank, metrics)
+                })
+                .collect(),
+        }
+    }
+
+    /// The largest node record the bounds allow.
+    fn largest_node() -> NodeRecord {
+        let name = "x".repeat(MAX_NAME_BYTES);
+        NodeRecord {
+            id: NodeId::new("n".repeat(MAX_ID_LEN)).unwrap(),
+            hostname: name.clone(),
+            address: name.clone(),
+            devices: (0..MAX_DEVICES_PER_NODE)
+                .map(|index| DeviceRecord {
+                    kind: DeviceKind::Gpu,
+                    index: u32::MAX - index as u32,
+                    name: name.clone(),
+                    memory_total_bytes: u64::MAX,
+                    memory_free_bytes: u64::MAX,
+                    compute_capability: name.clone(),
+                    pci_bus_id: name.clone(),
+                    peers: vec![
+                        GpuPeerRecord {
+                            index: u32::MAX,
+                            access: true,
+                            native_atomics: true,
+                            performance_rank: i32::MIN,
+                        };
+                        MAX_GPU_PEERS
+                    ],
+                })
+                .collect(),
+            registered_at_ms: i64::MIN,
+        }
+    }
+
+    #[test]
+    fn the_largest_records_fit_the_record_bound() {
+        let job = crate::store::codec::encode(&largest_job()).unwrap();
+        let node = crate::store::codec::encode(&largest_node()).unwrap();
+        eprintln!(
+            "largest job record {} bytes, node record {} bytes, bound {MAX_RECORD_BYTES}",
+            job.len(),
+            node.len()
+        );
+        assert!(job.len() <= MAX_RECORD_BYTES, "{} bytes", job.len());
+        assert!(node.len() <= MAX_RECORD_BYTES, "{} bytes", node.len());
+    }
+
+    #[test]
+    fn the_largest_job_fits_one_grpc_message() {
+        let info = crate::convert::job_info(&largest_job());
+        let bytes = info.encoded_len();
+        assert!(
+            bytes <= cohort_proto::MAX_MESSAGE_BYTES,
+            "{bytes} bytes, over {}",
+            cohort_proto::MAX_MESSAGE_BYTES
+        );
+    }
 }

@@ -19,6 +19,7 @@ use crate::cluster::Cluster;
 use crate::convert;
 use crate::error::Error;
 use crate::limits::MAX_LOG_LINES_PER_PUSH;
+use crate::logs::SequencedLine;
 
 /// A server stream of `T`.
 type ServerStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -50,10 +51,14 @@ impl JobControl for CoordinatorService {
         &self,
         request: Request<SubmitJobRequest>,
     ) -> Result<Response<SubmitJobResponse>, Status> {
+        // Until clients authenticate, a submitter is the address it connects from.
+        let submitter = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_owned(), |address| address.ip().to_string());
         let request = request.into_inner();
         let job = self
             .cluster
-            .submit(request.spec_toml, request.wait_for_resources)
+            .submit(request.spec_toml, request.wait_for_resources, submitter)
             .await?;
         Ok(Response::new(SubmitJobResponse { job: Some(job) }))
     }
@@ -65,11 +70,16 @@ impl JobControl for CoordinatorService {
 
     async fn list_jobs(
         &self,
-        _request: Request<ListJobsRequest>,
+        request: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
+        let request = request.into_inner();
+        let page = self
+            .cluster
+            .jobs(request.page_size, &request.page_token)
+            .await?;
         Ok(Response::new(ListJobsResponse {
-            jobs: self.cluster.jobs().await,
-            next_page_token: String::new(),
+            jobs: page.jobs,
+            next_page_token: page.next_page_token,
         }))
     }
 
@@ -103,17 +113,16 @@ impl JobControl for CoordinatorService {
                 return;
             }
             while !finished {
-                let job = match events.recv().await {
-                    Ok(job) if job.job_id == job_id.as_str() => (*job).clone(),
+                match events.recv().await {
+                    Ok(changed) if changed.job_id == job_id => {}
                     Ok(_) => continue,
                     Err(broadcast::error::RecvError::Lagged(skipped)) => {
-                        debug!(%job_id, skipped, "watcher lagged; re-reading the job");
-                        match cluster.job(&job_id).await {
-                            Ok(job) => job,
-                            Err(_) => return,
-                        }
+                        debug!(%job_id, skipped, "watcher lagged; reading the job again");
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
+                }
+                let Ok(job) = cluster.job(&job_id).await else {
+                    return;
                 };
                 finished = is_final(&job);
                 if sender.send(Ok(JobEvent { job: Some(job) })).await.is_err() {
@@ -133,37 +142,45 @@ impl JobControl for CoordinatorService {
         let request = request.into_inner();
         let job_id = job_id(&request.job_id)?;
         let job = self.cluster.job(&job_id).await?;
-        let follow = request.follow && !is_final(&job);
+        // Subscribe before reading the file, so that no line falls between the two.
         let mut job_events = self.cluster.subscribe();
-        let (lines, seen, feed) = self
-            .cluster
-            .logs()
-            .read(&job_id, request.rank, follow)
-            .map_err(Status::from)?;
+        let feed = if request.follow && !is_final(&job) {
+            self.cluster.logs().follow(&job_id)
+        } else {
+            None
+        };
         let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
         let cluster = self.cluster.clone();
         let rank_filter = request.rank;
         tokio::spawn(async move {
-            for line in lines {
-                if sender.send(Ok(line)).await.is_err() {
+            let seen = match cluster
+                .logs()
+                .stream_file(&job_id, rank_filter, sender.clone())
+                .await
+            {
+                Ok(seen) => seen,
+                Err(error) => {
+                    let _ = sender.send(Err(Status::from(error))).await;
                     return;
                 }
-            }
+            };
             let Some(mut feed) = feed else {
                 return;
             };
             // A job may have ended between the snapshot and the subscription.
             if cluster.job(&job_id).await.is_ok_and(|job| is_final(&job)) {
+                while let Ok(line) = feed.try_recv() {
+                    if !forward(&sender, &line, seen, rank_filter).await {
+                        return;
+                    }
+                }
                 return;
             }
             loop {
                 tokio::select! {
                     line = feed.recv() => match line {
-                        Ok(line) if line.seq < seen => {}
                         Ok(line) => {
-                            if rank_filter.is_none_or(|rank| rank == line.line.rank)
-                                && sender.send(Ok(line.line.clone())).await.is_err()
-                            {
+                            if !forward(&sender, &line, seen, rank_filter).await {
                                 return;
                             }
                         }
@@ -173,13 +190,10 @@ impl JobControl for CoordinatorService {
                         Err(broadcast::error::RecvError::Closed) => return,
                     },
                     event = job_events.recv() => match event {
-                        Ok(job) if job.job_id == job_id.as_str() && is_final(&job) => {
+                        Ok(changed) if changed.job_id == job_id && changed.finished => {
                             // Lines shipped before the end are already in the feed: send them.
                             while let Ok(line) = feed.try_recv() {
-                                if line.seq >= seen
-                                    && rank_filter.is_none_or(|rank| rank == line.line.rank)
-                                    && sender.send(Ok(line.line.clone())).await.is_err()
-                                {
+                                if !forward(&sender, &line, seen, rank_filter).await {
                                     return;
                                 }
                             }
@@ -202,6 +216,20 @@ impl JobControl for CoordinatorService {
             nodes: self.cluster.nodes().await,
         }))
     }
+}
+
+/// Sends a followed line unless it was already read from the file (`seq < seen`) or is of
+/// another rank; returns false when the follower went away.
+async fn forward(
+    sender: &mpsc::Sender<Result<LogLine, Status>>,
+    line: &SequencedLine,
+    seen: u64,
+    rank_filter: Option<u32>,
+) -> bool {
+    if line.seq < seen || rank_filter.is_some_and(|rank| rank != line.line.rank) {
+        return true;
+    }
+    sender.send(Ok(line.line.clone())).await.is_ok()
 }
 
 fn is_final(job: &JobInfo) -> bool {

@@ -49,7 +49,7 @@ fn marker(cut_bytes: usize) -> String {
 }
 
 /// The largest character boundary of `text` at or below `index`.
-fn floor_char_boundary(text: &str, index: usize) -> usize {
+pub fn floor_char_boundary(text: &str, index: usize) -> usize {
     let mut end = index.min(text.len());
     while !text.is_char_boundary(end) {
         end -= 1;

@@ -1,4 +1,5 @@
-//! The top-level job spec and its parsing.
+//! The top-level job spec, its `[resources]` and `[command]` sections and their rules (parsing
+//! is in [`mod@crate::parse`]).
 //!
 //! ```toml
 //! version = 1
@@ -15,9 +16,11 @@
 
 use std::collections::BTreeMap;
 
+use cohort_proto::env::{self as rank_env, torch};
+use cohort_proto::text::excerpt;
 use serde::{Deserialize, Serialize};
 
-use crate::problems::{Problem, Problems, SpecError};
+use crate::problems::{Problems, SpecError, field_key};
 use crate::train::{
     CheckpointSpec, DataSpec, ModelSpec, OptimizerSpec, ParallelSpec, ScheduleSpec,
 };
@@ -133,7 +136,9 @@ pub struct CommandSpec {
     /// Its arguments. Default none.
     #[serde(default)]
     pub args: Vec<String>,
-    /// Extra environment variables for every rank. Default none.
+    /// Extra environment variables for every rank; none may be one Cohort sets itself
+    /// ([`cohort_proto::env::is_managed`]: `COHORT_*`, `RANK`, `CUDA_VISIBLE_DEVICES`...).
+    /// Default none.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// Working directory of the rank processes. Default: the worker's working directory.
@@ -257,7 +262,8 @@ fn validate_name(name: &str, problems: &mut Problems) {
         problems.push(
             "name",
             format!(
-                "{name:?}, expected 1 to {MAX_NAME_LEN} characters of a-z, A-Z, 0-9, '-', '_' or '.'"
+                "{}, expected 1 to {MAX_NAME_LEN} characters of a-z, A-Z, 0-9, '-', '_' or '.'",
+                excerpt(name)
             ),
         );
     }
@@ -288,12 +294,14 @@ impl CommandSpec {
             );
         }
         for (key, value) in &self.env {
-            let path = format!("command.env.{key}");
+            let path = format!("command.env.{}", field_key(key));
             let valid_key = !key.is_empty()
                 && !key.starts_with(|c: char| c.is_ascii_digit())
                 && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
             if !valid_key {
                 problems.push(&path, "invalid name, expected letters, digits and '_'");
+            } else if let Some(why) = managed_variable(key) {
+                problems.push(&path, why);
             }
             check_string(&path, value, problems);
         }
@@ -313,6 +321,35 @@ impl CommandSpec {
     }
 }
 
+/// Why a job may not set the variable `name`, when Cohort manages it
+/// ([`cohort_proto::env::is_managed`]): a job's value would override a rank's place or its
+/// device allocation.
+fn managed_variable(name: &str) -> Option<&'static str> {
+    if !rank_env::is_managed(name) {
+        return None;
+    }
+    Some(match name {
+        torch::RANK
+        | torch::WORLD_SIZE
+        | torch::LOCAL_RANK
+        | torch::LOCAL_WORLD_SIZE
+        | torch::MASTER_ADDR
+        | torch::MASTER_PORT => {
+            "set by cohort for every rank (its place in the job), a job may not set it"
+        }
+        rank_env::CUDA_VISIBLE_DEVICES => {
+            "set by cohort for every rank (its device allocation), a job may not set it"
+        }
+        rank_env::NCCL_SOCKET_IFNAME => {
+            "set by cohort for ranks (the interface their collectives use), a job may not set it"
+        }
+        rank_env::OMP_NUM_THREADS | rank_env::RAYON_NUM_THREADS => {
+            "set by cohort for every rank (its cpu slots), a job may not set it"
+        }
+        _ => "reserved for cohort (every COHORT_* name is its own), a job may not set it",
+    })
+}
+
 fn check_string(path: &str, value: &str, problems: &mut Problems) {
     if value.len() > MAX_STRING_LEN {
         problems.push(
@@ -325,44 +362,10 @@ fn check_string(path: &str, value: &str, problems: &mut Problems) {
     }
 }
 
-/// Parses a job file and validates it, reporting every problem with its field path.
-pub fn parse(text: &str) -> Result<JobSpec, SpecError> {
-    if text.len() > MAX_SPEC_BYTES {
-        return Err(SpecError::Parse(Problem {
-            path: String::new(),
-            message: format!("{} bytes, expected at most {MAX_SPEC_BYTES}", text.len()),
-        }));
-    }
-    let deserializer = toml::Deserializer::parse(text).map_err(|error| {
-        SpecError::Parse(Problem {
-            path: String::new(),
-            message: one_line(&error.to_string()),
-        })
-    })?;
-    let spec: JobSpec = serde_path_to_error::deserialize(deserializer).map_err(|error| {
-        let path = error.path().to_string();
-        SpecError::Parse(Problem {
-            path: if path == "." { String::new() } else { path },
-            message: one_line(&error.into_inner().to_string()),
-        })
-    })?;
-    spec.validate()?;
-    Ok(spec)
-}
-
-/// Folds toml's multi-line diagnostics (which quote the source line) into one line.
-fn one_line(message: &str) -> String {
-    message
-        .lines()
-        .map(str::trim)
-        .filter(|line| !line.is_empty() && !line.chars().all(|c| "|^ ".contains(c)))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::parse::parse;
     use crate::problems::problem_strings;
 
     #[test]
@@ -468,5 +471,55 @@ stop_grace_s = -1.0
         let problems = problem_strings("version = = 1");
         assert_eq!(problems.len(), 1);
         assert!(!problems[0].contains('\n'));
+    }
+
+    #[test]
+    fn variables_cohort_manages_are_refused_naming_the_field() {
+        let with_env = |env: &str| HELLO.replace("[command]", &format!("[command]\nenv = {env}"));
+        let problems = problem_strings(&with_env(
+            "{ CUDA_VISIBLE_DEVICES = \"1\", RANK = \"0\", COHORT_FOO = \"x\", \
+             MASTER_PORT = \"1\", OMP_NUM_THREADS = \"64\" }",
+        ));
+        assert_eq!(problems.len(), 5, "{problems:?}");
+        assert!(
+            problems.contains(
+                &"command.env.CUDA_VISIBLE_DEVICES: set by cohort for every rank (its device \
+                  allocation), a job may not set it"
+                    .to_owned()
+            ),
+            "{problems:?}"
+        );
+        for name in ["RANK", "COHORT_FOO", "MASTER_PORT", "OMP_NUM_THREADS"] {
+            let path = format!("command.env.{name}: ");
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.starts_with(&path) && p.ends_with("a job may not set it")),
+                "{name} not in {problems:?}"
+            );
+        }
+        let spec = parse(&with_env(
+            "{ NCCL_DEBUG = \"INFO\", PYTHONPATH = \"/srv\", MY_RANK = \"1\" }",
+        ))
+        .unwrap();
+        assert_eq!(spec.command.unwrap().env.len(), 3);
+    }
+
+    #[test]
+    fn long_names_are_quoted_as_excerpts() {
+        let name = "n".repeat(5_000);
+        let problems = problem_strings(&HELLO.replace("\"hello\"", &format!("\"{name}\"")));
+        assert!(problems[0].starts_with("name: \"nnnn"), "{problems:?}");
+        assert!(problems[0].len() < 200, "{problems:?}");
+        let key = "1".repeat(5_000);
+        let problems = problem_strings(&HELLO.replace(
+            "[command]",
+            &format!("[command]\nenv = {{ {key} = \"x\" }}"),
+        ));
+        assert!(
+            problems[0].starts_with("command.env.\"1111"),
+            "{problems:?}"
+        );
+        assert!(problems[0].len() < 200, "{problems:?}");
     }
 }

@@ -45,15 +45,21 @@ pub struct TransformerShape {
 
 impl TransformerShape {
     /// Parameters of one block: attention (q, k, v, output projections with biases), the MLP
-    /// (width -> 4 width -> width) and two LayerNorms.
+    /// (width -> 4 width -> width) and two LayerNorms. Saturates instead of overflowing, like
+    /// every count here: validation computes them before refusing absurd shapes.
     pub fn block_parameters(&self) -> u64 {
         let width = u64::from(self.width);
-        12 * width * width + 13 * width
+        width
+            .saturating_mul(width)
+            .saturating_mul(12)
+            .saturating_add(13 * width)
     }
 
     /// Parameters outside the blocks on the first stage: token and position embeddings.
     pub fn embedding_parameters(&self, vocabulary: u64) -> u64 {
-        (vocabulary + u64::from(self.context)) * u64::from(self.width)
+        vocabulary
+            .saturating_add(u64::from(self.context))
+            .saturating_mul(u64::from(self.width))
     }
 
     /// Parameters outside the blocks on the last stage: the final LayerNorm and the head
@@ -63,9 +69,11 @@ impl TransformerShape {
         let weight = if self.tie_embeddings {
             0
         } else {
-            vocabulary * width
+            vocabulary.saturating_mul(width)
         };
-        2 * width + weight + vocabulary
+        (2 * width)
+            .saturating_add(weight)
+            .saturating_add(vocabulary)
     }
 
     /// Every parameter of the model for `vocabulary` tokens.
@@ -108,12 +116,12 @@ pub fn balanced_stage_layers(
         return Vec::new();
     }
     let weight = |stage: u32, blocks: u32| -> u64 {
-        let mut total = u64::from(blocks) * block;
+        let mut total = u64::from(blocks).saturating_mul(block);
         if stage == 0 {
-            total += first_extra;
+            total = total.saturating_add(first_extra);
         }
         if stage + 1 == stages {
-            total += last_extra;
+            total = total.saturating_add(last_extra);
         }
         total
     };
@@ -140,7 +148,7 @@ pub fn balanced_stage_layers(
     };
     let (mut low, mut high) = (
         0u64,
-        weight(0, layers).saturating_add(last_extra + first_extra),
+        weight(0, layers).saturating_add(last_extra.saturating_add(first_extra)),
     );
     while low < high {
         let middle = low + (high - low) / 2;
@@ -331,11 +339,15 @@ fn validate_mesh(
             || total != u64::from(shape.layers)
             || stage_layers.contains(&0)
         {
+            let found = if stage_layers.len() <= 16 {
+                format!("{stage_layers:?}")
+            } else {
+                format!("{} entries summing to {total}", stage_layers.len())
+            };
             problems.push(
                 "parallel.stage_layers",
                 format!(
-                    "{stage_layers:?}, expected {} entries of at least 1 summing to \
-                     model.layers = {}",
+                    "{found}, expected {} entries of at least 1 summing to model.layers = {}",
                     parallel.pipeline, shape.layers
                 ),
             );
@@ -429,7 +441,7 @@ fn validate_parameter_server(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::parse;
+    use crate::parse::parse;
     use crate::problems::problem_strings;
 
     fn transformer_job(parallel: &str) -> String {

@@ -5,7 +5,9 @@
 //! problem with its field path (`resources.ranks: 0, expected 1 to 4096`) instead of stopping at
 //! the first.
 //!
-//! - [`job`]: the top-level [`JobSpec`], its `[resources]` and `[command]` sections, and parsing.
+//! - [`job`]: the top-level [`JobSpec`] and its `[resources]` and `[command]` sections.
+//! - [`mod@parse`]: from text to a validated [`JobSpec`], toml's and serde's errors turned into
+//!   bounded problems that name the field.
 //! - [`train`]: the sections of a `kind = "train"` job (`[model]`, `[data]`, `[optimizer]`,
 //!   `[schedule]`, `[parallel]`, `[checkpoint]`).
 //! - [`layout`]: the rules across training sections (model and data set, transformer meshes,
@@ -13,16 +15,19 @@
 //! - [`parallel`]: `[parallel]`, the mesh of replicas, stages and shards and the gradient
 //!   exchange (all-reduce or parameter servers).
 //! - [`precision`]: `[train]`, the compute and gradient-exchange formats and fp16 loss scaling.
-//! - [`problems`]: [`Problems`], the list of field-path errors validation produces.
+//! - [`problems`]: [`Problems`], the list of field-path errors validation produces, each bounded
+//!   so that no error quotes more than a short excerpt of the input.
 
 pub mod job;
 pub mod layout;
 pub mod parallel;
+pub mod parse;
 pub mod precision;
 pub mod problems;
 pub mod train;
 
-pub use job::{CommandSpec, DeviceKind, JobKind, JobSpec, MAX_SPEC_BYTES, Resources, parse};
+pub use job::{CommandSpec, DeviceKind, JobKind, JobSpec, MAX_SPEC_BYTES, Resources};
+pub use parse::parse;
 pub use problems::{Problem, Problems, SpecError};
 
 /// The only job-file format version this build understands.

@@ -207,7 +207,9 @@ impl ParallelSpec {
                 MAX_MICRO_BATCHES,
             );
         }
-        let ranks = u64::from(self.data) * u64::from(self.pipeline) * u64::from(self.tensor);
+        let ranks = u64::from(self.data)
+            .saturating_mul(u64::from(self.pipeline))
+            .saturating_mul(u64::from(self.tensor));
         if ranks > u64::from(MAX_RANKS) {
             problems.push(
                 "parallel",

@@ -172,7 +172,7 @@ impl TrainSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::parse;
+    use crate::parse::parse;
     use crate::problems::problem_strings;
 
     #[test]

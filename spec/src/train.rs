@@ -30,6 +30,9 @@
 //! Every section is optional and every field has a default, so `kind = "train"` alone trains
 //! the default MLP with AdamW on one rank.
 
+use std::path::Component;
+
+use cohort_proto::text::excerpt;
 use serde::{Deserialize, Serialize};
 
 use crate::job::{JobSpec, MAX_STRING_LEN};
@@ -595,8 +598,9 @@ pub struct CheckpointSpec {
     /// model weights, optimizer state and step are restored; a relative path is resolved
     /// against the job's output directory. Default: start from scratch.
     pub resume_from: Option<String>,
-    /// Directory checkpoints are written to; a relative path is resolved against the job's
-    /// output directory. Default `"checkpoints"`.
+    /// Directory checkpoints are written to, relative to the job's output directory and inside
+    /// it: an absolute path or a `..` component is refused, so that a job writes only under
+    /// its own outputs. Default `"checkpoints"`.
     pub directory: String,
 }
 
@@ -619,6 +623,31 @@ impl CheckpointSpec {
             check_path("checkpoint.resume_from", resume_from, problems);
         }
         check_path("checkpoint.directory", &self.directory, problems);
+        check_inside_output("checkpoint.directory", &self.directory, problems);
+    }
+}
+
+/// Records a problem unless `value` is a relative path that stays inside the job's output
+/// directory: no root (`/etc/cron.d`) and no `..` component (`../other-job`).
+fn check_inside_output(path: &str, value: &str, problems: &mut Problems) {
+    let components = || std::path::Path::new(value).components();
+    if components().any(|c| matches!(c, Component::RootDir | Component::Prefix(_))) {
+        problems.push(
+            path,
+            format!(
+                "{} is absolute, expected a path relative to the job's output directory",
+                excerpt(value)
+            ),
+        );
+    } else if components().any(|c| c == Component::ParentDir) {
+        problems.push(
+            path,
+            format!(
+                "{} has a \"..\" component, expected a path that stays inside the job's output \
+                 directory",
+                excerpt(value)
+            ),
+        );
     }
 }
 
@@ -667,7 +696,7 @@ pub fn validate(spec: &JobSpec, problems: &mut Problems) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::parse;
+    use crate::parse::parse;
     use crate::problems::problem_strings;
 
     #[test]
@@ -729,6 +758,42 @@ directory = "out"
         assert_eq!(spec.schedule.unwrap().max_steps, Some(5000));
         assert_eq!(spec.model.unwrap().seed, 7);
         assert_eq!(spec.checkpoint.unwrap().directory, "out");
+    }
+
+    #[test]
+    fn the_checkpoint_directory_stays_inside_the_output_directory() {
+        let with_directory =
+            |directory: &str| format!("version = 1\nkind = \"train\"\n[checkpoint]\n{directory}\n");
+        let problems = problem_strings(&with_directory("directory = \"/etc/cron.d\""));
+        assert_eq!(
+            problems,
+            [
+                "checkpoint.directory: \"/etc/cron.d\" is absolute, expected a path relative to the \
+              job's output directory"
+            ]
+        );
+        for escape in ["../other-job", "runs/../../x", "a/.."] {
+            let problems = problem_strings(&with_directory(&format!("directory = \"{escape}\"")));
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(
+                problems[0]
+                    .starts_with(&format!("checkpoint.directory: \"{escape}\" has a \"..\"")),
+                "{problems:?}"
+            );
+        }
+        for inside in ["checkpoints", "./runs/a", "a/b/", "."] {
+            let spec = parse(&with_directory(&format!("directory = \"{inside}\""))).unwrap();
+            assert_eq!(spec.checkpoint.unwrap().directory, inside);
+        }
+        // Resuming from another job's checkpoint and a shared data set stay possible.
+        parse(&with_directory(
+            "resume_from = \"/runs/old/step-00000500\"\n[data]\npath = \"/data/fashion\"",
+        ))
+        .unwrap();
+        parse(&with_directory(
+            "resume_from = \"../other/checkpoints/step-00000500\"",
+        ))
+        .unwrap();
     }
 
     #[test]

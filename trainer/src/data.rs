@@ -212,34 +212,46 @@ pub fn find_dataset_directory(dataset: DatasetKind, candidates: &[PathBuf]) -> R
 }
 
 /// Finds `spec`'s data set (see [`candidate_directories`], using `$COHORT_DATA`) and loads both
-/// splits.
+/// splits. A `data.path` is read as is, so that a missing or unreadable file is reported with
+/// the operating system's reason rather than as a fruitless search.
 pub fn load(spec: &DataSpec) -> Result<TrainTestSplits> {
     let cohort_data = std::env::var_os(DATA_ENVIRONMENT_VARIABLE);
-    let candidates = candidate_directories(spec, cohort_data.as_deref());
-    let directory = find_dataset_directory(spec.dataset, &candidates)?;
+    let directory = dataset_directory(spec, cohort_data.as_deref())?;
     tracing::info!(directory = %directory.display(), "loading data set");
     load_directory(&directory)
 }
 
-/// Loads the four Fashion-MNIST files from `directory`.
-pub fn load_directory(directory: &Path) -> Result<TrainTestSplits> {
-    Ok(TrainTestSplits {
-        train: load_split(directory, TRAIN_IMAGES, TRAIN_LABELS)?,
-        test: load_split(directory, TEST_IMAGES, TEST_LABELS)?,
+/// Returns the directory [`load`] reads `spec`'s data set from, given the value of
+/// `$COHORT_DATA`: `data.path` as is when given, else the first of the usual places
+/// ([`candidate_directories`]) holding the four files.
+pub fn dataset_directory(spec: &DataSpec, cohort_data: Option<&OsStr>) -> Result<PathBuf> {
+    match &spec.path {
+        Some(path) => Ok(PathBuf::from(path)),
+        None => find_dataset_directory(spec.dataset, &candidate_directories(spec, cohort_data)),
+    }
+}
+
+/// Returns the files of Fashion-MNIST in `directory` that [`load_directory`] reads: training
+/// images and labels, then test images and labels. Each is the gzipped file when present, else
+/// the plain one when present, else the gzipped name (absent, so that opening it says why).
+pub fn dataset_files(directory: &Path) -> [PathBuf; 4] {
+    [TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS].map(|name| {
+        find_file(directory, name).unwrap_or_else(|| directory.join(format!("{name}.gz")))
     })
 }
 
-fn load_split(directory: &Path, images_name: &str, labels_name: &str) -> Result<Dataset> {
-    let locate = |name: &str| {
-        find_file(directory, name).ok_or_else(|| TrainerError::DataRead {
-            path: directory.join(format!("{name}.gz")),
-            source: std::io::ErrorKind::NotFound.into(),
-        })
-    };
-    let images_path = locate(images_name)?;
-    let labels_path = locate(labels_name)?;
-    let images = read_idx_file(&images_path, 3)?;
-    let labels = read_idx_file(&labels_path, 1)?;
+/// Loads the four Fashion-MNIST files from `directory`.
+pub fn load_directory(directory: &Path) -> Result<TrainTestSplits> {
+    let [train_images, train_labels, test_images, test_labels] = dataset_files(directory);
+    Ok(TrainTestSplits {
+        train: load_split(&train_images, &train_labels)?,
+        test: load_split(&test_images, &test_labels)?,
+    })
+}
+
+fn load_split(images_path: &Path, labels_path: &Path) -> Result<Dataset> {
+    let images = read_idx_file(images_path, 3)?;
+    let labels = read_idx_file(labels_path, 1)?;
     let (count, rows, columns) = (
         images.dimensions[0],
         images.dimensions[1],
@@ -247,7 +259,7 @@ fn load_split(directory: &Path, images_name: &str, labels_name: &str) -> Result<
     );
     if labels.dimensions[0] != count {
         return Err(TrainerError::DataFormat {
-            path: labels_path,
+            path: labels_path.to_owned(),
             message: format!(
                 "{} labels, expected {count} to match {}",
                 labels.dimensions[0],
@@ -257,7 +269,7 @@ fn load_split(directory: &Path, images_name: &str, labels_name: &str) -> Result<
     }
     Dataset::new(images.data, labels.data, rows, columns, 10).map_err(|error| {
         TrainerError::DataFormat {
-            path: labels_path,
+            path: labels_path.to_owned(),
             message: error.to_string(),
         }
     })
@@ -369,6 +381,39 @@ mod tests {
         assert_eq!(splits.test.len(), 12);
         assert_eq!(splits.train.image_shape(), (2, 2));
         assert_eq!(splits.test.label(11), Some(1));
+    }
+
+    #[test]
+    fn a_given_path_is_read_as_is_and_a_missing_file_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        write_fake_dataset(dir.path(), 3, 2);
+        std::fs::rename(
+            dir.path().join(TRAIN_IMAGES),
+            dir.path().join(format!("{TRAIN_IMAGES}.gz")),
+        )
+        .unwrap();
+        assert_eq!(
+            dataset_files(dir.path()),
+            [
+                dir.path().join(format!("{TRAIN_IMAGES}.gz")),
+                dir.path().join(TRAIN_LABELS),
+                dir.path().join(TEST_IMAGES),
+                dir.path().join(TEST_LABELS),
+            ]
+        );
+        let missing = dir.path().join("missing");
+        let spec = DataSpec {
+            path: Some(missing.display().to_string()),
+            ..DataSpec::default()
+        };
+        let message = load(&spec).unwrap_err().to_string();
+        assert_eq!(
+            message,
+            format!(
+                "data file {}: No such file or directory (os error 2)",
+                missing.join("train-images-idx3-ubyte.gz").display()
+            )
+        );
     }
 
     #[test]

@@ -214,20 +214,33 @@ pub fn cache_directory() -> Option<PathBuf> {
     Some(base.join("cohort").join("shakespeare"))
 }
 
-/// Finds and loads the corpus of `spec`.
+/// Finds and loads the corpus of `spec`. A `data.path` is read as is, so that a missing or
+/// unreadable file is reported with the operating system's reason.
 pub fn load(spec: &DataSpec) -> Result<TextCorpus> {
     let cohort_data = std::env::var_os(DATA_ENVIRONMENT_VARIABLE);
-    let candidates = candidate_files(spec, cohort_data.as_deref());
-    let path = candidates
+    load_file(&corpus_file(spec, cohort_data.as_deref())?)
+}
+
+/// Returns the file [`load`] reads, given the value of `$COHORT_DATA`: the one `data.path`
+/// names as is when given, else the first of the usual places ([`candidate_files`]) holding
+/// the corpus.
+pub fn corpus_file(spec: &DataSpec, cohort_data: Option<&OsStr>) -> Result<PathBuf> {
+    let candidates = candidate_files(spec, cohort_data);
+    if spec.path.is_some()
+        && let [path] = candidates.as_slice()
+    {
+        return Ok(path.clone());
+    }
+    candidates
         .iter()
         .find(|path| path.is_file())
+        .cloned()
         .ok_or_else(|| TrainerError::DatasetNotFound {
             dataset: format!(
                 "shakespeare (run scripts/fetch-shakespeare.sh, or set ${DATA_ENVIRONMENT_VARIABLE})"
             ),
-            looked_in: candidates.clone(),
-        })?;
-    load_file(path)
+            looked_in: candidates,
+        })
 }
 
 /// Loads the corpus from `path`.
@@ -308,6 +321,23 @@ mod tests {
         assert_eq!(
             candidate_files(&spec, None),
             [PathBuf::from("/data/plays.txt")]
+        );
+    }
+
+    #[test]
+    fn a_missing_given_path_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = DataSpec {
+            path: Some(dir.path().join("texts").display().to_string()),
+            ..DataSpec::default()
+        };
+        let message = load(&spec).unwrap_err().to_string();
+        assert_eq!(
+            message,
+            format!(
+                "data file {}: No such file or directory (os error 2)",
+                dir.path().join("texts").join(SHAKESPEARE_FILE).display()
+            )
         );
     }
 

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use cohort_proto::NodeId;
 
+use crate::error::{Error, Result};
+
 /// How the worker runs. Built by the CLI from flags; tests build it directly.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -22,6 +24,37 @@ pub struct WorkerConfig {
     /// The `cohort` executable that ranks of `kind = "train"` jobs run. Default: the running
     /// executable.
     pub cohort_executable: PathBuf,
+    /// Directory where the worker records its ranks until nothing of them runs, so that a
+    /// worker restarted after a crash kills what the old one left. One per worker: a second
+    /// worker on the same directory refuses to start. Default: [`default_state_dir`].
+    pub state_dir: PathBuf,
+}
+
+/// The default state directory of node `node_id`: `$XDG_STATE_HOME/cohort/worker-<node id>`,
+/// else `~/.local/state/cohort/worker-<node id>`.
+pub fn default_state_dir(node_id: &NodeId) -> Result<PathBuf> {
+    Ok(state_root()?.join(format!("worker-{node_id}")))
+}
+
+/// Where Cohort keeps state by default: `$XDG_STATE_HOME/cohort`, else
+/// `~/.local/state/cohort`. An error when neither variable is set (or is a relative path, which
+/// the XDG specification says to ignore).
+pub fn state_root() -> Result<PathBuf> {
+    let absolute = |name: &str| {
+        std::env::var_os(name)
+            .map(PathBuf::from)
+            .filter(|path| path.is_absolute())
+    };
+    if let Some(state_home) = absolute("XDG_STATE_HOME") {
+        return Ok(state_home.join("cohort"));
+    }
+    match absolute("HOME") {
+        Some(home) => Ok(home.join(".local/state/cohort")),
+        None => Err(Error::Config(
+            "no state directory: neither $XDG_STATE_HOME nor $HOME is an absolute path; pass --state-dir"
+                .to_owned(),
+        )),
+    }
 }
 
 /// Returns the host name, or `localhost` when it cannot be read.

@@ -34,7 +34,13 @@ pub enum Error {
     /// GPUs were asked for, but the CUDA driver library could not be loaded.
     #[error("no CUDA driver found (libcuda.so could not be loaded)")]
     NoCudaDriver,
-    /// A rank process could not be started or controlled.
+    /// Another live worker holds the state directory.
+    #[error(
+        "state directory {0} is in use by another worker: give each worker on a machine its own --state-dir"
+    )]
+    StateDirInUse(std::path::PathBuf),
+    /// A rank process could not be started or controlled, or the state directory could not
+    /// be read or written.
     #[error("{context}: {source}")]
     Io {
         /// What was being done.

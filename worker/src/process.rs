@@ -1,7 +1,10 @@
-//! Operating-system side of a rank: spawning it in its own process group, signalling that
-//! group, and reading its output line by line with a bound on line length.
+//! Operating-system side of a rank's main process: spawning it in its own process group (and,
+//! under cgroup containment, in its cgroup), signalling that group, and reading its output line
+//! by line with a bound on line length. Containing the whole tree is
+//! [`crate::containment`]'s job.
 
 use std::collections::HashMap;
+use std::ffi::CStr;
 use std::path::Path;
 use std::process::Stdio;
 
@@ -25,9 +28,10 @@ pub struct Launch<'a> {
 }
 
 /// Starts the process in a new process group (so that stopping it reaches every process it
-/// started) with piped stdout and stderr. On Linux the process also gets SIGKILL if the worker
-/// dies, so a killed worker leaves no rank behind.
-pub fn spawn(launch: &Launch<'_>) -> Result<Child> {
+/// started) with piped stdout and stderr. With `cgroup_procs` (a cgroup's `cgroup.procs`), the
+/// process joins that cgroup before it executes the program, so all it ever starts is born
+/// inside. On Linux the process also gets SIGKILL if the worker dies.
+pub fn spawn(launch: &Launch<'_>, cgroup_procs: Option<&CStr>) -> Result<Child> {
     let (program, args) = launch
         .argv
         .split_first()
@@ -44,6 +48,14 @@ pub fn spawn(launch: &Launch<'_>) -> Result<Child> {
     if let Some(dir) = launch.working_dir {
         command.current_dir(dir);
     }
+    if let Some(procs) = cgroup_procs {
+        let procs = procs.to_owned();
+        // SAFETY: the hook only opens, writes and closes (async-signal-safe) on a path
+        // allocated before the fork.
+        unsafe {
+            command.pre_exec(move || crate::containment::cgroup::enter(&procs));
+        }
+    }
     die_with_parent(&mut command);
     command.spawn().map_err(|source| Error::Io {
         context: format!("starting {program:?}"),
@@ -52,17 +64,24 @@ pub fn spawn(launch: &Launch<'_>) -> Result<Child> {
 }
 
 /// Makes the child receive SIGKILL when the process that spawned it dies (Linux; elsewhere a
-/// no-op), so a killed daemon leaves no child behind.
+/// no-op). A parent that died before the child set this up makes the child exit at once.
 pub fn die_with_parent(command: &mut Command) {
     #[cfg(target_os = "linux")]
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+    {
+        let parent = std::process::id();
+        // SAFETY: prctl and getppid are async-signal-safe and touch no memory of the parent.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() as u32 != parent {
+                    // The parent died between fork and prctl: no signal will come.
+                    libc::_exit(137);
+                }
+                Ok(())
+            });
+        }
     }
     #[cfg(not(target_os = "linux"))]
     let _ = command;
@@ -167,11 +186,14 @@ mod tests {
             "sleep 600 & sleep 600; wait".to_owned(),
         ];
         let env = HashMap::new();
-        let mut child = spawn(&Launch {
-            argv: &argv,
-            env: &env,
-            working_dir: None,
-        })
+        let mut child = spawn(
+            &Launch {
+                argv: &argv,
+                env: &env,
+                working_dir: None,
+            },
+            None,
+        )
         .unwrap();
         let pid = child.id().unwrap();
         signal_group(pid, libc::SIGKILL);
@@ -211,11 +233,14 @@ mod tests {
     #[test]
     fn empty_command_is_an_error() {
         let env = HashMap::new();
-        let error = spawn(&Launch {
-            argv: &[],
-            env: &env,
-            working_dir: None,
-        })
+        let error = spawn(
+            &Launch {
+                argv: &[],
+                env: &env,
+                working_dir: None,
+            },
+            None,
+        )
         .unwrap_err();
         assert!(error.to_string().contains("empty"));
     }

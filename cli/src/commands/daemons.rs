@@ -55,8 +55,20 @@ pub fn coordinator_config(settings: &ClusterSettings) -> Result<CoordinatorConfi
         heartbeat_interval,
         heartbeat_deadline,
         restart_grace: heartbeat_deadline,
+        max_queued_jobs: positive("max-queued-jobs", settings.max_queued_jobs)?,
+        max_queued_jobs_per_submitter: positive(
+            "max-queued-jobs-per-submitter",
+            settings.max_queued_jobs_per_submitter,
+        )?,
         ..defaults
     })
+}
+
+fn positive(flag: &str, value: usize) -> Result<usize> {
+    if value == 0 {
+        bail!("--{flag} = 0, expected at least 1");
+    }
+    Ok(value)
 }
 
 /// Opens the store the flags name and binds the listener.
@@ -131,8 +143,14 @@ pub async fn worker(args: WorkerDaemonArgs) -> Result<ExitCode> {
         Some(slots) => slots,
         None => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
     };
+    let state_dir = match &args.state_dir {
+        Some(dir) => std::path::absolute(dir)
+            .with_context(|| format!("state directory {}", dir.display()))?,
+        None => cohort_worker::config::default_state_dir(&node_id)?,
+    };
     let config = WorkerConfig {
         coordinator: args.coordinator,
+        state_dir,
         node_id,
         advertise_address: args.advertise_address,
         cpu_slots,

@@ -30,17 +30,16 @@ pub fn read_spec(path: &std::path::Path) -> Result<String> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading job file {}", path.display()))?;
     if let Err(error) = cohort_spec::parse(&text) {
-        let problems = error.problems();
-        let listed = problems
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("; ");
+        let count = error.problems().len();
+        // The spec error lists its first problems, each bounded, and counts the rest.
+        let listed = match &error {
+            cohort_spec::SpecError::Parse(problem) => problem.to_string(),
+            cohort_spec::SpecError::Invalid(problems) => problems.to_string(),
+        };
         bail!(
-            "job file {}: {} problem{}: {listed}",
+            "job file {}: {count} problem{}: {listed}",
             path.display(),
-            problems.len(),
-            if problems.len() == 1 { "" } else { "s" }
+            if count == 1 { "" } else { "s" }
         );
     }
     Ok(text)

@@ -36,6 +36,7 @@ pub fn job(job: &JobInfo) -> Value {
         "state": render::job_state(job.state()),
         "reason": job.reason,
         "priority": job.priority,
+        "submitter": job.submitter,
         "ranks": job.ranks,
         "devices_per_rank": job.devices_per_rank,
         "device": kind(job.device_kind),

@@ -1,8 +1,16 @@
 //! The entry point of processes that run as ranks of a job: `cohort rank` (Cohort's training
-//! runtime, or one of a job's parameter servers) and the benchmark ranks. Each reads its place from the environment, reaches the
-//! job's rendezvous store through the coordinator, and joins a communicator.
+//! runtime, or one of a job's parameter servers) and the benchmark ranks. Each reads its place
+//! from the environment, reaches the job's rendezvous store through the coordinator, and joins
+//! a communicator; `cohort rank` first checks that it can read its inputs.
+//!
+//! - [`env`]: the rank's place in its job, from the environment its worker gave it.
+//! - [`inputs`]: the data set and the checkpoint being resumed, checked before joining.
+//! - [`train`]: `cohort rank` itself; [`parameter_server`]: its parameter-server role.
+//! - [`metrics`]: forwarding training metrics to the coordinator.
+//! - [`store`]: the rendezvous store over gRPC.
 
 pub mod env;
+pub mod inputs;
 pub mod metrics;
 pub mod parameter_server;
 pub mod store;

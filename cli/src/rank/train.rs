@@ -1,5 +1,6 @@
 //! `cohort rank`: one process of a `kind = "train"` job. Reads its place from the environment,
-//! fetches the job spec from the coordinator, and either serves a parameter-server shard or
+//! fetches the job spec from the coordinator, checks that it can read its data set and the
+//! checkpoint it resumes from ([`super::inputs`]), and either serves a parameter-server shard or
 //! trains: loads the data, joins the data-parallel ring (or reaches the job's parameter
 //! servers) and trains on this (plain, non-async) thread, reporting metrics as it goes. A rank
 //! of a `[resources] device = "gpu"` job computes on the CUDA device its worker named.
@@ -21,7 +22,7 @@ use cohort_trainer::mesh::{MeshShape, connect_mesh};
 use cohort_trainer::{ComputeDevice, ParameterServerLink, TrainConfig, TrainOutcome};
 
 use super::env::Role;
-use super::{RankLink, parameter_server};
+use super::{RankLink, inputs, parameter_server};
 use crate::client;
 
 /// How long a rank waits for the job's parameter servers to publish their addresses.
@@ -46,6 +47,9 @@ pub fn run() -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("cohort-output").join(&env.job_id));
     let mut config = TrainConfig::from_job_spec(&spec, output_directory);
+    // Before joining anything: a rank that cannot read its data or checkpoint says which and
+    // why, in one line, rather than failing its peers later.
+    inputs::check(&config, env.role, env.rank)?;
     if let Role::ParameterServer { shard, shards } = env.role {
         return parameter_server::serve(&link, &config, shard, shards);
     }

@@ -1,24 +1,42 @@
 //! Job operations: submission, cancellation, inspection, metrics, and job outcomes decided from
 //! rank reports.
 
-use cohort_proto::v1::{JobInfo, RankReport};
+use cohort_proto::v1::JobInfo;
 use cohort_proto::{JobId, NodeId};
-use tracing::{info, instrument};
+use tracing::{info, instrument, warn};
 
-use super::{Cluster, JobEntry, State};
-use crate::convert;
+use super::{Cluster, JobSlot, LiveJob, State};
+use crate::convert::{self, RankReport};
 use crate::error::{Error, Result};
 use crate::lifecycle::JobState;
-use crate::model::{JobRecord, MetricsRecord, ProcessRole, RankRecord, RankState, now_ms};
+use crate::limits::{DEFAULT_LIST_PAGE, MAX_LIST_PAGE};
+use crate::model::{
+    JobRecord, MetricsRecord, ProcessRole, RankRecord, RankState, StopCause, now_ms,
+};
 use crate::placement::{self, QueuedJob};
 
+/// One page of the job listing.
+pub struct JobPage {
+    /// Summaries, oldest first.
+    pub jobs: Vec<JobInfo>,
+    /// Where the next page starts; empty after the last page.
+    pub next_page_token: String,
+}
+
 impl Cluster {
-    /// Validates a spec, refuses a job that could never fit (unless `wait_for_resources`),
-    /// stores it as queued and wakes the scheduler.
+    /// Validates a spec, refuses it when the queue is full (in all, or for its submitter) or
+    /// when it could never fit (unless `wait_for_resources`), stores it as queued and wakes the
+    /// scheduler.
     #[instrument(skip(self, spec_toml))]
-    pub async fn submit(&self, spec_toml: String, wait_for_resources: bool) -> Result<JobInfo> {
+    pub async fn submit(
+        &self,
+        spec_toml: String,
+        wait_for_resources: bool,
+        submitter: String,
+    ) -> Result<JobInfo> {
         let spec = cohort_spec::parse(&spec_toml)?;
         let mut state = self.state.lock().await;
+        self.check_queue_room(&state, &submitter)?;
         let queued = QueuedJob {
             job_id: JobId::new("candidate")?,
             priority: spec.priority,
@@ -49,6 +67,7 @@ impl Cluster {
             devices_per_rank: spec.resources.devices_per_rank,
             device_kind: spec.resources.device,
             wait_for_resources,
+            submitter,
             state: JobState::Queued,
             reason: String::new(),
             blamed_rank: None,
@@ -60,36 +79,107 @@ impl Cluster {
             metrics: Default::default(),
         };
         self.store.put_job(&record).await?;
+        self.logs.track(&id)?;
         info!(job_id = %id, ranks = record.ranks, priority = record.priority, "job queued");
-        let entry = JobEntry {
+        let job = LiveJob {
             record,
             spec,
             recovery: None,
         };
-        self.publish(&entry);
-        let info = convert::job_info(&entry.record);
-        state.jobs.insert(id, entry);
+        self.publish(&job);
+        let info = convert::job_info(&job.record);
+        state.jobs.insert(seq, JobSlot::Live(Box::new(job)));
         drop(state);
         self.wake.notify_one();
         Ok(info)
     }
 
-    /// Returns one job.
-    pub async fn job(&self, job_id: &JobId) -> Result<JobInfo> {
-        let state = self.state.lock().await;
-        state
-            .jobs
-            .get(job_id)
-            .map(|entry| convert::job_info(&entry.record))
-            .ok_or_else(|| Error::JobNotFound(job_id.to_string()))
+    /// Refuses a submission when the queue holds its most jobs, in all or for `submitter`.
+    fn check_queue_room(&self, state: &State, submitter: &str) -> Result<()> {
+        let (mut queued, mut theirs) = (0usize, 0usize);
+        for job in state
+            .live_jobs()
+            .filter(|job| job.record.state == JobState::Queued)
+        {
+            queued += 1;
+            theirs += usize::from(job.record.submitter == submitter);
+        }
+        if queued >= self.config.max_queued_jobs {
+            return Err(Error::ResourceExhausted(format!(
+                "the queue holds {queued} jobs, the cluster's limit (--max-queued-jobs {}); \
+                 submit again when some have started",
+                self.config.max_queued_jobs
+            )));
+        }
+        if theirs >= self.config.max_queued_jobs_per_submitter {
+            return Err(Error::ResourceExhausted(format!(
+                "submitter {submitter} has {theirs} jobs queued, the limit per submitter \
+                 (--max-queued-jobs-per-submitter {}); submit again when some have started",
+                self.config.max_queued_jobs_per_submitter
+            )));
+        }
+        Ok(())
     }
 
-    /// Returns every job, oldest first.
-    pub async fn jobs(&self) -> Vec<JobInfo> {
+    /// Returns one job: a live job from memory, a retired one read back from the store.
+    pub async fn job(&self, job_id: &JobId) -> Result<JobInfo> {
+        {
+            let state = self.state.lock().await;
+            match state.slot(job_id) {
+                Some(JobSlot::Live(job)) => return Ok(convert::job_info(&job.record)),
+                Some(JobSlot::Retired(_)) => {}
+                None => return Err(Error::JobNotFound(job_id.to_string())),
+            }
+        }
+        match self.store.get_job(job_id).await? {
+            Some(record) => Ok(convert::job_info(&record)),
+            None => Err(Error::Store(format!(
+                "job {job_id} is listed but its record is missing from the store"
+            ))),
+        }
+    }
+
+    /// Returns one page of job summaries, oldest first: at most `page_size` jobs (0: the
+    /// default) submitted after the job `page_token` names (empty: from the first).
+    pub async fn jobs(&self, page_size: u32, page_token: &str) -> Result<JobPage> {
+        let size = match page_size as usize {
+            0 => DEFAULT_LIST_PAGE,
+            size if size <= MAX_LIST_PAGE => size,
+            size => {
+                return Err(Error::InvalidArgument(format!(
+                    "page_size = {size}, expected at most {MAX_LIST_PAGE}"
+                )));
+            }
+        };
+        let after = match page_token {
+            "" => 0,
+            token => token.parse::<u64>().map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "page_token {}, expected a token from an earlier page",
+                    cohort_proto::text::excerpt(token)
+                ))
+            })?,
+        };
         let state = self.state.lock().await;
-        let mut jobs: Vec<_> = state.jobs.values().map(|e| &e.record).collect();
-        jobs.sort_by_key(|record| record.seq);
-        jobs.into_iter().map(convert::job_info).collect()
+        let mut jobs = Vec::with_capacity(size.min(state.jobs.len()));
+        let mut last = None;
+        for (&seq, slot) in state.jobs.range(after.saturating_add(1)..).take(size) {
+            jobs.push(match slot {
+                JobSlot::Live(job) => {
+                    convert::job_summary_info(&crate::model::JobSummary::of(&job.record))
+                }
+                JobSlot::Retired(summary) => convert::job_summary_info(summary),
+            });
+            last = Some(seq);
+        }
+        let more = last.is_some_and(|last| state.jobs.range(last + 1..).next().is_some());
+        Ok(JobPage {
+            jobs,
+            next_page_token: match (more, last) {
+                (true, Some(last)) => last.to_string(),
+                _ => String::new(),
+            },
+        })
     }
 
     /// Cancels a job that has not ended: marks it cancelled and stops its ranks (SIGTERM, then
@@ -97,14 +187,15 @@ impl Cluster {
     #[instrument(skip(self), fields(%job_id))]
     pub async fn cancel(&self, job_id: &JobId) -> Result<JobInfo> {
         let mut state = self.state.lock().await;
-        let entry = state
-            .jobs
-            .get(job_id)
-            .ok_or_else(|| Error::JobNotFound(job_id.to_string()))?;
-        if entry.record.state.is_terminal() {
+        let ended = match state.slot(job_id) {
+            None => return Err(Error::JobNotFound(job_id.to_string())),
+            Some(JobSlot::Retired(summary)) => Some(summary.state),
+            Some(JobSlot::Live(job)) => job.record.state.is_terminal().then_some(job.record.state),
+        };
+        if let Some(ended) = ended {
             return Err(Error::FailedPrecondition(format!(
                 "job {job_id} already {}",
-                entry.record.state.name()
+                ended.name()
             )));
         }
         self.finish_job(
@@ -114,11 +205,17 @@ impl Cluster {
             "cancelled by user".to_owned(),
         )
         .await?;
-        Ok(convert::job_info(&state.jobs[job_id].record))
+        match state.slot(job_id) {
+            Some(JobSlot::Live(job)) => Ok(convert::job_info(&job.record)),
+            _ => {
+                drop(state);
+                self.job(job_id).await
+            }
+        }
     }
 
-    /// Records a rank's latest metrics and publishes them to watchers. Kept in memory and
-    /// persisted with the job's next change.
+    /// Records a rank's latest metrics and tells watchers. Kept in memory and persisted with
+    /// the job's next change.
     pub async fn report_metrics(
         &self,
         job_id: &JobId,
@@ -126,24 +223,24 @@ impl Cluster {
         rank: u32,
     ) -> Result<()> {
         let mut state = self.state.lock().await;
-        let entry = state
-            .jobs
-            .get_mut(job_id)
-            .ok_or_else(|| Error::JobNotFound(job_id.to_string()))?;
-        if rank >= entry.record.ranks {
+        let Some(job) = state.live_mut(job_id) else {
+            return Err(not_running(&state, job_id));
+        };
+        if rank >= job.spec.ranks() {
             return Err(Error::InvalidArgument(format!(
                 "metrics.rank = {rank}, expected below the job's {} ranks",
-                entry.record.ranks
+                job.spec.ranks()
             )));
         }
-        if !entry.record.state.holds_devices() {
+        if !job.record.state.holds_devices() {
             return Err(Error::FailedPrecondition(format!(
                 "job {job_id} is {}, not running",
-                entry.record.state.name()
+                job.record.state.name()
             )));
         }
-        entry.record.metrics.insert(rank, metrics);
-        self.publish(entry);
+        job.record.metrics.insert(rank, metrics);
+        let job: &LiveJob = job;
+        self.publish(job);
         Ok(())
     }
 
@@ -164,11 +261,10 @@ impl Cluster {
         if !registered {
             return Err(Error::UnknownSession(node_id.to_string()));
         }
-        let entry = state
-            .jobs
-            .get(job_id)
-            .ok_or_else(|| Error::JobNotFound(job_id.to_string()))?;
-        if entry
+        let Some(job) = state.live(job_id) else {
+            return Err(not_running(&state, job_id));
+        };
+        if job
             .record
             .placement
             .iter()
@@ -185,23 +281,19 @@ impl Cluster {
     /// Checks that a job exists and is placed, for rendezvous calls.
     pub async fn check_live(&self, job_id: &JobId) -> Result<()> {
         let state = self.state.lock().await;
-        let entry = state
-            .jobs
-            .get(job_id)
-            .ok_or_else(|| Error::JobNotFound(job_id.to_string()))?;
-        if entry.record.state.holds_devices() {
-            Ok(())
-        } else {
-            Err(Error::FailedPrecondition(format!(
+        match state.live(job_id) {
+            Some(job) if job.record.state.holds_devices() => Ok(()),
+            Some(job) => Err(Error::FailedPrecondition(format!(
                 "job {job_id} is {}, not running",
-                entry.record.state.name()
-            )))
+                job.record.state.name()
+            ))),
+            None => Err(not_running(&state, job_id)),
         }
     }
 
-    /// Applies the rank states a worker reported and decides the outcome of every job they
-    /// touch: running once every rank runs, failed as soon as one rank fails, succeeded once
-    /// every rank exited 0.
+    /// Applies checked rank reports of node `node_id` and decides the outcome of every job
+    /// they touch: running once every rank runs, failed as soon as one rank fails, succeeded
+    /// once every rank exited 0.
     pub(super) async fn apply_rank_reports(
         &self,
         state: &mut State,
@@ -210,45 +302,53 @@ impl Cluster {
     ) -> Result<()> {
         let mut touched: Vec<JobId> = Vec::new();
         for report in reports {
-            let job_id = JobId::new(report.job_id.clone())?;
-            let Some(entry) = state.jobs.get_mut(&job_id) else {
-                self.stop_stray_rank(state, node_id, &report.job_id, report.rank, false);
+            let Some(job) = state.live_mut(&report.job_id) else {
+                // Unknown, or retired: every process of it was known to be gone.
+                if report.state == RankState::Running {
+                    self.stop_stray_rank(
+                        state,
+                        node_id,
+                        report.job_id.as_str(),
+                        report.rank,
+                        false,
+                    );
+                }
                 continue;
             };
-            let terminal = entry.record.state.is_terminal();
-            let Some(rank) = entry
+            let terminal = job.record.state.is_terminal();
+            let Some(rank) = job
                 .record
                 .placement
                 .iter_mut()
                 .find(|r| r.rank == report.rank && &r.node_id == node_id)
             else {
-                self.stop_stray_rank(state, node_id, &report.job_id, report.rank, false);
+                self.stop_stray_rank(state, node_id, report.job_id.as_str(), report.rank, false);
                 continue;
             };
-            let reported = convert::rank_state(report.state());
-            if reported == RankState::Running && terminal {
+            if report.state == RankState::Running && terminal {
                 // The job ended (cancel, another rank failed) and this rank still runs: the
                 // stop may have been lost with a dropped stream. Ask again.
                 rank.pid = report.pid;
-                self.stop_stray_rank(state, node_id, &report.job_id, report.rank, true);
+                self.stop_stray_rank(state, node_id, report.job_id.as_str(), report.rank, true);
                 continue;
             }
-            if rank.state.is_final() || reported == RankState::Pending {
+            if rank.state.is_final() || report.state == RankState::Pending {
                 continue;
             }
-            let changed = rank.state != reported || rank.pid != report.pid;
-            rank.state = reported;
+            let changed = rank.state != report.state || rank.pid != report.pid;
+            rank.state = report.state;
             rank.pid = report.pid;
             rank.exit_code = report.exit_code;
             rank.signal = report.signal;
-            rank.exited_at_ms = (report.exited_at_unix_ms > 0).then_some(report.exited_at_unix_ms);
+            rank.exited_at_ms = report.exited_at_ms;
             rank.detail = report.detail.clone();
-            let recovered = entry
+            rank.stop_cause = report.stop_cause;
+            let recovered = job
                 .recovery
                 .as_mut()
                 .is_some_and(|recovery| recovery.reported.insert(report.rank));
-            if (changed || recovered) && !touched.contains(&job_id) {
-                touched.push(job_id);
+            if (changed || recovered) && !touched.contains(&report.job_id) {
+                touched.push(report.job_id.clone());
             }
         }
         for job_id in touched {
@@ -257,32 +357,34 @@ impl Cluster {
         Ok(())
     }
 
-    /// Decides a live job's state from its ranks' states.
-    async fn settle_job(&self, state: &mut State, job_id: &JobId) -> Result<()> {
-        let Some(entry) = state.jobs.get_mut(job_id) else {
+    /// Decides a live job's state from its ranks' states, persists it, and retires the job
+    /// once it has ended and every process of it is gone.
+    pub(super) async fn settle_job(&self, state: &mut State, job_id: &JobId) -> Result<()> {
+        let Some(job) = state.live_mut(job_id) else {
             return Ok(());
         };
-        let ranks = entry.spec.ranks();
-        if entry.record.state.is_terminal() {
+        let ranks = job.spec.ranks();
+        if job.record.state.is_terminal() {
             // Ranks of an ended job still report their end: keep the record current, and let
             // the earliest rank failure stay the reason (the root cause, not its echoes in the
             // ranks that lost a peer).
             if let (Some(blamed), Some(earliest)) = (
-                entry.record.blamed_rank,
-                earliest_failure(&entry.record.placement, ranks),
+                job.record.blamed_rank,
+                earliest_failure(&job.record.placement, ranks),
             ) && earliest.rank != blamed
             {
-                entry.record.reason = failure_reason(earliest, ranks);
-                entry.record.blamed_rank = Some(earliest.rank);
+                job.record.reason = failure_reason(earliest, ranks);
+                job.record.blamed_rank = Some(earliest.rank);
             }
-            self.store.put_job(&entry.record).await?;
-            self.publish(entry);
+            self.store.put_job(&job.record).await?;
+            self.publish(job);
+            self.retire_if_done(state, job_id);
             return Ok(());
         }
-        let placement = &entry.record.placement;
+        let placement = &job.record.placement;
         if let Some(failed) = earliest_failure(placement, ranks) {
             let reason = failure_reason(failed, ranks);
-            entry.record.blamed_rank = Some(failed.rank);
+            job.record.blamed_rank = Some(failed.rank);
             return self
                 .finish_job(state, job_id, JobState::Failed, reason)
                 .await;
@@ -300,31 +402,44 @@ impl Cluster {
         let all_started = placement
             .iter()
             .all(|r| r.state == RankState::Running || r.succeeded());
-        if entry.record.state == JobState::Scheduled && all_started {
-            entry.record.state = crate::lifecycle::transition(
-                job_id.as_str(),
-                entry.record.state,
-                JobState::Running,
-            )?;
-            entry.record.started_at_ms = Some(now_ms());
+        if job.record.state == JobState::Scheduled && all_started {
+            job.record.state =
+                crate::lifecycle::transition(job_id.as_str(), job.record.state, JobState::Running)?;
+            job.record.started_at_ms = Some(now_ms());
             info!(%job_id, "job running");
         }
-        if entry
+        if job
             .recovery
             .as_ref()
             .is_some_and(|recovery| recovery.reported.len() == placement.len())
         {
             info!(%job_id, "every rank re-reported after the coordinator restarted");
-            entry.recovery = None;
+            job.recovery = None;
         }
-        self.store.put_job(&entry.record).await?;
-        self.publish(entry);
+        self.store.put_job(&job.record).await?;
+        self.publish(job);
         Ok(())
     }
 }
 
-/// The failed process that ended first (ties by index), if any failed, of a job with `ranks`
-/// training ranks. A parameter server fails by ending at all: it serves until stopped.
+/// Why a job is not live: unknown, or retired (ended, every process gone).
+fn not_running(state: &State, job_id: &JobId) -> Error {
+    match state.slot(job_id) {
+        None => Error::JobNotFound(job_id.to_string()),
+        Some(JobSlot::Retired(summary)) => Error::FailedPrecondition(format!(
+            "job {job_id} is {}, not running",
+            summary.state.name()
+        )),
+        Some(JobSlot::Live(job)) => {
+            warn!(%job_id, "asked why a live job is not live");
+            Error::FailedPrecondition(format!("job {job_id} is {}", job.record.state.name()))
+        }
+    }
+}
+
+/// The failure that ended the job, of a job with `ranks` training ranks: the failed process
+/// that ended first (ties by index), preferring root causes over the processes Cohort itself
+/// stopped because of them. A parameter server fails by ending at all: it serves until stopped.
 fn earliest_failure(placement: &[RankRecord], ranks: u32) -> Option<&RankRecord> {
     placement
         .iter()
@@ -332,18 +447,36 @@ fn earliest_failure(placement: &[RankRecord], ranks: u32) -> Option<&RankRecord>
             rank.state.is_final()
                 && (!rank.succeeded() || ProcessRole::of(rank.rank, ranks) != ProcessRole::Rank)
         })
-        .min_by_key(|rank| (rank.exited_at_ms.unwrap_or(i64::MAX), rank.rank))
+        .min_by_key(|rank| {
+            (
+                rank.stop_cause == StopCause::Instructed,
+                rank.exited_at_ms.unwrap_or(i64::MAX),
+                rank.rank,
+            )
+        })
 }
 
-/// `rank 2 on node n1 exited with code 3`, `parameter server shard 1 (process 5) on node n1
-/// killed by signal 9`.
+/// The reason a failed process gives its job, naming the cause: `rank 2 on node n1 exited with
+/// code 3: error: ...`, `node n1 left: its worker was shut down and stopped rank 2`.
 fn failure_reason(rank: &RankRecord, ranks: u32) -> String {
-    format!(
-        "{} on node {} {}",
-        ProcessRole::of(rank.rank, ranks).describe(rank.rank),
-        rank.node_id,
-        rank.describe_end()
-    )
+    let process = ProcessRole::of(rank.rank, ranks).describe(rank.rank);
+    let node = &rank.node_id;
+    match rank.stop_cause {
+        StopCause::WorkerShutdown => {
+            format!("node {node} left: its worker was shut down and stopped {process}")
+        }
+        StopCause::CoordinatorLost => format!(
+            "node {node} lost the coordinator: its worker heard nothing for the heartbeat \
+             deadline and stopped {process}"
+        ),
+        StopCause::WorkerRestarted => format!(
+            "the worker of node {node} died and restarted: {process} had outlived it and was \
+             killed"
+        ),
+        StopCause::Instructed | StopCause::None => {
+            format!("{process} on node {node} {}", rank.describe_end())
+        }
+    }
 }
 
 #[cfg(test)]
@@ -367,6 +500,7 @@ mod tests {
             signal: None,
             exited_at_ms,
             detail: String::new(),
+            stop_cause: StopCause::None,
         }
     }
 
@@ -425,5 +559,82 @@ mod tests {
             failure_reason(blamed, 2),
             "parameter server shard 1 (process 3) on node node-3 exited with code 0"
         );
+    }
+}
+
+#[cfg(test)]
+mod queue_tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::CoordinatorConfig;
+    use crate::store::embedded::EmbeddedStore;
+
+    const SPEC: &str =
+        "version = 1\nname = \"q\"\nkind = \"command\"\n[command]\nprogram = \"true\"\n";
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_in_all_and_per_submitter() {
+        let data_dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(data_dir.path()).unwrap());
+        let config = CoordinatorConfig {
+            data_dir: data_dir.path().to_owned(),
+            max_queued_jobs: 3,
+            max_queued_jobs_per_submitter: 2,
+            ..CoordinatorConfig::default()
+        };
+        let cluster = Cluster::load(config, store).await.unwrap();
+        let submit = |who: &str| cluster.submit(SPEC.to_owned(), true, who.to_owned());
+        submit("alice").await.unwrap();
+        submit("alice").await.unwrap();
+        let error = submit("alice").await.unwrap_err();
+        assert!(
+            matches!(&error, Error::ResourceExhausted(message) if message.contains("submitter alice has 2 jobs queued")),
+            "{error}"
+        );
+        submit("bob").await.unwrap();
+        let error = submit("carol").await.unwrap_err();
+        assert!(
+            matches!(&error, Error::ResourceExhausted(message) if message.contains("the queue holds 3 jobs")),
+            "{error}"
+        );
+        // A cancelled job leaves the queue and makes room.
+        let first = cluster.jobs(0, "").await.unwrap().jobs[0].job_id.clone();
+        cluster.cancel(&JobId::new(first).unwrap()).await.unwrap();
+        submit("carol").await.unwrap();
+        assert_eq!(cluster.jobs(0, "").await.unwrap().jobs.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn listing_pages_through_every_job_in_submission_order() {
+        let data_dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(data_dir.path()).unwrap());
+        let config = CoordinatorConfig {
+            data_dir: data_dir.path().to_owned(),
+            ..CoordinatorConfig::default()
+        };
+        let cluster = Cluster::load(config, store).await.unwrap();
+        for _ in 0..7 {
+            cluster
+                .submit(SPEC.to_owned(), true, "me".to_owned())
+                .await
+                .unwrap();
+        }
+        let mut seen = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = cluster.jobs(3, &token).await.unwrap();
+            assert!(page.jobs.len() <= 3);
+            assert!(page.jobs.iter().all(|job| job.spec_toml.is_empty()));
+            seen.extend(page.jobs.into_iter().map(|job| job.job_id));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        let expected: Vec<_> = (1..=7).map(|seq| format!("q-{seq}")).collect();
+        assert_eq!(seen, expected);
+        assert!(cluster.jobs(5000, "").await.is_err());
+        assert!(cluster.jobs(0, "not a token").await.is_err());
     }
 }

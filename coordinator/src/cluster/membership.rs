@@ -1,4 +1,10 @@
 //! Worker membership: registration, heartbeats, and what happens when a node goes quiet.
+//!
+//! A registration or heartbeat is decoded and checked whole ([`convert::registration`],
+//! [`convert::rank_reports`]) before it touches any state, so a refused call changes nothing.
+//! A registration is the worker's complete account of its ranks: a rank the coordinator placed
+//! on the node that the worker does not report is not running there, and is recorded lost with
+//! the reason. The same holds for a node's last heartbeat when it leaves.
 
 use cohort_proto::NodeId;
 use cohort_proto::v1::{
@@ -8,25 +14,14 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{info, instrument, warn};
 
-use super::{Cluster, INSTRUCTION_BUFFER, NodeEntry, NodeStatus, Session, millis};
-use crate::convert;
-use crate::error::{Error, Result};
+use super::{Cluster, INSTRUCTION_BUFFER, NodeEntry, NodeStatus, Session, State, millis};
+use crate::convert::{self, RankReport};
+use crate::error::Result;
 use crate::lifecycle::JobState;
-use crate::limits::{MAX_DEVICES_PER_NODE, MAX_NAME_BYTES, MAX_RANK_REPORTS};
-use crate::model::{NodeRecord, RankState, now_ms};
+use crate::model::{RankState, now_ms};
 
 /// The receiving end of a worker's instruction stream.
 pub type InstructionReceiver = mpsc::Receiver<std::result::Result<Instruction, tonic::Status>>;
-
-fn check_field(name: &str, value: &str) -> Result<()> {
-    if value.len() > MAX_NAME_BYTES {
-        return Err(Error::InvalidArgument(format!(
-            "{name} of {} bytes, expected at most {MAX_NAME_BYTES}",
-            value.len()
-        )));
-    }
-    Ok(())
-}
 
 /// Identifies one registration of a worker: 128 bits from the operating system's random
 /// source, shown as 32 hexadecimal digits. Only the worker that registered learns it (in its
@@ -68,33 +63,13 @@ impl std::fmt::Display for SessionToken {
 
 impl Cluster {
     /// Registers (or re-registers) a worker, replacing any earlier session of the same node,
-    /// and returns its instruction stream, which opens with a `Registered` message.
+    /// and returns its instruction stream, which opens with a `Registered` message carrying the
+    /// new session's id.
     #[instrument(skip(self, request), fields(node_id = %request.node_id))]
     pub async fn register(&self, request: RegisterRequest) -> Result<InstructionReceiver> {
-        let node_id = NodeId::new(request.node_id.clone())?;
-        check_field("hostname", &request.hostname)?;
-        check_field("address", &request.address)?;
-        if request.devices.len() > MAX_DEVICES_PER_NODE {
-            return Err(Error::InvalidArgument(format!(
-                "{} devices, expected at most {MAX_DEVICES_PER_NODE}",
-                request.devices.len()
-            )));
-        }
-        if request.ranks.len() > MAX_RANK_REPORTS {
-            return Err(Error::InvalidArgument(format!(
-                "{} rank reports, expected at most {MAX_RANK_REPORTS}",
-                request.ranks.len()
-            )));
-        }
-        let devices = convert::device_records(&request.devices)?;
-        let record = NodeRecord {
-            id: node_id.clone(),
-            hostname: request.hostname.clone(),
-            address: request.address.clone(),
-            devices,
-            registered_at_ms: now_ms(),
-        };
-        self.store.put_node(&record).await?;
+        let registration = convert::registration(&request)?;
+        let node_id = registration.node.id.clone();
+        self.store.put_node(&registration.node).await?;
 
         let mut state = self.state.lock().await;
         let token = SessionToken::generate();
@@ -112,11 +87,12 @@ impl Cluster {
         let was_lost = state
             .nodes
             .get(&node_id)
-            .is_some_and(|node| node.status != NodeStatus::Ready);
+            .is_some_and(|node| node.current_status() != NodeStatus::Ready);
+        // The earlier session's stream, if any, closes with its sender.
         state.nodes.insert(
             node_id.clone(),
             NodeEntry {
-                record,
+                record: registration.node,
                 status: NodeStatus::Ready,
                 last_heartbeat: Instant::now(),
                 last_heartbeat_ms: now_ms(),
@@ -129,11 +105,16 @@ impl Cluster {
         info!(
             %node_id,
             devices = request.devices.len(),
-            running_ranks = request.ranks.len(),
+            reported_ranks = registration.ranks.len(),
             was_lost,
             "node registered"
         );
-        self.apply_rank_reports(&mut state, &node_id, &request.ranks)
+        self.apply_rank_reports(&mut state, &node_id, &registration.ranks)
+            .await?;
+        let why = format!(
+            "not running when node {node_id} registered again (its worker restarted, or never received the start)"
+        );
+        self.lose_unreported_ranks(&mut state, &node_id, &registration.ranks, &why)
             .await?;
         drop(state);
         self.wake.notify_one();
@@ -141,15 +122,10 @@ impl Cluster {
     }
 
     /// Records a heartbeat and the rank states it carries. Returns false when the session is
-    /// unknown (the worker must register again).
+    /// not the node's current one (the worker must register again).
     pub async fn heartbeat(&self, request: HeartbeatRequest) -> Result<bool> {
         let node_id = NodeId::new(request.node_id.clone())?;
-        if request.ranks.len() > MAX_RANK_REPORTS {
-            return Err(Error::InvalidArgument(format!(
-                "{} rank reports, expected at most {MAX_RANK_REPORTS}",
-                request.ranks.len()
-            )));
-        }
+        let reports = convert::rank_reports(&request.ranks)?;
         let mut state = self.state.lock().await;
         let Some(node) = state.nodes.get_mut(&node_id) else {
             return Ok(false);
@@ -163,18 +139,57 @@ impl Cluster {
         }
         node.last_heartbeat = Instant::now();
         node.last_heartbeat_ms = now_ms();
-        self.apply_rank_reports(&mut state, &node_id, &request.ranks)
+        self.apply_rank_reports(&mut state, &node_id, &reports)
             .await?;
         if request.leaving {
             // Its ranks were reported above; the node takes no more work until it registers
-            // again.
+            // again, and a rank it did not report will not run.
             info!(%node_id, "node left");
             if let Some(node) = state.nodes.get_mut(&node_id) {
                 node.status = NodeStatus::Left;
                 node.session = None;
             }
+            let why = format!("node {node_id} left without running it");
+            self.lose_unreported_ranks(&mut state, &node_id, &reports, &why)
+                .await?;
+            self.wake.notify_one();
         }
         Ok(true)
+    }
+
+    /// Marks every rank placed on `node_id` that may still run, and that `reports` does not
+    /// mention, as lost with `why`, and settles the jobs concerned.
+    async fn lose_unreported_ranks(
+        &self,
+        state: &mut State,
+        node_id: &NodeId,
+        reports: &[RankReport],
+        why: &str,
+    ) -> Result<()> {
+        let mut touched = Vec::new();
+        for job in state.live_jobs_mut() {
+            let mut hit = false;
+            for rank in job.record.placement.iter_mut().filter(|rank| {
+                &rank.node_id == node_id
+                    && !rank.state.is_final()
+                    && !reports
+                        .iter()
+                        .any(|report| report.job_id == job.record.id && report.rank == rank.rank)
+            }) {
+                rank.state = RankState::Lost;
+                rank.detail = why.to_owned();
+                rank.exited_at_ms = Some(now_ms());
+                hit = true;
+            }
+            if hit {
+                warn!(%node_id, job_id = %job.record.id, why, "ranks lost");
+                touched.push(job.record.id.clone());
+            }
+        }
+        for job_id in touched {
+            self.settle_job(state, &job_id).await?;
+        }
+        Ok(())
     }
 
     /// Returns every node with its current load.
@@ -185,15 +200,10 @@ impl Cluster {
             .nodes
             .values()
             .map(|node| {
-                let status = match node.status {
-                    NodeStatus::Ready => "ready",
-                    NodeStatus::Lost => "lost",
-                    NodeStatus::Left => "left",
-                };
                 let node_busy = busy.get(&node.record.id);
                 convert::node_info(
                     &node.record,
-                    status,
+                    node.current_status().name(),
                     node.last_heartbeat_ms,
                     node_busy.map_or(&[][..], |b| &b.devices[..]),
                     node_busy.map_or(0, |b| b.ranks),
@@ -224,38 +234,53 @@ impl Cluster {
                 deadline.as_secs_f64()
             );
             let affected: Vec<_> = state
-                .jobs
-                .values_mut()
-                .filter_map(|entry| {
+                .live_jobs_mut()
+                .filter_map(|job| {
                     let mut hit = false;
-                    for rank in &mut entry.record.placement {
+                    for rank in &mut job.record.placement {
                         if rank.node_id == node_id && !rank.state.is_final() {
                             rank.state = RankState::Lost;
                             hit = true;
                         }
                     }
-                    hit.then(|| entry.record.id.clone())
+                    hit.then(|| job.record.id.clone())
                 })
                 .collect();
             for job_id in affected {
                 self.finish_job(&mut state, &job_id, JobState::Failed, reason.clone())
                     .await?;
+                // A job that had ended already: its record now knows those ranks are gone.
+                self.settle_job(&mut state, &job_id).await?;
             }
         }
 
         let now = Instant::now();
         let expired: Vec<_> = state
-            .jobs
-            .values()
-            .filter(|entry| {
-                entry
-                    .recovery
+            .live_jobs()
+            .filter(|job| {
+                job.recovery
                     .as_ref()
                     .is_some_and(|recovery| recovery.deadline <= now)
             })
-            .map(|entry| entry.record.id.clone())
+            .map(|job| job.record.id.clone())
             .collect();
         for job_id in expired {
+            if let Some(job) = state.live_mut(&job_id) {
+                let reported = job
+                    .recovery
+                    .as_ref()
+                    .map(|recovery| recovery.reported.clone())
+                    .unwrap_or_default();
+                for rank in job
+                    .record
+                    .placement
+                    .iter_mut()
+                    .filter(|rank| !rank.state.is_final() && !reported.contains(&rank.rank))
+                {
+                    rank.state = RankState::Lost;
+                    rank.detail = "not reported again after the coordinator restarted".to_owned();
+                }
+            }
             self.finish_job(
                 &mut state,
                 &job_id,

@@ -2,7 +2,15 @@
 //!
 //! [`Cluster`] owns the in-memory state (one lock), persists every job change to the
 //! [`ClusterStore`] before acting on it, and tells workers what to do through their instruction
-//! streams. The gRPC layer ([`crate::service`]) only decodes requests and calls it.
+//! streams. The gRPC layer ([`crate::service`]) only decodes requests and calls it. Every
+//! operation checks its whole request before it changes anything: a refused call changes
+//! nothing.
+//!
+//! A job is *live* from submission until it is *retired*: ended, and every one of its processes
+//! known to be gone. Only live jobs keep their record, parsed spec, log bookkeeping and
+//! rendezvous in memory; a retired job keeps a [`JobSummary`] (what listing needs), and its
+//! record is read back from the store when asked for, so memory does not grow with the number
+//! of jobs run.
 //!
 //! - `jobs`: submit, cancel, inspect; job outcomes from rank reports.
 //! - `membership`: worker registration, heartbeats, lost-node detection.
@@ -12,11 +20,14 @@ mod jobs;
 mod membership;
 mod scheduling;
 
+#[cfg(test)]
+mod properties;
+
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cohort_proto::v1::{Instruction, JobInfo, StopRank, instruction};
+use cohort_proto::v1::{Instruction, StopRank, instruction};
 use cohort_proto::{JobId, NodeId};
 use cohort_spec::JobSpec;
 use tokio::sync::{Mutex, Notify, broadcast, mpsc};
@@ -24,17 +35,20 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::config::CoordinatorConfig;
-use crate::convert;
 use crate::error::Result;
 use crate::lifecycle::{JobState, transition};
+use crate::limits::MAX_REASON_BYTES;
 use crate::logs::LogStore;
-use crate::model::{JobRecord, NodeRecord, RankState, now_ms};
+use crate::model::{JobRecord, JobSummary, NodeRecord, RankState, now_ms};
 use crate::rendezvous::Rendezvous;
 use crate::store::ClusterStore;
+use cohort_proto::text::truncate;
+
+pub use membership::SessionToken;
 
 /// Capacity of a worker's instruction stream; a worker this far behind is treated as gone.
 const INSTRUCTION_BUFFER: usize = 4096;
-/// How many job snapshots a slow watcher may fall behind before it re-reads the job.
+/// How many job changes a slow watcher may fall behind before it re-reads the job.
 const EVENT_BUFFER: usize = 1024;
 
 /// Sends instructions to one connected worker.
@@ -44,7 +58,7 @@ pub(crate) type InstructionSender = mpsc::Sender<std::result::Result<Instruction
 struct Session {
     /// Identifies the registration: a random token only the registering worker learns.
     /// Heartbeats and log pushes must carry it.
-    token: membership::SessionToken,
+    token: SessionToken,
     /// The worker's instruction stream.
     instructions: InstructionSender,
 }
@@ -58,13 +72,28 @@ enum NodeStatus {
     Lost,
     /// Shut down cleanly (its last heartbeat said so).
     Left,
+    /// Registered, but its instruction stream has closed (the worker died or its connection
+    /// broke): not given work; lost at the heartbeat deadline unless it registers again.
+    Disconnected,
+}
+
+impl NodeStatus {
+    /// Lower-case name, as shown by the CLI.
+    fn name(self) -> &'static str {
+        match self {
+            NodeStatus::Ready => "ready",
+            NodeStatus::Lost => "lost",
+            NodeStatus::Left => "left",
+            NodeStatus::Disconnected => "disconnected",
+        }
+    }
 }
 
 /// A node and its liveness.
 struct NodeEntry {
     /// What the node registered.
     record: NodeRecord,
-    /// Ready or lost.
+    /// Ready, lost or left.
     status: NodeStatus,
     /// When the last heartbeat (or registration) arrived.
     last_heartbeat: Instant,
@@ -74,8 +103,27 @@ struct NodeEntry {
     session: Option<Session>,
 }
 
-/// A job and the in-memory facts that are not persisted.
-struct JobEntry {
+impl NodeEntry {
+    /// The node's status as it is now: a ready node whose instruction stream has closed is
+    /// disconnected, whatever its last heartbeat said.
+    fn current_status(&self) -> NodeStatus {
+        match (&self.status, &self.session) {
+            (NodeStatus::Ready, Some(session)) if !session.instructions.is_closed() => {
+                NodeStatus::Ready
+            }
+            (NodeStatus::Ready, _) => NodeStatus::Disconnected,
+            (status, _) => *status,
+        }
+    }
+
+    /// Whether the node can take work now.
+    fn schedulable(&self) -> bool {
+        self.current_status() == NodeStatus::Ready
+    }
+}
+
+/// A live job: everything the coordinator acts on.
+struct LiveJob {
     /// The persisted record.
     record: JobRecord,
     /// The parsed spec.
@@ -83,6 +131,18 @@ struct JobEntry {
     /// For jobs that were live when the coordinator restarted: until when their ranks may
     /// re-report, and which ranks have.
     recovery: Option<Recovery>,
+}
+
+impl LiveJob {
+    /// Whether the job has ended and every one of its processes is known to be gone.
+    fn done(&self) -> bool {
+        self.record.state.is_terminal()
+            && self
+                .record
+                .placement
+                .iter()
+                .all(|rank| rank.state.is_final())
+    }
 }
 
 /// A live job found at start-up, waiting for its ranks to re-report.
@@ -93,16 +153,78 @@ struct Recovery {
     reported: HashSet<u32>,
 }
 
+/// A job as kept in memory.
+enum JobSlot {
+    /// Not retired: its whole record.
+    Live(Box<LiveJob>),
+    /// Retired: its summary; the record is in the store.
+    Retired(JobSummary),
+}
+
+impl JobSlot {
+    /// The job's id.
+    fn id(&self) -> &JobId {
+        match self {
+            JobSlot::Live(job) => &job.record.id,
+            JobSlot::Retired(summary) => &summary.id,
+        }
+    }
+}
+
+/// The submission sequence number a job id ends with (`mnist-12` -> 12).
+fn seq_of(job_id: &JobId) -> Option<u64> {
+    job_id.as_str().rsplit_once('-')?.1.parse().ok()
+}
+
 /// Everything behind the cluster lock.
 #[derive(Default)]
 struct State {
-    /// Every job ever submitted.
-    jobs: BTreeMap<JobId, JobEntry>,
+    /// Every job ever submitted, by submission sequence number (so in submission order).
+    jobs: BTreeMap<u64, JobSlot>,
     /// Every node ever registered.
     nodes: BTreeMap<NodeId, NodeEntry>,
 }
 
 impl State {
+    /// The job with this id, live or retired.
+    fn slot(&self, job_id: &JobId) -> Option<&JobSlot> {
+        self.jobs
+            .get(&seq_of(job_id)?)
+            .filter(|slot| slot.id() == job_id)
+    }
+
+    /// The live job with this id.
+    fn live(&self, job_id: &JobId) -> Option<&LiveJob> {
+        match self.slot(job_id)? {
+            JobSlot::Live(job) => Some(job),
+            JobSlot::Retired(_) => None,
+        }
+    }
+
+    /// The live job with this id, to change it.
+    fn live_mut(&mut self, job_id: &JobId) -> Option<&mut LiveJob> {
+        match self.jobs.get_mut(&seq_of(job_id)?)? {
+            JobSlot::Live(job) if &job.record.id == job_id => Some(job),
+            _ => None,
+        }
+    }
+
+    /// Every live job.
+    fn live_jobs(&self) -> impl Iterator<Item = &LiveJob> {
+        self.jobs.values().filter_map(|slot| match slot {
+            JobSlot::Live(job) => Some(&**job),
+            JobSlot::Retired(_) => None,
+        })
+    }
+
+    /// Every live job, to change them.
+    fn live_jobs_mut(&mut self) -> impl Iterator<Item = &mut LiveJob> {
+        self.jobs.values_mut().filter_map(|slot| match slot {
+            JobSlot::Live(job) => Some(&mut **job),
+            JobSlot::Retired(_) => None,
+        })
+    }
+
     /// Sends an instruction to a node; returns false when the node is not connected.
     fn send(&self, node_id: &NodeId, instruction: instruction::Kind) -> bool {
         let Some(session) = self.nodes.get(node_id).and_then(|n| n.session.as_ref()) else {
@@ -122,7 +244,7 @@ impl State {
 
     /// Tells the nodes of every rank of `job_id` that may still run to stop it.
     fn stop_ranks(&self, job_id: &JobId, reason: &str) {
-        let Some(job) = self.jobs.get(job_id) else {
+        let Some(job) = self.live(job_id) else {
             return;
         };
         for rank in job.record.placement.iter().filter(|r| !r.state.is_final()) {
@@ -138,6 +260,15 @@ impl State {
     }
 }
 
+/// A job changed: watchers of that job read it again.
+#[derive(Debug, Clone)]
+pub struct JobChanged {
+    /// The job.
+    pub job_id: JobId,
+    /// Whether it reached a final state.
+    pub finished: bool,
+}
+
 /// The coordinator's state and operations. Shared by the gRPC services and the background
 /// scheduler loop.
 pub struct Cluster {
@@ -151,8 +282,8 @@ pub struct Cluster {
     logs: LogStore,
     /// Per-job key-value stores.
     rendezvous: Rendezvous,
-    /// Job snapshots after every change, for watchers.
-    events: broadcast::Sender<Arc<JobInfo>>,
+    /// Which job changed, after every change, for watchers.
+    events: broadcast::Sender<JobChanged>,
     /// Wakes the scheduler loop early.
     wake: Notify,
 }
@@ -163,16 +294,35 @@ impl Cluster {
     pub async fn load(config: CoordinatorConfig, store: Arc<dyn ClusterStore>) -> Result<Self> {
         let logs = LogStore::open(config.data_dir.join("logs"), config.max_log_bytes_per_job)?;
         let mut state = State::default();
+        let rendezvous = Rendezvous::default();
         let grace_deadline = Instant::now() + config.restart_grace;
         let mut recovering = 0;
-        for record in store.list_jobs().await? {
+        let jobs = store.list_jobs().await?;
+        let mut quarantined = jobs.quarantined.len();
+        for record in jobs.records {
+            if record.state.is_terminal()
+                && record.placement.iter().all(|rank| rank.state.is_final())
+            {
+                state
+                    .jobs
+                    .insert(record.seq, JobSlot::Retired(JobSummary::of(&record)));
+                continue;
+            }
             let spec = match cohort_spec::parse(&record.spec_toml) {
                 Ok(spec) => spec,
                 Err(error) => {
-                    warn!(job_id = %record.id, %error, "stored job spec no longer parses; skipping job");
+                    warn!(job_id = %record.id, %error, "stored job spec no longer parses; quarantining job");
+                    let reason = format!("stored job spec no longer parses: {error}");
+                    if store.quarantine_job(&record.id, &reason).await?.is_some() {
+                        quarantined += 1;
+                    }
                     continue;
                 }
             };
+            logs.track(&record.id)?;
+            if record.state.holds_devices() {
+                rendezvous.open(&record.id, record.ranks);
+            }
             let recovery = record.state.holds_devices().then(|| {
                 recovering += 1;
                 Recovery {
@@ -187,15 +337,17 @@ impl Cluster {
                 }
             });
             state.jobs.insert(
-                record.id.clone(),
-                JobEntry {
+                record.seq,
+                JobSlot::Live(Box::new(LiveJob {
                     record,
                     spec,
                     recovery,
-                },
+                })),
             );
         }
-        for record in store.list_nodes().await? {
+        let nodes = store.list_nodes().await?;
+        quarantined += nodes.quarantined.len();
+        for record in nodes.records {
             state.nodes.insert(
                 record.id.clone(),
                 NodeEntry {
@@ -211,6 +363,7 @@ impl Cluster {
             jobs = state.jobs.len(),
             nodes = state.nodes.len(),
             recovering,
+            quarantined,
             "cluster state loaded"
         );
         let (events, _) = broadcast::channel(EVENT_BUFFER);
@@ -219,7 +372,7 @@ impl Cluster {
             store,
             state: Mutex::new(state),
             logs,
-            rendezvous: Rendezvous::default(),
+            rendezvous,
             events,
             wake: Notify::new(),
         })
@@ -240,8 +393,8 @@ impl Cluster {
         &self.logs
     }
 
-    /// Subscribes to job snapshots published after every change.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<JobInfo>> {
+    /// Subscribes to the ids of jobs as they change.
+    pub fn subscribe(&self) -> broadcast::Receiver<JobChanged> {
         self.events.subscribe()
     }
 
@@ -266,10 +419,32 @@ impl Cluster {
         }
     }
 
-    /// Publishes the job's current snapshot to watchers.
-    fn publish(&self, entry: &JobEntry) {
+    /// Tells watchers that the job changed.
+    fn publish(&self, job: &LiveJob) {
         // No watcher is not an error.
-        let _ = self.events.send(Arc::new(convert::job_info(&entry.record)));
+        let _ = self.events.send(JobChanged {
+            job_id: job.record.id.clone(),
+            finished: job.record.state.is_terminal(),
+        });
+    }
+
+    /// Retires the job if it has ended and every process of it is gone: its log bookkeeping
+    /// and rendezvous go, and only its summary stays in memory.
+    fn retire_if_done(&self, state: &mut State, job_id: &JobId) {
+        let Some(seq) = seq_of(job_id) else {
+            return;
+        };
+        let Some(JobSlot::Live(job)) = state.jobs.get(&seq) else {
+            return;
+        };
+        if &job.record.id != job_id || !job.done() {
+            return;
+        }
+        let summary = JobSummary::of(&job.record);
+        state.jobs.insert(seq, JobSlot::Retired(summary));
+        self.logs.close(job_id);
+        self.rendezvous.drop_job(job_id);
+        debug!(%job_id, "job retired");
     }
 
     /// Moves a live job to a final state: records why, stops every rank that may still run,
@@ -281,14 +456,14 @@ impl Cluster {
         to: JobState,
         reason: String,
     ) -> Result<()> {
-        let Some(entry) = state.jobs.get_mut(job_id) else {
+        let Some(entry) = state.live_mut(job_id) else {
             return Ok(());
         };
         if entry.record.state.is_terminal() {
             return Ok(());
         }
         entry.record.state = transition(job_id.as_str(), entry.record.state, to)?;
-        entry.record.reason = reason;
+        entry.record.reason = truncate(&reason, MAX_REASON_BYTES).into_owned();
         entry.record.finished_at_ms = Some(now_ms());
         entry.recovery = None;
         // Ranks never started will not start now.
@@ -307,6 +482,7 @@ impl Cluster {
         let reason = entry.record.reason.clone();
         state.stop_ranks(job_id, &reason);
         self.rendezvous.drop_job(job_id);
+        self.retire_if_done(state, job_id);
         self.wake.notify_one();
         Ok(())
     }

@@ -8,11 +8,11 @@ use cohort_proto::{NodeId, env};
 use cohort_spec::{DeviceKind, JobKind, JobSpec};
 use tracing::{info, instrument};
 
-use super::{Cluster, NodeStatus, State};
+use super::{Cluster, State};
 use crate::convert;
 use crate::error::Result;
 use crate::lifecycle::{JobState, transition};
-use crate::model::{JobRecord, ProcessRole, RankRecord, RankState, now_ms};
+use crate::model::{JobRecord, ProcessRole, RankRecord, RankState, StopCause, now_ms};
 use crate::placement::{self, ClusterView, NodeView, QueuedJob};
 
 /// First port of the range `MASTER_PORT` is drawn from.
@@ -36,7 +36,7 @@ impl State {
     /// devices until its worker reports the process gone.
     pub(super) fn busy_devices(&self) -> HashMap<NodeId, NodeLoad> {
         let mut busy: HashMap<NodeId, NodeLoad> = HashMap::new();
-        for entry in self.jobs.values() {
+        for entry in self.live_jobs() {
             for rank in entry
                 .record
                 .placement
@@ -66,7 +66,7 @@ impl State {
         let nodes = self
             .nodes
             .values()
-            .filter(|n| n.status == NodeStatus::Ready && n.session.is_some())
+            .filter(|n| n.schedulable())
             .map(|node| {
                 let mut free: HashMap<DeviceKind, Vec<u32>> = HashMap::new();
                 let mut total: HashMap<DeviceKind, u32> = HashMap::new();
@@ -93,10 +93,86 @@ impl State {
     }
 }
 
+impl State {
+    /// The start instruction of every process of a placed job, with its node: parameter servers
+    /// (numbered after the ranks) first, since ranks wait for their addresses anyway.
+    fn start_instructions(&self, job_id: &cohort_proto::JobId) -> Vec<(NodeId, StartRank)> {
+        let Some(entry) = self.live(job_id) else {
+            return Vec::new();
+        };
+        let Some(rank0) = entry.record.placement.first() else {
+            return Vec::new();
+        };
+        let master_addr = self
+            .nodes
+            .get(&rank0.node_id)
+            .map_or("127.0.0.1", |node| host_of(&node.record.address))
+            .to_owned();
+        let ranks = entry.spec.ranks();
+        let placement = &entry.record.placement;
+        let servers_first = placement
+            .iter()
+            .filter(|rank| rank.rank >= ranks)
+            .chain(placement.iter().filter(|rank| rank.rank < ranks));
+        servers_first
+            .map(|rank| {
+                let local_world_size = placement
+                    .iter()
+                    .filter(|other| other.node_id == rank.node_id)
+                    .count() as u32;
+                let start = start_instruction(
+                    &entry.record,
+                    &entry.spec,
+                    rank,
+                    local_world_size,
+                    &master_addr,
+                );
+                (rank.node_id.clone(), start)
+            })
+            .collect()
+    }
+}
+
 /// Picks the job's `MASTER_PORT`, spread over a range by job sequence so that concurrent jobs
 /// on one node rarely collide.
 fn master_port(seq: u64) -> u32 {
     MASTER_PORT_BASE + (seq.wrapping_mul(7919) % u64::from(MASTER_PORT_RANGE)) as u32
+}
+
+/// Sets the variables that tie a rank to its devices: thread pools sized to its CPU slots, or
+/// its GPUs alone visible (and NCCL kept on loopback on a cluster that lives there).
+fn device_environment(
+    kind: DeviceKind,
+    rank: &RankRecord,
+    master_addr: &str,
+    environment: &mut BTreeMap<String, String>,
+) {
+    match kind {
+        DeviceKind::Cpu => {
+            // A CPU slot is a core: size the rank's thread pools to the slots it holds, as
+            // torchrun does with OMP_NUM_THREADS, so ranks sharing a node do not oversubscribe
+            // it.
+            let threads = rank.devices.len().max(1).to_string();
+            environment.insert(env::OMP_NUM_THREADS.to_owned(), threads.clone());
+            environment.insert(env::RAYON_NUM_THREADS.to_owned(), threads);
+        }
+        DeviceKind::Gpu => {
+            // The rank sees only its own GPUs, renumbered from 0.
+            let visible = rank
+                .devices
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            environment.insert(env::CUDA_VISIBLE_DEVICES.to_owned(), visible);
+            environment.insert(env::CUDA_DEVICE.to_owned(), "0".to_owned());
+            if is_loopback_host(master_addr) {
+                // NCCL listens on an interface of its own choosing, a non-loopback one when
+                // the machine has any; a cluster that lives on loopback keeps NCCL there too.
+                environment.insert(env::NCCL_SOCKET_IFNAME.to_owned(), "lo".to_owned());
+            }
+        }
+    }
 }
 
 /// Builds the start instruction of one rank.
@@ -114,36 +190,14 @@ fn start_instruction(
         .map(|index| format!("{kind}:{index}"))
         .collect::<Vec<_>>()
         .join(",");
-    let mut environment = BTreeMap::new();
-    match record.device_kind {
-        DeviceKind::Cpu => {
-            // A CPU slot is a core: size the rank's thread pools to the slots it holds, as
-            // torchrun does with OMP_NUM_THREADS, so ranks sharing a node do not oversubscribe
-            // it.
-            let threads = rank.devices.len().max(1).to_string();
-            environment.insert("OMP_NUM_THREADS".to_owned(), threads.clone());
-            environment.insert("RAYON_NUM_THREADS".to_owned(), threads);
-        }
-        DeviceKind::Gpu => {
-            // The rank sees only its own GPUs, renumbered from 0.
-            let visible = rank
-                .devices
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(",");
-            environment.insert("CUDA_VISIBLE_DEVICES".to_owned(), visible);
-            environment.insert(env::CUDA_DEVICE.to_owned(), "0".to_owned());
-            if is_loopback_host(master_addr) {
-                // NCCL listens on an interface of its own choosing, a non-loopback one when
-                // the machine has any; a cluster that lives on loopback keeps NCCL there too.
-                environment.insert("NCCL_SOCKET_IFNAME".to_owned(), "lo".to_owned());
-            }
-        }
-    }
-    if let Some(command) = &spec.command {
-        environment.extend(command.env.clone());
-    }
+    // The job's own variables first: Cohort's below replace any of the same name (validation
+    // refuses those already; this keeps a record from before that rule from overriding them).
+    let mut environment: BTreeMap<String, String> = spec
+        .command
+        .as_ref()
+        .map(|command| command.env.clone())
+        .unwrap_or_default();
+    device_environment(record.device_kind, rank, master_addr, &mut environment);
     // WORLD_SIZE counts training ranks only: parameter servers are extra processes of the gang.
     let world_size = spec.ranks().to_string();
     let rank_text = rank.rank.to_string();
@@ -240,8 +294,7 @@ impl Cluster {
     pub(super) async fn schedule(&self) -> Result<()> {
         let mut state = self.state.lock().await;
         let mut queue: Vec<QueuedJob> = state
-            .jobs
-            .values()
+            .live_jobs()
             .filter(|entry| entry.record.state == JobState::Queued)
             .map(|entry| QueuedJob {
                 job_id: entry.record.id.clone(),
@@ -260,7 +313,7 @@ impl Cluster {
         let view = state.cluster_view(false);
         let assignments = placement::place(&view, &queue);
         for assignment in assignments {
-            let Some(entry) = state.jobs.get_mut(&assignment.job_id) else {
+            let Some(entry) = state.live_mut(&assignment.job_id) else {
                 continue;
             };
             let job_id = assignment.job_id.clone();
@@ -282,10 +335,13 @@ impl Cluster {
                     signal: None,
                     exited_at_ms: None,
                     detail: String::new(),
+                    stop_cause: StopCause::None,
                 })
                 .collect();
             // Persist before acting: a crash from here on finds the placement in the store.
             self.store.put_job(&entry.record).await?;
+            self.rendezvous.open(&job_id, entry.record.ranks);
+            let entry: &super::LiveJob = entry;
             self.publish(entry);
             let nodes: Vec<_> = entry
                 .record
@@ -297,48 +353,7 @@ impl Cluster {
                 .collect();
             info!(%job_id, ranks = entry.record.ranks, nodes = ?nodes, "job scheduled");
 
-            let entry = &state.jobs[&job_id];
-            let rank0_node = &entry.record.placement[0].node_id;
-            let master_addr = state
-                .nodes
-                .get(rank0_node)
-                .map_or("127.0.0.1", |node| host_of(&node.record.address))
-                .to_owned();
-            // Parameter servers (numbered after the ranks) start first: ranks wait for their
-            // addresses anyway, and this way the wait is short.
-            let ranks = entry.spec.ranks();
-            let servers_first = entry
-                .record
-                .placement
-                .iter()
-                .filter(|rank| rank.rank >= ranks)
-                .chain(
-                    entry
-                        .record
-                        .placement
-                        .iter()
-                        .filter(|rank| rank.rank < ranks),
-                );
-            let instructions: Vec<_> = servers_first
-                .map(|rank| {
-                    let local_world_size = entry
-                        .record
-                        .placement
-                        .iter()
-                        .filter(|other| other.node_id == rank.node_id)
-                        .count() as u32;
-                    (
-                        rank.node_id.clone(),
-                        start_instruction(
-                            &entry.record,
-                            &entry.spec,
-                            rank,
-                            local_world_size,
-                            &master_addr,
-                        ),
-                    )
-                })
-                .collect();
+            let instructions = state.start_instructions(&job_id);
             let mut unreachable = None;
             for (node_id, start) in instructions {
                 if !state.send(&node_id, instruction::Kind::StartRank(start)) {

@@ -1,49 +1,46 @@
 //! The byte format of stored records: one format-version byte, then the record in bincode.
 //!
 //! The version byte makes a change to the records detectable: a coordinator that finds a
-//! version it does not know refuses the record with an error instead of misreading it. Decoding
-//! is bounded ([`MAX_RECORD_BYTES`]), so a corrupted length prefix cannot make it allocate
-//! without limit, and every failure is an [`Error::Store`] naming the type being decoded.
+//! version it does not know refuses the record with an error instead of misreading it, and a
+//! record written in an earlier version is read through its type's [`Record::decode_earlier`]
+//! (see [`super::legacy`]), so upgrading Cohort keeps every job it knew.
+//!
+//! One bound, [`MAX_RECORD_BYTES`] from [`crate::limits`], holds for writing and for reading, so
+//! nothing is ever written that cannot be read back. A record is within it when both of its
+//! sizes are:
+//! - its encoded size (version byte included), checked before decoding, so an oversized value
+//!   is refused without being parsed;
+//! - its decoded footprint: what bincode's decode limit counts, every integer at its in-memory
+//!   width (a `u64` counts 8 bytes even where its varint takes 1) plus the length of every
+//!   string. The limit keeps a corrupted length prefix from making decoding allocate without
+//!   bound. [`decoded_footprint`] computes it without decoding.
+//!
+//! [`encode`] refuses a record over either size, and every failure is an [`Error::Store`] naming
+//! the type being encoded or decoded.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
+use crate::limits::MAX_RECORD_BYTES;
 
-/// The format version written in front of every record.
-pub const FORMAT_VERSION: u8 = 1;
+/// The format version written in front of every record. Version 2 added a job's submitter and
+/// each rank's stop cause.
+pub const FORMAT_VERSION: u8 = 2;
 
-/// Largest encoded record accepted, in bytes. Records hold a job spec of at most 64 KiB plus its
-/// placement, so anything near this bound is corruption, not data.
-pub const MAX_RECORD_BYTES: usize = 16 * 1024 * 1024;
-
-/// Encodes a record: [`FORMAT_VERSION`] followed by its bincode encoding.
-pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
-    let body = bincode::serde::encode_to_vec(value, bincode::config::standard())
-        .map_err(|error| Error::Store(format!("encoding {}: {error}", short_type_name::<T>())))?;
-    let mut bytes = Vec::with_capacity(body.len() + 1);
-    bytes.push(FORMAT_VERSION);
-    bytes.extend_from_slice(&body);
-    Ok(bytes)
+/// A stored type: decoded in the current format, and in the formats it was stored in before.
+pub trait Record: Serialize + DeserializeOwned {
+    /// Decodes `body`, written in format `version` (older than [`FORMAT_VERSION`]), or returns
+    /// `None` when records of this type were never written in that version.
+    fn decode_earlier(version: u8, body: &[u8]) -> Option<Result<Self>> {
+        let _ = (version, body);
+        None
+    }
 }
 
-/// Decodes a record written by [`encode`].
-///
-/// Fails, naming the type being decoded, on empty input, an unknown format version, bytes that
-/// are not a valid encoding, or bytes left over after the record.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+/// Decodes a record body of any format version under the record bound, refusing leftovers.
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
     let what = short_type_name::<T>();
-    let Some((&version, body)) = bytes.split_first() else {
-        return Err(Error::Store(format!(
-            "decoding {what}: empty value, expected a format version byte"
-        )));
-    };
-    if version != FORMAT_VERSION {
-        return Err(Error::Store(format!(
-            "decoding {what}: format version {version}, expected {FORMAT_VERSION} \
-             (written by a different version of cohort?)"
-        )));
-    }
     let config = bincode::config::standard().with_limit::<MAX_RECORD_BYTES>();
     let (value, read) = bincode::serde::decode_from_slice::<T, _>(body, config)
         .map_err(|error| Error::Store(format!("decoding {what}: {error}")))?;
@@ -54,6 +51,78 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
         )));
     }
     Ok(value)
+}
+
+/// Encodes a record: [`FORMAT_VERSION`] followed by its bincode encoding.
+///
+/// Fails, naming the type and both sizes, when the record is over [`MAX_RECORD_BYTES`] encoded
+/// or decoded ([`decoded_footprint`]): [`decode`] would refuse it, so it must never be stored.
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    let what = short_type_name::<T>();
+    let footprint = decoded_footprint(value)?;
+    if footprint > MAX_RECORD_BYTES {
+        return Err(Error::Store(format!(
+            "encoding {what}: record decodes to {footprint} bytes, expected at most \
+             {MAX_RECORD_BYTES}"
+        )));
+    }
+    let body = bincode::serde::encode_to_vec(value, bincode::config::standard())
+        .map_err(|error| Error::Store(format!("encoding {what}: {error}")))?;
+    let encoded = body.len() + 1;
+    if encoded > MAX_RECORD_BYTES {
+        return Err(Error::Store(format!(
+            "encoding {what}: record is {encoded} bytes, expected at most {MAX_RECORD_BYTES}"
+        )));
+    }
+    let mut bytes = Vec::with_capacity(encoded);
+    bytes.push(FORMAT_VERSION);
+    bytes.extend_from_slice(&body);
+    Ok(bytes)
+}
+
+/// Returns the decoded footprint of a record: the bytes bincode's decode limit counts for it.
+///
+/// That count is exactly the size of the record in bincode's fixed-width integer encoding
+/// (integers at full width, lengths as `u64`, enum variants as `u32`, option tags as one byte),
+/// so it is measured by encoding that way into a counter, without allocating.
+pub fn decoded_footprint<T: Serialize>(value: &T) -> Result<usize> {
+    let mut counter = bincode::enc::write::SizeWriter::default();
+    let config = bincode::config::standard().with_fixed_int_encoding();
+    bincode::serde::encode_into_writer(value, &mut counter, config)
+        .map_err(|error| Error::Store(format!("encoding {}: {error}", short_type_name::<T>())))?;
+    Ok(counter.bytes_written)
+}
+
+/// Decodes a record written by [`encode`].
+///
+/// Fails, naming the type being decoded, on input over [`MAX_RECORD_BYTES`], empty input, an
+/// unknown format version, bytes that are not a valid encoding, a decoded footprint over
+/// [`MAX_RECORD_BYTES`], or bytes left over after the record.
+pub fn decode<T: Record>(bytes: &[u8]) -> Result<T> {
+    let what = short_type_name::<T>();
+    if bytes.len() > MAX_RECORD_BYTES {
+        return Err(Error::Store(format!(
+            "decoding {what}: record is {} bytes, expected at most {MAX_RECORD_BYTES}",
+            bytes.len()
+        )));
+    }
+    let Some((&version, body)) = bytes.split_first() else {
+        return Err(Error::Store(format!(
+            "decoding {what}: empty value, expected a format version byte"
+        )));
+    };
+    if version == FORMAT_VERSION {
+        return decode_body(body);
+    }
+    if version < FORMAT_VERSION
+        && let Some(decoded) = T::decode_earlier(version, body)
+    {
+        return decoded;
+    }
+    Err(Error::Store(format!(
+        "decoding {what}: format version {version}, expected {FORMAT_VERSION} \
+         (written by a different version of cohort?)"
+    )))
 }
 
 /// Returns the last path segment of a type's name (`JobRecord` for
@@ -110,7 +179,7 @@ mod tests {
         bytes[0] = 7;
         let error = decode::<Sample>(&bytes).unwrap_err().to_string();
         assert!(error.contains("decoding Sample"), "{error}");
-        assert!(error.contains("format version 7, expected 1"), "{error}");
+        assert!(error.contains("format version 7, expected 2"), "{error}");
     }
 
     #[test]
@@ -145,6 +214,101 @@ mod tests {
         let mut bytes = vec![FORMAT_VERSION, 0xfc];
         bytes.extend_from_slice(&((MAX_RECORD_BYTES as u32) - 16).to_le_bytes());
         assert!(decode::<Sample>(&bytes).is_err());
+    }
+
+    /// Wraps a value the way a record wraps its fields.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Wrapper<T> {
+        inner: T,
+    }
+
+    impl Record for Sample {}
+    impl<T: Serialize + DeserializeOwned> Record for Wrapper<T> {}
+
+    #[test]
+    fn counts_the_decoded_footprint_at_in_memory_widths() {
+        // name: 8 + 5; count: 8; tags: 8 + (8 + 1) + (8 + 2); maybe: 1 + 4.
+        assert_eq!(decoded_footprint(&sample()).unwrap(), 13 + 8 + 27 + 5);
+        // The varint encoding of the same record is far smaller.
+        assert!(encode(&sample()).unwrap().len() < 30);
+    }
+
+    #[test]
+    fn a_record_whose_footprint_is_exactly_the_bound_round_trips() {
+        // A sequence of u64 counts 8 bytes for its length and 8 per element.
+        let elements = (MAX_RECORD_BYTES - 8) / 8;
+        let value = Wrapper {
+            inner: vec![1u64; elements],
+        };
+        assert_eq!(decoded_footprint(&value).unwrap(), MAX_RECORD_BYTES);
+        let bytes = encode(&value).unwrap();
+        let back: Wrapper<Vec<u64>> = decode(&bytes).unwrap();
+        assert_eq!(back, value);
+        // A string: 8 bytes of length, then its bytes.
+        let text = Wrapper {
+            inner: "x".repeat(MAX_RECORD_BYTES - 8),
+        };
+        let back: Wrapper<String> = decode(&encode(&text).unwrap()).unwrap();
+        assert_eq!(back, text);
+    }
+
+    #[test]
+    fn encode_refuses_a_footprint_that_decode_would_refuse() {
+        let value = Wrapper {
+            inner: vec![1u64; (MAX_RECORD_BYTES - 8) / 8 + 1],
+        };
+        let error = encode(&value).unwrap_err();
+        assert!(matches!(error, Error::Store(_)), "{error:?}");
+        let error = error.to_string();
+        assert!(error.contains("encoding Wrapper"), "{error}");
+        assert!(
+            error.contains(&format!(
+                "decodes to {} bytes, expected at most {MAX_RECORD_BYTES}",
+                MAX_RECORD_BYTES + 8
+            )),
+            "{error}"
+        );
+        // The check is needed: these bytes are about 2 MiB, yet decoding them is refused.
+        let mut bytes = vec![FORMAT_VERSION];
+        bytes.extend(bincode::serde::encode_to_vec(&value, bincode::config::standard()).unwrap());
+        assert!(bytes.len() < MAX_RECORD_BYTES / 4, "{}", bytes.len());
+        let error = decode::<Wrapper<Vec<u64>>>(&bytes).unwrap_err().to_string();
+        assert!(error.contains("LimitExceeded"), "{error}");
+    }
+
+    #[test]
+    fn encode_refuses_an_encoded_size_over_the_bound() {
+        // Values of 2^32 and more take 9 bytes as varints but count 8 decoded, so the encoded
+        // size passes the bound first: 1 + 5 + 9 * n > bound >= 8 + 8 * n.
+        let elements = MAX_RECORD_BYTES / 9;
+        let value = Wrapper {
+            inner: vec![u64::MAX; elements],
+        };
+        assert!(decoded_footprint(&value).unwrap() <= MAX_RECORD_BYTES);
+        let error = encode(&value).unwrap_err().to_string();
+        assert!(error.contains("encoding Wrapper"), "{error}");
+        assert!(
+            error.contains(&format!(
+                "record is {} bytes, expected at most {MAX_RECORD_BYTES}",
+                1 + 5 + 9 * elements
+            )),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn decode_refuses_an_oversized_record_before_parsing_it() {
+        let mut bytes = vec![0u8; MAX_RECORD_BYTES + 1];
+        bytes[0] = FORMAT_VERSION;
+        let error = decode::<Sample>(&bytes).unwrap_err().to_string();
+        assert!(error.contains("decoding Sample"), "{error}");
+        assert!(
+            error.contains(&format!(
+                "record is {} bytes, expected at most {MAX_RECORD_BYTES}",
+                MAX_RECORD_BYTES + 1
+            )),
+            "{error}"
+        );
     }
 
     #[test]

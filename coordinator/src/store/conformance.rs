@@ -17,9 +17,9 @@ use cohort_spec::DeviceKind;
 
 use cohort_cluster_tests::etcd::TestEtcd;
 
-use super::ClusterStore;
 use super::embedded::EmbeddedStore;
 use super::etcd::EtcdStore;
+use super::{ClusterStore, Quarantined, RecordKind, codec};
 use crate::lifecycle::JobState;
 use crate::model::{
     DeviceRecord, GpuPeerRecord, JobRecord, MetricsRecord, NodeRecord, RankRecord, RankState,
@@ -35,6 +35,11 @@ trait Backend: Send + Sync {
     /// Opens a new handle. For the embedded store, every earlier handle must be dropped first
     /// (the file is locked while one is open).
     async fn open(&self) -> Arc<dyn ClusterStore>;
+
+    /// Stores `bytes` as they are as the record of `kind` under `key`, as a damaged store or an
+    /// older coordinator could have left it. Every handle must be dropped first (as for
+    /// [`Backend::open`]).
+    async fn put_raw(&self, kind: RecordKind, key: &str, bytes: Vec<u8>);
 }
 
 /// The embedded store in a temporary data dir.
@@ -61,6 +66,18 @@ impl Backend for EmbeddedBackend {
             .expect("opening task")
             .expect("opening the embedded store");
         Arc::new(store)
+    }
+
+    async fn put_raw(&self, kind: RecordKind, key: &str, bytes: Vec<u8>) {
+        let data_dir = self.data_dir.path().to_owned();
+        let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&data_dir))
+            .await
+            .expect("opening task")
+            .expect("opening the embedded store");
+        store
+            .put_raw(kind, key, bytes)
+            .await
+            .expect("writing a raw record");
     }
 }
 
@@ -89,6 +106,15 @@ impl Backend for EtcdBackend {
             .expect("connecting to the test etcd");
         Arc::new(store)
     }
+
+    async fn put_raw(&self, kind: RecordKind, key: &str, bytes: Vec<u8>) {
+        EtcdStore::connect(&self.server.endpoint(), super::etcd::DEFAULT_PREFIX)
+            .await
+            .expect("connecting to the test etcd")
+            .put_raw(kind, key, bytes)
+            .await
+            .expect("writing a raw record");
+    }
 }
 
 /// A job record exercising every field kind: options, nested placement, enums.
@@ -109,6 +135,7 @@ pub(crate) fn sample_job(number: u64) -> JobRecord {
             DeviceKind::Gpu
         },
         wait_for_resources: number % 2 == 1,
+        submitter: "127.0.0.1".to_owned(),
         state: JobState::Running,
         reason: String::new(),
         blamed_rank: None,
@@ -128,6 +155,7 @@ pub(crate) fn sample_job(number: u64) -> JobRecord {
                 signal: None,
                 exited_at_ms: None,
                 detail: String::new(),
+                stop_cause: Default::default(),
             })
             .collect(),
         metrics: [(
@@ -181,14 +209,14 @@ pub(crate) fn sample_node(number: u64) -> NodeRecord {
 
 /// Lists jobs sorted by id (stores promise no order).
 async fn sorted_jobs(store: &dyn ClusterStore) -> Vec<JobRecord> {
-    let mut jobs = store.list_jobs().await.expect("listing jobs");
+    let mut jobs = store.list_jobs().await.expect("listing jobs").records;
     jobs.sort_by(|left, right| left.id.cmp(&right.id));
     jobs
 }
 
 /// Lists nodes sorted by id (stores promise no order).
 async fn sorted_nodes(store: &dyn ClusterStore) -> Vec<NodeRecord> {
-    let mut nodes = store.list_nodes().await.expect("listing nodes");
+    let mut nodes = store.list_nodes().await.expect("listing nodes").records;
     nodes.sort_by(|left, right| left.id.cmp(&right.id));
     nodes
 }
@@ -236,6 +264,8 @@ conformance_suite!(
     records_and_sequence_survive_reopening,
     listing_returns_more_records_than_one_page,
     a_large_job_record_round_trips,
+    undecodable_records_are_quarantined_and_the_listing_goes_on,
+    quarantine_job_moves_a_usable_record_aside_keeping_its_bytes,
 );
 
 async fn sequence_starts_at_one_and_counts_up(backend: &dyn Backend) {
@@ -286,7 +316,7 @@ async fn sequence_is_unique_and_increasing_under_concurrent_callers(backend: &dy
 
 async fn jobs_round_trip_through_put_get_and_list(backend: &dyn Backend) {
     let store = backend.open().await;
-    assert!(store.list_jobs().await.unwrap().is_empty());
+    assert!(store.list_jobs().await.unwrap().records.is_empty());
     let mut finished = sample_job(3);
     finished.state = JobState::Failed;
     finished.reason = "rank 1 on node-0 exited with code 3".to_owned();
@@ -308,14 +338,14 @@ async fn jobs_round_trip_through_put_get_and_list(backend: &dyn Backend) {
 
 async fn nodes_round_trip_through_put_and_list(backend: &dyn Backend) {
     let store = backend.open().await;
-    assert!(store.list_nodes().await.unwrap().is_empty());
+    assert!(store.list_nodes().await.unwrap().records.is_empty());
     let nodes = vec![sample_node(1), sample_node(2), sample_node(3)];
     for node in &nodes {
         store.put_node(node).await.unwrap();
     }
     assert_eq!(sorted_nodes(store.as_ref()).await, nodes);
     // Nodes are not jobs.
-    assert!(store.list_jobs().await.unwrap().is_empty());
+    assert!(store.list_jobs().await.unwrap().records.is_empty());
 }
 
 async fn put_replaces_an_existing_record(backend: &dyn Backend) {
@@ -331,7 +361,7 @@ async fn put_replaces_an_existing_record(backend: &dyn Backend) {
         store.get_job(&original.id).await.unwrap(),
         Some(updated.clone())
     );
-    assert_eq!(store.list_jobs().await.unwrap(), vec![updated]);
+    assert_eq!(store.list_jobs().await.unwrap().records, vec![updated]);
 
     let node = sample_node(4);
     store.put_node(&node).await.unwrap();
@@ -339,7 +369,7 @@ async fn put_replaces_an_existing_record(backend: &dyn Backend) {
     moved.address = "10.9.9.9:7070".to_owned();
     moved.devices.truncate(1);
     store.put_node(&moved).await.unwrap();
-    assert_eq!(store.list_nodes().await.unwrap(), vec![moved]);
+    assert_eq!(store.list_nodes().await.unwrap().records, vec![moved]);
 }
 
 async fn records_and_sequence_survive_reopening(backend: &dyn Backend) {
@@ -386,7 +416,7 @@ async fn listing_returns_more_records_than_one_page(backend: &dyn Backend) {
     for writer in writers {
         writer.await.unwrap();
     }
-    let jobs = store.list_jobs().await.unwrap();
+    let jobs = store.list_jobs().await.unwrap().records;
     assert_eq!(jobs.len() as u64, JOBS);
     let numbers: BTreeSet<u64> = jobs.iter().map(|job| job.seq).collect();
     assert_eq!(numbers, (0..JOBS).collect::<BTreeSet<u64>>());
@@ -409,9 +439,158 @@ async fn a_large_job_record_round_trips(backend: &dyn Backend) {
             signal: None,
             exited_at_ms: None,
             detail: String::new(),
+            stop_cause: Default::default(),
         })
         .collect();
     store.put_job(&job).await.unwrap();
     assert_eq!(store.get_job(&job.id).await.unwrap(), Some(job.clone()));
-    assert_eq!(store.list_jobs().await.unwrap(), vec![job]);
+    assert_eq!(store.list_jobs().await.unwrap().records, vec![job]);
+}
+
+/// Returns the quarantined records' kinds and keys, sorted.
+fn kinds_and_keys(quarantined: &[Quarantined]) -> Vec<(RecordKind, &str)> {
+    let mut found: Vec<(RecordKind, &str)> = quarantined
+        .iter()
+        .map(|entry| (entry.kind, entry.key.as_str()))
+        .collect();
+    found.sort();
+    found
+}
+
+async fn undecodable_records_are_quarantined_and_the_listing_goes_on(backend: &dyn Backend) {
+    // A wrong format version, an empty value, and bytes that are no record at all.
+    let garbage = [
+        (RecordKind::Job, "job-2", vec![9, 9, 9]),
+        (RecordKind::Job, "job-4", Vec::new()),
+        (
+            RecordKind::Node,
+            "node-7",
+            vec![codec::FORMAT_VERSION, 0xff, 0xff],
+        ),
+    ];
+    for (kind, key, bytes) in &garbage {
+        backend.put_raw(*kind, key, bytes.clone()).await;
+    }
+    let store = backend.open().await;
+    let good_jobs = vec![sample_job(1), sample_job(3)];
+    for job in &good_jobs {
+        store.put_job(job).await.unwrap();
+    }
+    store.put_node(&sample_node(1)).await.unwrap();
+
+    let mut jobs = store.list_jobs().await.unwrap();
+    jobs.records.sort_by(|left, right| left.id.cmp(&right.id));
+    assert_eq!(jobs.records, good_jobs);
+    assert_eq!(
+        kinds_and_keys(&jobs.quarantined),
+        [(RecordKind::Job, "job-2"), (RecordKind::Job, "job-4")]
+    );
+    let nodes = store.list_nodes().await.unwrap();
+    assert_eq!(nodes.records, vec![sample_node(1)]);
+    assert_eq!(
+        kinds_and_keys(&nodes.quarantined),
+        [(RecordKind::Node, "node-7")]
+    );
+    let mut moved: Vec<Quarantined> = jobs
+        .quarantined
+        .into_iter()
+        .chain(nodes.quarantined)
+        .collect();
+    for entry in &moved {
+        let expected = match entry.kind {
+            RecordKind::Job => "decoding JobRecord",
+            RecordKind::Node => "decoding NodeRecord",
+        };
+        assert!(entry.reason.contains(expected), "{}", entry.reason);
+        assert_eq!(entry.slot, entry.key);
+        assert!(entry.quarantined_at_ms > 1_600_000_000_000, "{entry:?}");
+    }
+    assert!(
+        moved
+            .iter()
+            .any(|entry| entry.reason.contains("format version 9, expected 2"))
+    );
+    assert_eq!(
+        store.get_job(&JobId::new("job-2").unwrap()).await.unwrap(),
+        None
+    );
+
+    // A second listing finds only the good records and moves nothing.
+    let again = store.list_jobs().await.unwrap();
+    assert!(again.quarantined.is_empty(), "{:?}", again.quarantined);
+    assert_eq!(again.records.len(), good_jobs.len());
+    assert!(store.list_nodes().await.unwrap().quarantined.is_empty());
+
+    // Quarantine keeps each record's raw bytes and why, also across reopening.
+    drop(store);
+    let reopened = backend.open().await;
+    let kept = reopened.list_quarantined().await.unwrap();
+    let mut kept_entries: Vec<Quarantined> = kept
+        .iter()
+        .map(|record| record.quarantined.clone())
+        .collect();
+    kept_entries.sort_by(|left, right| (left.kind, &left.key).cmp(&(right.kind, &right.key)));
+    moved.sort_by(|left, right| (left.kind, &left.key).cmp(&(right.kind, &right.key)));
+    assert_eq!(kept_entries, moved);
+    for (kind, key, bytes) in &garbage {
+        let record = kept
+            .iter()
+            .find(|record| record.quarantined.kind == *kind && record.quarantined.key == *key)
+            .unwrap();
+        assert_eq!(&record.bytes, bytes, "{kind:?} {key}");
+    }
+    assert_eq!(sorted_jobs(reopened.as_ref()).await, good_jobs);
+}
+
+async fn quarantine_job_moves_a_usable_record_aside_keeping_its_bytes(backend: &dyn Backend) {
+    let store = backend.open().await;
+    let first = sample_job(1);
+    store.put_job(&first).await.unwrap();
+    store.put_job(&sample_job(2)).await.unwrap();
+    let reason = "stored job spec no longer parses: unknown field `gpus`";
+
+    let moved = store
+        .quarantine_job(&first.id, reason)
+        .await
+        .unwrap()
+        .expect("the job exists");
+    assert_eq!(moved.kind, RecordKind::Job);
+    assert_eq!(
+        (moved.key.as_str(), moved.slot.as_str()),
+        ("job-1", "job-1")
+    );
+    assert_eq!(moved.reason, reason);
+    assert_eq!(store.get_job(&first.id).await.unwrap(), None);
+    let listing = store.list_jobs().await.unwrap();
+    assert_eq!(listing.records, vec![sample_job(2)]);
+    assert!(listing.quarantined.is_empty());
+
+    let missing = JobId::new("job-404").unwrap();
+    assert_eq!(store.quarantine_job(&missing, reason).await.unwrap(), None);
+
+    // The same id quarantined again takes the next slot; the first stays.
+    store.put_job(&first).await.unwrap();
+    let again = store
+        .quarantine_job(&first.id, "again")
+        .await
+        .unwrap()
+        .expect("the job exists again");
+    assert_eq!(again.slot, "job-1~2");
+
+    let kept = store.list_quarantined().await.unwrap();
+    let slots: Vec<(&str, &str)> = kept
+        .iter()
+        .map(|record| {
+            (
+                record.quarantined.slot.as_str(),
+                record.quarantined.reason.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(slots, [("job-1", reason), ("job-1~2", "again")]);
+    assert_eq!(kept[0].quarantined, moved);
+    for record in &kept {
+        let back: JobRecord = codec::decode(&record.bytes).unwrap();
+        assert_eq!(back, first);
+    }
 }

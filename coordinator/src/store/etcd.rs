@@ -5,13 +5,21 @@
 //! - `{prefix}/nodes/{node id}`: encoded [`NodeRecord`].
 //! - `{prefix}/meta/job_seq`: the last job sequence number handed out, in decimal ASCII (so
 //!   `etcdctl get` shows it).
+//! - `{prefix}/quarantine/jobs/{slot}`, `{prefix}/quarantine/nodes/{slot}`: the raw bytes of a
+//!   record moved aside (see [the store's module doc](super)).
+//! - `{prefix}/quarantine/notes/jobs/{slot}`, `{prefix}/quarantine/notes/nodes/{slot}`: the
+//!   encoded [`QuarantineNote`] of that record (why and when).
 //!
 //! etcd acknowledges a write once a quorum has it on disk, so writes are durable when the call
 //! returns. The job sequence is advanced by compare-and-swap transactions on the key's
 //! `mod_revision`, retried on conflict, so concurrent coordinators never hand out the same
 //! number. Listings are read page by page at one revision, so they are a consistent snapshot of
-//! any number of records.
+//! any number of records. A record moves into quarantine in one transaction that writes its raw
+//! bytes and note and deletes it, on condition that its `mod_revision` is still the one read and
+//! the quarantine slot is free; when another writer changed the record meanwhile, its new value
+//! is looked at again instead of being clobbered.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,8 +29,11 @@ use etcd_client::{
 };
 use tracing::{debug, info, warn};
 
-use super::ClusterStore;
 use super::codec;
+use super::{
+    ClusterStore, Listing, QuarantineNote, Quarantined, QuarantinedRecord, RecordKind,
+    decode_record, log_quarantined, quarantine_slots,
+};
 use crate::error::{Error, Result};
 use crate::model::{JobRecord, NodeRecord};
 
@@ -45,6 +56,34 @@ const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Compare-and-swap attempts [`EtcdStore::next_job_seq`] makes before reporting contention.
 const MAX_SEQUENCE_ATTEMPTS: u32 = 1_000;
+
+/// Times moving one record into quarantine starts over because another writer changed the
+/// record, before reporting contention.
+const MAX_QUARANTINE_RETRIES: u32 = 100;
+
+/// A record as listed: its name (the key without the directory), raw value and `mod_revision`.
+type StoredEntry = (String, Vec<u8>, i64);
+
+/// What one attempt to move a record into quarantine found.
+enum MoveAttempt {
+    /// The record moved.
+    Moved,
+    /// The quarantine slot holds an earlier record with the same key.
+    SlotTaken,
+    /// The record is no longer the one read: its current value and `mod_revision`, or `None`
+    /// when it was deleted.
+    Changed(Option<(Vec<u8>, i64)>),
+}
+
+/// How moving a record into quarantine ended.
+enum Settled<T> {
+    /// It moved.
+    Moved(Quarantined),
+    /// Another writer replaced it with a record that decodes.
+    Record(T),
+    /// Another writer deleted it.
+    Gone,
+}
 
 /// A [`ClusterStore`] kept in etcd.
 ///
@@ -119,12 +158,27 @@ impl EtcdStore {
 
     /// Key of one job.
     fn job_key(&self, id: &str) -> String {
-        format!("{}/jobs/{id}", self.prefix)
+        self.record_key(RecordKind::Job, id)
     }
 
     /// Key of one node.
     fn node_key(&self, id: &str) -> String {
-        format!("{}/nodes/{id}", self.prefix)
+        self.record_key(RecordKind::Node, id)
+    }
+
+    /// Key of one record of `kind`.
+    fn record_key(&self, kind: RecordKind, name: &str) -> String {
+        format!("{}/{}/{name}", self.prefix, kind.plural())
+    }
+
+    /// Directory (under the prefix) of the raw bytes of quarantined records of `kind`.
+    fn quarantine_directory(kind: RecordKind) -> String {
+        format!("quarantine/{}", kind.plural())
+    }
+
+    /// Directory (under the prefix) of the notes of quarantined records of `kind`.
+    fn quarantine_notes_directory(kind: RecordKind) -> String {
+        format!("quarantine/notes/{}", kind.plural())
     }
 
     /// Key of the job sequence counter.
@@ -160,9 +214,9 @@ impl EtcdStore {
         Ok(())
     }
 
-    /// Returns every key and value under `{prefix}/{directory}/`, page by page at the revision
-    /// of the first page.
-    async fn list_bytes(&self, operation: &str, directory: &str) -> Result<Vec<(String, Vec<u8>)>> {
+    /// Returns every key (without `{prefix}/{directory}/`), value and `mod_revision` under
+    /// `{prefix}/{directory}/`, page by page at the revision of the first page.
+    async fn list_bytes(&self, operation: &str, directory: &str) -> Result<Vec<StoredEntry>> {
         let key_prefix = format!("{}/{directory}/", self.prefix);
         let range_end = prefix_range_end(key_prefix.as_bytes());
         let mut start = key_prefix.clone().into_bytes();
@@ -189,10 +243,11 @@ impl EtcdStore {
             start = last.key().to_vec();
             start.push(0);
             for pair in page {
+                let mod_revision = pair.mod_revision();
                 let (key, value) = pair.into_key_value();
                 let key = String::from_utf8_lossy(&key);
                 let name = key.strip_prefix(&key_prefix).unwrap_or(&key).to_owned();
-                entries.push((name, value));
+                entries.push((name, value, mod_revision));
             }
             if !more {
                 break;
@@ -205,6 +260,163 @@ impl EtcdStore {
             "listed etcd records"
         );
         Ok(entries)
+    }
+
+    /// Stores `bytes` as they are as the record of `kind` under `key`, bypassing the codec: for
+    /// tests that need a record this coordinator would never write.
+    #[cfg(test)]
+    pub(super) async fn put_raw(&self, kind: RecordKind, key: &str, bytes: Vec<u8>) -> Result<()> {
+        self.put_bytes("writing raw record", self.record_key(kind, key), bytes)
+            .await
+    }
+
+    /// Returns every record of `kind` that decodes, after moving every one that does not into
+    /// quarantine.
+    async fn list_records<T: codec::Record>(&self, kind: RecordKind) -> Result<Listing<T>> {
+        let operation = format!("listing {}", kind.plural());
+        let entries = self.list_bytes(&operation, kind.plural()).await?;
+        let mut records = Vec::with_capacity(entries.len());
+        let mut quarantined = Vec::new();
+        for (name, value, mod_revision) in entries {
+            let reason = match codec::decode::<T>(&value) {
+                Ok(record) => {
+                    records.push(record);
+                    continue;
+                }
+                Err(error) => error.to_string(),
+            };
+            match self
+                .quarantine(kind, &name, (value, mod_revision), reason, true)
+                .await?
+            {
+                Settled::Moved(moved) => quarantined.push(moved),
+                Settled::Record(record) => records.push(record),
+                Settled::Gone => {}
+            }
+        }
+        Ok(Listing {
+            records,
+            quarantined,
+        })
+    }
+
+    /// Moves the record of `kind` named `name`, read as `current` (value and `mod_revision`),
+    /// into quarantine for `reason`, trying the slots of [`quarantine_slots`] in order.
+    ///
+    /// When another writer changes the record meanwhile, the new value is looked at again: with
+    /// `recheck`, one that decodes is returned as [`Settled::Record`] and one that does not is
+    /// moved with its own reason; without, the new value is moved.
+    async fn quarantine<T: codec::Record>(
+        &self,
+        kind: RecordKind,
+        name: &str,
+        mut current: (Vec<u8>, i64),
+        mut reason: String,
+        recheck: bool,
+    ) -> Result<Settled<T>> {
+        let operation = format!("quarantining {} {name}", kind.name());
+        let mut slots = quarantine_slots(name);
+        let mut slot = slots.next();
+        let mut changes = 0;
+        while let Some(free) = &slot {
+            let note = QuarantineNote::new(name, &reason);
+            let (bytes, mod_revision) = &current;
+            match self
+                .try_move_aside(
+                    kind,
+                    name,
+                    bytes,
+                    *mod_revision,
+                    free,
+                    &codec::encode(&note)?,
+                )
+                .await?
+            {
+                MoveAttempt::Moved => {
+                    let moved = note.into_quarantined(kind, free.clone());
+                    log_quarantined(&moved);
+                    return Ok(Settled::Moved(moved));
+                }
+                MoveAttempt::SlotTaken => slot = slots.next(),
+                MoveAttempt::Changed(None) => return Ok(Settled::Gone),
+                MoveAttempt::Changed(Some(value)) => {
+                    changes += 1;
+                    if changes > MAX_QUARANTINE_RETRIES {
+                        return Err(self.etcd_error(
+                            &operation,
+                            format!(
+                                "the record changed {MAX_QUARANTINE_RETRIES} times while being \
+                                 moved"
+                            ),
+                        ));
+                    }
+                    if recheck {
+                        match codec::decode::<T>(&value.0) {
+                            Ok(record) => return Ok(Settled::Record(record)),
+                            Err(error) => reason = error.to_string(),
+                        }
+                    }
+                    current = value;
+                }
+            }
+        }
+        Err(self.etcd_error(&operation, "every quarantine slot for it is taken"))
+    }
+
+    /// Makes one attempt at moving the record of `kind` named `name` into quarantine slot
+    /// `slot`: one transaction that writes `bytes` and `note` into the slot and deletes the
+    /// record, if the record's `mod_revision` is still `mod_revision` and the slot is free.
+    async fn try_move_aside(
+        &self,
+        kind: RecordKind,
+        name: &str,
+        bytes: &[u8],
+        mod_revision: i64,
+        slot: &str,
+        note: &[u8],
+    ) -> Result<MoveAttempt> {
+        let operation = format!("quarantining {} {name}", kind.name());
+        let record_key = self.record_key(kind, name);
+        let raw_key = format!(
+            "{}/{}/{slot}",
+            self.prefix,
+            Self::quarantine_directory(kind)
+        );
+        let note_key = format!(
+            "{}/{}/{slot}",
+            self.prefix,
+            Self::quarantine_notes_directory(kind)
+        );
+        let transaction = Txn::new()
+            .when([
+                Compare::mod_revision(record_key.clone(), CompareOp::Equal, mod_revision),
+                Compare::create_revision(raw_key.clone(), CompareOp::Equal, 0),
+                Compare::create_revision(note_key.clone(), CompareOp::Equal, 0),
+            ])
+            .and_then([
+                TxnOp::put(raw_key, bytes.to_vec(), None),
+                TxnOp::put(note_key, note.to_vec(), None),
+                TxnOp::delete(record_key.clone(), None),
+            ])
+            .or_else([TxnOp::get(record_key, None)]);
+        let mut kv = self.kv.clone();
+        let response = self.request(&operation, kv.txn(transaction)).await?;
+        if response.succeeded() {
+            return Ok(MoveAttempt::Moved);
+        }
+        match response.op_responses().first() {
+            Some(TxnOpResponse::Get(get)) => Ok(match get.kvs().first() {
+                Some(pair) if pair.mod_revision() == mod_revision => MoveAttempt::SlotTaken,
+                Some(pair) => {
+                    MoveAttempt::Changed(Some((pair.value().to_vec(), pair.mod_revision())))
+                }
+                None => MoveAttempt::Changed(None),
+            }),
+            _ => Err(self.etcd_error(
+                &operation,
+                "transaction failed without returning the record",
+            )),
+        }
     }
 }
 
@@ -361,16 +573,12 @@ impl ClusterStore for EtcdStore {
         response
             .kvs()
             .first()
-            .map(|pair| decode_record(pair.value(), "job", id.as_str()))
+            .map(|pair| decode_record(pair.value(), RecordKind::Job, id.as_str()))
             .transpose()
     }
 
-    async fn list_jobs(&self) -> Result<Vec<JobRecord>> {
-        let entries = self.list_bytes("listing jobs", "jobs").await?;
-        entries
-            .iter()
-            .map(|(key, bytes)| decode_record(bytes, "job", key))
-            .collect()
+    async fn list_jobs(&self) -> Result<Listing<JobRecord>> {
+        self.list_records(RecordKind::Job).await
     }
 
     async fn put_node(&self, node: &NodeRecord) -> Result<()> {
@@ -382,18 +590,58 @@ impl ClusterStore for EtcdStore {
         Ok(())
     }
 
-    async fn list_nodes(&self) -> Result<Vec<NodeRecord>> {
-        let entries = self.list_bytes("listing nodes", "nodes").await?;
-        entries
-            .iter()
-            .map(|(key, bytes)| decode_record(bytes, "node", key))
-            .collect()
+    async fn list_nodes(&self) -> Result<Listing<NodeRecord>> {
+        self.list_records(RecordKind::Node).await
     }
-}
 
-/// Decodes a stored record, naming the record in the error (`job mnist-3: decoding ...`).
-fn decode_record<T: serde::de::DeserializeOwned>(bytes: &[u8], kind: &str, key: &str) -> Result<T> {
-    codec::decode(bytes).map_err(|error| Error::Store(format!("{kind} {key}: {error}")))
+    async fn quarantine_job(&self, id: &JobId, reason: &str) -> Result<Option<Quarantined>> {
+        let operation = format!("quarantining job {id}");
+        let mut kv = self.kv.clone();
+        let response = self
+            .request(&operation, kv.get(self.job_key(id.as_str()), None))
+            .await?;
+        let Some(pair) = response.kvs().first() else {
+            return Ok(None);
+        };
+        let current = (pair.value().to_vec(), pair.mod_revision());
+        let settled = self
+            .quarantine::<JobRecord>(
+                RecordKind::Job,
+                id.as_str(),
+                current,
+                reason.to_owned(),
+                false,
+            )
+            .await?;
+        Ok(match settled {
+            Settled::Moved(moved) => Some(moved),
+            Settled::Record(_) | Settled::Gone => None,
+        })
+    }
+
+    async fn list_quarantined(&self) -> Result<Vec<QuarantinedRecord>> {
+        let operation = "listing quarantine";
+        let mut found = Vec::new();
+        for kind in RecordKind::ALL {
+            let raw = self
+                .list_bytes(operation, &Self::quarantine_directory(kind))
+                .await?;
+            let notes: HashMap<String, Vec<u8>> = self
+                .list_bytes(operation, &Self::quarantine_notes_directory(kind))
+                .await?
+                .into_iter()
+                .map(|(slot, note, _)| (slot, note))
+                .collect();
+            for (slot, bytes, _) in raw {
+                let note = QuarantineNote::read(&slot, notes.get(&slot).map(Vec::as_slice));
+                found.push(QuarantinedRecord {
+                    quarantined: note.into_quarantined(kind, slot),
+                    bytes,
+                });
+            }
+        }
+        Ok(found)
+    }
 }
 
 #[cfg(test)]
@@ -524,26 +772,104 @@ mod tests {
         first.put_job(&sample_job(1)).await.unwrap();
         first.put_node(&sample_node(1)).await.unwrap();
         assert_eq!(first.next_job_seq().await.unwrap(), 1);
-        assert!(second.list_jobs().await.unwrap().is_empty());
-        assert!(second.list_nodes().await.unwrap().is_empty());
+        assert!(second.list_jobs().await.unwrap().records.is_empty());
+        assert!(second.list_nodes().await.unwrap().records.is_empty());
         assert_eq!(second.next_job_seq().await.unwrap(), 1);
-        assert_eq!(first.list_jobs().await.unwrap(), vec![sample_job(1)]);
+        assert_eq!(
+            first.list_jobs().await.unwrap().records,
+            vec![sample_job(1)]
+        );
     }
 
     #[tokio::test]
-    async fn an_undecodable_record_fails_the_listing_naming_its_key() {
-        let Some(etcd) = TestEtcd::start_or_skip("an_undecodable_record_fails_the_listing") else {
+    async fn an_undecodable_record_is_quarantined_naming_its_key() {
+        let Some(etcd) = TestEtcd::start_or_skip("an_undecodable_record_is_quarantined") else {
             return;
         };
         let store = EtcdStore::connect(&etcd.endpoint(), DEFAULT_PREFIX)
             .await
             .unwrap();
+        store.put_job(&sample_job(1)).await.unwrap();
         store
             .put_bytes("writing job", store.job_key("broken-7"), vec![9, 9, 9])
             .await
             .unwrap();
-        let error = store.list_jobs().await.unwrap_err().to_string();
-        assert!(error.contains("job broken-7"), "{error}");
-        assert!(error.contains("format version 9, expected 1"), "{error}");
+        let listing = store.list_jobs().await.unwrap();
+        assert_eq!(listing.records, vec![sample_job(1)]);
+        assert_eq!(listing.quarantined.len(), 1);
+        let moved = &listing.quarantined[0];
+        assert_eq!(
+            (moved.key.as_str(), moved.slot.as_str()),
+            ("broken-7", "broken-7")
+        );
+        assert!(
+            moved.reason.contains("format version 9, expected 2"),
+            "{}",
+            moved.reason
+        );
+        // Where the module doc says: the raw bytes, and the note beside them.
+        let mut kv = store.kv.clone();
+        let raw = kv
+            .get("/cohort/quarantine/jobs/broken-7", None)
+            .await
+            .unwrap();
+        assert_eq!(raw.kvs()[0].value(), &[9, 9, 9]);
+        let note = kv
+            .get("/cohort/quarantine/notes/jobs/broken-7", None)
+            .await
+            .unwrap();
+        let note: QuarantineNote = codec::decode(note.kvs()[0].value()).unwrap();
+        assert_eq!(note.reason, moved.reason);
+        assert!(
+            kv.get(store.job_key("broken-7"), None)
+                .await
+                .unwrap()
+                .kvs()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_record_changed_since_it_was_read_is_not_moved() {
+        let Some(etcd) = TestEtcd::start_or_skip("a_record_changed_since_it_was_read") else {
+            return;
+        };
+        let store = EtcdStore::connect(&etcd.endpoint(), DEFAULT_PREFIX)
+            .await
+            .unwrap();
+        let key = store.job_key("job-1");
+        store
+            .put_bytes("writing job", key.clone(), vec![9])
+            .await
+            .unwrap();
+        let mut kv = store.kv.clone();
+        let stale = kv.get(key.clone(), None).await.unwrap().kvs()[0].mod_revision();
+        // Another writer replaces the garbage with a good record.
+        store.put_job(&sample_job(1)).await.unwrap();
+        let attempt = store
+            .try_move_aside(RecordKind::Job, "job-1", &[9], stale, "job-1", b"note")
+            .await
+            .unwrap();
+        let MoveAttempt::Changed(Some((value, _))) = attempt else {
+            panic!("a stale mod_revision must not move the record");
+        };
+        assert_eq!(value, codec::encode(&sample_job(1)).unwrap());
+        // The good record is where it was, and the listing reports it.
+        let settled = store
+            .quarantine::<JobRecord>(
+                RecordKind::Job,
+                "job-1",
+                (vec![9], stale),
+                "garbage".to_owned(),
+                true,
+            )
+            .await
+            .unwrap();
+        assert!(matches!(settled, Settled::Record(record) if record == sample_job(1)));
+        assert_eq!(
+            store.list_jobs().await.unwrap().records,
+            vec![sample_job(1)]
+        );
+        assert!(store.list_quarantined().await.unwrap().is_empty());
     }
 }

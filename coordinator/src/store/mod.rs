@@ -6,16 +6,30 @@
 //!   state must outlive its machine.
 //!
 //! Both store the same bincode-encoded records ([`codec`]) and pass the same conformance tests.
+//!
+//! # Quarantine
+//!
+//! A record the coordinator cannot use (bytes that no longer decode, or a job whose spec no
+//! longer parses) must neither stop the coordinator from starting nor be lost. Listing moves an
+//! undecodable record aside and goes on; [`ClusterStore::quarantine_job`] does the same for a
+//! record the caller found unusable. Quarantine keeps the record's raw bytes as they were, in a
+//! slot named after its key, with a [`QuarantineNote`] saying why and when. The move is atomic
+//! (one transaction removes the record and writes both), and it only happens if the record is
+//! still the one that was read, so a concurrent writer's newer record is never moved or lost.
+//! Each move is logged at error level and returned to the caller.
 
 pub mod codec;
 pub mod embedded;
 pub mod etcd;
+pub mod legacy;
 
 use async_trait::async_trait;
 use cohort_proto::JobId;
+use serde::{Deserialize, Serialize};
+use tracing::error;
 
 use crate::error::Result;
-use crate::model::{JobRecord, NodeRecord};
+use crate::model::{JobRecord, NodeRecord, UnixMillis};
 
 /// Where the coordinator keeps jobs, placements and nodes.
 ///
@@ -27,15 +41,201 @@ pub trait ClusterStore: Send + Sync + 'static {
     async fn next_job_seq(&self) -> Result<u64>;
     /// Inserts or replaces a job record.
     async fn put_job(&self, job: &JobRecord) -> Result<()>;
-    /// Returns one job record, if it exists.
+    /// Returns one job record, if it exists. An undecodable record is an error naming its key
+    /// (it stays where it is until a listing quarantines it).
     async fn get_job(&self, id: &JobId) -> Result<Option<JobRecord>>;
-    /// Returns every job record, in no particular order.
-    async fn list_jobs(&self) -> Result<Vec<JobRecord>>;
+    /// Returns every job record, in no particular order, after moving every record that does
+    /// not decode into quarantine (see the module doc).
+    async fn list_jobs(&self) -> Result<Listing<JobRecord>>;
     /// Inserts or replaces a node record.
     async fn put_node(&self, node: &NodeRecord) -> Result<()>;
-    /// Returns every node record, in no particular order.
-    async fn list_nodes(&self) -> Result<Vec<NodeRecord>>;
+    /// Returns every node record, in no particular order, after moving every record that does
+    /// not decode into quarantine.
+    async fn list_nodes(&self) -> Result<Listing<NodeRecord>>;
+    /// Moves the job record stored under `id` into quarantine with `reason`: for a record that
+    /// decodes but can no longer be used (its spec no longer parses). Moves whatever is stored
+    /// under `id` when the move happens. Returns `None` when there is no such record.
+    async fn quarantine_job(&self, id: &JobId, reason: &str) -> Result<Option<Quarantined>>;
+    /// Returns every quarantined record with its raw bytes, jobs first, each kind by slot.
+    async fn list_quarantined(&self) -> Result<Vec<QuarantinedRecord>>;
+}
+
+/// The kinds of record a store keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RecordKind {
+    /// A [`JobRecord`].
+    Job,
+    /// A [`NodeRecord`].
+    Node,
+}
+
+impl RecordKind {
+    /// Both kinds, in the order [`ClusterStore::list_quarantined`] reports them.
+    pub const ALL: [RecordKind; 2] = [RecordKind::Job, RecordKind::Node];
+
+    /// The singular name used in messages and logs (`job`).
+    pub fn name(self) -> &'static str {
+        match self {
+            RecordKind::Job => "job",
+            RecordKind::Node => "node",
+        }
+    }
+
+    /// The plural used in table and key names (`jobs`).
+    pub fn plural(self) -> &'static str {
+        match self {
+            RecordKind::Job => "jobs",
+            RecordKind::Node => "nodes",
+        }
+    }
+}
+
+/// What a listing returns: the records that decoded, and the ones it moved into quarantine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listing<T> {
+    /// Every usable record, in no particular order.
+    pub records: Vec<T>,
+    /// The records this listing moved aside; empty when every record decoded.
+    pub quarantined: Vec<Quarantined>,
+}
+
+/// One record moved into quarantine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    /// Which kind of record it was.
+    pub kind: RecordKind,
+    /// The key it was stored under (the job or node id).
+    pub key: String,
+    /// Its name in quarantine: the key, or `key~N` when an earlier record with the same key is
+    /// already there (ids never contain `~`).
+    pub slot: String,
+    /// Why it was moved.
+    pub reason: String,
+    /// When it was moved, in Unix milliseconds.
+    pub quarantined_at_ms: UnixMillis,
+}
+
+/// A quarantined record and its bytes, exactly as they were stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuarantinedRecord {
+    /// What was moved, from where, and why.
+    pub quarantined: Quarantined,
+    /// The record's raw bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// Why and when a record was quarantined, stored (encoded with [`codec`]) beside its raw bytes.
+/// The raw bytes are kept apart from it, unencoded, so that a record too large to decode can
+/// still be quarantined whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineNote {
+    /// The key the record was stored under.
+    pub key: String,
+    /// Why it was moved, cut to [`crate::limits::MAX_REASON_BYTES`].
+    pub reason: String,
+    /// When it was moved, in Unix milliseconds.
+    pub quarantined_at_ms: UnixMillis,
+}
+
+/// Most quarantine slots tried for one key (`key`, `key~2`, ...) before the move fails.
+const MAX_QUARANTINE_SLOTS: usize = 1_000;
+
+impl codec::Record for QuarantineNote {}
+
+impl QuarantineNote {
+    /// A note for moving the record under `key` now, for `reason`.
+    fn new(key: &str, reason: &str) -> Self {
+        Self {
+            key: key.to_owned(),
+            reason: cohort_proto::text::truncate(reason, crate::limits::MAX_REASON_BYTES)
+                .into_owned(),
+            quarantined_at_ms: crate::model::now_ms(),
+        }
+    }
+
+    /// Reads a stored note; an unreadable or missing one becomes a note saying so, so that
+    /// reporting quarantine never fails on quarantine's own damage.
+    fn read(slot: &str, bytes: Option<&[u8]>) -> Self {
+        let unreadable = |reason: String| Self {
+            key: slot.to_owned(),
+            reason,
+            quarantined_at_ms: 0,
+        };
+        match bytes.map(codec::decode::<QuarantineNote>) {
+            Some(Ok(note)) => note,
+            Some(Err(error)) => unreadable(format!("quarantine note unreadable: {error}")),
+            None => unreadable("quarantine note missing".to_owned()),
+        }
+    }
+
+    /// The report of this note's record, moved into `slot`.
+    fn into_quarantined(self, kind: RecordKind, slot: String) -> Quarantined {
+        Quarantined {
+            kind,
+            key: self.key,
+            slot,
+            reason: self.reason,
+            quarantined_at_ms: self.quarantined_at_ms,
+        }
+    }
+}
+
+/// The quarantine slots to try, in order, for a record stored under `key`: `key`, then `key~2`,
+/// `key~3`, ... up to [`MAX_QUARANTINE_SLOTS`].
+fn quarantine_slots(key: &str) -> impl Iterator<Item = String> + '_ {
+    std::iter::once(key.to_owned())
+        .chain((2..=MAX_QUARANTINE_SLOTS).map(move |number| format!("{key}~{number}")))
+}
+
+/// Logs one record moved into quarantine.
+fn log_quarantined(quarantined: &Quarantined) {
+    error!(
+        kind = quarantined.kind.name(),
+        key = %quarantined.key,
+        slot = %quarantined.slot,
+        reason = %quarantined.reason,
+        "moved an unusable record into quarantine; it is no longer part of the cluster state"
+    );
+}
+
+/// Decodes a stored record, naming the record in the error (`job mnist-3: decoding ...`).
+fn decode_record<T: codec::Record>(bytes: &[u8], kind: RecordKind, key: &str) -> Result<T> {
+    codec::decode(bytes)
+        .map_err(|error| crate::error::Error::Store(format!("{} {key}: {error}", kind.name())))
 }
 
 #[cfg(test)]
 mod conformance;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quarantine_slots_start_with_the_key_and_stay_bounded() {
+        let slots: Vec<String> = quarantine_slots("job-7").collect();
+        assert_eq!(slots[..3], ["job-7", "job-7~2", "job-7~3"]);
+        assert_eq!(slots.len(), MAX_QUARANTINE_SLOTS);
+    }
+
+    #[test]
+    fn a_note_cuts_a_long_reason_and_round_trips() {
+        let note = QuarantineNote::new("job-7", &"x".repeat(100_000));
+        assert!(note.reason.len() <= crate::limits::MAX_REASON_BYTES);
+        let bytes = codec::encode(&note).unwrap();
+        assert_eq!(QuarantineNote::read("job-7", Some(&bytes)), note);
+    }
+
+    #[test]
+    fn an_unreadable_or_missing_note_is_reported_not_an_error() {
+        let note = QuarantineNote::read("job-7~2", Some(&[9, 9]));
+        assert_eq!(note.key, "job-7~2");
+        assert!(
+            note.reason.contains("quarantine note unreadable"),
+            "{}",
+            note.reason
+        );
+        let note = QuarantineNote::read("job-7", None);
+        assert_eq!(note.reason, "quarantine note missing");
+    }
+}

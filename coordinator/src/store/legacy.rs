@@ -1,0 +1,210 @@
+//! Records as earlier format versions stored them, and how each is read today
+//! ([`codec::Record::decode_earlier`]). A record is upgraded when it is read and written back in
+//! the current format with the job's next change; nothing is rewritten in bulk.
+//!
+//! - Version 1: jobs without a submitter and ranks without a stop cause (read as submitted by
+//!   `unknown`, and not stopped by Cohort); nodes as today.
+
+use cohort_proto::{JobId, NodeId};
+use cohort_spec::DeviceKind;
+use serde::{Deserialize, Serialize};
+
+use super::codec::{self, Record};
+use crate::error::Result;
+use crate::lifecycle::JobState;
+use crate::model::{JobRecord, MetricsRecord, NodeRecord, RankRecord, RankState, UnixMillis};
+
+impl Record for NodeRecord {
+    fn decode_earlier(version: u8, body: &[u8]) -> Option<Result<Self>> {
+        (version == 1).then(|| codec::decode_body(body))
+    }
+}
+
+impl Record for JobRecord {
+    fn decode_earlier(version: u8, body: &[u8]) -> Option<Result<Self>> {
+        (version == 1).then(|| codec::decode_body::<JobRecordV1>(body).map(JobRecord::from))
+    }
+}
+
+/// A rank of a version 1 job record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankRecordV1 {
+    /// See [`RankRecord::rank`].
+    pub rank: u32,
+    /// See [`RankRecord::node_id`].
+    pub node_id: NodeId,
+    /// See [`RankRecord::local_rank`].
+    pub local_rank: u32,
+    /// See [`RankRecord::devices`].
+    pub devices: Vec<u32>,
+    /// See [`RankRecord::state`].
+    pub state: RankState,
+    /// See [`RankRecord::pid`].
+    pub pid: u32,
+    /// See [`RankRecord::exit_code`].
+    pub exit_code: Option<i32>,
+    /// See [`RankRecord::signal`].
+    pub signal: Option<i32>,
+    /// See [`RankRecord::exited_at_ms`].
+    pub exited_at_ms: Option<UnixMillis>,
+    /// See [`RankRecord::detail`].
+    pub detail: String,
+}
+
+/// A version 1 job record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecordV1 {
+    /// See [`JobRecord::id`].
+    pub id: JobId,
+    /// See [`JobRecord::seq`].
+    pub seq: u64,
+    /// See [`JobRecord::spec_toml`].
+    pub spec_toml: String,
+    /// See [`JobRecord::name`].
+    pub name: String,
+    /// See [`JobRecord::kind`].
+    pub kind: String,
+    /// See [`JobRecord::priority`].
+    pub priority: i32,
+    /// See [`JobRecord::ranks`].
+    pub ranks: u32,
+    /// See [`JobRecord::devices_per_rank`].
+    pub devices_per_rank: u32,
+    /// See [`JobRecord::device_kind`].
+    pub device_kind: DeviceKind,
+    /// See [`JobRecord::wait_for_resources`].
+    pub wait_for_resources: bool,
+    /// See [`JobRecord::state`].
+    pub state: JobState,
+    /// See [`JobRecord::reason`].
+    pub reason: String,
+    /// See [`JobRecord::blamed_rank`].
+    pub blamed_rank: Option<u32>,
+    /// See [`JobRecord::submitted_at_ms`].
+    pub submitted_at_ms: UnixMillis,
+    /// See [`JobRecord::scheduled_at_ms`].
+    pub scheduled_at_ms: Option<UnixMillis>,
+    /// See [`JobRecord::started_at_ms`].
+    pub started_at_ms: Option<UnixMillis>,
+    /// See [`JobRecord::finished_at_ms`].
+    pub finished_at_ms: Option<UnixMillis>,
+    /// See [`JobRecord::placement`].
+    pub placement: Vec<RankRecordV1>,
+    /// See [`JobRecord::metrics`].
+    pub metrics: std::collections::BTreeMap<u32, MetricsRecord>,
+}
+
+impl From<JobRecordV1> for JobRecord {
+    fn from(old: JobRecordV1) -> Self {
+        JobRecord {
+            id: old.id,
+            seq: old.seq,
+            spec_toml: old.spec_toml,
+            name: old.name,
+            kind: old.kind,
+            priority: old.priority,
+            ranks: old.ranks,
+            devices_per_rank: old.devices_per_rank,
+            device_kind: old.device_kind,
+            wait_for_resources: old.wait_for_resources,
+            submitter: "unknown".to_owned(),
+            state: old.state,
+            reason: old.reason,
+            blamed_rank: old.blamed_rank,
+            submitted_at_ms: old.submitted_at_ms,
+            scheduled_at_ms: old.scheduled_at_ms,
+            started_at_ms: old.started_at_ms,
+            finished_at_ms: old.finished_at_ms,
+            placement: old
+                .placement
+                .into_iter()
+                .map(|rank| RankRecord {
+                    rank: rank.rank,
+                    node_id: rank.node_id,
+                    local_rank: rank.local_rank,
+                    devices: rank.devices,
+                    state: rank.state,
+                    pid: rank.pid,
+                    exit_code: rank.exit_code,
+                    signal: rank.signal,
+                    exited_at_ms: rank.exited_at_ms,
+                    detail: rank.detail,
+                    stop_cause: Default::default(),
+                })
+                .collect(),
+            metrics: old.metrics,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::StopCause;
+
+    /// A version 1 record as the previous release wrote it: version byte 1, then bincode.
+    fn written_by_version_1(record: &JobRecordV1) -> Vec<u8> {
+        let mut bytes = vec![1];
+        bytes.extend(bincode::serde::encode_to_vec(record, bincode::config::standard()).unwrap());
+        bytes
+    }
+
+    #[test]
+    fn a_version_1_job_is_read_with_every_field_it_had() {
+        let old = JobRecordV1 {
+            id: JobId::new("mnist-3").unwrap(),
+            seq: 3,
+            spec_toml: "version = 1".to_owned(),
+            name: "mnist".to_owned(),
+            kind: "train".to_owned(),
+            priority: 5,
+            ranks: 2,
+            devices_per_rank: 1,
+            device_kind: DeviceKind::Cpu,
+            wait_for_resources: false,
+            state: JobState::Failed,
+            reason: "rank 1 on node a exited with code 3".to_owned(),
+            blamed_rank: Some(1),
+            submitted_at_ms: 10,
+            scheduled_at_ms: Some(11),
+            started_at_ms: Some(12),
+            finished_at_ms: Some(13),
+            placement: vec![RankRecordV1 {
+                rank: 1,
+                node_id: NodeId::new("a").unwrap(),
+                local_rank: 0,
+                devices: vec![0],
+                state: RankState::Exited,
+                pid: 77,
+                exit_code: Some(3),
+                signal: None,
+                exited_at_ms: Some(13),
+                detail: "x".to_owned(),
+            }],
+            metrics: Default::default(),
+        };
+        let record: JobRecord = codec::decode(&written_by_version_1(&old)).unwrap();
+        assert_eq!(record.id, old.id);
+        assert_eq!(record.reason, old.reason);
+        assert_eq!(record.submitter, "unknown");
+        assert_eq!(record.placement[0].pid, 77);
+        assert_eq!(record.placement[0].detail, "x");
+        assert_eq!(record.placement[0].stop_cause, StopCause::None);
+        // Written back, it is a current record.
+        assert_eq!(codec::encode(&record).unwrap()[0], codec::FORMAT_VERSION);
+    }
+
+    #[test]
+    fn a_version_1_node_reads_as_today() {
+        let node = NodeRecord {
+            id: NodeId::new("a").unwrap(),
+            hostname: "h".to_owned(),
+            address: "127.0.0.1".to_owned(),
+            devices: Vec::new(),
+            registered_at_ms: 1,
+        };
+        let mut bytes = codec::encode(&node).unwrap();
+        bytes[0] = 1;
+        assert_eq!(codec::decode::<NodeRecord>(&bytes).unwrap(), node);
+    }
+}
