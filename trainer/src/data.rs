@@ -7,6 +7,7 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
+use candle_core::{Device, Tensor};
 use cohort_spec::train::{DataSpec, DatasetKind};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -309,6 +310,32 @@ pub fn synthetic_splits(
         train: split(train_examples)?,
         test: split(test_examples)?,
     })
+}
+
+/// Reused host buffers of one batch.
+#[derive(Debug, Default)]
+pub(crate) struct BatchBuffers {
+    /// Normalised pixels.
+    pub(crate) images: Vec<f32>,
+    /// Classes.
+    pub(crate) labels: Vec<u32>,
+    /// Example indices of an evaluation batch.
+    pub(crate) indices: Vec<usize>,
+}
+
+impl BatchBuffers {
+    /// Gathers `indices` of `dataset` and returns `(images, labels)` tensors.
+    pub(crate) fn tensors(
+        &mut self,
+        dataset: &Dataset,
+        indices: &[usize],
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        dataset.gather(indices, &mut self.images, &mut self.labels)?;
+        let images = Tensor::from_slice(&self.images, (indices.len(), dataset.features()), device)?;
+        let labels = Tensor::from_slice(&self.labels, indices.len(), device)?;
+        Ok((images, labels))
+    }
 }
 
 #[cfg(test)]

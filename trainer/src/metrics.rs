@@ -2,7 +2,7 @@
 //! timings, and the [`MetricsSink`] trait the caller implements to receive them.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Wall-clock time of one step's phases on this rank.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -34,6 +34,13 @@ impl PhaseTimings {
         self.exposed_communication += other.exposed_communication;
         self.optimizer += other.optimizer;
     }
+}
+
+/// Adds the time since `since` to `phase` and returns now: timing a step's phases in turn.
+pub(crate) fn lap(since: Instant, phase: &mut Duration) -> Instant {
+    let now = Instant::now();
+    *phase += now - since;
+    now
 }
 
 /// Metrics of one optimizer step, identical on every rank except the timings.

@@ -78,6 +78,54 @@ impl StagedForward {
     }
 }
 
+/// The embedding model's first stage over `pixels` pixels: a table of one row per pixel and
+/// intensity level, added to `parameters`.
+fn embedding_stage(
+    spec: &ModelSpec,
+    pixels: usize,
+    parameters: &mut ParameterSet,
+    rng: &mut ChaCha8Rng,
+) -> Result<(Stage, EmbeddingTable)> {
+    let levels = spec.intensity_levels();
+    let embedding_width = spec.embedding_width();
+    if !(2..=MAX_INTENSITY_LEVELS).contains(&levels)
+        || !(1..=MAX_EMBEDDING_WIDTH).contains(&embedding_width)
+    {
+        return Err(TrainerError::Config(format!(
+            "embedding model with {levels} intensity levels and rows of width \
+                 {embedding_width}, expected 2 to {MAX_INTENSITY_LEVELS} levels and a width \
+                 of 1 to {MAX_EMBEDDING_WIDTH}"
+        )));
+    }
+    let rows = usize::try_from(spec.embedding_rows(pixels as u64)).map_err(|_| {
+        TrainerError::Config(format!(
+            "embedding model of {pixels} pixels and {levels} levels: too many rows"
+        ))
+    })?;
+    let embedding_width = embedding_width as usize;
+    let parameter_index = parameters.len();
+    let table = parameters.add(
+        "embedding.table",
+        (rows, embedding_width),
+        // Uniform in ±sqrt(6 / width). Measured over one epoch of Fashion-MNIST, smaller
+        // scales train alike and ±sqrt(6) loses about 3 points of accuracy.
+        Initialization::HeUniform {
+            fan_in: embedding_width,
+        },
+        rng,
+    )?;
+    let stage = Stage {
+        layer: Layer::EmbeddingBag(EmbeddingBag::new(table, pixels, levels)),
+        parameters: parameter_index..parameters.len(),
+    };
+    let table = EmbeddingTable {
+        parameter_index,
+        rows,
+        width: embedding_width,
+    };
+    Ok((stage, table))
+}
+
 /// A classifier of square grey-scale images.
 #[derive(Debug, Clone)]
 pub struct Model {
@@ -167,45 +215,10 @@ impl Model {
         let mut features = channels * height * width;
         let mut embedding_table = None;
         if spec.kind == ModelKind::Embedding {
-            let levels = spec.intensity_levels();
-            let embedding_width = spec.embedding_width();
-            if !(2..=MAX_INTENSITY_LEVELS).contains(&levels)
-                || !(1..=MAX_EMBEDDING_WIDTH).contains(&embedding_width)
-            {
-                return Err(TrainerError::Config(format!(
-                    "embedding model with {levels} intensity levels and rows of width \
-                     {embedding_width}, expected 2 to {MAX_INTENSITY_LEVELS} levels and a width \
-                     of 1 to {MAX_EMBEDDING_WIDTH}"
-                )));
-            }
-            let pixels = features;
-            let rows = usize::try_from(spec.embedding_rows(pixels as u64)).map_err(|_| {
-                TrainerError::Config(format!(
-                    "embedding model of {pixels} pixels and {levels} levels: too many rows"
-                ))
-            })?;
-            let embedding_width = embedding_width as usize;
-            let parameter_index = parameters.len();
-            let table = parameters.add(
-                "embedding.table",
-                (rows, embedding_width),
-                // Uniform in ±sqrt(6 / width). Measured over one epoch of Fashion-MNIST, smaller
-                // scales train alike and ±sqrt(6) loses about 3 points of accuracy.
-                Initialization::HeUniform {
-                    fan_in: embedding_width,
-                },
-                &mut rng,
-            )?;
-            stages.push(Stage {
-                layer: Layer::EmbeddingBag(EmbeddingBag::new(table, pixels, levels)),
-                parameters: parameter_index..parameters.len(),
-            });
-            embedding_table = Some(EmbeddingTable {
-                parameter_index,
-                rows,
-                width: embedding_width,
-            });
-            features = embedding_width;
+            let (stage, table) = embedding_stage(spec, features, &mut parameters, &mut rng)?;
+            stages.push(stage);
+            features = table.width;
+            embedding_table = Some(table);
         }
         let widths: Vec<usize> = spec
             .hidden

@@ -15,29 +15,32 @@
 
 use std::ops::Range;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use candle_core::Tensor;
 use candle_nn::Module;
 use cohort_parameter_server::config::{OptimizerConfig, OptimizerKind as ServerOptimizerKind};
 use cohort_parameter_server::{
     ClientConfig, Mode, ParameterClient, RowSelection, ScheduleConfig, ServerConfig,
-    SparseGradient, StepReport, TensorDeclaration,
+    SparseGradient, TensorDeclaration,
 };
 use cohort_proto::JobId;
 use cohort_spec::train::{OptimizerKind, PsMode};
 use tokio::runtime::Handle;
 
 use crate::checkpoint;
-use crate::data::{Dataset, TrainTestSplits};
+use crate::data::{BatchBuffers, Dataset, TrainTestSplits};
 use crate::error::{Result, TrainerError};
-use crate::metrics::{EvaluationMetrics, MetricsSink, PhaseTimings, StepMetrics};
+use crate::evaluation::evaluate_locally;
+use crate::metrics::{EvaluationMetrics, MetricsSink, PhaseTimings, lap};
 use crate::models::Model;
-use crate::optim::Optimizer;
+use crate::optim::{LearningRateSchedule, Optimizer};
+use crate::run::TrainConfig;
+use crate::run::driver::Run;
+use crate::run::plan::{RunPlan, TrainOutcome};
+use crate::run::step::{Applied, Gradients, ParameterUpdate, Step, StepSummary};
 use crate::sampler::DistributedSampler;
-use crate::train_loop::{
-    BatchBuffers, RunPlan, TrainConfig, TrainOutcome, evaluate_locally, lap, working_copy,
-};
+use crate::sampler::EpochOrder;
 
 /// What a rank needs to reach its job's parameter servers.
 #[derive(Debug, Clone)]
@@ -200,35 +203,20 @@ struct PreparedBatch {
     rows: Vec<u64>,
 }
 
-/// Deterministic batches of one rank, gathered one step ahead.
-struct Batches<'a> {
-    /// The data.
-    dataset: &'a Dataset,
-    /// Which examples each step takes.
-    sampler: &'a DistributedSampler,
-    /// Order of `order_epoch`.
-    order: Vec<usize>,
-    /// Epoch `order` belongs to.
-    order_epoch: Option<u64>,
-}
-
-impl Batches<'_> {
-    /// Gathers the batch of `step` into `batch` and finds its table rows.
-    fn prepare(&mut self, model: &Model, step: u64, batch: &mut PreparedBatch) -> Result<()> {
-        let steps_per_epoch = self.sampler.steps_per_epoch() as u64;
-        let epoch = step / steps_per_epoch;
-        if self.order_epoch != Some(epoch) {
-            self.sampler.epoch_order(epoch, &mut self.order);
-            self.order_epoch = Some(epoch);
-        }
-        let indices = self
-            .sampler
-            .rank_batch(&self.order, (step % steps_per_epoch) as usize);
-        let PreparedBatch { buffers, len, rows } = batch;
-        self.dataset
-            .gather(indices, &mut buffers.images, &mut buffers.labels)?;
-        *len = indices.len();
-        model.touched_rows(&buffers.images, *len, rows);
+impl PreparedBatch {
+    /// Gathers this rank's batch of `step` and finds its table rows.
+    fn prepare(
+        &mut self,
+        dataset: &Dataset,
+        sampler: &DistributedSampler,
+        order: &mut EpochOrder,
+        model: &Model,
+        step: u64,
+    ) -> Result<()> {
+        let indices = order.rank_batch(sampler, step);
+        dataset.gather(indices, &mut self.buffers.images, &mut self.buffers.labels)?;
+        self.len = indices.len();
+        model.touched_rows(&self.buffers.images, self.len, &mut self.rows);
         Ok(())
     }
 }
@@ -255,104 +243,191 @@ pub fn train_with_parameter_server(
             config.device
         )));
     }
-    let RunPlan {
-        device,
-        global_batch,
-        sampler,
-        steps_per_epoch,
-        total_steps,
-        model,
-    } = RunPlan::new(config, data, world_size, rank)?;
-    let parameters = model.parameters();
-    let runtime = &link.runtime;
-    let mut client = runtime.block_on(ParameterClient::connect(
-        link.client.clone(),
-        &link.addresses,
-        tensor_declarations(&model),
-    ))?;
-    let layout = Layout::new(&model, &client)?;
-    let mut full_values = vec![0.0f32; parameters.element_count()];
-    // The checkpoint format keeps an optimizer file; the servers hold the real state.
-    let optimizer = Optimizer::new(&config.optimizer, 0);
-    if rank == 0 {
-        // Servers restored from the checkpoint's snapshots ignore these values.
-        if let Some(path) = config.resume_path() {
-            checkpoint::load_weights(&path, parameters)?;
-        }
-        parameters.read_values(&mut full_values)?;
-        runtime.block_on(client.init(&full_values, total_steps))?;
-    }
-
-    let mut exchange = ExchangeBuffers {
-        dense_gradient: vec![0.0; layout.dense_len],
-        dense: vec![0.0; layout.dense_len],
-        ..ExchangeBuffers::default()
-    };
-    let first = runtime.block_on(client.pull(&mut exchange.dense))?;
-    layout.write_dense(&model, &exchange.dense)?;
-    let start_step = first.next_step.min(total_steps);
-    let final_version = match config.parallel.ps_mode() {
-        PsMode::Sync => total_steps,
-        PsMode::Async | PsMode::Ssp => total_steps * world_size as u64,
-    };
+    let plan = RunPlan::new(config, data, world_size, rank)?;
+    let mut run = ParameterServerRun::connect(config, data, &plan, link)?;
+    let start_step = run.start()?;
     tracing::info!(
         rank,
-        world_size,
         shards = link.addresses.len(),
         mode = config.parallel.ps_mode().name(),
-        parameters = parameters.element_count(),
-        global_batch,
-        local_batch = sampler.local_batch(),
-        steps_per_epoch,
-        start_step,
-        total_steps,
-        "training through parameter servers starts"
+        "training through parameter servers"
     );
+    let totals = plan.drive(config, (rank, world_size), start_step, &mut run, metrics)?;
+    let traffic = run.client.traffic();
+    drop(run);
+    tracing::info!(
+        rank,
+        bytes_sent = traffic.bytes_sent,
+        bytes_received = traffic.bytes_received,
+        "parameter-server traffic"
+    );
+    Ok(plan.finish(rank, totals))
+}
 
-    let mut batches = Batches {
-        dataset: &data.train,
-        sampler: &sampler,
-        order: Vec::new(),
-        order_epoch: None,
-    };
-    let mut current = PreparedBatch::default();
-    let mut next = PreparedBatch::default();
-    if start_step < total_steps {
-        batches.prepare(&model, start_step, &mut current)?;
-        pull_rows(runtime, &mut client, &layout, &model, &current.rows)?;
+/// One rank's part of a parameter-server run.
+struct ParameterServerRun<'a> {
+    config: &'a TrainConfig,
+    data: &'a TrainTestSplits,
+    plan: &'a RunPlan,
+    rank: usize,
+    runtime: &'a Handle,
+    client: ParameterClient,
+    layout: Layout,
+    /// The bf16 model the passes run on under mixed precision.
+    working: Option<Model>,
+    step: Step,
+    /// The learning rate of a skipped step (the servers report the applied ones).
+    schedule: LearningRateSchedule,
+    exchange: ExchangeBuffers,
+    /// This step's batch and the next one, gathered (and its rows pulled) a step ahead.
+    current: PreparedBatch,
+    next: PreparedBatch,
+    order: EpochOrder,
+    /// Servers average the pushes of all ranks; scaling by the world size makes that average
+    /// the weighted mean all-reduce data parallelism uses.
+    gradient_scale: f32,
+    /// Every shard's version after the last push.
+    versions: Vec<u64>,
+    /// The version every shard reaches once every rank pushed its last step.
+    final_version: u64,
+    /// Rank 0: the whole model, pulled for checkpoints and evaluations.
+    full_values: Vec<f32>,
+    /// The step after which the whole model was last pulled.
+    pulled_after: Option<u64>,
+    /// The checkpoint format keeps an optimizer file; the servers hold the real state.
+    optimizer: Optimizer,
+    evaluation_batch: BatchBuffers,
+}
+
+impl<'a> ParameterServerRun<'a> {
+    fn connect(
+        config: &'a TrainConfig,
+        data: &'a TrainTestSplits,
+        plan: &'a RunPlan,
+        link: &'a ParameterServerLink,
+    ) -> Result<Self> {
+        let model = &plan.model;
+        let client = link.runtime.block_on(ParameterClient::connect(
+            link.client.clone(),
+            &link.addresses,
+            tensor_declarations(model),
+        ))?;
+        let layout = Layout::new(model, &client)?;
+        let world_size = config.parallel.world_size() as u64;
+        let total_steps = plan.schedule.total_steps;
+        Ok(Self {
+            rank: link.client.rank as usize,
+            runtime: &link.runtime,
+            exchange: ExchangeBuffers {
+                dense_gradient: vec![0.0; layout.dense_len],
+                dense: vec![0.0; layout.dense_len],
+                ..ExchangeBuffers::default()
+            },
+            client,
+            layout,
+            working: None,
+            step: Step::new(link.client.rank as usize, &config.train, None),
+            schedule: LearningRateSchedule::new(
+                config.optimizer.learning_rate(),
+                config.schedule.warmup_steps,
+                config.schedule.lr_decay,
+                total_steps,
+            ),
+            current: PreparedBatch::default(),
+            next: PreparedBatch::default(),
+            order: EpochOrder::default(),
+            gradient_scale: (plan.sampler.gradient_weight() * world_size as f64) as f32,
+            versions: Vec::new(),
+            final_version: match config.parallel.ps_mode() {
+                PsMode::Sync => total_steps,
+                PsMode::Async | PsMode::Ssp => total_steps * world_size,
+            },
+            full_values: vec![0.0; model.parameters().element_count()],
+            pulled_after: None,
+            optimizer: Optimizer::new(&config.optimizer, 0),
+            evaluation_batch: BatchBuffers::default(),
+            config,
+            data,
+            plan,
+        })
     }
-    // Servers average the pushes of all ranks; scaling by the world size makes that average
-    // the weighted mean all-reduce data parallelism uses.
-    let gradient_scale = (sampler.gradient_weight() * world_size as f64) as f32;
-    let mut evaluation_batch = BatchBuffers::default();
-    let mut run_timings = PhaseTimings::default();
-    let mut training_time = Duration::ZERO;
-    let mut final_evaluation = None;
-    let mut last_evaluated_step = None;
 
-    // Mixed precision (bf16): a working copy refreshed from the pulled f32 values computes.
-    let working = working_copy(
-        config,
-        data,
-        &model,
-        &device,
-        crate::precision::tensor_dtype(config.train.precision),
-    )?;
-    let compute_model = working.as_ref().unwrap_or(&model);
-    for step in start_step..total_steps {
-        let epoch = step / steps_per_epoch;
+    /// Initialises the servers (rank 0), pulls the parameters and the first batch's rows, and
+    /// returns the step to start from, as the shard clocks say.
+    fn start(&mut self) -> Result<u64> {
+        let model = &self.plan.model;
+        let total_steps = self.plan.schedule.total_steps;
+        if self.rank == 0 {
+            // Servers restored from the checkpoint's snapshots ignore these values.
+            if let Some(path) = self.config.resume_path() {
+                checkpoint::load_weights(&path, model.parameters())?;
+            }
+            model.parameters().read_values(&mut self.full_values)?;
+            self.runtime
+                .block_on(self.client.init(&self.full_values, total_steps))?;
+        }
+        let first = self
+            .runtime
+            .block_on(self.client.pull(&mut self.exchange.dense))?;
+        self.layout.write_dense(model, &self.exchange.dense)?;
+        let start_step = first.next_step.min(total_steps);
+        if start_step < total_steps {
+            self.current.prepare(
+                &self.data.train,
+                &self.plan.sampler,
+                &mut self.order,
+                model,
+                start_step,
+            )?;
+            pull_rows(
+                self.runtime,
+                &mut self.client,
+                &self.layout,
+                model,
+                &self.current.rows,
+            )?;
+        }
+        // Mixed precision (bf16): a working copy refreshed from the pulled f32 values computes.
+        self.working = self.plan.working_copy(
+            self.config,
+            self.data,
+            crate::precision::tensor_dtype(self.config.train.precision),
+        )?;
+        Ok(start_step)
+    }
+
+    /// Rank 0: pulls every parameter (tables whole) after step `completed`, once, at least at
+    /// shard version `min_version`.
+    fn pull_everything(&mut self, completed: u64, min_version: u64) -> Result<()> {
+        if self.pulled_after == Some(completed) {
+            return Ok(());
+        }
+        self.runtime
+            .block_on(self.client.pull_all_at(&mut self.full_values, min_version))?;
+        self.plan
+            .model
+            .parameters()
+            .write_values(&self.full_values)?;
+        if let Some(working) = &self.working {
+            working
+                .parameters()
+                .copy_from(self.plan.model.parameters())?;
+        }
+        self.pulled_after = Some(completed);
+        Ok(())
+    }
+}
+
+impl Run for ParameterServerRun<'_> {
+    fn step(&mut self, step: u64) -> Result<StepSummary> {
         let started = Instant::now();
         let mut timings = PhaseTimings::default();
-        if let Some(working) = &working {
-            working.parameters().copy_from(model.parameters())?;
-        }
-        let traffic_before = client.traffic();
-        let images = Tensor::from_slice(
-            &current.buffers.images,
-            (current.len, data.train.features()),
-            &device,
-        )?;
-        let labels = Tensor::from_slice(&current.buffers.labels, current.len, &device)?;
+        let model = &self.plan.model;
+        let compute_model = self.working.as_ref().unwrap_or(model);
+        let device = &self.plan.device;
+        let (current, features) = (&self.current, self.data.train.features());
+        let images = Tensor::from_slice(&current.buffers.images, (current.len, features), device)?;
+        let labels = Tensor::from_slice(&current.buffers.labels, current.len, device)?;
         let phase = lap(started, &mut timings.data);
 
         let logits = compute_model
@@ -360,163 +435,174 @@ pub fn train_with_parameter_server(
             .to_dtype(candle_core::DType::F32)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
         let local_loss = loss.to_scalar::<f32>()?;
-        if !local_loss.is_finite() {
-            return Err(TrainerError::Diverged {
-                step: step + 1,
-                loss: local_loss,
-            });
-        }
         let phase = lap(phase, &mut timings.forward);
-        let gradients = loss.backward()?;
-        read_gradients(
-            compute_model,
-            &layout,
-            &gradients,
-            gradient_scale,
-            &current.rows,
-            &mut exchange,
-        )?;
-        drop(gradients);
-        let phase = lap(phase, &mut timings.backward);
-
-        let has_next = step + 1 < total_steps;
+        if local_loss.is_finite() {
+            let gradients = loss.backward()?;
+            read_gradients(
+                compute_model,
+                &self.layout,
+                &gradients,
+                self.gradient_scale,
+                &current.rows,
+                &mut self.exchange,
+            )?;
+        }
+        let has_next = step + 1 < self.plan.schedule.total_steps;
         if has_next {
-            batches.prepare(&model, step + 1, &mut next)?;
+            self.next.prepare(
+                &self.data.train,
+                &self.plan.sampler,
+                &mut self.order,
+                model,
+                step + 1,
+            )?;
         }
-        let report = {
-            let ExchangeBuffers {
-                dense_gradient,
-                dense,
-                row_gradient,
-                ..
-            } = &mut exchange;
-            let sparse: Vec<SparseGradient<'_>> = layout
-                .table
-                .iter()
-                .map(|&(tensor_index, _)| SparseGradient {
-                    tensor_index,
-                    rows: &current.rows,
-                    values: row_gradient,
-                })
-                .collect();
-            let selections: Vec<RowSelection<'_>> = layout
-                .table
-                .iter()
-                .filter(|_| has_next)
-                .map(|&(tensor_index, _)| RowSelection {
-                    tensor_index,
-                    rows: &next.rows,
-                })
-                .collect();
-            runtime.block_on(client.push_pull(dense_gradient, &sparse, dense, &selections))?
+        lap(phase, &mut timings.backward);
+        let ExchangeBuffers {
+            dense_gradient,
+            dense,
+            row_gradient,
+            ..
+        } = &mut self.exchange;
+        let mut update = RemoteUpdate {
+            runtime: self.runtime,
+            client: &mut self.client,
+            layout: &self.layout,
+            model,
+            working: self.working.as_ref(),
+            schedule: &self.schedule,
+            rows: &self.current.rows,
+            row_gradient,
+            dense,
+            next_rows: has_next.then_some(self.next.rows.as_slice()),
+            versions: &mut self.versions,
         };
-        layout.write_dense(&model, &exchange.dense)?;
-        if has_next && let Some(values) = report.rows.first() {
-            layout.write_rows(&model, &next.rows, values)?;
-        }
-        lap(phase, &mut timings.exposed_communication);
-        std::mem::swap(&mut current, &mut next);
-
-        let elapsed = started.elapsed();
-        training_time += elapsed;
-        run_timings.accumulate(&timings);
-        let completed = step + 1;
-        metrics.on_step(&StepMetrics {
-            step: completed,
-            total_steps,
-            epoch,
+        let gradients = Gradients {
             loss: local_loss,
-            learning_rate: report.learning_rate,
-            global_batch,
-            samples_per_second: global_batch as f64 / elapsed.as_secs_f64().max(1e-9),
-            timings,
-            loss_scale: 1.0,
-            skipped_steps: 0,
-            gradient_bytes: client.traffic().since(&traffic_before).bytes_sent,
-        });
-
-        if rank != 0 {
-            continue;
-        }
-        let checkpoint_due = config
-            .checkpoint
-            .every_steps
-            .is_some_and(|every| completed % every == 0 && completed != total_steps);
-        let evaluation_due = config.evaluate && completed % steps_per_epoch == 0;
-        if checkpoint_due || evaluation_due {
-            pull_everything(runtime, &mut client, &model, &mut full_values, 0)?;
-        }
-        if checkpoint_due {
-            let min_version = report.versions.iter().copied().min().unwrap_or(0);
-            let snapshots = runtime.block_on(client.snapshot(min_version))?;
-            let path = write_checkpoint(config, completed, &model, &optimizer, snapshots)?;
-            metrics.on_checkpoint(completed, &path);
-        }
-        if evaluation_due {
-            let evaluation = evaluate_locally(
-                &model,
-                &data.test,
-                config.evaluation_batch,
-                &mut evaluation_batch,
-                (completed, epoch),
-            )?;
-            metrics.on_evaluation(&evaluation);
-            final_evaluation = Some(evaluation);
-            last_evaluated_step = Some(completed);
-        }
-        // The model now holds everything just pulled (the next batch's rows included): the
-        // next step trains on it.
+            overflow: false,
+            values: dense_gradient,
+            exchanged_bytes: 0,
+        };
+        let report = self.step.finish(step, gradients, &mut update, timings)?;
+        std::mem::swap(&mut self.current, &mut self.next);
+        Ok(report)
     }
 
-    let mut final_checkpoint = None;
-    if rank == 0 {
-        // The end state: every rank's last push applied.
-        pull_everything(
-            runtime,
-            &mut client,
-            &model,
-            &mut full_values,
-            final_version,
+    fn evaluate(&mut self, completed: u64, epoch: u64) -> Result<Option<EvaluationMetrics>> {
+        if self.rank != 0 {
+            return Ok(None);
+        }
+        self.pull_everything(completed, 0)?;
+        let evaluation = evaluate_locally(
+            &self.plan.model,
+            &self.data.test,
+            self.config.evaluation_batch,
+            &mut self.evaluation_batch,
+            (completed, epoch),
         )?;
-        if config.evaluate && last_evaluated_step != Some(total_steps) {
-            let epoch = total_steps.saturating_sub(1) / steps_per_epoch;
-            let evaluation = evaluate_locally(
-                &model,
-                &data.test,
-                config.evaluation_batch,
-                &mut evaluation_batch,
-                (total_steps, epoch),
-            )?;
-            metrics.on_evaluation(&evaluation);
-            final_evaluation = Some(evaluation);
-        }
-        if config.final_checkpoint {
-            let snapshots = runtime.block_on(client.snapshot(final_version))?;
-            let path = write_checkpoint(config, total_steps, &model, &optimizer, snapshots)?;
-            metrics.on_checkpoint(total_steps, &path);
-            final_checkpoint = Some(path);
-        }
+        Ok(Some(evaluation))
     }
-    let traffic = client.traffic();
-    tracing::info!(
-        rank,
-        steps = total_steps,
-        accuracy = final_evaluation
-            .as_ref()
-            .map(|e: &EvaluationMetrics| e.accuracy),
-        training_seconds = training_time.as_secs_f64(),
-        bytes_sent = traffic.bytes_sent,
-        bytes_received = traffic.bytes_received,
-        "training finished"
-    );
-    Ok(TrainOutcome {
-        model,
-        steps: total_steps,
-        final_evaluation,
-        checkpoint: final_checkpoint,
-        timings: run_timings,
-        training_time,
-    })
+
+    fn checkpoint(&mut self, completed: u64) -> Result<Option<PathBuf>> {
+        if self.rank != 0 {
+            return Ok(None);
+        }
+        let version = if completed == self.plan.schedule.total_steps {
+            self.final_version
+        } else {
+            self.versions.iter().copied().min().unwrap_or(0)
+        };
+        self.pull_everything(completed, 0)?;
+        let snapshots = self.runtime.block_on(self.client.snapshot(version))?;
+        let path = write_checkpoint(
+            self.config,
+            completed,
+            &self.plan.model,
+            &self.optimizer,
+            snapshots,
+        )?;
+        Ok(Some(path))
+    }
+
+    fn finish_steps(&mut self) -> Result<()> {
+        if self.rank == 0 {
+            // The end state: every rank's last push applied.
+            self.pulled_after = None;
+            self.pull_everything(self.plan.schedule.total_steps, self.final_version)?;
+        }
+        Ok(())
+    }
+}
+
+/// The parameter servers as the step's update: push the gradients, pull the fresh parameters
+/// (and the next batch's table rows) in one round trip per shard.
+struct RemoteUpdate<'r> {
+    runtime: &'r Handle,
+    client: &'r mut ParameterClient,
+    layout: &'r Layout,
+    /// The f32 parameters the pulls land in.
+    model: &'r Model,
+    /// The bf16 working copy, refreshed from them.
+    working: Option<&'r Model>,
+    schedule: &'r LearningRateSchedule,
+    /// This step's table rows and their gradient.
+    rows: &'r [u64],
+    row_gradient: &'r [f32],
+    /// The fresh dense parameters.
+    dense: &'r mut [f32],
+    /// The next batch's table rows, to pull with the push.
+    next_rows: Option<&'r [u64]>,
+    /// Every shard's version after the push.
+    versions: &'r mut Vec<u64>,
+}
+
+impl ParameterUpdate for RemoteUpdate<'_> {
+    fn learning_rate(&self, step: u64) -> f64 {
+        self.schedule.learning_rate(step)
+    }
+
+    fn apply(&mut self, _step: u64, gradients: &[f32]) -> Result<Applied> {
+        let started = Instant::now();
+        let traffic_before = self.client.traffic();
+        let table = self.layout.table.map(|(tensor_index, _)| tensor_index);
+        let sparse: Vec<SparseGradient<'_>> = table
+            .iter()
+            .map(|&tensor_index| SparseGradient {
+                tensor_index,
+                rows: self.rows,
+                values: self.row_gradient,
+            })
+            .collect();
+        let selections: Vec<RowSelection<'_>> = table
+            .iter()
+            .zip(self.next_rows)
+            .map(|(&tensor_index, rows)| RowSelection { tensor_index, rows })
+            .collect();
+        let report = self.runtime.block_on(self.client.push_pull(
+            gradients,
+            &sparse,
+            self.dense,
+            &selections,
+        ))?;
+        self.layout.write_dense(self.model, self.dense)?;
+        if let Some(rows) = self.next_rows
+            && let Some(values) = report.rows.first()
+        {
+            self.layout.write_rows(self.model, rows, values)?;
+        }
+        let communication = started.elapsed();
+        // The model now holds everything just pulled (the next batch's rows included): the next
+        // step trains on it.
+        if let Some(working) = self.working {
+            working.parameters().copy_from(self.model.parameters())?;
+        }
+        *self.versions = report.versions;
+        Ok(Applied {
+            learning_rate: report.learning_rate,
+            sent_bytes: self.client.traffic().since(&traffic_before).bytes_sent,
+            communication,
+        })
+    }
 }
 
 /// Reads the step's gradients, scaled: dense ones into the dense vector, the table's batch
@@ -567,20 +653,6 @@ fn pull_rows(
     let selection = [RowSelection { tensor_index, rows }];
     let pulled = runtime.block_on(client.pull_rows(&selection))?;
     layout.write_rows(model, rows, &pulled[0])
-}
-
-/// Pulls every parameter (tables whole) into the model once every shard applied
-/// `min_version` updates.
-fn pull_everything(
-    runtime: &Handle,
-    client: &mut ParameterClient,
-    model: &Model,
-    full_values: &mut [f32],
-    min_version: u64,
-) -> Result<StepReport> {
-    let report = runtime.block_on(client.pull_all_at(full_values, min_version))?;
-    model.parameters().write_values(full_values)?;
-    Ok(report)
 }
 
 /// Writes a checkpoint of `model` at `step` holding every shard's snapshot.

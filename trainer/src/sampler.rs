@@ -119,6 +119,29 @@ impl DistributedSampler {
     }
 }
 
+/// The current epoch's permutation of one sampler, computed again when a step of another
+/// epoch asks for its batch.
+#[derive(Debug, Default)]
+pub struct EpochOrder {
+    /// The permutation of `epoch`.
+    order: Vec<usize>,
+    /// The epoch `order` belongs to.
+    epoch: Option<u64>,
+}
+
+impl EpochOrder {
+    /// Returns `sampler`'s rank batch of step `step`, counted from the start of the run.
+    pub fn rank_batch(&mut self, sampler: &DistributedSampler, step: u64) -> &[usize] {
+        let steps_per_epoch = sampler.steps_per_epoch().max(1) as u64;
+        let epoch = step / steps_per_epoch;
+        if self.epoch != Some(epoch) {
+            sampler.epoch_order(epoch, &mut self.order);
+            self.epoch = Some(epoch);
+        }
+        sampler.rank_batch(&self.order, (step % steps_per_epoch) as usize)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -151,6 +174,20 @@ mod tests {
         let mut sorted = a.clone();
         sorted.sort_unstable();
         assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_epoch_order_follows_the_run_across_epochs() {
+        // 105 examples, batches of 10: 10 steps an epoch, the last 5 examples dropped.
+        let sampler = DistributedSampler::new(105, 10, 2, 1, 7).unwrap();
+        let mut cached = EpochOrder::default();
+        let mut order = Vec::new();
+        // Out of order on purpose: a resumed run starts mid-epoch.
+        for step in [13u64, 14, 9, 0, 29, 20] {
+            sampler.epoch_order(step / 10, &mut order);
+            let expected = sampler.rank_batch(&order, (step % 10) as usize).to_vec();
+            assert_eq!(cached.rank_batch(&sampler, step), expected, "step {step}");
+        }
     }
 
     #[test]

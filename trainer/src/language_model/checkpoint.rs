@@ -238,55 +238,78 @@ pub fn save(
     if rank != 0 {
         return Ok(None);
     }
-    let final_path = directory.join(checkpoint_name(step));
+    let buffer_names: Vec<&str> = buffers.iter().map(|(name, _)| *name).collect();
+    let header = Header {
+        step,
+        vocabulary,
+        shape,
+        steps_taken: optimizer.steps_taken(),
+        buffers: &buffer_names,
+    };
+    write_checkpoint(directory, &header, &model_tensors, &optimizer_tensors).map(Some)
+}
+
+/// What a checkpoint's metadata records besides its tensors.
+struct Header<'a> {
+    /// Steps completed.
+    step: u64,
+    /// The model's vocabulary.
+    vocabulary: &'a Vocabulary,
+    /// The model's shape.
+    shape: TransformerShape,
+    /// Updates the optimizer applied.
+    steps_taken: u64,
+    /// The optimizer's non-empty buffers, in order.
+    buffers: &'a [&'a str],
+}
+
+/// Writes a checkpoint's two files into a partial directory under `directory`, then renames
+/// it into place (replacing an older checkpoint of the same step), and returns its path.
+fn write_checkpoint(
+    directory: &Path,
+    header: &Header<'_>,
+    model_tensors: &[(String, Vec<usize>, Vec<u8>)],
+    optimizer_tensors: &[(String, Vec<usize>, Vec<u8>)],
+) -> Result<PathBuf> {
+    let final_path = directory.join(checkpoint_name(header.step));
     let partial_path = directory.join(format!(
         ".{}.partial-{}",
-        checkpoint_name(step),
+        checkpoint_name(header.step),
         std::process::id()
     ));
     std::fs::create_dir_all(&partial_path).map_err(|e| checkpoint_error(&partial_path, e))?;
     let mut metadata = HashMap::from([
         ("format".to_owned(), FORMAT.to_owned()),
-        ("step".to_owned(), step.to_string()),
+        ("step".to_owned(), header.step.to_string()),
         (MODEL_KEY.to_owned(), TRANSFORMER.to_owned()),
-        ("vocabulary".to_owned(), vocabulary.to_metadata()),
-        ("layers".to_owned(), shape.layers.to_string()),
-        ("heads".to_owned(), shape.heads.to_string()),
-        ("width".to_owned(), shape.width.to_string()),
-        ("context".to_owned(), shape.context.to_string()),
+        ("vocabulary".to_owned(), header.vocabulary.to_metadata()),
+        ("layers".to_owned(), header.shape.layers.to_string()),
+        ("heads".to_owned(), header.shape.heads.to_string()),
+        ("width".to_owned(), header.shape.width.to_string()),
+        ("context".to_owned(), header.shape.context.to_string()),
         (
             "tie_embeddings".to_owned(),
-            shape.tie_embeddings.to_string(),
+            header.shape.tie_embeddings.to_string(),
         ),
     ]);
     write_tensors(
         &partial_path.join(MODEL_FILE),
-        &model_tensors,
+        model_tensors,
         metadata.clone(),
     )?;
-    metadata.insert(
-        "steps_taken".to_owned(),
-        optimizer.steps_taken().to_string(),
-    );
-    metadata.insert(
-        "buffers".to_owned(),
-        buffers
-            .iter()
-            .map(|(name, _)| *name)
-            .collect::<Vec<_>>()
-            .join(","),
-    );
+    metadata.insert("steps_taken".to_owned(), header.steps_taken.to_string());
+    metadata.insert("buffers".to_owned(), header.buffers.join(","));
     write_tensors(
         &partial_path.join(OPTIMIZER_FILE),
-        &optimizer_tensors,
+        optimizer_tensors,
         metadata,
     )?;
     if final_path.exists() {
         std::fs::remove_dir_all(&final_path).map_err(|e| checkpoint_error(&final_path, e))?;
     }
     std::fs::rename(&partial_path, &final_path).map_err(|e| checkpoint_error(&final_path, e))?;
-    tracing::info!(step, path = %final_path.display(), "checkpoint written");
-    Ok(Some(final_path))
+    tracing::info!(step = header.step, path = %final_path.display(), "checkpoint written");
+    Ok(final_path)
 }
 
 /// What a transformer checkpoint says about its model.

@@ -23,6 +23,7 @@ pub mod checkpoint;
 pub mod sample;
 pub mod stage;
 
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,19 +31,22 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use cohort_collective::ReduceOp;
 use cohort_spec::layout::balanced_stage_layers;
+use cohort_spec::precision::Precision;
 
 use crate::error::{Result, TrainerError};
 use crate::mesh::{MeshCoordinates, MeshGroups};
-use crate::metrics::{EvaluationMetrics, MetricsSink, PhaseTimings, StepMetrics};
+use crate::metrics::{EvaluationMetrics, MetricsSink, PhaseTimings};
 use crate::optim::{LearningRateSchedule, Optimizer};
-use crate::pipeline::{Schedule, run_forward_only, run_training_step};
-use crate::precision::{LossScaler, NarrowBuffers};
-use crate::sampler::{DistributedSampler, rank_share};
+use crate::pipeline::{Schedule, ScheduleStats, run_forward_only, run_training_step};
+use crate::precision::NarrowBuffers;
+use crate::run::TrainConfig;
+use crate::run::driver::{Run, drive};
+use crate::run::schedule::{Evaluations, RunSchedule};
+use crate::run::step::{Gradients, LocalUpdate, SplitUpdate, Step, StepSummary};
+use crate::sampler::{DistributedSampler, EpochOrder, rank_share};
 use crate::text::{TextCorpus, Windows};
-use crate::train_loop::TrainConfig;
 use crate::transformer::{Split, StagePlan, TensorParallel, TransformerConfig, TransformerStage};
 use checkpoint::{FullParameter, SaveContext, check_layouts, full_parameters};
-use cohort_spec::precision::Precision;
 use stage::LanguageModelStage;
 
 /// Validation sequences every evaluation reads (the first ones of the validation split).
@@ -59,6 +63,16 @@ pub struct PipelineTotals {
     pub total: Duration,
     /// Most micro-batches whose activations this stage held at once.
     pub max_live_activations: usize,
+}
+
+impl PipelineTotals {
+    /// Adds one step's schedule statistics.
+    fn add(&mut self, stats: &ScheduleStats) {
+        self.compute += stats.compute;
+        self.waiting += stats.waiting;
+        self.total += stats.total;
+        self.max_live_activations = self.max_live_activations.max(stats.max_live_activations);
+    }
 }
 
 /// What a finished run leaves behind.
@@ -121,422 +135,480 @@ pub fn train_language_model(
         )));
     }
     let device = config.device.open()?;
-    let shape = config.model.transformer();
-    let context = shape.context as usize;
-    let model_config = TransformerConfig {
-        vocabulary: corpus.vocabulary.len(),
-        shape,
-        seed: config.model.seed,
-    };
-    let layers = stage_layers(config, model_config.vocabulary)?;
-    let MeshCoordinates {
-        data: replica,
-        stage: stage_index,
-        tensor: shard,
-    } = mesh.coordinates;
-    let first_block: u32 = layers[..stage_index].iter().sum();
-    let plan = StagePlan {
-        blocks: first_block as usize..(first_block + layers[stage_index]) as usize,
-        first: stage_index == 0,
-        last: stage_index + 1 == mesh.shape.pipeline,
-    };
-    let tensor_parallel = Arc::new(match mesh.tensor.take() {
-        Some(group) if mesh.shape.tensor > 1 => TensorParallel::new(group),
-        _ => TensorParallel::single(),
-    });
-    // The f32 masters the optimizer updates and checkpoints hold, in host memory.
-    let mut model = TransformerStage::new(
-        &model_config,
-        plan.clone(),
-        tensor_parallel.clone(),
-        &Device::Cpu,
-    )?;
-    let precision = config.train.precision;
-    model.set_compute_dtype(crate::precision::tensor_dtype(precision));
-    let gradient_format = config.train.grad_comm_dtype();
-    let mixed = precision != Precision::Fp32 || gradient_format != Precision::Fp32;
-    let mut scaler = LossScaler::new(config.train.loss_scaling());
-    let mut narrow = NarrowBuffers::default();
-    let full = full_parameters(&model_config, &layers);
-    check_layouts(model.layouts(), &full)?;
-    let mut optimizer = Optimizer::new(&config.optimizer, model.parameters().element_count());
-
-    let windows = Windows::new(&corpus.train, context);
-    let global_batch = config.schedule.batch_size as usize;
-    let replicas = mesh.shape.data;
-    let sampler = DistributedSampler::new(
-        windows.len(),
-        global_batch,
-        replicas,
-        replica,
-        config.data.seed,
-    )?;
-    let micro_batches = config.parallel.micro_batches() as usize;
-    let micro_sequences = sampler.local_batch() / micro_batches;
-    if micro_sequences == 0 || sampler.local_batch() % micro_batches != 0 {
-        return Err(TrainerError::Config(format!(
-            "{} sequences per replica cannot be cut into {micro_batches} equal micro-batches",
-            sampler.local_batch()
-        )));
-    }
-    let steps_per_epoch = sampler.steps_per_epoch() as u64;
-    let planned = steps_per_epoch * u64::from(config.schedule.epochs);
-    let total_steps = config
-        .schedule
-        .max_steps
-        .map_or(planned, |max| max.min(planned));
-    let schedule = LearningRateSchedule::new(
-        config.optimizer.learning_rate(),
-        config.schedule.warmup_steps,
-        config.schedule.lr_decay,
-        total_steps,
-    );
-    let mut start_step = 0;
-    if let Some(path) = config.resume_path() {
-        start_step = checkpoint::load(
+    let stage = StageSetup::new(config, corpus, &mut mesh)?;
+    let batching = Batching::new(config, corpus, &mesh)?;
+    let mut optimizer = Optimizer::new(&config.optimizer, stage.model.parameters().element_count());
+    let start_step = match config.resume_path() {
+        Some(path) => checkpoint::load(
             &path,
-            &model_config,
-            &model,
-            &tensor_parallel,
+            &stage.model_config,
+            &stage.model,
+            &stage.tensor_parallel,
             &mut optimizer,
-        )?;
-    }
-    let stage_roots: Vec<usize> = (0..mesh.shape.pipeline)
-        .map(|stage| {
-            mesh.shape.rank(MeshCoordinates {
-                data: 0,
-                stage,
-                tensor: 0,
-            })
-        })
-        .collect();
-    // Replicated parameters count once in the global norm: on shard 0 only.
-    let counted_once: Vec<bool> = model
-        .layouts()
-        .iter()
-        .map(|layout| !matches!(layout.split, Split::Replicated) || shard == 0)
-        .collect();
-    let schedule_kind = Schedule::from(config.parallel.pipeline_schedule);
-    let position = mesh.position();
-    // On a GPU, the stage the schedules run: f32 parameters on the device (cast to the compute
-    // format on use, like the masters on the CPU), refreshed after every update.
-    let working = if device.is_cpu() {
-        None
-    } else {
-        let mut working = TransformerStage::new(
-            &model_config,
-            plan.clone(),
-            tensor_parallel.clone(),
-            &device,
-        )?;
-        working.set_compute_dtype(model.compute_dtype());
-        working.parameters().copy_from(model.parameters())?;
-        Some(working)
+        )?,
+        None => 0,
     };
-    let compute_model = working.as_ref().unwrap_or(&model);
+    let working = stage.working_copy(&device)?;
     tracing::info!(
         rank = mesh.world.rank(),
         device = %config.device,
         mesh = %mesh.shape.name(),
-        replica,
-        stage = stage_index,
-        shard,
-        blocks = ?plan.blocks,
-        parameters = model.parameters().element_count(),
-        micro_batches,
-        micro_sequences,
+        replica = mesh.coordinates.data,
+        stage = mesh.coordinates.stage,
+        shard = mesh.coordinates.tensor,
+        blocks = ?stage.plan.blocks,
+        parameters = stage.model.parameters().element_count(),
+        micro_batches = batching.micro_batches,
+        micro_sequences = batching.micro_sequences,
         schedule = config.parallel.pipeline_schedule.name(),
         start_step,
-        total_steps,
+        total_steps = batching.schedule.total_steps,
         "language model training starts"
     );
-
-    let mut stage = LanguageModelStage::new(compute_model, device.clone(), plan.first, plan.last);
-    let loss_scale = 1.0 / (replicas * micro_batches) as f64;
-    let evaluate = |stage: &mut LanguageModelStage<'_>,
-                    mesh: &mut MeshGroups,
-                    step: u64|
-     -> Result<EvaluationMetrics> {
-        let validation = Windows::new(&corpus.validation, context);
-        let sequences = validation.len().min(EVALUATION_SEQUENCES);
-        let share: Vec<usize> = rank_share(sequences, replicas, replica).collect();
-        let (mut inputs, mut targets) = (Vec::new(), Vec::new());
-        validation.gather(&share, &mut inputs, &mut targets);
-        let count = stage.load_batch(&inputs, &targets, micro_sequences, context, 1.0)?;
-        run_forward_only(position, count, stage, &mut mesh.links, &device)?;
-        let sums = stage.take_evaluation();
-        // Each replica's last stage, shard 0, contributes its sums.
-        let mut totals = if plan.last && shard == 0 {
-            [sums.loss as f32, sums.correct as f32, sums.tokens as f32]
-        } else {
-            [0.0; 3]
-        };
-        mesh.world
-            .all_reduce(totals.as_mut_slice().into(), ReduceOp::Sum)?;
-        let tokens = totals[2].max(1.0);
-        Ok(EvaluationMetrics {
-            step,
-            epoch: step.saturating_sub(1) / steps_per_epoch.max(1),
-            loss: totals[0] / tokens,
-            accuracy: totals[1] / tokens,
-            examples: totals[2] as usize,
-        })
-    };
-
-    let initial_validation = if config.evaluate {
-        let evaluation = evaluate(&mut stage, &mut mesh, start_step)?;
-        metrics.on_evaluation(&evaluation);
-        Some(evaluation)
-    } else {
-        None
-    };
-    let mut final_validation = initial_validation.clone();
-    let mut totals = PipelineTotals::default();
-    let mut training_time = Duration::ZERO;
-    let mut order = Vec::new();
-    let mut order_epoch = None;
-    let (mut inputs, mut targets) = (Vec::new(), Vec::new());
-    let mut reduced = [0.0f32; 2];
-    for step in start_step..total_steps {
-        let started = Instant::now();
-        let epoch = step / steps_per_epoch;
-        if order_epoch != Some(epoch) {
-            sampler.epoch_order(epoch, &mut order);
-            order_epoch = Some(epoch);
-        }
-        let mut timings = PhaseTimings::default();
-        windows.gather(
-            sampler.rank_batch(&order, (step % steps_per_epoch) as usize),
-            &mut inputs,
-            &mut targets,
-        );
-        stage.load_batch(&inputs, &targets, micro_sequences, context, loss_scale)?;
-        stage.set_gradient_scale(scaler.scale());
-        timings.data = started.elapsed();
-
-        let stats = run_training_step(
-            schedule_kind,
-            position,
-            micro_batches,
-            &mut stage,
-            &mut mesh.links,
-            &device,
-        )?;
-        totals.compute += stats.compute;
-        totals.waiting += stats.waiting;
-        totals.total += stats.total;
-        totals.max_live_activations = totals.max_live_activations.max(stats.max_live_activations);
-        timings.forward = stats.compute;
-        timings.exposed_communication = stats.waiting;
-
-        let phase = Instant::now();
-        // The step's loss (each replica's last stage, shard 0) and whether any rank's gradients
-        // overflowed, agreed over the whole mesh.
-        let local_loss = if plan.last && shard == 0 {
-            stage.loss() as f32
-        } else {
-            0.0
-        };
-        let local_overflow =
-            !stage.loss().is_finite() || crate::precision::has_non_finite(stage.gradients());
-        reduced[0] = local_loss;
-        reduced[1] = if local_overflow { 1.0 } else { 0.0 };
-        mesh.world
-            .all_reduce(reduced.as_mut_slice().into(), ReduceOp::Sum)?;
-        let loss = reduced[0];
-        let overflow = reduced[1] > 0.0 || !loss.is_finite();
-        if overflow && !mixed {
-            return Err(TrainerError::Diverged {
-                step: step + 1,
-                loss,
-            });
-        }
-        let learning_rate = schedule.learning_rate(step);
-        if overflow {
-            scaler.update(true);
-            if scaler.skipped_in_a_row() > crate::train_loop::MAX_SKIPPED_STEPS_IN_A_ROW {
-                return Err(TrainerError::Diverged {
-                    step: step + 1,
-                    loss,
-                });
-            }
-            tracing::warn!(
-                step = step + 1,
-                loss_scale = scaler.scale(),
-                skipped_steps = scaler.skipped_steps(),
-                "gradients overflowed on some rank: step skipped"
-            );
-        } else {
-            if replicas > 1 {
-                narrow.all_reduce(stage.gradients_mut(), gradient_format, mesh.data.as_mut())?;
-            }
-            let unscale = 1.0 / scaler.scale();
-            if unscale != 1.0 {
-                let unscale = unscale as f32;
-                stage.gradients_mut().iter_mut().for_each(|g| *g *= unscale);
-            }
-            if mixed {
-                scaler.update(false);
-            }
-            timings.exposed_communication += phase.elapsed();
-            if let Some(max_norm) = config.optimizer.grad_clip_norm {
-                // The global norm: each parameter once (replica 0; replicated ones on shard 0).
-                let squared: f64 = if replica == 0 {
-                    model
-                        .parameters()
-                        .iter()
-                        .zip(&counted_once)
-                        .filter(|(_, counted)| **counted)
-                        .map(|(parameter, _)| {
-                            stage.gradients()[parameter.flat_range()]
-                                .iter()
-                                .map(|g| f64::from(*g) * f64::from(*g))
-                                .sum::<f64>()
-                        })
-                        .sum()
-                } else {
-                    0.0
-                };
-                let mut norm = [squared as f32];
-                mesh.world
-                    .all_reduce(norm.as_mut_slice().into(), ReduceOp::Sum)?;
-                let norm = f64::from(norm[0]).sqrt();
-                if norm > max_norm {
-                    let factor = (max_norm / norm) as f32;
-                    stage.gradients_mut().iter_mut().for_each(|g| *g *= factor);
-                }
-            }
-            let phase = Instant::now();
-            optimizer.step(model.parameters(), stage.gradients(), learning_rate)?;
-            if let Some(working) = &working {
-                working.parameters().copy_from(model.parameters())?;
-            }
-            timings.optimizer = phase.elapsed();
-        }
-
-        let elapsed = started.elapsed();
-        training_time += elapsed;
-        let completed = step + 1;
-        metrics.on_step(&StepMetrics {
-            step: completed,
-            total_steps,
-            epoch,
-            loss,
-            learning_rate,
-            global_batch,
-            samples_per_second: global_batch as f64 / elapsed.as_secs_f64().max(1e-9),
-            timings,
-            loss_scale: scaler.scale(),
-            skipped_steps: scaler.skipped_steps(),
-            gradient_bytes: if overflow || replicas == 1 {
-                0
-            } else {
-                crate::precision::gradient_bytes(stage.gradients().len(), gradient_format)
-            },
-        });
-        let checkpoint_due = config
-            .checkpoint
-            .every_steps
-            .is_some_and(|every| completed % every == 0 && completed != total_steps);
-        if checkpoint_due {
-            let path = save(
-                config,
-                &mut mesh,
-                &model,
-                &tensor_parallel,
-                &optimizer,
-                &full,
-                &stage_roots,
-                corpus,
-                completed,
-            )?;
-            if let Some(path) = path {
-                metrics.on_checkpoint(completed, &path);
-            }
-        }
-        let evaluation_due = config.evaluate
-            && config
-                .schedule
-                .eval_every_steps
-                .is_some_and(|every| completed % every == 0)
-            && completed != total_steps;
-        if evaluation_due {
-            let evaluation = evaluate(&mut stage, &mut mesh, completed)?;
-            metrics.on_evaluation(&evaluation);
-            final_validation = Some(evaluation);
-        }
-    }
-    if config.evaluate && total_steps > start_step {
-        let evaluation = evaluate(&mut stage, &mut mesh, total_steps)?;
-        metrics.on_evaluation(&evaluation);
-        final_validation = Some(evaluation);
-    }
-    let checkpoint = if config.final_checkpoint {
-        let path = save(
+    let (totals, pipeline) = {
+        let compute_model = working.as_ref().unwrap_or(&stage.model);
+        let parts = RunParts {
             config,
-            &mut mesh,
-            &model,
-            &tensor_parallel,
-            &optimizer,
-            &full,
-            &stage_roots,
             corpus,
-            total_steps,
+            setup: &stage,
+            batching: &batching,
+            device,
+        };
+        let mut run =
+            LanguageModelRun::new(parts, mesh, compute_model, working.as_ref(), optimizer);
+        let totals = drive(
+            &batching.schedule,
+            start_step,
+            batching.global_batch,
+            &mut run,
+            metrics,
         )?;
-        if let Some(path) = &path {
-            metrics.on_checkpoint(total_steps, path);
-        }
-        path
-    } else {
-        None
+        (totals, run.pipeline)
     };
-    let steps_run = total_steps.saturating_sub(start_step);
-    let tokens_per_second = (steps_run as f64 * (global_batch * context) as f64)
-        / training_time.as_secs_f64().max(1e-9);
-    drop(stage);
+    let tokens = (batching.global_batch * batching.context) as f64;
+    let tokens_per_second =
+        totals.steps_run as f64 * tokens / totals.training_time.as_secs_f64().max(1e-9);
     tracing::info!(
-        steps = total_steps,
-        validation_loss = final_validation.as_ref().map(|e| e.loss),
+        steps = batching.schedule.total_steps,
+        validation_loss = totals.final_evaluation.as_ref().map(|e| e.loss),
         tokens_per_second,
         "language model training finished"
     );
     Ok(LanguageModelOutcome {
-        steps: total_steps,
-        initial_validation,
-        final_validation,
-        checkpoint,
+        steps: batching.schedule.total_steps,
+        initial_validation: totals.initial_evaluation,
+        final_validation: totals.final_evaluation,
+        checkpoint: totals.final_checkpoint,
         tokens_per_second,
-        training_time,
-        pipeline: totals,
-        model,
+        training_time: totals.training_time,
+        pipeline,
+        model: stage.model,
     })
 }
 
+/// This rank's stage of the model and what places it in the whole.
+struct StageSetup {
+    /// The whole model's vocabulary, shape and seed.
+    model_config: TransformerConfig,
+    /// This stage's blocks and ends.
+    plan: StagePlan,
+    /// This stage's tensor-parallel group.
+    tensor_parallel: Arc<TensorParallel>,
+    /// The f32 masters the optimizer updates and checkpoints hold, in host memory.
+    model: TransformerStage,
+    /// The full model's tensors in canonical order.
+    full: Vec<FullParameter>,
+    /// World rank of the rank that writes each stage's tensors.
+    stage_roots: Vec<usize>,
+}
+
+impl StageSetup {
+    fn new(config: &TrainConfig, corpus: &TextCorpus, mesh: &mut MeshGroups) -> Result<Self> {
+        let model_config = TransformerConfig {
+            vocabulary: corpus.vocabulary.len(),
+            shape: config.model.transformer(),
+            seed: config.model.seed,
+        };
+        let layers = stage_layers(config, model_config.vocabulary)?;
+        let stage_index = mesh.coordinates.stage;
+        let first_block: u32 = layers[..stage_index].iter().sum();
+        let plan = StagePlan {
+            blocks: first_block as usize..(first_block + layers[stage_index]) as usize,
+            first: stage_index == 0,
+            last: stage_index + 1 == mesh.shape.pipeline,
+        };
+        let tensor_parallel = Arc::new(match mesh.tensor.take() {
+            Some(group) if mesh.shape.tensor > 1 => TensorParallel::new(group),
+            _ => TensorParallel::single(),
+        });
+        let mut model = TransformerStage::new(
+            &model_config,
+            plan.clone(),
+            tensor_parallel.clone(),
+            &Device::Cpu,
+        )?;
+        model.set_compute_dtype(crate::precision::tensor_dtype(config.train.precision));
+        let full = full_parameters(&model_config, &layers);
+        check_layouts(model.layouts(), &full)?;
+        let stage_roots = (0..mesh.shape.pipeline)
+            .map(|stage| {
+                mesh.shape.rank(MeshCoordinates {
+                    data: 0,
+                    stage,
+                    tensor: 0,
+                })
+            })
+            .collect();
+        Ok(Self {
+            model_config,
+            plan,
+            tensor_parallel,
+            model,
+            full,
+            stage_roots,
+        })
+    }
+
+    /// On a GPU, the stage the schedules run: f32 parameters on the device (cast to the compute
+    /// format on use, like the masters on the CPU), refreshed after every update.
+    fn working_copy(&self, device: &Device) -> Result<Option<TransformerStage>> {
+        if device.is_cpu() {
+            return Ok(None);
+        }
+        let mut working = TransformerStage::new(
+            &self.model_config,
+            self.plan.clone(),
+            self.tensor_parallel.clone(),
+            device,
+        )?;
+        working.set_compute_dtype(self.model.compute_dtype());
+        working.parameters().copy_from(self.model.parameters())?;
+        Ok(Some(working))
+    }
+
+    /// The ranges of the flat gradient that count towards the global norm on a rank at
+    /// `coordinates`: each parameter once (replica 0; replicated ones on shard 0 only).
+    fn counted_in_norm(&self, coordinates: MeshCoordinates) -> Vec<Range<usize>> {
+        if coordinates.data != 0 {
+            return Vec::new();
+        }
+        self.model
+            .parameters()
+            .iter()
+            .zip(self.model.layouts())
+            .filter(|(_, layout)| {
+                !matches!(layout.split, Split::Replicated) || coordinates.tensor == 0
+            })
+            .map(|(parameter, _)| parameter.flat_range())
+            .collect()
+    }
+}
+
+/// How a replica cuts the training windows into steps and micro-batches.
+struct Batching<'c> {
+    /// The training split's windows.
+    windows: Windows<'c>,
+    /// This replica's windows of every step.
+    sampler: DistributedSampler,
+    /// Sequences of a step over all replicas.
+    global_batch: usize,
+    /// Tokens of a sequence.
+    context: usize,
+    /// Micro-batches of a step and sequences of each.
+    micro_batches: usize,
+    micro_sequences: usize,
+    /// Steps, evaluations and checkpoints.
+    schedule: RunSchedule,
+}
+
+impl<'c> Batching<'c> {
+    fn new(config: &TrainConfig, corpus: &'c TextCorpus, mesh: &MeshGroups) -> Result<Self> {
+        let context = config.model.transformer().context as usize;
+        let windows = Windows::new(&corpus.train, context);
+        let global_batch = config.schedule.batch_size as usize;
+        let sampler = DistributedSampler::new(
+            windows.len(),
+            global_batch,
+            mesh.shape.data,
+            mesh.coordinates.data,
+            config.data.seed,
+        )?;
+        let micro_batches = config.parallel.micro_batches() as usize;
+        let micro_sequences = sampler.local_batch() / micro_batches;
+        if micro_sequences == 0 || sampler.local_batch() % micro_batches != 0 {
+            return Err(TrainerError::Config(format!(
+                "{} sequences per replica cannot be cut into {micro_batches} equal micro-batches",
+                sampler.local_batch()
+            )));
+        }
+        let schedule = RunSchedule::of(
+            config,
+            sampler.steps_per_epoch() as u64,
+            Evaluations::FirstThenEvery(config.schedule.eval_every_steps),
+        );
+        Ok(Self {
+            windows,
+            sampler,
+            global_batch,
+            context,
+            micro_batches,
+            micro_sequences,
+            schedule,
+        })
+    }
+}
+
+/// What a [`LanguageModelRun`] reads and does not own.
+struct RunParts<'a> {
+    config: &'a TrainConfig,
+    corpus: &'a TextCorpus,
+    setup: &'a StageSetup,
+    batching: &'a Batching<'a>,
+    /// Where the schedules run.
+    device: Device,
+}
+
+/// One mesh rank's part of a language-model run.
+struct LanguageModelRun<'a> {
+    parts: RunParts<'a>,
+    mesh: MeshGroups,
+    /// The stage the schedules drive, over the compute model.
+    stage: LanguageModelStage<'a>,
+    step: Step,
+    update: LocalUpdate,
+    /// The ranges of the gradient this rank counts in the global norm.
+    counted: Vec<Range<usize>>,
+    gradient_format: Precision,
+    narrow: NarrowBuffers,
+    order: EpochOrder,
+    inputs: Vec<u32>,
+    targets: Vec<u32>,
+    /// The pipeline schedules' time over the run.
+    pipeline: PipelineTotals,
+}
+
+impl<'a> LanguageModelRun<'a> {
+    fn new(
+        parts: RunParts<'a>,
+        mesh: MeshGroups,
+        compute_model: &'a TransformerStage,
+        working: Option<&TransformerStage>,
+        optimizer: Optimizer,
+    ) -> Self {
+        let RunParts { config, setup, .. } = &parts;
+        let schedule = LearningRateSchedule::new(
+            config.optimizer.learning_rate(),
+            config.schedule.warmup_steps,
+            config.schedule.lr_decay,
+            parts.batching.schedule.total_steps,
+        );
+        let update = LocalUpdate::new(
+            optimizer,
+            schedule,
+            setup.model.parameters(),
+            working.map(TransformerStage::parameters),
+        );
+        let stage = LanguageModelStage::new(
+            compute_model,
+            parts.device.clone(),
+            setup.plan.first,
+            setup.plan.last,
+        );
+        Self {
+            step: Step::new(
+                mesh.world.rank(),
+                &config.train,
+                config.optimizer.grad_clip_norm,
+            ),
+            counted: setup.counted_in_norm(mesh.coordinates),
+            gradient_format: config.train.grad_comm_dtype(),
+            update,
+            stage,
+            mesh,
+            narrow: NarrowBuffers::default(),
+            order: EpochOrder::default(),
+            inputs: Vec::new(),
+            targets: Vec::new(),
+            pipeline: PipelineTotals::default(),
+            parts,
+        }
+    }
+
+    /// Loads this replica's share of step `step`'s sequences into the stage.
+    fn load_batch(&mut self, step: u64) -> Result<()> {
+        let batching = self.parts.batching;
+        let indices = self.order.rank_batch(&batching.sampler, step);
+        batching
+            .windows
+            .gather(indices, &mut self.inputs, &mut self.targets);
+        // The losses of the micro-batches are scaled by `1 / (replicas x micro-batches)`.
+        let loss_scale = 1.0 / (self.mesh.shape.data * batching.micro_batches) as f64;
+        self.stage.load_batch(
+            &self.inputs,
+            &self.targets,
+            batching.micro_sequences,
+            batching.context,
+            loss_scale,
+        )?;
+        self.stage.set_gradient_scale(self.step.loss_scale());
+        Ok(())
+    }
+
+    /// The step's loss (each replica's last stage, shard 0) and whether any rank's gradients
+    /// overflowed, agreed over the whole mesh.
+    fn agree_on_loss(&mut self) -> Result<(f32, bool)> {
+        let counts_loss = self.parts.setup.plan.last && self.mesh.coordinates.tensor == 0;
+        let local_loss = if counts_loss {
+            self.stage.loss() as f32
+        } else {
+            0.0
+        };
+        let local_overflow = !self.stage.loss().is_finite()
+            || crate::precision::has_non_finite(self.stage.gradients());
+        let mut reduced = [local_loss, if local_overflow { 1.0 } else { 0.0 }];
+        self.mesh
+            .world
+            .all_reduce(reduced.as_mut_slice().into(), ReduceOp::Sum)?;
+        let loss = reduced[0];
+        Ok((loss, reduced[1] > 0.0 || !loss.is_finite()))
+    }
+}
+
+impl Run for LanguageModelRun<'_> {
+    fn step(&mut self, step: u64) -> Result<StepSummary> {
+        let started = Instant::now();
+        let mut timings = PhaseTimings::default();
+        self.load_batch(step)?;
+        timings.data = started.elapsed();
+        let stats = run_training_step(
+            Schedule::from(self.parts.config.parallel.pipeline_schedule),
+            self.mesh.position(),
+            self.parts.batching.micro_batches,
+            &mut self.stage,
+            &mut self.mesh.links,
+            &self.parts.device,
+        )?;
+        self.pipeline.add(&stats);
+        timings.forward = stats.compute;
+        timings.exposed_communication = stats.waiting;
+
+        let phase = Instant::now();
+        let (loss, overflow) = self.agree_on_loss()?;
+        let mut exchanged_bytes = 0;
+        if !overflow && self.mesh.shape.data > 1 {
+            let gradients = self.stage.gradients_mut();
+            exchanged_bytes =
+                crate::precision::gradient_bytes(gradients.len(), self.gradient_format);
+            self.narrow
+                .all_reduce(gradients, self.gradient_format, self.mesh.data.as_mut())?;
+        }
+        timings.exposed_communication += phase.elapsed();
+        let gradients = Gradients {
+            loss,
+            overflow,
+            values: self.stage.gradients_mut(),
+            exchanged_bytes,
+        };
+        let mut update = SplitUpdate {
+            update: &mut self.update,
+            group: self.mesh.world.as_mut(),
+            counted: &self.counted,
+        };
+        self.step.finish(step, gradients, &mut update, timings)
+    }
+
+    fn evaluate(&mut self, completed: u64, epoch: u64) -> Result<Option<EvaluationMetrics>> {
+        let RunParts {
+            corpus,
+            batching,
+            setup,
+            device,
+            ..
+        } = &self.parts;
+        let MeshCoordinates {
+            data: replica,
+            tensor: shard,
+            ..
+        } = self.mesh.coordinates;
+        let validation = Windows::new(&corpus.validation, batching.context);
+        let sequences = validation.len().min(EVALUATION_SEQUENCES);
+        let share: Vec<usize> = rank_share(sequences, self.mesh.shape.data, replica).collect();
+        let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+        validation.gather(&share, &mut inputs, &mut targets);
+        let count = self.stage.load_batch(
+            &inputs,
+            &targets,
+            batching.micro_sequences,
+            batching.context,
+            1.0,
+        )?;
+        let position = self.mesh.position();
+        run_forward_only(
+            position,
+            count,
+            &mut self.stage,
+            &mut self.mesh.links,
+            device,
+        )?;
+        let sums = self.stage.take_evaluation();
+        // Each replica's last stage, shard 0, contributes its sums.
+        let mut totals = if setup.plan.last && shard == 0 {
+            [sums.loss as f32, sums.correct as f32, sums.tokens as f32]
+        } else {
+            [0.0; 3]
+        };
+        self.mesh
+            .world
+            .all_reduce(totals.as_mut_slice().into(), ReduceOp::Sum)?;
+        let tokens = totals[2].max(1.0);
+        Ok(Some(EvaluationMetrics {
+            step: completed,
+            epoch,
+            loss: totals[0] / tokens,
+            accuracy: totals[1] / tokens,
+            examples: totals[2] as usize,
+        }))
+    }
+
+    fn checkpoint(&mut self, completed: u64) -> Result<Option<PathBuf>> {
+        let RunParts {
+            config,
+            corpus,
+            setup,
+            ..
+        } = &self.parts;
+        save(
+            config,
+            &mut self.mesh,
+            setup,
+            &self.update.optimizer,
+            corpus,
+            completed,
+        )
+    }
+}
+
 /// Writes a checkpoint of the whole mesh's model (every rank calls it; rank 0 writes).
-#[allow(clippy::too_many_arguments)]
 fn save(
     config: &TrainConfig,
     mesh: &mut MeshGroups,
-    model: &TransformerStage,
-    tensor_parallel: &TensorParallel,
+    setup: &StageSetup,
     optimizer: &Optimizer,
-    full: &[FullParameter],
-    stage_roots: &[usize],
     corpus: &TextCorpus,
     step: u64,
 ) -> Result<Option<PathBuf>> {
     checkpoint::save(
         SaveContext {
             world: mesh.world.as_mut(),
-            tensor_parallel,
-            full,
-            stage_roots,
+            tensor_parallel: &setup.tensor_parallel,
+            full: &setup.full,
+            stage_roots: &setup.stage_roots,
             vocabulary: &corpus.vocabulary,
             shape: config.model.transformer(),
         },
         &config.checkpoint_directory(),
         step,
-        model,
+        &setup.model,
         optimizer,
     )
 }

@@ -178,6 +178,121 @@ struct ParameterBuilder<'a> {
 }
 
 impl ParameterBuilder<'_> {
+    /// The first stage's token and position tables.
+    fn embeddings(
+        &mut self,
+        token_shape: [usize; 2],
+        context: usize,
+        normal: TensorInitialization,
+    ) -> Result<Embeddings> {
+        Ok(Embeddings {
+            token: self.add(
+                "embedding.token".to_owned(),
+                &token_shape,
+                Split::Replicated,
+                normal,
+            )?,
+            position: self.add(
+                "embedding.position".to_owned(),
+                &[context, token_shape[1]],
+                Split::Replicated,
+                normal,
+            )?,
+        })
+    }
+
+    /// Block `index`: attention with `heads` heads and the MLP, split Megatron's way.
+    fn block(
+        &mut self,
+        index: usize,
+        width: usize,
+        heads: usize,
+        residual_deviation: f32,
+    ) -> Result<Block> {
+        let prefix = format!("blocks.{index}");
+        let square = [width, width];
+        let ln1 = self.layer_norm(&format!("{prefix}.ln1"), width)?;
+        let attention = format!("{prefix}.attention");
+        let mut projection = |name: &str| {
+            self.linear(
+                &format!("{attention}.{name}"),
+                square,
+                Split::Rows,
+                INITIAL_STANDARD_DEVIATION,
+            )
+        };
+        let query = projection("q")?;
+        let key = projection("k")?;
+        let value = projection("v")?;
+        let (output_weight, output_bias) = self.linear(
+            &format!("{attention}.output"),
+            square,
+            Split::Columns,
+            residual_deviation,
+        )?;
+        let ln2 = self.layer_norm(&format!("{prefix}.ln2"), width)?;
+        let up = self.linear(
+            &format!("{prefix}.mlp.up"),
+            [4 * width, width],
+            Split::Rows,
+            INITIAL_STANDARD_DEVIATION,
+        )?;
+        let (down_weight, down_bias) = self.linear(
+            &format!("{prefix}.mlp.down"),
+            [width, 4 * width],
+            Split::Columns,
+            residual_deviation,
+        )?;
+        Ok(Block {
+            ln1,
+            query,
+            key,
+            value,
+            output_weight,
+            output_bias,
+            ln2,
+            up,
+            down_weight,
+            down_bias,
+            local_heads: heads / self.tensor_parallel.size(),
+            head_dimension: width / heads,
+        })
+    }
+
+    /// The last stage's final norm and output layer, tied to `token` (this stage's token
+    /// table, if it has one) when `tie` says so.
+    fn head(
+        &mut self,
+        token_shape: [usize; 2],
+        tie: bool,
+        token: Option<Tensor>,
+        normal: TensorInitialization,
+    ) -> Result<Head> {
+        let ln_f = self.layer_norm("ln_f", token_shape[1])?;
+        let weight = match (tie, token) {
+            (true, Some(token)) => token,
+            (true, None) => self.add(
+                "embedding.token".to_owned(),
+                &token_shape,
+                Split::Replicated,
+                normal,
+            )?,
+            (false, _) => self.add(
+                "head.weight".to_owned(),
+                &token_shape,
+                Split::Replicated,
+                normal,
+            )?,
+        };
+        let bias = self.add(
+            "head.bias".to_owned(),
+            &[token_shape[0]],
+            Split::Replicated,
+            TensorInitialization::Zeros,
+        )?;
+        Ok(Head { ln_f, weight, bias })
+    }
+
     fn add(
         &mut self,
         name: String,
@@ -281,6 +396,20 @@ pub struct TransformerStage {
     compute_dtype: DType,
 }
 
+/// The additive causal mask of `context` positions: -inf above the diagonal.
+fn causal_mask(context: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..context * context)
+        .map(|i| {
+            if i % context > i / context {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (context, context), device)?)
+}
+
 impl TransformerStage {
     /// Builds the part of the model `plan` names, split over `tensor_parallel`, with its
     /// name-seeded initial values: every local value equals the single-rank model's value at
@@ -311,7 +440,6 @@ impl TransformerStage {
             config.vocabulary,
         );
         let heads = shape.heads as usize;
-        let size = tensor_parallel.size();
         let normal = TensorInitialization::Normal {
             standard_deviation: INITIAL_STANDARD_DEVIATION,
         };
@@ -323,122 +451,22 @@ impl TransformerStage {
             layouts: Vec::new(),
         };
         let token_shape = [vocabulary, width];
-        let mut token = None;
         let embeddings = if plan.first {
-            let table = builder.add(
-                "embedding.token".to_owned(),
-                &token_shape,
-                Split::Replicated,
-                normal,
-            )?;
-            token = Some(table.clone());
-            Some(Embeddings {
-                token: table,
-                position: builder.add(
-                    "embedding.position".to_owned(),
-                    &[context, width],
-                    Split::Replicated,
-                    normal,
-                )?,
-            })
+            Some(builder.embeddings(token_shape, context, normal)?)
         } else {
             None
         };
         let mut blocks = Vec::with_capacity(plan.blocks.len());
         for index in plan.blocks.clone() {
-            let prefix = format!("blocks.{index}");
-            let square = [width, width];
-            let ln1 = builder.layer_norm(&format!("{prefix}.ln1"), width)?;
-            let attention = format!("{prefix}.attention");
-            let query = builder.linear(
-                &format!("{attention}.q"),
-                square,
-                Split::Rows,
-                INITIAL_STANDARD_DEVIATION,
-            )?;
-            let key = builder.linear(
-                &format!("{attention}.k"),
-                square,
-                Split::Rows,
-                INITIAL_STANDARD_DEVIATION,
-            )?;
-            let value = builder.linear(
-                &format!("{attention}.v"),
-                square,
-                Split::Rows,
-                INITIAL_STANDARD_DEVIATION,
-            )?;
-            let (output_weight, output_bias) = builder.linear(
-                &format!("{attention}.output"),
-                square,
-                Split::Columns,
-                residual_deviation,
-            )?;
-            let ln2 = builder.layer_norm(&format!("{prefix}.ln2"), width)?;
-            let up = builder.linear(
-                &format!("{prefix}.mlp.up"),
-                [4 * width, width],
-                Split::Rows,
-                INITIAL_STANDARD_DEVIATION,
-            )?;
-            let (down_weight, down_bias) = builder.linear(
-                &format!("{prefix}.mlp.down"),
-                [width, 4 * width],
-                Split::Columns,
-                residual_deviation,
-            )?;
-            blocks.push(Block {
-                ln1,
-                query,
-                key,
-                value,
-                output_weight,
-                output_bias,
-                ln2,
-                up,
-                down_weight,
-                down_bias,
-                local_heads: heads / size,
-                head_dimension: width / heads,
-            });
+            blocks.push(builder.block(index, width, heads, residual_deviation)?);
         }
         let head = if plan.last {
-            let ln_f = builder.layer_norm("ln_f", width)?;
-            let weight = match (shape.tie_embeddings, token) {
-                (true, Some(token)) => token,
-                (true, None) => builder.add(
-                    "embedding.token".to_owned(),
-                    &token_shape,
-                    Split::Replicated,
-                    normal,
-                )?,
-                (false, _) => builder.add(
-                    "head.weight".to_owned(),
-                    &token_shape,
-                    Split::Replicated,
-                    normal,
-                )?,
-            };
-            let bias = builder.add(
-                "head.bias".to_owned(),
-                &[vocabulary],
-                Split::Replicated,
-                TensorInitialization::Zeros,
-            )?;
-            Some(Head { ln_f, weight, bias })
+            let token = embeddings.as_ref().map(|e| e.token.clone());
+            Some(builder.head(token_shape, shape.tie_embeddings, token, normal)?)
         } else {
             None
         };
-        let mask: Vec<f32> = (0..context * context)
-            .map(|i| {
-                if i % context > i / context {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (context, context), device)?;
+        let mask = causal_mask(context, device)?;
         let ParameterBuilder {
             parameters,
             layouts,

@@ -1,0 +1,92 @@
+//! [`TrainConfig`]: everything a run is configured with, the job spec's training sections plus
+//! what the rank's launcher decides.
+
+use std::path::PathBuf;
+
+use cohort_spec::JobSpec;
+use cohort_spec::precision::TrainSpec;
+use cohort_spec::train::{
+    CheckpointSpec, DataSpec, ModelSpec, OptimizerSpec, ParallelSpec, ScheduleSpec,
+};
+
+use crate::device::ComputeDevice;
+
+/// Examples per forward pass during evaluation, unless configured otherwise.
+pub const DEFAULT_EVALUATION_BATCH: usize = 1000;
+
+/// Everything a training run is configured with: the job spec's training sections plus what
+/// the rank's launcher decides.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    /// `[model]`.
+    pub model: ModelSpec,
+    /// `[data]` (the data itself is passed to [`crate::train`] separately; the seed is used here).
+    pub data: DataSpec,
+    /// `[optimizer]`.
+    pub optimizer: OptimizerSpec,
+    /// `[schedule]`.
+    pub schedule: ScheduleSpec,
+    /// `[parallel]`; `data` must equal the communicator's world size.
+    pub parallel: ParallelSpec,
+    /// `[checkpoint]`.
+    pub checkpoint: CheckpointSpec,
+    /// `[train]`: precision and loss scaling.
+    pub train: TrainSpec,
+    /// Directory relative checkpoint paths resolve against: the job's output directory.
+    pub output_directory: PathBuf,
+    /// Examples per forward pass during evaluation. Default 1000.
+    pub evaluation_batch: usize,
+    /// Evaluates on the test split at the end of every epoch and of training. Default true
+    /// (benchmarks turn it off).
+    pub evaluate: bool,
+    /// Writes a checkpoint at the end of training. Default true (benchmarks turn it off).
+    pub final_checkpoint: bool,
+    /// With several ranks, runs the backward pass layer by layer and all-reduces each gradient
+    /// bucket on a communication thread as soon as it is ready, overlapping communication with
+    /// the rest of the backward pass. Default true; false exchanges all buckets after the
+    /// backward pass (for comparison in benchmarks).
+    pub overlap_communication: bool,
+    /// Fault injection for tests: `(rank, step)` makes that rank's gradients of that
+    /// (0-based) step infinite, as an fp16 overflow would. Default `None`.
+    pub inject_overflow: Option<(usize, u64)>,
+    /// Where the forward and backward passes run. Default [`ComputeDevice::Cpu`]; the rank's
+    /// launcher sets the CUDA device of a `[resources] device = "gpu"` job, since only it knows
+    /// the local device index. The f32 masters and the optimizer stay in host memory either way.
+    pub device: ComputeDevice,
+}
+
+impl TrainConfig {
+    /// Builds the config of `spec`'s training sections (defaults for absent ones), with
+    /// checkpoints under `output_directory`.
+    pub fn from_job_spec(spec: &JobSpec, output_directory: impl Into<PathBuf>) -> Self {
+        Self {
+            model: spec.model.clone().unwrap_or_default(),
+            data: spec.data.clone().unwrap_or_default(),
+            optimizer: spec.optimizer.clone().unwrap_or_default(),
+            schedule: spec.schedule.clone().unwrap_or_default(),
+            parallel: spec.parallel.clone().unwrap_or_default(),
+            checkpoint: spec.checkpoint.clone().unwrap_or_default(),
+            train: spec.train.clone().unwrap_or_default(),
+            output_directory: output_directory.into(),
+            evaluation_batch: DEFAULT_EVALUATION_BATCH,
+            evaluate: true,
+            final_checkpoint: true,
+            overlap_communication: true,
+            inject_overflow: None,
+            device: ComputeDevice::Cpu,
+        }
+    }
+
+    /// Returns where checkpoints are written.
+    pub fn checkpoint_directory(&self) -> PathBuf {
+        self.output_directory.join(&self.checkpoint.directory)
+    }
+
+    /// Returns the checkpoint to resume from, if any, resolved like the checkpoint directory.
+    pub fn resume_path(&self) -> Option<PathBuf> {
+        self.checkpoint
+            .resume_from
+            .as_ref()
+            .map(|path| self.output_directory.join(path))
+    }
+}
