@@ -1,4 +1,5 @@
-//! Environment variables the worker daemon sets for every rank process.
+//! Environment variables the worker daemon sets for every rank process. [`crate::launch`]
+//! writes and reads them all; this module names them.
 //!
 //! The `COHORT_*` names are Cohort's own; `RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
 //! `LOCAL_WORLD_SIZE`, `MASTER_ADDR` and `MASTER_PORT` are those a PyTorch script expects.
@@ -45,6 +46,9 @@ pub const PS_SHARD: &str = "COHORT_PS_SHARD";
 pub const PS_SHARDS: &str = "COHORT_PS_SHARDS";
 /// Path of the `cohort` executable the worker runs, so rank scripts can call `cohort kv ...`.
 pub const COHORT_BIN: &str = "COHORT_BIN";
+/// The job's spec as submitted (TOML), for the processes of `kind = "train"` jobs (Cohort's own
+/// runtime reads it instead of asking the coordinator); unset for command jobs.
+pub const JOB_SPEC: &str = "COHORT_JOB_SPEC";
 
 /// The GPUs a GPU rank may see (its own, renumbered from 0).
 pub const CUDA_VISIBLE_DEVICES: &str = "CUDA_VISIBLE_DEVICES";

@@ -18,11 +18,15 @@ pub struct IdError {
     pub found: String,
 }
 
+/// What every identifier must be, as an error message says it.
+pub const ID_EXPECTATION: &str = "1 to 128 characters of a-z, A-Z, 0-9, '-', '_' or '.'";
+const _: () = assert!(MAX_ID_LEN == 128, "ID_EXPECTATION states MAX_ID_LEN");
+
 impl fmt::Display for IdError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} {:?}: expected 1 to {MAX_ID_LEN} characters of a-z, A-Z, 0-9, '-', '_' or '.'",
+            "{} {:?}: expected {ID_EXPECTATION}",
             self.what, self.found
         )
     }

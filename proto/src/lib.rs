@@ -10,6 +10,9 @@
 //!   integers.
 //! - [`env`]: the names of the environment variables a rank process receives, and which of
 //!   them Cohort manages.
+//! - [`launch`]: the launch contract: a process's place in its job (built by the coordinator,
+//!   sent in `StartRank`), its node's facts (added by the worker), and the environment both
+//!   become (`to_env`, `from_env`).
 //! - [`text`]: bounded free text (details, reasons, log lines, error messages) and excerpts.
 //! - [`codec`]: the protobuf codec of every service: a message that does not decode is the
 //!   caller's mistake (`INVALID_ARGUMENT`).
@@ -17,6 +20,7 @@
 pub mod codec;
 pub mod env;
 pub mod ids;
+pub mod launch;
 pub mod text;
 
 pub use ids::{IdError, JobId, NodeId, Rank};

@@ -22,6 +22,9 @@ pub enum Error {
         /// The transport error.
         source: tonic::transport::Error,
     },
+    /// A start instruction does not hold a valid launch.
+    #[error("start instruction: {0}")]
+    Launch(#[from] cohort_proto::launch::LaunchError),
     /// The coordinator's instruction stream broke the protocol.
     #[error("coordinator {0}: protocol error: {1}")]
     Protocol(String, String),

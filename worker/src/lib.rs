@@ -77,7 +77,7 @@ pub async fn run(
         shipper,
         RankContext {
             coordinator: config.coordinator.clone(),
-            node_id: config.node_id.to_string(),
+            node_id: config.node_id.clone(),
             node_address: config.advertise_address.clone(),
             cohort_executable: config.cohort_executable.clone(),
             output_dir: config.output_dir.clone(),

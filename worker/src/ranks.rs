@@ -12,14 +12,15 @@
 //! in words; a rank that failed on its own carries its last non-empty line of error output as
 //! `detail` (Kubernetes' `FallbackToLogsOnError`), so the job's failure reason can show it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cohort_proto::launch::{self, COHORT_EXECUTABLE, NodeFacts, RankPlace};
 use cohort_proto::v1::{LogLine, LogStream, RankReport, RankState, StartRank, StopCause};
-use cohort_proto::{JobId, env, text};
+use cohort_proto::{NodeId, text};
 use tokio::io::{AsyncRead, BufReader};
 use tokio::process::Child;
 use tokio::sync::watch;
@@ -32,8 +33,6 @@ use crate::logship::LogShipper;
 use crate::process::{self, Launch};
 use crate::records::{RankRecord, StateDir};
 
-/// Program name in a start instruction that stands for the worker's own `cohort` executable.
-pub const COHORT_EXECUTABLE: &str = "@cohort";
 /// Longest `detail` a report carries; longer text is cut with a visible marker.
 pub const DETAIL_BYTES: usize = 512;
 /// Longest wait for a rank's output forwarders once its processes are gone.
@@ -63,19 +62,34 @@ struct RankEntry {
     stop_grace: Duration,
 }
 
-/// Facts every rank's environment gets from the worker itself.
+/// What the worker adds to every process's launch: the facts of its node.
 #[derive(Debug, Clone)]
 pub struct RankContext {
     /// The coordinator's `host:port`, also the rendezvous address.
     pub coordinator: String,
     /// This node's id.
-    pub node_id: String,
+    pub node_id: NodeId,
     /// This node's advertised address.
     pub node_address: String,
     /// The `cohort` executable.
     pub cohort_executable: PathBuf,
     /// Parent of every job's output directory.
     pub output_dir: PathBuf,
+}
+
+impl RankContext {
+    /// The launch of a process at `place` on this node.
+    fn launch(&self, place: RankPlace) -> launch::Launch {
+        let node = NodeFacts {
+            coordinator: self.coordinator.clone(),
+            rendezvous: self.coordinator.clone(),
+            node_id: self.node_id.clone(),
+            node_address: self.node_address.clone(),
+            cohort_bin: self.cohort_executable.clone(),
+            output_dir: self.output_dir.join(place.job_id.as_str()),
+        };
+        launch::Launch { place, node }
+    }
 }
 
 /// The ranks of this worker, shared by the session (which starts and stops them) and their
@@ -247,30 +261,6 @@ impl Ranks {
         self.changes.send_modify(|version| *version += 1);
     }
 
-    fn environment(&self, start: &StartRank) -> HashMap<String, String> {
-        let mut environment: HashMap<String, String> = start.env.clone();
-        let context = &self.context;
-        for (name, value) in [
-            (env::JOB_ID, start.job_id.clone()),
-            (env::RANK, start.rank.to_string()),
-            (env::COORDINATOR_ADDR, context.coordinator.clone()),
-            (env::RENDEZVOUS_ADDR, context.coordinator.clone()),
-            (env::NODE_ID, context.node_id.clone()),
-            (env::NODE_ADDR, context.node_address.clone()),
-            (
-                env::COHORT_BIN,
-                context.cohort_executable.display().to_string(),
-            ),
-            (
-                env::OUTPUT_DIR,
-                context.output_dir.join(&start.job_id).display().to_string(),
-            ),
-        ] {
-            environment.insert(name.to_owned(), value);
-        }
-        environment
-    }
-
     /// Writes a rank record off the runtime's threads (it waits for the disk).
     async fn write_record(&self, record: RankRecord) -> Result<()> {
         let state = self.state.clone();
@@ -284,15 +274,16 @@ impl Ranks {
             })
     }
 
-    /// Records the rank, then starts its main process in its container, then records its
-    /// process group and start time.
+    /// Reads the process's launch from its start instruction (refusing one that breaks the
+    /// contract), records the rank, then starts its main process in its container with the
+    /// launch's environment, then records its process group and start time.
     async fn launch(&self, start: &StartRank, tree: &mut RankTree) -> Result<Child> {
-        JobId::new(start.job_id.as_str()).map_err(|error| Error::Config(error.to_string()))?;
+        let launch = self.context.launch(RankPlace::try_from(start)?);
         let mut argv = start.argv.clone();
         if argv.first().map(String::as_str) == Some(COHORT_EXECUTABLE) {
             argv[0] = self.context.cohort_executable.display().to_string();
         }
-        let environment = self.environment(start);
+        let environment = launch.environment(&start.env);
         let working_dir = (!start.working_dir.is_empty()).then(|| Path::new(&start.working_dir));
         let mut record = RankRecord {
             job_id: start.job_id.clone(),
@@ -588,6 +579,10 @@ mod tests {
         HeartbeatRequest, HeartbeatResponse, Instruction, PushLogsRequest, PushLogsResponse,
         RegisterRequest,
     };
+    use std::collections::HashMap;
+
+    use cohort_proto::JobId;
+    use cohort_proto::launch::{Devices, Master, Role};
     use tonic::{Request, Response, Status};
 
     use super::*;
@@ -626,7 +621,7 @@ mod tests {
         ranks: Ranks,
         containment: Containment,
         state: Arc<StateDir>,
-        _scratch: tempfile::TempDir,
+        scratch: tempfile::TempDir,
         _session: watch::Sender<Option<String>>,
     }
 
@@ -654,7 +649,7 @@ mod tests {
         let containment = Containment::probe(&format!("{name}-{}", std::process::id()));
         let context = RankContext {
             coordinator: address.to_string(),
-            node_id: name.to_owned(),
+            node_id: NodeId::new(name).unwrap(),
             node_address: "127.0.0.1".to_owned(),
             cohort_executable: PathBuf::from("/bin/false"),
             output_dir: scratch.path().join("outputs"),
@@ -663,18 +658,31 @@ mod tests {
             ranks: Ranks::new(shipper, context, containment.clone(), state.clone()),
             containment,
             state,
-            _scratch: scratch,
+            scratch,
             _session: session,
         }
     }
 
+    /// Rank `rank` of a 4-rank command job running `script`, on CPU slot `rank`.
     fn shell(job_id: &str, rank: u32, script: &str) -> StartRank {
-        StartRank {
-            job_id: job_id.to_owned(),
+        let place = RankPlace {
+            job_id: JobId::new(job_id).unwrap(),
             rank,
+            world_size: 4,
+            local_rank: rank,
+            local_world_size: 4,
+            devices: Devices::Cpu { slots: vec![rank] },
+            role: Role::Rank,
+            master: Some(Master {
+                addr: "127.0.0.1".to_owned(),
+                port: 29_500,
+            }),
+            spec_toml: None,
+        };
+        StartRank {
             argv: vec!["sh".to_owned(), "-c".to_owned(), script.to_owned()],
             stop_grace_ms: 5_000,
-            ..StartRank::default()
+            ..StartRank::from(&place)
         }
     }
 
@@ -737,6 +745,52 @@ mod tests {
         let report = wait_for(&fixture.ranks, "unstartable-1", 0, RankState::StartFailed).await;
         assert!(
             report.detail.contains("/nonexistent/cohort-test-program"),
+            "{}",
+            report.detail
+        );
+        assert!(fixture.state.list().unwrap().0.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rank_sees_the_job_variables_under_the_launch_contract() {
+        let fixture = fixture("unit-env").await;
+        let dump = fixture.scratch.path().join("environment");
+        let mut start = shell("env-1", 2, &format!("env > {}", dump.display()));
+        start.env = HashMap::from([
+            ("WANDB_PROJECT".to_owned(), "mnist".to_owned()),
+            ("RANK".to_owned(), "9".to_owned()),
+        ]);
+        fixture.ranks.start(start.clone());
+        let report = wait_for(&fixture.ranks, "env-1", 2, RankState::Exited).await;
+        assert_eq!(report.exit_code, Some(0), "{}", report.detail);
+        let seen: BTreeMap<String, String> = std::fs::read_to_string(&dump)
+            .unwrap()
+            .lines()
+            .filter_map(|line| line.split_once('='))
+            .map(|(name, value)| (name.to_owned(), value.to_owned()))
+            .collect();
+        let launch = launch::Launch::from_vars(&seen).unwrap();
+        assert_eq!(launch.place, RankPlace::try_from(&start).unwrap());
+        assert_eq!(launch.node.node_id.as_str(), "unit-env");
+        assert_eq!(
+            launch.node.output_dir,
+            fixture.scratch.path().join("outputs/env-1")
+        );
+        assert_eq!(seen["WANDB_PROJECT"], "mnist");
+        assert_eq!(seen["RANK"], "2", "the contract's value wins");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_start_instruction_that_breaks_the_contract_is_refused_naming_the_field() {
+        let fixture = fixture("unit-contract").await;
+        let mut start = shell("contract-1", 0, "exit 0");
+        start.devices.clear();
+        fixture.ranks.start(start);
+        let report = wait_for(&fixture.ranks, "contract-1", 0, RankState::StartFailed).await;
+        assert!(
+            report
+                .detail
+                .starts_with("start instruction: start_rank.devices = "),
             "{}",
             report.detail
         );

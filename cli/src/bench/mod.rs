@@ -1,7 +1,12 @@
 //! Benchmarks. Each prints a table and, as its last line, one JSON object
 //! (`{"bench": NAME, ..., "results": [rows]}`); rates are `_gbps` (1e9 bytes/s) or `_per_s`,
-//! times `_s`. Ranks run as real jobs on a local cluster, so a benchmark measures what a job
-//! would see.
+//! times `_s`.
+//!
+//! Where the figure is what a job would see, the ranks run as real jobs on a local cluster:
+//! [`allreduce`] over TCP and [`train`] on the CPU. The others run in this process, so their
+//! figures isolate one mechanism from process start-up: [`mesh`] runs its ranks as threads
+//! joined through an in-memory rendezvous store, [`ps`] its servers and clients over loopback
+//! gRPC, `allreduce --backend nccl` one thread per GPU, and `train --device gpu` one rank.
 
 pub mod allreduce;
 pub mod mesh;
@@ -153,13 +158,14 @@ pub async fn run_job(client: &mut JobControlClient<Channel>, spec_toml: String) 
 /// Publishes this rank's result (JSON) in the job's rendezvous store; on rank 0, waits for every
 /// rank's and prints them all on one line for [`read_result`] to find.
 pub fn publish_result(link: &RankLink, result: &impl serde::Serialize) -> Result<()> {
-    let env = &link.env;
     link.store.set(
-        &format!("result/{}", env.rank),
+        &format!("result/{}", link.rank()),
         serde_json::to_string(result)?.as_bytes(),
     )?;
-    if env.rank == 0 {
-        let keys: Vec<String> = (0..env.world_size).map(|r| format!("result/{r}")).collect();
+    if link.rank() == 0 {
+        let keys: Vec<String> = (0..link.world_size())
+            .map(|r| format!("result/{r}"))
+            .collect();
         let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
         let per_rank: Vec<serde_json::Value> = link
             .store

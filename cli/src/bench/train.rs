@@ -79,8 +79,7 @@ fn benchmark_config(world_size: u32, steps: u64) -> TrainConfig {
 /// One rank of the benchmark: trains, publishes its medians, and rank 0 prints every rank's.
 pub fn rank(steps: u64) -> Result<ExitCode> {
     let link = RankLink::connect()?;
-    let env = link.env.clone();
-    let config = benchmark_config(env.world_size as u32, steps);
+    let config = benchmark_config(link.launch.place.world_size, steps);
     let data = cohort_trainer::data::load(&config.data).context("loading Fashion-MNIST")?;
     let mut ring = link.ring("bench-train")?;
     let mut metrics = link.metrics()?;

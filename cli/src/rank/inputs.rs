@@ -12,12 +12,11 @@ use std::io::Read;
 use std::path::Path;
 
 use anyhow::{Result, bail};
+use cohort_proto::launch::Role;
 use cohort_spec::train::{Communication, DataSpec, DatasetKind, ModelKind};
 use cohort_trainer::checkpoint::{MODEL_FILE, OPTIMIZER_FILE};
 use cohort_trainer::data::{self, DATA_ENVIRONMENT_VARIABLE};
 use cohort_trainer::{TrainConfig, text};
-
-use super::env::Role;
 
 /// Checks that this process can read what it will: the data set (a training rank) and the
 /// files of the checkpoint being resumed that it loads.

@@ -1,35 +1,37 @@
 //! The entry point of processes that run as ranks of a job: `cohort rank` (Cohort's training
-//! runtime, or one of a job's parameter servers) and the benchmark ranks. Each reads its place
-//! from the environment, reaches the job's rendezvous store through the coordinator, and joins
-//! a communicator; `cohort rank` first checks that it can read its inputs.
+//! runtime, or one of a job's parameter servers) and the benchmark ranks. Each reads its launch
+//! from the environment its worker gave it ([`cohort_proto::launch::Launch::from_env`]: its
+//! place, its node, and for `cohort rank` the job's spec), reaches the job's rendezvous store
+//! through the coordinator, and joins a communicator; `cohort rank` first checks that it can
+//! read its inputs.
 //!
-//! - [`env`]: the rank's place in its job, from the environment its worker gave it.
 //! - [`inputs`]: the data set and the checkpoint being resumed, checked before joining.
 //! - [`train`]: `cohort rank` itself; [`parameter_server`]: its parameter-server role.
 //! - [`metrics`]: forwarding training metrics to the coordinator.
 //! - [`store`]: the rendezvous store over gRPC.
 
-pub mod env;
 pub mod inputs;
 pub mod metrics;
 pub mod parameter_server;
 pub mod store;
 pub mod train;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context, Result};
 use cohort_collective::{Nccl, NcclConfig, TcpRing, TcpRingConfig};
+use cohort_proto::launch::Launch;
 use tokio::runtime::Runtime;
 
 use crate::client;
-use env::RankEnv;
 use store::GrpcStore;
 
 /// A rank's connection to its job: the runtime its gRPC calls run on and the rendezvous store.
 pub struct RankLink {
-    /// Where the rank is.
-    pub env: RankEnv,
+    /// Where the rank is, as its worker launched it.
+    pub launch: Launch,
+    /// The address other ranks reach this node at (`COHORT_NODE_ADDR`).
+    pub node_address: IpAddr,
     /// Runtime for gRPC calls (the caller's thread stays free of async code).
     pub runtime: Runtime,
     /// The job's rendezvous store.
@@ -37,33 +39,46 @@ pub struct RankLink {
 }
 
 impl RankLink {
-    /// Reads the environment and connects to the rendezvous service.
+    /// Reads the launch from the environment and connects to the rendezvous service.
     pub fn connect() -> Result<Self> {
-        let env = RankEnv::from_env()?;
+        let launch = Launch::from_env()?;
+        let node_address = launch.node.node_ip()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .context("starting the rank's runtime")?;
-        let rendezvous = runtime.block_on(client::rendezvous(&env.rendezvous))?;
-        let store = GrpcStore::new(runtime.handle().clone(), rendezvous, env.job_id.clone());
+        let rendezvous = runtime.block_on(client::rendezvous(&launch.node.rendezvous))?;
+        let job_id = launch.place.job_id.to_string();
+        let store = GrpcStore::new(runtime.handle().clone(), rendezvous, job_id);
         Ok(Self {
-            env,
+            launch,
+            node_address,
             runtime,
             store,
         })
+    }
+
+    /// This process's index in its job: a training rank, or a parameter server after them.
+    pub fn rank(&self) -> usize {
+        self.launch.place.rank as usize
+    }
+
+    /// Training ranks in the job.
+    pub fn world_size(&self) -> usize {
+        self.launch.place.world_size as usize
     }
 
     /// Starts forwarding this rank's training metrics to the coordinator.
     pub fn metrics(&self) -> Result<metrics::CoordinatorMetrics> {
         let rendezvous = self
             .runtime
-            .block_on(client::rendezvous(&self.env.rendezvous))?;
+            .block_on(client::rendezvous(&self.launch.node.rendezvous))?;
         Ok(metrics::CoordinatorMetrics::start(
             self.runtime.handle().clone(),
             rendezvous,
-            self.env.job_id.clone(),
-            self.env.rank as u32,
+            self.launch.place.job_id.to_string(),
+            self.launch.place.rank,
         ))
     }
 
@@ -71,17 +86,11 @@ impl RankLink {
     /// address.
     pub fn ring(&self, name: &str) -> Result<TcpRing> {
         let config = TcpRingConfig {
-            listen_address: SocketAddr::new(self.env.node_address, 0),
+            listen_address: SocketAddr::new(self.node_address, 0),
             ..TcpRingConfig::default()
         };
-        TcpRing::connect(
-            &self.store,
-            name,
-            self.env.rank,
-            self.env.world_size,
-            &config,
-        )
-        .with_context(|| format!("rank {} joining communicator {name:?}", self.env.rank))
+        TcpRing::connect(&self.store, name, self.rank(), self.world_size(), &config)
+            .with_context(|| format!("rank {} joining communicator {name:?}", self.rank()))
     }
 
     /// Joins the job's NCCL communicator `name` (every rank of the job), on local CUDA device
@@ -89,15 +98,15 @@ impl RankLink {
     pub fn nccl(&self, name: &str, ordinal: usize) -> Result<Nccl> {
         let config = NcclConfig {
             prefix: name.to_owned(),
-            rank: self.env.rank,
-            world_size: self.env.world_size,
+            rank: self.rank(),
+            world_size: self.world_size(),
             device: ordinal,
             ..NcclConfig::default()
         };
         Nccl::connect(&self.store, &config).with_context(|| {
             format!(
                 "rank {} joining NCCL communicator {name:?} on cuda:{ordinal}",
-                self.env.rank
+                self.rank()
             )
         })
     }

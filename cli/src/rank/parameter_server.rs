@@ -11,7 +11,6 @@ use anyhow::{Context, Result};
 use cohort_collective::Store;
 use cohort_parameter_server::server::{serve_shard, shard_address_key};
 use cohort_parameter_server::{ServerConfig, ShardServer};
-use cohort_proto::JobId;
 use cohort_trainer::TrainConfig;
 use cohort_trainer::checkpoint::read_parameter_server_snapshot;
 use cohort_trainer::parameter_server::server_config;
@@ -21,11 +20,11 @@ use super::RankLink;
 
 /// Serves shard `shard` of `shards` until SIGTERM or SIGINT.
 pub fn serve(link: &RankLink, config: &TrainConfig, shard: u32, shards: u32) -> Result<ExitCode> {
-    let env = &link.env;
-    let job_id = JobId::new(env.job_id.clone()).context("the job id")?;
+    let job_id = link.launch.place.job_id.clone();
     let server = restore_or_create(config, server_config(config, job_id, shard, shards))?;
-    let listener = std::net::TcpListener::bind(SocketAddr::new(env.node_address, 0))
-        .with_context(|| format!("binding shard {shard}'s listener on {}", env.node_address))?;
+    let node_address = link.node_address;
+    let listener = std::net::TcpListener::bind(SocketAddr::new(node_address, 0))
+        .with_context(|| format!("binding shard {shard}'s listener on {node_address}"))?;
     listener
         .set_nonblocking(true)
         .context("making the listener non-blocking")?;

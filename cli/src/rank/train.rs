@@ -1,12 +1,12 @@
-//! `cohort rank`: one process of a `kind = "train"` job. Reads its place from the environment,
-//! fetches the job spec from the coordinator, checks that it can read its data set and the
-//! checkpoint it resumes from ([`super::inputs`]), and either serves a parameter-server shard or
-//! trains: loads the data, joins the data-parallel ring (or reaches the job's parameter
-//! servers) and trains on this (plain, non-async) thread, reporting metrics as it goes. A rank
-//! of a `[resources] device = "gpu"` job computes on the CUDA device its worker named.
+//! `cohort rank`: one process of a `kind = "train"` job. Reads its launch from the environment
+//! (its place, and the job's spec, which its worker passes with it), checks that it can read its
+//! data set and the checkpoint it resumes from ([`super::inputs`]), and either serves a
+//! parameter-server shard or trains: loads the data, joins the data-parallel ring (or reaches
+//! the job's parameter servers) and trains on this (plain, non-async) thread, reporting metrics
+//! as it goes. A rank of a `[resources] device = "gpu"` job computes on the CUDA device its
+//! worker named.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -14,16 +14,15 @@ use anyhow::{Context, Result};
 use cohort_collective::Store;
 use cohort_parameter_server::ClientConfig;
 use cohort_parameter_server::server::shard_address_key;
-use cohort_proto::JobId;
-use cohort_proto::v1::GetJobRequest;
+use cohort_proto::env;
+use cohort_proto::launch::Role;
+use cohort_spec::DeviceKind;
 use cohort_spec::train::{CollectiveBackend, Communication, ModelKind};
 use cohort_trainer::language_model::train_language_model;
 use cohort_trainer::mesh::{MeshShape, connect_mesh};
 use cohort_trainer::{ComputeDevice, ParameterServerLink, TrainConfig, TrainOutcome};
 
-use super::env::Role;
 use super::{RankLink, inputs, parameter_server};
-use crate::client;
 
 /// How long a rank waits for the job's parameter servers to publish their addresses.
 const SERVER_WAIT: Duration = Duration::from_secs(300);
@@ -31,33 +30,28 @@ const SERVER_WAIT: Duration = Duration::from_secs(300);
 /// Runs one process of a training job to its end.
 pub fn run() -> Result<ExitCode> {
     let link = RankLink::connect()?;
-    let env = link.env.clone();
-    let job = link.runtime.block_on(async {
-        let mut control = client::job_control(&env.coordinator).await?;
-        control
-            .get_job(GetJobRequest {
-                job_id: env.job_id.clone(),
-            })
-            .await
-            .map_err(client::status)
+    let place = &link.launch.place;
+    let rank = link.rank();
+    let spec_toml = place.spec_toml.as_deref().with_context(|| {
+        format!(
+            "{} is not set: `cohort rank` runs a process of a kind = \"train\" job, whose \
+             worker passes it the job's spec",
+            env::JOB_SPEC
+        )
     })?;
-    let spec = cohort_spec::parse(&job.into_inner().spec_toml).context("the job's spec")?;
-    let output_directory = env
-        .output_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("cohort-output").join(&env.job_id));
-    let mut config = TrainConfig::from_job_spec(&spec, output_directory);
+    let spec = cohort_spec::parse(spec_toml).context("the job's spec")?;
+    let mut config = TrainConfig::from_job_spec(&spec, link.launch.node.output_dir.clone());
     // Before joining anything: a rank that cannot read its data or checkpoint says which and
     // why, in one line, rather than failing its peers later.
-    inputs::check(&config, env.role, env.rank)?;
-    if let Role::ParameterServer { shard, shards } = env.role {
+    inputs::check(&config, place.role, rank)?;
+    if let Role::ParameterServer { shard, shards } = place.role {
         return parameter_server::serve(&link, &config, shard, shards);
     }
-    config.device = env.compute_device(spec.resources.device)?;
+    config.device = compute_device(spec.resources.device, place.devices.cuda_device())?;
     tracing::info!(
-        rank = env.rank,
+        rank,
         device = %config.device,
-        cuda_visible_devices = std::env::var("CUDA_VISIBLE_DEVICES").ok(),
+        cuda_visible_devices = std::env::var(env::CUDA_VISIBLE_DEVICES).ok(),
         "rank starts"
     );
 
@@ -96,31 +90,51 @@ pub fn run() -> Result<ExitCode> {
             )
         }
     }
-    .with_context(|| format!("rank {} training", env.rank))?;
+    .with_context(|| format!("rank {rank} training"))?;
     metrics.finish();
-    if env.rank == 0 {
+    if rank == 0 {
         print_outcome(&outcome);
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// Returns the device of a rank of a job asking for `kind` devices, given the CUDA device its
+/// launch names (`COHORT_CUDA_DEVICE`, on GPU ranks; ignored on CPU ranks).
+fn compute_device(kind: DeviceKind, cuda_device: Option<u32>) -> Result<ComputeDevice> {
+    match kind {
+        DeviceKind::Cpu => Ok(ComputeDevice::Cpu),
+        DeviceKind::Gpu => {
+            let ordinal = cuda_device.with_context(|| {
+                format!(
+                    "{} is not set, expected the index of this rank's gpu (the job asks for \
+                     resources.device = \"gpu\")",
+                    env::CUDA_DEVICE
+                )
+            })?;
+            Ok(ComputeDevice::Cuda {
+                ordinal: ordinal as usize,
+            })
+        }
+    }
+}
+
 /// Trains the transformer as one rank of the job's mesh.
 fn train_transformer(link: &RankLink, config: &TrainConfig) -> Result<ExitCode> {
-    let env = &link.env;
+    let rank = link.rank();
     let corpus = cohort_trainer::text::load(&config.data).context("loading the text")?;
     let shape = MeshShape::of(&config.parallel);
     let mesh = connect_mesh(
         &link.store,
-        env.rank,
+        rank,
         shape,
-        SocketAddr::new(env.node_address, 0),
+        SocketAddr::new(link.node_address, 0),
     )
-    .with_context(|| format!("rank {} joining the {} mesh", env.rank, shape.name()))?;
+    .with_context(|| format!("rank {rank} joining the {} mesh", shape.name()))?;
     let mut metrics = link.metrics()?.for_language_model();
     let outcome = train_language_model(config, &corpus, mesh, &mut metrics)
-        .with_context(|| format!("rank {} training", env.rank))?;
+        .with_context(|| format!("rank {rank} training"))?;
     metrics.finish();
-    if env.rank == 0 {
+    if rank == 0 {
         let describe = |evaluation: &cohort_trainer::EvaluationMetrics| {
             format!(
                 "validation loss {:.4} (perplexity {:.2}, next-character accuracy {:.2}%) at step {}",
@@ -168,8 +182,8 @@ fn connect_parameter_servers(link: &RankLink, config: &TrainConfig) -> Result<Pa
     Ok(ParameterServerLink {
         runtime: link.runtime.handle().clone(),
         client: ClientConfig {
-            job_id: JobId::new(link.env.job_id.clone()).context("the job id")?,
-            rank: link.env.rank as u32,
+            job_id: link.launch.place.job_id.clone(),
+            rank: link.launch.place.rank,
             gradient_dtype: cohort_trainer::precision::wire_dtype(config.train.grad_comm_dtype()),
             ..ClientConfig::default()
         },
@@ -188,5 +202,36 @@ fn print_outcome(outcome: &TrainOutcome) {
     }
     if let Some(path) = &outcome.checkpoint {
         println!("final checkpoint: {}", path.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_ranks_compute_on_the_device_the_worker_names() {
+        assert_eq!(
+            compute_device(DeviceKind::Cpu, None).unwrap(),
+            ComputeDevice::Cpu
+        );
+        // A CPU rank ignores the launch's CUDA device, whatever it is.
+        assert_eq!(
+            compute_device(DeviceKind::Cpu, Some(7)).unwrap(),
+            ComputeDevice::Cpu
+        );
+        assert_eq!(
+            compute_device(DeviceKind::Gpu, Some(2)).unwrap(),
+            ComputeDevice::Cuda { ordinal: 2 }
+        );
+        let missing = compute_device(DeviceKind::Gpu, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.starts_with("COHORT_CUDA_DEVICE is not set"),
+            "{missing}"
+        );
+        // A malformed COHORT_CUDA_DEVICE is refused when the launch is read
+        // (`cohort_proto::launch`'s tests).
     }
 }

@@ -1,26 +1,28 @@
 //! The scheduler pass: builds the view of free devices, asks [`placement::place`] where queued
-//! jobs go, persists each placement, and only then tells the workers to start the ranks.
+//! jobs go, persists each placement, and only then tells the workers to start the ranks. Each
+//! start instruction carries the process's place in its job, the coordinator's half of the
+//! launch contract ([`cohort_proto::launch`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
-use cohort_proto::v1::{DeviceRef, StartRank, instruction};
-use cohort_proto::{NodeId, env};
+use cohort_proto::NodeId;
+use cohort_proto::launch::{self, Devices, Master, RankPlace, Role};
+use cohort_proto::v1::{StartRank, instruction};
 use cohort_spec::{DeviceKind, JobKind, JobSpec};
 use tracing::{info, instrument};
 
 use super::{Cluster, State};
-use crate::convert;
 use crate::error::Result;
 use crate::lifecycle::{JobState, transition};
 use crate::model::{JobRecord, ProcessRole, RankRecord, RankState, StopCause, now_ms};
 use crate::placement::{self, ClusterView, NodeView, QueuedJob};
 
 /// First port of the range `MASTER_PORT` is drawn from.
-const MASTER_PORT_BASE: u32 = 20_000;
+const MASTER_PORT_BASE: u16 = 20_000;
 /// Size of that range.
-const MASTER_PORT_RANGE: u32 = 20_000;
-/// Program name a start instruction uses for "the worker's own `cohort` executable".
-pub const COHORT_EXECUTABLE: &str = "@cohort";
+const MASTER_PORT_RANGE: u16 = 20_000;
+// A submitted spec always fits the start instruction (and so the rank's environment).
+const _: () = assert!(cohort_spec::MAX_SPEC_BYTES <= launch::MAX_SPEC_BYTES);
 
 /// Devices held on one node.
 #[derive(Default)]
@@ -135,47 +137,12 @@ impl State {
 
 /// Picks the job's `MASTER_PORT`, spread over a range by job sequence so that concurrent jobs
 /// on one node rarely collide.
-fn master_port(seq: u64) -> u32 {
-    MASTER_PORT_BASE + (seq.wrapping_mul(7919) % u64::from(MASTER_PORT_RANGE)) as u32
+fn master_port(seq: u64) -> u16 {
+    MASTER_PORT_BASE + (seq.wrapping_mul(7919) % u64::from(MASTER_PORT_RANGE)) as u16
 }
 
-/// Sets the variables that tie a rank to its devices: thread pools sized to its CPU slots, or
-/// its GPUs alone visible (and NCCL kept on loopback on a cluster that lives there).
-fn device_environment(
-    kind: DeviceKind,
-    rank: &RankRecord,
-    master_addr: &str,
-    environment: &mut BTreeMap<String, String>,
-) {
-    match kind {
-        DeviceKind::Cpu => {
-            // A CPU slot is a core: size the rank's thread pools to the slots it holds, as
-            // torchrun does with OMP_NUM_THREADS, so ranks sharing a node do not oversubscribe
-            // it.
-            let threads = rank.devices.len().max(1).to_string();
-            environment.insert(env::OMP_NUM_THREADS.to_owned(), threads.clone());
-            environment.insert(env::RAYON_NUM_THREADS.to_owned(), threads);
-        }
-        DeviceKind::Gpu => {
-            // The rank sees only its own GPUs, renumbered from 0.
-            let visible = rank
-                .devices
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(",");
-            environment.insert(env::CUDA_VISIBLE_DEVICES.to_owned(), visible);
-            environment.insert(env::CUDA_DEVICE.to_owned(), "0".to_owned());
-            if is_loopback_host(master_addr) {
-                // NCCL listens on an interface of its own choosing, a non-loopback one when
-                // the machine has any; a cluster that lives on loopback keeps NCCL there too.
-                environment.insert(env::NCCL_SOCKET_IFNAME.to_owned(), "lo".to_owned());
-            }
-        }
-    }
-}
-
-/// Builds the start instruction of one rank.
+/// Builds the start instruction of one process: its place in the job (the coordinator's half of
+/// the launch contract, [`launch`]), the program, the job's own variables and the grace period.
 fn start_instruction(
     record: &JobRecord,
     spec: &JobSpec,
@@ -183,61 +150,46 @@ fn start_instruction(
     local_world_size: u32,
     master_addr: &str,
 ) -> StartRank {
-    let kind = convert::device_kind_name(record.device_kind);
-    let devices = rank
-        .devices
-        .iter()
-        .map(|index| format!("{kind}:{index}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    // The job's own variables first: Cohort's below replace any of the same name (validation
-    // refuses those already; this keeps a record from before that rule from overriding them).
-    let mut environment: BTreeMap<String, String> = spec
-        .command
-        .as_ref()
-        .map(|command| command.env.clone())
-        .unwrap_or_default();
-    device_environment(record.device_kind, rank, master_addr, &mut environment);
-    // WORLD_SIZE counts training ranks only: parameter servers are extra processes of the gang.
-    let world_size = spec.ranks().to_string();
-    let rank_text = rank.rank.to_string();
-    let local_rank = rank.local_rank.to_string();
-    let local_world_size_text = local_world_size.to_string();
-    for (name, value) in [
-        (env::JOB_ID, record.id.to_string()),
-        (env::RANK, rank_text.clone()),
-        (env::WORLD_SIZE, world_size.clone()),
-        (env::LOCAL_RANK, local_rank.clone()),
-        (env::LOCAL_WORLD_SIZE, local_world_size_text.clone()),
-        (env::DEVICES, devices),
-    ] {
-        environment.insert(name.to_owned(), value);
-    }
-    match ProcessRole::of(rank.rank, spec.ranks()) {
-        ProcessRole::Rank => {
-            for (name, value) in [
-                (env::ROLE, env::ROLE_RANK.to_owned()),
-                (env::torch::RANK, rank_text),
-                (env::torch::WORLD_SIZE, world_size),
-                (env::torch::LOCAL_RANK, local_rank),
-                (env::torch::LOCAL_WORLD_SIZE, local_world_size_text),
-                (env::torch::MASTER_ADDR, master_addr.to_owned()),
-                (env::torch::MASTER_PORT, master_port(record.seq).to_string()),
-            ] {
-                environment.insert(name.to_owned(), value);
-            }
-        }
-        ProcessRole::ParameterServer { shard } => {
-            let shards = record.ranks - spec.ranks();
-            for (name, value) in [
-                (env::ROLE, env::ROLE_PARAMETER_SERVER.to_owned()),
-                (env::PS_SHARD, shard.to_string()),
-                (env::PS_SHARDS, shards.to_string()),
-            ] {
-                environment.insert(name.to_owned(), value);
-            }
-        }
-    }
+    let devices = match record.device_kind {
+        DeviceKind::Cpu => Devices::Cpu {
+            slots: rank.devices.clone(),
+        },
+        DeviceKind::Gpu => Devices::Gpu {
+            gpus: rank.devices.clone(),
+            cuda_device: 0,
+            nccl_on_loopback: is_loopback_host(master_addr),
+        },
+    };
+    let (role, master) = match ProcessRole::of(rank.rank, spec.ranks()) {
+        ProcessRole::Rank => (
+            Role::Rank,
+            Some(Master {
+                addr: master_addr.to_owned(),
+                port: master_port(record.seq),
+            }),
+        ),
+        ProcessRole::ParameterServer { shard } => (
+            Role::ParameterServer {
+                shard,
+                shards: record.ranks - spec.ranks(),
+            },
+            None,
+        ),
+    };
+    let place = RankPlace {
+        job_id: record.id.clone(),
+        rank: rank.rank,
+        // WORLD_SIZE counts training ranks only: parameter servers are extra processes of the
+        // gang.
+        world_size: spec.ranks(),
+        local_rank: rank.local_rank,
+        local_world_size,
+        devices,
+        role,
+        master,
+        // Cohort's own runtime reads the spec it runs; a command job's program never sees it.
+        spec_toml: (spec.kind == JobKind::Train).then(|| record.spec_toml.clone()),
+    };
     let (argv, working_dir) = match (spec.kind, &spec.command) {
         (JobKind::Command, Some(command)) => (
             std::iter::once(command.program.clone())
@@ -246,28 +198,21 @@ fn start_instruction(
             command.working_dir.clone().unwrap_or_default(),
         ),
         _ => (
-            vec![COHORT_EXECUTABLE.to_owned(), "rank".to_owned()],
+            vec![launch::COHORT_EXECUTABLE.to_owned(), "rank".to_owned()],
             String::new(),
         ),
     };
     StartRank {
-        job_id: record.id.to_string(),
-        rank: rank.rank,
         world_size: record.ranks,
-        local_rank: rank.local_rank,
-        local_world_size,
-        devices: rank
-            .devices
-            .iter()
-            .map(|&index| DeviceRef {
-                kind: convert::device_kind_to_proto(record.device_kind) as i32,
-                index,
-            })
-            .collect(),
         argv,
-        env: environment.into_iter().collect(),
+        env: spec
+            .command
+            .as_ref()
+            .map(|command| command.env.clone().into_iter().collect())
+            .unwrap_or_default(),
         working_dir,
         stop_grace_ms: (spec.stop_grace_s() * 1000.0) as u32,
+        ..StartRank::from(&place)
     }
 }
 
@@ -386,6 +331,108 @@ mod tests {
             assert!((MASTER_PORT_BASE..MASTER_PORT_BASE + MASTER_PORT_RANGE).contains(&port));
         }
         assert_ne!(master_port(1), master_port(2));
+    }
+
+    /// The record of job `spec_toml` placed on one node, each process holding `devices` devices
+    /// from index 0 on.
+    fn placed(spec_toml: &str, devices: u32) -> (JobRecord, JobSpec) {
+        let spec = cohort_spec::parse(spec_toml).unwrap();
+        let mut record = crate::store::conformance::sample_job(7);
+        record.spec_toml = spec_toml.to_owned();
+        record.ranks = spec.processes();
+        record.device_kind = spec.resources.device;
+        let template = record.placement[0].clone();
+        record.placement = (0..record.ranks)
+            .map(|rank| RankRecord {
+                rank,
+                local_rank: rank,
+                devices: (rank * devices..(rank + 1) * devices).collect(),
+                ..template.clone()
+            })
+            .collect();
+        (record, spec)
+    }
+
+    #[test]
+    fn a_command_rank_gets_its_program_its_env_and_its_place_but_not_the_spec() {
+        let spec_toml = "version = 1\nname = \"hello\"\nkind = \"command\"\n\
+                         [resources]\nranks = 2\ndevices_per_rank = 2\n\
+                         [command]\nprogram = \"python\"\nargs = [\"train.py\"]\n\
+                         env = { WANDB_PROJECT = \"mnist\" }\n";
+        let (record, spec) = placed(spec_toml, 2);
+        let start = start_instruction(&record, &spec, &record.placement[1], 2, "10.0.0.2");
+        assert_eq!(start.argv, ["python", "train.py"]);
+        assert_eq!(start.world_size, 2);
+        assert_eq!(
+            start.env,
+            HashMap::from([("WANDB_PROJECT".to_owned(), "mnist".to_owned())])
+        );
+        assert!(start.spec_toml.is_empty());
+        let place = RankPlace::try_from(&start).unwrap();
+        assert_eq!(
+            place,
+            RankPlace {
+                job_id: record.id.clone(),
+                rank: 1,
+                world_size: 2,
+                local_rank: 1,
+                local_world_size: 2,
+                devices: Devices::Cpu { slots: vec![2, 3] },
+                role: Role::Rank,
+                master: Some(Master {
+                    addr: "10.0.0.2".to_owned(),
+                    port: master_port(record.seq),
+                }),
+                spec_toml: None,
+            }
+        );
+    }
+
+    #[test]
+    fn the_processes_of_a_train_job_get_its_spec_and_their_role() {
+        let spec_toml = "version = 1\nname = \"ps\"\nkind = \"train\"\n\
+                         [parallel]\ndata = 2\ncomm = \"ps\"\nps_shards = 1\n";
+        let (record, spec) = placed(spec_toml, 1);
+        assert_eq!(record.ranks, 3, "2 ranks and a server");
+        let server = start_instruction(&record, &spec, &record.placement[2], 3, "127.0.0.1");
+        assert_eq!(server.argv, [launch::COHORT_EXECUTABLE, "rank"]);
+        assert!(server.env.is_empty());
+        assert_eq!(server.world_size, 3);
+        let place = RankPlace::try_from(&server).unwrap();
+        assert_eq!(
+            place.role,
+            Role::ParameterServer {
+                shard: 0,
+                shards: 1
+            }
+        );
+        assert_eq!(place.master, None);
+        assert_eq!(place.world_size, 2);
+        assert_eq!(place.spec_toml.as_deref(), Some(spec_toml));
+        assert_eq!(place.devices, Devices::Cpu { slots: vec![2] });
+        let rank = start_instruction(&record, &spec, &record.placement[0], 3, "127.0.0.1");
+        let place = RankPlace::try_from(&rank).unwrap();
+        assert_eq!(place.role, Role::Rank);
+        assert_eq!(place.spec_toml.as_deref(), Some(spec_toml));
+    }
+
+    #[test]
+    fn gpu_ranks_keep_nccl_on_loopback_only_on_a_loopback_cluster() {
+        let spec_toml = "version = 1\nname = \"gpus\"\nkind = \"train\"\n\
+                         [resources]\ndevice = \"gpu\"\n[parallel]\ndata = 2\n";
+        let (record, spec) = placed(spec_toml, 1);
+        for (master_addr, nccl_on_loopback) in [("127.0.0.1", true), ("10.0.0.2", false)] {
+            let start = start_instruction(&record, &spec, &record.placement[1], 2, master_addr);
+            assert_eq!(
+                RankPlace::try_from(&start).unwrap().devices,
+                Devices::Gpu {
+                    gpus: vec![1],
+                    cuda_device: 0,
+                    nccl_on_loopback
+                },
+                "{master_addr}"
+            );
+        }
     }
 
     #[test]

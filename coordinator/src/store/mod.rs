@@ -205,7 +205,7 @@ fn decode_record<T: codec::Record>(bytes: &[u8], kind: RecordKind, key: &str) ->
 }
 
 #[cfg(test)]
-mod conformance;
+pub(crate) mod conformance;
 
 #[cfg(test)]
 mod tests {
