@@ -1,5 +1,11 @@
 //! Identifier newtypes. Each validates its text once, at the boundary where it enters the
 //! system (an RPC field, a CLI flag), so the rest of the code can trust it.
+//!
+//! Ranks, world sizes and shard numbers have no newtype, and one width on each side of one
+//! line: `u32` in what is sent or stored (messages, job specs, the coordinator's records, the
+//! launch contract), `usize` in the data plane that indexes vectors by them (`collective`, the
+//! parameter server's shards and clients, the trainer). They cross that line where a rank
+//! reads its launch or a message is built or decoded.
 
 use std::fmt;
 use std::str::FromStr;
@@ -110,18 +116,6 @@ string_id!(
     NodeId,
     "node id"
 );
-
-/// A rank within a job, `0..world_size`.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
-)]
-pub struct Rank(pub u32);
-
-impl fmt::Display for Rank {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
 
 #[cfg(test)]
 mod tests {

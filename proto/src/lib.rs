@@ -6,8 +6,8 @@
 //!   (`JobControl` for the CLI, `Membership` for worker daemons, `Rendezvous` for ranks).
 //! - [`ps_v1`]: the generated `ParameterServer` service of `proto/parameter_server.proto`
 //!   (pushes, pulls, init and snapshots of one parameter shard).
-//! - [`ids`]: the newtypes [`JobId`], [`NodeId`] and [`Rank`] used instead of bare strings and
-//!   integers.
+//! - [`ids`]: the newtypes [`JobId`] and [`NodeId`] used instead of bare strings (ranks are
+//!   `u32` on the wire and `usize` where they index; see [`ids`]).
 //! - [`env`]: the names of the environment variables a rank process receives, and which of
 //!   them Cohort manages.
 //! - [`launch`]: the launch contract: a process's place in its job (built by the coordinator,
@@ -23,7 +23,7 @@ pub mod ids;
 pub mod launch;
 pub mod text;
 
-pub use ids::{IdError, JobId, NodeId, Rank};
+pub use ids::{IdError, JobId, NodeId};
 
 /// Generated code for package `cohort.v1`.
 #[allow(clippy::all, missing_docs)]
