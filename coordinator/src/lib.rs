@@ -99,7 +99,7 @@ pub async fn run(
     let background = tokio::spawn(cluster.clone().run_background(async {
         let _ = background_stopped.await;
     }));
-    let service = service::CoordinatorService::new(cluster);
+    let service = service::CoordinatorService::new(cluster.clone());
     info!(%address, "coordinator ready");
     let result = tonic::transport::Server::builder()
         .add_service(
@@ -121,6 +121,10 @@ pub async fn run(
         .await;
     let _ = stop_background.send(());
     let _ = background.await;
+    // Every job change made before the server stopped is stored before the coordinator exits.
+    if let Err(error) = cluster.flush().await {
+        tracing::warn!(%error, "job writes did not all land before shutdown");
+    }
     info!(%address, "coordinator stopped");
     Ok(result?)
 }

@@ -5,6 +5,7 @@ use cohort_proto::v1::JobInfo;
 use cohort_proto::{JobId, NodeId};
 use tracing::{info, instrument, warn};
 
+use super::persistence::{Written, all_landed};
 use super::{Cluster, JobSlot, LiveJob, State};
 use crate::convert::{self, RankReport};
 use crate::error::{Error, Result};
@@ -27,6 +28,11 @@ impl Cluster {
     /// Validates a spec, refuses it when the queue is full (in all, or for its submitter) or
     /// when it could never fit (unless `wait_for_resources`), stores it as queued and wakes the
     /// scheduler.
+    ///
+    /// The job enters memory only once its record is stored: a submission whose write fails
+    /// is answered with the error and leaves nothing behind. The state lock is released for
+    /// the store round trips (sequence, record); submissions are serialised among themselves
+    /// instead, so the queue-room check still holds when the job is inserted.
     #[instrument(skip(self, spec_toml))]
     pub async fn submit(
         &self,
@@ -35,7 +41,8 @@ impl Cluster {
         submitter: String,
     ) -> Result<JobInfo> {
         let spec = cohort_spec::parse(&spec_toml)?;
-        let mut state = self.state.lock().await;
+        let submitting = self.submissions.lock().await;
+        let state = self.state.lock().await;
         self.check_queue_room(&state, &submitter)?;
         let queued = QueuedJob {
             job_id: JobId::new("candidate")?,
@@ -54,6 +61,7 @@ impl Cluster {
                 ))
             })?;
         }
+        drop(state);
         let seq = self.store.next_job_seq().await?;
         let id = JobId::new(format!("{}-{seq}", spec.name))?;
         let record = JobRecord {
@@ -78,7 +86,8 @@ impl Cluster {
             placement: Vec::new(),
             metrics: Default::default(),
         };
-        self.store.put_job(&record).await?;
+        // Nothing else knows the job yet, so no other write of it can be queued before this one.
+        self.writes.put_job(&record).landed().await?;
         self.logs.track(&id)?;
         info!(job_id = %id, ranks = record.ranks, priority = record.priority, "job queued");
         let job = LiveJob {
@@ -86,10 +95,13 @@ impl Cluster {
             spec,
             recovery: None,
         };
-        self.publish(&job);
         let info = convert::job_info(&job.record);
-        state.jobs.insert(seq, JobSlot::Live(Box::new(job)));
-        drop(state);
+        self.state
+            .lock()
+            .await
+            .jobs
+            .insert(seq, JobSlot::Live(Box::new(job)));
+        drop(submitting);
         self.wake.notify_one();
         Ok(info)
     }
@@ -121,15 +133,22 @@ impl Cluster {
         Ok(())
     }
 
-    /// Returns one job: a live job from memory, a retired one read back from the store.
+    /// Returns one job: a live job from memory, a retired one read back from the store. Either
+    /// is answered once every change it shows is stored (the writes queued before the read have
+    /// landed), so no answer shows a state a crash could still undo.
     pub async fn job(&self, job_id: &JobId) -> Result<JobInfo> {
-        {
+        let (live, stored) = {
             let state = self.state.lock().await;
-            match state.slot(job_id) {
-                Some(JobSlot::Live(job)) => return Ok(convert::job_info(&job.record)),
-                Some(JobSlot::Retired(_)) => {}
+            let live = match state.slot(job_id) {
+                Some(JobSlot::Live(job)) => Some(convert::job_info(&job.record)),
+                Some(JobSlot::Retired(_)) => None,
                 None => return Err(Error::JobNotFound(job_id.to_string())),
-            }
+            };
+            (live, self.writes.barrier())
+        };
+        stored.landed().await?;
+        if let Some(info) = live {
+            return Ok(info);
         }
         match self.store.get_job(job_id).await? {
             Some(record) => Ok(convert::job_info(&record)),
@@ -140,7 +159,8 @@ impl Cluster {
     }
 
     /// Returns one page of job summaries, oldest first: at most `page_size` jobs (0: the
-    /// default) submitted after the job `page_token` names (empty: from the first).
+    /// default) submitted after the job `page_token` names (empty: from the first). Answered
+    /// once every change it shows is stored.
     pub async fn jobs(&self, page_size: u32, page_token: &str) -> Result<JobPage> {
         let size = match page_size as usize {
             0 => DEFAULT_LIST_PAGE,
@@ -173,6 +193,9 @@ impl Cluster {
             last = Some(seq);
         }
         let more = last.is_some_and(|last| state.jobs.range(last + 1..).next().is_some());
+        let stored = self.writes.barrier();
+        drop(state);
+        stored.landed().await?;
         Ok(JobPage {
             jobs,
             next_page_token: match (more, last) {
@@ -183,9 +206,11 @@ impl Cluster {
     }
 
     /// Cancels a job that has not ended: marks it cancelled and stops its ranks (SIGTERM, then
-    /// SIGKILL after the job's grace period, done by the workers).
+    /// SIGKILL after the job's grace period, done by the workers). Answers once the cancelled
+    /// record is stored.
     #[instrument(skip(self), fields(%job_id))]
     pub async fn cancel(&self, job_id: &JobId) -> Result<JobInfo> {
+        let mut writes = Vec::new();
         let mut state = self.state.lock().await;
         let ended = match state.slot(job_id) {
             None => return Err(Error::JobNotFound(job_id.to_string())),
@@ -203,14 +228,17 @@ impl Cluster {
             job_id,
             JobState::Cancelled,
             "cancelled by user".to_owned(),
-        )
-        .await?;
-        match state.slot(job_id) {
-            Some(JobSlot::Live(job)) => Ok(convert::job_info(&job.record)),
-            _ => {
-                drop(state);
-                self.job(job_id).await
-            }
+            &mut writes,
+        )?;
+        let live = match state.slot(job_id) {
+            Some(JobSlot::Live(job)) => Some(convert::job_info(&job.record)),
+            _ => None,
+        };
+        drop(state);
+        all_landed(writes).await?;
+        match live {
+            Some(info) => Ok(info),
+            None => self.job(job_id).await,
         }
     }
 
@@ -293,12 +321,13 @@ impl Cluster {
 
     /// Applies checked rank reports of node `node_id` and decides the outcome of every job
     /// they touch: running once every rank runs, failed as soon as one rank fails, succeeded
-    /// once every rank exited 0.
-    pub(super) async fn apply_rank_reports(
+    /// once every rank exited 0. The records to store go on `writes`.
+    pub(super) fn apply_rank_reports(
         &self,
         state: &mut State,
         node_id: &NodeId,
         reports: &[RankReport],
+        writes: &mut Vec<Written>,
     ) -> Result<()> {
         let mut touched: Vec<JobId> = Vec::new();
         for report in reports {
@@ -352,14 +381,19 @@ impl Cluster {
             }
         }
         for job_id in touched {
-            self.settle_job(state, &job_id).await?;
+            self.settle_job(state, &job_id, writes)?;
         }
         Ok(())
     }
 
-    /// Decides a live job's state from its ranks' states, persists it, and retires the job
-    /// once it has ended and every process of it is gone.
-    pub(super) async fn settle_job(&self, state: &mut State, job_id: &JobId) -> Result<()> {
+    /// Decides a live job's state from its ranks' states, enqueues its record on `writes`, and
+    /// retires the job once it has ended and every process of it is gone.
+    pub(super) fn settle_job(
+        &self,
+        state: &mut State,
+        job_id: &JobId,
+        writes: &mut Vec<Written>,
+    ) -> Result<()> {
         let Some(job) = state.live_mut(job_id) else {
             return Ok(());
         };
@@ -376,8 +410,7 @@ impl Cluster {
                 job.record.reason = failure_reason(earliest, ranks);
                 job.record.blamed_rank = Some(earliest.rank);
             }
-            self.store.put_job(&job.record).await?;
-            self.publish(job);
+            writes.push(self.writes.put_job(&job.record));
             self.retire_if_done(state, job_id);
             return Ok(());
         }
@@ -385,9 +418,7 @@ impl Cluster {
         if let Some(failed) = earliest_failure(placement, ranks) {
             let reason = failure_reason(failed, ranks);
             job.record.blamed_rank = Some(failed.rank);
-            return self
-                .finish_job(state, job_id, JobState::Failed, reason)
-                .await;
+            return self.finish_job(state, job_id, JobState::Failed, reason, writes);
         }
         // The job is done when its training ranks are; its parameter servers are then stopped.
         if placement
@@ -395,9 +426,7 @@ impl Cluster {
             .filter(|r| ProcessRole::of(r.rank, ranks) == ProcessRole::Rank)
             .all(|r| r.succeeded())
         {
-            return self
-                .finish_job(state, job_id, JobState::Succeeded, String::new())
-                .await;
+            return self.finish_job(state, job_id, JobState::Succeeded, String::new(), writes);
         }
         let all_started = placement
             .iter()
@@ -416,8 +445,7 @@ impl Cluster {
             info!(%job_id, "every rank re-reported after the coordinator restarted");
             job.recovery = None;
         }
-        self.store.put_job(&job.record).await?;
-        self.publish(job);
+        writes.push(self.writes.put_job(&job.record));
         Ok(())
     }
 }

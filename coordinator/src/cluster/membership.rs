@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{info, instrument, warn};
 
+use super::persistence::{Written, all_landed};
 use super::{Cluster, INSTRUCTION_BUFFER, NodeEntry, NodeStatus, Session, State, millis};
 use crate::convert::{self, RankReport};
 use crate::error::Result;
@@ -71,6 +72,7 @@ impl Cluster {
         let node_id = registration.node.id.clone();
         self.store.put_node(&registration.node).await?;
 
+        let mut writes = Vec::new();
         let mut state = self.state.lock().await;
         let token = SessionToken::generate();
         let (sender, receiver) = mpsc::channel(INSTRUCTION_BUFFER);
@@ -109,23 +111,24 @@ impl Cluster {
             was_lost,
             "node registered"
         );
-        self.apply_rank_reports(&mut state, &node_id, &registration.ranks)
-            .await?;
+        self.apply_rank_reports(&mut state, &node_id, &registration.ranks, &mut writes)?;
         let why = format!(
             "not running when node {node_id} registered again (its worker restarted, or never received the start)"
         );
-        self.lose_unreported_ranks(&mut state, &node_id, &registration.ranks, &why)
-            .await?;
+        self.lose_unreported_ranks(&mut state, &node_id, &registration.ranks, &why, &mut writes)?;
         drop(state);
+        all_landed(writes).await?;
         self.wake.notify_one();
         Ok(receiver)
     }
 
     /// Records a heartbeat and the rank states it carries. Returns false when the session is
-    /// not the node's current one (the worker must register again).
+    /// not the node's current one (the worker must register again). Answers once the records
+    /// its reports changed are stored; it never waits for other callers' writes under the lock.
     pub async fn heartbeat(&self, request: HeartbeatRequest) -> Result<bool> {
         let node_id = NodeId::new(request.node_id.clone())?;
         let reports = convert::rank_reports(&request.ranks)?;
+        let mut writes = Vec::new();
         let mut state = self.state.lock().await;
         let Some(node) = state.nodes.get_mut(&node_id) else {
             return Ok(false);
@@ -139,8 +142,7 @@ impl Cluster {
         }
         node.last_heartbeat = Instant::now();
         node.last_heartbeat_ms = now_ms();
-        self.apply_rank_reports(&mut state, &node_id, &reports)
-            .await?;
+        self.apply_rank_reports(&mut state, &node_id, &reports, &mut writes)?;
         if request.leaving {
             // Its ranks were reported above; the node takes no more work until it registers
             // again, and a rank it did not report will not run.
@@ -150,21 +152,26 @@ impl Cluster {
                 node.session = None;
             }
             let why = format!("node {node_id} left without running it");
-            self.lose_unreported_ranks(&mut state, &node_id, &reports, &why)
-                .await?;
+            self.lose_unreported_ranks(&mut state, &node_id, &reports, &why, &mut writes)?;
+        }
+        drop(state);
+        all_landed(writes).await?;
+        if request.leaving {
             self.wake.notify_one();
         }
         Ok(true)
     }
 
     /// Marks every rank placed on `node_id` that may still run, and that `reports` does not
-    /// mention, as lost with `why`, and settles the jobs concerned.
-    async fn lose_unreported_ranks(
+    /// mention, as lost with `why`, and settles the jobs concerned (their records go on
+    /// `writes`).
+    fn lose_unreported_ranks(
         &self,
         state: &mut State,
         node_id: &NodeId,
         reports: &[RankReport],
         why: &str,
+        writes: &mut Vec<Written>,
     ) -> Result<()> {
         let mut touched = Vec::new();
         for job in state.live_jobs_mut() {
@@ -187,7 +194,7 @@ impl Cluster {
             }
         }
         for job_id in touched {
-            self.settle_job(state, &job_id).await?;
+            self.settle_job(state, &job_id, writes)?;
         }
         Ok(())
     }
@@ -215,6 +222,7 @@ impl Cluster {
     /// Marks nodes that missed their heartbeat deadline as lost (failing their jobs), and fails
     /// jobs whose ranks did not re-report in time after a coordinator restart.
     pub(super) async fn check_liveness(&self) -> Result<()> {
+        let mut writes = Vec::new();
         let mut state = self.state.lock().await;
         let deadline = self.config.heartbeat_deadline;
         let lost: Vec<NodeId> = state
@@ -247,10 +255,15 @@ impl Cluster {
                 })
                 .collect();
             for job_id in affected {
-                self.finish_job(&mut state, &job_id, JobState::Failed, reason.clone())
-                    .await?;
+                self.finish_job(
+                    &mut state,
+                    &job_id,
+                    JobState::Failed,
+                    reason.clone(),
+                    &mut writes,
+                )?;
                 // A job that had ended already: its record now knows those ranks are gone.
-                self.settle_job(&mut state, &job_id).await?;
+                self.settle_job(&mut state, &job_id, &mut writes)?;
             }
         }
 
@@ -286,9 +299,10 @@ impl Cluster {
                 &job_id,
                 JobState::Failed,
                 "coordinator restarted".to_owned(),
-            )
-            .await?;
+                &mut writes,
+            )?;
         }
-        Ok(())
+        drop(state);
+        all_landed(writes).await
     }
 }

@@ -1,8 +1,9 @@
 //! The coordinator's domain core: every job, node and placement, and the operations on them.
 //!
-//! [`Cluster`] owns the in-memory state (one lock), persists every job change to the
-//! [`ClusterStore`] before acting on it, and tells workers what to do through their instruction
-//! streams. The gRPC layer ([`crate::service`]) only decodes requests and calls it. Every
+//! [`Cluster`] owns the in-memory state (one lock, which guards memory only: it is never held
+//! across a store round trip), persists every job change to the [`ClusterStore`] in the order
+//! the changes happened (`persistence`), and tells workers what to do through their instruction
+//! streams. A start instruction goes out only once the placement it carries is stored. The gRPC layer ([`crate::service`]) only decodes requests and calls it. Every
 //! operation checks its whole request before it changes anything: a refused call changes
 //! nothing.
 //!
@@ -15,9 +16,11 @@
 //! - `jobs`: submit, cancel, inspect; job outcomes from rank reports.
 //! - `membership`: worker registration, heartbeats, lost-node detection.
 //! - `scheduling`: the scheduler pass that applies [`crate::placement::place`].
+//! - `persistence`: the ordered queue of job writes and the one task that writes them.
 
 mod jobs;
 mod membership;
+mod persistence;
 mod scheduling;
 
 #[cfg(test)]
@@ -43,6 +46,7 @@ use crate::model::{JobRecord, JobSummary, NodeRecord, RankState, now_ms};
 use crate::rendezvous::Rendezvous;
 use crate::store::ClusterStore;
 use cohort_proto::text::truncate;
+use persistence::{WriteQueue, Written};
 
 pub use membership::SessionToken;
 
@@ -276,7 +280,12 @@ pub struct Cluster {
     config: CoordinatorConfig,
     /// Durable store of jobs and nodes.
     store: Arc<dyn ClusterStore>,
-    /// In-memory state.
+    /// Job writes, in the order the state changed; drained by one writer task.
+    writes: WriteQueue,
+    /// Serialises submissions from their queue-room check to their insertion, so that the
+    /// check holds while the state lock is released for the store round trips between.
+    submissions: Mutex<()>,
+    /// In-memory state. Never held across a store round trip.
     state: Mutex<State>,
     /// Captured rank output.
     logs: LogStore,
@@ -367,9 +376,12 @@ impl Cluster {
             "cluster state loaded"
         );
         let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let writes = WriteQueue::start(&store, events.clone());
         Ok(Self {
             config,
             store,
+            writes,
+            submissions: Mutex::new(()),
             state: Mutex::new(state),
             logs,
             rendezvous,
@@ -419,7 +431,14 @@ impl Cluster {
         }
     }
 
-    /// Tells watchers that the job changed.
+    /// Waits until every job change made so far is stored; for shutdown, so that nothing is
+    /// lost.
+    pub async fn flush(&self) -> Result<()> {
+        self.writes.barrier().landed().await
+    }
+
+    /// Tells watchers that the job changed, for changes that are not stored (metrics); the
+    /// writer tells them of stored ones.
     fn publish(&self, job: &LiveJob) {
         // No watcher is not an error.
         let _ = self.events.send(JobChanged {
@@ -447,14 +466,16 @@ impl Cluster {
         debug!(%job_id, "job retired");
     }
 
-    /// Moves a live job to a final state: records why, stops every rank that may still run,
-    /// closes its rendezvous, persists and publishes.
-    async fn finish_job(
+    /// Moves a live job to a final state: records why, enqueues its record on `writes`, stops
+    /// every rank that may still run and closes its rendezvous (stopping needs no durable
+    /// record first; watchers hear of the end once it is stored).
+    fn finish_job(
         &self,
         state: &mut State,
         job_id: &JobId,
         to: JobState,
         reason: String,
+        writes: &mut Vec<Written>,
     ) -> Result<()> {
         let Some(entry) = state.live_mut(job_id) else {
             return Ok(());
@@ -477,8 +498,7 @@ impl Cluster {
             JobState::Succeeded => info!(%job_id, "job succeeded"),
             _ => warn!(%job_id, state = to.name(), reason = %entry.record.reason, "job ended"),
         }
-        self.store.put_job(&entry.record).await?;
-        self.publish(entry);
+        writes.push(self.writes.put_job(&entry.record));
         let reason = entry.record.reason.clone();
         state.stop_ranks(job_id, &reason);
         self.rendezvous.drop_job(job_id);
@@ -517,4 +537,210 @@ impl Cluster {
 /// Converts a duration to whole milliseconds for the protocol, saturating.
 fn millis(duration: Duration) -> u32 {
     u32::try_from(duration.as_millis()).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use cohort_proto::v1;
+
+    use super::*;
+    use crate::error::Error;
+    use crate::store::embedded::EmbeddedStore;
+    use crate::store::faults::FaultyStore;
+
+    const SPEC: &str =
+        "version = 1\nname = \"held\"\nkind = \"command\"\n[command]\nprogram = \"true\"\n";
+
+    /// A coordinator core over a store whose writes a test can hold.
+    async fn cluster(data_dir: &std::path::Path) -> (Arc<Cluster>, Arc<FaultyStore>) {
+        let embedded = Arc::new(EmbeddedStore::open(data_dir).unwrap());
+        let store = Arc::new(FaultyStore::new(embedded));
+        let config = CoordinatorConfig {
+            data_dir: data_dir.to_owned(),
+            ..CoordinatorConfig::default()
+        };
+        let cluster = Cluster::load(config, store.clone()).await.unwrap();
+        (Arc::new(cluster), store)
+    }
+
+    /// Registers a node with one CPU slot; returns its session id and instruction stream.
+    async fn register(cluster: &Cluster, node: &str) -> (String, membership::InstructionReceiver) {
+        let mut stream = cluster
+            .register(v1::RegisterRequest {
+                node_id: node.to_owned(),
+                hostname: node.to_owned(),
+                address: "127.0.0.1".to_owned(),
+                devices: vec![v1::Device {
+                    kind: v1::DeviceKind::Cpu as i32,
+                    index: 0,
+                    name: "cpu slot".to_owned(),
+                    ..v1::Device::default()
+                }],
+                ranks: Vec::new(),
+            })
+            .await
+            .unwrap();
+        let Some(Ok(Instruction {
+            kind: Some(instruction::Kind::Registered(registered)),
+        })) = stream.recv().await
+        else {
+            panic!("a registration's stream opens with `registered`");
+        };
+        (registered.session_id, stream)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_heartbeat_completes_while_a_submission_is_being_written() {
+        let data_dir = tempfile::tempdir().unwrap();
+        let (cluster, store) = cluster(data_dir.path()).await;
+        let (session_id, _stream) = register(&cluster, "node-b").await;
+
+        store.hold_writes();
+        let submitting = tokio::spawn({
+            let cluster = cluster.clone();
+            async move {
+                cluster
+                    .submit(SPEC.to_owned(), true, "client".to_owned())
+                    .await
+            }
+        });
+        store.write_held().await;
+
+        // The submission's record is in flight; another node's heartbeat must not wait for it.
+        // The bound only turns a hang into a failure: the heartbeat needs no store write.
+        let heartbeat = cluster.heartbeat(v1::HeartbeatRequest {
+            node_id: "node-b".to_owned(),
+            session_id,
+            ranks: Vec::new(),
+            leaving: false,
+        });
+        let answered = tokio::time::timeout(Duration::from_secs(10), heartbeat).await;
+        assert!(
+            matches!(answered, Ok(Ok(true))),
+            "the heartbeat waited for the submission's store write: {answered:?}"
+        );
+        assert!(
+            !submitting.is_finished(),
+            "a submission is answered only once its record is stored"
+        );
+        assert!(store.written_jobs().is_empty());
+
+        store.release_writes();
+        let job = submitting.await.unwrap().unwrap();
+        let job_id = JobId::new(job.job_id).unwrap();
+        assert_eq!(store.written_jobs(), [(job_id, JobState::Queued)]);
+    }
+
+    /// The state of a job in memory, stored or not (reads wait for the store).
+    async fn state_in_memory(cluster: &Cluster, job_id: &JobId) -> JobState {
+        match cluster.state.lock().await.slot(job_id) {
+            Some(JobSlot::Live(job)) => job.record.state,
+            Some(JobSlot::Retired(summary)) => summary.state,
+            None => panic!("job {job_id} is not in memory"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_of_one_job_land_in_the_order_its_state_changed() {
+        let data_dir = tempfile::tempdir().unwrap();
+        let (cluster, store) = cluster(data_dir.path()).await;
+        let (_session_id, mut stream) = register(&cluster, "node-a").await;
+        let job = cluster
+            .submit(SPEC.to_owned(), false, "client".to_owned())
+            .await
+            .unwrap();
+        let job_id = JobId::new(job.job_id).unwrap();
+
+        store.hold_writes();
+        // The scheduler places the job; its placement is being written.
+        let scheduling = tokio::spawn({
+            let cluster = cluster.clone();
+            async move { cluster.schedule().await }
+        });
+        store.write_held().await;
+        assert_eq!(
+            state_in_memory(&cluster, &job_id).await,
+            JobState::Scheduled
+        );
+        // The user cancels meanwhile: memory changes at once, the record queues behind.
+        let cancelling = tokio::spawn({
+            let (cluster, job_id) = (cluster.clone(), job_id.clone());
+            async move { cluster.cancel(&job_id).await }
+        });
+        // The bound only turns a hang into a failure: the cancel needs no store write to apply.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while state_in_memory(&cluster, &job_id).await != JobState::Cancelled {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the cancellation reached memory while the placement was being written");
+        assert!(
+            !cancelling.is_finished(),
+            "a cancellation is answered only once its record is stored"
+        );
+        assert_eq!(store.written_jobs(), [(job_id.clone(), JobState::Queued)]);
+        // A read of the (now retired) job waits for the queue: it shows the cancelled record,
+        // never an older stored one.
+        let reading = tokio::spawn({
+            let (cluster, job_id) = (cluster.clone(), job_id.clone());
+            async move { cluster.job(&job_id).await }
+        });
+
+        store.release_writes();
+        scheduling.await.unwrap().unwrap();
+        let cancelled = cancelling.await.unwrap().unwrap();
+        assert_eq!(cancelled.state(), v1::JobState::Cancelled);
+        assert_eq!(
+            reading.await.unwrap().unwrap().state(),
+            v1::JobState::Cancelled
+        );
+        assert_eq!(
+            store.written_jobs(),
+            [
+                (job_id.clone(), JobState::Queued),
+                (job_id.clone(), JobState::Scheduled),
+                (job_id.clone(), JobState::Cancelled),
+            ]
+        );
+        let stored = store.get_job(&job_id).await.unwrap().unwrap();
+        assert_eq!(stored.state, JobState::Cancelled);
+        // The job was cancelled before its placement was stored: no rank was started.
+        assert!(
+            matches!(stream.try_recv(), Err(mpsc::error::TryRecvError::Empty)),
+            "a rank of a cancelled job was started"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_submission_whose_write_fails_is_refused_and_leaves_nothing_behind() {
+        let data_dir = tempfile::tempdir().unwrap();
+        let (cluster, store) = cluster(data_dir.path()).await;
+        store.fail_writes(1);
+        let error = cluster
+            .submit(SPEC.to_owned(), true, "client".to_owned())
+            .await
+            .unwrap_err();
+        assert!(matches!(error, Error::Store(_)), "{error}");
+        assert!(cluster.jobs(0, "").await.unwrap().jobs.is_empty());
+
+        let job = cluster
+            .submit(SPEC.to_owned(), true, "client".to_owned())
+            .await
+            .unwrap();
+        let listed: Vec<_> = cluster
+            .jobs(0, "")
+            .await
+            .unwrap()
+            .jobs
+            .into_iter()
+            .map(|job| job.job_id)
+            .collect();
+        let job_id = JobId::new(job.job_id).unwrap();
+        assert_eq!(listed, [job_id.to_string()]);
+        assert_eq!(store.written_jobs(), [(job_id, JobState::Queued)]);
+    }
 }

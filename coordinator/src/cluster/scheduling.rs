@@ -2,15 +2,21 @@
 //! jobs go, persists each placement, and only then tells the workers to start the ranks. Each
 //! start instruction carries the process's place in its job, the coordinator's half of the
 //! launch contract ([`cohort_proto::launch`]).
+//!
+//! The pass runs in two steps so that the state lock is not held while placements are written:
+//! placing (memory changed, records enqueued) and, once the records are stored, starting the
+//! ranks of every job that is still placed as written (a job cancelled or failed meanwhile is
+//! not started).
 
 use std::collections::HashMap;
 
-use cohort_proto::NodeId;
 use cohort_proto::launch::{self, Devices, Master, RankPlace, Role};
 use cohort_proto::v1::{StartRank, instruction};
+use cohort_proto::{JobId, NodeId};
 use cohort_spec::{DeviceKind, JobKind, JobSpec};
 use tracing::{info, instrument};
 
+use super::persistence::{Written, all_landed};
 use super::{Cluster, State};
 use crate::error::Result;
 use crate::lifecycle::{JobState, transition};
@@ -98,7 +104,7 @@ impl State {
 impl State {
     /// The start instruction of every process of a placed job, with its node: parameter servers
     /// (numbered after the ranks) first, since ranks wait for their addresses anyway.
-    fn start_instructions(&self, job_id: &cohort_proto::JobId) -> Vec<(NodeId, StartRank)> {
+    fn start_instructions(&self, job_id: &JobId) -> Vec<(NodeId, StartRank)> {
         let Some(entry) = self.live(job_id) else {
             return Vec::new();
         };
@@ -237,7 +243,38 @@ impl Cluster {
     /// Places every queued job that fits, persists each placement, then starts its ranks.
     #[instrument(skip(self), level = "debug")]
     pub(super) async fn schedule(&self) -> Result<()> {
-        let mut state = self.state.lock().await;
+        let placed = {
+            let mut state = self.state.lock().await;
+            self.place_queued(&mut state)?
+        };
+        if placed.is_empty() {
+            return Ok(());
+        }
+        // Persist before acting: a crash from here on finds the placement in the store.
+        let mut first_failure = None;
+        let mut stored = Vec::with_capacity(placed.len());
+        for (job_id, written) in placed {
+            match written.landed().await {
+                Ok(()) => stored.push(job_id),
+                Err(error) => {
+                    first_failure.get_or_insert(error);
+                }
+            }
+        }
+        let mut writes = Vec::new();
+        {
+            let mut state = self.state.lock().await;
+            for job_id in &stored {
+                self.start_placed(&mut state, job_id, &mut writes)?;
+            }
+        }
+        all_landed(writes).await?;
+        first_failure.map_or(Ok(()), Err)
+    }
+
+    /// Places every queued job that fits, in memory, and enqueues each placed record; returns
+    /// the placed jobs with their writes.
+    fn place_queued(&self, state: &mut State) -> Result<Vec<(JobId, Written)>> {
         let mut queue: Vec<QueuedJob> = state
             .live_jobs()
             .filter(|entry| entry.record.state == JobState::Queued)
@@ -252,12 +289,12 @@ impl Cluster {
             })
             .collect();
         if queue.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         queue.sort_by_key(|job| (std::cmp::Reverse(job.priority), job.seq));
         let view = state.cluster_view(false);
-        let assignments = placement::place(&view, &queue);
-        for assignment in assignments {
+        let mut placed = Vec::new();
+        for assignment in placement::place(&view, &queue) {
             let Some(entry) = state.live_mut(&assignment.job_id) else {
                 continue;
             };
@@ -283,11 +320,7 @@ impl Cluster {
                     stop_cause: StopCause::None,
                 })
                 .collect();
-            // Persist before acting: a crash from here on finds the placement in the store.
-            self.store.put_job(&entry.record).await?;
-            self.rendezvous.open(&job_id, entry.record.ranks);
-            let entry: &super::LiveJob = entry;
-            self.publish(entry);
+            let written = self.writes.put_job(&entry.record);
             let nodes: Vec<_> = entry
                 .record
                 .placement
@@ -297,24 +330,43 @@ impl Cluster {
                 .into_iter()
                 .collect();
             info!(%job_id, ranks = entry.record.ranks, nodes = ?nodes, "job scheduled");
+            placed.push((job_id, written));
+        }
+        Ok(placed)
+    }
 
-            let instructions = state.start_instructions(&job_id);
-            let mut unreachable = None;
-            for (node_id, start) in instructions {
-                if !state.send(&node_id, instruction::Kind::StartRank(start)) {
-                    unreachable = Some(node_id);
-                    break;
-                }
+    /// Opens the rendezvous of a job whose placement is stored and tells its nodes to start
+    /// its ranks, unless the job left `scheduled` meanwhile (cancelled, or failed by a lost
+    /// node). Fails the job when a node cannot be reached; its record goes on `writes`.
+    fn start_placed(
+        &self,
+        state: &mut State,
+        job_id: &JobId,
+        writes: &mut Vec<Written>,
+    ) -> Result<()> {
+        let Some(entry) = state.live(job_id) else {
+            return Ok(());
+        };
+        if entry.record.state != JobState::Scheduled {
+            return Ok(());
+        }
+        self.rendezvous.open(job_id, entry.record.ranks);
+        let instructions = state.start_instructions(job_id);
+        let mut unreachable = None;
+        for (node_id, start) in instructions {
+            if !state.send(&node_id, instruction::Kind::StartRank(start)) {
+                unreachable = Some(node_id);
+                break;
             }
-            if let Some(node_id) = unreachable {
-                self.finish_job(
-                    &mut state,
-                    &job_id,
-                    JobState::Failed,
-                    format!("node {node_id} could not be reached to start a rank"),
-                )
-                .await?;
-            }
+        }
+        if let Some(node_id) = unreachable {
+            self.finish_job(
+                state,
+                job_id,
+                JobState::Failed,
+                format!("node {node_id} could not be reached to start a rank"),
+                writes,
+            )?;
         }
         Ok(())
     }

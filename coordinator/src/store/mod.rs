@@ -206,6 +206,8 @@ fn decode_record<T: codec::Record>(bytes: &[u8], kind: RecordKind, key: &str) ->
 
 #[cfg(test)]
 pub(crate) mod conformance;
+#[cfg(test)]
+pub mod faults;
 
 #[cfg(test)]
 mod tests {

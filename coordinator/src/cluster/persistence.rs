@@ -1,0 +1,139 @@
+//! The ordered write queue: how the cluster persists job records without holding its state
+//! lock across a store round trip.
+//!
+//! - An operation changes the in-memory state under the lock and, before releasing it, enqueues
+//!   every record it changed ([`WriteQueue::put_job`]). The order of the queue is therefore the
+//!   order in which the state changed.
+//! - One writer task takes records off the queue and writes them one at a time, so the store
+//!   sees a job's states in the order they happened: a later state is never overwritten by an
+//!   earlier one.
+//! - A caller that must not answer before its change is durable (a submission, a cancellation,
+//!   a scheduler pass before it starts any rank) awaits its [`Written`] tickets after releasing
+//!   the lock; other callers (a heartbeat from another node) never wait for it.
+//! - Watchers hear of a job change ([`JobChanged`]) only once its record is stored: the writer
+//!   publishes it, so no user is shown a state (an ended job) that a crash could still undo.
+//! - A failed write is returned to the caller waiting on it, as a direct write's error was.
+//!   Memory keeps the change, and the job's next write, which carries the whole record, stores
+//!   it (as before).
+//! - A barrier ([`WriteQueue::barrier`]) lands once every write enqueued before it has: reading
+//!   a retired job back from the store, and shutdown, wait on one, so nothing is read stale or
+//!   lost.
+
+use std::sync::{Arc, Weak};
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::{error, warn};
+
+use super::JobChanged;
+use crate::error::{Error, Result};
+use crate::model::JobRecord;
+use crate::store::ClusterStore;
+
+/// One entry of the queue: a job record to write, or a barrier (`None`), with whom to tell.
+struct Queued {
+    /// The record to write; `None` for a barrier.
+    job: Option<Box<JobRecord>>,
+    /// Receives the write's outcome.
+    done: oneshot::Sender<Result<()>>,
+}
+
+/// The sending end of the queue, kept by the cluster.
+pub(super) struct WriteQueue {
+    /// Feeds the writer task.
+    sender: mpsc::UnboundedSender<Queued>,
+}
+
+/// The outcome of one enqueued write, to await after the state lock is released. Dropping it
+/// does not cancel the write.
+#[must_use = "a write's outcome is awaited, or its failure goes unreported"]
+pub(super) struct Written(oneshot::Receiver<Result<()>>);
+
+impl WriteQueue {
+    /// Starts the writer task over `store`, publishing each stored job change on `events`.
+    ///
+    /// The writer holds the store weakly: once the cluster (the store's owner) is dropped, the
+    /// store closes at once, and a coordinator can open the same data directory again.
+    pub(super) fn start(
+        store: &Arc<dyn ClusterStore>,
+        events: broadcast::Sender<JobChanged>,
+    ) -> Self {
+        let (sender, queue) = mpsc::unbounded_channel();
+        tokio::spawn(write_in_order(Arc::downgrade(store), events, queue));
+        Self { sender }
+    }
+
+    /// Enqueues a write of `job` as it is now.
+    pub(super) fn put_job(&self, job: &JobRecord) -> Written {
+        self.enqueue(Some(Box::new(job.clone())))
+    }
+
+    /// Enqueues a barrier: it lands once every write enqueued before it has.
+    pub(super) fn barrier(&self) -> Written {
+        self.enqueue(None)
+    }
+
+    /// Puts one entry on the queue and returns its ticket.
+    fn enqueue(&self, job: Option<Box<JobRecord>>) -> Written {
+        let (done, outcome) = oneshot::channel();
+        // When the writer is gone, `done` is dropped with the entry and the ticket says so.
+        let _ = self.sender.send(Queued { job, done });
+        Written(outcome)
+    }
+}
+
+impl Written {
+    /// Waits until the write has landed; returns its error if it failed.
+    pub(super) async fn landed(self) -> Result<()> {
+        self.0.await.unwrap_or_else(|_| {
+            Err(Error::Store(
+                "the job writer stopped before writing the record".to_owned(),
+            ))
+        })
+    }
+}
+
+/// Waits until every write in `writes` has landed; returns the first failure.
+pub(super) async fn all_landed(writes: Vec<Written>) -> Result<()> {
+    let mut first_failure = None;
+    for written in writes {
+        if let Err(error) = written.landed().await {
+            first_failure.get_or_insert(error);
+        }
+    }
+    first_failure.map_or(Ok(()), Err)
+}
+
+/// The writer task: writes every queued record in order until the queue closes (the cluster
+/// was dropped) and is empty.
+async fn write_in_order(
+    store: Weak<dyn ClusterStore>,
+    events: broadcast::Sender<JobChanged>,
+    mut queue: mpsc::UnboundedReceiver<Queued>,
+) {
+    while let Some(Queued { job, done }) = queue.recv().await {
+        let Some(job) = job else {
+            let _ = done.send(Ok(()));
+            continue;
+        };
+        let result = match store.upgrade() {
+            Some(store) => store.put_job(&job).await,
+            None => {
+                error!(job_id = %job.id, state = job.state.name(), "job record not written: the store was closed");
+                Err(Error::Store(format!(
+                    "writing job {}: the store was closed",
+                    job.id
+                )))
+            }
+        };
+        if result.is_ok() {
+            // No watcher is not an error.
+            let _ = events.send(JobChanged {
+                job_id: job.id.clone(),
+                finished: job.state.is_terminal(),
+            });
+        }
+        if let Err(Err(error)) = done.send(result) {
+            warn!(job_id = %job.id, %error, "job write failed and nobody waited for it");
+        }
+    }
+}
