@@ -56,10 +56,17 @@ impl JobControl for CoordinatorService {
             .remote_addr()
             .map_or_else(|| "unknown".to_owned(), |address| address.ip().to_string());
         let request = request.into_inner();
-        let job = self
-            .cluster
-            .submit(request.spec_toml, request.wait_for_resources, submitter)
-            .await?;
+        // A submission runs to its end on a task of its own: a client that hangs up while its
+        // job's record is being written must not leave the job stored but unknown to the
+        // running coordinator (it would appear only after a restart).
+        let cluster = self.cluster.clone();
+        let job = tokio::spawn(async move {
+            cluster
+                .submit(request.spec_toml, request.wait_for_resources, submitter)
+                .await
+        })
+        .await
+        .map_err(|_| Status::internal("the submission's task ended before its answer"))??;
         Ok(Response::new(SubmitJobResponse { job: Some(job) }))
     }
 

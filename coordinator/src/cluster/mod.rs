@@ -743,4 +743,41 @@ mod tests {
         assert_eq!(listed, [job_id.to_string()]);
         assert_eq!(store.written_jobs(), [(job_id, JobState::Queued)]);
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_hangs_up_during_its_submission_leaves_a_known_job() {
+        use cohort_proto::v1::job_control_server::JobControl;
+
+        let data_dir = tempfile::tempdir().unwrap();
+        let (cluster, store) = cluster(data_dir.path()).await;
+        let service = crate::service::CoordinatorService::new(cluster.clone());
+        let request = || {
+            tonic::Request::new(v1::SubmitJobRequest {
+                spec_toml: SPEC.to_owned(),
+                wait_for_resources: true,
+            })
+        };
+
+        store.hold_writes();
+        tokio::select! {
+            answer = service.submit_job(request()) => {
+                panic!("answered before its record was written: {answer:?}")
+            }
+            // The client hangs up: its call is dropped while the record is being written.
+            () = store.write_held() => {}
+        }
+        store.release_writes();
+
+        // Submissions run one at a time, so once a second one is answered the first has ended.
+        let second = service.submit_job(request()).await.unwrap().into_inner();
+        let written = store.written_jobs();
+        assert_eq!(written.len(), 2, "both records are stored: {written:?}");
+        let (first, _) = &written[0];
+        assert_ne!(first.as_str(), second.job.unwrap().job_id);
+        let known = cluster.job(first).await;
+        assert!(
+            known.is_ok(),
+            "the stored job of a client that hung up is unknown until a restart: {known:?}"
+        );
+    }
 }
