@@ -13,45 +13,11 @@
 //! blocks of a few hundred elements with `half`'s slice functions (F16C instructions where the
 //! processor has them), in `f32` copies that stay in the L1 cache.
 
-use std::fmt;
-
 use half::{bf16, f16};
 
-/// The element types collectives support.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DType {
-    /// IEEE 754 single precision.
-    F32,
-    /// bfloat16: 8 exponent bits, 8 significant bits.
-    Bf16,
-    /// IEEE 754 half precision: 5 exponent bits, 11 significant bits.
-    F16,
-}
-
-impl DType {
-    /// Returns the size of one element in bytes.
-    pub fn size_bytes(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::Bf16 | DType::F16 => 2,
-        }
-    }
-
-    /// Returns the lowercase name used in messages and benchmark output (`f32`, `bf16`, `f16`).
-    pub fn name(self) -> &'static str {
-        match self {
-            DType::F32 => "f32",
-            DType::Bf16 => "bf16",
-            DType::F16 => "f16",
-        }
-    }
-}
-
-impl fmt::Display for DType {
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter.write_str(self.name())
-    }
-}
+/// The element types collectives support (defined with the shared numerics, so that parameter
+/// servers take the same one without linking this crate).
+pub use cohort_numerics::DType;
 
 /// How a reduction combines the ranks' values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -484,6 +450,7 @@ pub(crate) fn finish_into<T: Element>(
 mod tests {
     use super::sealed::Sealed;
     use super::*;
+    use std::fmt;
 
     #[test]
     fn buffers_report_dtype_and_length() {

@@ -1,67 +1,8 @@
-//! The [`Communicator`] trait every transport implements, and the [`Collective`] names used in
-//! errors and on the wire.
-
-use std::fmt;
+//! The [`Communicator`] trait every transport implements.
 
 use crate::buffer::{BufferMut, BufferRef, Element, ReduceOp};
 use crate::error::{Error, Result};
-
-/// The collective operations, named as in error messages (`all_reduce: peer rank 2 ...`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Collective {
-    /// [`Communicator::all_reduce`].
-    AllReduce,
-    /// [`Communicator::broadcast`].
-    Broadcast,
-    /// [`Communicator::all_gather`].
-    AllGather,
-    /// [`Communicator::reduce_scatter`].
-    ReduceScatter,
-    /// [`Communicator::barrier`].
-    Barrier,
-}
-
-impl Collective {
-    /// Returns the snake_case name (`all_reduce`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Collective::AllReduce => "all_reduce",
-            Collective::Broadcast => "broadcast",
-            Collective::AllGather => "all_gather",
-            Collective::ReduceScatter => "reduce_scatter",
-            Collective::Barrier => "barrier",
-        }
-    }
-
-    /// Returns the code that identifies the collective in message headers.
-    pub(crate) fn code(self) -> u8 {
-        match self {
-            Collective::AllReduce => 1,
-            Collective::Broadcast => 2,
-            Collective::AllGather => 3,
-            Collective::ReduceScatter => 4,
-            Collective::Barrier => 5,
-        }
-    }
-
-    /// Decodes a header code.
-    pub(crate) fn from_code(code: u8) -> Option<Collective> {
-        Some(match code {
-            1 => Collective::AllReduce,
-            2 => Collective::Broadcast,
-            3 => Collective::AllGather,
-            4 => Collective::ReduceScatter,
-            5 => Collective::Barrier,
-            _ => return None,
-        })
-    }
-}
-
-impl fmt::Display for Collective {
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter.write_str(self.name())
-    }
-}
+use crate::operation::Collective;
 
 /// A group of `world_size` ranks that run collectives together.
 ///
@@ -258,24 +199,5 @@ pub(crate) mod typed {
             input: input.dtype(),
             output: output.dtype(),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn collective_codes_round_trip() {
-        for collective in [
-            Collective::AllReduce,
-            Collective::Broadcast,
-            Collective::AllGather,
-            Collective::ReduceScatter,
-            Collective::Barrier,
-        ] {
-            assert_eq!(Collective::from_code(collective.code()), Some(collective));
-        }
-        assert_eq!(Collective::from_code(0), None);
     }
 }

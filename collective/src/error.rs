@@ -7,7 +7,7 @@ use std::io;
 use std::time::Duration;
 
 use crate::buffer::DType;
-use crate::communicator::Collective;
+use crate::operation::Collective;
 
 /// Result of every fallible operation in this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -56,6 +56,82 @@ impl std::fmt::Display for AbortCause {
             AbortCause::ProtocolViolation => "broke the protocol",
             AbortCause::LocalFailure => "failed",
         })
+    }
+}
+
+/// How a [`PeerLink`](crate::PeerLink) failed; carried by [`Error::Link`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkFailure {
+    /// The peer closed the connection or it was reset (the peer's process or link is gone).
+    Disconnected,
+    /// The peer made no progress for the receive timeout.
+    Stalled {
+        /// `"sent nothing"` (a receive waited) or `"accepted no data"` (a send waited).
+        activity: &'static str,
+        /// How long this rank waited.
+        waited: Duration,
+    },
+    /// The peer sent something the protocol does not allow (another tag than expected, a bad
+    /// or oversized frame).
+    Protocol {
+        /// What was expected and what arrived.
+        detail: String,
+    },
+    /// An operating-system error on the connection other than a disconnection.
+    Io {
+        /// The operating system's error, as text.
+        detail: String,
+    },
+    /// The message given to [`PeerLink::send`](crate::PeerLink::send) cannot be sent (its shape does not match its
+    /// values, or it is too large). The link stays usable.
+    Rejected {
+        /// What was expected and what was given.
+        detail: String,
+    },
+}
+
+impl LinkFailure {
+    /// Whether the failure is the peer's doing (rather than this rank's arguments).
+    pub fn blames_peer(&self) -> bool {
+        !matches!(self, LinkFailure::Rejected { .. })
+    }
+
+    /// Classifies an error of a read or write on the connection.
+    pub(crate) fn from_io(
+        error: &io::Error,
+        activity: &'static str,
+        waited: Duration,
+    ) -> LinkFailure {
+        match error.kind() {
+            io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::NotConnected
+            | io::ErrorKind::WriteZero => LinkFailure::Disconnected,
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                LinkFailure::Stalled { activity, waited }
+            }
+            _ => LinkFailure::Io {
+                detail: error.to_string(),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for LinkFailure {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkFailure::Disconnected => formatter.write_str("peer disconnected"),
+            LinkFailure::Stalled { activity, waited } => {
+                write!(formatter, "peer {activity} for {waited:?}")
+            }
+            LinkFailure::Protocol { detail } => {
+                write!(formatter, "peer broke the protocol: {detail}")
+            }
+            LinkFailure::Io { detail } => write!(formatter, "i/o error: {detail}"),
+            LinkFailure::Rejected { detail } => write!(formatter, "message not sent: {detail}"),
+        }
     }
 }
 
@@ -270,7 +346,7 @@ pub enum Error {
         /// The rank at the other end.
         peer: usize,
         /// What went wrong.
-        failure: crate::p2p::LinkFailure,
+        failure: LinkFailure,
     },
 
     /// A GPU path was asked for in a build without the `cuda` feature.

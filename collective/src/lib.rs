@@ -9,7 +9,8 @@
 //! and `f16` and knows nothing of models.
 //!
 //! - [`rendezvous`]: the [`Store`] trait, [`InMemoryStore`], and key naming.
-//! - [`communicator`]: the [`Communicator`] trait and the [`Collective`] names.
+//! - [`communicator`]: the [`Communicator`] trait.
+//! - [`operation`]: the [`Collective`] names used in errors and message headers.
 //! - [`buffer`]: typed buffers ([`BufferMut`], [`BufferRef`], [`Element`]), [`ReduceOp`], and
 //!   the `f32`-accumulating reduction kernels.
 //! - [`tcp_ring`]: [`TcpRing`] and [`TcpRingConfig`]: ring setup, the non-blocking transport,
@@ -23,7 +24,8 @@
 //! - [`bench`](mod@bench): loopback TCP throughput, all-reduce timing (TCP ring, and NCCL on
 //!   device buffers) and the busbw formula, for `cohort bench allreduce`.
 //! - [`cuda`]: whether this build and machine can use CUDA and NCCL, and how many devices.
-//! - [`error`]: the crate's [`Error`] and [`Result`].
+//! - [`error`]: the crate's [`Error`] and [`Result`], and the failure causes errors carry
+//!   ([`AbortCause`], [`LinkFailure`]).
 
 #![warn(missing_docs)]
 
@@ -33,14 +35,16 @@ pub mod communicator;
 pub mod cuda;
 pub mod error;
 pub mod nccl;
+pub mod operation;
 pub mod p2p;
 pub mod rendezvous;
 pub mod tcp_ring;
 
 pub use buffer::{BufferMut, BufferRef, DType, Element, ReduceOp};
-pub use communicator::{Collective, Communicator};
-pub use error::{AbortCause, Error, Result};
+pub use communicator::Communicator;
+pub use error::{AbortCause, Error, LinkFailure, Result};
 pub use nccl::{Nccl, NcclConfig};
-pub use p2p::{LinkFailure, PeerLink, PeerLinkConfig};
+pub use operation::Collective;
+pub use p2p::{PeerLink, PeerLinkConfig};
 pub use rendezvous::{InMemoryStore, Store, address_key};
 pub use tcp_ring::{TcpRing, TcpRingConfig};

@@ -16,10 +16,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{Barrier, oneshot};
 
 use crate::client::ParameterClient;
-use crate::config::{ClientConfig, Limits, Mode, OptimizerConfig, OptimizerKind, ServerConfig};
+use crate::config::{ClientConfig, Limits, OptimizerConfig, OptimizerKind, PsMode, ServerConfig};
 use crate::encoding::DType;
 use crate::error::{Error, Result};
-use crate::server::serve;
+use crate::service::serve;
 use crate::sharding::TensorDeclaration;
 
 /// What to measure.
@@ -36,7 +36,7 @@ pub struct BenchConfig {
     /// Untimed round trips per rank before the timed ones. Default 1.
     pub warmup_iterations: u32,
     /// The shards' mode. Default sync.
-    pub mode: Mode,
+    pub mode: PsMode,
     /// Element type of the pushed gradients (bf16/f16 halve the push bytes). Default f32.
     pub gradient_dtype: DType,
     /// Largest tensor payload of one message, for servers and clients. Default 4 MiB.
@@ -51,7 +51,7 @@ impl Default for BenchConfig {
             bytes: 64 << 20,
             iterations: 5,
             warmup_iterations: 1,
-            mode: Mode::Sync,
+            mode: PsMode::Sync,
             gradient_dtype: DType::F32,
             max_chunk_bytes: Limits::default().max_chunk_bytes,
         }

@@ -7,8 +7,9 @@
 
 use std::time::Duration;
 
+pub use cohort_numerics::{LearningRateDecay, OptimizerConfig, OptimizerKind};
 use cohort_proto::JobId;
-pub use cohort_spec::train::LearningRateDecay;
+pub use cohort_spec::parallel::PsMode;
 use serde::{Deserialize, Serialize};
 
 use crate::encoding::DType;
@@ -32,87 +33,12 @@ pub const MAX_FRAME_BYTES: u32 = 1 << 20;
 /// bytes each as varints) and tensor declarations of an `Init` header.
 pub const MESSAGE_OVERHEAD_BYTES: u64 = 4 << 20;
 
-/// How a shard orders updates from different ranks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Mode {
-    /// The shard waits for every rank's gradients of step t, averages them, applies the
-    /// optimizer once and releases step t + 1 parameters: the same result as all-reduce data
-    /// parallelism.
-    #[default]
-    Sync,
-    /// Each push is applied on arrival, one at a time per shard.
-    Async,
-    /// Stale synchronous parallel: pushes are applied on arrival, but no rank runs more than
-    /// `staleness` steps ahead of the slowest; the shard holds back a faster rank's pull (and
-    /// push) until the slowest catches up.
-    Ssp,
-}
-
-impl Mode {
-    /// Returns the protocol's value for this mode.
-    pub fn to_wire(self) -> cohort_proto::ps_v1::Mode {
-        match self {
-            Mode::Sync => cohort_proto::ps_v1::Mode::Sync,
-            Mode::Async => cohort_proto::ps_v1::Mode::Async,
-            Mode::Ssp => cohort_proto::ps_v1::Mode::Ssp,
-        }
-    }
-}
-
-impl std::fmt::Display for Mode {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.write_str(match self {
-            Mode::Sync => "sync",
-            Mode::Async => "async",
-            Mode::Ssp => "ssp",
-        })
-    }
-}
-
-/// The optimizer's update rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum OptimizerKind {
-    /// `torch.optim.SGD` with heavy-ball momentum (dampening 0, no Nesterov).
-    Sgd,
-    /// `torch.optim.AdamW`.
-    #[default]
-    Adamw,
-}
-
-/// Hyper-parameters of the server-side optimizer (the same meaning as the job spec's
-/// `[optimizer]`, with every default already applied by whoever builds this).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct OptimizerConfig {
-    /// Update rule. Default `adamw`.
-    pub kind: OptimizerKind,
-    /// Peak learning rate, reached after warmup. Default 0.001.
-    pub learning_rate: f64,
-    /// SGD momentum factor, 0 to below 1 (0 keeps no momentum buffer). Default 0.9.
-    pub momentum: f64,
-    /// AdamW decay rate of the first moment estimate. Default 0.9.
-    pub beta1: f64,
-    /// AdamW decay rate of the second moment estimate. Default 0.999.
-    pub beta2: f64,
-    /// AdamW term added to the denominator. Default 1e-8.
-    pub eps: f64,
-    /// L2 penalty added to the gradient (SGD) or decoupled decay (AdamW). Default 0.
-    pub weight_decay: f64,
-}
-
-impl Default for OptimizerConfig {
-    fn default() -> Self {
-        Self {
-            kind: OptimizerKind::Adamw,
-            learning_rate: 0.001,
-            momentum: 0.9,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        }
+/// Returns the protocol's value for `mode`.
+pub fn mode_to_wire(mode: PsMode) -> cohort_proto::ps_v1::Mode {
+    match mode {
+        PsMode::Sync => cohort_proto::ps_v1::Mode::Sync,
+        PsMode::Async => cohort_proto::ps_v1::Mode::Async,
+        PsMode::Ssp => cohort_proto::ps_v1::Mode::Ssp,
     }
 }
 
@@ -231,7 +157,7 @@ pub struct ServerConfig {
     /// Training ranks that push to the shard, 1 to 4096. Default 1.
     pub ranks: u32,
     /// How updates from different ranks are ordered. Default `sync`.
-    pub mode: Mode,
+    pub mode: PsMode,
     /// Ssp only: steps a rank may run ahead of the slowest, 0 to 1,000,000 (0 is lockstep).
     /// Default 0.
     pub staleness: u64,
@@ -250,7 +176,7 @@ impl Default for ServerConfig {
             shard_id: 0,
             shard_count: 1,
             ranks: 1,
-            mode: Mode::Sync,
+            mode: PsMode::Sync,
             staleness: 0,
             optimizer: OptimizerConfig::default(),
             schedule: ScheduleConfig::default(),
@@ -278,7 +204,7 @@ impl ServerConfig {
         }
         check_range(&mut problems, "ranks", self.ranks, 1, MAX_RANKS);
         check_range(&mut problems, "staleness", self.staleness, 0, 1_000_000);
-        if self.mode != Mode::Ssp && self.staleness != 0 {
+        if self.mode != PsMode::Ssp && self.staleness != 0 {
             problems.push(format!(
                 "staleness = {}, only allowed with mode = \"ssp\"",
                 self.staleness
@@ -456,7 +382,7 @@ mod tests {
                 "optimizer": {"kind": "sgd", "learning_rate": 0.1}}"#,
         )
         .unwrap();
-        assert_eq!(config.mode, Mode::Ssp);
+        assert_eq!(config.mode, PsMode::Ssp);
         assert_eq!(config.optimizer.kind, OptimizerKind::Sgd);
         assert_eq!(config.optimizer.momentum, 0.9);
         config.validate().unwrap();

@@ -10,9 +10,9 @@ use prost::bytes::Bytes;
 use crate::error::{Error, Result};
 use cohort_proto::ps_v1;
 
-/// Element type of tensor bytes on the wire: the collective crate's, so ranks push gradients
-/// in the type their communicator already uses.
-pub use cohort_collective::DType;
+/// Element type of tensor bytes on the wire: the one collectives use too, so ranks push
+/// gradients in the type their communicator already uses.
+pub use cohort_numerics::DType;
 
 /// Returns the protocol's value for `dtype`.
 pub fn to_wire(dtype: DType) -> ps_v1::ElementType {

@@ -169,6 +169,17 @@ impl Error {
     }
 }
 
+impl From<cohort_numerics::Error> for Error {
+    fn from(error: cohort_numerics::Error) -> Self {
+        match error {
+            cohort_numerics::Error::OutOfMemory { what, bytes } => {
+                Error::OutOfMemory { what, bytes }
+            }
+            cohort_numerics::Error::StateMismatch => Error::Internal(error.to_string()),
+        }
+    }
+}
+
 impl From<Error> for tonic::Status {
     fn from(error: Error) -> Self {
         tonic::Status::new(error.code(), error.to_string())

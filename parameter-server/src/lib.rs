@@ -11,14 +11,15 @@
 //!
 //! - [`sharding`]: [`TensorDeclaration`], [`plan_shards`] and the [`ShardPlan`] it returns.
 //! - [`config`]: [`ServerConfig`] (job, shard, mode, optimizer, schedule, [`Limits`]) and
-//!   [`ClientConfig`].
-//! - [`optimizer`]: SGD with momentum, AdamW and the learning-rate schedule over flat buffers.
+//!   [`ClientConfig`]. The update rules, their hyper-parameters and the learning-rate schedule
+//!   come from `cohort_numerics` (shared with the training ranks), the mode ([`PsMode`]) from
+//!   the job spec.
 //! - [`encoding`]: wire element types ([`DType`]: f32, bf16, f16) and chunking of raw bytes.
 //! - [`shard`]: one shard's state and rules (admission of pushes per mode, pull gates, updates);
 //!   [`shard::assembly`] checks streamed requests against the shard before anything changes.
-//! - [`server`]: [`ShardServer`], the shard as an async library type, and [`serve`] /
-//!   [`serve_shard`].
-//! - [`service`]: the gRPC handlers (decode, call [`ShardServer`], encode).
+//! - [`server`]: [`ShardServer`], the shard as an async library type.
+//! - [`service`]: the gRPC handlers (decode, call [`ShardServer`], encode), and [`serve`] /
+//!   [`serve_shard`], which put a shard behind them on a listener.
 //! - [`snapshot`]: safetensors snapshots of a shard for checkpoints, and restoring from them.
 //! - [`client`]: [`ParameterClient`], used by training ranks: splits, pushes and pulls all
 //!   shards concurrently, counts bytes on the wire.
@@ -32,7 +33,6 @@ pub mod client;
 pub mod config;
 pub mod encoding;
 pub mod error;
-pub mod optimizer;
 pub mod server;
 pub mod service;
 pub mod shard;
@@ -41,12 +41,11 @@ pub mod snapshot;
 
 pub use client::{ParameterClient, RowSelection, SparseGradient, StepReport, Traffic};
 pub use config::{
-    ClientConfig, LearningRateDecay, Limits, Mode, OptimizerConfig, OptimizerKind, ScheduleConfig,
-    ServerConfig,
+    ClientConfig, LearningRateDecay, Limits, OptimizerConfig, OptimizerKind, PsMode,
+    ScheduleConfig, ServerConfig,
 };
 pub use encoding::DType;
 pub use error::{Error, Result};
-pub use server::{
-    ShardParameters, ShardServer, ShardStatus, serve, serve_shard, shard_address_key,
-};
+pub use server::{ShardParameters, ShardServer, ShardStatus, shard_address_key};
+pub use service::{serve, serve_shard};
 pub use sharding::{ShardLayout, ShardPlan, TensorDeclaration, plan_shards};

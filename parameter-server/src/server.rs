@@ -1,5 +1,5 @@
-//! [`ShardServer`], one shard as a library type (usable in-process), and [`serve`] /
-//! [`serve_shard`], which put it behind the `ParameterServer` gRPC service on a listener.
+//! [`ShardServer`], one shard as a library type (usable in-process); `service` puts it behind
+//! the `ParameterServer` gRPC service on a listener.
 //!
 //! The shard's state ([`ShardCore`]) sits behind one async lock, so pushes are serialised per
 //! shard; tensor work (applying the optimizer, encoding replies, snapshots) runs on blocking
@@ -7,22 +7,16 @@
 //! initialisation) sleep on a change notification, re-checking after every change, for at most
 //! the configured wait timeout.
 
-use std::future::Future;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cohort_proto::ps_v1;
-use cohort_proto::ps_v1::parameter_server_server::ParameterServerServer;
-use futures::TryStreamExt;
-use tokio::net::TcpListener;
 use tokio::sync::{OwnedMutexGuard, watch};
 use tokio::time::Instant;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{debug, info};
 
-use crate::config::{CONNECTION_WINDOW_BYTES, MAX_FRAME_BYTES, STREAM_WINDOW_BYTES, ServerConfig};
+use crate::config::ServerConfig;
 use crate::encoding::DType;
 use crate::error::{Error, Result};
-use crate::service::ParameterService;
 use crate::shard::assembly::{Gradient, InitialValues, PullPlan, ShardShape};
 use crate::shard::{Admission, PushRecord, ShardCore, ShardModel};
 use crate::sharding::{MAX_TENSORS, TensorDeclaration};
@@ -241,7 +235,7 @@ impl ShardServer {
             shard_id: self.config.shard_id,
             shard_count: self.config.shard_count,
             ranks: self.config.ranks,
-            mode: self.config.mode.to_wire() as i32,
+            mode: crate::config::mode_to_wire(self.config.mode) as i32,
             staleness: self.config.staleness,
             initialised: core.model.is_some(),
             layout_fingerprint: self.shape.get().map_or(0, |shape| shape.fingerprint),
@@ -562,58 +556,4 @@ impl ShardServer {
                 .collect(),
         })
     }
-}
-
-/// Serves a new, uninitialised shard configured by `config` on `listener` until `shutdown`
-/// completes.
-pub async fn serve(
-    config: ServerConfig,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<()> {
-    let server = Arc::new(ShardServer::new(config)?);
-    serve_shard(server, listener, shutdown).await
-}
-
-/// Serves an existing shard (new, restored from a snapshot, or shared with a test) on
-/// `listener` until `shutdown` completes.
-pub async fn serve_shard(
-    server: Arc<ShardServer>,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<()> {
-    let address = listener.local_addr().map_err(|source| Error::Io {
-        context: "read the listener's address".to_owned(),
-        source,
-    })?;
-    let config = server.config().clone();
-    let message_bytes = config.limits.max_message_bytes();
-    let service = ParameterServerServer::new(ParameterService::new(server))
-        .max_decoding_message_size(message_bytes)
-        .max_encoding_message_size(message_bytes);
-    info!(
-        %address,
-        job_id = %config.job_id,
-        shard_id = config.shard_id,
-        shard_count = config.shard_count,
-        ranks = config.ranks,
-        mode = %config.mode,
-        "parameter server ready"
-    );
-    let incoming = TcpListenerStream::new(listener).map_ok(|stream| {
-        let _ = stream.set_nodelay(true);
-        stream
-    });
-    let result = tonic::transport::Server::builder()
-        .initial_stream_window_size(STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-        .max_frame_size(MAX_FRAME_BYTES)
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
-    info!(%address, shard_id = config.shard_id, "parameter server stopped");
-    result.map_err(|source| Error::Transport {
-        context: format!("serve shard {} on {address}", config.shard_id),
-        source,
-    })
 }

@@ -1,16 +1,22 @@
 //! The `ParameterServer` gRPC service: decodes each request, calls [`ShardServer`], encodes the
 //! reply. Errors become statuses through the crate's one mapping (`From<Error> for Status`).
+//! [`serve`] and [`serve_shard`] put a shard behind it on a listener.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use cohort_proto::ps_v1::parameter_server_server::ParameterServerServer;
 use cohort_proto::ps_v1::{self, init_chunk, push_chunk};
-use futures::Stream;
+use futures::{Stream, TryStreamExt};
 use prost::bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::instrument;
+use tracing::{info, instrument};
 
-use crate::error::Error;
+use crate::config::{CONNECTION_WINDOW_BYTES, MAX_FRAME_BYTES, STREAM_WINDOW_BYTES, ServerConfig};
+use crate::error::{Error, Result};
 use crate::server::{InitStart, ShardServer};
 use crate::shard::assembly::{GradientAssembly, InitAssembly};
 
@@ -159,4 +165,58 @@ impl ps_v1::parameter_server_server::ParameterServer for ParameterService {
             .collect();
         Ok(Response::new(reply_stream(chunks)))
     }
+}
+
+/// Serves a new, uninitialised shard configured by `config` on `listener` until `shutdown`
+/// completes.
+pub async fn serve(
+    config: ServerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let server = Arc::new(ShardServer::new(config)?);
+    serve_shard(server, listener, shutdown).await
+}
+
+/// Serves an existing shard (new, restored from a snapshot, or shared with a test) on
+/// `listener` until `shutdown` completes.
+pub async fn serve_shard(
+    server: Arc<ShardServer>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let address = listener.local_addr().map_err(|source| Error::Io {
+        context: "read the listener's address".to_owned(),
+        source,
+    })?;
+    let config = server.config().clone();
+    let message_bytes = config.limits.max_message_bytes();
+    let service = ParameterServerServer::new(ParameterService::new(server))
+        .max_decoding_message_size(message_bytes)
+        .max_encoding_message_size(message_bytes);
+    info!(
+        %address,
+        job_id = %config.job_id,
+        shard_id = config.shard_id,
+        shard_count = config.shard_count,
+        ranks = config.ranks,
+        mode = %config.mode,
+        "parameter server ready"
+    );
+    let incoming = TcpListenerStream::new(listener).map_ok(|stream| {
+        let _ = stream.set_nodelay(true);
+        stream
+    });
+    let result = tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    info!(%address, shard_id = config.shard_id, "parameter server stopped");
+    result.map_err(|source| Error::Transport {
+        context: format!("serve shard {} on {address}", config.shard_id),
+        source,
+    })
 }

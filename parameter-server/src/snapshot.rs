@@ -14,12 +14,13 @@ use std::sync::Arc;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Mode, OptimizerKind, ServerConfig};
+use crate::config::{OptimizerKind, PsMode, ServerConfig};
 use crate::error::{Error, Result};
-use crate::optimizer::{OptimizerState, zeroed};
 use crate::shard::assembly::{InitialValues, ShardShape};
 use crate::shard::{ShardCore, ShardModel};
 use crate::sharding::TensorDeclaration;
+use cohort_numerics::OptimizerState;
+use cohort_numerics::optimizer::zeroed;
 
 /// Safetensors metadata key of the [`SnapshotHeader`].
 pub const METADATA_KEY: &str = "cohort.parameter_server";
@@ -42,7 +43,7 @@ pub struct SnapshotHeader {
     /// Ranks of the job.
     pub ranks: u32,
     /// The mode it ran in.
-    pub mode: Mode,
+    pub mode: PsMode,
     /// The optimizer whose state it holds.
     pub optimizer: OptimizerKind,
     /// The model's tensors.
@@ -165,7 +166,7 @@ fn read_tensor(tensors: &SafeTensors<'_>, name: &str, expected: usize) -> Result
             expected * 4
         )));
     }
-    let mut values = zeroed(expected)?;
+    let mut values = zeroed(expected, "a shard buffer")?;
     crate::encoding::decode_into(crate::encoding::DType::F32, data, &mut values);
     Ok(values)
 }
@@ -259,8 +260,8 @@ pub fn read(config: &Arc<ServerConfig>, bytes: &[u8]) -> Result<RestoredShard> {
     }
     let rank_next_step = match config.mode {
         // Gradients of an incomplete step are not in the snapshot: every rank redoes it.
-        Mode::Sync => vec![header.version; header.ranks as usize],
-        Mode::Async | Mode::Ssp => header.rank_next_step,
+        PsMode::Sync => vec![header.version; header.ranks as usize],
+        PsMode::Async | PsMode::Ssp => header.rank_next_step,
     };
     Ok(RestoredShard {
         model,
@@ -278,7 +279,7 @@ mod tests {
     fn config() -> Arc<ServerConfig> {
         Arc::new(ServerConfig {
             ranks: 2,
-            mode: Mode::Async,
+            mode: PsMode::Async,
             ..ServerConfig::default()
         })
     }

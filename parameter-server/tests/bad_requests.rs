@@ -4,7 +4,7 @@
 mod common;
 
 use cohort_parameter_server::{
-    Limits, Mode, OptimizerConfig, OptimizerKind, ServerConfig, ShardParameters, ShardStatus,
+    Limits, OptimizerConfig, OptimizerKind, PsMode, ServerConfig, ShardParameters, ShardStatus,
     TensorDeclaration,
 };
 use cohort_proto::ps_v1::{self, parameter_server_client::ParameterServerClient};
@@ -25,7 +25,7 @@ fn tensors() -> Vec<TensorDeclaration> {
 fn config() -> ServerConfig {
     ServerConfig {
         ranks: 1,
-        mode: Mode::Sync,
+        mode: PsMode::Sync,
         optimizer: OptimizerConfig {
             kind: OptimizerKind::Sgd,
             learning_rate: 0.1,

@@ -5,7 +5,7 @@ mod common;
 use std::collections::HashMap;
 
 use cohort_parameter_server::{
-    ClientConfig, DType, LearningRateDecay, Mode, OptimizerConfig, OptimizerKind, ScheduleConfig,
+    ClientConfig, DType, LearningRateDecay, OptimizerConfig, OptimizerKind, PsMode, ScheduleConfig,
     ServerConfig, TensorDeclaration,
 };
 use common::{TestShards, job_id};
@@ -50,7 +50,7 @@ async fn async_mode_applies_every_push_of_every_rank() {
     let (optimizer, schedule) = subtracting_sgd();
     let config = ServerConfig {
         ranks: RANKS,
-        mode: Mode::Async,
+        mode: PsMode::Async,
         optimizer,
         schedule,
         ..ServerConfig::default()
@@ -125,7 +125,7 @@ async fn ssp_blocks_a_fast_rank_and_never_lets_the_gap_exceed_the_bound() {
     let (optimizer, schedule) = subtracting_sgd();
     let config = ServerConfig {
         ranks: 2,
-        mode: Mode::Ssp,
+        mode: PsMode::Ssp,
         staleness: STALENESS,
         optimizer,
         schedule,
@@ -211,7 +211,7 @@ async fn sync_mode_holds_a_step_until_every_rank_pushed_it() {
     let (optimizer, schedule) = subtracting_sgd();
     let config = ServerConfig {
         ranks: 2,
-        mode: Mode::Sync,
+        mode: PsMode::Sync,
         optimizer,
         schedule,
         ..ServerConfig::default()
@@ -258,7 +258,7 @@ async fn low_precision_pushes_accumulate_in_f32() {
     let (optimizer, schedule) = subtracting_sgd();
     let config = ServerConfig {
         ranks: 2,
-        mode: Mode::Sync,
+        mode: PsMode::Sync,
         optimizer,
         schedule,
         ..ServerConfig::default()

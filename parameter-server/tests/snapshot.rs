@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 
 use cohort_parameter_server::{
-    Mode, OptimizerConfig, OptimizerKind, ParameterClient, ServerConfig, ShardServer,
+    OptimizerConfig, OptimizerKind, ParameterClient, PsMode, ServerConfig, ShardServer,
     SparseGradient, TensorDeclaration,
 };
 use common::{TestShards, job_id};
@@ -22,7 +22,7 @@ fn tensors() -> Vec<TensorDeclaration> {
 fn config() -> ServerConfig {
     ServerConfig {
         ranks: 1,
-        mode: Mode::Sync,
+        mode: PsMode::Sync,
         optimizer: OptimizerConfig {
             kind: OptimizerKind::Adamw,
             learning_rate: 0.01,

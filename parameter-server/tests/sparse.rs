@@ -4,7 +4,7 @@
 mod common;
 
 use cohort_parameter_server::{
-    LearningRateDecay, Mode, OptimizerConfig, OptimizerKind, RowSelection, ScheduleConfig,
+    LearningRateDecay, OptimizerConfig, OptimizerKind, PsMode, RowSelection, ScheduleConfig,
     ServerConfig, SparseGradient, TensorDeclaration,
 };
 use common::TestShards;
@@ -23,7 +23,7 @@ fn tensors() -> Vec<TensorDeclaration> {
 fn sgd(ranks: u32) -> ServerConfig {
     ServerConfig {
         ranks,
-        mode: Mode::Sync,
+        mode: PsMode::Sync,
         optimizer: OptimizerConfig {
             kind: OptimizerKind::Sgd,
             learning_rate: 0.5,

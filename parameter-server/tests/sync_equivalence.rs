@@ -5,7 +5,7 @@
 mod common;
 
 use cohort_parameter_server::{
-    LearningRateDecay, Mode, OptimizerConfig, OptimizerKind, ScheduleConfig, ServerConfig,
+    LearningRateDecay, OptimizerConfig, OptimizerKind, PsMode, ScheduleConfig, ServerConfig,
     TensorDeclaration,
 };
 use common::{TestShards, max_relative_difference};
@@ -82,7 +82,7 @@ fn reference(optimizer: &OptimizerConfig, ranks: u32, elements: usize) -> Vec<f6
 async fn run_sync_job(optimizer: OptimizerConfig, ranks: u32, shard_count: u32) {
     let config = ServerConfig {
         ranks,
-        mode: Mode::Sync,
+        mode: PsMode::Sync,
         optimizer: optimizer.clone(),
         schedule: ScheduleConfig {
             warmup_steps: WARMUP_STEPS,

@@ -74,6 +74,12 @@ impl PsMode {
     }
 }
 
+impl std::fmt::Display for PsMode {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.name())
+    }
+}
+
 /// `[parallel]`: how ranks divide the work.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -41,6 +41,9 @@ use crate::problems::Problems;
 pub use crate::parallel::{
     CollectiveBackend, Communication, ParallelSpec, PipelineSchedule, PsMode,
 };
+pub use cohort_numerics::{
+    LearningRateDecay, LearningRateSchedule, OptimizerConfig, OptimizerKind,
+};
 
 /// Pixels of one Fashion-MNIST image (28 x 28); used to bound model sizes.
 pub const INPUT_FEATURES: u64 = 28 * 28;
@@ -337,17 +340,6 @@ impl DataSpec {
     }
 }
 
-/// Which update rule `[optimizer]` applies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum OptimizerKind {
-    /// Stochastic gradient descent with (heavy-ball) momentum, as `torch.optim.SGD`.
-    Sgd,
-    /// Adam with decoupled weight decay, as `torch.optim.AdamW`.
-    #[default]
-    Adamw,
-}
-
 /// `[optimizer]`: the optimizer and its hyper-parameters. Fields that belong to one kind only
 /// are refused for the other.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -402,6 +394,21 @@ impl OptimizerSpec {
             OptimizerKind::Sgd => 0.0,
             OptimizerKind::Adamw => 0.01,
         })
+    }
+
+    /// Returns the hyper-parameters with every default applied, as the update rules take them
+    /// (on a training rank or a parameter server alike).
+    pub fn config(&self) -> OptimizerConfig {
+        let [beta1, beta2] = self.betas();
+        OptimizerConfig {
+            kind: self.kind,
+            learning_rate: self.learning_rate(),
+            momentum: self.momentum(),
+            beta1,
+            beta2,
+            eps: self.eps(),
+            weight_decay: self.weight_decay(),
+        }
     }
 
     fn validate(&self, problems: &mut Problems) {
@@ -467,61 +474,6 @@ impl OptimizerSpec {
                         format!("{eps}, expected above 0 and at most 1"),
                     );
                 }
-            }
-        }
-    }
-}
-
-/// How the learning rate moves after warmup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LearningRateDecay {
-    /// Half a cosine from the peak down to 0 at the last step.
-    #[default]
-    Cosine,
-    /// Stays at the peak.
-    Constant,
-}
-
-/// Learning rate as a function of the optimizer step: linear warmup, then cosine or constant.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LearningRateSchedule {
-    /// Learning rate reached at the end of warmup.
-    peak: f64,
-    /// Steps of linear warmup.
-    warmup_steps: u64,
-    /// Total steps of the run; the cosine reaches 0 here.
-    total_steps: u64,
-    /// What happens after warmup.
-    decay: LearningRateDecay,
-}
-
-impl LearningRateSchedule {
-    /// Creates the schedule of a run of `total_steps` steps peaking at `peak` after
-    /// `warmup_steps`. The trainer and the parameter server share it, so a job's learning rate
-    /// is the same whichever way its gradients travel.
-    pub fn new(peak: f64, warmup_steps: u64, decay: LearningRateDecay, total_steps: u64) -> Self {
-        Self {
-            peak,
-            warmup_steps,
-            total_steps,
-            decay,
-        }
-    }
-
-    /// Returns the learning rate of the update made at `step` (0-based): `peak * (step + 1) /
-    /// warmup_steps` during warmup, then `peak * (1 + cos(pi * progress)) / 2` where progress
-    /// runs from 0 right after warmup to 1 at `total_steps`.
-    pub fn learning_rate(&self, step: u64) -> f64 {
-        if step < self.warmup_steps {
-            return self.peak * (step + 1) as f64 / self.warmup_steps as f64;
-        }
-        match self.decay {
-            LearningRateDecay::Constant => self.peak,
-            LearningRateDecay::Cosine => {
-                let decay_steps = self.total_steps.saturating_sub(self.warmup_steps).max(1);
-                let progress = ((step - self.warmup_steps) as f64 / decay_steps as f64).min(1.0);
-                self.peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
             }
         }
     }
@@ -806,6 +758,27 @@ directory = "out"
     }
 
     #[test]
+    fn optimizer_config_carries_every_default_and_every_given_value() {
+        let spec = parse(
+            "version = 1\nkind = \"train\"\n[optimizer]\nkind = \"adamw\"\nbetas = [0.8, 0.95]\n",
+        )
+        .unwrap();
+        let config = spec.optimizer.unwrap().config();
+        assert_eq!(
+            config,
+            OptimizerConfig {
+                kind: OptimizerKind::Adamw,
+                learning_rate: 0.001,
+                momentum: 0.9,
+                beta1: 0.8,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.01,
+            }
+        );
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_path() {
         let text = r#"
 version = 1
@@ -926,20 +899,6 @@ directory = ""
             problems.iter().any(|p| p.starts_with("model.channels")),
             "{problems:?}"
         );
-    }
-
-    #[test]
-    fn schedule_warms_up_then_follows_a_cosine() {
-        let schedule = LearningRateSchedule::new(1.0, 10, LearningRateDecay::Cosine, 110);
-        assert!((schedule.learning_rate(0) - 0.1).abs() < 1e-12);
-        assert!((schedule.learning_rate(9) - 1.0).abs() < 1e-12);
-        assert!((schedule.learning_rate(10) - 1.0).abs() < 1e-12);
-        assert!((schedule.learning_rate(60) - 0.5).abs() < 1e-12);
-        assert!(schedule.learning_rate(110).abs() < 1e-12);
-        assert!(schedule.learning_rate(500).abs() < 1e-12);
-        let schedule = LearningRateSchedule::new(0.3, 0, LearningRateDecay::Constant, 5);
-        assert_eq!(schedule.learning_rate(0), 0.3);
-        assert_eq!(schedule.learning_rate(100), 0.3);
     }
 
     #[test]

@@ -374,7 +374,7 @@ mod tests {
         let source = model(1);
         let spec = OptimizerSpec::default();
         let count = source.parameters().element_count();
-        let mut optimizer = Optimizer::new(&spec, count);
+        let mut optimizer = Optimizer::new(&spec, count).unwrap();
         let gradients: Vec<f32> = (0..count).map(|i| (i as f32).sin()).collect();
         optimizer
             .step(source.parameters(), &gradients, 0.01)
@@ -387,7 +387,7 @@ mod tests {
             flat_values(target.parameters()),
             flat_values(source.parameters())
         );
-        let mut restored = Optimizer::new(&spec, count);
+        let mut restored = Optimizer::new(&spec, count).unwrap();
         let loaded = load(&path, target.parameters(), &mut restored, spec.kind).unwrap();
         assert_eq!(loaded.step, 17);
         assert_eq!(
@@ -407,7 +407,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let source = model(1);
         let spec = OptimizerSpec::default();
-        let optimizer = Optimizer::new(&spec, source.parameters().element_count());
+        let optimizer = Optimizer::new(&spec, source.parameters().element_count()).unwrap();
         let path = save(dir.path(), 3, source.parameters(), &optimizer).unwrap();
 
         let other_shape = Model::new(
@@ -421,7 +421,8 @@ mod tests {
         )
         .unwrap();
         let before = flat_values(other_shape.parameters());
-        let mut other_optimizer = Optimizer::new(&spec, other_shape.parameters().element_count());
+        let mut other_optimizer =
+            Optimizer::new(&spec, other_shape.parameters().element_count()).unwrap();
         let error = load(
             &path,
             other_shape.parameters(),
@@ -438,7 +439,7 @@ mod tests {
             kind: OptimizerKind::Sgd,
             ..OptimizerSpec::default()
         };
-        let mut sgd_optimizer = Optimizer::new(&sgd, target.parameters().element_count());
+        let mut sgd_optimizer = Optimizer::new(&sgd, target.parameters().element_count()).unwrap();
         let error = load(&path, target.parameters(), &mut sgd_optimizer, sgd.kind)
             .unwrap_err()
             .to_string();
@@ -450,7 +451,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let source = model(1);
         let spec = OptimizerSpec::default();
-        let mut optimizer = Optimizer::new(&spec, source.parameters().element_count());
+        let mut optimizer = Optimizer::new(&spec, source.parameters().element_count()).unwrap();
         let missing = load(
             &dir.path().join("nope"),
             source.parameters(),

@@ -38,6 +38,9 @@ pub enum TrainerError {
     /// A collective operation between ranks failed.
     #[error("collective: {0}")]
     Collective(#[from] cohort_collective::Error),
+    /// The optimizer could not reserve its state or was given state of another rule.
+    #[error("optimizer: {0}")]
+    Optimizer(#[from] cohort_numerics::Error),
     /// A parameter-server call failed (a server is gone, refused a request, timed out).
     #[error("parameter server: {0}")]
     ParameterServer(#[from] cohort_parameter_server::Error),

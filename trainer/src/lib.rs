@@ -30,7 +30,8 @@
 //! - [`transformer`]: the GPT-style transformer, cut into pipeline stages and split over
 //!   tensor-parallel ranks (Megatron's `f` and `g`), with name-seeded initialisation.
 //! - [`parameters`]: a model's parameters as one ordered set with a flat f32 view.
-//! - [`optim`]: SGD with momentum, AdamW, the learning-rate schedule, gradient clipping.
+//! - [`optim`]: [`optim::Optimizer`], a rank's SGD or AdamW over its parameters, with the update
+//!   rules and learning-rate schedule of `cohort_numerics` (clipping is part of the step).
 //! - [`checkpoint`]: safetensors checkpoints of weights, optimizer state and step.
 //! - [`metrics`]: step and evaluation metrics, phase timings and the [`MetricsSink`] trait.
 //! - [`error`]: [`TrainerError`] and the crate's `Result`.

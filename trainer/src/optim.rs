@@ -1,42 +1,25 @@
-//! Optimizers (SGD with momentum, AdamW), the learning-rate schedule and gradient clipping.
+//! A rank's optimizer (SGD with momentum, AdamW) over its model's parameters.
 //!
-//! The update rules follow PyTorch's `torch.optim.SGD` (dampening 0, no Nesterov) and
-//! `torch.optim.AdamW` exactly, so hyper-parameters carry over. They run over the flat averaged
-//! gradient and write the parameters in place in their candle storage; the optimizer state
-//! (momentum buffers, moment estimates) is flat too, in the same order, which is what
-//! checkpoints store.
+//! The update rules are `cohort_numerics`' (PyTorch's `torch.optim.SGD`, dampening 0, no
+//! Nesterov, and `torch.optim.AdamW`, exactly), the ones parameter servers apply too. They run
+//! over the flat averaged gradient and write the parameters in place in their candle storage;
+//! the optimizer state (momentum buffers, moment estimates) is flat too, in the same order,
+//! which is what checkpoints store. Gradient clipping is part of the step (`run::step`).
 
-use cohort_spec::train::{OptimizerKind, OptimizerSpec};
+use cohort_numerics::optimizer::apply_to_slice;
+use cohort_numerics::{OptimizerConfig, UpdateConstants};
+use cohort_spec::train::OptimizerSpec;
 
-pub use cohort_parameter_server::optimizer::OptimizerState;
-pub use cohort_spec::train::LearningRateSchedule;
-
-use cohort_parameter_server::optimizer::{UpdateConstants, apply_to_slice};
+pub use cohort_numerics::{LearningRateSchedule, OptimizerState};
 
 use crate::error::{Result, TrainerError};
 use crate::parameters::ParameterSet;
-
-/// Scales `gradients` in place so that their L2 norm is at most `max_norm`, and returns the
-/// norm before scaling (computed in f64).
-pub fn clip_gradient_norm(gradients: &mut [f32], max_norm: f64) -> f64 {
-    let norm = gradients
-        .iter()
-        .map(|&g| f64::from(g) * f64::from(g))
-        .sum::<f64>()
-        .sqrt();
-    if norm > max_norm {
-        // PyTorch's `clip_grad_norm_` adds 1e-6 to the denominator in the same way.
-        let scale = (max_norm / (norm + 1e-6)) as f32;
-        gradients.iter_mut().for_each(|g| *g *= scale);
-    }
-    norm
-}
 
 /// An optimizer over a flat parameter vector.
 #[derive(Debug, Clone)]
 pub struct Optimizer {
     /// Hyper-parameters, defaults applied.
-    spec: OptimizerSpec,
+    config: OptimizerConfig,
     /// Momentum or moment buffers.
     state: OptimizerState,
     /// Updates applied so far (AdamW's bias correction uses it).
@@ -44,26 +27,16 @@ pub struct Optimizer {
 }
 
 impl Optimizer {
-    /// Creates an optimizer for `element_count` parameters with zeroed state.
-    pub fn new(spec: &OptimizerSpec, element_count: usize) -> Self {
-        let state = match spec.kind {
-            OptimizerKind::Sgd => OptimizerState::Sgd {
-                momentum_buffer: if spec.momentum() == 0.0 {
-                    Vec::new()
-                } else {
-                    vec![0.0; element_count]
-                },
-            },
-            OptimizerKind::Adamw => OptimizerState::AdamW {
-                first_moment: vec![0.0; element_count],
-                second_moment: vec![0.0; element_count],
-            },
-        };
-        Self {
-            spec: spec.clone(),
+    /// Creates an optimizer for `element_count` parameters with zeroed state, or an error if
+    /// the state's memory cannot be reserved.
+    pub fn new(spec: &OptimizerSpec, element_count: usize) -> Result<Self> {
+        let config = spec.config();
+        let state = OptimizerState::new(&config, element_count)?;
+        Ok(Self {
+            config,
             state,
             steps_taken: 0,
-        }
+        })
     }
 
     /// Returns the number of updates applied.
@@ -83,7 +56,7 @@ impl Optimizer {
             let Some((_, saved)) = buffers.iter().find(|(saved_name, _)| saved_name == name) else {
                 return Err(TrainerError::Config(format!(
                     "optimizer state lacks {name}, expected it for {:?}",
-                    self.spec.kind
+                    self.config.kind
                 )));
             };
             if saved.len() != buffer.len() {
@@ -115,20 +88,8 @@ impl Optimizer {
             )));
         }
         self.steps_taken += 1;
-        let weight_decay = self.spec.weight_decay();
         // The same update rules as the parameter server's, over each parameter's storage.
-        let constants = match self.spec.kind {
-            OptimizerKind::Sgd => {
-                UpdateConstants::sgd(learning_rate, self.spec.momentum(), weight_decay)
-            }
-            OptimizerKind::Adamw => UpdateConstants::adamw(
-                learning_rate,
-                self.spec.betas(),
-                self.spec.eps(),
-                weight_decay,
-                self.steps_taken,
-            ),
-        };
+        let constants = UpdateConstants::new(&self.config, learning_rate, self.steps_taken);
         for (index, parameter) in parameters.iter().enumerate() {
             let range = parameter.flat_range();
             let gradient = &gradients[range.clone()];
@@ -137,7 +98,7 @@ impl Optimizer {
                 outcome =
                     apply_to_slice(&constants, values, &mut self.state, range.clone(), gradient);
             })?;
-            outcome.map_err(|error| TrainerError::Config(format!("optimizer: {error}")))?;
+            outcome?;
         }
         Ok(())
     }
@@ -152,6 +113,7 @@ mod tests {
 
     use super::*;
     use crate::parameters::Initialization;
+    use cohort_spec::train::OptimizerKind;
 
     fn one_parameter(values: &[f32]) -> ParameterSet {
         let mut set = ParameterSet::new(Device::Cpu);
@@ -178,7 +140,7 @@ mod tests {
             ..OptimizerSpec::default()
         };
         let set = one_parameter(&[1.0]);
-        let mut optimizer = Optimizer::new(&spec, 1);
+        let mut optimizer = Optimizer::new(&spec, 1).unwrap();
         // Step 1: g = 0.5 + 0.01 * 1 = 0.51; v = 0.51; p = 1 - 0.051 = 0.949.
         optimizer.step(&set, &[0.5], 0.1).unwrap();
         assert!((values(&set)[0] - 0.949).abs() < 1e-7);
@@ -197,7 +159,7 @@ mod tests {
             ..spec
         };
         let set = one_parameter(&[2.0]);
-        let mut optimizer = Optimizer::new(&plain, 1);
+        let mut optimizer = Optimizer::new(&plain, 1).unwrap();
         optimizer.step(&set, &[1.0], 0.5).unwrap();
         assert_eq!(values(&set), vec![1.5]);
         assert_eq!(optimizer.state().buffers()[0].1.len(), 0);
@@ -211,7 +173,7 @@ mod tests {
             ..OptimizerSpec::default()
         };
         let set = one_parameter(&[1.0, -3.0]);
-        let mut optimizer = Optimizer::new(&spec, 2);
+        let mut optimizer = Optimizer::new(&spec, 2).unwrap();
         optimizer.step(&set, &[0.5, -4.0], 0.01).unwrap();
         // First step: m_hat = g, v_hat = g^2, so the step is lr * sign(g) (up to eps),
         // after decay p *= 1 - 0.01 * 0.1.
@@ -257,7 +219,7 @@ mod tests {
             },
         )
         .unwrap();
-        let mut optimizer = Optimizer::new(&spec, 64);
+        let mut optimizer = Optimizer::new(&spec, 64).unwrap();
         for step in 0..30 {
             // Loss sum(p^3 / 3 + step * p) has gradient p^2 + step: feed both the same one.
             let gradient: Vec<f32> = values(&set)
@@ -294,7 +256,7 @@ mod tests {
             momentum: Some(0.0),
             ..OptimizerSpec::default()
         };
-        let mut optimizer = Optimizer::new(&spec, 3);
+        let mut optimizer = Optimizer::new(&spec, 3).unwrap();
         for _ in 0..10 {
             let gradient: Vec<f32> = values(&set).iter().map(|p| 2.0 * p).collect();
             let loss = reference.as_tensor().sqr().unwrap().sum_all().unwrap();
@@ -312,7 +274,7 @@ mod tests {
     #[test]
     fn restore_checks_names_and_lengths() {
         let spec = OptimizerSpec::default();
-        let mut optimizer = Optimizer::new(&spec, 2);
+        let mut optimizer = Optimizer::new(&spec, 2).unwrap();
         let saved = vec![
             ("first_moment".to_owned(), vec![1.0, 2.0]),
             ("second_moment".to_owned(), vec![3.0, 4.0]),
@@ -329,20 +291,9 @@ mod tests {
     }
 
     #[test]
-    fn clipping_rescales_to_the_max_norm_only_when_above() {
-        let mut gradients = vec![3.0f32, 4.0];
-        assert_eq!(clip_gradient_norm(&mut gradients, 10.0), 5.0);
-        assert_eq!(gradients, vec![3.0, 4.0]);
-        assert_eq!(clip_gradient_norm(&mut gradients, 1.0), 5.0);
-        let norm: f32 = gradients.iter().map(|g| g * g).sum::<f32>().sqrt();
-        assert!((norm - 1.0).abs() < 1e-5);
-        assert!((gradients[0] / gradients[1] - 0.75).abs() < 1e-6);
-    }
-
-    #[test]
     fn wrong_gradient_length_is_an_error() {
         let set = one_parameter(&[1.0, 2.0]);
-        let mut optimizer = Optimizer::new(&OptimizerSpec::default(), 2);
+        let mut optimizer = Optimizer::new(&OptimizerSpec::default(), 2).unwrap();
         assert!(optimizer.step(&set, &[1.0], 0.1).is_err());
     }
 }

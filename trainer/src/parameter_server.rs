@@ -19,13 +19,12 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use candle_nn::Module;
-use cohort_parameter_server::config::{OptimizerConfig, OptimizerKind as ServerOptimizerKind};
 use cohort_parameter_server::{
-    ClientConfig, Mode, ParameterClient, RowSelection, ScheduleConfig, ServerConfig,
-    SparseGradient, TensorDeclaration,
+    ClientConfig, ParameterClient, RowSelection, ScheduleConfig, ServerConfig, SparseGradient,
+    TensorDeclaration,
 };
 use cohort_proto::JobId;
-use cohort_spec::train::{OptimizerKind, PsMode};
+use cohort_spec::train::PsMode;
 use tokio::runtime::Handle;
 
 use crate::checkpoint;
@@ -61,34 +60,18 @@ pub fn server_config(
     shard_id: u32,
     shard_count: u32,
 ) -> ServerConfig {
-    let optimizer = &config.optimizer;
-    let [beta1, beta2] = optimizer.betas();
+    let mode = config.parallel.ps_mode();
     ServerConfig {
         job_id,
         shard_id,
         shard_count,
         ranks: config.parallel.world_size(),
-        mode: match config.parallel.ps_mode() {
-            PsMode::Sync => Mode::Sync,
-            PsMode::Async => Mode::Async,
-            PsMode::Ssp => Mode::Ssp,
-        },
-        staleness: match config.parallel.ps_mode() {
+        mode,
+        staleness: match mode {
             PsMode::Ssp => config.parallel.staleness(),
             PsMode::Sync | PsMode::Async => 0,
         },
-        optimizer: OptimizerConfig {
-            kind: match optimizer.kind {
-                OptimizerKind::Sgd => ServerOptimizerKind::Sgd,
-                OptimizerKind::Adamw => ServerOptimizerKind::Adamw,
-            },
-            learning_rate: optimizer.learning_rate(),
-            momentum: optimizer.momentum(),
-            beta1,
-            beta2,
-            eps: optimizer.eps(),
-            weight_decay: optimizer.weight_decay(),
-        },
+        optimizer: config.optimizer.config(),
         schedule: ScheduleConfig {
             warmup_steps: config.schedule.warmup_steps,
             decay: config.schedule.lr_decay,
@@ -344,7 +327,7 @@ impl<'a> ParameterServerRun<'a> {
             },
             full_values: vec![0.0; model.parameters().element_count()],
             pulled_after: None,
-            optimizer: Optimizer::new(&config.optimizer, 0),
+            optimizer: Optimizer::new(&config.optimizer, 0)?,
             evaluation_batch: BatchBuffers::default(),
             config,
             data,

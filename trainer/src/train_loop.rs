@@ -56,7 +56,7 @@ pub fn train(
     }
     let plan = RunPlan::new(config, data, world_size, rank)?;
     let parameters = plan.model.parameters();
-    let mut optimizer = Optimizer::new(&config.optimizer, parameters.element_count());
+    let mut optimizer = Optimizer::new(&config.optimizer, parameters.element_count())?;
     let start_step = start_from_rank_zero(config, communicator, parameters, &mut optimizer)?;
     let mut run = DataParallel::new(config, data, &plan, communicator, optimizer)?;
     let totals = plan.drive(config, (rank, world_size), start_step, &mut run, metrics)?;

@@ -86,15 +86,13 @@ fn start_servers(config: &TrainConfig, job_id: &JobId) -> Servers {
             .addresses
             .push(listener.local_addr().unwrap().to_string());
         let (stop, stopped) = oneshot::channel::<()>();
-        servers
-            .runtime
-            .spawn(cohort_parameter_server::server::serve_shard(
-                server.clone(),
-                listener,
-                async move {
-                    let _ = stopped.await;
-                },
-            ));
+        servers.runtime.spawn(cohort_parameter_server::serve_shard(
+            server.clone(),
+            listener,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         servers.shards.push(server);
         servers._shutdown.push(stop);
     }

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use cohort_collective::Store;
-use cohort_parameter_server::server::{serve_shard, shard_address_key};
 use cohort_parameter_server::{ServerConfig, ShardServer};
+use cohort_parameter_server::{serve_shard, shard_address_key};
 use cohort_trainer::TrainConfig;
 use cohort_trainer::checkpoint::read_parameter_server_snapshot;
 use cohort_trainer::parameter_server::server_config;

@@ -10,24 +10,15 @@ use std::ffi::c_void;
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUresult;
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DriverError};
+use cudarc::driver::{CudaStream, DevicePtrMut, DriverError};
 use cudarc::nccl::result::{self, NcclError, NcclStatus};
 use cudarc::nccl::sys;
 
-use super::device::{Nccl, cuda_message};
+use super::state::{Nccl, Staging, cuda_message};
 use crate::buffer::{BufferMut, BufferRef, DType, Element, ReduceOp};
-use crate::communicator::{Collective, Communicator, TypedCollectives, typed};
+use crate::communicator::{Communicator, TypedCollectives, typed};
 use crate::error::Result;
-
-/// Buffers the host path keeps between calls: both only grow, so calls no larger than earlier
-/// ones allocate nothing.
-#[derive(Debug, Default)]
-pub(super) struct Staging {
-    /// Device bytes, as many as the largest call so far needed; `None` before the first.
-    device: Option<CudaSlice<u8>>,
-    /// `f32` copies of bf16 and f16 values, widened before a reduction and narrowed after.
-    widened: Vec<f32>,
-}
+use crate::operation::Collective;
 
 /// The error returned when the staging buffer is used before it was reserved (never: every
 /// call reserves first).

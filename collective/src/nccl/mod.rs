@@ -38,7 +38,9 @@
 //!
 //! - `handle`: the raw NCCL communicator: non-blocking creation, progress of background calls,
 //!   asynchronous errors and result codes, graceful close, abort.
-//! - `device`: [`Nccl`] itself: setup and the collectives on device buffers.
+//! - `state`: [`Nccl`] itself, what it holds, and its accessors.
+//! - `setup`: joining (the unique id through the store) and closing or aborting.
+//! - `device`: the collectives on device buffers.
 //! - `watchdog`: queueing every collective under a deadline (ordered with its buffers' streams),
 //!   waiting for it by polling its event and NCCL's asynchronous error, and aborting the
 //!   communicator on any failure.
@@ -57,15 +59,19 @@ mod handle;
 #[cfg(feature = "cuda")]
 mod host;
 #[cfg(feature = "cuda")]
+mod setup;
+#[cfg(feature = "cuda")]
+mod state;
+#[cfg(feature = "cuda")]
 mod watchdog;
 
 #[cfg(not(feature = "cuda"))]
 mod dummy;
 
-#[cfg(feature = "cuda")]
-pub use self::device::Nccl;
 #[cfg(not(feature = "cuda"))]
 pub use self::dummy::{CudaStream, Nccl};
+#[cfg(feature = "cuda")]
+pub use self::state::Nccl;
 /// The CUDA stream an [`Nccl`] communicator runs on (cudarc's).
 #[cfg(feature = "cuda")]
 pub use cudarc::driver::CudaStream;

@@ -14,37 +14,19 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use cudarc::driver::{CudaEvent, CudaStream};
+use cudarc::driver::CudaStream;
 use cudarc::nccl::result::{NcclError, NcclStatus};
 use cudarc::nccl::sys;
 use tracing::warn;
 
-use super::device::{Nccl, cuda_message};
 use super::handle::Backoff;
-use crate::communicator::Collective;
+use super::state::{Failure, InFlight, Nccl, cuda_message};
 use crate::error::{Error, Result};
+use crate::operation::Collective;
 
 /// Collectives queued and not yet seen finished beyond which queueing another first waits for
 /// the oldest: bounds the events kept when callers never synchronize.
 const MAX_IN_FLIGHT: usize = 64;
-
-/// A collective queued on the stream, with an event recorded right after it.
-#[derive(Debug)]
-pub(super) struct InFlight {
-    /// Which collective (for the error if it never finishes).
-    collective: Collective,
-    /// Completes when the collective has.
-    done: CudaEvent,
-}
-
-/// The failure that aborted the communicator.
-#[derive(Debug)]
-pub(super) struct Failure {
-    /// The collective that failed.
-    collective: Collective,
-    /// The error's message.
-    message: String,
-}
 
 impl Nccl {
     /// Waits until every collective queued so far has finished. Fails, aborting the

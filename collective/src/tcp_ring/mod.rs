@@ -23,8 +23,9 @@ use tracing::debug;
 use self::plans::{BarrierPlan, BroadcastPlan, GatherPlan, ReducePlan, Scratch};
 use self::transport::RingTransport;
 use crate::buffer::{BufferMut, BufferRef, Element, ReduceOp};
-use crate::communicator::{Collective, Communicator, TypedCollectives, typed};
+use crate::communicator::{Communicator, TypedCollectives, typed};
 use crate::error::{Error, Result};
+use crate::operation::Collective;
 use crate::rendezvous::Store;
 
 /// Settings of a [`TcpRing`].

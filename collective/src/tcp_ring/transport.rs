@@ -24,8 +24,8 @@ use socket2::SockRef;
 use tracing::warn;
 
 use super::wire::{FrameHeader, FrameKind, HEADER_BYTES};
-use crate::communicator::Collective;
 use crate::error::{AbortCause, Error, Result};
+use crate::operation::Collective;
 
 /// Longest a failing rank spends completing a half-sent frame so its abort notice can follow.
 const ABANDON_FLUSH_TIMEOUT: Duration = Duration::from_millis(500);

@@ -5,7 +5,7 @@
 //! byte-order probe so that ranks of different endianness refuse to connect instead of
 //! exchanging garbage.
 
-use crate::communicator::Collective;
+use crate::operation::Collective;
 
 /// Identifies a Cohort ring handshake (and its version).
 pub(crate) const HANDSHAKE_MAGIC: [u8; 8] = *b"COHRING1";

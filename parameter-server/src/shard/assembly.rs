@@ -11,8 +11,9 @@ use prost::bytes::Bytes;
 use crate::config::{Limits, OptimizerConfig};
 use crate::encoding::{self, DType};
 use crate::error::{Error, Result};
-use crate::optimizer::{OptimizerState, zeroed};
 use crate::sharding::{ShardLayout, TensorDeclaration, plan_shards};
+use cohort_numerics::OptimizerState;
+use cohort_numerics::optimizer::zeroed;
 
 /// The part of one embedding table a shard holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -276,7 +277,7 @@ struct DenseAssembly {
 impl DenseAssembly {
     fn new(element_count: usize) -> Result<Self> {
         Ok(Self {
-            values: zeroed(element_count)?,
+            values: zeroed(element_count, "a shard buffer")?,
             filled: 0,
         })
     }
@@ -319,7 +320,7 @@ fn decode_rows(
             rows.len()
         )));
     }
-    let mut values = zeroed(rows.len() * row_elements)?;
+    let mut values = zeroed(rows.len() * row_elements, "a shard buffer")?;
     encoding::decode_into(dtype, &chunk.data, &mut values);
     Ok((table, rows, values))
 }
@@ -447,7 +448,10 @@ impl<'a> InitAssembly<'a> {
         let mut tables = Vec::with_capacity(shape.tables.len());
         let mut rows_seen = Vec::with_capacity(shape.tables.len());
         for table in &shape.tables {
-            tables.push(zeroed((table.row_count() * table.row_elements) as usize)?);
+            tables.push(zeroed(
+                (table.row_count() * table.row_elements) as usize,
+                "a shard buffer",
+            )?);
             rows_seen.push(vec![false; table.row_count() as usize]);
         }
         Ok(Self {

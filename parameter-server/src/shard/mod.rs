@@ -15,11 +15,12 @@ use std::sync::Arc;
 use cohort_proto::ps_v1;
 use prost::bytes::Bytes;
 
-use crate::config::{Mode, ServerConfig};
+use crate::config::{PsMode, ServerConfig};
 use crate::encoding::{self, DType};
 use crate::error::{Error, Result};
-use crate::optimizer::{self, LearningRateSchedule, OptimizerState, UpdateConstants};
 use assembly::{Gradient, InitialValues, PullPlan, ShardShape};
+use cohort_numerics::optimizer;
+use cohort_numerics::{LearningRateSchedule, OptimizerState, UpdateConstants};
 
 /// Most recent pushes kept for inspection.
 pub const RECENT_PUSHES: usize = 4096;
@@ -83,7 +84,7 @@ impl ShardModel {
             .tables
             .iter()
             .map(|table| OptimizerState::new(&config.optimizer, table.len()))
-            .collect::<Result<_>>()?;
+            .collect::<cohort_numerics::Result<_>>()?;
         Ok(Self {
             schedule: LearningRateSchedule::new(
                 config.optimizer.learning_rate,
@@ -181,8 +182,8 @@ impl ShardCore {
     /// rank otherwise.
     pub fn global_step(&self) -> u64 {
         match self.config.mode {
-            Mode::Sync => self.version,
-            Mode::Async | Mode::Ssp => self.version / u64::from(self.config.ranks),
+            PsMode::Sync => self.version,
+            PsMode::Async | PsMode::Ssp => self.version / u64::from(self.config.ranks),
         }
     }
 
@@ -251,7 +252,7 @@ impl ShardCore {
             )));
         }
         match self.config.mode {
-            Mode::Sync => {
+            PsMode::Sync => {
                 // The rank pushed every step before this one; the last may not be complete yet.
                 if self.version < step {
                     return Ok(Admission::Wait("the previous step to complete"));
@@ -270,8 +271,8 @@ impl ShardCore {
                 self.check_not_newer(version)?;
                 Ok(Admission::Ready { staleness: 0 })
             }
-            Mode::Async | Mode::Ssp => {
-                if self.config.mode == Mode::Ssp
+            PsMode::Async | PsMode::Ssp => {
+                if self.config.mode == PsMode::Ssp
                     && step - self.slowest_step() > self.config.staleness
                 {
                     return Ok(Admission::Wait(
@@ -335,7 +336,7 @@ impl ShardCore {
         });
         self.rank_next_step[rank as usize] = step + 1;
         match self.config.mode {
-            Mode::Sync => {
+            PsMode::Sync => {
                 self.pending[rank as usize] = Some(gradient);
                 if self.pending.iter().all(Option::is_some) {
                     let gradients: Vec<Gradient> =
@@ -343,7 +344,7 @@ impl ShardCore {
                     self.apply_average(gradients)?;
                 }
             }
-            Mode::Async | Mode::Ssp => self.apply(std::slice::from_ref(&gradient), 1.0)?,
+            PsMode::Async | PsMode::Ssp => self.apply(std::slice::from_ref(&gradient), 1.0)?,
         }
         Ok(staleness)
     }
@@ -433,10 +434,10 @@ impl ShardCore {
         }
         let next_step = self.rank_next_step[rank as usize];
         match self.config.mode {
-            Mode::Sync if self.version < next_step => {
+            PsMode::Sync if self.version < next_step => {
                 Some("every rank's gradients of its last step")
             }
-            Mode::Ssp if next_step - self.slowest_step() > self.config.staleness => {
+            PsMode::Ssp if next_step - self.slowest_step() > self.config.staleness => {
                 Some("the slowest rank to come within the staleness bound")
             }
             _ => None,
@@ -545,7 +546,7 @@ mod tests {
     use crate::shard::assembly::DenseGradient;
     use crate::sharding::TensorDeclaration;
 
-    fn core(mode: Mode, staleness: u64, limits: Limits) -> ShardCore {
+    fn core(mode: PsMode, staleness: u64, limits: Limits) -> ShardCore {
         let config = Arc::new(ServerConfig {
             ranks: 2,
             mode,
@@ -586,7 +587,7 @@ mod tests {
 
     #[test]
     fn sync_mode_averages_a_complete_step_and_refuses_stale_or_repeated_pushes() {
-        let mut core = core(Mode::Sync, 0, Limits::default());
+        let mut core = core(PsMode::Sync, 0, Limits::default());
         assert_eq!(
             core.admit_push(0, 0, 0).unwrap(),
             Admission::Ready { staleness: 0 }
@@ -628,7 +629,7 @@ mod tests {
 
     #[test]
     fn ssp_holds_a_rank_more_than_the_bound_ahead_of_the_slowest() {
-        let mut core = core(Mode::Ssp, 1, Limits::default());
+        let mut core = core(PsMode::Ssp, 1, Limits::default());
         core.commit_push(0, 0, 0, gradient(1.0)).unwrap();
         assert_eq!(core.pull_gate(0, 0), None, "one step ahead is allowed");
         core.commit_push(0, 1, 1, gradient(1.0)).unwrap();
@@ -654,7 +655,7 @@ mod tests {
             max_push_staleness: Some(1),
             ..Limits::default()
         };
-        let mut core = core(Mode::Async, 0, limits);
+        let mut core = core(PsMode::Async, 0, limits);
         core.commit_push(0, 0, 0, gradient(1.0)).unwrap();
         core.commit_push(0, 1, 1, gradient(1.0)).unwrap();
         assert!(matches!(

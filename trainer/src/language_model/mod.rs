@@ -137,7 +137,8 @@ pub fn train_language_model(
     let device = config.device.open()?;
     let stage = StageSetup::new(config, corpus, &mut mesh)?;
     let batching = Batching::new(config, corpus, &mesh)?;
-    let mut optimizer = Optimizer::new(&config.optimizer, stage.model.parameters().element_count());
+    let mut optimizer =
+        Optimizer::new(&config.optimizer, stage.model.parameters().element_count())?;
     let start_step = match config.resume_path() {
         Some(path) => checkpoint::load(
             &path,

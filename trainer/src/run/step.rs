@@ -461,5 +461,15 @@ mod tests {
         // The 1e-6 in the denominator shows on tiny norms: 1e-6 / (2e-6 + 1e-6), not 1/2.
         let tiny = clip_factor(2e-6, 1e-6).unwrap();
         assert!((tiny - 1.0 / 3.0).abs() < 1e-6, "{tiny}");
+        // A (3, 4) gradient has norm 5: left alone under a bound of 10, brought to norm 1 in
+        // the same direction under a bound of 1.
+        let mut values = [3.0f32, 4.0];
+        let norm = squared_norm(&values).sqrt();
+        assert_eq!(norm, 5.0);
+        assert_eq!(clip_factor(norm, 10.0), None);
+        scale_in_place(&mut values, clip_factor(norm, 1.0).unwrap());
+        let clipped = squared_norm(&values).sqrt();
+        assert!((clipped - 1.0).abs() < 1e-5, "{clipped}");
+        assert!((values[0] / values[1] - 0.75).abs() < 1e-6);
     }
 }

@@ -1,7 +1,7 @@
 //! Quick stand-alone run of the parameter-server benchmark, next to loopback TCP measured in the
 //! same run (what `cohort bench ps` prints, without the CLI).
 //!
-//! `cargo run --release -p cohort-parameter-server --example bench_ps -- SHARDS RANKS BYTES [ITERATIONS] [f32|bf16|f16] [CHUNK_BYTES]`
+//! `cargo run --release -p cohort-cli --example bench_ps -- SHARDS RANKS BYTES [ITERATIONS] [f32|bf16|f16] [CHUNK_BYTES]`
 
 use cohort_parameter_server::DType;
 use cohort_parameter_server::bench::{BenchConfig, run};

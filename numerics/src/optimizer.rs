@@ -1,18 +1,65 @@
-//! Server-side optimizers over flat `f32` buffers: SGD with momentum and AdamW, with the
-//! learning-rate schedule (linear warmup, then cosine or constant).
+//! The update rules over flat `f32` buffers: SGD with momentum and AdamW.
 //!
-//! The rules are those of `torch.optim.SGD` (dampening 0, no Nesterov) and `torch.optim.AdamW`,
-//! and the trainer (`trainer/src/optim.rs`) applies these same functions, so a job switched from all-reduce to a
-//! parameter server keeps its hyper-parameters and, in sync mode, its results. State is kept per
-//! buffer (a shard's dense elements, each embedding-table part), element for element.
+//! The rules are those of `torch.optim.SGD` (dampening 0, no Nesterov) and `torch.optim.AdamW`.
+//! Training ranks (over each parameter's storage) and parameter servers (over a shard's
+//! buffers) apply these same functions, so a job switched from all-reduce to a parameter server
+//! keeps its hyper-parameters and, in sync mode, its results. State is kept per buffer (a
+//! shard's dense elements, each embedding-table part, a rank's flat parameters), element for
+//! element.
 //!
 //! Row-sparse updates are lazy, as TensorFlow's `LazyAdam`: only the rows a push touched are
 //! updated (their decay, momentum and moments included); untouched rows stay as they are.
 
-pub use cohort_spec::train::LearningRateSchedule;
+use serde::{Deserialize, Serialize};
 
-use crate::config::{OptimizerConfig, OptimizerKind};
 use crate::error::{Error, Result};
+
+/// The optimizer's update rule (the job spec's `[optimizer] kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// Stochastic gradient descent with (heavy-ball) momentum, as `torch.optim.SGD` (dampening
+    /// 0, no Nesterov).
+    Sgd,
+    /// Adam with decoupled weight decay, as `torch.optim.AdamW`.
+    #[default]
+    Adamw,
+}
+
+/// Hyper-parameters of an update rule: the job spec's `[optimizer]` with every default already
+/// applied (`OptimizerSpec::config` in the spec crate builds it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimizerConfig {
+    /// Update rule. Default `adamw`.
+    pub kind: OptimizerKind,
+    /// Peak learning rate, reached after warmup. Default 0.001.
+    pub learning_rate: f64,
+    /// SGD momentum factor, 0 to below 1 (0 keeps no momentum buffer). Default 0.9.
+    pub momentum: f64,
+    /// AdamW decay rate of the first moment estimate. Default 0.9.
+    pub beta1: f64,
+    /// AdamW decay rate of the second moment estimate. Default 0.999.
+    pub beta2: f64,
+    /// AdamW term added to the denominator. Default 1e-8.
+    pub eps: f64,
+    /// L2 penalty added to the gradient (SGD) or decoupled decay (AdamW). Default 0.
+    pub weight_decay: f64,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        Self {
+            kind: OptimizerKind::Adamw,
+            learning_rate: 0.001,
+            momentum: 0.9,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
 
 /// State an optimizer keeps for one buffer, element for element.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,12 +87,12 @@ impl OptimizerState {
                 momentum_buffer: if config.momentum == 0.0 {
                     Vec::new()
                 } else {
-                    zeroed(element_count)?
+                    zeroed(element_count, "optimizer state")?
                 },
             },
             OptimizerKind::Adamw => OptimizerState::AdamW {
-                first_moment: zeroed(element_count)?,
-                second_moment: zeroed(element_count)?,
+                first_moment: zeroed(element_count, "optimizer state")?,
+                second_moment: zeroed(element_count, "optimizer state")?,
             },
         })
     }
@@ -88,20 +135,21 @@ impl OptimizerState {
     }
 }
 
-/// Returns a zeroed vector, or an error if the memory cannot be reserved.
-pub(crate) fn zeroed(element_count: usize) -> Result<Vec<f32>> {
+/// Returns a zeroed vector of `element_count` elements, or an error naming `what` if the memory
+/// cannot be reserved.
+pub fn zeroed(element_count: usize, what: &'static str) -> Result<Vec<f32>> {
     let mut values = Vec::new();
     values
         .try_reserve_exact(element_count)
         .map_err(|_| Error::OutOfMemory {
-            what: "a shard buffer",
+            what,
             bytes: element_count as u64 * 4,
         })?;
     values.resize(element_count, 0.0);
     Ok(values)
 }
 
-/// The constants of one update, computed once and applied to every buffer of the shard.
+/// The constants of one update, computed once and applied to every buffer it updates.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum UpdateConstants {
     /// `torch.optim.SGD`: `g += wd * p; v = mu * v + g; p -= lr * v`.
@@ -254,9 +302,7 @@ pub fn apply_to_slice(
             }
         }
         _ => {
-            return Err(Error::Internal(
-                "optimizer state does not match the update rule".to_owned(),
-            ));
+            return Err(Error::StateMismatch);
         }
     }
     Ok(())
@@ -265,6 +311,7 @@ pub fn apply_to_slice(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::schedule::{LearningRateDecay, LearningRateSchedule};
 
     /// Independent f64 reference of `torch.optim.SGD` and `torch.optim.AdamW` for one element
     /// sequence, written from the PyTorch documentation's pseudo-code.
@@ -364,8 +411,7 @@ mod tests {
                     .collect()
             })
             .collect();
-        let schedule =
-            LearningRateSchedule::new(0.01, 5, cohort_spec::train::LearningRateDecay::Cosine, 40);
+        let schedule = LearningRateSchedule::new(0.01, 5, LearningRateDecay::Cosine, 40);
         let lr: Vec<f64> = (0..40).map(|step| schedule.learning_rate(step)).collect();
         for config in &configs {
             let got = run(config, &starts, &gradients, &lr);
