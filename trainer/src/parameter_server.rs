@@ -310,12 +310,7 @@ impl<'a> ParameterServerRun<'a> {
             layout,
             working: None,
             step: Step::new(link.client.rank as usize, &config.train, None),
-            schedule: LearningRateSchedule::new(
-                config.optimizer.learning_rate(),
-                config.schedule.warmup_steps,
-                config.schedule.lr_decay,
-                total_steps,
-            ),
+            schedule: config.learning_rate_schedule(total_steps),
             current: PreparedBatch::default(),
             next: PreparedBatch::default(),
             order: EpochOrder::default(),

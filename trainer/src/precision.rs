@@ -25,11 +25,11 @@ pub fn tensor_dtype(precision: Precision) -> DType {
 }
 
 /// The collective's element type of a gradient-exchange precision.
-pub fn wire_dtype(precision: Precision) -> cohort_collective::DType {
+pub fn wire_dtype(precision: Precision) -> cohort_numerics::DType {
     match precision {
-        Precision::Fp32 => cohort_collective::DType::F32,
-        Precision::Bf16 => cohort_collective::DType::Bf16,
-        Precision::Fp16 => cohort_collective::DType::F16,
+        Precision::Fp32 => cohort_numerics::DType::F32,
+        Precision::Bf16 => cohort_numerics::DType::Bf16,
+        Precision::Fp16 => cohort_numerics::DType::F16,
     }
 }
 

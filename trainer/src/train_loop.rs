@@ -23,7 +23,7 @@ use crate::error::{Result, TrainerError};
 use crate::evaluation::evaluate_split;
 use crate::metrics::{EvaluationMetrics, MetricsSink, PhaseTimings, lap};
 use crate::models::Model;
-use crate::optim::{LearningRateSchedule, Optimizer};
+use crate::optim::Optimizer;
 use crate::parameters::ParameterSet;
 use crate::precision::{self, NarrowBuffers};
 use crate::run::TrainConfig;
@@ -135,15 +135,9 @@ impl<'a> DataParallel<'a> {
             &config.train,
             config.optimizer.grad_clip_norm,
         );
-        let schedule = LearningRateSchedule::new(
-            config.optimizer.learning_rate(),
-            config.schedule.warmup_steps,
-            config.schedule.lr_decay,
-            plan.schedule.total_steps,
-        );
         let update = LocalUpdate::new(
             optimizer,
-            schedule,
+            config.learning_rate_schedule(plan.schedule.total_steps),
             parameters,
             working.as_ref().map(Model::parameters),
         );

@@ -36,7 +36,7 @@ use cohort_spec::precision::Precision;
 use crate::error::{Result, TrainerError};
 use crate::mesh::{MeshCoordinates, MeshGroups};
 use crate::metrics::{EvaluationMetrics, MetricsSink, PhaseTimings};
-use crate::optim::{LearningRateSchedule, Optimizer};
+use crate::optim::Optimizer;
 use crate::pipeline::{Schedule, ScheduleStats, run_forward_only, run_training_step};
 use crate::precision::NarrowBuffers;
 use crate::run::TrainConfig;
@@ -397,15 +397,9 @@ impl<'a> LanguageModelRun<'a> {
         optimizer: Optimizer,
     ) -> Self {
         let RunParts { config, setup, .. } = &parts;
-        let schedule = LearningRateSchedule::new(
-            config.optimizer.learning_rate(),
-            config.schedule.warmup_steps,
-            config.schedule.lr_decay,
-            parts.batching.schedule.total_steps,
-        );
         let update = LocalUpdate::new(
             optimizer,
-            schedule,
+            config.learning_rate_schedule(parts.batching.schedule.total_steps),
             setup.model.parameters(),
             working.map(TransformerStage::parameters),
         );

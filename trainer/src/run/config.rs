@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use cohort_numerics::LearningRateSchedule;
 use cohort_spec::JobSpec;
 use cohort_spec::precision::TrainSpec;
 use cohort_spec::train::{
@@ -88,5 +89,16 @@ impl TrainConfig {
             .resume_from
             .as_ref()
             .map(|path| self.output_directory.join(path))
+    }
+
+    /// The learning rate of every update of a run of `total_steps` optimizer steps: the
+    /// optimizer's rate, warmed up and decayed as the schedule section says.
+    pub fn learning_rate_schedule(&self, total_steps: u64) -> LearningRateSchedule {
+        LearningRateSchedule::new(
+            self.optimizer.learning_rate(),
+            self.schedule.warmup_steps,
+            self.schedule.lr_decay,
+            total_steps,
+        )
     }
 }
