@@ -153,7 +153,7 @@ pub fn job_detail(job: &JobInfo) -> String {
         let _ = writeln!(out, "reason:    {}", job.reason);
     }
     // Parameter servers of a `comm = "ps"` job are placed after its training ranks.
-    let training_ranks = cohort_spec::parse(&job.spec_toml)
+    let training_ranks = cohort_jobspec::parse(&job.spec_toml)
         .map_or(job.ranks, |spec| spec.ranks())
         .min(job.ranks);
     let servers = job.ranks - training_ranks;

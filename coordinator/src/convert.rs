@@ -5,9 +5,9 @@
 
 use std::collections::HashSet;
 
+use cohort_jobspec::{DeviceKind, JobKind};
 use cohort_proto::text::{excerpt, truncate};
 use cohort_proto::{JobId, NodeId, v1};
-use cohort_spec::{DeviceKind, JobKind};
 
 use crate::error::{Error, Result};
 use crate::limits::{

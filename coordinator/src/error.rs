@@ -1,7 +1,7 @@
 //! The coordinator's error type and its one mapping to `tonic::Status`.
 
+use cohort_jobspec::SpecError;
 use cohort_proto::IdError;
-use cohort_spec::SpecError;
 
 /// Everything that can go wrong inside the coordinator.
 #[derive(Debug, thiserror::Error)]

@@ -14,7 +14,7 @@
 pub const MAX_RECORD_BYTES: usize = 16 * 1024 * 1024;
 
 /// Most processes one job runs (its ranks and parameter servers): the spec's bound.
-pub const MAX_PROCESSES_PER_JOB: usize = cohort_spec::job::MAX_RANKS as usize;
+pub const MAX_PROCESSES_PER_JOB: usize = cohort_jobspec::job::MAX_RANKS as usize;
 
 /// Longest rendezvous key, in bytes.
 pub const MAX_KEY_BYTES: usize = 512;

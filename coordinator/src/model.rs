@@ -3,8 +3,8 @@
 //! Records are plain data. They are stored with bincode (see [`crate::store::codec`]) and
 //! converted to protocol messages only at the gRPC boundary.
 
+use cohort_jobspec::DeviceKind;
 use cohort_proto::{JobId, NodeId};
-use cohort_spec::DeviceKind;
 use serde::{Deserialize, Serialize};
 
 use crate::lifecycle::JobState;
@@ -371,8 +371,8 @@ mod tests {
         MAX_METRIC_NAME_BYTES, MAX_NAME_BYTES, MAX_PROCESSES_PER_JOB, MAX_REASON_BYTES,
         MAX_RECORD_BYTES,
     };
+    use cohort_jobspec::job::{MAX_DEVICES_PER_RANK, MAX_NAME_LEN, MAX_SPEC_BYTES};
     use cohort_proto::ids::MAX_ID_LEN;
-    use cohort_spec::job::{MAX_DEVICES_PER_RANK, MAX_NAME_LEN, MAX_SPEC_BYTES};
 
     /// The largest job record the bounds allow: the largest spec, the widest gang with every
     /// process on its own longest-named node holding the most devices, the longest details and

@@ -32,8 +32,8 @@
 use std::cmp::Reverse;
 use std::collections::{HashMap, HashSet};
 
+use cohort_jobspec::DeviceKind;
 use cohort_proto::{JobId, NodeId};
-use cohort_spec::DeviceKind;
 
 /// Devices of one ready node, as the scheduler sees them when it calls [`place`].
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,9 +7,9 @@
 
 use std::time::Duration;
 
+pub use cohort_jobspec::parallel::PsMode;
 pub use cohort_numerics::{LearningRateDecay, OptimizerConfig, OptimizerKind};
 use cohort_proto::JobId;
-pub use cohort_spec::parallel::PsMode;
 use serde::{Deserialize, Serialize};
 
 use crate::encoding::DType;

@@ -30,7 +30,7 @@
 //! | `COHORT_COORDINATOR_ADDR`, `COHORT_RENDEZVOUS_ADDR`, `COHORT_NODE_ID`, `COHORT_NODE_ADDR`, `COHORT_BIN`, `COHORT_OUTPUT_DIR` | added by the worker: its node's facts |
 //!
 //! The spec travels in a variable rather than in a file. It is bounded at submission
-//! (`cohort_spec::MAX_SPEC_BYTES`, 64 KiB), well under Linux's bound on one environment string
+//! (`cohort_jobspec::MAX_SPEC_BYTES`, 64 KiB), well under Linux's bound on one environment string
 //! (`MAX_ARG_STRLEN`, 128 KiB), so a variable always fits ([`MAX_SPEC_BYTES`] is the bound the
 //! worker checks, and the coordinator checks at compile time that a submitted spec is under
 //! it). A variable needs no file created with the right mode, removed when the rank ends, or

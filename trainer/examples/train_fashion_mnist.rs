@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use cohort_collective::{InMemoryStore, TcpRing, TcpRingConfig};
-use cohort_spec::train::{LearningRateDecay, ModelKind, OptimizerKind};
+use cohort_jobspec::train::{LearningRateDecay, ModelKind, OptimizerKind};
 use cohort_trainer::metrics::{EvaluationMetrics, MetricsSink, StepMetrics};
 use cohort_trainer::{TrainConfig, train};
 
@@ -54,7 +54,7 @@ impl MetricsSink for Printer {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let spec = cohort_spec::parse("version = 1\nkind = \"train\"\n")?;
+    let spec = cohort_jobspec::parse("version = 1\nkind = \"train\"\n")?;
     let mut config = TrainConfig::from_job_spec(&spec, std::env::temp_dir());
     config.final_checkpoint = false;
     for argument in std::env::args().skip(1) {

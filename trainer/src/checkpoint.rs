@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use cohort_spec::train::OptimizerKind;
+use cohort_jobspec::train::OptimizerKind;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::error::{Result, TrainerError};
@@ -348,7 +348,7 @@ pub fn load(
 #[cfg(test)]
 mod tests {
     use candle_core::Device;
-    use cohort_spec::train::{ModelSpec, OptimizerSpec};
+    use cohort_jobspec::train::{ModelSpec, OptimizerSpec};
 
     use super::*;
     use crate::models::Model;

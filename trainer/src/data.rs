@@ -8,7 +8,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use cohort_spec::train::{DataSpec, DatasetKind};
+use cohort_jobspec::train::{DataSpec, DatasetKind};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 use cohort_collective::{Communicator, ReduceOp};
 
-use cohort_spec::precision::Precision;
+use cohort_jobspec::precision::Precision;
 
 use crate::error::{Result, TrainerError};
 use crate::models::{Model, StagedForward};

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 
 use cohort_collective::p2p::{PeerLink, PeerLinkConfig};
 use cohort_collective::{Communicator, Store, TcpRing, TcpRingConfig};
-use cohort_spec::train::ParallelSpec;
+use cohort_jobspec::train::ParallelSpec;
 
 use crate::error::{Result, TrainerError};
 use crate::pipeline::{PipelineLinks, StagePosition};

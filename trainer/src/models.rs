@@ -8,7 +8,7 @@ use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, Module};
-use cohort_spec::train::{MAX_EMBEDDING_WIDTH, MAX_INTENSITY_LEVELS, ModelKind, ModelSpec};
+use cohort_jobspec::train::{MAX_EMBEDDING_WIDTH, MAX_INTENSITY_LEVELS, ModelKind, ModelSpec};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 

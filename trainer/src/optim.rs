@@ -6,9 +6,9 @@
 //! the optimizer state (momentum buffers, moment estimates) is flat too, in the same order,
 //! which is what checkpoints store. Gradient clipping is part of the step (`run::step`).
 
+use cohort_jobspec::train::OptimizerSpec;
 use cohort_numerics::optimizer::apply_to_slice;
 use cohort_numerics::{OptimizerConfig, UpdateConstants};
-use cohort_spec::train::OptimizerSpec;
 
 pub use cohort_numerics::{LearningRateSchedule, OptimizerState};
 
@@ -113,7 +113,7 @@ mod tests {
 
     use super::*;
     use crate::parameters::Initialization;
-    use cohort_spec::train::OptimizerKind;
+    use cohort_jobspec::train::OptimizerKind;
 
     fn one_parameter(values: &[f32]) -> ParameterSet {
         let mut set = ParameterSet::new(Device::Cpu);

@@ -19,12 +19,12 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use candle_nn::Module;
+use cohort_jobspec::train::PsMode;
 use cohort_parameter_server::{
     ClientConfig, ParameterClient, RowSelection, ScheduleConfig, ServerConfig, SparseGradient,
     TensorDeclaration,
 };
 use cohort_proto::JobId;
-use cohort_spec::train::PsMode;
 use tokio::runtime::Handle;
 
 use crate::checkpoint;

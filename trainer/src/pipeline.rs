@@ -52,11 +52,11 @@ pub enum Schedule {
     OneForwardOneBackward,
 }
 
-impl From<cohort_spec::train::PipelineSchedule> for Schedule {
-    fn from(schedule: cohort_spec::train::PipelineSchedule) -> Self {
+impl From<cohort_jobspec::train::PipelineSchedule> for Schedule {
+    fn from(schedule: cohort_jobspec::train::PipelineSchedule) -> Self {
         match schedule {
-            cohort_spec::train::PipelineSchedule::Gpipe => Schedule::Gpipe,
-            cohort_spec::train::PipelineSchedule::OneForwardOneBackward => {
+            cohort_jobspec::train::PipelineSchedule::Gpipe => Schedule::Gpipe,
+            cohort_jobspec::train::PipelineSchedule::OneForwardOneBackward => {
                 Schedule::OneForwardOneBackward
             }
         }

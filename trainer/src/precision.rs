@@ -10,7 +10,7 @@
 
 use candle_core::DType;
 use cohort_collective::{BufferMut, Communicator, ReduceOp};
-use cohort_spec::precision::{LossScaling, Precision};
+use cohort_jobspec::precision::{LossScaling, Precision};
 use half::{bf16, f16};
 
 use crate::error::Result;
@@ -93,7 +93,7 @@ impl LossScaler {
             && self.clean_steps.is_multiple_of(scaling.growth_interval)
         {
             self.scale =
-                (self.scale * scaling.growth_factor).min(cohort_spec::precision::MAX_LOSS_SCALE);
+                (self.scale * scaling.growth_factor).min(cohort_jobspec::precision::MAX_LOSS_SCALE);
         }
     }
 }

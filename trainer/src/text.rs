@@ -8,7 +8,7 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
-use cohort_spec::train::DataSpec;
+use cohort_jobspec::train::DataSpec;
 
 use crate::data::DATA_ENVIRONMENT_VARIABLE;
 use crate::error::{Result, TrainerError};

@@ -12,7 +12,7 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 use candle_nn::Module;
 use cohort_collective::Communicator;
-use cohort_spec::precision::Precision;
+use cohort_jobspec::precision::Precision;
 
 use crate::checkpoint;
 use crate::data::{BatchBuffers, TrainTestSplits};
@@ -317,7 +317,7 @@ impl Run for DataParallel<'_> {
 
 #[cfg(test)]
 mod tests {
-    use cohort_spec::train::{LearningRateDecay, OptimizerKind};
+    use cohort_jobspec::train::{LearningRateDecay, OptimizerKind};
 
     use super::*;
     use crate::data::synthetic_splits;
@@ -350,7 +350,7 @@ mod tests {
 
     fn small_config(world_size: u32, output: &std::path::Path) -> TrainConfig {
         let mut config = TrainConfig::from_job_spec(
-            &cohort_spec::parse("version = 1\nkind = \"train\"\n").unwrap(),
+            &cohort_jobspec::parse("version = 1\nkind = \"train\"\n").unwrap(),
             output,
         );
         config.model.hidden = vec![16];

@@ -8,7 +8,9 @@
 
 mod common;
 
-use cohort_spec::train::{LearningRateDecay, ModelKind, ModelSpec, OptimizerKind, OptimizerSpec};
+use cohort_jobspec::train::{
+    LearningRateDecay, ModelKind, ModelSpec, OptimizerKind, OptimizerSpec,
+};
 use cohort_trainer::TrainConfig;
 use cohort_trainer::data::{TrainTestSplits, synthetic_splits};
 use cohort_trainer::data_parallel::GradientBuckets;
@@ -20,14 +22,14 @@ const STEPS: u64 = 20;
 /// Global batch of every run: 4 x 64, and not a multiple of 3.
 const GLOBAL_BATCH: u32 = 256;
 /// Gradient bucket size of every run.
-const BUCKET_BYTES: u64 = cohort_spec::train::MIN_GRADIENT_BUCKET_BYTES;
+const BUCKET_BYTES: u64 = cohort_jobspec::train::MIN_GRADIENT_BUCKET_BYTES;
 
 fn data() -> TrainTestSplits {
     synthetic_splits(8 * 256, 100, 28, 10, 11).unwrap()
 }
 
 fn config(world_size: u32, model: ModelSpec, data_seed: u64) -> TrainConfig {
-    let spec = cohort_spec::parse("version = 1\nkind = \"train\"\n").unwrap();
+    let spec = cohort_jobspec::parse("version = 1\nkind = \"train\"\n").unwrap();
     let mut config = TrainConfig::from_job_spec(&spec, std::env::temp_dir());
     config.model = model;
     config.data.seed = data_seed;

@@ -18,7 +18,7 @@ mod common;
 use std::time::Instant;
 
 use cohort_collective::{InMemoryStore, TcpRing, TcpRingConfig};
-use cohort_spec::train::{
+use cohort_jobspec::train::{
     DataSpec, LearningRateDecay, MIN_GRADIENT_BUCKET_BYTES, ModelKind, ModelSpec, OptimizerKind,
 };
 use cohort_trainer::data::{TrainTestSplits, synthetic_splits};
@@ -50,7 +50,7 @@ fn one_epoch_of_the_embedding_model_reaches_79_percent() {
     else {
         return;
     };
-    let spec = cohort_spec::parse("version = 1\nkind = \"train\"\n").unwrap();
+    let spec = cohort_jobspec::parse("version = 1\nkind = \"train\"\n").unwrap();
     let mut config = TrainConfig::from_job_spec(&spec, std::env::temp_dir());
     config.model = ModelSpec {
         kind: ModelKind::Embedding,
@@ -92,7 +92,7 @@ fn embedding_model_on_two_ranks_matches_one_rank() {
     // Synthetic data (the property is about arithmetic): 12 x 12 images whose pixels cover
     // every intensity level, so batches touch most of the table's rows.
     let data = synthetic_splits(4 * 96, 10, 12, 5, 3).unwrap();
-    let spec = cohort_spec::parse("version = 1\nkind = \"train\"\n").unwrap();
+    let spec = cohort_jobspec::parse("version = 1\nkind = \"train\"\n").unwrap();
     let mut config = TrainConfig::from_job_spec(&spec, std::env::temp_dir());
     config.model = ModelSpec {
         kind: ModelKind::Embedding,

@@ -5,7 +5,7 @@
 //! `cargo test -p cohort-trainer --release --test fashion_mnist_convergence -- --ignored`.
 
 use cohort_collective::{InMemoryStore, TcpRing, TcpRingConfig};
-use cohort_spec::train::{DataSpec, LearningRateDecay, OptimizerKind};
+use cohort_jobspec::train::{DataSpec, LearningRateDecay, OptimizerKind};
 use cohort_trainer::metrics::DiscardMetrics;
 use cohort_trainer::{TrainConfig, train};
 
@@ -13,7 +13,7 @@ use cohort_trainer::{TrainConfig, train};
 #[ignore = "trains one epoch on the real Fashion-MNIST files (several seconds)"]
 fn one_epoch_of_the_demo_mlp_reaches_83_percent() {
     let data = cohort_trainer::data::load(&DataSpec::default()).unwrap();
-    let spec = cohort_spec::parse("version = 1\nkind = \"train\"\n").unwrap();
+    let spec = cohort_jobspec::parse("version = 1\nkind = \"train\"\n").unwrap();
     let output = tempfile::tempdir().unwrap();
     let mut config = TrainConfig::from_job_spec(&spec, output.path());
     config.model.hidden = vec![512, 256];

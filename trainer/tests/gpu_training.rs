@@ -11,8 +11,8 @@
 
 mod common;
 
-use cohort_spec::precision::{Precision, TrainSpec};
-use cohort_spec::train::{LearningRateDecay, ModelSpec, OptimizerKind, OptimizerSpec};
+use cohort_jobspec::precision::{Precision, TrainSpec};
+use cohort_jobspec::train::{LearningRateDecay, ModelSpec, OptimizerKind, OptimizerSpec};
 use cohort_trainer::data::{TrainTestSplits, synthetic_splits};
 use cohort_trainer::language_model::LanguageModelOutcome;
 use cohort_trainer::metrics::DiscardMetrics;
@@ -36,7 +36,7 @@ fn data() -> TrainTestSplits {
 /// the overlapped exchange has buckets to overlap) and an evaluation at the end (on the device
 /// of each rank).
 fn mlp_config(world_size: u32) -> TrainConfig {
-    let spec = cohort_spec::parse("version = 1\nkind = \"train\"\n").unwrap();
+    let spec = cohort_jobspec::parse("version = 1\nkind = \"train\"\n").unwrap();
     let mut config = TrainConfig::from_job_spec(&spec, std::env::temp_dir());
     config.model = ModelSpec {
         hidden: vec![64, 32],
@@ -53,7 +53,7 @@ fn mlp_config(world_size: u32) -> TrainConfig {
     config.schedule.max_steps = Some(STEPS);
     config.schedule.lr_decay = LearningRateDecay::Constant;
     config.parallel.data = world_size;
-    config.parallel.gradient_bucket_bytes = cohort_spec::train::MIN_GRADIENT_BUCKET_BYTES;
+    config.parallel.gradient_bucket_bytes = cohort_jobspec::train::MIN_GRADIENT_BUCKET_BYTES;
     config.final_checkpoint = false;
     config
 }

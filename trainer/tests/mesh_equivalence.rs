@@ -10,7 +10,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use cohort_spec::train::PipelineSchedule;
+use cohort_jobspec::train::PipelineSchedule;
 use cohort_trainer::TrainConfig;
 use cohort_trainer::language_model::LanguageModelOutcome;
 use cohort_trainer::mesh::MeshShape;

@@ -4,8 +4,8 @@
 mod common;
 
 use cohort_collective::InMemoryStore;
-use cohort_spec::precision::{Precision, TrainSpec};
-use cohort_spec::train::{DataSpec, LearningRateDecay, OptimizerKind};
+use cohort_jobspec::precision::{Precision, TrainSpec};
+use cohort_jobspec::train::{DataSpec, LearningRateDecay, OptimizerKind};
 use cohort_trainer::data::{TrainTestSplits, synthetic_splits};
 use cohort_trainer::{EvaluationMetrics, MetricsSink, StepMetrics, TrainConfig};
 
@@ -21,7 +21,7 @@ impl MetricsSink for Steps {
 }
 
 fn config(world_size: u32, precision: Precision, steps: u64) -> TrainConfig {
-    let spec = cohort_spec::parse("version = 1\nkind = \"train\"\n").unwrap();
+    let spec = cohort_jobspec::parse("version = 1\nkind = \"train\"\n").unwrap();
     let mut config = TrainConfig::from_job_spec(&spec, std::env::temp_dir());
     config.model.hidden = vec![32];
     config.optimizer.kind = OptimizerKind::Adamw;
@@ -153,7 +153,7 @@ fn bf16_and_fp16_reach_fp32_accuracy_within_half_a_point() {
 /// The transformer on Shakespeare, on a 1x2x1 pipeline mesh, 120 steps in each precision.
 #[test]
 fn the_transformer_in_bf16_and_fp16_ends_within_five_hundredths_of_a_nat_of_fp32() {
-    use cohort_spec::train::{DatasetKind, ModelKind, ModelSpec};
+    use cohort_jobspec::train::{DatasetKind, ModelKind, ModelSpec};
     use cohort_trainer::language_model::train_language_model;
     use cohort_trainer::mesh::{MeshShape, connect_mesh};
 
@@ -170,7 +170,7 @@ fn the_transformer_in_bf16_and_fp16_ends_within_five_hundredths_of_a_nat_of_fp32
         Err(error) => panic!("CI needs the Shakespeare text: {error}"),
     };
     let validation_loss = |precision: Precision| -> (f32, u64) {
-        let spec = cohort_spec::parse("version = 1\nkind = \"train\"\n").unwrap();
+        let spec = cohort_jobspec::parse("version = 1\nkind = \"train\"\n").unwrap();
         let mut config = TrainConfig::from_job_spec(&spec, std::env::temp_dir());
         config.model = ModelSpec {
             kind: ModelKind::Transformer,

@@ -10,11 +10,11 @@ mod common;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use cohort_parameter_server::{ClientConfig, ShardServer};
-use cohort_proto::JobId;
-use cohort_spec::train::{
+use cohort_jobspec::train::{
     Communication, LearningRateDecay, ModelKind, ModelSpec, OptimizerKind, OptimizerSpec, PsMode,
 };
+use cohort_parameter_server::{ClientConfig, ShardServer};
+use cohort_proto::JobId;
 use cohort_trainer::data::{TrainTestSplits, synthetic_splits};
 use cohort_trainer::metrics::DiscardMetrics;
 use cohort_trainer::models::Model;
@@ -30,7 +30,7 @@ const RELATIVE_TOLERANCE: f32 = 1e-5;
 const STEPS: u64 = 20;
 
 fn config(world_size: u32, optimizer: OptimizerSpec, model: ModelSpec) -> TrainConfig {
-    let spec = cohort_spec::parse("version = 1\nkind = \"train\"\n").unwrap();
+    let spec = cohort_jobspec::parse("version = 1\nkind = \"train\"\n").unwrap();
     let mut config = TrainConfig::from_job_spec(&spec, std::env::temp_dir());
     config.model = model;
     config.optimizer = optimizer;
@@ -309,7 +309,7 @@ fn bf16_pushes_train_close_to_fp32() {
     let mut ps_config = reference_config.clone();
     ps_config.parallel.comm = Communication::Ps;
     ps_config.parallel.ps_shards = Some(2);
-    ps_config.train.precision = cohort_spec::precision::Precision::Bf16;
+    ps_config.train.precision = cohort_jobspec::precision::Precision::Bf16;
     let (trained, _servers) = train_through_servers(&ps_config, &data);
     let scale = common::max_abs(&reference[0]);
     let model = Model::new(

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use cohort_collective::{InMemoryStore, TcpRing, TcpRingConfig};
-use cohort_spec::layout::TransformerShape;
+use cohort_jobspec::layout::TransformerShape;
 use cohort_trainer::transformer::{
     ParameterLayout, Split, StageInput, StagePlan, TensorParallel, TransformerConfig,
     TransformerStage,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use cohort_collective::InMemoryStore;
-use cohort_spec::train::{DatasetKind, ModelKind, ModelSpec, PipelineSchedule};
+use cohort_jobspec::train::{DatasetKind, ModelKind, ModelSpec, PipelineSchedule};
 use cohort_trainer::language_model::train_language_model;
 use cohort_trainer::mesh::{MeshShape, connect_mesh};
 use cohort_trainer::text::TextCorpus;
@@ -53,7 +53,7 @@ pub fn run(ranks: u32, steps: u64) -> Result<ExitCode> {
     if !(1..=1000).contains(&steps) {
         bail!("--steps {steps}: expected 1 to 1000");
     }
-    let data_spec = cohort_spec::train::DataSpec {
+    let data_spec = cohort_jobspec::train::DataSpec {
         dataset: DatasetKind::Shakespeare,
         ..Default::default()
     };
@@ -134,7 +134,7 @@ pub fn run(ranks: u32, steps: u64) -> Result<ExitCode> {
 
 fn config(layout: &Layout, steps: u64) -> TrainConfig {
     let spec =
-        cohort_spec::parse("version = 1\nkind = \"train\"\n").expect("a minimal spec parses");
+        cohort_jobspec::parse("version = 1\nkind = \"train\"\n").expect("a minimal spec parses");
     let mut config = TrainConfig::from_job_spec(&spec, std::env::temp_dir());
     config.model = ModelSpec {
         kind: ModelKind::Transformer,

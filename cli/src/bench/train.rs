@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use cohort_collective::{InMemoryStore, TcpRing, TcpRingConfig};
-use cohort_spec::precision::{Precision, TrainSpec};
-use cohort_spec::train::{
+use cohort_jobspec::precision::{Precision, TrainSpec};
+use cohort_jobspec::train::{
     DataSpec, DatasetKind, LearningRateDecay, ModelKind, ModelSpec, OptimizerKind, OptimizerSpec,
     ParallelSpec, ScheduleSpec,
 };
@@ -39,12 +39,12 @@ const WARMUP_STEPS: u64 = 3;
 
 /// The benchmark's training config for `world_size` ranks and `steps` timed steps.
 fn benchmark_config(world_size: u32, steps: u64) -> TrainConfig {
-    let spec = cohort_spec::JobSpec {
-        version: cohort_spec::SPEC_VERSION,
+    let spec = cohort_jobspec::JobSpec {
+        version: cohort_jobspec::SPEC_VERSION,
         name: "bench-train".to_owned(),
-        kind: cohort_spec::JobKind::Train,
+        kind: cohort_jobspec::JobKind::Train,
         priority: 0,
-        resources: cohort_spec::Resources::default(),
+        resources: cohort_jobspec::Resources::default(),
         command: None,
         parallel: Some(ParallelSpec {
             data: world_size,

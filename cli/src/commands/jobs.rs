@@ -19,22 +19,22 @@ use crate::render;
 pub fn read_spec(path: &std::path::Path) -> Result<String> {
     let metadata =
         std::fs::metadata(path).with_context(|| format!("reading job file {}", path.display()))?;
-    if metadata.len() > cohort_spec::MAX_SPEC_BYTES as u64 {
+    if metadata.len() > cohort_jobspec::MAX_SPEC_BYTES as u64 {
         bail!(
             "job file {}: {} bytes, expected at most {}",
             path.display(),
             metadata.len(),
-            cohort_spec::MAX_SPEC_BYTES
+            cohort_jobspec::MAX_SPEC_BYTES
         );
     }
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading job file {}", path.display()))?;
-    if let Err(error) = cohort_spec::parse(&text) {
+    if let Err(error) = cohort_jobspec::parse(&text) {
         let count = error.problems().len();
         // The spec error lists its first problems, each bounded, and counts the rest.
         let listed = match &error {
-            cohort_spec::SpecError::Parse(problem) => problem.to_string(),
-            cohort_spec::SpecError::Invalid(problems) => problems.to_string(),
+            cohort_jobspec::SpecError::Parse(problem) => problem.to_string(),
+            cohort_jobspec::SpecError::Invalid(problems) => problems.to_string(),
         };
         bail!(
             "job file {}: {count} problem{}: {listed}",
@@ -63,8 +63,8 @@ pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
 /// Returns the spec with `checkpoint.resume_from` set to `checkpoint` (made absolute, since
 /// ranks resolve relative paths against their own output directory), validated again.
 fn with_resume_from(spec_toml: &str, checkpoint: &std::path::Path) -> Result<String> {
-    let spec = cohort_spec::parse(spec_toml)?;
-    if spec.kind != cohort_spec::JobKind::Train {
+    let spec = cohort_jobspec::parse(spec_toml)?;
+    if spec.kind != cohort_jobspec::JobKind::Train {
         bail!("--resume-from: only a kind = \"train\" job can start from a checkpoint");
     }
     if !checkpoint.is_dir() {
@@ -86,7 +86,7 @@ fn with_resume_from(spec_toml: &str, checkpoint: &std::path::Path) -> Result<Str
         toml::Value::String(absolute.display().to_string()),
     );
     let text = toml::to_string(&document)?;
-    cohort_spec::parse(&text)?;
+    cohort_jobspec::parse(&text)?;
     Ok(text)
 }
 

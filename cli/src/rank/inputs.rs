@@ -12,8 +12,8 @@ use std::io::Read;
 use std::path::Path;
 
 use anyhow::{Result, bail};
+use cohort_jobspec::train::{Communication, DataSpec, DatasetKind, ModelKind};
 use cohort_proto::launch::Role;
-use cohort_spec::train::{Communication, DataSpec, DatasetKind, ModelKind};
 use cohort_trainer::checkpoint::{MODEL_FILE, OPTIMIZER_FILE};
 use cohort_trainer::data::{self, DATA_ENVIRONMENT_VARIABLE};
 use cohort_trainer::{TrainConfig, text};
@@ -199,7 +199,8 @@ mod tests {
     }
 
     fn train_config(extra: &str, output: &Path) -> TrainConfig {
-        let spec = cohort_spec::parse(&format!("version = 1\nkind = \"train\"\n{extra}")).unwrap();
+        let spec =
+            cohort_jobspec::parse(&format!("version = 1\nkind = \"train\"\n{extra}")).unwrap();
         TrainConfig::from_job_spec(&spec, output)
     }
 

@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use cohort_collective::Store;
+use cohort_jobspec::DeviceKind;
+use cohort_jobspec::train::{CollectiveBackend, Communication, ModelKind};
 use cohort_parameter_server::ClientConfig;
 use cohort_parameter_server::server::shard_address_key;
 use cohort_proto::env;
 use cohort_proto::launch::Role;
-use cohort_spec::DeviceKind;
-use cohort_spec::train::{CollectiveBackend, Communication, ModelKind};
 use cohort_trainer::language_model::train_language_model;
 use cohort_trainer::mesh::{MeshShape, connect_mesh};
 use cohort_trainer::{ComputeDevice, ParameterServerLink, TrainConfig, TrainOutcome};
@@ -39,7 +39,7 @@ pub fn run() -> Result<ExitCode> {
             env::JOB_SPEC
         )
     })?;
-    let spec = cohort_spec::parse(spec_toml).context("the job's spec")?;
+    let spec = cohort_jobspec::parse(spec_toml).context("the job's spec")?;
     let mut config = TrainConfig::from_job_spec(&spec, link.launch.node.output_dir.clone());
     // Before joining anything: a rank that cannot read its data or checkpoint says which and
     // why, in one line, rather than failing its peers later.
@@ -61,7 +61,7 @@ pub fn run() -> Result<ExitCode> {
     let data = cohort_trainer::data::load(&config.data).context("loading the data set")?;
     let mut metrics = link.metrics()?;
     let outcome = match config.parallel.comm {
-        Communication::Allreduce => match cohort_spec::layout::gradient_transport(&spec) {
+        Communication::Allreduce => match cohort_jobspec::layout::gradient_transport(&spec) {
             CollectiveBackend::Nccl => {
                 let ComputeDevice::Cuda { ordinal } = config.device else {
                     anyhow::bail!("parallel.collective = \"nccl\" on a rank without a GPU");

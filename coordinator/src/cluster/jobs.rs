@@ -40,7 +40,7 @@ impl Cluster {
         wait_for_resources: bool,
         submitter: String,
     ) -> Result<JobInfo> {
-        let spec = cohort_spec::parse(&spec_toml)?;
+        let spec = cohort_jobspec::parse(&spec_toml)?;
         let submitting = self.submissions.lock().await;
         let state = self.state.lock().await;
         self.check_queue_room(&state, &submitter)?;

@@ -30,9 +30,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use cohort_jobspec::JobSpec;
 use cohort_proto::v1::{Instruction, StopRank, instruction};
 use cohort_proto::{JobId, NodeId};
-use cohort_spec::JobSpec;
 use tokio::sync::{Mutex, Notify, broadcast, mpsc};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -317,7 +317,7 @@ impl Cluster {
                     .insert(record.seq, JobSlot::Retired(JobSummary::of(&record)));
                 continue;
             }
-            let spec = match cohort_spec::parse(&record.spec_toml) {
+            let spec = match cohort_jobspec::parse(&record.spec_toml) {
                 Ok(spec) => spec,
                 Err(error) => {
                     warn!(job_id = %record.id, %error, "stored job spec no longer parses; quarantining job");

@@ -10,10 +10,10 @@
 
 use std::collections::HashMap;
 
+use cohort_jobspec::{DeviceKind, JobKind, JobSpec};
 use cohort_proto::launch::{self, Devices, Master, RankPlace, Role};
 use cohort_proto::v1::{StartRank, instruction};
 use cohort_proto::{JobId, NodeId};
-use cohort_spec::{DeviceKind, JobKind, JobSpec};
 use tracing::{info, instrument};
 
 use super::persistence::{Written, all_landed};
@@ -28,7 +28,7 @@ const MASTER_PORT_BASE: u16 = 20_000;
 /// Size of that range.
 const MASTER_PORT_RANGE: u16 = 20_000;
 // A submitted spec always fits the start instruction (and so the rank's environment).
-const _: () = assert!(cohort_spec::MAX_SPEC_BYTES <= launch::MAX_SPEC_BYTES);
+const _: () = assert!(cohort_jobspec::MAX_SPEC_BYTES <= launch::MAX_SPEC_BYTES);
 
 /// Devices held on one node.
 #[derive(Default)]
@@ -388,7 +388,7 @@ mod tests {
     /// The record of job `spec_toml` placed on one node, each process holding `devices` devices
     /// from index 0 on.
     fn placed(spec_toml: &str, devices: u32) -> (JobRecord, JobSpec) {
-        let spec = cohort_spec::parse(spec_toml).unwrap();
+        let spec = cohort_jobspec::parse(spec_toml).unwrap();
         let mut record = crate::store::conformance::sample_job(7);
         record.spec_toml = spec_toml.to_owned();
         record.ranks = spec.processes();

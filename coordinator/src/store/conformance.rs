@@ -12,8 +12,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use cohort_jobspec::DeviceKind;
 use cohort_proto::{JobId, NodeId};
-use cohort_spec::DeviceKind;
 
 use cohort_cluster_tests::etcd::TestEtcd;
 
@@ -426,7 +426,7 @@ async fn a_large_job_record_round_trips(backend: &dyn Backend) {
     let store = backend.open().await;
     let mut job = sample_job(1);
     // The largest spec a submission may carry, and a wide gang.
-    job.spec_toml = "#".repeat(cohort_spec::MAX_SPEC_BYTES);
+    job.spec_toml = "#".repeat(cohort_jobspec::MAX_SPEC_BYTES);
     job.placement = (0..1_024)
         .map(|rank| RankRecord {
             rank,

@@ -709,7 +709,7 @@ mod tests {
         good.spec_toml = "version = 1\nname = \"good\"\nkind = \"command\"\n\n[resources]\n\
                           ranks = 2\n\n[command]\nprogram = \"true\"\n"
             .to_owned();
-        cohort_spec::parse(&good.spec_toml).expect("a valid spec");
+        cohort_jobspec::parse(&good.spec_toml).expect("a valid spec");
         store.put_job(&good).await.unwrap();
         let mut unparsable = sample_job(2);
         unparsable.spec_toml = "this is not a job spec".to_owned();

@@ -5,8 +5,8 @@
 //! - Version 1: jobs without a submitter and ranks without a stop cause (read as submitted by
 //!   `unknown`, and not stopped by Cohort); nodes as today.
 
+use cohort_jobspec::DeviceKind;
 use cohort_proto::{JobId, NodeId};
-use cohort_spec::DeviceKind;
 use serde::{Deserialize, Serialize};
 
 use super::codec::{self, Record};

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use cohort_collective::Communicator;
-use cohort_spec::layout::TransformerShape;
+use cohort_jobspec::layout::TransformerShape;
 
 use crate::checkpoint::{
     FORMAT, MODEL_FILE, OPTIMIZER_FILE, TensorFile, checkpoint_error, checkpoint_name,

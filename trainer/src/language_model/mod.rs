@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use cohort_collective::ReduceOp;
-use cohort_spec::layout::balanced_stage_layers;
-use cohort_spec::precision::Precision;
+use cohort_jobspec::layout::balanced_stage_layers;
+use cohort_jobspec::precision::Precision;
 
 use crate::error::{Result, TrainerError};
 use crate::mesh::{MeshCoordinates, MeshGroups};

@@ -3,12 +3,12 @@
 
 use std::path::PathBuf;
 
-use cohort_numerics::LearningRateSchedule;
-use cohort_spec::JobSpec;
-use cohort_spec::precision::TrainSpec;
-use cohort_spec::train::{
+use cohort_jobspec::JobSpec;
+use cohort_jobspec::precision::TrainSpec;
+use cohort_jobspec::train::{
     CheckpointSpec, DataSpec, ModelSpec, OptimizerSpec, ParallelSpec, ScheduleSpec,
 };
+use cohort_numerics::LearningRateSchedule;
 
 use crate::device::ComputeDevice;
 

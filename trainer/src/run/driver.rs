@@ -136,7 +136,7 @@ fn step_metrics(
 
 #[cfg(test)]
 mod tests {
-    use cohort_spec::train::ScheduleSpec;
+    use cohort_jobspec::train::ScheduleSpec;
 
     use super::*;
     use crate::run::schedule::Evaluations;

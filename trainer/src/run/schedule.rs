@@ -1,7 +1,7 @@
 //! [`RunSchedule`]: when a run takes its steps, evaluates and writes checkpoints. Pure
 //! decisions, shared by every training loop and tested here; [`super::driver`] acts on them.
 
-use cohort_spec::train::ScheduleSpec;
+use cohort_jobspec::train::ScheduleSpec;
 
 use crate::run::config::TrainConfig;
 

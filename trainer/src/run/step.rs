@@ -21,7 +21,7 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use cohort_collective::{Communicator, ReduceOp};
-use cohort_spec::precision::{Precision, TrainSpec};
+use cohort_jobspec::precision::{Precision, TrainSpec};
 
 use crate::error::{Result, TrainerError};
 use crate::metrics::PhaseTimings;

@@ -29,7 +29,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use cohort_spec::layout::TransformerShape;
+use cohort_jobspec::layout::TransformerShape;
 
 use block::{Block, LayerNorm, linear};
 pub use initialization::TensorInitialization;
@@ -120,7 +120,7 @@ impl StagePlan {
     }
 
     /// Returns the plan of stage `stage` when the stages hold `stage_layers` consecutive blocks
-    /// each (as [`cohort_spec::layout::balanced_stage_layers`] returns them).
+    /// each (as [`cohort_jobspec::layout::balanced_stage_layers`] returns them).
     pub fn from_stage_layers(stage_layers: &[u32], stage: usize) -> Result<Self> {
         if stage >= stage_layers.len() {
             return Err(TrainerError::Config(format!(

@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use cohort_collective::{InMemoryStore, TcpRing, TcpRingConfig};
-use cohort_spec::train::{
+use cohort_jobspec::train::{
     DatasetKind, LearningRateDecay, ModelKind, ModelSpec, OptimizerKind, OptimizerSpec,
 };
 use cohort_trainer::data::TrainTestSplits;
@@ -110,7 +110,7 @@ pub fn try_train_ranks<S: MetricsSink + Default + Send>(
 /// seed 7, AdamW at lr 0.01 with 2 warm-up steps and cosine decay, a global batch of 16, for
 /// `steps` steps on the Shakespeare data set, without a final checkpoint.
 pub fn transformer_config(layers: u32, width: u32, context: u32, steps: u64) -> TrainConfig {
-    let spec = cohort_spec::parse("version = 1\nkind = \"train\"\n").unwrap();
+    let spec = cohort_jobspec::parse("version = 1\nkind = \"train\"\n").unwrap();
     let mut config = TrainConfig::from_job_spec(&spec, std::env::temp_dir());
     config.model = ModelSpec {
         kind: ModelKind::Transformer,
