@@ -2,10 +2,11 @@
 //! system (an RPC field, a CLI flag), so the rest of the code can trust it.
 //!
 //! Ranks, world sizes and shard numbers have no newtype, and one width on each side of one
-//! line: `u32` in what is sent or stored (messages, job specs, the coordinator's records, the
-//! launch contract), `usize` in the data plane that indexes vectors by them (`collective`, the
-//! parameter server's shards and clients, the trainer). They cross that line where a rank
-//! reads its launch or a message is built or decoded.
+//! line: `u32` wherever they are sent or stored (messages, job specs, the coordinator's
+//! records, the launch contract, the parameter server, whose every rank and shard arrives in a
+//! request or a snapshot), `usize` where ranks index a ring's peers and buffers (`collective`,
+//! the trainer). They cross that line where a rank reads its launch and where the trainer
+//! meets the parameter server's client.
 
 use std::fmt;
 use std::str::FromStr;

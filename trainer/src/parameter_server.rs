@@ -217,6 +217,7 @@ pub fn train_with_parameter_server(
     link: &ParameterServerLink,
     metrics: &mut dyn MetricsSink,
 ) -> Result<TrainOutcome> {
+    // The parameter server numbers ranks as its messages do (u32); the trainer indexes by them.
     let rank = link.client.rank as usize;
     let world_size = config.parallel.world_size() as usize;
     if !config.device.is_cpu() {
@@ -227,7 +228,7 @@ pub fn train_with_parameter_server(
         )));
     }
     let plan = RunPlan::new(config, data, world_size, rank)?;
-    let mut run = ParameterServerRun::connect(config, data, &plan, link)?;
+    let mut run = ParameterServerRun::connect(config, data, &plan, link, rank)?;
     let start_step = run.start()?;
     tracing::info!(
         rank,
@@ -288,6 +289,7 @@ impl<'a> ParameterServerRun<'a> {
         data: &'a TrainTestSplits,
         plan: &'a RunPlan,
         link: &'a ParameterServerLink,
+        rank: usize,
     ) -> Result<Self> {
         let model = &plan.model;
         let client = link.runtime.block_on(ParameterClient::connect(
@@ -299,7 +301,7 @@ impl<'a> ParameterServerRun<'a> {
         let world_size = config.parallel.world_size() as u64;
         let total_steps = plan.schedule.total_steps;
         Ok(Self {
-            rank: link.client.rank as usize,
+            rank,
             runtime: &link.runtime,
             exchange: ExchangeBuffers {
                 dense_gradient: vec![0.0; layout.dense_len],
@@ -309,7 +311,7 @@ impl<'a> ParameterServerRun<'a> {
             client,
             layout,
             working: None,
-            step: Step::new(link.client.rank as usize, &config.train, None),
+            step: Step::new(rank, &config.train, None),
             schedule: config.learning_rate_schedule(total_steps),
             current: PreparedBatch::default(),
             next: PreparedBatch::default(),
