@@ -15,6 +15,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use cohort_worker::containment::procfs;
 use serde_json::Value;
 
+use crate::network::TestNetwork;
+
 /// How often state is polled.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// Default limit for waits that should succeed quickly on an idle machine (generous: CI
@@ -201,6 +203,10 @@ pub struct Sandbox {
     workers: BTreeMap<String, Daemon>,
     /// Counter for file names.
     files: u32,
+    /// The separate network hosts the cluster runs on, if not on loopback: the coordinator and
+    /// the CLI on host 0, each worker on the host it was given. Dropped last, after every
+    /// process on it.
+    network: Option<TestNetwork>,
 }
 
 impl Sandbox {
@@ -220,6 +226,18 @@ impl Sandbox {
 
     /// Starts a coordinator as `options` say.
     pub fn start_with_options(options: SandboxOptions) -> Result<Self> {
+        Self::start_in(options, None)
+    }
+
+    /// Starts a coordinator as `options` say on host 0 of `network`, listening on that host's
+    /// address; the CLI runs there too, and workers go on the hosts [`Self::add_worker_on`]
+    /// names.
+    pub fn start_on_network(network: TestNetwork, options: SandboxOptions) -> Result<Self> {
+        Self::start_in(options, Some(network))
+    }
+
+    /// Starts a coordinator on loopback, or on host 0 of `network`.
+    fn start_in(options: SandboxOptions, network: Option<TestNetwork>) -> Result<Self> {
         let SandboxOptions {
             store,
             heartbeat_deadline_s,
@@ -249,8 +267,13 @@ impl Sandbox {
             coordinator_open_files,
             workers: BTreeMap::new(),
             files: 0,
+            network,
         };
-        sandbox.start_coordinator("127.0.0.1:0")?;
+        let listen = match &sandbox.network {
+            Some(network) => format!("{}:0", network.address(0)),
+            None => "127.0.0.1:0".to_owned(),
+        };
+        sandbox.start_coordinator(&listen)?;
         Ok(sandbox)
     }
 
@@ -264,9 +287,20 @@ impl Sandbox {
         self.directory.path()
     }
 
+    /// The separate network hosts the cluster runs on, if not on loopback.
+    pub fn network(&self) -> Option<&TestNetwork> {
+        self.network.as_ref()
+    }
+
     /// Starts `cohort` with `args`, its stderr in `<name>.log`, with at most `open_files`
-    /// open files when given.
-    fn spawn(&self, name: &str, args: &[String], open_files: Option<u64>) -> Result<Daemon> {
+    /// open files when given, on network host `host` when the cluster has a network.
+    fn spawn(
+        &self,
+        name: &str,
+        args: &[String],
+        open_files: Option<u64>,
+        host: usize,
+    ) -> Result<Daemon> {
         let log = self.directory.path().join(format!("{name}.log"));
         let stderr = std::fs::File::options()
             .create(true)
@@ -279,6 +313,9 @@ impl Sandbox {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
+        if let Some(network) = &self.network {
+            network.enter(&mut command, host)?;
+        }
         if let Some(limit) = open_files {
             use std::os::unix::process::CommandExt;
             let limit = libc::rlimit {
@@ -314,7 +351,7 @@ impl Sandbox {
             address_file.display().to_string(),
         ];
         args.extend(self.coordinator_flags.iter().cloned());
-        let mut daemon = self.spawn("coordinator", &args, self.coordinator_open_files)?;
+        let mut daemon = self.spawn("coordinator", &args, self.coordinator_open_files, 0)?;
         let address = poll("the coordinator's address file", DEFAULT_TIMEOUT, || {
             if let Some(status) = daemon.child.try_wait()? {
                 bail!("coordinator exited ({status}): {}", daemon.log_tail());
@@ -358,6 +395,20 @@ impl Sandbox {
     /// state directories, and returns at once (a worker restarted under a node id the
     /// coordinator still shows `ready` cannot be waited for by status).
     pub fn start_worker(&mut self, node_id: &str, cpu_slots: u32) -> Result<()> {
+        self.start_worker_on(node_id, cpu_slots, 0)
+    }
+
+    /// Starts a worker with `cpu_slots` slots as node `node_id` on network host `host`,
+    /// advertising that host's address, and waits until it is ready.
+    pub fn add_worker_on(&mut self, node_id: &str, cpu_slots: u32, host: usize) -> Result<()> {
+        self.start_worker_on(node_id, cpu_slots, host)?;
+        self.wait_for_node(node_id, "ready", DEFAULT_TIMEOUT)?;
+        Ok(())
+    }
+
+    /// Starts a worker as [`Self::start_worker`] does, on network host `host` (ignored on
+    /// loopback).
+    fn start_worker_on(&mut self, node_id: &str, cpu_slots: u32, host: usize) -> Result<()> {
         if self.workers.contains_key(node_id) {
             bail!("worker {node_id} is already running");
         }
@@ -377,8 +428,15 @@ impl Sandbox {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        let mut args = args;
+        if let Some(network) = &self.network {
+            args.extend([
+                "--advertise-address".to_owned(),
+                network.address(host).to_string(),
+            ]);
+        }
         // A restarted worker appends to its predecessor's log.
-        let daemon = self.spawn(&format!("worker-{node_id}"), &args, None)?;
+        let daemon = self.spawn(&format!("worker-{node_id}"), &args, None, host)?;
         self.workers.insert(node_id.to_owned(), daemon);
         Ok(())
     }
@@ -415,13 +473,16 @@ impl Sandbox {
 
     /// Runs a `cohort` CLI command against this cluster.
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
-        Command::new(&self.executable)
+        let mut command = Command::new(&self.executable);
+        command
             .args(args)
             .env("COHORT_COORDINATOR", &self.address)
             .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .output()
-            .context("running the cohort CLI")
+            .stdin(Stdio::null());
+        if let Some(network) = &self.network {
+            network.enter(&mut command, 0)?;
+        }
+        command.output().context("running the cohort CLI")
     }
 
     /// Runs a CLI command that must succeed and returns its stdout.

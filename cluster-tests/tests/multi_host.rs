@@ -1,0 +1,114 @@
+//! A cluster across separate network hosts (one network namespace each, see
+//! `cohort_cluster_tests::network`): the coordinator on host 0, one worker per other host.
+//! Skipped with a reason where namespaces are unavailable (not root); required under `CI=true`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Result;
+use cohort_cluster_tests::jobs::mlp_job;
+use cohort_cluster_tests::network::TestNetwork;
+use cohort_cluster_tests::sandbox::{DEFAULT_TIMEOUT, Sandbox, SandboxOptions, shell_job};
+
+/// A cluster with its coordinator on host 0 and worker `node-H` (one CPU slot) on each host
+/// H of 1..hosts; prints the hosts' addresses.
+fn cluster_on_hosts(test_name: &str, hosts: usize, heartbeat_deadline_s: f64) -> Option<Sandbox> {
+    let network = TestNetwork::create_or_skip(test_name, hosts)?;
+    let addresses: Vec<String> = (0..hosts)
+        .map(|host| network.address(host).to_string())
+        .collect();
+    eprintln!("{test_name}: hosts {addresses:?} (coordinator on host 0)");
+    let options = SandboxOptions {
+        heartbeat_deadline_s,
+        ..SandboxOptions::default()
+    };
+    let mut cluster =
+        Sandbox::start_on_network(network, options).expect("starting the coordinator");
+    for host in 1..hosts {
+        cluster
+            .add_worker_on(&format!("node-{host}"), 1, host)
+            .expect("starting a worker");
+    }
+    Some(cluster)
+}
+
+#[test]
+fn ranks_on_separate_hosts_see_their_own_address_and_rank_zeros_as_master() -> Result<()> {
+    let Some(mut cluster) = cluster_on_hosts("multi-host command job", 3, 5.0) else {
+        return Ok(());
+    };
+    let network = cluster.network().expect("a networked cluster");
+    let expected: BTreeMap<String, String> = (1..3)
+        .map(|host| (format!("node-{host}"), network.address(host).to_string()))
+        .collect();
+    let script = r#"echo "node=$COHORT_NODE_ID addr=$COHORT_NODE_ADDR master=$MASTER_ADDR""#;
+    let job_id = cluster.submit(&shell_job("hosts", 2, script), &[])?;
+    let job = cluster.wait_for_state(&job_id, "succeeded", DEFAULT_TIMEOUT)?;
+    let placement = job["placement"].as_array().expect("a placement");
+    let rank0_node = placement[0]["node_id"].as_str().expect("rank 0's node");
+    let master = &expected[rank0_node];
+
+    let logs = cluster.cli_ok(&["logs", &job_id])?;
+    for (rank, place) in placement.iter().enumerate() {
+        let node = place["node_id"].as_str().expect("a node");
+        let line = format!(
+            "[rank {rank}] node={node} addr={} master={master}",
+            expected[node]
+        );
+        assert!(logs.contains(&line), "missing {line:?} in:\n{logs}");
+    }
+    assert_eq!(placement.len(), 2, "{job}");
+    Ok(())
+}
+
+#[test]
+fn a_partitioned_host_is_lost_and_named_and_after_healing_runs_jobs_again() -> Result<()> {
+    let deadline_s = 3.0;
+    let Some(mut cluster) = cluster_on_hosts("multi-host partition", 2, deadline_s) else {
+        return Ok(());
+    };
+    let job_id = cluster.submit(&shell_job("cut", 1, "exec sleep 600"), &[])?;
+    cluster.wait_for_running_ranks(&job_id)?;
+
+    cluster.network().expect("a networked cluster").cut(1)?;
+    let lost =
+        cluster.wait_for_node("node-1", "lost", Duration::from_secs_f64(deadline_s * 4.0))?;
+    let failed = cluster.wait_for_state(&job_id, "failed", DEFAULT_TIMEOUT)?;
+    let reason = failed["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("node-1"),
+        "the reason names the lost node: {reason:?} ({lost})"
+    );
+
+    cluster.network().expect("a networked cluster").heal(1)?;
+    cluster.wait_for_node("node-1", "ready", DEFAULT_TIMEOUT)?;
+    let again = cluster.submit(&shell_job("healed", 1, "echo healed"), &[])?;
+    cluster.wait_for_state(&again, "succeeded", DEFAULT_TIMEOUT)?;
+    Ok(())
+}
+
+#[test]
+fn three_hosts_train_the_mlp_to_83_percent_in_one_epoch() -> Result<()> {
+    let Some(mut cluster) = cluster_on_hosts("multi-host training", 4, 5.0) else {
+        return Ok(());
+    };
+    let job_id = cluster.submit(&mlp_job("hosts-mlp", 3, 1, None, 0.002, ""), &[])?;
+    let job = cluster.wait_for_state(&job_id, "succeeded", Duration::from_secs(900))?;
+    // Each rank on its own host: the ring's links run between host addresses, the only route
+    // there is between the ranks (each listens on its node's address).
+    let nodes: std::collections::BTreeSet<&str> = job["placement"]
+        .as_array()
+        .expect("a placement")
+        .iter()
+        .filter_map(|rank| rank["node_id"].as_str())
+        .collect();
+    assert_eq!(nodes.len(), 3, "one rank per host: {job}");
+    let metrics = job["metrics"].as_array().expect("metrics");
+    let accuracy = metrics[0]["eval_accuracy"].as_f64().expect("an accuracy");
+    eprintln!(
+        "3 hosts, MLP, 1 epoch: test accuracy {:.2}%",
+        accuracy * 100.0
+    );
+    assert!(accuracy >= 0.83, "test accuracy {accuracy} after 1 epoch");
+    Ok(())
+}
