@@ -68,11 +68,15 @@ fn a_rank_killed_during_training_fails_the_job_within_five_seconds() -> Result<(
         "failed {failed_after:?} after the kill"
     );
     // The reason names the killed rank (the root cause), not a rank that lost its peer.
+    let mut last_reason = String::new();
     let named = poll("the reason to name rank 2", Duration::from_secs(5), || {
         let job = cluster.job(&job_id)?;
-        let reason = job["reason"].as_str().unwrap_or_default().to_owned();
-        Ok(reason.starts_with("rank 2 ").then_some(reason))
-    })?;
+        last_reason = job["reason"].as_str().unwrap_or_default().to_owned();
+        Ok(last_reason
+            .starts_with("rank 2 ")
+            .then(|| last_reason.clone()))
+    })
+    .map_err(|error| error.context(format!("the reason stayed {last_reason:?}")))?;
     assert!(named.contains("signal 9"), "{named} / {job}");
     cluster.wait_for_processes_gone(&pids, DEFAULT_TIMEOUT)?;
     Ok(())

@@ -363,6 +363,10 @@ impl Ranks {
         });
         let forwarders = self.forward_output(&mut child, &start);
         let (status, stopped) = wait_for_exit(&mut child, &tree, &mut stop).await;
+        // The end is timed here, when the process is reaped: the coordinator blames the rank
+        // that ended first, and shipping the output below can take longer than a peer's
+        // echo of this very failure takes to arrive.
+        let exited_at = now_ms();
         self.containment.waited(pid);
         // Whatever the rank left running goes with it: no orphans, and the pipes close so the
         // forwarders reach end of input.
@@ -388,7 +392,7 @@ impl Ranks {
             report.signal = end.signal;
             report.detail = end.detail;
             report.stop_cause = end.stop_cause as i32;
-            report.exited_at_unix_ms = now_ms();
+            report.exited_at_unix_ms = exited_at;
         });
     }
 
@@ -587,8 +591,12 @@ mod tests {
 
     use super::*;
 
-    /// A coordinator that takes every log push and nothing else.
-    struct LogSink;
+    /// A coordinator that takes every log push and nothing else; with a gate, each push waits
+    /// until the gate is closed.
+    #[derive(Default)]
+    struct LogSink {
+        gate: Option<Arc<tokio::sync::Semaphore>>,
+    }
 
     #[tonic::async_trait]
     impl Membership for LogSink {
@@ -612,6 +620,10 @@ mod tests {
             &self,
             _: Request<PushLogsRequest>,
         ) -> std::result::Result<Response<PushLogsResponse>, Status> {
+            if let Some(gate) = &self.gate {
+                // Never granted a permit: returns once the test closes the gate.
+                let _ = gate.acquire().await;
+            }
             Ok(Response::new(PushLogsResponse::default()))
         }
     }
@@ -632,11 +644,15 @@ mod tests {
     }
 
     async fn fixture(name: &str) -> Fixture {
+        fixture_shipping_to(name, LogSink::default()).await
+    }
+
+    async fn fixture_shipping_to(name: &str, sink: LogSink) -> Fixture {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(MembershipServer::new(LogSink))
+                .add_service(MembershipServer::new(sink))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
@@ -704,6 +720,48 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rank_end_is_timed_when_the_process_ends_not_when_its_output_is_shipped() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let sink = LogSink {
+            gate: Some(gate.clone()),
+        };
+        let fixture = fixture_shipping_to("unit-timed", sink).await;
+        let ranks = &fixture.ranks;
+        ranks.start(shell("timed-1", 0, "echo 'error: last words' >&2; exit 3"));
+        let pid =
+            libc::pid_t::try_from(wait_for(ranks, "timed-1", 0, RankState::Running).await.pid)
+                .expect("a pid");
+        // Reaped (not even a zombie): the worker has seen the end, and its output is held.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        // SAFETY: signal 0 only checks that the process exists.
+        while unsafe { libc::kill(pid, 0) } == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "rank {pid} never ended"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let reaped_by = now_ms();
+        while now_ms() == reaped_by {
+            tokio::task::yield_now().await;
+        }
+        let held = ranks.reports().into_iter().find(|r| r.job_id == "timed-1");
+        assert_eq!(
+            held.map(|r| r.state),
+            Some(RankState::Running as i32),
+            "the report waits for the output"
+        );
+        gate.close();
+        let report = wait_for(ranks, "timed-1", 0, RankState::Exited).await;
+        assert!(
+            report.exited_at_unix_ms <= reaped_by,
+            "timed at {} after shipping, the process was gone by {reaped_by}",
+            report.exited_at_unix_ms
+        );
+        assert_eq!(report.exit_code, Some(3));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
