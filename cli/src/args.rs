@@ -16,12 +16,43 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// How the CLI reaches the coordinator.
+/// How the CLI reaches the coordinator, and as whom.
 #[derive(Debug, Clone, Args)]
 pub struct CoordinatorArgs {
-    /// Coordinator address (host:port).
-    #[arg(long, env = "COHORT_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
-    pub coordinator: String,
+    /// Coordinator address (host:port) [default: the credentials file's, else
+    /// 127.0.0.1:7077].
+    #[arg(long, env = "COHORT_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// Your token (`cohort users add` prints one) [default: the credentials file's:
+    /// $COHORT_CREDENTIALS, else ~/.config/cohort/credentials.toml, which `cohort up` writes].
+    #[arg(long, env = "COHORT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl CoordinatorArgs {
+    /// The coordinator and token: flags and environment first, then the credentials file.
+    pub fn target(&self) -> anyhow::Result<crate::client::Target> {
+        let file = match (&self.coordinator, &self.token) {
+            (Some(_), Some(_)) => None,
+            _ => match crate::credentials::default_path() {
+                Some(path) => crate::credentials::read(&path)?,
+                None => None,
+            },
+        }
+        .unwrap_or_default();
+        Ok(crate::client::Target {
+            address: self
+                .coordinator
+                .clone()
+                .or(file.coordinator.clone())
+                .unwrap_or_else(|| DEFAULT_COORDINATOR.to_owned()),
+            token: self
+                .token
+                .as_deref()
+                .map(cohort_proto::Secret::new)
+                .or_else(|| crate::credentials::token_in(&file)),
+        })
+    }
 }
 
 /// Output format of inspection commands.
@@ -53,6 +84,11 @@ pub enum Command {
     Worker(WorkerDaemonArgs),
     /// Start a local cluster (coordinator and N workers) in the foreground.
     Up(UpArgs),
+    /// Manage the cluster's users (admins only): add prints the new user's token once.
+    Users(UsersArgs),
+    /// Show the audit log of mutating calls: submissions, cancellations, user and node changes
+    /// (admins only).
+    Audit(AuditArgs),
     /// Use the rendezvous store of the running job (from inside a rank).
     Kv(KvArgs),
     /// Benchmarks: print a table and, as the last line, one JSON object.
@@ -283,6 +319,62 @@ pub struct NodesArgs {
     pub coordinator: CoordinatorArgs,
 }
 
+/// `cohort users`.
+#[derive(Debug, Args)]
+pub struct UsersArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: UsersAction,
+}
+
+/// `cohort users` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum UsersAction {
+    /// Add a user and print their token (shown this once; only its hash is kept).
+    Add {
+        /// The user's name: 1 to 64 of a-z, 0-9, `.`, `_`, `-`, starting with a letter or digit.
+        name: String,
+        /// Make the user an admin: sees and cancels every job, manages users, reads the audit
+        /// log.
+        #[arg(long)]
+        admin: bool,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        coordinator: CoordinatorArgs,
+    },
+    /// List the users.
+    List {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: OutputFormat,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        coordinator: CoordinatorArgs,
+    },
+    /// Remove a user: their token stops working at once.
+    Remove {
+        /// The user's name.
+        name: String,
+        /// Where the coordinator is.
+        #[command(flatten)]
+        coordinator: CoordinatorArgs,
+    },
+}
+
+/// `cohort audit`.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Show entries after this sequence number only.
+    #[arg(long, default_value_t = 0)]
+    pub after: u64,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    /// Where the coordinator is.
+    #[command(flatten)]
+    pub coordinator: CoordinatorArgs,
+}
+
 /// Settings shared by `cohort coordinator` and `cohort up`.
 #[derive(Debug, Clone, Args)]
 pub struct ClusterSettings {
@@ -301,9 +393,13 @@ pub struct ClusterSettings {
     /// Most jobs queued at once; later submissions are refused until some start.
     #[arg(long, default_value_t = cohort_coordinator::limits::DEFAULT_MAX_QUEUED_JOBS)]
     pub max_queued_jobs: usize,
-    /// Most jobs one submitter (a client address) may have queued at once.
+    /// Most jobs one submitter (a user) may have queued at once.
     #[arg(long, default_value_t = cohort_coordinator::limits::DEFAULT_MAX_QUEUED_JOBS_PER_SUBMITTER)]
     pub max_queued_jobs_per_submitter: usize,
+    /// The file holding the token workers must show (readable by its owner alone)
+    /// [default: <data-dir>/join-token, drawn on first start].
+    #[arg(long, value_name = "FILE")]
+    pub join_token_file: Option<PathBuf>,
 }
 
 /// `cohort coordinator`.
@@ -318,6 +414,10 @@ pub struct CoordinatorDaemonArgs {
     /// Write the bound address to this file once serving (useful with port 0).
     #[arg(long)]
     pub address_file: Option<PathBuf>,
+    /// Listen off loopback although calls (tokens, job specs, logs) then cross the network
+    /// unencrypted: Cohort does not serve TLS yet. Logged as a warning on every start.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 /// `cohort worker`.
@@ -348,6 +448,14 @@ pub struct WorkerDaemonArgs {
     /// ~/.local/state/cohort/worker-<node id>].
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// The file holding the cluster's join token (the coordinator's `<data-dir>/join-token`
+    /// unless it was given one), readable by its owner alone.
+    #[arg(long, value_name = "FILE")]
+    pub join_token_file: Option<PathBuf>,
+    /// The join token itself, from the environment (never give it on a command line, where
+    /// every user of the machine can read it).
+    #[arg(long, env = "COHORT_JOIN_TOKEN", hide = true, hide_env_values = true)]
+    pub join_token: Option<String>,
 }
 
 /// `cohort up`.

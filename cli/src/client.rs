@@ -1,17 +1,30 @@
-//! Connecting to the coordinator.
+//! Connecting to the coordinator, as someone: every client shows a token
+//! ([`cohort_proto::transport::Credentials`]).
 
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use cohort_proto::MAX_MESSAGE_BYTES;
+use cohort_proto::transport::{Connection, Credentials};
 use cohort_proto::v1::job_control_client::JobControlClient;
 use cohort_proto::v1::rendezvous_client::RendezvousClient;
 use cohort_proto::v1::{JobInfo, ListJobsRequest, SubmitJobRequest};
-use tonic::transport::{Channel, Endpoint};
+use cohort_proto::{MAX_MESSAGE_BYTES, Secret};
+use tonic::transport::Endpoint;
 
-/// Opens a channel to the coordinator at `address`, failing fast when nothing answers.
-pub async fn channel(address: &str) -> Result<Channel> {
-    Endpoint::from_shared(format!("http://{address}"))
+/// A coordinator and who to be there.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The coordinator's `host:port`.
+    pub address: String,
+    /// The token to show (a user's, or inside a rank its job's).
+    pub token: Option<Secret>,
+}
+
+/// Opens a channel to the coordinator of `target`, failing fast when nothing answers.
+pub async fn channel(target: &Target) -> Result<Connection> {
+    let address = &target.address;
+    let credentials = Credentials::new(target.token.as_ref())?;
+    let channel = Endpoint::from_shared(format!("http://{address}"))
         .with_context(|| format!("coordinator address {address:?}"))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
@@ -19,19 +32,20 @@ pub async fn channel(address: &str) -> Result<Channel> {
         .await
         .with_context(|| {
             format!("cannot reach the coordinator at {address} (is it running? see `cohort up`)")
-        })
+        })?;
+    Ok(credentials.wrap(channel))
 }
 
 /// A job-control client.
-pub async fn job_control(address: &str) -> Result<JobControlClient<Channel>> {
-    Ok(JobControlClient::new(channel(address).await?)
+pub async fn job_control(target: &Target) -> Result<JobControlClient<Connection>> {
+    Ok(JobControlClient::new(channel(target).await?)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
 /// A rendezvous client.
-pub async fn rendezvous(address: &str) -> Result<RendezvousClient<Channel>> {
-    Ok(RendezvousClient::new(channel(address).await?)
+pub async fn rendezvous(target: &Target) -> Result<RendezvousClient<Connection>> {
+    Ok(RendezvousClient::new(channel(target).await?)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
@@ -43,7 +57,7 @@ pub fn status(status: tonic::Status) -> anyhow::Error {
 
 /// Submits a job spec and returns the queued job.
 pub async fn submit(
-    client: &mut JobControlClient<Channel>,
+    client: &mut JobControlClient<Connection>,
     spec_toml: String,
     wait_for_resources: bool,
 ) -> Result<JobInfo> {
@@ -64,7 +78,7 @@ pub async fn submit(
 const MAX_LIST_PAGES: usize = 100_000;
 
 /// Lists every job's summary, oldest first, following the coordinator's pages.
-pub async fn list_jobs(client: &mut JobControlClient<Channel>) -> Result<Vec<JobInfo>> {
+pub async fn list_jobs(client: &mut JobControlClient<Connection>) -> Result<Vec<JobInfo>> {
     let mut jobs = Vec::new();
     let mut page_token = String::new();
     for _ in 0..MAX_LIST_PAGES {

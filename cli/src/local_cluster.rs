@@ -4,19 +4,18 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use cohort_coordinator::{ClusterStore, CoordinatorConfig};
 use cohort_proto::v1::ListNodesRequest;
-use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-use crate::client;
+use crate::client::{self, Target};
+use crate::commands::PreparedCoordinator;
+use cohort_proto::Secret;
 
 /// How long workers get to register before start-up fails.
 const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(60);
@@ -25,12 +24,8 @@ const WORKER_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What to start.
 pub struct LocalClusterConfig {
-    /// Coordinator settings.
-    pub coordinator: CoordinatorConfig,
-    /// Where the coordinator keeps its state.
-    pub store: Arc<dyn ClusterStore>,
-    /// Bound listener of the coordinator.
-    pub listener: TcpListener,
+    /// The coordinator: settings, store, users, bound listener.
+    pub coordinator: PreparedCoordinator,
     /// Number of worker processes. The first offers the machine's GPUs (in a `cuda` build);
     /// the others offer CPU slots only.
     pub workers: u32,
@@ -43,8 +38,8 @@ pub struct LocalClusterConfig {
 /// A running local cluster. Call [`LocalCluster::shutdown`] to stop it cleanly; dropping it
 /// kills the workers.
 pub struct LocalCluster {
-    /// The coordinator's `host:port`.
-    address: String,
+    /// The coordinator, and the first admin's token to call it with.
+    target: Target,
     /// Worker processes.
     workers: Vec<Child>,
     /// The workers' state directories, under `<state root>/up-<coordinator port>`: local
@@ -68,6 +63,7 @@ fn state_dir(address: &str, index: u32) -> Result<PathBuf> {
 
 fn spawn_worker(
     address: &str,
+    join_token: &Secret,
     index: u32,
     cpu_slots: u32,
     output_dir: &PathBuf,
@@ -83,6 +79,8 @@ fn spawn_worker(
         .arg(output_dir)
         .arg("--state-dir")
         .arg(state_dir)
+        // In the environment, which only this user can read, rather than on the command line.
+        .env("COHORT_JOIN_TOKEN", join_token.expose())
         .stdin(Stdio::null())
         .kill_on_drop(true);
     if index > 0 {
@@ -104,27 +102,34 @@ fn spawn_worker(
 impl LocalCluster {
     /// Starts the coordinator and the workers, and returns once every worker is registered.
     pub async fn start(config: LocalClusterConfig) -> Result<Self> {
-        let address = config.listener.local_addr()?.to_string();
+        let prepared = config.coordinator;
+        let target = Target {
+            address: prepared.listener.local_addr()?.to_string(),
+            token: prepared.admin_token.clone(),
+        };
+        let join_token = prepared.join_token.clone();
         let (stop_coordinator, coordinator_stopped) = oneshot::channel::<()>();
         let coordinator = tokio::spawn(cohort_coordinator::run(
-            config.coordinator,
-            config.store,
-            config.listener,
+            prepared.config,
+            prepared.store,
+            prepared.auth,
+            prepared.listener,
             async {
                 let _ = coordinator_stopped.await;
             },
         ));
         let mut cluster = Self {
-            address,
+            target,
             workers: Vec::new(),
             state_dirs: Vec::new(),
             stop_coordinator: Some(stop_coordinator),
             coordinator: Some(coordinator),
         };
         for index in 0..config.workers {
-            let state_dir = state_dir(&cluster.address, index)?;
+            let state_dir = state_dir(&cluster.target.address, index)?;
             let worker = spawn_worker(
-                &cluster.address,
+                &cluster.target.address,
+                &join_token,
                 index,
                 config.cpu_slots,
                 &config.output_dir,
@@ -137,14 +142,14 @@ impl LocalCluster {
         Ok(cluster)
     }
 
-    /// The coordinator's `host:port`.
-    pub fn address(&self) -> &str {
-        &self.address
+    /// The coordinator, with the first admin's token.
+    pub fn target(&self) -> &Target {
+        &self.target
     }
 
     /// Polls the coordinator until `workers` nodes are ready.
     async fn wait_for_workers(&mut self, workers: u32) -> Result<()> {
-        let mut client = client::job_control(&self.address).await?;
+        let mut client = client::job_control(&self.target).await?;
         let deadline = tokio::time::Instant::now() + REGISTRATION_TIMEOUT;
         loop {
             let nodes = client

@@ -93,6 +93,36 @@ pub fn duration(millis: i64) -> String {
     }
 }
 
+/// A Unix time in milliseconds as UTC, `2026-12-04 03:00:06Z`; `-` for none.
+pub fn timestamp(unix_ms: i64) -> String {
+    if unix_ms <= 0 {
+        return "-".to_owned();
+    }
+    let seconds = unix_ms / 1000;
+    let (days, of_day) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
+    // Days to a civil date (Howard Hinnant's algorithm, proleptic Gregorian calendar).
+    let shifted = days + 719_468;
+    let era = shifted.div_euclid(146_097);
+    let day_of_era = shifted.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
+        of_day / 3600,
+        of_day / 60 % 60,
+        of_day % 60
+    )
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -490,6 +520,14 @@ fn progress_line(job: &JobInfo) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_match_gnu_date() {
+        // References: `date -u -d @1796353206` and `date -u -d @951782400`.
+        assert_eq!(timestamp(1_796_353_206_087), "2026-12-04 03:00:06Z");
+        assert_eq!(timestamp(951_782_400_000), "2000-02-29 00:00:00Z");
+        assert_eq!(timestamp(0), "-");
+    }
 
     #[test]
     fn table_pads_columns() {

@@ -25,6 +25,19 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long workers get to stop their ranks and exit when the sandbox is dropped.
 pub const WORKER_STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Opens a gRPC connection to `address` that shows `token` on every call (none: calls carry
+/// no credentials, as an attacker's would).
+pub async fn connect_as(
+    address: &str,
+    token: Option<&str>,
+) -> Result<cohort_proto::transport::Connection> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+        .connect()
+        .await?;
+    let token = token.map(cohort_proto::Secret::new);
+    Ok(cohort_proto::transport::Credentials::new(token.as_ref())?.wrap(channel))
+}
+
 /// Finds the `cohort` executable: `$COHORT_BIN`, else the one built next to this test binary
 /// (`target/<profile>/cohort`).
 pub fn cohort_executable() -> PathBuf {
@@ -203,6 +216,8 @@ pub struct Sandbox {
     workers: BTreeMap<String, Daemon>,
     /// Counter for file names.
     files: u32,
+    /// The first admin's token, which CLI calls show.
+    admin_token: String,
     /// The separate network hosts the cluster runs on, if not on loopback: the coordinator and
     /// the CLI on host 0, each worker on the host it was given. Dropped last, after every
     /// process on it.
@@ -267,10 +282,15 @@ impl Sandbox {
             coordinator_open_files,
             workers: BTreeMap::new(),
             files: 0,
+            admin_token: String::new(),
             network,
         };
         let listen = match &sandbox.network {
-            Some(network) => format!("{}:0", network.address(0)),
+            Some(network) => {
+                // Off loopback without TLS (which Cohort does not serve yet): only when asked.
+                sandbox.coordinator_flags.push("--insecure".to_owned());
+                format!("{}:0", network.address(0))
+            }
             None => "127.0.0.1:0".to_owned(),
         };
         sandbox.start_coordinator(&listen)?;
@@ -346,7 +366,7 @@ impl Sandbox {
             "--listen".to_owned(),
             listen.to_owned(),
             "--data-dir".to_owned(),
-            self.directory.path().join("data").display().to_string(),
+            self.data_dir().display().to_string(),
             "--address-file".to_owned(),
             address_file.display().to_string(),
         ];
@@ -359,11 +379,30 @@ impl Sandbox {
             Ok(std::fs::read_to_string(&address_file).ok())
         })?;
         self.address = address.trim().to_owned();
+        self.admin_token = std::fs::read_to_string(self.data_dir().join("admin-token"))
+            .context("reading the first admin's token")?
+            .trim()
+            .to_owned();
         self.coordinator = Some(daemon);
         poll("the coordinator to answer", DEFAULT_TIMEOUT, || {
             Ok(self.cli(&["nodes"]).ok().filter(|o| o.status.success()))
         })?;
         Ok(())
+    }
+
+    /// The coordinator's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.directory.path().join("data")
+    }
+
+    /// The first admin's token (what CLI calls show).
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
+    /// The cluster's join token file (what workers show).
+    pub fn join_token_file(&self) -> PathBuf {
+        self.data_dir().join("join-token")
     }
 
     /// The coordinator's process id, while it runs.
@@ -424,6 +463,8 @@ impl Sandbox {
             &self.directory.path().join("outputs").display().to_string(),
             "--state-dir",
             &self.state_dir(node_id).display().to_string(),
+            "--join-token-file",
+            &self.join_token_file().display().to_string(),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -471,16 +512,43 @@ impl Sandbox {
         self.workers.get(node_id)
     }
 
-    /// Runs a `cohort` CLI command against this cluster.
+    /// Runs a `cohort` CLI command against this cluster, as its first admin.
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        self.cli_as(Some(&self.admin_token), args)
+    }
+
+    /// Runs a `cohort` CLI command against this cluster showing `token` (none: no token, and
+    /// no credentials file either).
+    pub fn cli_as(&self, token: Option<&str>, args: &[&str]) -> Result<Output> {
+        self.cli_from(0, token, &[], args)
+    }
+
+    /// Runs a `cohort` CLI command as [`Self::cli_as`] does, from network host `host` (ignored
+    /// on loopback), with the variables `env` set too.
+    pub fn cli_from(
+        &self,
+        host: usize,
+        token: Option<&str>,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Result<Output> {
         let mut command = Command::new(&self.executable);
         command
             .args(args)
             .env("COHORT_COORDINATOR", &self.address)
+            .env(
+                "COHORT_CREDENTIALS",
+                self.directory.path().join("no-credentials.toml"),
+            )
+            .env_remove("COHORT_TOKEN")
             .env_remove("RUST_LOG")
             .stdin(Stdio::null());
+        if let Some(token) = token {
+            command.env("COHORT_TOKEN", token);
+        }
+        command.envs(env.iter().copied());
         if let Some(network) = &self.network {
-            network.enter(&mut command, 0)?;
+            network.enter(&mut command, host)?;
         }
         command.output().context("running the cohort CLI")
     }

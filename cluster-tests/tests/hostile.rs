@@ -4,8 +4,9 @@
 //! their input back at length.
 
 use anyhow::{Context, Result, bail};
-use cohort_cluster_tests::sandbox::{DEFAULT_TIMEOUT, Sandbox, shell_job};
+use cohort_cluster_tests::sandbox::{DEFAULT_TIMEOUT, Sandbox, connect_as, shell_job};
 use cohort_proto::MAX_MESSAGE_BYTES;
+use cohort_proto::transport::Connection;
 use cohort_proto::v1::job_control_client::JobControlClient;
 use cohort_proto::v1::membership_client::MembershipClient;
 use cohort_proto::v1::{
@@ -21,18 +22,10 @@ struct RawSubmit {
     spec_toml: Vec<u8>,
 }
 
-async fn connect(address: &str) -> Result<tonic::transport::Channel> {
-    Ok(
-        tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
-            .connect()
-            .await?,
-    )
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn a_spec_that_is_not_utf8_is_an_invalid_argument_naming_the_field() -> Result<()> {
     let cluster = tokio::task::spawn_blocking(Sandbox::start).await??;
-    let channel = connect(cluster.address()).await?;
+    let channel = connect_as(cluster.address(), Some(cluster.admin_token())).await?;
 
     // A spec that is not UTF-8: the caller's mistake, not the server's.
     let mut grpc = tonic::client::Grpc::new(channel);
@@ -63,7 +56,7 @@ async fn a_spec_that_is_not_utf8_is_an_invalid_argument_naming_the_field() -> Re
 /// A worker of the test's own making: registers with one CPU slot, and answers for its ranks.
 struct FakeWorker {
     /// Its membership client.
-    client: MembershipClient<tonic::transport::Channel>,
+    client: MembershipClient<Connection>,
     /// Its instruction stream.
     stream: tonic::Streaming<cohort_proto::v1::Instruction>,
     /// Its session id.
@@ -71,8 +64,8 @@ struct FakeWorker {
 }
 
 impl FakeWorker {
-    async fn register(address: &str, node_id: &str) -> Result<Self> {
-        let mut client = MembershipClient::new(connect(address).await?);
+    async fn register(address: &str, node_id: &str, join_token: &str) -> Result<Self> {
+        let mut client = MembershipClient::new(connect_as(address, Some(join_token)).await?);
         let mut stream = client
             .register(RegisterRequest {
                 node_id: node_id.to_owned(),
@@ -85,6 +78,7 @@ impl FakeWorker {
                     ..Device::default()
                 }],
                 ranks: Vec::new(),
+                session_id: String::new(),
             })
             .await?
             .into_inner();
@@ -118,9 +112,11 @@ impl FakeWorker {
 async fn a_forged_session_speaks_for_no_one_and_a_huge_detail_is_cut() -> Result<()> {
     let cluster = tokio::task::spawn_blocking(Sandbox::start).await??;
     let address = cluster.address().to_owned();
-    let mut worker = FakeWorker::register(&address, "fake-node").await?;
+    let join_token = std::fs::read_to_string(cluster.join_token_file())?;
+    let mut worker = FakeWorker::register(&address, "fake-node", join_token.trim()).await?;
     let spec = shell_job("victim", 1, "exec sleep 600");
-    let mut control = JobControlClient::new(connect(&address).await?);
+    let mut control =
+        JobControlClient::new(connect_as(&address, Some(cluster.admin_token())).await?);
     let job_id = control
         .submit_job(SubmitJobRequest {
             spec_toml: spec,

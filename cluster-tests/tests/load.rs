@@ -9,7 +9,6 @@ use anyhow::{Context, Result, bail};
 use cohort_cluster_tests::sandbox::{Sandbox, SandboxOptions, poll, shell_job};
 use cohort_proto::v1::job_control_client::JobControlClient;
 use cohort_proto::v1::{JobState, ListJobsRequest, StreamLogsRequest, SubmitJobRequest};
-use tonic::transport::Channel;
 
 /// Jobs run by the test (`COHORT_LOAD_JOBS` overrides, for a quick look).
 fn job_count() -> usize {
@@ -51,7 +50,9 @@ fn resident_bytes(pid: u32) -> Result<u64> {
 }
 
 /// Every job's id and state, through the paged listing.
-async fn states(client: &mut JobControlClient<Channel>) -> Result<Vec<(String, JobState)>> {
+async fn states(
+    client: &mut JobControlClient<cohort_proto::transport::Connection>,
+) -> Result<Vec<(String, JobState)>> {
     let mut jobs = Vec::new();
     let mut page_token = String::new();
     loop {
@@ -75,7 +76,10 @@ async fn states(client: &mut JobControlClient<Channel>) -> Result<Vec<(String, J
 }
 
 /// Submits `count` jobs in batches and waits for each batch to succeed; returns their ids.
-async fn run_jobs(client: &mut JobControlClient<Channel>, count: usize) -> Result<Vec<String>> {
+async fn run_jobs(
+    client: &mut JobControlClient<cohort_proto::transport::Connection>,
+    count: usize,
+) -> Result<Vec<String>> {
     let mut ids = Vec::with_capacity(count);
     for batch in (0..count).collect::<Vec<_>>().chunks(BATCH) {
         let mut pending = HashSet::new();
@@ -143,9 +147,9 @@ async fn thousands_of_jobs_leave_no_open_files_or_memory_behind() -> Result<()> 
     })
     .await??;
     let pid = cluster.coordinator_pid().context("the coordinator runs")?;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.address()))?
-        .connect()
-        .await?;
+    let channel =
+        cohort_cluster_tests::sandbox::connect_as(cluster.address(), Some(cluster.admin_token()))
+            .await?;
     let mut client = JobControlClient::new(channel.clone());
 
     let mut ids = run_jobs(&mut client, WARM_UP_JOBS).await?;

@@ -112,3 +112,58 @@ fn three_hosts_train_the_mlp_to_83_percent_in_one_epoch() -> Result<()> {
     assert!(accuracy >= 0.83, "test accuracy {accuracy} after 1 epoch");
     Ok(())
 }
+
+/// A CLI call an attacker makes: token, extra variables, arguments, and the refusal expected.
+type Attempt<'a> = (
+    Option<&'a str>,
+    Vec<(&'a str, &'a str)>,
+    Vec<&'a str>,
+    &'a str,
+);
+
+#[test]
+fn a_host_without_credentials_can_do_nothing_to_a_cluster_on_the_network() -> Result<()> {
+    let Some(mut cluster) = cluster_on_hosts("multi-host attacker", 3, 5.0) else {
+        return Ok(());
+    };
+    let job_id = cluster.submit(&shell_job("target", 1, "exec sleep 600"), &[])?;
+    cluster.wait_for_state(&job_id, "running", DEFAULT_TIMEOUT)?;
+    // Host 2 runs no worker: it is someone else's machine on the same network.
+    let attacker = 2;
+    let forged = format!("cohort-user-{}", "0".repeat(64));
+    let forged_job = format!("cohort-job-{}", "0".repeat(64));
+    let attempts: [Attempt<'_>; 5] = [
+        (None, vec![], vec!["status"], "no credentials"),
+        (None, vec![], vec!["cancel", &job_id], "no credentials"),
+        (Some(&forged), vec![], vec!["nodes"], "unknown token"),
+        (
+            Some(&forged),
+            vec![],
+            vec!["logs", &job_id],
+            "unknown token",
+        ),
+        (
+            None,
+            vec![
+                ("COHORT_JOB_ID", &job_id),
+                ("COHORT_RENDEZVOUS_ADDR", cluster.address()),
+                ("COHORT_JOB_TOKEN", &forged_job),
+            ],
+            vec!["kv", "set", "MASTER_ADDR", "10.77.0.3"],
+            "not job",
+        ),
+    ];
+    for (token, env, args, expected) in &attempts {
+        let output = cluster.cli_from(attacker, *token, env, args)?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success(),
+            "cohort {args:?} succeeded from host 2"
+        );
+        assert!(stderr.contains(expected), "cohort {args:?}: {stderr}");
+    }
+    // The job is untouched, and its owner (the admin, on host 0) still reaches it.
+    assert_eq!(cluster.job(&job_id)?["state"], "running");
+    cluster.cli_ok(&["cancel", &job_id])?;
+    Ok(())
+}

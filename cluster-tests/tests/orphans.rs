@@ -161,6 +161,8 @@ fn a_second_worker_on_the_same_state_directory_refuses_to_start() -> Result<()> 
             "node-a",
         ])
         .args(["--state-dir", &state_dir])
+        .arg("--join-token-file")
+        .arg(cluster.join_token_file())
         .env_remove("RUST_LOG")
         .output()?;
     assert!(!output.status.success());

@@ -156,7 +156,10 @@ fn the_cli_refuses_invalid_specs_naming_the_field() -> Result<()> {
 #[tokio::test(flavor = "current_thread")]
 async fn the_coordinator_refuses_invalid_specs_sent_directly() -> Result<()> {
     let cluster = tokio::task::spawn_blocking(Sandbox::start).await??;
-    let mut client = JobControlClient::connect(format!("http://{}", cluster.address())).await?;
+    let channel =
+        cohort_cluster_tests::sandbox::connect_as(cluster.address(), Some(cluster.admin_token()))
+            .await?;
+    let mut client = JobControlClient::new(channel);
     for (what, field, spec) in invalid_specs() {
         let status = client
             .submit_job(SubmitJobRequest {

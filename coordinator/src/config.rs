@@ -23,8 +23,11 @@ pub struct CoordinatorConfig {
     /// Most jobs queued at once; later submissions are refused until some start. Default
     /// 10,000 (Slurm's `MaxJobCount`).
     pub max_queued_jobs: usize,
-    /// Most jobs one submitter (a client address) may have queued at once. Default 5,000.
+    /// Most jobs one submitter (a user) may have queued at once. Default 5,000.
     pub max_queued_jobs_per_submitter: usize,
+    /// The cluster's join token, which workers must show. `None`: the one in
+    /// `<data_dir>/join-token`, drawn there on first start.
+    pub join_token: Option<cohort_proto::Secret>,
 }
 
 impl Default for CoordinatorConfig {
@@ -39,6 +42,7 @@ impl Default for CoordinatorConfig {
             tick: Duration::from_millis(200),
             max_queued_jobs: crate::limits::DEFAULT_MAX_QUEUED_JOBS,
             max_queued_jobs_per_submitter: crate::limits::DEFAULT_MAX_QUEUED_JOBS_PER_SUBMITTER,
+            join_token: None,
         }
     }
 }

@@ -9,6 +9,7 @@ use cohort_jobspec::{DeviceKind, JobKind};
 use cohort_proto::text::{excerpt, truncate};
 use cohort_proto::{JobId, NodeId, v1};
 
+use crate::auth::records::{AuditEntry, UserRecord};
 use crate::error::{Error, Result};
 use crate::limits::{
     MAX_DETAIL_BYTES, MAX_DEVICES_PER_NODE, MAX_EXTRA_METRICS, MAX_GPU_PEERS,
@@ -462,6 +463,28 @@ pub fn node_info(
             })
             .collect(),
         running_ranks,
+    }
+}
+
+/// A user as `ListUsers` shows them (never their token's hash).
+pub fn user_info(user: &UserRecord) -> v1::UserInfo {
+    v1::UserInfo {
+        name: user.name.clone(),
+        admin: user.admin,
+        created_at_unix_ms: user.created_at_ms,
+        created_by: user.created_by.clone(),
+    }
+}
+
+/// An audit entry as `ListAudit` shows it.
+pub fn audit_record(entry: &AuditEntry) -> v1::AuditRecord {
+    v1::AuditRecord {
+        seq: entry.seq,
+        at_unix_ms: entry.at_ms,
+        actor: entry.actor.clone(),
+        action: entry.action.clone(),
+        target: entry.target.clone(),
+        outcome: entry.outcome.clone(),
     }
 }
 

@@ -37,6 +37,12 @@ pub enum Error {
     /// A rendezvous wait or barrier ran out of time.
     #[error("{0}")]
     Timeout(String),
+    /// The call carries no credential, or one the cluster does not know.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller is known but may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A request is valid but the job is in no state to serve it.
     #[error("{0}")]
     FailedPrecondition(String),
@@ -89,6 +95,8 @@ impl From<Error> for tonic::Status {
             Error::JobNotFound(_) => tonic::Status::not_found(message),
             Error::UnknownSession(_) => tonic::Status::unauthenticated(message),
             Error::Timeout(_) => tonic::Status::deadline_exceeded(message),
+            Error::Unauthenticated(_) => tonic::Status::unauthenticated(message),
+            Error::PermissionDenied(_) => tonic::Status::permission_denied(message),
             Error::ResourceExhausted(_) => tonic::Status::resource_exhausted(message),
             Error::Store(_) | Error::Io { .. } | Error::Transport(_) => {
                 tonic::Status::internal(message)

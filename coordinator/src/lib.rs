@@ -10,10 +10,12 @@
 //! - [`store`]: durable state behind [`store::ClusterStore`] (embedded redb, or etcd).
 //! - [`rendezvous`]: the per-job key-value store and barrier ranks use to find each other.
 //! - [`logs`]: captured rank output, on disk and live to followers.
-//! - [`service`]: the gRPC layer: decode, call [`cluster::Cluster`], encode.
+//! - [`auth`]: who is calling (users, workers, jobs, by token) and what they may do.
+//! - [`service`]: the gRPC layer: authenticate, decode, call [`cluster::Cluster`], encode.
 //! - [`model`], [`convert`], [`config`], [`limits`], [`error`]: records, protocol conversions,
 //!   settings, request bounds, and the crate's error type.
 
+pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod convert;
@@ -84,10 +86,13 @@ pub async fn open_store(
     })
 }
 
-/// Serves the coordinator on `listener` until `shutdown` resolves.
+/// Serves the coordinator on `listener` until `shutdown` resolves, to the callers `auth`
+/// knows (built with [`auth::Authenticator::load`] over the same store, before the address is
+/// published, so that the credential files it writes exist once anyone can connect).
 pub async fn run(
     config: CoordinatorConfig,
     store: Arc<dyn ClusterStore>,
+    auth: Arc<auth::Authenticator>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
@@ -99,7 +104,7 @@ pub async fn run(
     let background = tokio::spawn(cluster.clone().run_background(async {
         let _ = background_stopped.await;
     }));
-    let service = service::CoordinatorService::new(cluster.clone());
+    let service = service::CoordinatorService::new(cluster.clone(), auth);
     info!(%address, "coordinator ready");
     let result = tonic::transport::Server::builder()
         .add_service(

@@ -51,6 +51,11 @@ pub const MAX_DETAIL_BYTES: usize = 512;
 /// Longest job reason kept, in bytes; longer reasons are cut with a marker.
 pub const MAX_REASON_BYTES: usize = 2048;
 
+/// Longest actor, action or target of an audit entry, in bytes.
+pub const MAX_AUDIT_FIELD_BYTES: usize = 256;
+/// Most audit entries kept; the oldest go first (about 50 MB at the bounds' worst).
+pub const MAX_AUDIT_ENTRIES: u64 = 100_000;
+
 /// Most log lines in one push.
 pub const MAX_LOG_LINES_PER_PUSH: usize = 10_000;
 /// Longest log line kept, in bytes; longer lines are cut with a marker.

@@ -201,8 +201,8 @@ pub struct JobRecord {
     pub device_kind: DeviceKind,
     /// Whether the job may wait for a cluster larger than the current one.
     pub wait_for_resources: bool,
-    /// Who submitted it: the client's address until clients authenticate. Queue caps count
-    /// per submitter.
+    /// Who submitted it: the user's name (records written before users existed hold the
+    /// client's address). Queue caps count per submitter.
     pub submitter: String,
     /// Lifecycle state.
     pub state: JobState,

@@ -1,5 +1,7 @@
-//! The gRPC services. Each handler decodes its request, calls [`Cluster`], and encodes the
-//! answer; errors become `tonic::Status` in one place (`impl From<Error> for Status`).
+//! The gRPC services. Each handler authenticates its caller and checks what they may do
+//! ([`crate::auth`]), decodes its request, calls [`Cluster`], and encodes the answer; errors
+//! become `tonic::Status` in one place (`impl From<Error> for Status`). Mutating calls go to
+//! the audit log, refused or not.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,6 +17,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
+use crate::auth::access::sees_job;
+use crate::auth::{Action, Authenticator, Caller, authorize};
 use crate::cluster::Cluster;
 use crate::convert;
 use crate::error::Error;
@@ -27,8 +31,16 @@ type ServerStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'st
 /// How many messages a streaming handler buffers for a slow client.
 const STREAM_BUFFER: usize = 256;
 
+/// Most audit entries one `ListAudit` answers.
+const AUDIT_PAGE: usize = 1_000;
+
 fn job_id(text: &str) -> Result<JobId, Status> {
     JobId::new(text).map_err(|e| Status::from(Error::from(e)))
+}
+
+/// The bearer token of a call's `authorization` metadata, if it has one.
+fn bearer<T>(request: &Request<T>) -> Option<&str> {
+    cohort_proto::transport::bearer_token(request.metadata())
 }
 
 /// Serves [`JobControl`] (the CLI), [`Membership`] (workers) and [`Rendezvous`] (ranks).
@@ -36,12 +48,35 @@ fn job_id(text: &str) -> Result<JobId, Status> {
 pub struct CoordinatorService {
     /// The domain core.
     cluster: Arc<Cluster>,
+    /// Who is calling.
+    auth: Arc<Authenticator>,
 }
 
 impl CoordinatorService {
-    /// Wraps the cluster.
-    pub fn new(cluster: Arc<Cluster>) -> Self {
-        Self { cluster }
+    /// Serves `cluster` to the callers `auth` knows.
+    pub fn new(cluster: Arc<Cluster>, auth: Arc<Authenticator>) -> Self {
+        Self { cluster, auth }
+    }
+
+    /// The caller of `request`, allowed to do `action`.
+    fn allowed<T>(&self, request: &Request<T>, action: Action<'_>) -> Result<Caller, Status> {
+        let caller = self.auth.caller(bearer(request))?;
+        authorize(&caller, action)?;
+        Ok(caller)
+    }
+
+    /// The caller of `request` if they may read job `job_id` (returned too).
+    async fn reader_of<T>(&self, request: &Request<T>, job_id: &JobId) -> Result<JobInfo, Status> {
+        let caller = self.auth.caller(bearer(request))?;
+        let job = self.cluster.job(job_id).await?;
+        authorize(
+            &caller,
+            Action::ReadJob {
+                job_id,
+                owner: &job.submitter,
+            },
+        )?;
+        Ok(job)
     }
 }
 
@@ -51,10 +86,18 @@ impl JobControl for CoordinatorService {
         &self,
         request: Request<SubmitJobRequest>,
     ) -> Result<Response<SubmitJobResponse>, Status> {
-        // Until clients authenticate, a submitter is the address it connects from.
-        let submitter = request
-            .remote_addr()
-            .map_or_else(|| "unknown".to_owned(), |address| address.ip().to_string());
+        let caller = self.auth.caller(bearer(&request))?;
+        let allowed = authorize(&caller, Action::Submit);
+        let Caller::User {
+            name: submitter, ..
+        } = &caller
+        else {
+            self.auth.audit(&caller, "submit", "", &allowed).await;
+            return Err(allowed
+                .err()
+                .map_or_else(|| Status::internal("a non-user submitted"), Status::from));
+        };
+        let submitter = submitter.clone();
         let request = request.into_inner();
         // A submission runs to its end on a task of its own: a client that hangs up while its
         // job's record is being written must not leave the job stored but unknown to the
@@ -66,26 +109,34 @@ impl JobControl for CoordinatorService {
                 .await
         })
         .await
-        .map_err(|_| Status::internal("the submission's task ended before its answer"))??;
-        Ok(Response::new(SubmitJobResponse { job: Some(job) }))
+        .map_err(|_| Status::internal("the submission's task ended before its answer"))?;
+        let target = job.as_ref().map_or("", |job| job.job_id.as_str());
+        self.auth.audit(&caller, "submit", target, &job).await;
+        Ok(Response::new(SubmitJobResponse { job: Some(job?) }))
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<JobInfo>, Status> {
-        let job_id = job_id(&request.into_inner().job_id)?;
-        Ok(Response::new(self.cluster.job(&job_id).await?))
+        let job_id = job_id(&request.get_ref().job_id)?;
+        Ok(Response::new(self.reader_of(&request, &job_id).await?))
     }
 
     async fn list_jobs(
         &self,
         request: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
+        let caller = self.allowed(&request, Action::ListJobs)?;
         let request = request.into_inner();
         let page = self
             .cluster
             .jobs(request.page_size, &request.page_token)
             .await?;
+        // A user's page lists their own jobs; the next page token still walks every job.
         Ok(Response::new(ListJobsResponse {
-            jobs: page.jobs,
+            jobs: page
+                .jobs
+                .into_iter()
+                .filter(|job| sees_job(&caller, &job.submitter))
+                .collect(),
             next_page_token: page.next_page_token,
         }))
     }
@@ -94,8 +145,24 @@ impl JobControl for CoordinatorService {
         &self,
         request: Request<CancelJobRequest>,
     ) -> Result<Response<JobInfo>, Status> {
-        let job_id = job_id(&request.into_inner().job_id)?;
-        Ok(Response::new(self.cluster.cancel(&job_id).await?))
+        let job_id = job_id(&request.get_ref().job_id)?;
+        let caller = self.auth.caller(bearer(&request))?;
+        let job = self.cluster.job(&job_id).await?;
+        let allowed = authorize(
+            &caller,
+            Action::CancelJob {
+                job_id: &job_id,
+                owner: &job.submitter,
+            },
+        );
+        let outcome = match allowed {
+            Ok(()) => self.cluster.cancel(&job_id).await,
+            Err(error) => Err(error),
+        };
+        self.auth
+            .audit(&caller, "cancel", job_id.as_str(), &outcome)
+            .await;
+        Ok(Response::new(outcome?))
     }
 
     type WatchJobStream = ServerStream<JobEvent>;
@@ -104,10 +171,10 @@ impl JobControl for CoordinatorService {
         &self,
         request: Request<WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        let job_id = job_id(&request.into_inner().job_id)?;
+        let job_id = job_id(&request.get_ref().job_id)?;
         // Subscribe before reading the snapshot so that no change falls in between.
         let mut events = self.cluster.subscribe();
-        let first = self.cluster.job(&job_id).await?;
+        let first = self.reader_of(&request, &job_id).await?;
         let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
         let cluster = self.cluster.clone();
         tokio::spawn(async move {
@@ -146,9 +213,9 @@ impl JobControl for CoordinatorService {
         &self,
         request: Request<StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let job_id = job_id(&request.get_ref().job_id)?;
+        let job = self.reader_of(&request, &job_id).await?;
         let request = request.into_inner();
-        let job_id = job_id(&request.job_id)?;
-        let job = self.cluster.job(&job_id).await?;
         // Subscribe before reading the file, so that no line falls between the two.
         let mut job_events = self.cluster.subscribe();
         let feed = if request.follow && !is_final(&job) {
@@ -217,10 +284,78 @@ impl JobControl for CoordinatorService {
 
     async fn list_nodes(
         &self,
-        _request: Request<ListNodesRequest>,
+        request: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
+        self.allowed(&request, Action::ListNodes)?;
         Ok(Response::new(ListNodesResponse {
             nodes: self.cluster.nodes().await,
+        }))
+    }
+
+    async fn add_user(
+        &self,
+        request: Request<AddUserRequest>,
+    ) -> Result<Response<AddUserResponse>, Status> {
+        let caller = self.auth.caller(bearer(&request))?;
+        let request = request.into_inner();
+        let added = match authorize(&caller, Action::ManageUsers) {
+            Ok(()) => {
+                self.auth
+                    .add_user(&request.name, request.admin, &caller.to_string())
+                    .await
+            }
+            Err(error) => Err(error),
+        };
+        self.auth
+            .audit(&caller, "users add", &request.name, &added)
+            .await;
+        let (user, token) = added?;
+        Ok(Response::new(AddUserResponse {
+            user: Some(convert::user_info(&user)),
+            token: token.expose().to_owned(),
+        }))
+    }
+
+    async fn list_users(
+        &self,
+        request: Request<ListUsersRequest>,
+    ) -> Result<Response<ListUsersResponse>, Status> {
+        self.allowed(&request, Action::ManageUsers)?;
+        Ok(Response::new(ListUsersResponse {
+            users: self.auth.users().iter().map(convert::user_info).collect(),
+        }))
+    }
+
+    async fn remove_user(
+        &self,
+        request: Request<RemoveUserRequest>,
+    ) -> Result<Response<RemoveUserResponse>, Status> {
+        let caller = self.auth.caller(bearer(&request))?;
+        let request = request.into_inner();
+        let removed = match authorize(&caller, Action::ManageUsers) {
+            Ok(()) => self.auth.remove_user(&request.name).await,
+            Err(error) => Err(error),
+        };
+        self.auth
+            .audit(&caller, "users remove", &request.name, &removed)
+            .await;
+        removed?;
+        Ok(Response::new(RemoveUserResponse {}))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<ListAuditRequest>,
+    ) -> Result<Response<ListAuditResponse>, Status> {
+        self.allowed(&request, Action::ReadAudit)?;
+        let request = request.into_inner();
+        let limit = match request.limit {
+            0 => AUDIT_PAGE,
+            limit => (limit as usize).min(AUDIT_PAGE),
+        };
+        let entries = self.auth.audit_log(request.after_seq, limit).await?;
+        Ok(Response::new(ListAuditResponse {
+            entries: entries.iter().map(convert::audit_record).collect(),
         }))
     }
 }
@@ -254,7 +389,14 @@ impl Membership for CoordinatorService {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<Self::RegisterStream>, Status> {
-        let receiver = self.cluster.register(request.into_inner()).await?;
+        let caller = self.allowed(&request, Action::Join)?;
+        let request = request.into_inner();
+        let node_id = request.node_id.clone();
+        let registered = self.cluster.register(request).await;
+        self.auth
+            .audit(&caller, "register", &node_id, &registered)
+            .await;
+        let receiver = registered?;
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 
@@ -262,6 +404,7 @@ impl Membership for CoordinatorService {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        self.allowed(&request, Action::Join)?;
         let accepted = self.cluster.heartbeat(request.into_inner()).await?;
         Ok(Response::new(HeartbeatResponse { accepted }))
     }
@@ -270,6 +413,7 @@ impl Membership for CoordinatorService {
         &self,
         request: Request<PushLogsRequest>,
     ) -> Result<Response<PushLogsResponse>, Status> {
+        self.allowed(&request, Action::Join)?;
         let request = request.into_inner();
         let job_id = job_id(&request.job_id)?;
         if request.lines.len() > MAX_LOG_LINES_PER_PUSH {
@@ -293,9 +437,11 @@ impl Membership for CoordinatorService {
 #[tonic::async_trait]
 impl Rendezvous for CoordinatorService {
     async fn set(&self, request: Request<KvSetRequest>) -> Result<Response<KvSetResponse>, Status> {
+        let job_id = job_id(&request.get_ref().job_id)?;
+        self.cluster
+            .check_job_token(&job_id, bearer(&request))
+            .await?;
         let request = request.into_inner();
-        let job_id = job_id(&request.job_id)?;
-        self.cluster.check_live(&job_id).await?;
         self.cluster
             .rendezvous()
             .set(&job_id, &request.key, request.value)?;
@@ -303,9 +449,11 @@ impl Rendezvous for CoordinatorService {
     }
 
     async fn get(&self, request: Request<KvGetRequest>) -> Result<Response<KvGetResponse>, Status> {
+        let job_id = job_id(&request.get_ref().job_id)?;
+        self.cluster
+            .check_job_token(&job_id, bearer(&request))
+            .await?;
         let request = request.into_inner();
-        let job_id = job_id(&request.job_id)?;
-        self.cluster.check_live(&job_id).await?;
         let value = self.cluster.rendezvous().get(&job_id, &request.key)?;
         Ok(Response::new(KvGetResponse { value }))
     }
@@ -314,9 +462,11 @@ impl Rendezvous for CoordinatorService {
         &self,
         request: Request<KvWaitRequest>,
     ) -> Result<Response<KvWaitResponse>, Status> {
+        let job_id = job_id(&request.get_ref().job_id)?;
+        self.cluster
+            .check_job_token(&job_id, bearer(&request))
+            .await?;
         let request = request.into_inner();
-        let job_id = job_id(&request.job_id)?;
-        self.cluster.check_live(&job_id).await?;
         let values = self
             .cluster
             .rendezvous()
@@ -326,9 +476,11 @@ impl Rendezvous for CoordinatorService {
     }
 
     async fn add(&self, request: Request<KvAddRequest>) -> Result<Response<KvAddResponse>, Status> {
+        let job_id = job_id(&request.get_ref().job_id)?;
+        self.cluster
+            .check_job_token(&job_id, bearer(&request))
+            .await?;
         let request = request.into_inner();
-        let job_id = job_id(&request.job_id)?;
-        self.cluster.check_live(&job_id).await?;
         let value = self
             .cluster
             .rendezvous()
@@ -340,9 +492,11 @@ impl Rendezvous for CoordinatorService {
         &self,
         request: Request<BarrierRequest>,
     ) -> Result<Response<BarrierResponse>, Status> {
+        let job_id = job_id(&request.get_ref().job_id)?;
+        self.cluster
+            .check_job_token(&job_id, bearer(&request))
+            .await?;
         let request = request.into_inner();
-        let job_id = job_id(&request.job_id)?;
-        self.cluster.check_live(&job_id).await?;
         self.cluster
             .rendezvous()
             .barrier(
@@ -360,8 +514,11 @@ impl Rendezvous for CoordinatorService {
         &self,
         request: Request<ReportMetricsRequest>,
     ) -> Result<Response<ReportMetricsResponse>, Status> {
+        let job_id = job_id(&request.get_ref().job_id)?;
+        self.cluster
+            .check_job_token(&job_id, bearer(&request))
+            .await?;
         let request = request.into_inner();
-        let job_id = job_id(&request.job_id)?;
         let metrics = request
             .metrics
             .ok_or_else(|| Error::InvalidArgument("metrics: missing".to_owned()))?;
@@ -370,5 +527,378 @@ impl Rendezvous for CoordinatorService {
             .report_metrics(&job_id, record, metrics.rank)
             .await?;
         Ok(Response::new(ReportMetricsResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every service refuses callers without credentials, with unknown ones, and with those of
+    //! someone else; each case is one row of the attack table in `docs/security.md`.
+
+    use cohort_proto::v1::instruction::Kind;
+    use tonic::Code;
+
+    use super::*;
+    use crate::auth::ADMIN_TOKEN_FILE;
+    use crate::config::CoordinatorConfig;
+    use crate::store::embedded::EmbeddedStore;
+
+    const SPEC: &str =
+        "version = 1\nname = \"sleepy\"\nkind = \"command\"\n[command]\nprogram = \"true\"\n";
+
+    struct Fixture {
+        service: CoordinatorService,
+        cluster: Arc<Cluster>,
+        admin: String,
+        join: String,
+        _data: tempfile::TempDir,
+    }
+
+    async fn fixture() -> Fixture {
+        let data = tempfile::tempdir().unwrap();
+        let store: Arc<dyn crate::ClusterStore> =
+            Arc::new(EmbeddedStore::open(data.path()).unwrap());
+        let auth = Authenticator::load(store.clone(), data.path(), None)
+            .await
+            .unwrap();
+        let config = CoordinatorConfig {
+            data_dir: data.path().to_owned(),
+            ..CoordinatorConfig::default()
+        };
+        let cluster = Arc::new(Cluster::load(config, store).await.unwrap());
+        let read = |file: &str| {
+            std::fs::read_to_string(data.path().join(file))
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        Fixture {
+            service: CoordinatorService::new(cluster.clone(), Arc::new(auth)),
+            cluster,
+            admin: read(ADMIN_TOKEN_FILE),
+            join: read(crate::auth::JOIN_TOKEN_FILE),
+            _data: data,
+        }
+    }
+
+    /// `message` as a call carrying `token`, if any.
+    fn call<T>(message: T, token: Option<&str>) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(token) = token {
+            let value = format!("Bearer {token}").parse().unwrap();
+            request.metadata_mut().insert("authorization", value);
+        }
+        request
+    }
+
+    impl Fixture {
+        async fn add_user(&self, name: &str, admin: bool) -> String {
+            let request = AddUserRequest {
+                name: name.to_owned(),
+                admin,
+            };
+            let added = self
+                .service
+                .add_user(call(request, Some(&self.admin)))
+                .await
+                .unwrap();
+            added.into_inner().token
+        }
+
+        async fn submit(&self, token: &str) -> Result<String, Status> {
+            let request = SubmitJobRequest {
+                spec_toml: SPEC.to_owned(),
+                wait_for_resources: true,
+            };
+            let job = self.service.submit_job(call(request, Some(token))).await?;
+            Ok(job.into_inner().job.unwrap().job_id)
+        }
+
+        /// Registers a one-slot node, places `job_id` on it, and returns the job's token as
+        /// the start instruction carried it.
+        async fn place(&self, job_id: &str) -> String {
+            let request = RegisterRequest {
+                node_id: "node-1".to_owned(),
+                hostname: "node-1".to_owned(),
+                address: "127.0.0.1".to_owned(),
+                devices: vec![Device {
+                    kind: DeviceKind::Cpu as i32,
+                    index: 0,
+                    name: "cpu slot".to_owned(),
+                    ..Device::default()
+                }],
+                ..RegisterRequest::default()
+            };
+            let mut stream = self
+                .service
+                .register(call(request, Some(&self.join)))
+                .await
+                .unwrap()
+                .into_inner();
+            self.cluster.schedule().await.unwrap();
+            for _ in 0..4 {
+                let message = futures::StreamExt::next(&mut stream)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                if let Some(Kind::StartRank(start)) = message.kind {
+                    assert_eq!(start.job_id, job_id);
+                    return start.job_token;
+                }
+            }
+            panic!("no start instruction for {job_id}");
+        }
+    }
+
+    fn code<T: std::fmt::Debug>(result: Result<T, Status>) -> Code {
+        result.expect_err("refused").code()
+    }
+
+    #[tokio::test]
+    async fn calls_without_or_with_an_unknown_token_are_unauthenticated() {
+        let fixture = fixture().await;
+        let service = &fixture.service;
+        for token in [None, Some("cohort-user-0000"), Some(""), Some("Basic x")] {
+            let list = service
+                .list_jobs(call(ListJobsRequest::default(), token))
+                .await;
+            assert_eq!(code(list), Code::Unauthenticated, "{token:?}");
+            let nodes = service.list_nodes(call(ListNodesRequest {}, token)).await;
+            assert_eq!(code(nodes), Code::Unauthenticated, "{token:?}");
+            let register = service
+                .register(call(RegisterRequest::default(), token))
+                .await
+                .map(|_| ());
+            assert_eq!(code(register), Code::Unauthenticated, "{token:?}");
+        }
+        let submitted = fixture.submit("cohort-user-forged").await;
+        assert_eq!(code(submitted), Code::Unauthenticated);
+        // The admin's own token works.
+        assert!(fixture.submit(&fixture.admin).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_user_sees_and_cancels_only_their_own_jobs_and_admins_all() {
+        let fixture = fixture().await;
+        let alice = fixture.add_user("alice", false).await;
+        let bob = fixture.add_user("bob", false).await;
+        let job = fixture.submit(&alice).await.unwrap();
+        let service = &fixture.service;
+        let get = |token: &str| {
+            service.get_job(call(
+                GetJobRequest {
+                    job_id: job.clone(),
+                },
+                Some(token),
+            ))
+        };
+        assert_eq!(get(&alice).await.unwrap().into_inner().submitter, "alice");
+        assert_eq!(code(get(&bob).await), Code::PermissionDenied);
+        assert!(get(&fixture.admin).await.is_ok());
+        let logs = service
+            .stream_logs(call(
+                StreamLogsRequest {
+                    job_id: job.clone(),
+                    ..StreamLogsRequest::default()
+                },
+                Some(&bob),
+            ))
+            .await
+            .map(|_| ());
+        assert_eq!(code(logs), Code::PermissionDenied);
+        let watch = service
+            .watch_job(call(
+                WatchJobRequest {
+                    job_id: job.clone(),
+                },
+                Some(&bob),
+            ))
+            .await
+            .map(|_| ());
+        assert_eq!(code(watch), Code::PermissionDenied);
+        let listed = |token: String| async move {
+            let page = service
+                .list_jobs(call(ListJobsRequest::default(), Some(&token)))
+                .await
+                .unwrap();
+            page.into_inner().jobs.len()
+        };
+        assert_eq!(listed(alice.clone()).await, 1);
+        assert_eq!(listed(bob.clone()).await, 0);
+        assert_eq!(listed(fixture.admin.clone()).await, 1);
+        let cancel = |token: &str| {
+            service.cancel_job(call(
+                CancelJobRequest {
+                    job_id: job.clone(),
+                },
+                Some(token),
+            ))
+        };
+        let refused = cancel(&bob).await;
+        assert_eq!(code(refused), Code::PermissionDenied);
+        assert!(cancel(&alice).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn only_admins_manage_users_and_a_removed_user_is_locked_out_at_once() {
+        let fixture = fixture().await;
+        let alice = fixture.add_user("alice", false).await;
+        let service = &fixture.service;
+        let request = AddUserRequest {
+            name: "mallory".to_owned(),
+            admin: true,
+        };
+        let escalated = service.add_user(call(request, Some(&alice))).await;
+        assert_eq!(code(escalated), Code::PermissionDenied);
+        let audit = service
+            .list_audit(call(ListAuditRequest::default(), Some(&alice)))
+            .await;
+        assert_eq!(code(audit), Code::PermissionDenied);
+        assert!(fixture.submit(&alice).await.is_ok());
+        let remove = RemoveUserRequest {
+            name: "alice".to_owned(),
+        };
+        service
+            .remove_user(call(remove, Some(&fixture.admin)))
+            .await
+            .unwrap();
+        assert_eq!(code(fixture.submit(&alice).await), Code::Unauthenticated);
+        let last_admin = RemoveUserRequest {
+            name: crate::auth::FIRST_ADMIN.to_owned(),
+        };
+        let refused = service
+            .remove_user(call(last_admin, Some(&fixture.admin)))
+            .await;
+        assert_eq!(code(refused), Code::FailedPrecondition);
+    }
+
+    #[tokio::test]
+    async fn workers_need_the_join_token_and_users_cannot_act_as_workers() {
+        let fixture = fixture().await;
+        let alice = fixture.add_user("alice", false).await;
+        let service = &fixture.service;
+        for token in [alice.as_str(), fixture.admin.as_str()] {
+            let register = service
+                .register(call(RegisterRequest::default(), Some(token)))
+                .await
+                .map(|_| ());
+            assert_eq!(code(register), Code::PermissionDenied);
+            let heartbeat = service
+                .heartbeat(call(HeartbeatRequest::default(), Some(token)))
+                .await;
+            assert_eq!(code(heartbeat), Code::PermissionDenied);
+        }
+        // The join token opens the membership service, and nothing of job control.
+        assert_eq!(
+            code(fixture.submit(&fixture.join).await),
+            Code::PermissionDenied
+        );
+    }
+
+    #[tokio::test]
+    async fn a_job_token_opens_its_own_rendezvous_alone_and_only_while_it_runs() {
+        let fixture = fixture().await;
+        let first = fixture.submit(&fixture.admin).await.unwrap();
+        let token = fixture.place(&first).await;
+        assert!(token.starts_with("cohort-job-"), "{token}");
+        let service = &fixture.service;
+        let set = |job_id: &str, token: Option<&str>| {
+            let request = KvSetRequest {
+                job_id: job_id.to_owned(),
+                key: "MASTER_ADDR".to_owned(),
+                value: b"10.0.0.66".to_vec(),
+            };
+            service.set(call(request, token))
+        };
+        assert!(set(&first, Some(&token)).await.is_ok());
+        assert_eq!(code(set(&first, None).await), Code::Unauthenticated);
+        assert_eq!(
+            code(set(&first, Some(&fixture.admin)).await),
+            Code::PermissionDenied
+        );
+        // A second job (queued: the one slot is taken) is not opened by the first's token.
+        let second = fixture.submit(&fixture.admin).await.unwrap();
+        assert_eq!(
+            code(set(&second, Some(&token)).await),
+            Code::PermissionDenied
+        );
+        let metrics = ReportMetricsRequest {
+            job_id: second.clone(),
+            metrics: Some(RankMetrics::default()),
+        };
+        let forged = service.report_metrics(call(metrics, Some(&token))).await;
+        assert_eq!(code(forged), Code::PermissionDenied);
+        // Once the job ends, its token opens nothing.
+        service
+            .cancel_job(call(
+                CancelJobRequest {
+                    job_id: first.clone(),
+                },
+                Some(&fixture.admin),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(
+            code(set(&first, Some(&token)).await),
+            Code::FailedPrecondition
+        );
+    }
+
+    #[tokio::test]
+    async fn mutating_calls_are_audited_refused_or_not() {
+        let fixture = fixture().await;
+        let alice = fixture.add_user("alice", false).await;
+        let bob = fixture.add_user("bob", false).await;
+        let job = fixture.submit(&alice).await.unwrap();
+        let service = &fixture.service;
+        let refused = service
+            .cancel_job(call(
+                CancelJobRequest {
+                    job_id: job.clone(),
+                },
+                Some(&bob),
+            ))
+            .await;
+        assert_eq!(code(refused), Code::PermissionDenied);
+        let _ = service
+            .cancel_job(call(
+                CancelJobRequest {
+                    job_id: job.clone(),
+                },
+                Some(&fixture.admin),
+            ))
+            .await
+            .unwrap();
+        let entries = service
+            .list_audit(call(ListAuditRequest::default(), Some(&fixture.admin)))
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+        let seen: Vec<(&str, &str, &str, &str)> = entries
+            .iter()
+            .map(|e| {
+                (
+                    e.actor.as_str(),
+                    e.action.as_str(),
+                    e.target.as_str(),
+                    e.outcome.as_str(),
+                )
+            })
+            .collect();
+        let refusal = format!(
+            "user bob may not cancel job {job}: only the user who submitted it and admins may"
+        );
+        assert_eq!(
+            seen,
+            [
+                ("user admin", "users add", "alice", "ok"),
+                ("user admin", "users add", "bob", "ok"),
+                ("user alice", "submit", job.as_str(), "ok"),
+                ("user bob", "cancel", job.as_str(), refusal.as_str()),
+                ("user admin", "cancel", job.as_str(), "ok"),
+            ]
+        );
+        assert!(entries.windows(2).all(|pair| pair[0].seq < pair[1].seq));
     }
 }

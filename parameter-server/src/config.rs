@@ -9,7 +9,7 @@ use std::time::Duration;
 
 pub use cohort_jobspec::parallel::PsMode;
 pub use cohort_numerics::{LearningRateDecay, OptimizerConfig, OptimizerKind};
-use cohort_proto::JobId;
+use cohort_proto::{JobId, Secret};
 use serde::{Deserialize, Serialize};
 
 use crate::encoding::DType;
@@ -167,6 +167,10 @@ pub struct ServerConfig {
     pub schedule: ScheduleConfig,
     /// Size and time bounds.
     pub limits: Limits,
+    /// The job's token (`COHORT_JOB_TOKEN`): when set, every request must show it, so only the
+    /// job's own ranks reach the shard. Never serialized. Default none (tests in one process).
+    #[serde(skip)]
+    pub token: Option<Secret>,
 }
 
 impl Default for ServerConfig {
@@ -181,6 +185,7 @@ impl Default for ServerConfig {
             optimizer: OptimizerConfig::default(),
             schedule: ScheduleConfig::default(),
             limits: Limits::default(),
+            token: None,
         }
     }
 }
@@ -271,6 +276,8 @@ pub struct ClientConfig {
     pub max_chunk_bytes: u64,
     /// How long connecting to a shard may take. Default 30 s.
     pub connect_timeout: Duration,
+    /// The job's token, shown on every request. Default none.
+    pub token: Option<Secret>,
 }
 
 impl Default for ClientConfig {
@@ -282,6 +289,7 @@ impl Default for ClientConfig {
             parameter_dtype: DType::F32,
             max_chunk_bytes: 4 << 20,
             connect_timeout: Duration::from_secs(30),
+            token: None,
         }
     }
 }

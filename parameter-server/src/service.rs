@@ -6,8 +6,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use cohort_proto::Secret;
 use cohort_proto::ps_v1::parameter_server_server::ParameterServerServer;
 use cohort_proto::ps_v1::{self, init_chunk, push_chunk};
+use cohort_proto::transport::bearer_token;
 use futures::{Stream, TryStreamExt};
 use prost::bytes::Bytes;
 use tokio::net::TcpListener;
@@ -178,6 +180,22 @@ pub async fn serve(
     serve_shard(server, listener, shutdown).await
 }
 
+/// Admits a request that shows the job's `token` (every request, when the shard has one).
+fn admit(token: Option<&Secret>, request: Request<()>) -> std::result::Result<Request<()>, Status> {
+    let Some(token) = token else {
+        return Ok(request);
+    };
+    match bearer_token(request.metadata()) {
+        Some(shown) if token.matches(shown) => Ok(request),
+        Some(_) => Err(Status::permission_denied(
+            "the token is not this job's: only the job's own ranks may use its parameter servers",
+        )),
+        None => Err(Status::unauthenticated(
+            "no credentials: a parameter server answers its job's ranks, which show the job's token",
+        )),
+    }
+}
+
 /// Serves an existing shard (new, restored from a snapshot, or shared with a test) on
 /// `listener` until `shutdown` completes.
 pub async fn serve_shard(
@@ -207,6 +225,11 @@ pub async fn serve_shard(
         let _ = stream.set_nodelay(true);
         stream
     });
+    let token = config.token.clone();
+    let service = tonic::service::interceptor::InterceptedService::new(
+        service,
+        move |request: Request<()>| admit(token.as_ref(), request),
+    );
     let result = tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)

@@ -467,3 +467,55 @@ async fn an_uninitialised_shard_refuses_pushes_and_holds_pulls() {
     assert_eq!(waiting.await.unwrap(), values[..2000]);
     shards.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_with_a_job_token_answers_only_requests_that_show_it() {
+    let token = cohort_proto::Secret::new("cohort-job-0123456789abcdef");
+    let shards = TestShards::start(
+        &ServerConfig {
+            token: Some(token.clone()),
+            ..config()
+        },
+        1,
+    )
+    .await;
+    let describe = || ps_v1::DescribeRequest {
+        job_id: job_id().to_string(),
+        shard_id: 0,
+    };
+    // No token, and another job's token: refused before the request is looked at.
+    let status = raw_client(&shards.addresses[0])
+        .await
+        .describe(describe())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    for wrong in ["cohort-job-fedcba9876543210", "cohort-job-0123456789abcde"] {
+        let channel = Channel::from_shared(format!("http://{}", shards.addresses[0]))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let credentials =
+            cohort_proto::transport::Credentials::new(Some(&cohort_proto::Secret::new(wrong)))
+                .unwrap();
+        let status = ParameterServerClient::new(credentials.wrap(channel))
+            .describe(describe())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{wrong}: {status:?}");
+        assert!(status.message().contains("not this job's"), "{status:?}");
+    }
+    // The job's own ranks (the client shows the token) work as before.
+    let client = shards
+        .client_with(
+            cohort_parameter_server::ClientConfig {
+                job_id: job_id(),
+                token: Some(token),
+                ..cohort_parameter_server::ClientConfig::default()
+            },
+            &tensors(),
+        )
+        .await;
+    drop(client);
+}

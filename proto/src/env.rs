@@ -16,6 +16,9 @@ pub const WORLD_SIZE: &str = "COHORT_WORLD_SIZE";
 pub const LOCAL_RANK: &str = "COHORT_LOCAL_RANK";
 /// Number of the job's ranks on this node.
 pub const LOCAL_WORLD_SIZE: &str = "COHORT_LOCAL_WORLD_SIZE";
+/// The job's token: what its processes show the coordinator (rendezvous, metrics) and, derived,
+/// each other on their links. Valid for this job only, and only while it runs.
+pub const JOB_TOKEN: &str = "COHORT_JOB_TOKEN";
 /// The node the rank runs on.
 pub const NODE_ID: &str = "COHORT_NODE_ID";
 /// Devices assigned to the rank, as a comma-separated list of `kind:index` (`cpu:0,cpu:1`).

@@ -27,6 +27,7 @@
 //! | `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` | training ranks: what a PyTorch script expects |
 //! | `COHORT_PS_SHARD`, `COHORT_PS_SHARDS` | parameter servers: their shard |
 //! | `COHORT_JOB_SPEC` | processes of `kind = "train"` jobs: the job's spec (TOML) |
+//! | `COHORT_JOB_TOKEN` | every process: the job's token, for its rendezvous, metrics and (derived) its links; valid while the job runs |
 //! | `COHORT_COORDINATOR_ADDR`, `COHORT_RENDEZVOUS_ADDR`, `COHORT_NODE_ID`, `COHORT_NODE_ADDR`, `COHORT_BIN`, `COHORT_OUTPUT_DIR` | added by the worker: its node's facts |
 //!
 //! The spec travels in a variable rather than in a file. It is bounded at submission
@@ -44,6 +45,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use crate::ids::{ID_EXPECTATION, JobId, NodeId};
+use crate::secret::Secret;
 use crate::text::excerpt;
 use crate::{env, v1};
 
@@ -55,6 +57,9 @@ pub const COHORT_EXECUTABLE: &str = "@cohort";
 /// with room to spare (Linux refuses to start a program with an environment string over 128
 /// KiB, `MAX_ARG_STRLEN`).
 pub const MAX_SPEC_BYTES: usize = 120 * 1024;
+
+/// Longest job token a start instruction may carry, in bytes (Cohort's are 75).
+pub const MAX_TOKEN_BYTES: usize = 256;
 
 /// Why a launch could not be read: a variable (or a field of the start instruction) that is
 /// missing or holds a value the contract does not allow.
@@ -187,6 +192,10 @@ pub struct RankPlace {
     pub master: Option<Master>,
     /// The job's spec (TOML, never empty), for the processes of `kind = "train"` jobs.
     pub spec_toml: Option<String>,
+    /// The job's token, issued at placement: the process's credential for the job's
+    /// rendezvous and metrics, and (derived) for its links to the job's other processes.
+    /// `None` only from a coordinator that issues none.
+    pub job_token: Option<Secret>,
 }
 
 /// What the worker adds to a process's place: the facts of its node.
@@ -290,6 +299,9 @@ impl Launch {
         }
         if let Some(spec) = &place.spec_toml {
             set(env::JOB_SPEC, spec.clone());
+        }
+        if let Some(token) = &place.job_token {
+            set(env::JOB_TOKEN, token.expose().to_owned());
         }
         let node = &self.node;
         set(env::COORDINATOR_ADDR, node.coordinator.clone());
@@ -407,6 +419,10 @@ impl Launch {
             spec_toml: variables
                 .optional(env::JOB_SPEC)?
                 .filter(|spec| !spec.is_empty()),
+            job_token: variables
+                .optional(env::JOB_TOKEN)?
+                .filter(|token| !token.is_empty())
+                .map(Secret::new),
         };
         let node_id = variables.required(env::NODE_ID)?;
         let node = NodeFacts {
@@ -547,6 +563,11 @@ impl From<&RankPlace> for v1::StartRank {
                 }
             ),
             spec_toml: place.spec_toml.clone().unwrap_or_default(),
+            job_token: place
+                .job_token
+                .as_ref()
+                .map(|token| token.expose().to_owned())
+                .unwrap_or_default(),
             ..Self::default()
         }
     }
@@ -618,6 +639,15 @@ impl TryFrom<&v1::StartRank> for RankPlace {
             }
             (Role::ParameterServer { shard, shards }, None)
         };
+        if start.job_token.len() > MAX_TOKEN_BYTES
+            || !start.job_token.bytes().all(|byte| byte.is_ascii_graphic())
+        {
+            return Err(LaunchError::Malformed {
+                name: "start_rank.job_token",
+                found: format!("{} bytes", start.job_token.len()),
+                expected: format!("at most {MAX_TOKEN_BYTES} printable ASCII characters"),
+            });
+        }
         if start.spec_toml.len() > MAX_SPEC_BYTES {
             return Err(LaunchError::Malformed {
                 name: "start_rank.spec_toml",
@@ -635,6 +665,7 @@ impl TryFrom<&v1::StartRank> for RankPlace {
             role,
             master,
             spec_toml: (!start.spec_toml.is_empty()).then(|| start.spec_toml.clone()),
+            job_token: (!start.job_token.is_empty()).then(|| Secret::new(&start.job_token)),
         })
     }
 }
@@ -671,6 +702,7 @@ mod tests {
                     port: 27919,
                 }),
                 spec_toml: None,
+                job_token: Some(Secret::new("cohort-job-0123456789abcdef")),
             },
             node: node(),
         }
@@ -706,13 +738,14 @@ mod tests {
     /// The variables a command job's rank saw before the contract was one type (captured from
     /// a cluster run): the contract keeps them exactly.
     #[test]
-    fn a_command_rank_sees_exactly_the_variables_it_always_did() {
+    fn a_command_rank_sees_its_place_its_node_and_its_job_token() {
         let cpu = rank(Devices::Cpu { slots: vec![2, 3] });
         let expected = variables(&[
             ("COHORT_BIN", "/usr/bin/cohort"),
             ("COHORT_COORDINATOR_ADDR", "127.0.0.1:7000"),
             ("COHORT_DEVICES", "cpu:2,cpu:3"),
             ("COHORT_JOB_ID", "train-3"),
+            ("COHORT_JOB_TOKEN", "cohort-job-0123456789abcdef"),
             ("COHORT_LOCAL_RANK", "1"),
             ("COHORT_LOCAL_WORLD_SIZE", "2"),
             ("COHORT_NODE_ADDR", "127.0.0.1"),
@@ -1057,6 +1090,7 @@ mod tests {
                             role,
                             master,
                             spec_toml,
+                            job_token: Some(Secret::new("cohort-job-00ff")),
                         },
                         node: NodeFacts {
                             coordinator,

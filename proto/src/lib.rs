@@ -13,6 +13,8 @@
 //! - [`launch`]: the launch contract: a process's place in its job (built by the coordinator,
 //!   sent in `StartRank`), its node's facts (added by the worker), and the environment both
 //!   become (`to_env`, `from_env`).
+//! - [`secret`]: [`Secret`], a token that never prints.
+//! - [`transport`]: the bearer token on every call ([`transport::Credentials`]).
 //! - [`text`]: bounded free text (details, reasons, log lines, error messages) and excerpts.
 //! - [`codec`]: the protobuf codec of every service: a message that does not decode is the
 //!   caller's mistake (`INVALID_ARGUMENT`).
@@ -21,9 +23,12 @@ pub mod codec;
 pub mod env;
 pub mod ids;
 pub mod launch;
+pub mod secret;
 pub mod text;
+pub mod transport;
 
 pub use ids::{IdError, JobId, NodeId};
+pub use secret::Secret;
 
 /// Generated code for package `cohort.v1`.
 #[allow(clippy::all, missing_docs)]

@@ -77,6 +77,8 @@ pub fn server_config(
             decay: config.schedule.lr_decay,
         },
         limits: Default::default(),
+        // The caller's: the rank runtime gives the job's token.
+        token: None,
     }
 }
 

@@ -28,6 +28,8 @@ pub struct WorkerConfig {
     /// worker restarted after a crash kills what the old one left. One per worker: a second
     /// worker on the same directory refuses to start. Default: [`default_state_dir`].
     pub state_dir: PathBuf,
+    /// The cluster's join token, shown on every call to the coordinator.
+    pub join_token: cohort_proto::Secret,
 }
 
 /// The default state directory of node `node_id`: `$XDG_STATE_HOME/cohort/worker-<node id>`,

@@ -34,6 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cohort_proto::MAX_MESSAGE_BYTES;
+use cohort_proto::transport::Credentials;
 use cohort_proto::v1::StopCause;
 use cohort_proto::v1::membership_client::MembershipClient;
 use tokio::time::Instant;
@@ -66,11 +67,14 @@ pub async fn run(
         .map_err(|e| Error::Config(format!("coordinator address {:?}: {e}", config.coordinator)))?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true);
-    let mut client = MembershipClient::new(endpoint.connect_lazy())
+    let credentials = Credentials::new(Some(&config.join_token))
+        .map_err(|e| Error::Config(format!("join token: {e}")))?;
+    let mut client = MembershipClient::new(credentials.wrap(endpoint.connect_lazy()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (state, containment, leftovers) = prepare_node(&config).await?;
     let (session, session_changes) = tokio::sync::watch::channel(None);
+    let session_state = state.clone();
     let shipper =
         logship::LogShipper::start(client.clone(), config.node_id.to_string(), session_changes);
     let ranks = Ranks::new(
@@ -97,6 +101,7 @@ pub async fn run(
         last: Instant::now(),
         deadline: Duration::from_secs(5),
         session,
+        state: session_state,
     };
     let sessions = async {
         let mut delay = Duration::from_millis(100);

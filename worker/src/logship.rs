@@ -10,10 +10,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use cohort_proto::transport::Connection;
 use cohort_proto::v1::membership_client::MembershipClient;
 use cohort_proto::v1::{LogLine, PushLogsRequest};
 use tokio::sync::{mpsc, oneshot, watch};
-use tonic::transport::Channel;
 use tracing::warn;
 
 /// Lines buffered between the rank readers and the shipping task.
@@ -43,7 +43,7 @@ impl LogShipper {
     /// Starts the shipping task, pushing through `client` on behalf of node `node_id` with the
     /// session id `session` holds.
     pub fn start(
-        client: MembershipClient<Channel>,
+        client: MembershipClient<Connection>,
         node_id: String,
         session: watch::Receiver<Option<String>>,
     ) -> Self {
@@ -82,7 +82,7 @@ impl LogShipper {
 /// What a push needs: the connection and who is pushing.
 struct Pusher {
     /// The coordinator's membership service.
-    client: MembershipClient<Channel>,
+    client: MembershipClient<Connection>,
     /// This node.
     node_id: String,
     /// The current session id (`None` while registering).

@@ -659,6 +659,7 @@ mod tests {
             .unwrap()
             .connect_lazy();
         let (session, sessions) = watch::channel(Some("test-session".to_owned()));
+        let channel = cohort_proto::transport::Credentials::default().wrap(channel);
         let shipper = LogShipper::start(MembershipClient::new(channel), name.to_owned(), sessions);
         let scratch = tempfile::tempdir().unwrap();
         let state = Arc::new(StateDir::open(&scratch.path().join("state")).unwrap());
@@ -694,6 +695,7 @@ mod tests {
                 port: 29_500,
             }),
             spec_toml: None,
+            job_token: Some(cohort_proto::Secret::new("cohort-job-test")),
         };
         StartRank {
             argv: vec!["sh".to_owned(), "-c".to_owned(), script.to_owned()],

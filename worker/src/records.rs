@@ -115,6 +115,9 @@ pub struct BadRecord {
     pub problem: String,
 }
 
+/// The session file's name in the state directory.
+const SESSION_FILE: &str = "session";
+
 /// The worker's state directory, locked for as long as this value lives.
 #[derive(Debug)]
 pub struct StateDir {
@@ -166,6 +169,31 @@ impl StateDir {
 
     fn record_path(&self, job_id: &str, rank: u32) -> PathBuf {
         self.path.join(format!("{job_id}.{rank}{RECORD_SUFFIX}"))
+    }
+
+    /// The session id this node's worker was last issued, if it kept one.
+    pub fn read_session(&self) -> Option<String> {
+        std::fs::read_to_string(self.path.join(SESSION_FILE))
+            .ok()
+            .map(|text| text.trim().to_owned())
+            .filter(|id| !id.is_empty())
+    }
+
+    /// Keeps the session id the coordinator issued, so that a restarted worker can show it
+    /// is the node's own (the directory is the owner's alone).
+    pub fn write_session(&self, session_id: &str) -> Result<()> {
+        let path = self.path.join(SESSION_FILE);
+        let temporary = self.path.join(".session.tmp");
+        let written = (|| -> io::Result<()> {
+            let mut file = File::create(&temporary)?;
+            file.write_all(session_id.as_bytes())?;
+            file.sync_all()?;
+            std::fs::rename(&temporary, &path)
+        })();
+        written.map_err(|source| Error::Io {
+            context: format!("writing {}", path.display()),
+            source,
+        })
     }
 
     /// Writes (or replaces) a rank's record atomically and durably.

@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
+use cohort_proto::transport::Connection;
 use cohort_proto::v1::membership_client::MembershipClient;
 use cohort_proto::v1::{HeartbeatRequest, RegisterRequest, instruction};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::config::WorkerConfig;
@@ -23,6 +23,9 @@ pub struct Contact {
     pub deadline: Duration,
     /// The current registration's session id, once registered; the log shipper follows it.
     pub session: watch::Sender<Option<String>>,
+    /// Where the last session id is kept across worker restarts; registering again presents
+    /// it, since a node whose session is live belongs to that session's holder.
+    pub state: std::sync::Arc<crate::records::StateDir>,
 }
 
 /// Why a session ended.
@@ -34,7 +37,7 @@ pub enum SessionEnd {
 /// Sends the last heartbeat, on shutdown: the final rank states, so the coordinator hears at
 /// once how the ranks ended, and that this node leaves.
 pub async fn final_heartbeat(
-    client: &mut MembershipClient<Channel>,
+    client: &mut MembershipClient<Connection>,
     config: &WorkerConfig,
     ranks: &Ranks,
     session_id: String,
@@ -54,7 +57,7 @@ pub async fn final_heartbeat(
 
 /// Registers and serves one session until the coordinator goes away or forgets this worker.
 pub async fn serve(
-    client: &mut MembershipClient<Channel>,
+    client: &mut MembershipClient<Connection>,
     config: &WorkerConfig,
     inventory: &dyn DeviceInventory,
     ranks: &Ranks,
@@ -67,6 +70,12 @@ pub async fn serve(
         address: config.advertise_address.clone(),
         devices: inventory.devices(),
         ranks: reports.clone(),
+        session_id: contact
+            .session
+            .borrow()
+            .clone()
+            .or_else(|| contact.state.read_session())
+            .unwrap_or_default(),
     };
     let rpc_error = |status: tonic::Status| Error::Rpc {
         address: config.coordinator.clone(),
@@ -81,9 +90,15 @@ pub async fn serve(
         Some(message) => match message.kind {
             Some(instruction::Kind::Registered(registered)) => registered,
             other => {
+                // Named, not printed: a start instruction carries its job's token.
+                let got = match other {
+                    Some(instruction::Kind::StartRank(_)) => "a start instruction",
+                    Some(instruction::Kind::StopRank(_)) => "a stop instruction",
+                    _ => "an empty instruction",
+                };
                 return Err(Error::Protocol(
                     config.coordinator.clone(),
-                    format!("expected a registration first, got {other:?}"),
+                    format!("expected a registration first, got {got}"),
                 ));
             }
         },
@@ -94,6 +109,9 @@ pub async fn serve(
     contact
         .session
         .send_replace(Some(registered.session_id.clone()));
+    if let Err(error) = contact.state.write_session(&registered.session_id) {
+        warn!(%error, "could not keep the session id; after a restart this worker waits until the node is lost");
+    }
     contact.deadline = Duration::from_millis(u64::from(registered.heartbeat_deadline_ms.max(100)));
     let interval = Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(10)));
     info!(

@@ -210,7 +210,7 @@ args = ["bench", "allreduce-rank", "--elements", "{element_list}", "--dtype", "{
 "#,
         program = json!(executable.display().to_string()),
     );
-    let mut client = client::job_control(cluster.address()).await?;
+    let mut client = client::job_control(cluster.target()).await?;
     let outcome = run_job(&mut client, spec).await;
     let per_rank: Result<Vec<Vec<RankSample>>> = match outcome {
         Ok(job) => read_result(&mut client, &job.job_id).await,

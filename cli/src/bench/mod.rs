@@ -13,6 +13,7 @@ pub mod mesh;
 pub mod ps;
 pub mod train;
 
+use cohort_proto::transport::Connection;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -20,7 +21,6 @@ use anyhow::{Context, Result, bail};
 use cohort_coordinator::CoordinatorConfig;
 use cohort_proto::v1::job_control_client::JobControlClient;
 use cohort_proto::v1::{GetJobRequest, JobInfo, JobState, WatchJobRequest};
-use tonic::transport::Channel;
 
 use cohort_collective::{DType, Store};
 use cohort_proto::v1::StreamLogsRequest;
@@ -107,14 +107,14 @@ pub async fn start_cluster(data_dir: &Path, workers: u32, slots: u32) -> Result<
         data_dir: data_dir.to_owned(),
         ..CoordinatorConfig::default()
     };
-    let store =
-        cohort_coordinator::open_store(&cohort_coordinator::StoreLocation::Embedded, &coordinator)
-            .await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let coordinator = crate::commands::prepare(
+        coordinator,
+        &cohort_coordinator::StoreLocation::Embedded,
+        "127.0.0.1:0",
+    )
+    .await?;
     LocalCluster::start(LocalClusterConfig {
         coordinator,
-        store,
-        listener,
         workers,
         cpu_slots: slots,
         output_dir: data_dir.join("outputs"),
@@ -123,7 +123,10 @@ pub async fn start_cluster(data_dir: &Path, workers: u32, slots: u32) -> Result<
 }
 
 /// Submits a job and waits for it to end; fails with the job's reason unless it succeeded.
-pub async fn run_job(client: &mut JobControlClient<Channel>, spec_toml: String) -> Result<JobInfo> {
+pub async fn run_job(
+    client: &mut JobControlClient<Connection>,
+    spec_toml: String,
+) -> Result<JobInfo> {
     let job = client::submit(client, spec_toml, false).await?;
     let mut events = client
         .watch_job(WatchJobRequest {
@@ -180,7 +183,7 @@ pub fn publish_result(link: &RankLink, result: &impl serde::Serialize) -> Result
 
 /// Reads the per-rank results rank 0 of a finished benchmark job printed.
 pub async fn read_result<T: DeserializeOwned>(
-    client: &mut JobControlClient<Channel>,
+    client: &mut JobControlClient<Connection>,
     job_id: &str,
 ) -> Result<Vec<T>> {
     let mut lines = client

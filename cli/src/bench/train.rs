@@ -136,7 +136,7 @@ args = ["bench", "train-rank", "--steps", "{steps}"]
 "#,
             program = json!(executable.display().to_string()),
         );
-        let mut client = client::job_control(cluster.address()).await?;
+        let mut client = client::job_control(cluster.target()).await?;
         let result = match run_job(&mut client, spec).await {
             Ok(job) => read_result(&mut client, &job.job_id).await,
             Err(error) => Err(error),

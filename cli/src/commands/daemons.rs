@@ -6,8 +6,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use std::sync::Arc;
+
+use cohort_coordinator::auth::{self, Authenticator};
 use cohort_coordinator::{CoordinatorConfig, StoreLocation};
 use cohort_proto::NodeId;
+use cohort_proto::Secret;
 use cohort_worker::WorkerConfig;
 use cohort_worker::devices::{Combined, CpuSlots};
 use cohort_worker::gpu::GpuInventory;
@@ -60,8 +64,38 @@ pub fn coordinator_config(settings: &ClusterSettings) -> Result<CoordinatorConfi
             "max-queued-jobs-per-submitter",
             settings.max_queued_jobs_per_submitter,
         )?,
+        join_token: settings
+            .join_token_file
+            .as_deref()
+            .map(read_token_file)
+            .transpose()?,
         ..defaults
     })
+}
+
+/// Reads a token file: one line, readable by its owner alone (like an ssh key).
+pub fn read_token_file(path: &Path) -> Result<Secret> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let metadata =
+        std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    let mode = metadata.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "{} is readable by others (mode {mode:03o}): it holds a token; `chmod 600 {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() || !token.bytes().all(|byte| byte.is_ascii_graphic()) {
+        bail!(
+            "{} does not hold a token (one line of visible characters)",
+            path.display()
+        );
+    }
+    Ok(Secret::new(token))
 }
 
 fn positive(flag: &str, value: usize) -> Result<usize> {
@@ -75,18 +109,57 @@ fn positive(flag: &str, value: usize) -> Result<usize> {
 pub async fn prepare_coordinator(
     settings: &ClusterSettings,
     listen: &str,
-) -> Result<(
-    CoordinatorConfig,
-    std::sync::Arc<dyn cohort_coordinator::ClusterStore>,
-    TcpListener,
-)> {
+) -> Result<PreparedCoordinator> {
     let config = coordinator_config(settings)?;
     let location: StoreLocation = settings.store.parse()?;
-    let store = cohort_coordinator::open_store(&location, &config).await?;
+    prepare(config, &location, listen).await
+}
+
+/// Opens the store at `location`, loads the users and binds `listen`: a coordinator of
+/// `config` ready to serve.
+pub async fn prepare(
+    config: CoordinatorConfig,
+    location: &StoreLocation,
+    listen: &str,
+) -> Result<PreparedCoordinator> {
+    let store = cohort_coordinator::open_store(location, &config).await?;
+    // Before the listener: the first admin's token and the join token are in their files
+    // before anyone can connect.
+    let auth =
+        Authenticator::load(store.clone(), &config.data_dir, config.join_token.as_ref()).await?;
+    let join_token = match &config.join_token {
+        Some(token) => token.clone(),
+        None => auth::read_secret_file(&config.data_dir.join(auth::JOIN_TOKEN_FILE))?
+            .context("the join token file is missing")?,
+    };
+    let admin_token = auth::read_secret_file(&config.data_dir.join(auth::ADMIN_TOKEN_FILE))?;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;
-    Ok((config, store, listener))
+    Ok(PreparedCoordinator {
+        config,
+        store,
+        auth: Arc::new(auth),
+        listener,
+        join_token,
+        admin_token,
+    })
+}
+
+/// A coordinator ready to serve: what [`cohort_coordinator::run`] takes.
+pub struct PreparedCoordinator {
+    /// Its settings.
+    pub config: CoordinatorConfig,
+    /// Its store.
+    pub store: Arc<dyn cohort_coordinator::ClusterStore>,
+    /// Its users and join token.
+    pub auth: Arc<Authenticator>,
+    /// Its bound listener.
+    pub listener: TcpListener,
+    /// The token its workers must show.
+    pub join_token: Secret,
+    /// The first admin's token, while `<data-dir>/admin-token` holds it.
+    pub admin_token: Option<Secret>,
 }
 
 /// Writes `contents` to `path` atomically (temporary file, then rename), so that a reader
@@ -98,13 +171,48 @@ fn write_atomically(path: &Path, contents: &str) -> Result<()> {
     std::fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))
 }
 
+/// Whether the coordinator may listen on `listen`: loopback always; any other address only
+/// with `insecure`, since calls would carry tokens in the clear (there is no TLS yet).
+pub fn listen_policy(listen: &str, insecure: bool) -> Result<()> {
+    let host = listen.rsplit_once(':').map_or(listen, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|address| address.is_loopback());
+    if loopback || insecure {
+        return Ok(());
+    }
+    bail!(
+        "refusing to listen on {listen}: off loopback, every call (users' tokens, the join \
+         token, job specs and their environments, logs) would cross the network unencrypted, \
+         and Cohort does not serve TLS yet; workers also need the join token \
+         (--join-token-file, default <data-dir>/join-token). Pass --insecure to listen there \
+         anyway, on a network only trusted machines reach"
+    )
+}
+
 /// `cohort coordinator`.
 pub async fn coordinator(args: CoordinatorDaemonArgs) -> Result<ExitCode> {
-    let (config, store, listener) = prepare_coordinator(&args.settings, &args.listen).await?;
-    if let Some(path) = &args.address_file {
-        write_atomically(path, &listener.local_addr()?.to_string())?;
+    listen_policy(&args.listen, args.insecure)?;
+    if args.insecure {
+        tracing::warn!(
+            listen = %args.listen,
+            "--insecure: calls to this coordinator cross the network unencrypted (no TLS)"
+        );
     }
-    cohort_coordinator::run(config, store, listener, shutdown_signal()).await?;
+    let prepared = prepare_coordinator(&args.settings, &args.listen).await?;
+    if let Some(path) = &args.address_file {
+        write_atomically(path, &prepared.listener.local_addr()?.to_string())?;
+    }
+    cohort_coordinator::run(
+        prepared.config,
+        prepared.store,
+        prepared.auth,
+        prepared.listener,
+        shutdown_signal(),
+    )
+    .await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -157,6 +265,14 @@ pub async fn worker(args: WorkerDaemonArgs) -> Result<ExitCode> {
         output_dir: std::path::absolute(&args.output_dir)
             .with_context(|| format!("output directory {}", args.output_dir.display()))?,
         cohort_executable: std::env::current_exe().context("locating the cohort executable")?,
+        join_token: match (&args.join_token_file, &args.join_token) {
+            (Some(path), _) => read_token_file(path)?,
+            (None, Some(token)) if !token.trim().is_empty() => Secret::new(token.trim()),
+            _ => bail!(
+                "no join token: give --join-token-file FILE (the coordinator's \
+                 <data-dir>/join-token unless it was given one) or COHORT_JOIN_TOKEN"
+            ),
+        },
     };
     let gpus = gpu_inventory(args.gpus.as_deref())?;
     let inventory = Combined(vec![
@@ -165,4 +281,35 @@ pub async fn worker(args: WorkerDaemonArgs) -> Result<ExitCode> {
     ]);
     cohort_worker::run(config, Box::new(inventory), shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_coordinator_listens_off_loopback_only_when_told_it_is_insecure() {
+        for listen in [
+            "127.0.0.1:7077",
+            "127.0.0.2:0",
+            "[::1]:7077",
+            "localhost:7077",
+        ] {
+            assert!(listen_policy(listen, false).is_ok(), "{listen}");
+        }
+        for listen in [
+            "0.0.0.0:7077",
+            "10.0.0.5:0",
+            "[::]:7077",
+            "head.example:7077",
+        ] {
+            let refused = listen_policy(listen, false).unwrap_err().to_string();
+            assert!(
+                refused.contains("TLS") && refused.contains("join token"),
+                "{refused}"
+            );
+            assert!(refused.contains("--insecure"), "{refused}");
+            assert!(listen_policy(listen, true).is_ok(), "{listen}");
+        }
+    }
 }

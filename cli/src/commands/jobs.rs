@@ -1,5 +1,6 @@
 //! Job commands: submit, status, logs, cancel, nodes.
 
+use cohort_proto::transport::Connection;
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -9,7 +10,6 @@ use cohort_proto::v1::{
     CancelJobRequest, GetJobRequest, JobInfo, JobState, ListNodesRequest, LogStream,
     StreamLogsRequest, WatchJobRequest,
 };
-use tonic::transport::Channel;
 
 use crate::args::{CancelArgs, LogsArgs, NodesArgs, OutputFormat, StatusArgs, SubmitArgs};
 use crate::client;
@@ -51,7 +51,7 @@ pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
     if let Some(checkpoint) = &args.resume_from {
         spec_toml = with_resume_from(&spec_toml, checkpoint)?;
     }
-    let mut client = client::job_control(&args.coordinator.coordinator).await?;
+    let mut client = client::job_control(&args.coordinator.target()?).await?;
     let job = client::submit(&mut client, spec_toml, args.wait_for_resources).await?;
     println!("{}", job.job_id);
     if !args.watch {
@@ -92,7 +92,7 @@ fn with_resume_from(spec_toml: &str, checkpoint: &std::path::Path) -> Result<Str
 
 /// Follows a job until it ends, printing progress to stderr and a summary at the end. Returns
 /// success only if the job succeeded.
-pub async fn watch(client: &mut JobControlClient<Channel>, job_id: &str) -> Result<ExitCode> {
+pub async fn watch(client: &mut JobControlClient<Connection>, job_id: &str) -> Result<ExitCode> {
     let mut stream = client
         .watch_job(WatchJobRequest {
             job_id: job_id.to_owned(),
@@ -134,7 +134,7 @@ pub async fn watch(client: &mut JobControlClient<Channel>, job_id: &str) -> Resu
 
 /// Prints the job table, or one job in detail.
 pub async fn status(args: StatusArgs) -> Result<ExitCode> {
-    let mut client = client::job_control(&args.coordinator.coordinator).await?;
+    let mut client = client::job_control(&args.coordinator.target()?).await?;
     match args.job {
         Some(job_id) => {
             let job = client
@@ -163,7 +163,7 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
 
 /// Prints a job's captured output, each line prefixed by its rank.
 pub async fn logs(args: LogsArgs) -> Result<ExitCode> {
-    let mut client = client::job_control(&args.coordinator.coordinator).await?;
+    let mut client = client::job_control(&args.coordinator.target()?).await?;
     print_logs(&mut client, &args.job, args.follow, args.rank).await?;
     Ok(ExitCode::SUCCESS)
 }
@@ -171,7 +171,7 @@ pub async fn logs(args: LogsArgs) -> Result<ExitCode> {
 /// Streams a job's captured output to stdout, each line prefixed by its rank; with `follow`,
 /// until the job ends.
 pub async fn print_logs(
-    client: &mut JobControlClient<Channel>,
+    client: &mut JobControlClient<Connection>,
     job_id: &str,
     follow: bool,
     rank: Option<u32>,
@@ -203,7 +203,7 @@ pub async fn print_logs(
 
 /// Cancels a job and waits until the coordinator has heard every rank process end.
 pub async fn cancel(args: CancelArgs) -> Result<ExitCode> {
-    let mut client = client::job_control(&args.coordinator.coordinator).await?;
+    let mut client = client::job_control(&args.coordinator.target()?).await?;
     let job = cancel_and_wait(&mut client, &args.job).await?;
     println!(
         "{}: {} ({} ranks stopped)",
@@ -217,7 +217,7 @@ pub async fn cancel(args: CancelArgs) -> Result<ExitCode> {
 /// Cancels a job and polls until the workers have seen every rank process end (after at most
 /// the job's grace period); returns the job as it is then.
 pub async fn cancel_and_wait(
-    client: &mut JobControlClient<Channel>,
+    client: &mut JobControlClient<Connection>,
     job_id: &str,
 ) -> Result<JobInfo> {
     let mut job = client
@@ -252,7 +252,7 @@ pub async fn cancel_and_wait(
 
 /// Prints the node table.
 pub async fn nodes(args: NodesArgs) -> Result<ExitCode> {
-    let mut client = client::job_control(&args.coordinator.coordinator).await?;
+    let mut client = client::job_control(&args.coordinator.target()?).await?;
     let nodes = client
         .list_nodes(ListNodesRequest {})
         .await

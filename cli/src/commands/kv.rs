@@ -27,7 +27,8 @@ pub async fn kv(args: KvArgs) -> Result<ExitCode> {
         );
     }
     let timeout_ms = (args.timeout_s * 1000.0) as u32;
-    let mut client = client::rendezvous(&address).await?;
+    let token = from_env(env::JOB_TOKEN).ok().map(cohort_proto::Secret::new);
+    let mut client = client::rendezvous(&client::Target { address, token }).await?;
     match args.operation {
         KvOperation::Set { key, value } => {
             client

@@ -1,11 +1,13 @@
 //! One module per group of subcommands.
 
 mod daemons;
+pub use daemons::{PreparedCoordinator, prepare};
 mod jobs;
 mod json;
 mod kv;
 pub mod sample;
 mod up;
+mod users;
 
 use std::process::ExitCode;
 
@@ -24,6 +26,8 @@ pub async fn run(command: Command) -> Result<ExitCode> {
         Command::Coordinator(args) => daemons::coordinator(args).await,
         Command::Worker(args) => daemons::worker(args).await,
         Command::Up(args) => up::up(args).await,
+        Command::Users(args) => users::users(args).await,
+        Command::Audit(args) => users::audit(args).await,
         Command::Kv(args) => kv::kv(args).await,
         Command::Bench(args) => crate::bench::run(args).await,
         Command::Rank | Command::Sample(_) => {

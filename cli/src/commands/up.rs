@@ -9,8 +9,9 @@ use anyhow::{Result, bail};
 use tracing::warn;
 
 use crate::args::UpArgs;
-use crate::client;
+use crate::client::{self, Target};
 use crate::commands::{daemons, jobs};
+use crate::credentials;
 use crate::local_cluster::{LocalCluster, LocalClusterConfig};
 
 /// `cohort up`.
@@ -26,24 +27,26 @@ pub async fn up(args: UpArgs) -> Result<ExitCode> {
         Some(path) => Some(jobs::read_spec(path)?),
         None => None,
     };
-    let (coordinator, store, listener) =
-        daemons::prepare_coordinator(&args.settings, &args.listen).await?;
+    // A local cluster stays on this machine: no --insecure here.
+    daemons::listen_policy(&args.listen, false)?;
+    let prepared = daemons::prepare_coordinator(&args.settings, &args.listen).await?;
     let cluster = LocalCluster::start(LocalClusterConfig {
-        coordinator,
-        store,
-        listener,
+        coordinator: prepared,
         workers: args.workers,
         cpu_slots: args.cpu_slots,
         output_dir: std::path::absolute(&args.output_dir)?,
     })
     .await?;
-    let address = cluster.address().to_owned();
+    let target = cluster.target().clone();
     eprintln!(
-        "cohort: local cluster up: coordinator {address}, {} workers x {} cpu slots",
-        args.workers, args.cpu_slots
+        "cohort: local cluster up: coordinator {}, {} workers x {} cpu slots",
+        target.address, args.workers, args.cpu_slots
     );
+    if let Err(error) = save_credentials(&target) {
+        warn!(%error, "could not write the credentials file; other shells need --token");
+    }
     let outcome = match job_spec {
-        Some(spec_toml) => run_job(&address, spec_toml).await,
+        Some(spec_toml) => run_job(&target, spec_toml).await,
         None => {
             eprintln!("cohort: press Ctrl-C to stop");
             daemons::shutdown_signal().await;
@@ -55,9 +58,54 @@ pub async fn up(args: UpArgs) -> Result<ExitCode> {
     outcome
 }
 
+/// Writes the credentials file of the OS user who ran `cohort up` (mode 0600), so that
+/// `cohort status` from another shell works with no flags, as the cluster's admin. A file that
+/// names another coordinator off this machine is left alone: it is how this user reaches a
+/// real cluster.
+fn save_credentials(target: &Target) -> Result<()> {
+    let Some(token) = &target.token else {
+        bail!("the first admin's token file is gone from the data directory");
+    };
+    let Some(path) = credentials::default_path() else {
+        bail!("no home directory to keep a credentials file in");
+    };
+    if let Some(existing) = credentials::read(&path)?
+        && let Some(coordinator) = &existing.coordinator
+        && coordinator != &target.address
+        && !is_loopback(coordinator)
+    {
+        eprintln!(
+            "cohort: {} names coordinator {coordinator}; left as it is (this cluster's admin \
+             token is in the data directory's admin-token)",
+            path.display()
+        );
+        return Ok(());
+    }
+    credentials::write(
+        &path,
+        &credentials::CredentialsFile {
+            coordinator: Some(target.address.clone()),
+            token: Some(token.expose().to_owned()),
+        },
+    )?;
+    eprintln!(
+        "cohort: credentials for this cluster's admin in {}",
+        path.display()
+    );
+    Ok(())
+}
+
+/// Whether `address` (`host:port`) is on this machine's loopback.
+fn is_loopback(address: &str) -> bool {
+    address
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|address| address.ip().is_loopback())
+        || address.starts_with("localhost:")
+}
+
 /// Submits a job, streams its output to stdout and its progress to stderr until it ends.
-async fn run_job(address: &str, spec_toml: String) -> Result<ExitCode> {
-    let mut client = client::job_control(address).await?;
+async fn run_job(target: &Target, spec_toml: String) -> Result<ExitCode> {
+    let mut client = client::job_control(target).await?;
     let job = client::submit(&mut client, spec_toml, false).await?;
     eprintln!("cohort: submitted {}", job.job_id);
     let mut log_client = client.clone();

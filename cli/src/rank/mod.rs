@@ -38,6 +38,14 @@ pub struct RankLink {
     pub store: GrpcStore,
 }
 
+/// The rendezvous service, as this process's job.
+fn rendezvous_target(launch: &Launch) -> client::Target {
+    client::Target {
+        address: launch.node.rendezvous.clone(),
+        token: launch.place.job_token.clone(),
+    }
+}
+
 impl RankLink {
     /// Reads the launch from the environment and connects to the rendezvous service.
     pub fn connect() -> Result<Self> {
@@ -48,7 +56,7 @@ impl RankLink {
             .enable_all()
             .build()
             .context("starting the rank's runtime")?;
-        let rendezvous = runtime.block_on(client::rendezvous(&launch.node.rendezvous))?;
+        let rendezvous = runtime.block_on(client::rendezvous(&rendezvous_target(&launch)))?;
         let job_id = launch.place.job_id.to_string();
         let store = GrpcStore::new(runtime.handle().clone(), rendezvous, job_id);
         Ok(Self {
@@ -73,7 +81,7 @@ impl RankLink {
     pub fn metrics(&self) -> Result<metrics::CoordinatorMetrics> {
         let rendezvous = self
             .runtime
-            .block_on(client::rendezvous(&self.launch.node.rendezvous))?;
+            .block_on(client::rendezvous(&rendezvous_target(&self.launch)))?;
         Ok(metrics::CoordinatorMetrics::start(
             self.runtime.handle().clone(),
             rendezvous,

@@ -21,7 +21,12 @@ use super::RankLink;
 /// Serves shard `shard` of `shards` until SIGTERM or SIGINT.
 pub fn serve(link: &RankLink, config: &TrainConfig, shard: u32, shards: u32) -> Result<ExitCode> {
     let job_id = link.launch.place.job_id.clone();
-    let server = restore_or_create(config, server_config(config, job_id, shard, shards))?;
+    let server_config = ServerConfig {
+        // Only the job's own ranks reach the shard.
+        token: link.launch.place.job_token.clone(),
+        ..server_config(config, job_id, shard, shards)
+    };
+    let server = restore_or_create(config, server_config)?;
     let node_address = link.node_address;
     let listener = std::net::TcpListener::bind(SocketAddr::new(node_address, 0))
         .with_context(|| format!("binding shard {shard}'s listener on {node_address}"))?;

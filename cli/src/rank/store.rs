@@ -1,13 +1,13 @@
 //! The collective crate's rendezvous [`Store`], served by the coordinator's per-job key-value
 //! service over gRPC. Calls block the calling (training) thread on a small runtime of their own.
 
+use cohort_proto::transport::Connection;
 use std::time::Duration;
 
 use cohort_collective::{Error, Result, Store};
 use cohort_proto::v1::rendezvous_client::RendezvousClient;
 use cohort_proto::v1::{KvAddRequest, KvGetRequest, KvSetRequest, KvWaitRequest};
 use tokio::runtime::Handle;
-use tonic::transport::Channel;
 
 /// Longest single wait the coordinator accepts; longer waits are split.
 const MAX_WAIT: Duration = Duration::from_secs(3600);
@@ -17,14 +17,14 @@ pub struct GrpcStore {
     /// Runtime the calls run on (not the caller's: the caller is a plain thread).
     runtime: Handle,
     /// Client of the coordinator's rendezvous service.
-    client: RendezvousClient<Channel>,
+    client: RendezvousClient<Connection>,
     /// The job whose keys these are.
     job_id: String,
 }
 
 impl GrpcStore {
     /// Wraps a connected client for `job_id`.
-    pub fn new(runtime: Handle, client: RendezvousClient<Channel>, job_id: String) -> Self {
+    pub fn new(runtime: Handle, client: RendezvousClient<Connection>, job_id: String) -> Self {
         Self {
             runtime,
             client,

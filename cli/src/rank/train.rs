@@ -185,6 +185,7 @@ fn connect_parameter_servers(link: &RankLink, config: &TrainConfig) -> Result<Pa
             job_id: link.launch.place.job_id.clone(),
             rank: link.launch.place.rank,
             gradient_dtype: cohort_trainer::precision::wire_dtype(config.train.grad_comm_dtype()),
+            token: link.launch.place.job_token.clone(),
             ..ClientConfig::default()
         },
         addresses,

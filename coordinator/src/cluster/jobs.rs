@@ -306,7 +306,26 @@ impl Cluster {
         }
     }
 
-    /// Checks that a job exists and is placed, for rendezvous calls.
+    /// Checks that `token` is job `job_id`'s own and that the job still runs: what a job's
+    /// processes show for its rendezvous and metrics. A job's token stops working when it ends.
+    pub async fn check_job_token(&self, job_id: &JobId, token: Option<&str>) -> Result<()> {
+        let Some(token) = token else {
+            return Err(Error::Unauthenticated(format!(
+                "no credentials: job {job_id}'s rendezvous and metrics take the job's token \
+                 ({} in its processes' environment)",
+                cohort_proto::env::JOB_TOKEN
+            )));
+        };
+        if !self.job_tokens.verify(job_id.as_str(), token) {
+            return Err(Error::PermissionDenied(format!(
+                "the token is not job {job_id}'s: only the job's own processes may use its \
+                 rendezvous and metrics"
+            )));
+        }
+        self.check_live(job_id).await
+    }
+
+    /// Checks that a job exists and is placed (holds its devices).
     pub async fn check_live(&self, job_id: &JobId) -> Result<()> {
         let state = self.state.lock().await;
         match state.live(job_id) {

@@ -17,7 +17,7 @@ use tracing::{info, instrument, warn};
 use super::persistence::{Written, all_landed};
 use super::{Cluster, INSTRUCTION_BUFFER, NodeEntry, NodeStatus, Session, State, millis};
 use crate::convert::{self, RankReport};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::lifecycle::JobState;
 use crate::model::{RankState, now_ms};
 
@@ -44,13 +44,7 @@ impl SessionToken {
     /// Whether `text` is this token, compared in constant time so that response timing tells
     /// nothing about how much of a guess was right.
     pub fn matches(&self, text: &str) -> bool {
-        let expected = self.to_string();
-        text.len() == expected.len()
-            && text
-                .bytes()
-                .zip(expected.bytes())
-                .fold(0u8, |difference, (a, b)| difference | (a ^ b))
-                == 0
+        crate::auth::token::constant_time_eq(text.as_bytes(), self.to_string().as_bytes())
     }
 }
 
@@ -62,6 +56,28 @@ impl std::fmt::Display for SessionToken {
     }
 }
 
+/// Whether a worker presenting session `presented` may register node `node_id`: a node whose
+/// session is live belongs to that session's holder (a restarted worker presents the session
+/// it kept in its state directory); anyone with the join token may take a lost node or a new
+/// one.
+fn may_register(state: &State, node_id: &NodeId, presented: &str) -> Result<()> {
+    let Some(node) = state.nodes.get(node_id) else {
+        return Ok(());
+    };
+    let live = node.current_status() == NodeStatus::Ready;
+    match &node.session {
+        Some(session) if live && !session.token.matches(presented) => {
+            Err(Error::PermissionDenied(format!(
+                "node {node_id} is registered by a live worker (heard from {} ms ago), and this \
+                 registration does not hold its session: give each worker its own --node-id; \
+                 the id is free again once that worker is lost",
+                node.last_heartbeat.elapsed().as_millis()
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 impl Cluster {
     /// Registers (or re-registers) a worker, replacing any earlier session of the same node,
     /// and returns its instruction stream, which opens with a `Registered` message carrying the
@@ -70,10 +86,21 @@ impl Cluster {
     pub async fn register(&self, request: RegisterRequest) -> Result<InstructionReceiver> {
         let registration = convert::registration(&request)?;
         let node_id = registration.node.id.clone();
+        may_register(&*self.state.lock().await, &node_id, &request.session_id)?;
         self.store.put_node(&registration.node).await?;
 
         let mut writes = Vec::new();
         let mut state = self.state.lock().await;
+        // Another registration may have won the node while the record was written: the
+        // winner's record goes back, and this one is refused.
+        if let Err(refused) = may_register(&state, &node_id, &request.session_id) {
+            let winner = state.nodes.get(&node_id).map(|node| node.record.clone());
+            drop(state);
+            if let Some(winner) = winner {
+                self.store.put_node(&winner).await?;
+            }
+            return Err(refused);
+        }
         let token = SessionToken::generate();
         let (sender, receiver) = mpsc::channel(INSTRUCTION_BUFFER);
         let registered = Registered {

@@ -37,6 +37,7 @@ use tokio::sync::{Mutex, Notify, broadcast, mpsc};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::auth::token::JobTokens;
 use crate::config::CoordinatorConfig;
 use crate::error::Result;
 use crate::lifecycle::{JobState, transition};
@@ -295,6 +296,8 @@ pub struct Cluster {
     events: broadcast::Sender<JobChanged>,
     /// Wakes the scheduler loop early.
     wake: Notify,
+    /// Issues the token a placed job's processes get, and checks it.
+    job_tokens: JobTokens,
 }
 
 impl Cluster {
@@ -302,6 +305,7 @@ impl Cluster {
     /// when the coordinator stopped get `restart_grace` for their ranks to re-report.
     pub async fn load(config: CoordinatorConfig, store: Arc<dyn ClusterStore>) -> Result<Self> {
         let logs = LogStore::open(config.data_dir.join("logs"), config.max_log_bytes_per_job)?;
+        let job_tokens = crate::auth::load_job_tokens(&config.data_dir)?;
         let mut state = State::default();
         let rendezvous = Rendezvous::default();
         let grace_deadline = Instant::now() + config.restart_grace;
@@ -387,6 +391,7 @@ impl Cluster {
             rendezvous,
             events,
             wake: Notify::new(),
+            job_tokens,
         })
     }
 
@@ -580,6 +585,7 @@ mod tests {
                     ..v1::Device::default()
                 }],
                 ranks: Vec::new(),
+                session_id: String::new(),
             })
             .await
             .unwrap();
@@ -750,12 +756,20 @@ mod tests {
 
         let data_dir = tempfile::tempdir().unwrap();
         let (cluster, store) = cluster(data_dir.path()).await;
-        let service = crate::service::CoordinatorService::new(cluster.clone());
+        let auth = crate::auth::Authenticator::load(store.clone(), data_dir.path(), None)
+            .await
+            .unwrap();
+        let service = crate::service::CoordinatorService::new(cluster.clone(), Arc::new(auth));
+        let admin =
+            std::fs::read_to_string(data_dir.path().join(crate::auth::ADMIN_TOKEN_FILE)).unwrap();
         let request = || {
-            tonic::Request::new(v1::SubmitJobRequest {
+            let mut request = tonic::Request::new(v1::SubmitJobRequest {
                 spec_toml: SPEC.to_owned(),
                 wait_for_resources: true,
-            })
+            });
+            let bearer = format!("Bearer {}", admin.trim()).parse().unwrap();
+            request.metadata_mut().insert("authorization", bearer);
+            request
         };
 
         store.hold_writes();

@@ -111,6 +111,9 @@ struct SimRank {
 struct SimWorker {
     /// Its session id, once registered.
     session: Option<String>,
+    /// The last session it was issued, kept in its state directory across restarts and shown
+    /// when it registers again.
+    kept_session: Option<String>,
     /// Its instruction stream (held open, as a connected worker holds it).
     stream: Option<InstructionReceiver>,
     /// Its ranks by (job, rank), until their end is acknowledged.
@@ -323,6 +326,7 @@ impl Harness {
                 worker.reports(),
                 flaw.filter(|f| !matches!(f, Flaw::Oversized)),
             ),
+            session_id: worker.kept_session.clone().unwrap_or_default(),
         };
         let before = self.fingerprint().await;
         match self.cluster().register(request).await {
@@ -334,6 +338,7 @@ impl Harness {
                     panic!("a registration's stream opens with `registered`");
                 };
                 let worker = &mut self.workers[node];
+                worker.kept_session = Some(registered.session_id.clone());
                 worker.session = Some(registered.session_id);
                 worker.stream = Some(stream);
                 worker.acknowledge();
@@ -450,7 +455,11 @@ impl Harness {
                 }
             }
             Action::WorkerRestart(node) => {
-                self.workers[*node] = SimWorker::default();
+                let kept_session = self.workers[*node].kept_session.take();
+                self.workers[*node] = SimWorker {
+                    kept_session,
+                    ..SimWorker::default()
+                };
             }
             Action::Restart => self.restart().await,
         }

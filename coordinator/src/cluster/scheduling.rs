@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use cohort_jobspec::{DeviceKind, JobKind, JobSpec};
 use cohort_proto::launch::{self, Devices, Master, RankPlace, Role};
 use cohort_proto::v1::{StartRank, instruction};
-use cohort_proto::{JobId, NodeId};
+use cohort_proto::{JobId, NodeId, Secret};
 use tracing::{info, instrument};
 
 use super::persistence::{Written, all_landed};
@@ -104,7 +104,7 @@ impl State {
 impl State {
     /// The start instruction of every process of a placed job, with its node: parameter servers
     /// (numbered after the ranks) first, since ranks wait for their addresses anyway.
-    fn start_instructions(&self, job_id: &JobId) -> Vec<(NodeId, StartRank)> {
+    fn start_instructions(&self, job_id: &JobId, job_token: &Secret) -> Vec<(NodeId, StartRank)> {
         let Some(entry) = self.live(job_id) else {
             return Vec::new();
         };
@@ -134,6 +134,7 @@ impl State {
                     rank,
                     local_world_size,
                     &master_addr,
+                    job_token,
                 );
                 (rank.node_id.clone(), start)
             })
@@ -155,6 +156,7 @@ fn start_instruction(
     rank: &RankRecord,
     local_world_size: u32,
     master_addr: &str,
+    job_token: &Secret,
 ) -> StartRank {
     let devices = match record.device_kind {
         DeviceKind::Cpu => Devices::Cpu {
@@ -195,6 +197,7 @@ fn start_instruction(
         master,
         // Cohort's own runtime reads the spec it runs; a command job's program never sees it.
         spec_toml: (spec.kind == JobKind::Train).then(|| record.spec_toml.clone()),
+        job_token: Some(job_token.clone()),
     };
     let (argv, working_dir) = match (spec.kind, &spec.command) {
         (JobKind::Command, Some(command)) => (
@@ -242,7 +245,7 @@ fn is_loopback_host(host: &str) -> bool {
 impl Cluster {
     /// Places every queued job that fits, persists each placement, then starts its ranks.
     #[instrument(skip(self), level = "debug")]
-    pub(super) async fn schedule(&self) -> Result<()> {
+    pub(crate) async fn schedule(&self) -> Result<()> {
         let placed = {
             let mut state = self.state.lock().await;
             self.place_queued(&mut state)?
@@ -351,7 +354,8 @@ impl Cluster {
             return Ok(());
         }
         self.rendezvous.open(job_id, entry.record.ranks);
-        let instructions = state.start_instructions(job_id);
+        let instructions =
+            state.start_instructions(job_id, &self.job_tokens.issue(job_id.as_str()));
         let mut unreachable = None;
         for (node_id, start) in instructions {
             if !state.send(&node_id, instruction::Kind::StartRank(start)) {
@@ -375,6 +379,10 @@ impl Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn token() -> Secret {
+        Secret::new("cohort-job-test")
+    }
 
     #[test]
     fn master_port_stays_in_range() {
@@ -412,7 +420,14 @@ mod tests {
                          [command]\nprogram = \"python\"\nargs = [\"train.py\"]\n\
                          env = { WANDB_PROJECT = \"mnist\" }\n";
         let (record, spec) = placed(spec_toml, 2);
-        let start = start_instruction(&record, &spec, &record.placement[1], 2, "10.0.0.2");
+        let start = start_instruction(
+            &record,
+            &spec,
+            &record.placement[1],
+            2,
+            "10.0.0.2",
+            &token(),
+        );
         assert_eq!(start.argv, ["python", "train.py"]);
         assert_eq!(start.world_size, 2);
         assert_eq!(
@@ -436,6 +451,7 @@ mod tests {
                     port: master_port(record.seq),
                 }),
                 spec_toml: None,
+                job_token: Some(token()),
             }
         );
     }
@@ -446,7 +462,14 @@ mod tests {
                          [parallel]\ndata = 2\ncomm = \"ps\"\nps_shards = 1\n";
         let (record, spec) = placed(spec_toml, 1);
         assert_eq!(record.ranks, 3, "2 ranks and a server");
-        let server = start_instruction(&record, &spec, &record.placement[2], 3, "127.0.0.1");
+        let server = start_instruction(
+            &record,
+            &spec,
+            &record.placement[2],
+            3,
+            "127.0.0.1",
+            &token(),
+        );
         assert_eq!(server.argv, [launch::COHORT_EXECUTABLE, "rank"]);
         assert!(server.env.is_empty());
         assert_eq!(server.world_size, 3);
@@ -462,7 +485,14 @@ mod tests {
         assert_eq!(place.world_size, 2);
         assert_eq!(place.spec_toml.as_deref(), Some(spec_toml));
         assert_eq!(place.devices, Devices::Cpu { slots: vec![2] });
-        let rank = start_instruction(&record, &spec, &record.placement[0], 3, "127.0.0.1");
+        let rank = start_instruction(
+            &record,
+            &spec,
+            &record.placement[0],
+            3,
+            "127.0.0.1",
+            &token(),
+        );
         let place = RankPlace::try_from(&rank).unwrap();
         assert_eq!(place.role, Role::Rank);
         assert_eq!(place.spec_toml.as_deref(), Some(spec_toml));
@@ -474,7 +504,14 @@ mod tests {
                          [resources]\ndevice = \"gpu\"\n[parallel]\ndata = 2\n";
         let (record, spec) = placed(spec_toml, 1);
         for (master_addr, nccl_on_loopback) in [("127.0.0.1", true), ("10.0.0.2", false)] {
-            let start = start_instruction(&record, &spec, &record.placement[1], 2, master_addr);
+            let start = start_instruction(
+                &record,
+                &spec,
+                &record.placement[1],
+                2,
+                master_addr,
+                &token(),
+            );
             assert_eq!(
                 RankPlace::try_from(&start).unwrap().devices,
                 Devices::Gpu {

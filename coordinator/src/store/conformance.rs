@@ -20,6 +20,7 @@ use cohort_cluster_tests::etcd::TestEtcd;
 use super::embedded::EmbeddedStore;
 use super::etcd::EtcdStore;
 use super::{ClusterStore, Quarantined, RecordKind, codec};
+use crate::auth::records::{AuditEntry, UserRecord};
 use crate::lifecycle::JobState;
 use crate::model::{
     DeviceRecord, GpuPeerRecord, JobRecord, MetricsRecord, NodeRecord, RankRecord, RankState,
@@ -266,6 +267,9 @@ conformance_suite!(
     a_large_job_record_round_trips,
     undecodable_records_are_quarantined_and_the_listing_goes_on,
     quarantine_job_moves_a_usable_record_aside_keeping_its_bytes,
+    users_are_put_replaced_listed_by_name_and_removed,
+    audit_entries_get_increasing_numbers_page_by_page_and_survive_reopening,
+    concurrent_audit_appends_get_distinct_numbers,
 );
 
 async fn sequence_starts_at_one_and_counts_up(backend: &dyn Backend) {
@@ -593,4 +597,107 @@ async fn quarantine_job_moves_a_usable_record_aside_keeping_its_bytes(backend: &
         let back: JobRecord = codec::decode(&record.bytes).unwrap();
         assert_eq!(back, first);
     }
+}
+
+fn sample_user(name: &str, admin: bool) -> UserRecord {
+    UserRecord {
+        name: name.to_owned(),
+        admin,
+        token_hash: [name.len() as u8; 32],
+        created_at_ms: 1_700_000_000_000,
+        created_by: "user admin".to_owned(),
+    }
+}
+
+fn sample_audit(target: &str) -> AuditEntry {
+    AuditEntry {
+        seq: 0,
+        at_ms: 1_700_000_000_000,
+        actor: "user alice".to_owned(),
+        action: "submit".to_owned(),
+        target: target.to_owned(),
+        outcome: "ok".to_owned(),
+    }
+}
+
+async fn users_are_put_replaced_listed_by_name_and_removed(backend: &dyn Backend) {
+    let store = backend.open().await;
+    assert!(store.list_users().await.unwrap().is_empty());
+    for name in ["carol", "alice", "bob"] {
+        store.put_user(&sample_user(name, false)).await.unwrap();
+    }
+    let promoted = sample_user("bob", true);
+    store.put_user(&promoted).await.unwrap();
+    let names: Vec<_> = store
+        .list_users()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|user| (user.name, user.admin))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("alice".to_owned(), false),
+            ("bob".to_owned(), true),
+            ("carol".to_owned(), false)
+        ]
+    );
+    assert!(store.remove_user("alice").await.unwrap());
+    assert!(!store.remove_user("alice").await.unwrap());
+    drop(store);
+    let reopened = backend.open().await;
+    let users = reopened.list_users().await.unwrap();
+    assert_eq!(users, [promoted, sample_user("carol", false)]);
+}
+
+async fn audit_entries_get_increasing_numbers_page_by_page_and_survive_reopening(
+    backend: &dyn Backend,
+) {
+    {
+        let store = backend.open().await;
+        for number in 1..=5u64 {
+            let seq = store
+                .append_audit(sample_audit(&format!("job-{number}")))
+                .await
+                .unwrap();
+            assert_eq!(seq, number);
+        }
+        let first = store.list_audit(0, 2).await.unwrap();
+        let seqs: Vec<u64> = first.iter().map(|entry| entry.seq).collect();
+        assert_eq!(seqs, [1, 2]);
+        assert_eq!(first[1].target, "job-2");
+        let rest = store.list_audit(2, 100).await.unwrap();
+        let seqs: Vec<u64> = rest.iter().map(|entry| entry.seq).collect();
+        assert_eq!(seqs, [3, 4, 5]);
+        assert!(store.list_audit(5, 100).await.unwrap().is_empty());
+    }
+    let reopened = backend.open().await;
+    assert_eq!(reopened.list_audit(0, 100).await.unwrap().len(), 5);
+    assert_eq!(
+        reopened.append_audit(sample_audit("job-6")).await.unwrap(),
+        6
+    );
+}
+
+async fn concurrent_audit_appends_get_distinct_numbers(backend: &dyn Backend) {
+    let store = backend.open().await;
+    let appends: Vec<_> = (0..16)
+        .map(|number| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .append_audit(sample_audit(&format!("job-{number}")))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut seqs: Vec<u64> = Vec::new();
+    for append in appends {
+        seqs.push(append.await.unwrap());
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=16).collect::<Vec<u64>>());
+    assert_eq!(store.list_audit(0, 100).await.unwrap().len(), 16);
 }

@@ -40,7 +40,9 @@ use super::{
     ClusterStore, Listing, QuarantineNote, Quarantined, QuarantinedRecord, RecordKind,
     decode_record, log_quarantined, quarantine_slots,
 };
+use crate::auth::records::{AuditEntry, UserRecord};
 use crate::error::{Error, Result};
+use crate::limits::MAX_AUDIT_ENTRIES;
 use crate::model::{JobRecord, NodeRecord};
 
 /// Name of the database file inside the data dir.
@@ -74,6 +76,13 @@ const QUARANTINED_NODE_NOTES: RecordTable = TableDefinition::new("quarantined_no
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Key in `meta` of the last job sequence number handed out.
 const JOB_SEQ_KEY: &str = "job_seq";
+
+/// Users by name.
+const USERS: RecordTable = TableDefinition::new("users");
+/// Audit entries by sequence number.
+const AUDIT: TableDefinition<u64, &'static [u8]> = TableDefinition::new("audit");
+/// Key in [`META`] of the last audit sequence number.
+const AUDIT_SEQ_KEY: &str = "audit_seq";
 
 /// The tables that hold one kind of record: (records, quarantined raw bytes, quarantine notes).
 fn tables(kind: RecordKind) -> (RecordTable, RecordTable, RecordTable) {
@@ -360,6 +369,8 @@ fn create_tables(database: &Database) -> std::result::Result<(), redb::Error> {
         transaction.open_table(notes)?;
     }
     transaction.open_table(META)?;
+    transaction.open_table(USERS)?;
+    transaction.open_table(AUDIT)?;
     transaction.commit()?;
     Ok(())
 }
@@ -495,6 +506,96 @@ impl ClusterStore for EmbeddedStore {
             log_quarantined(quarantined);
         }
         Ok(moved)
+    }
+
+    async fn put_user(&self, user: &UserRecord) -> Result<()> {
+        let bytes = codec::encode(user)?;
+        self.put_bytes("writing user", USERS, user.name.clone(), bytes)
+            .await
+    }
+
+    async fn remove_user(&self, name: &str) -> Result<bool> {
+        let key = name.to_owned();
+        self.run_blocking("removing user", move |database| {
+            let operation = "removing user";
+            let transaction = database.begin_write().within(operation, &key)?;
+            let existed = transaction
+                .open_table(USERS)
+                .within(operation, &key)?
+                .remove(key.as_str())
+                .within(operation, &key)?
+                .is_some();
+            transaction.commit().within(operation, &key)?;
+            Ok(existed)
+        })
+        .await
+    }
+
+    async fn list_users(&self) -> Result<Vec<UserRecord>> {
+        let stored = self
+            .run_blocking("listing users", |database| {
+                let operation = "listing users";
+                let transaction = database.begin_read().within(operation, "")?;
+                let users = transaction.open_table(USERS).within(operation, "")?;
+                let mut stored = Vec::new();
+                for entry in users.iter().within(operation, "")? {
+                    let (key, value) = entry.within(operation, "")?;
+                    stored.push((key.value().to_owned(), value.value().to_vec()));
+                }
+                Ok(stored)
+            })
+            .await?;
+        Ok(super::decode_users(stored))
+    }
+
+    async fn append_audit(&self, entry: AuditEntry) -> Result<u64> {
+        self.run_blocking("appending to the audit log", move |database| {
+            let operation = "appending to the audit log";
+            let transaction = database.begin_write().within(operation, AUDIT_SEQ_KEY)?;
+            let seq = {
+                let mut meta = transaction
+                    .open_table(META)
+                    .within(operation, AUDIT_SEQ_KEY)?;
+                let seq = meta
+                    .get(AUDIT_SEQ_KEY)
+                    .within(operation, AUDIT_SEQ_KEY)?
+                    .map_or(0, |guard| guard.value())
+                    + 1;
+                meta.insert(AUDIT_SEQ_KEY, seq)
+                    .within(operation, AUDIT_SEQ_KEY)?;
+                seq
+            };
+            let bytes = codec::encode(&AuditEntry { seq, ..entry }.bounded())?;
+            {
+                let mut audit = transaction.open_table(AUDIT).within(operation, "")?;
+                audit.insert(seq, bytes.as_slice()).within(operation, "")?;
+                // Keep the newest entries: drop the one that just fell out of the window.
+                if let Some(oldest) = seq.checked_sub(MAX_AUDIT_ENTRIES) {
+                    audit.remove(oldest).within(operation, "")?;
+                }
+            }
+            transaction.commit().within(operation, AUDIT_SEQ_KEY)?;
+            Ok(seq)
+        })
+        .await
+    }
+
+    async fn list_audit(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditEntry>> {
+        let stored = self
+            .run_blocking("reading the audit log", move |database| {
+                let operation = "reading the audit log";
+                let transaction = database.begin_read().within(operation, "")?;
+                let audit = transaction.open_table(AUDIT).within(operation, "")?;
+                let mut stored = Vec::new();
+                let start = after_seq.saturating_add(1);
+                for entry in audit.range(start..).within(operation, "")?.take(limit) {
+                    let (seq, value) = entry.within(operation, "")?;
+                    stored.push((seq.value(), value.value().to_vec()));
+                }
+                Ok(stored)
+            })
+            .await?;
+        Ok(super::decode_audit(stored))
     }
 
     async fn list_quarantined(&self) -> Result<Vec<QuarantinedRecord>> {

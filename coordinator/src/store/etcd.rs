@@ -34,7 +34,9 @@ use super::{
     ClusterStore, Listing, QuarantineNote, Quarantined, QuarantinedRecord, RecordKind,
     decode_record, log_quarantined, quarantine_slots,
 };
+use crate::auth::records::{AuditEntry, UserRecord};
 use crate::error::{Error, Result};
+use crate::limits::MAX_AUDIT_ENTRIES;
 use crate::model::{JobRecord, NodeRecord};
 
 /// Key prefix used when the operator names none.
@@ -205,6 +207,67 @@ impl EtcdStore {
                 Err(self.etcd_error(operation, format!("no answer within {REQUEST_TIMEOUT:?}")))
             }
         }
+    }
+
+    /// Advances the counter at `key` by one in a transaction that also applies `with(next)`,
+    /// retrying when another writer advanced it first; returns the new value.
+    async fn advance_sequence(
+        &self,
+        operation: &str,
+        key: String,
+        with: impl Fn(u64) -> Vec<TxnOp>,
+    ) -> Result<u64> {
+        let mut kv = self.kv.clone();
+        // Current (value, mod_revision); a missing key has mod_revision 0, which is exactly what
+        // a compare on a missing key's mod_revision sees.
+        let response = self.request(operation, kv.get(key.clone(), None)).await?;
+        let mut current = match response.kvs().first() {
+            Some(pair) => (parse_sequence(&key, pair.value())?, pair.mod_revision()),
+            None => (0, 0),
+        };
+        for _ in 1..=MAX_SEQUENCE_ATTEMPTS {
+            let (last, mod_revision) = current;
+            let next = last.checked_add(1).ok_or_else(|| {
+                Error::Store(format!("{operation}: sequence {key} exhausted at {last}"))
+            })?;
+            let mut then = vec![TxnOp::put(key.clone(), next.to_string(), None)];
+            then.extend(with(next));
+            let transaction = Txn::new()
+                .when([Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    mod_revision,
+                )])
+                .and_then(then)
+                .or_else([TxnOp::get(key.clone(), None)]);
+            let response = self.request(operation, kv.txn(transaction)).await?;
+            if response.succeeded() {
+                return Ok(next);
+            }
+            // Someone else advanced the counter: retry from what the failed transaction read.
+            current = match response.op_responses().first() {
+                Some(TxnOpResponse::Get(get)) => match get.kvs().first() {
+                    Some(pair) => (parse_sequence(&key, pair.value())?, pair.mod_revision()),
+                    None => (0, 0),
+                },
+                _ => {
+                    return Err(self.etcd_error(
+                        operation,
+                        "transaction failed without returning the current value",
+                    ));
+                }
+            };
+        }
+        warn!(attempts = MAX_SEQUENCE_ATTEMPTS, key, "sequence contention");
+        Err(self.etcd_error(
+            operation,
+            format!("still conflicting after {MAX_SEQUENCE_ATTEMPTS} attempts"),
+        ))
+    }
+
+    /// Key of audit entry `seq`: zero-padded, so that keys sort as numbers.
+    fn audit_key(&self, seq: u64) -> String {
+        format!("{}/audit/{seq:020}", self.prefix)
     }
 
     /// Writes one value.
@@ -506,53 +569,13 @@ fn parse_sequence(key: &str, value: &[u8]) -> Result<u64> {
 #[async_trait]
 impl ClusterStore for EtcdStore {
     async fn next_job_seq(&self) -> Result<u64> {
-        let operation = "allocating job sequence";
-        let key = self.job_seq_key();
-        let mut kv = self.kv.clone();
-        // Current (value, mod_revision); a missing key has mod_revision 0, which is exactly what
-        // a compare on a missing key's mod_revision sees.
-        let response = self.request(operation, kv.get(key.clone(), None)).await?;
-        let mut current = match response.kvs().first() {
-            Some(pair) => (parse_sequence(&key, pair.value())?, pair.mod_revision()),
-            None => (0, 0),
-        };
-        for attempt in 1..=MAX_SEQUENCE_ATTEMPTS {
-            let (last, mod_revision) = current;
-            let next = last.checked_add(1).ok_or_else(|| {
-                Error::Store(format!("{operation}: job sequence exhausted at {last}"))
-            })?;
-            let transaction = Txn::new()
-                .when([Compare::mod_revision(
-                    key.clone(),
-                    CompareOp::Equal,
-                    mod_revision,
-                )])
-                .and_then([TxnOp::put(key.clone(), next.to_string(), None)])
-                .or_else([TxnOp::get(key.clone(), None)]);
-            let response = self.request(operation, kv.txn(transaction)).await?;
-            if response.succeeded() {
-                debug!(sequence = next, attempt, "allocated job sequence");
-                return Ok(next);
-            }
-            // Someone else advanced the counter: retry from what the failed transaction read.
-            current = match response.op_responses().first() {
-                Some(TxnOpResponse::Get(get)) => match get.kvs().first() {
-                    Some(pair) => (parse_sequence(&key, pair.value())?, pair.mod_revision()),
-                    None => (0, 0),
-                },
-                _ => {
-                    return Err(self.etcd_error(
-                        operation,
-                        "transaction failed without returning the current value",
-                    ));
-                }
-            };
-        }
-        warn!(attempts = MAX_SEQUENCE_ATTEMPTS, "job sequence contention");
-        Err(self.etcd_error(
-            operation,
-            format!("still conflicting after {MAX_SEQUENCE_ATTEMPTS} attempts"),
-        ))
+        let sequence = self
+            .advance_sequence("allocating job sequence", self.job_seq_key(), |_| {
+                Vec::new()
+            })
+            .await?;
+        debug!(sequence, "allocated job sequence");
+        Ok(sequence)
     }
 
     async fn put_job(&self, job: &JobRecord) -> Result<()> {
@@ -592,6 +615,79 @@ impl ClusterStore for EtcdStore {
 
     async fn list_nodes(&self) -> Result<Listing<NodeRecord>> {
         self.list_records(RecordKind::Node).await
+    }
+
+    async fn put_user(&self, user: &UserRecord) -> Result<()> {
+        let bytes = codec::encode(user)?;
+        let key = format!("{}/users/{}", self.prefix, user.name);
+        self.put_bytes(&format!("writing user {}", user.name), key, bytes)
+            .await
+    }
+
+    async fn remove_user(&self, name: &str) -> Result<bool> {
+        let mut kv = self.kv.clone();
+        let key = format!("{}/users/{name}", self.prefix);
+        let response = self
+            .request(&format!("removing user {name}"), kv.delete(key, None))
+            .await?;
+        Ok(response.deleted() > 0)
+    }
+
+    async fn list_users(&self) -> Result<Vec<UserRecord>> {
+        let stored = self.list_bytes("listing users", "users").await?;
+        Ok(super::decode_users(
+            stored
+                .into_iter()
+                .map(|(name, bytes, _)| (name, bytes))
+                .collect(),
+        ))
+    }
+
+    async fn append_audit(&self, entry: AuditEntry) -> Result<u64> {
+        let key = format!("{}/meta/audit_seq", self.prefix);
+        let entry = entry.bounded();
+        // Encoded inside the transaction builder, which runs per attempt with that attempt's
+        // sequence number; an encoding failure is found first, outside it.
+        codec::encode(&entry)?;
+        self.advance_sequence("appending to the audit log", key, |seq| {
+            let bytes = codec::encode(&AuditEntry {
+                seq,
+                ..entry.clone()
+            })
+            .unwrap_or_default();
+            let mut ops = vec![TxnOp::put(self.audit_key(seq), bytes, None)];
+            // Keep the newest entries: drop the one that just fell out of the window.
+            if let Some(oldest) = seq.checked_sub(MAX_AUDIT_ENTRIES) {
+                ops.push(TxnOp::delete(self.audit_key(oldest), None));
+            }
+            ops
+        })
+        .await
+    }
+
+    async fn list_audit(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditEntry>> {
+        let start = self.audit_key(after_seq.saturating_add(1));
+        let range_end = prefix_range_end(format!("{}/audit/", self.prefix).as_bytes());
+        let options = GetOptions::new()
+            .with_range(range_end)
+            .with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
+        let mut kv = self.kv.clone();
+        let response = self
+            .request("reading the audit log", kv.get(start, Some(options)))
+            .await?;
+        let stored = response
+            .kvs()
+            .iter()
+            .map(|pair| {
+                let seq = String::from_utf8_lossy(pair.key())
+                    .rsplit('/')
+                    .next()
+                    .and_then(|digits| digits.parse().ok())
+                    .unwrap_or(0);
+                (seq, pair.value().to_vec())
+            })
+            .collect();
+        Ok(super::decode_audit(stored))
     }
 
     async fn quarantine_job(&self, id: &JobId, reason: &str) -> Result<Option<Quarantined>> {

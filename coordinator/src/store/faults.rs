@@ -19,6 +19,7 @@ use cohort_proto::JobId;
 use tokio::sync::watch;
 
 use super::{ClusterStore, Listing, Quarantined, QuarantinedRecord};
+use crate::auth::records::{AuditEntry, UserRecord};
 use crate::error::{Error, Result};
 use crate::lifecycle::JobState;
 use crate::model::{JobRecord, NodeRecord};
@@ -155,5 +156,28 @@ impl ClusterStore for FaultyStore {
 
     async fn list_quarantined(&self) -> Result<Vec<QuarantinedRecord>> {
         self.inner.list_quarantined().await
+    }
+
+    async fn put_user(&self, user: &UserRecord) -> Result<()> {
+        self.injected_failure("writing user")?;
+        self.inner.put_user(user).await
+    }
+
+    async fn remove_user(&self, name: &str) -> Result<bool> {
+        self.injected_failure("removing user")?;
+        self.inner.remove_user(name).await
+    }
+
+    async fn list_users(&self) -> Result<Vec<UserRecord>> {
+        self.inner.list_users().await
+    }
+
+    async fn append_audit(&self, entry: AuditEntry) -> Result<u64> {
+        self.injected_failure("appending to the audit log")?;
+        self.inner.append_audit(entry).await
+    }
+
+    async fn list_audit(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditEntry>> {
+        self.inner.list_audit(after_seq, limit).await
     }
 }

@@ -28,6 +28,7 @@ use cohort_proto::JobId;
 use serde::{Deserialize, Serialize};
 use tracing::error;
 
+use crate::auth::records::{AuditEntry, UserRecord};
 use crate::error::Result;
 use crate::model::{JobRecord, NodeRecord, UnixMillis};
 
@@ -58,6 +59,18 @@ pub trait ClusterStore: Send + Sync + 'static {
     async fn quarantine_job(&self, id: &JobId, reason: &str) -> Result<Option<Quarantined>>;
     /// Returns every quarantined record with its raw bytes, jobs first, each kind by slot.
     async fn list_quarantined(&self) -> Result<Vec<QuarantinedRecord>>;
+    /// Inserts or replaces user `user.name`.
+    async fn put_user(&self, user: &UserRecord) -> Result<()>;
+    /// Removes user `name`; returns whether there was one.
+    async fn remove_user(&self, name: &str) -> Result<bool>;
+    /// Every user that decodes, sorted by name. One that does not decode is left where it is
+    /// and logged: that user cannot sign in until added again, and nobody else is affected.
+    async fn list_users(&self) -> Result<Vec<UserRecord>>;
+    /// Appends `entry` under the next sequence number (its own `seq` is ignored) and returns
+    /// that number; keeps the newest [`crate::limits::MAX_AUDIT_ENTRIES`].
+    async fn append_audit(&self, entry: AuditEntry) -> Result<u64>;
+    /// The entries after `after_seq`, oldest first, at most `limit`.
+    async fn list_audit(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditEntry>>;
 }
 
 /// The kinds of record a store keeps.
@@ -199,6 +212,36 @@ fn log_quarantined(quarantined: &Quarantined) {
 }
 
 /// Decodes a stored record, naming the record in the error (`job mnist-3: decoding ...`).
+/// The users among `stored` (name, bytes) that decode, sorted by name; the rest are logged.
+fn decode_users(stored: Vec<(String, Vec<u8>)>) -> Vec<UserRecord> {
+    let mut users: Vec<UserRecord> = stored
+        .into_iter()
+        .filter_map(|(name, bytes)| match codec::decode::<UserRecord>(&bytes) {
+            Ok(user) => Some(user),
+            Err(error) => {
+                error!(user = %name, %error, "a stored user does not decode; they cannot sign in until added again");
+                None
+            }
+        })
+        .collect();
+    users.sort_by(|a, b| a.name.cmp(&b.name));
+    users
+}
+
+/// Decodes stored audit entries, skipping (and logging) any that do not decode.
+fn decode_audit(stored: Vec<(u64, Vec<u8>)>) -> Vec<AuditEntry> {
+    stored
+        .into_iter()
+        .filter_map(|(seq, bytes)| match codec::decode::<AuditEntry>(&bytes) {
+            Ok(entry) => Some(entry),
+            Err(error) => {
+                error!(seq, %error, "a stored audit entry does not decode; skipped");
+                None
+            }
+        })
+        .collect()
+}
+
 fn decode_record<T: codec::Record>(bytes: &[u8], kind: RecordKind, key: &str) -> Result<T> {
     codec::decode(bytes)
         .map_err(|error| crate::error::Error::Store(format!("{} {key}: {error}", kind.name())))

@@ -5,8 +5,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cohort_proto::ps_v1::{self, parameter_server_client::ParameterServerClient, pull_chunk};
+use cohort_proto::transport::{Connection, Credentials};
 use prost::Message;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::config::{CONNECTION_WINDOW_BYTES, ClientConfig, MAX_FRAME_BYTES, STREAM_WINDOW_BYTES};
 use crate::encoding::{self, DType};
@@ -88,7 +89,7 @@ pub(crate) struct ShardConnection {
     /// Where it listens.
     pub(crate) address: String,
     /// The gRPC client.
-    pub(crate) client: ParameterServerClient<Channel>,
+    pub(crate) client: ParameterServerClient<Connection>,
     /// Largest chunk payload to send.
     pub(crate) max_chunk_bytes: usize,
     /// Largest number of rows in one chunk.
@@ -188,7 +189,9 @@ pub(crate) async fn connect_shard(
         }
     };
     let message_bytes = config.max_message_bytes();
-    let mut client = ParameterServerClient::new(channel)
+    let credentials = Credentials::new(config.token.as_ref())
+        .map_err(|error| Error::InvalidArgument(format!("{}: {error}", context())))?;
+    let mut client = ParameterServerClient::new(credentials.wrap(channel))
         .max_decoding_message_size(message_bytes)
         .max_encoding_message_size(message_bytes);
     let mut connection = ShardConnection {
