@@ -46,6 +46,16 @@ pub fn default_path() -> Option<PathBuf> {
 
 /// Reads the file at `path`; `None` when there is none. Refuses a file others may read.
 pub fn read(path: &Path) -> Result<Option<CredentialsFile>> {
+    let Some(text) = read_private(path)? else {
+        return Ok(None);
+    };
+    let file = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(Some(file))
+}
+
+/// The text of a file that holds a secret (`None` when it does not exist), refused when its
+/// group or others may read it, as ssh refuses such a private key.
+pub fn read_private(path: &Path) -> Result<Option<String>> {
     let metadata = match std::fs::metadata(path) {
         Ok(metadata) => metadata,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -61,8 +71,7 @@ pub fn read(path: &Path) -> Result<Option<CredentialsFile>> {
     }
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let file = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    Ok(Some(file))
+    Ok(Some(text))
 }
 
 /// Writes `credentials` to `path` (mode 0600 from the start, replaced atomically), creating

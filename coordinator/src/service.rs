@@ -87,17 +87,17 @@ impl JobControl for CoordinatorService {
         request: Request<SubmitJobRequest>,
     ) -> Result<Response<SubmitJobResponse>, Status> {
         let caller = self.auth.caller(bearer(&request))?;
-        let allowed = authorize(&caller, Action::Submit);
-        let Caller::User {
-            name: submitter, ..
-        } = &caller
-        else {
-            self.auth.audit(&caller, "submit", "", &allowed).await;
-            return Err(allowed
-                .err()
-                .map_or_else(|| Status::internal("a non-user submitted"), Status::from));
+        let submitter = match (authorize(&caller, Action::Submit), caller.user_name()) {
+            (Ok(()), Some(name)) => name.to_owned(),
+            (refused, _) => {
+                let refused = refused.err().unwrap_or_else(|| {
+                    Error::PermissionDenied(format!("{caller} may not submit jobs"))
+                });
+                let outcome: Result<(), &Error> = Err(&refused);
+                self.auth.audit(&caller, "submit", "", &outcome).await;
+                return Err(refused.into());
+            }
         };
-        let submitter = submitter.clone();
         let request = request.into_inner();
         // A submission runs to its end on a task of its own: a client that hangs up while its
         // job's record is being written must not leave the job stored but unknown to the

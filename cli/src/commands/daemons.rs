@@ -75,19 +75,8 @@ pub fn coordinator_config(settings: &ClusterSettings) -> Result<CoordinatorConfi
 
 /// Reads a token file: one line, readable by its owner alone (like an ssh key).
 pub fn read_token_file(path: &Path) -> Result<Secret> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let metadata =
-        std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
-    let mode = metadata.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        bail!(
-            "{} is readable by others (mode {mode:03o}): it holds a token; `chmod 600 {}`",
-            path.display(),
-            path.display()
-        );
-    }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = crate::credentials::read_private(path)?
+        .with_context(|| format!("{} does not exist", path.display()))?;
     let token = text.trim();
     if token.is_empty() || !token.bytes().all(|byte| byte.is_ascii_graphic()) {
         bail!(

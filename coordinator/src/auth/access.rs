@@ -29,6 +29,16 @@ pub enum Caller {
     Job(JobId),
 }
 
+impl Caller {
+    /// The user's name, for a user.
+    pub fn user_name(&self) -> Option<&str> {
+        match self {
+            Caller::User { name, .. } => Some(name),
+            Caller::Worker | Caller::Job(_) => None,
+        }
+    }
+}
+
 impl fmt::Display for Caller {
     /// `user alice`, `a worker`, `job train-7`: how the audit log and refusals name a caller.
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -113,7 +123,7 @@ pub fn authorize(caller: &Caller, action: Action<'_>) -> Result<()> {
 pub fn sees_job(caller: &Caller, owner: &str) -> bool {
     match caller {
         Caller::User { admin: true, .. } => true,
-        Caller::User { name, .. } => name == owner,
+        Caller::User { .. } => caller.user_name() == Some(owner),
         Caller::Worker | Caller::Job(_) => false,
     }
 }
