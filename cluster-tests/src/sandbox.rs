@@ -38,6 +38,23 @@ pub async fn connect_as(
     Ok(cohort_proto::transport::Credentials::new(token.as_ref())?.wrap(channel))
 }
 
+/// A registration of node `node_id` on 127.0.0.1 offering one CPU slot, as a hand-made worker
+/// sends it.
+pub fn one_slot_registration(node_id: &str) -> cohort_proto::v1::RegisterRequest {
+    cohort_proto::v1::RegisterRequest {
+        node_id: node_id.to_owned(),
+        hostname: node_id.to_owned(),
+        address: "127.0.0.1".to_owned(),
+        devices: vec![cohort_proto::v1::Device {
+            kind: cohort_proto::v1::DeviceKind::Cpu as i32,
+            index: 0,
+            name: "cpu slot".to_owned(),
+            ..cohort_proto::v1::Device::default()
+        }],
+        ..cohort_proto::v1::RegisterRequest::default()
+    }
+}
+
 /// Finds the `cohort` executable: `$COHORT_BIN`, else the one built next to this test binary
 /// (`target/<profile>/cohort`).
 pub fn cohort_executable() -> PathBuf {

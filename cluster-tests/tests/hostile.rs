@@ -4,14 +4,15 @@
 //! their input back at length.
 
 use anyhow::{Context, Result, bail};
-use cohort_cluster_tests::sandbox::{DEFAULT_TIMEOUT, Sandbox, connect_as, shell_job};
+use cohort_cluster_tests::sandbox::{
+    DEFAULT_TIMEOUT, Sandbox, connect_as, one_slot_registration, shell_job,
+};
 use cohort_proto::MAX_MESSAGE_BYTES;
 use cohort_proto::transport::Connection;
 use cohort_proto::v1::job_control_client::JobControlClient;
 use cohort_proto::v1::membership_client::MembershipClient;
 use cohort_proto::v1::{
-    Device, DeviceKind, HeartbeatRequest, RankReport, RankState, RegisterRequest, SubmitJobRequest,
-    instruction,
+    HeartbeatRequest, RankReport, RankState, RegisterRequest, SubmitJobRequest, instruction,
 };
 
 /// `SubmitJobRequest` as raw bytes, so a test can send a spec that is not UTF-8.
@@ -68,17 +69,8 @@ impl FakeWorker {
         let mut client = MembershipClient::new(connect_as(address, Some(join_token)).await?);
         let mut stream = client
             .register(RegisterRequest {
-                node_id: node_id.to_owned(),
                 hostname: "fake".to_owned(),
-                address: "127.0.0.1".to_owned(),
-                devices: vec![Device {
-                    kind: DeviceKind::Cpu as i32,
-                    index: 0,
-                    name: "cpu slot".to_owned(),
-                    ..Device::default()
-                }],
-                ranks: Vec::new(),
-                session_id: String::new(),
+                ..one_slot_registration(node_id)
             })
             .await?
             .into_inner();

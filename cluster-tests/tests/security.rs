@@ -5,9 +5,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use cohort_cluster_tests::sandbox::{DEFAULT_TIMEOUT, Sandbox, connect_as, shell_job};
+use cohort_cluster_tests::sandbox::{
+    DEFAULT_TIMEOUT, Sandbox, connect_as, one_slot_registration, shell_job,
+};
 use cohort_proto::v1::membership_client::MembershipClient;
-use cohort_proto::v1::{Device, DeviceKind, RegisterRequest};
 
 /// Runs `args` as `token`; returns (success, stdout, stderr).
 fn run(cluster: &Sandbox, token: Option<&str>, args: &[&str]) -> Result<(bool, String, String)> {
@@ -143,18 +144,7 @@ async fn workers_need_the_join_token_and_cannot_take_a_live_nodes_id() -> Result
         Ok(cluster)
     })
     .await??;
-    let request = |node: &str| RegisterRequest {
-        node_id: node.to_owned(),
-        hostname: "fake".to_owned(),
-        address: "127.0.0.1".to_owned(),
-        devices: vec![Device {
-            kind: DeviceKind::Cpu as i32,
-            index: 0,
-            name: "cpu slot".to_owned(),
-            ..Device::default()
-        }],
-        ..RegisterRequest::default()
-    };
+    let request = one_slot_registration;
     let join = std::fs::read_to_string(cluster.join_token_file())?;
     for (token, code) in [
         (None, tonic::Code::Unauthenticated),

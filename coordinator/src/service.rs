@@ -617,18 +617,7 @@ mod tests {
         /// Registers a one-slot node, places `job_id` on it, and returns the job's token as
         /// the start instruction carried it.
         async fn place(&self, job_id: &str) -> String {
-            let request = RegisterRequest {
-                node_id: "node-1".to_owned(),
-                hostname: "node-1".to_owned(),
-                address: "127.0.0.1".to_owned(),
-                devices: vec![Device {
-                    kind: DeviceKind::Cpu as i32,
-                    index: 0,
-                    name: "cpu slot".to_owned(),
-                    ..Device::default()
-                }],
-                ..RegisterRequest::default()
-            };
+            let request = cohort_cluster_tests::sandbox::one_slot_registration("node-1");
             let mut stream = self
                 .service
                 .register(call(request, Some(&self.join)))
