@@ -27,6 +27,9 @@ pub struct CoordinatorArgs {
     /// $COHORT_CREDENTIALS, else ~/.config/cohort/credentials.toml, which `cohort up` writes].
     #[arg(long, env = "COHORT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Whom to trust.
+    #[command(flatten)]
+    pub trust: TrustArgs,
 }
 
 impl CoordinatorArgs {
@@ -51,6 +54,13 @@ impl CoordinatorArgs {
                 .as_deref()
                 .map(cohort_proto::Secret::new)
                 .or_else(|| crate::credentials::token_in(&file)),
+            ca: self
+                .trust
+                .ca
+                .clone()
+                .or(file.ca.clone())
+                .map(|path| cohort_proto::transport::CaCertificate::read(&path))
+                .transpose()?,
         })
     }
 }
@@ -89,6 +99,9 @@ pub enum Command {
     /// Show the audit log of mutating calls: submissions, cancellations, user and node changes
     /// (admins only).
     Audit(AuditArgs),
+    /// Make TLS certificates: a cluster CA and certificates it signs, for the coordinator and
+    /// for nodes.
+    Certs(CertsArgs),
     /// Use the rendezvous store of the running job (from inside a rank).
     Kv(KvArgs),
     /// Benchmarks: print a table and, as the last line, one JSON object.
@@ -414,10 +427,28 @@ pub struct CoordinatorDaemonArgs {
     /// Write the bound address to this file once serving (useful with port 0).
     #[arg(long)]
     pub address_file: Option<PathBuf>,
-    /// Listen off loopback although calls (tokens, job specs, logs) then cross the network
-    /// unencrypted: Cohort does not serve TLS yet. Logged as a warning on every start.
+    /// Serve TLS with this certificate (PEM; `cohort certs create` makes one). Needs
+    /// --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Listen off loopback without TLS although calls (tokens, job specs, logs) then cross the
+    /// network unencrypted. Logged as a warning on every start.
     #[arg(long)]
     pub insecure: bool,
+}
+
+/// TLS settings of a client of the cluster: whom to trust.
+#[derive(Debug, Clone, Args)]
+pub struct TrustArgs {
+    /// The cluster's CA certificate (PEM): the coordinator and parameter servers are trusted
+    /// only with a certificate it signed, and every call uses TLS [default: the credentials
+    /// file's; none: plaintext, unless the address starts with https://, which trusts the
+    /// Mozilla roots].
+    #[arg(long, env = "COHORT_CA")]
+    pub ca: Option<PathBuf>,
 }
 
 /// `cohort worker`.
@@ -456,6 +487,50 @@ pub struct WorkerDaemonArgs {
     /// every user of the machine can read it).
     #[arg(long, env = "COHORT_JOIN_TOKEN", hide = true, hide_env_values = true)]
     pub join_token: Option<String>,
+    /// Whom to trust: with a CA, the worker and its ranks reach the coordinator over TLS.
+    #[command(flatten)]
+    pub trust: TrustArgs,
+    /// This node's TLS certificate (PEM, for the advertised address), which the parameter
+    /// servers it runs serve. Needed on a TLS cluster unless the node advertises a loopback
+    /// address. Needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// `cohort certs`.
+#[derive(Debug, Args)]
+pub struct CertsArgs {
+    /// What to make.
+    #[command(subcommand)]
+    pub command: CertsCommand,
+}
+
+/// Every `cohort certs` subcommand.
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Make a certificate for the given hosts, signed by the CA in --out (made there first,
+    /// as ca.pem and ca-key.pem, when there is none). Writes NAME.pem and NAME-key.pem.
+    Create(CertsCreateArgs),
+}
+
+/// `cohort certs create`.
+#[derive(Debug, Args)]
+pub struct CertsCreateArgs {
+    /// Directory of the CA and the certificates (created, mode 0700, if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A host name or IP address clients use to reach the server; repeat for several.
+    #[arg(long = "host", required = true, value_name = "NAME_OR_IP")]
+    pub hosts: Vec<String>,
+    /// The certificate's name: its files are NAME.pem and NAME-key.pem.
+    #[arg(long, default_value = "coordinator")]
+    pub name: String,
+    /// Days the certificate is valid (the CA, made once, is valid for ten years).
+    #[arg(long, default_value_t = 365)]
+    pub days: u32,
 }
 
 /// `cohort up`.

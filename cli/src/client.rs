@@ -4,12 +4,11 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use cohort_proto::transport::{Connection, Credentials};
+use cohort_proto::transport::{self, CaCertificate, Connection, Credentials};
 use cohort_proto::v1::job_control_client::JobControlClient;
 use cohort_proto::v1::rendezvous_client::RendezvousClient;
 use cohort_proto::v1::{JobInfo, ListJobsRequest, SubmitJobRequest};
 use cohort_proto::{MAX_MESSAGE_BYTES, Secret};
-use tonic::transport::Endpoint;
 
 /// A coordinator and who to be there.
 #[derive(Debug, Clone)]
@@ -18,20 +17,31 @@ pub struct Target {
     pub address: String,
     /// The token to show (a user's, or inside a rank its job's).
     pub token: Option<Secret>,
+    /// The cluster's CA: with one, calls use TLS and trust only what it signed.
+    pub ca: Option<CaCertificate>,
 }
 
 /// Opens a channel to the coordinator of `target`, failing fast when nothing answers.
 pub async fn channel(target: &Target) -> Result<Connection> {
     let address = &target.address;
     let credentials = Credentials::new(target.token.as_ref())?;
-    let channel = Endpoint::from_shared(format!("http://{address}"))
-        .with_context(|| format!("coordinator address {address:?}"))?
+    let channel = transport::endpoint(address, target.ca.as_ref())?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .connect()
         .await
         .with_context(|| {
-            format!("cannot reach the coordinator at {address} (is it running? see `cohort up`)")
+            if transport::uses_tls(address, target.ca.as_ref()) {
+                format!(
+                    "cannot reach the coordinator at {address} over TLS (is it running, and \
+                     does its certificate name this address and chain to the CA?)"
+                )
+            } else {
+                format!(
+                    "cannot reach the coordinator at {address} (is it running? see `cohort \
+                     up`; one that serves TLS needs --ca)"
+                )
+            }
         })?;
     Ok(credentials.wrap(channel))
 }
@@ -50,9 +60,24 @@ pub async fn rendezvous(target: &Target) -> Result<RendezvousClient<Connection>>
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
-/// Turns a gRPC status into an error carrying only its message.
+/// Turns a gRPC status into an error carrying only its message, with a hint when the
+/// connection itself broke (as it does when a plaintext client meets a TLS coordinator).
 pub fn status(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", status.message())
+    let broken = matches!(
+        status.code(),
+        tonic::Code::Cancelled | tonic::Code::Unavailable
+    ) || ["h2 protocol error", "transport error"]
+        .iter()
+        .any(|prefix| status.message().starts_with(prefix));
+    if broken {
+        anyhow::anyhow!(
+            "{} (the connection to the coordinator broke: is it still running? one that \
+             serves TLS needs --ca, or `ca` in the credentials file)",
+            status.message()
+        )
+    } else {
+        anyhow::anyhow!("{}", status.message())
+    }
 }
 
 /// Submits a job spec and returns the queued job.

@@ -7,6 +7,7 @@
 //! ```toml
 //! coordinator = "127.0.0.1:7077"
 //! token = "cohort-user-..."
+//! ca = "/etc/cohort/ca.pem"    # a TLS cluster's CA; absent: plaintext (loopback)
 //! ```
 //!
 //! A token is a password: like ssh with a private key, the CLI refuses a file that its group
@@ -30,6 +31,9 @@ pub struct CredentialsFile {
     /// The user's token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// The cluster's CA certificate (a path): calls use TLS and trust what it signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
 }
 
 /// Where the credentials file is, by the environment (`None` without a home directory).
@@ -115,6 +119,7 @@ mod tests {
         let credentials = CredentialsFile {
             coordinator: Some("127.0.0.1:7077".to_owned()),
             token: Some("cohort-user-abc".to_owned()),
+            ca: Some(PathBuf::from("/etc/cohort/ca.pem")),
         };
         write(&path, &credentials).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;

@@ -106,6 +106,7 @@ impl LocalCluster {
         let target = Target {
             address: prepared.listener.local_addr()?.to_string(),
             token: prepared.admin_token.clone(),
+            ca: None,
         };
         let join_token = prepared.join_token.clone();
         let (stop_coordinator, coordinator_stopped) = oneshot::channel::<()>();

@@ -203,6 +203,10 @@ pub struct SandboxOptions {
     pub heartbeat_deadline_s: f64,
     /// Limit on the coordinator's open files (`RLIMIT_NOFILE`). Default: the test's own.
     pub coordinator_open_files: Option<u64>,
+    /// Whether the cluster serves TLS (`cohort certs create` in the sandbox; clients and
+    /// workers get the CA, workers the certificate). Default: only on a network (a
+    /// coordinator off loopback refuses to start without it).
+    pub tls: bool,
 }
 
 impl Default for SandboxOptions {
@@ -211,8 +215,22 @@ impl Default for SandboxOptions {
             store: Store::Embedded,
             heartbeat_deadline_s: 5.0,
             coordinator_open_files: None,
+            tls: false,
         }
     }
+}
+
+/// A sandbox cluster's TLS files: one CA, and one certificate naming every address of the
+/// cluster (loopback and each network host), which the coordinator and every worker serve.
+/// A real cluster gives each node its own; one is enough for tests.
+#[derive(Debug, Clone)]
+pub struct SandboxTls {
+    /// The CA certificate clients trust.
+    pub ca: PathBuf,
+    /// The certificate.
+    pub certificate: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
 }
 
 /// A running cluster for one test.
@@ -239,6 +257,8 @@ pub struct Sandbox {
     /// the CLI on host 0, each worker on the host it was given. Dropped last, after every
     /// process on it.
     network: Option<TestNetwork>,
+    /// The TLS files, when the cluster serves TLS.
+    tls: Option<SandboxTls>,
 }
 
 impl Sandbox {
@@ -274,6 +294,7 @@ impl Sandbox {
             store,
             heartbeat_deadline_s,
             coordinator_open_files,
+            tls,
         } = options;
         let directory = tempfile::Builder::new()
             .prefix("cohort-sandbox-")
@@ -301,17 +322,74 @@ impl Sandbox {
             files: 0,
             admin_token: String::new(),
             network,
+            tls: None,
         };
+        if tls || sandbox.network.is_some() {
+            let files = sandbox.make_certificates()?;
+            sandbox.coordinator_flags.extend([
+                "--tls-cert".to_owned(),
+                files.certificate.display().to_string(),
+                "--tls-key".to_owned(),
+                files.key.display().to_string(),
+            ]);
+            sandbox.tls = Some(files);
+        }
         let listen = match &sandbox.network {
-            Some(network) => {
-                // Off loopback without TLS (which Cohort does not serve yet): only when asked.
-                sandbox.coordinator_flags.push("--insecure".to_owned());
-                format!("{}:0", network.address(0))
-            }
+            Some(network) => format!("{}:0", network.address(0)),
             None => "127.0.0.1:0".to_owned(),
         };
         sandbox.start_coordinator(&listen)?;
         Ok(sandbox)
+    }
+
+    /// Makes the cluster's CA and certificate with `cohort certs create`.
+    fn make_certificates(&self) -> Result<SandboxTls> {
+        let out = self.directory.path().join("certs");
+        let mut hosts = vec!["127.0.0.1".to_owned()];
+        if let Some(network) = &self.network {
+            hosts.extend((0..network.hosts()).map(|host| network.address(host).to_string()));
+        }
+        let mut command = Command::new(&self.executable);
+        command.args(["certs", "create", "--out", &out.display().to_string()]);
+        command.args(["--name", "cluster"]);
+        for host in &hosts {
+            command.args(["--host", host]);
+        }
+        let output = command.output().context("running cohort certs create")?;
+        if !output.status.success() {
+            bail!(
+                "cohort certs create failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(SandboxTls {
+            ca: out.join("ca.pem"),
+            certificate: out.join("cluster.pem"),
+            key: out.join("cluster-key.pem"),
+        })
+    }
+
+    /// The cluster's TLS files, when it serves TLS.
+    pub fn tls(&self) -> Option<&SandboxTls> {
+        self.tls.as_ref()
+    }
+
+    /// Opens a gRPC connection to the coordinator that shows `token` (none: no credentials),
+    /// over TLS trusting the cluster's CA when it serves TLS.
+    pub async fn connect(
+        &self,
+        token: Option<&str>,
+    ) -> Result<cohort_proto::transport::Connection> {
+        let ca = self
+            .tls
+            .as_ref()
+            .map(|tls| cohort_proto::transport::CaCertificate::read(&tls.ca))
+            .transpose()?;
+        let channel = cohort_proto::transport::endpoint(&self.address, ca.as_ref())?
+            .connect()
+            .await?;
+        let token = token.map(cohort_proto::Secret::new);
+        Ok(cohort_proto::transport::Credentials::new(token.as_ref())?.wrap(channel))
     }
 
     /// The coordinator's `host:port`.
@@ -493,6 +571,15 @@ impl Sandbox {
                 network.address(host).to_string(),
             ]);
         }
+        if let Some(tls) = &self.tls {
+            for (flag, path) in [
+                ("--ca", &tls.ca),
+                ("--tls-cert", &tls.certificate),
+                ("--tls-key", &tls.key),
+            ] {
+                args.extend([flag.to_owned(), path.display().to_string()]);
+            }
+        }
         // A restarted worker appends to its predecessor's log.
         let daemon = self.spawn(&format!("worker-{node_id}"), &args, None, host)?;
         self.workers.insert(node_id.to_owned(), daemon);
@@ -549,6 +636,23 @@ impl Sandbox {
         env: &[(&str, &str)],
         args: &[&str],
     ) -> Result<Output> {
+        self.run_cli(host, token, env, args, true)
+    }
+
+    /// Runs a `cohort` CLI command showing `token` but not given the cluster's CA, so that it
+    /// speaks plaintext to the coordinator.
+    pub fn cli_without_ca(&self, token: Option<&str>, args: &[&str]) -> Result<Output> {
+        self.run_cli(0, token, &[], args, false)
+    }
+
+    fn run_cli(
+        &self,
+        host: usize,
+        token: Option<&str>,
+        env: &[(&str, &str)],
+        args: &[&str],
+        with_ca: bool,
+    ) -> Result<Output> {
         let mut command = Command::new(&self.executable);
         command
             .args(args)
@@ -558,10 +662,14 @@ impl Sandbox {
                 self.directory.path().join("no-credentials.toml"),
             )
             .env_remove("COHORT_TOKEN")
+            .env_remove("COHORT_CA")
             .env_remove("RUST_LOG")
             .stdin(Stdio::null());
         if let Some(token) = token {
             command.env("COHORT_TOKEN", token);
+        }
+        if let Some(tls) = self.tls.as_ref().filter(|_| with_ca) {
+            command.env("COHORT_CA", &tls.ca);
         }
         command.envs(env.iter().copied());
         if let Some(network) = &self.network {

@@ -29,6 +29,7 @@
 
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod bench;
 pub mod buffer;
 pub mod communicator;
@@ -40,6 +41,7 @@ pub mod p2p;
 pub mod rendezvous;
 pub mod tcp_ring;
 
+pub use auth::LinkSecret;
 pub use buffer::{BufferMut, BufferRef, DType, Element, ReduceOp};
 pub use communicator::Communicator;
 pub use error::{AbortCause, Error, LinkFailure, Result};

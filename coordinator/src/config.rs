@@ -28,6 +28,9 @@ pub struct CoordinatorConfig {
     /// The cluster's join token, which workers must show. `None`: the one in
     /// `<data_dir>/join-token`, drawn there on first start.
     pub join_token: Option<cohort_proto::Secret>,
+    /// The certificate and key to serve TLS with. `None`: plaintext, which the CLI allows on
+    /// loopback only (or with `--insecure`).
+    pub tls: Option<cohort_proto::transport::ServerTls>,
 }
 
 impl Default for CoordinatorConfig {
@@ -43,6 +46,7 @@ impl Default for CoordinatorConfig {
             max_queued_jobs: crate::limits::DEFAULT_MAX_QUEUED_JOBS,
             max_queued_jobs_per_submitter: crate::limits::DEFAULT_MAX_QUEUED_JOBS_PER_SUBMITTER,
             join_token: None,
+            tls: None,
         }
     }
 }

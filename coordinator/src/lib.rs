@@ -99,14 +99,21 @@ pub async fn run(
     let address = listener
         .local_addr()
         .map_err(|e| Error::io("reading the listener's address", e))?;
+    let mut server = tonic::transport::Server::builder();
+    let tls = config.tls.is_some();
+    if let Some(identity) = &config.tls {
+        server = server.tls_config(identity.config()).map_err(|error| {
+            Error::InvalidArgument(format!("the TLS certificate and key: {error}"))
+        })?;
+    }
     let cluster = Arc::new(Cluster::load(config, store).await?);
     let (stop_background, background_stopped) = tokio::sync::oneshot::channel::<()>();
     let background = tokio::spawn(cluster.clone().run_background(async {
         let _ = background_stopped.await;
     }));
     let service = service::CoordinatorService::new(cluster.clone(), auth);
-    info!(%address, "coordinator ready");
-    let result = tonic::transport::Server::builder()
+    info!(%address, tls, "coordinator ready");
+    let result = server
         .add_service(
             JobControlServer::new(service.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

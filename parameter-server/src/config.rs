@@ -9,6 +9,7 @@ use std::time::Duration;
 
 pub use cohort_jobspec::parallel::PsMode;
 pub use cohort_numerics::{LearningRateDecay, OptimizerConfig, OptimizerKind};
+use cohort_proto::transport::{CaCertificate, ServerTls};
 use cohort_proto::{JobId, Secret};
 use serde::{Deserialize, Serialize};
 
@@ -171,6 +172,10 @@ pub struct ServerConfig {
     /// job's own ranks reach the shard. Never serialized. Default none (tests in one process).
     #[serde(skip)]
     pub token: Option<Secret>,
+    /// The certificate and key to serve TLS with (the node's, on a TLS cluster). Never
+    /// serialized. Default none: plaintext.
+    #[serde(skip)]
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for ServerConfig {
@@ -186,6 +191,7 @@ impl Default for ServerConfig {
             schedule: ScheduleConfig::default(),
             limits: Limits::default(),
             token: None,
+            tls: None,
         }
     }
 }
@@ -278,6 +284,10 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// The job's token, shown on every request. Default none.
     pub token: Option<Secret>,
+    /// The cluster's CA: with one, shards are reached over TLS and trusted only with a
+    /// certificate it signed (as are shards whose address starts with `https://`). Default
+    /// none.
+    pub ca: Option<CaCertificate>,
 }
 
 impl Default for ClientConfig {
@@ -290,6 +300,7 @@ impl Default for ClientConfig {
             max_chunk_bytes: 4 << 20,
             connect_timeout: Duration::from_secs(30),
             token: None,
+            ca: None,
         }
     }
 }

@@ -219,6 +219,7 @@ pub async fn serve_shard(
         shard_count = config.shard_count,
         ranks = config.ranks,
         mode = %config.mode,
+        tls = config.tls.is_some(),
         "parameter server ready"
     );
     let incoming = TcpListenerStream::new(listener).map_ok(|stream| {
@@ -230,7 +231,16 @@ pub async fn serve_shard(
         service,
         move |request: Request<()>| admit(token.as_ref(), request),
     );
-    let result = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder
+            .tls_config(tls.config())
+            .map_err(|source| Error::Transport {
+                context: format!("serve shard {} over TLS", config.shard_id),
+                source,
+            })?;
+    }
+    let result = builder
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)

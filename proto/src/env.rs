@@ -49,6 +49,14 @@ pub const PS_SHARD: &str = "COHORT_PS_SHARD";
 pub const PS_SHARDS: &str = "COHORT_PS_SHARDS";
 /// Path of the `cohort` executable the worker runs, so rank scripts can call `cohort kv ...`.
 pub const COHORT_BIN: &str = "COHORT_BIN";
+/// The CA certificate (PEM file) the cluster's TLS certificates are signed by: clients verify
+/// the coordinator and parameter servers against it. Set for the processes of a TLS cluster;
+/// the CLI reads the same variable.
+pub const CA: &str = "COHORT_CA";
+/// The node's TLS certificate (PEM file), which its parameter servers serve.
+pub const TLS_CERT: &str = "COHORT_TLS_CERT";
+/// The private key (PEM file) of [`TLS_CERT`].
+pub const TLS_KEY: &str = "COHORT_TLS_KEY";
 /// The job's spec as submitted (TOML), for the processes of `kind = "train"` jobs (Cohort's own
 /// runtime reads it instead of asking the coordinator); unset for command jobs.
 pub const JOB_SPEC: &str = "COHORT_JOB_SPEC";

@@ -215,6 +215,20 @@ pub struct NodeFacts {
     /// The job's output directory on this node (`<worker --output-dir>/<job id>`), shared by
     /// the job's processes on the node.
     pub output_dir: PathBuf,
+    /// The cluster's CA certificate file, when the cluster serves TLS: the process reaches the
+    /// coordinator and parameter servers over TLS, trusting what it signed.
+    pub ca: Option<PathBuf>,
+    /// The node's certificate and key files, which its parameter servers serve TLS with.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A TLS certificate file and its private key file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate (PEM).
+    pub certificate: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
 }
 
 impl NodeFacts {
@@ -310,6 +324,13 @@ impl Launch {
         set(env::NODE_ADDR, node.node_address.clone());
         set(env::COHORT_BIN, node.cohort_bin.display().to_string());
         set(env::OUTPUT_DIR, node.output_dir.display().to_string());
+        if let Some(ca) = &node.ca {
+            set(env::CA, ca.display().to_string());
+        }
+        if let Some(tls) = &node.tls {
+            set(env::TLS_CERT, tls.certificate.display().to_string());
+            set(env::TLS_KEY, tls.key.display().to_string());
+        }
         variables
     }
 
@@ -433,6 +454,23 @@ impl Launch {
             node_address: variables.required(env::NODE_ADDR)?,
             cohort_bin: variables.required(env::COHORT_BIN)?.into(),
             output_dir: variables.required(env::OUTPUT_DIR)?.into(),
+            ca: variables.optional(env::CA)?.map(PathBuf::from),
+            tls: match (
+                variables.optional(env::TLS_CERT)?,
+                variables.optional(env::TLS_KEY)?,
+            ) {
+                (Some(certificate), Some(key)) => Some(TlsFiles {
+                    certificate: certificate.into(),
+                    key: key.into(),
+                }),
+                (None, None) => None,
+                (Some(_), None) => return Err(LaunchError::Missing { name: env::TLS_KEY }),
+                (None, Some(_)) => {
+                    return Err(LaunchError::Missing {
+                        name: env::TLS_CERT,
+                    });
+                }
+            },
         };
         Ok(Self { place, node })
     }
@@ -684,6 +722,8 @@ mod tests {
             node_address: "127.0.0.1".to_owned(),
             cohort_bin: PathBuf::from("/usr/bin/cohort"),
             output_dir: PathBuf::from("/var/cohort/outputs/train-3"),
+            ca: None,
+            tls: None,
         }
     }
 
@@ -1048,7 +1088,7 @@ mod tests {
             devices,
             role,
             ("[a-z0-9.:\\[\\]]{1,30}", 1u16..=u16::MAX),
-            prop::option::of(".{1,200}"),
+            (prop::option::of(".{1,200}"), any::<bool>()),
             (
                 "[ -~]{1,40}",
                 "[ -~]{1,40}",
@@ -1064,7 +1104,7 @@ mod tests {
                     devices,
                     server,
                     (addr, port),
-                    spec_toml,
+                    (spec_toml, tls),
                     (coordinator, rendezvous, node_address, cohort_bin, output_dir),
                 )| {
                     let (rank, role, master) = match server {
@@ -1099,6 +1139,11 @@ mod tests {
                             node_address,
                             cohort_bin: cohort_bin.into(),
                             output_dir: output_dir.into(),
+                            ca: tls.then(|| PathBuf::from("/etc/cohort/ca.pem")),
+                            tls: tls.then(|| TlsFiles {
+                                certificate: "/etc/cohort/node.pem".into(),
+                                key: "/etc/cohort/node-key.pem".into(),
+                            }),
                         },
                     }
                 },

@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 
 use cohort_collective::p2p::{PeerLink, PeerLinkConfig};
-use cohort_collective::{Communicator, Store, TcpRing, TcpRingConfig};
+use cohort_collective::{Communicator, LinkSecret, Store, TcpRing, TcpRingConfig};
 use cohort_jobspec::train::ParallelSpec;
 
 use crate::error::{Result, TrainerError};
@@ -99,14 +99,16 @@ impl MeshGroups {
 }
 
 /// Joins rank `rank` of `shape` to its groups through `store`, listening on `listen_address`
-/// (port 0: any). Every rank of the mesh must call it; groups are formed in the same order on
-/// every rank (world, data, tensor, then pipeline links towards stage 0 first), so no rank
-/// waits on a group its peers have not reached.
+/// (port 0: any), every link proving `secret` (the job's; `None` only in-process). Every rank
+/// of the mesh must call it; groups are formed in the same order on every rank (world, data,
+/// tensor, then pipeline links towards stage 0 first), so no rank waits on a group its peers
+/// have not reached.
 pub fn connect_mesh(
     store: &dyn Store,
     rank: usize,
     shape: MeshShape,
     listen_address: SocketAddr,
+    secret: Option<LinkSecret>,
 ) -> Result<MeshGroups> {
     let coordinates = shape.coordinates(rank).ok_or_else(|| {
         TrainerError::Config(format!(
@@ -117,6 +119,7 @@ pub fn connect_mesh(
     })?;
     let ring_config = TcpRingConfig {
         listen_address,
+        secret: secret.clone(),
         ..TcpRingConfig::default()
     };
     let ring =
@@ -143,6 +146,7 @@ pub fn connect_mesh(
     )?;
     let link_config = PeerLinkConfig {
         listen_address,
+        secret,
         ..PeerLinkConfig::default()
     };
     let link = |from_stage: usize| -> Result<PeerLink> {

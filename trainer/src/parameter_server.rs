@@ -77,8 +77,9 @@ pub fn server_config(
             decay: config.schedule.lr_decay,
         },
         limits: Default::default(),
-        // The caller's: the rank runtime gives the job's token.
+        // The caller's: the rank runtime gives the job's token and the node's certificate.
         token: None,
+        tls: None,
     }
 }
 

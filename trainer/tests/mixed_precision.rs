@@ -200,8 +200,9 @@ fn the_transformer_in_bf16_and_fp16_ends_within_five_hundredths_of_a_nat_of_fp32
                 .map(|rank| {
                     let (store, config, corpus) = (&store, &config, &corpus);
                     scope.spawn(move || {
-                        let mesh = connect_mesh(store, rank, shape, "127.0.0.1:0".parse().unwrap())
-                            .unwrap();
+                        let mesh =
+                            connect_mesh(store, rank, shape, "127.0.0.1:0".parse().unwrap(), None)
+                                .unwrap();
                         let mut steps = Steps::default();
                         let outcome =
                             train_language_model(config, corpus, mesh, &mut steps).unwrap();

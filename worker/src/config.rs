@@ -30,6 +30,12 @@ pub struct WorkerConfig {
     pub state_dir: PathBuf,
     /// The cluster's join token, shown on every call to the coordinator.
     pub join_token: cohort_proto::Secret,
+    /// The cluster's CA certificate file (absolute), when it serves TLS: the worker and its
+    /// ranks reach the coordinator over TLS and trust only what it signed.
+    pub ca: Option<PathBuf>,
+    /// This node's certificate and key files (absolute), which parameter servers on the node
+    /// serve TLS with.
+    pub tls: Option<cohort_proto::launch::TlsFiles>,
 }
 
 /// The default state directory of node `node_id`: `$XDG_STATE_HOME/cohort/worker-<node id>`,

@@ -34,11 +34,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cohort_proto::MAX_MESSAGE_BYTES;
-use cohort_proto::transport::Credentials;
+use cohort_proto::transport::{self, CaCertificate, Credentials};
 use cohort_proto::v1::StopCause;
 use cohort_proto::v1::membership_client::MembershipClient;
 use tokio::time::Instant;
-use tonic::transport::Endpoint;
 use tracing::{info, warn};
 
 pub use config::WorkerConfig;
@@ -63,8 +62,14 @@ pub async fn run(
     inventory: Box<dyn DeviceInventory>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    let endpoint = Endpoint::from_shared(format!("http://{}", config.coordinator))
-        .map_err(|e| Error::Config(format!("coordinator address {:?}: {e}", config.coordinator)))?
+    let ca = config
+        .ca
+        .as_deref()
+        .map(CaCertificate::read)
+        .transpose()
+        .map_err(|e| Error::Config(format!("the cluster's CA: {e}")))?;
+    let endpoint = transport::endpoint(&config.coordinator, ca.as_ref())
+        .map_err(|e| Error::Config(format!("the coordinator's {e}")))?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true);
     let credentials = Credentials::new(Some(&config.join_token))
@@ -85,6 +90,8 @@ pub async fn run(
             node_address: config.advertise_address.clone(),
             cohort_executable: config.cohort_executable.clone(),
             output_dir: config.output_dir.clone(),
+            ca: config.ca.clone(),
+            tls: config.tls.clone(),
         },
         containment.clone(),
         state,

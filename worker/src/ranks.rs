@@ -75,6 +75,10 @@ pub struct RankContext {
     pub cohort_executable: PathBuf,
     /// Parent of every job's output directory.
     pub output_dir: PathBuf,
+    /// The cluster's CA certificate file, on a TLS cluster.
+    pub ca: Option<PathBuf>,
+    /// This node's certificate and key files, on a TLS cluster.
+    pub tls: Option<launch::TlsFiles>,
 }
 
 impl RankContext {
@@ -87,6 +91,8 @@ impl RankContext {
             node_address: self.node_address.clone(),
             cohort_bin: self.cohort_executable.clone(),
             output_dir: self.output_dir.join(place.job_id.as_str()),
+            ca: self.ca.clone(),
+            tls: self.tls.clone(),
         };
         launch::Launch { place, node }
     }
@@ -670,6 +676,8 @@ mod tests {
             node_address: "127.0.0.1".to_owned(),
             cohort_executable: PathBuf::from("/bin/false"),
             output_dir: scratch.path().join("outputs"),
+            ca: None,
+            tls: None,
         };
         Fixture {
             ranks: Ranks::new(shipper, context, containment.clone(), state.clone()),

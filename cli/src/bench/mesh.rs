@@ -172,7 +172,7 @@ fn measure(config: &TrainConfig, corpus: &TextCorpus) -> Result<Measured> {
             .map(|rank| {
                 let store = &store;
                 scope.spawn(move || -> Result<(StepTimes, f64, usize)> {
-                    let mesh = connect_mesh(store, rank, shape, "127.0.0.1:0".parse()?)?;
+                    let mesh = connect_mesh(store, rank, shape, "127.0.0.1:0".parse()?, None)?;
                     let mut times = StepTimes::default();
                     let outcome = train_language_model(config, corpus, mesh, &mut times)?;
                     let pipeline = outcome.pipeline;

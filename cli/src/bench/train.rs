@@ -313,7 +313,7 @@ fn measure_transformer(
     let config = on(config, device, precision);
     let store = InMemoryStore::new();
     let shape = MeshShape::of(&config.parallel);
-    let mesh = connect_mesh(&store, 0, shape, "127.0.0.1:0".parse()?)?;
+    let mesh = connect_mesh(&store, 0, shape, "127.0.0.1:0".parse()?, None)?;
     let mut times = StepTimes::default();
     train_language_model(&config, corpus, mesh, &mut times)?;
     times.medians()

@@ -1,7 +1,7 @@
 //! `cohort coordinator` and `cohort worker`: thin wrappers that turn flags into configs and run
 //! the daemons until Ctrl-C or SIGTERM.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -12,6 +12,8 @@ use cohort_coordinator::auth::{self, Authenticator};
 use cohort_coordinator::{CoordinatorConfig, StoreLocation};
 use cohort_proto::NodeId;
 use cohort_proto::Secret;
+use cohort_proto::launch::TlsFiles;
+use cohort_proto::transport::{self, CaCertificate, ServerTls};
 use cohort_worker::WorkerConfig;
 use cohort_worker::devices::{Combined, CpuSlots};
 use cohort_worker::gpu::GpuInventory;
@@ -160,37 +162,48 @@ fn write_atomically(path: &Path, contents: &str) -> Result<()> {
     std::fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Whether the coordinator may listen on `listen`: loopback always; any other address only
-/// with `insecure`, since calls would carry tokens in the clear (there is no TLS yet).
-pub fn listen_policy(listen: &str, insecure: bool) -> Result<()> {
-    let host = listen.rsplit_once(':').map_or(listen, |(host, _)| host);
+/// Whether `address` (`host:port` or `host`) names this machine's loopback.
+pub fn is_loopback(address: &str) -> bool {
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let loopback = host == "localhost"
+    host == "localhost"
         || host
             .parse::<std::net::IpAddr>()
-            .is_ok_and(|address| address.is_loopback());
-    if loopback || insecure {
+            .is_ok_and(|address| address.is_loopback())
+}
+
+/// Whether the coordinator may listen on `listen`: loopback always; any other address only
+/// with TLS (the join token always exists: given, or drawn into the data directory), or
+/// `insecure`, since calls would carry tokens in the clear.
+pub fn listen_policy(listen: &str, tls: bool, insecure: bool) -> Result<()> {
+    if tls || insecure || is_loopback(listen) {
         return Ok(());
     }
     bail!(
-        "refusing to listen on {listen}: off loopback, every call (users' tokens, the join \
-         token, job specs and their environments, logs) would cross the network unencrypted, \
-         and Cohort does not serve TLS yet; workers also need the join token \
-         (--join-token-file, default <data-dir>/join-token). Pass --insecure to listen there \
-         anyway, on a network only trusted machines reach"
+        "refusing to listen on {listen} without TLS: off loopback, every call (users' tokens, \
+         the join token, job specs and their environments, logs) would cross the network \
+         unencrypted. Give --tls-cert and --tls-key (`cohort certs create --out DIR --host \
+         ADDRESS` makes a CA and a certificate); workers then need the CA (--ca) and the join \
+         token (--join-token-file, default <data-dir>/join-token). Pass --insecure to listen \
+         there without TLS anyway, on a network only trusted machines reach"
     )
 }
 
 /// `cohort coordinator`.
 pub async fn coordinator(args: CoordinatorDaemonArgs) -> Result<ExitCode> {
-    listen_policy(&args.listen, args.insecure)?;
-    if args.insecure {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(certificate), Some(key)) => Some(ServerTls::read(certificate, key)?),
+        _ => None,
+    };
+    listen_policy(&args.listen, tls.is_some(), args.insecure)?;
+    if args.insecure && tls.is_none() {
         tracing::warn!(
             listen = %args.listen,
             "--insecure: calls to this coordinator cross the network unencrypted (no TLS)"
         );
     }
-    let prepared = prepare_coordinator(&args.settings, &args.listen).await?;
+    let mut prepared = prepare_coordinator(&args.settings, &args.listen).await?;
+    prepared.config.tls = tls;
     if let Some(path) = &args.address_file {
         write_atomically(path, &prepared.listener.local_addr()?.to_string())?;
     }
@@ -231,6 +244,36 @@ fn gpu_inventory(flag: Option<&str>) -> Result<GpuInventory> {
     }
 }
 
+fn absolute(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("{}", path.display()))
+}
+
+/// Whether a worker may start with these TLS settings: on a cluster that serves TLS, the
+/// parameter servers it runs must serve TLS too, so it needs a certificate of its own unless
+/// it advertises a loopback address. Its files are read now, so that a bad one stops the
+/// worker rather than a job.
+fn worker_tls_policy(config: &WorkerConfig) -> Result<()> {
+    if let Some(ca) = &config.ca {
+        CaCertificate::read(ca)?;
+    }
+    if let Some(files) = &config.tls {
+        ServerTls::read(&files.certificate, &files.key)?;
+        return Ok(());
+    }
+    let tls_cluster = transport::uses_tls(&config.coordinator, None) || config.ca.is_some();
+    if tls_cluster && !is_loopback(&config.advertise_address) {
+        bail!(
+            "the coordinator serves TLS, so parameter servers on this node must too: give \
+             --tls-cert and --tls-key, a certificate for {} signed by the cluster's CA \
+             (`cohort certs create --out DIR --name {} --host {}` beside the CA's files)",
+            config.advertise_address,
+            config.node_id,
+            config.advertise_address
+        );
+    }
+    Ok(())
+}
+
 /// `cohort worker`.
 pub async fn worker(args: WorkerDaemonArgs) -> Result<ExitCode> {
     let node_id = NodeId::new(args.node_id.unwrap_or_else(cohort_worker::config::hostname))?;
@@ -254,6 +297,14 @@ pub async fn worker(args: WorkerDaemonArgs) -> Result<ExitCode> {
         output_dir: std::path::absolute(&args.output_dir)
             .with_context(|| format!("output directory {}", args.output_dir.display()))?,
         cohort_executable: std::env::current_exe().context("locating the cohort executable")?,
+        ca: args.trust.ca.as_deref().map(absolute).transpose()?,
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(certificate), Some(key)) => Some(TlsFiles {
+                certificate: absolute(certificate)?,
+                key: absolute(key)?,
+            }),
+            _ => None,
+        },
         join_token: match (&args.join_token_file, &args.join_token) {
             (Some(path), _) => read_token_file(path)?,
             (None, Some(token)) if !token.trim().is_empty() => Secret::new(token.trim()),
@@ -263,6 +314,7 @@ pub async fn worker(args: WorkerDaemonArgs) -> Result<ExitCode> {
             ),
         },
     };
+    worker_tls_policy(&config)?;
     let gpus = gpu_inventory(args.gpus.as_deref())?;
     let inventory = Combined(vec![
         Box::new(CpuSlots { slots: cpu_slots }),
@@ -277,14 +329,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_coordinator_listens_off_loopback_only_when_told_it_is_insecure() {
+    fn the_coordinator_listens_off_loopback_only_with_tls_or_when_told_it_is_insecure() {
         for listen in [
             "127.0.0.1:7077",
             "127.0.0.2:0",
             "[::1]:7077",
             "localhost:7077",
         ] {
-            assert!(listen_policy(listen, false).is_ok(), "{listen}");
+            assert!(listen_policy(listen, false, false).is_ok(), "{listen}");
         }
         for listen in [
             "0.0.0.0:7077",
@@ -292,13 +344,16 @@ mod tests {
             "[::]:7077",
             "head.example:7077",
         ] {
-            let refused = listen_policy(listen, false).unwrap_err().to_string();
+            let refused = listen_policy(listen, false, false).unwrap_err().to_string();
             assert!(
-                refused.contains("TLS") && refused.contains("join token"),
+                refused.contains("TLS")
+                    && refused.contains("join token")
+                    && refused.contains("--tls-cert"),
                 "{refused}"
             );
             assert!(refused.contains("--insecure"), "{refused}");
-            assert!(listen_policy(listen, true).is_ok(), "{listen}");
+            assert!(listen_policy(listen, false, true).is_ok(), "{listen}");
+            assert!(listen_policy(listen, true, false).is_ok(), "{listen}");
         }
     }
 }

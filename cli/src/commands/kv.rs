@@ -28,7 +28,10 @@ pub async fn kv(args: KvArgs) -> Result<ExitCode> {
     }
     let timeout_ms = (args.timeout_s * 1000.0) as u32;
     let token = from_env(env::JOB_TOKEN).ok().map(cohort_proto::Secret::new);
-    let mut client = client::rendezvous(&client::Target { address, token }).await?;
+    let ca = std::env::var_os(env::CA)
+        .map(|path| cohort_proto::transport::CaCertificate::read(path.as_ref()))
+        .transpose()?;
+    let mut client = client::rendezvous(&client::Target { address, token, ca }).await?;
     match args.operation {
         KvOperation::Set { key, value } => {
             client

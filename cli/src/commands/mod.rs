@@ -1,5 +1,6 @@
 //! One module per group of subcommands.
 
+mod certs;
 mod daemons;
 pub use daemons::{PreparedCoordinator, prepare};
 mod jobs;
@@ -28,6 +29,7 @@ pub async fn run(command: Command) -> Result<ExitCode> {
         Command::Up(args) => up::up(args).await,
         Command::Users(args) => users::users(args).await,
         Command::Audit(args) => users::audit(args).await,
+        Command::Certs(args) => certs::certs(args),
         Command::Kv(args) => kv::kv(args).await,
         Command::Bench(args) => crate::bench::run(args).await,
         Command::Rank | Command::Sample(_) => {

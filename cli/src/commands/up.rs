@@ -28,7 +28,7 @@ pub async fn up(args: UpArgs) -> Result<ExitCode> {
         None => None,
     };
     // A local cluster stays on this machine: no --insecure here.
-    daemons::listen_policy(&args.listen, false)?;
+    daemons::listen_policy(&args.listen, false, false)?;
     let prepared = daemons::prepare_coordinator(&args.settings, &args.listen).await?;
     let cluster = LocalCluster::start(LocalClusterConfig {
         coordinator: prepared,
@@ -72,7 +72,7 @@ fn save_credentials(target: &Target) -> Result<()> {
     if let Some(existing) = credentials::read(&path)?
         && let Some(coordinator) = &existing.coordinator
         && coordinator != &target.address
-        && !is_loopback(coordinator)
+        && !daemons::is_loopback(coordinator)
     {
         eprintln!(
             "cohort: {} names coordinator {coordinator}; left as it is (this cluster's admin \
@@ -86,6 +86,7 @@ fn save_credentials(target: &Target) -> Result<()> {
         &credentials::CredentialsFile {
             coordinator: Some(target.address.clone()),
             token: Some(token.expose().to_owned()),
+            ca: None,
         },
     )?;
     eprintln!(
@@ -93,14 +94,6 @@ fn save_credentials(target: &Target) -> Result<()> {
         path.display()
     );
     Ok(())
-}
-
-/// Whether `address` (`host:port`) is on this machine's loopback.
-fn is_loopback(address: &str) -> bool {
-    address
-        .parse::<std::net::SocketAddr>()
-        .is_ok_and(|address| address.ip().is_loopback())
-        || address.starts_with("localhost:")
 }
 
 /// Submits a job, streams its output to stdout and its progress to stderr until it ends.

@@ -19,8 +19,9 @@ pub mod train;
 use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context, Result};
-use cohort_collective::{Nccl, NcclConfig, TcpRing, TcpRingConfig};
+use cohort_collective::{LinkSecret, Nccl, NcclConfig, TcpRing, TcpRingConfig};
 use cohort_proto::launch::Launch;
+use cohort_proto::transport::CaCertificate;
 use tokio::runtime::Runtime;
 
 use crate::client;
@@ -39,14 +40,31 @@ pub struct RankLink {
 }
 
 /// The rendezvous service, as this process's job.
-fn rendezvous_target(launch: &Launch) -> client::Target {
-    client::Target {
+fn rendezvous_target(launch: &Launch) -> Result<client::Target> {
+    Ok(client::Target {
         address: launch.node.rendezvous.clone(),
         token: launch.place.job_token.clone(),
-    }
+        ca: cluster_ca(launch)?,
+    })
+}
+
+/// The cluster's CA, when it serves TLS (`COHORT_CA`).
+fn cluster_ca(launch: &Launch) -> Result<Option<CaCertificate>> {
+    Ok(launch
+        .node
+        .ca
+        .as_deref()
+        .map(CaCertificate::read)
+        .transpose()?)
 }
 
 impl RankLink {
+    /// The cluster's CA, when it serves TLS: what the rank's other clients (parameter
+    /// servers) trust.
+    pub fn ca(&self) -> Result<Option<CaCertificate>> {
+        cluster_ca(&self.launch)
+    }
+
     /// Reads the launch from the environment and connects to the rendezvous service.
     pub fn connect() -> Result<Self> {
         let launch = Launch::from_env()?;
@@ -56,7 +74,7 @@ impl RankLink {
             .enable_all()
             .build()
             .context("starting the rank's runtime")?;
-        let rendezvous = runtime.block_on(client::rendezvous(&rendezvous_target(&launch)))?;
+        let rendezvous = runtime.block_on(client::rendezvous(&rendezvous_target(&launch)?))?;
         let job_id = launch.place.job_id.to_string();
         let store = GrpcStore::new(runtime.handle().clone(), rendezvous, job_id);
         Ok(Self {
@@ -81,7 +99,7 @@ impl RankLink {
     pub fn metrics(&self) -> Result<metrics::CoordinatorMetrics> {
         let rendezvous = self
             .runtime
-            .block_on(client::rendezvous(&rendezvous_target(&self.launch)))?;
+            .block_on(client::rendezvous(&rendezvous_target(&self.launch)?))?;
         Ok(metrics::CoordinatorMetrics::start(
             self.runtime.handle().clone(),
             rendezvous,
@@ -90,11 +108,22 @@ impl RankLink {
         ))
     }
 
+    /// The secret the job's links prove they share, derived from the job's token (none only
+    /// from a coordinator that issues no tokens).
+    pub fn link_secret(&self) -> Option<LinkSecret> {
+        self.launch
+            .place
+            .job_token
+            .as_ref()
+            .map(|token| LinkSecret::derive(token.expose()))
+    }
+
     /// Joins the ring of all the job's ranks under key prefix `name`, listening on the node's
-    /// address.
+    /// address, proving the job's secret on both links.
     pub fn ring(&self, name: &str) -> Result<TcpRing> {
         let config = TcpRingConfig {
             listen_address: SocketAddr::new(self.node_address, 0),
+            secret: self.link_secret(),
             ..TcpRingConfig::default()
         };
         TcpRing::connect(&self.store, name, self.rank(), self.world_size(), &config)

@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use cohort_collective::Store;
 use cohort_parameter_server::{ServerConfig, ShardServer};
 use cohort_parameter_server::{serve_shard, shard_address_key};
+use cohort_proto::transport::ServerTls;
 use cohort_trainer::TrainConfig;
 use cohort_trainer::checkpoint::read_parameter_server_snapshot;
 use cohort_trainer::parameter_server::server_config;
@@ -24,6 +25,14 @@ pub fn serve(link: &RankLink, config: &TrainConfig, shard: u32, shards: u32) -> 
     let server_config = ServerConfig {
         // Only the job's own ranks reach the shard.
         token: link.launch.place.job_token.clone(),
+        // On a TLS cluster the node's certificate, which the job's ranks verify.
+        tls: link
+            .launch
+            .node
+            .tls
+            .as_ref()
+            .map(|files| ServerTls::read(&files.certificate, &files.key))
+            .transpose()?,
         ..server_config(config, job_id, shard, shards)
     };
     let server = restore_or_create(config, server_config)?;
@@ -36,10 +45,16 @@ pub fn serve(link: &RankLink, config: &TrainConfig, shard: u32, shards: u32) -> 
     let address = listener
         .local_addr()
         .context("reading the listener's address")?;
+    // The scheme tells the job's ranks to speak TLS to the shard.
+    let published = if server.config().tls.is_some() {
+        format!("https://{address}")
+    } else {
+        address.to_string()
+    };
     link.store
-        .set(&shard_address_key(shard), address.to_string().as_bytes())
+        .set(&shard_address_key(shard), published.as_bytes())
         .with_context(|| format!("publishing shard {shard}'s address"))?;
-    tracing::info!(shard, shards, %address, "parameter server listening");
+    tracing::info!(shard, shards, address = %published, "parameter server listening");
     link.runtime.block_on(async move {
         let listener =
             tokio::net::TcpListener::from_std(listener).context("registering the listener")?;

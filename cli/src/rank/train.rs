@@ -128,6 +128,7 @@ fn train_transformer(link: &RankLink, config: &TrainConfig) -> Result<ExitCode> 
         rank,
         shape,
         SocketAddr::new(link.node_address, 0),
+        link.link_secret(),
     )
     .with_context(|| format!("rank {rank} joining the {} mesh", shape.name()))?;
     let mut metrics = link.metrics()?.for_language_model();
@@ -186,6 +187,7 @@ fn connect_parameter_servers(link: &RankLink, config: &TrainConfig) -> Result<Pa
             rank: link.launch.place.rank,
             gradient_dtype: cohort_trainer::precision::wire_dtype(config.train.grad_comm_dtype()),
             token: link.launch.place.job_token.clone(),
+            ca: link.ca()?,
             ..ClientConfig::default()
         },
         addresses,

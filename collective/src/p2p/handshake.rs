@@ -5,7 +5,9 @@
 //! [`Store`] and accepts connections until one sends the peer's hello ([`listen_for_peer`]);
 //! the higher rank waits for that address, connects and sends its own ([`connect_to_peer`]).
 //! Each hello names the link and both ranks and carries a byte-order probe, so a connection
-//! meant for another link, or from a machine of another endianness, is refused.
+//! meant for another link, or from a machine of another endianness, is refused; the
+//! connecting side's hello is followed by the proof of the job's secret ([`crate::auth`]),
+//! which the listener answers and the connector confirms.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -15,11 +17,13 @@ use mio::{Events, Interest, Poll, Token};
 use tracing::{debug, warn};
 
 use super::PeerLinkConfig;
+use crate::auth::{ANSWER_BYTES, Acceptor, Connector, HELLO_PROOF_BYTES};
 use crate::error::{Error, Result};
 use crate::rendezvous::{Store, address_key};
 
 /// Identifies a Cohort point-to-point hello (and its version).
-const HELLO_MAGIC: [u8; 8] = *b"COHP2P01";
+/// Version 2: the hello is followed by the proof of the job's secret.
+const HELLO_MAGIC: [u8; 8] = *b"COHP2P02";
 /// Written in native byte order; a peer that reads a different value has another endianness.
 const BYTE_ORDER_PROBE: u32 = 0x0102_0304;
 /// Bytes of a hello before the link name: magic, probe, rank, peer, name length.
@@ -184,16 +188,24 @@ pub(super) fn listen_for_peer(
                 })
                 .and_then(|()| stream.set_write_timeout(Some(remaining(deadline))))
                 .map_err(|error| format!("configure socket: {error}"))
-                .and_then(|()| Hello::read_answer(&stream, own));
+                .and_then(|()| Hello::read_answer(&stream, own))
+                .and_then(|()| read_hello_proof(&stream, own, config));
             match checked {
-                Ok(()) => {
-                    let mut writer = &stream;
-                    writer
-                        .write_all(&own.encode())
-                        .map_err(|source| Error::Handshake {
-                            peer,
-                            detail: format!("answer the hello of link {:?}: {source}", own.name),
-                        })?;
+                Ok((acceptor, proof)) => {
+                    let mut answer = own.encode();
+                    answer.extend_from_slice(&proof);
+                    let failure = |detail: String| Error::Handshake {
+                        peer,
+                        detail: format!("link {:?}: {detail}", own.name),
+                    };
+                    let mut stream = stream;
+                    stream
+                        .write_all(&answer)
+                        .map_err(|source| failure(format!("answer the hello: {source}")))?;
+                    stream
+                        .set_read_timeout(Some(remaining(deadline)))
+                        .map_err(|source| failure(format!("configure socket: {source}")))?;
+                    acceptor.confirm(&mut stream).map_err(failure)?;
                     return Ok(stream);
                 }
                 Err(reason) => {
@@ -227,8 +239,29 @@ pub(super) fn listen_for_peer(
     }
 }
 
-/// The higher rank's side: waits for the peer's address, connects, sends the hello and checks
-/// the answer.
+/// Reads the proof that follows a candidate's valid hello and answers it; returns why the
+/// candidate is not the job's otherwise.
+fn read_hello_proof(
+    stream: &TcpStream,
+    own: &Hello,
+    config: &PeerLinkConfig,
+) -> std::result::Result<(Acceptor, [u8; ANSWER_BYTES]), String> {
+    let mut proof = [0_u8; HELLO_PROOF_BYTES];
+    let mut reader = stream;
+    reader
+        .read_exact(&mut proof)
+        .map_err(|error| format!("read the proof of the job's secret: {error}"))?;
+    // The candidate's hello, as it sent it: the same name, the ranks swapped.
+    let theirs = Hello {
+        name: own.name.clone(),
+        rank: own.peer,
+        peer: own.rank,
+    };
+    Acceptor::answer(config.secret.as_ref(), &theirs.encode(), &proof)
+}
+
+/// The higher rank's side: waits for the peer's address, connects, sends the hello and its
+/// proof, checks the answer and confirms.
 pub(super) fn connect_to_peer(
     store: &dyn Store,
     own: &Hello,
@@ -271,12 +304,19 @@ pub(super) fn connect_to_peer(
     stream
         .set_read_timeout(Some(remaining(deadline)))
         .map_err(connect_error)?;
+    let intro = own.encode();
+    let (connector, proof) = Connector::start(config.secret.as_ref(), &intro);
+    let mut hello = intro;
+    hello.extend_from_slice(&proof);
     let mut writer = &stream;
-    writer.write_all(&own.encode()).map_err(connect_error)?;
-    Hello::read_answer(&stream, own).map_err(|detail| Error::Handshake {
+    writer.write_all(&hello).map_err(connect_error)?;
+    let failure = |detail: String| Error::Handshake {
         peer,
         detail: format!("link {:?}: {detail}", own.name),
-    })?;
+    };
+    Hello::read_answer(&stream, own).map_err(failure)?;
+    let mut stream = stream;
+    connector.finish(&mut stream).map_err(failure)?;
     Ok(stream)
 }
 
@@ -299,6 +339,29 @@ mod tests {
             let lower = PeerLink::connect(&store, "mixed", 0, 2, &quick).unwrap_err();
             assert_eq!(lower.failed_rank(), Some(2));
             assert!(lower.to_string().contains("rank 1 for rank 0"), "{lower}");
+            let higher = higher.join().unwrap().unwrap_err();
+            assert_eq!(higher.failed_rank(), Some(0));
+        });
+    }
+
+    #[test]
+    fn a_link_forms_only_between_holders_of_the_same_secret() {
+        let store = InMemoryStore::new();
+        let config = |token: &str| PeerLinkConfig {
+            connect_timeout: Duration::from_secs(2),
+            secret: Some(crate::LinkSecret::derive(token)),
+            ..PeerLinkConfig::default()
+        };
+        let (job, other) = (config("cohort-job-a"), config("cohort-job-b"));
+        std::thread::scope(|scope| {
+            let higher = scope.spawn(|| PeerLink::connect(&store, "same", 1, 0, &job));
+            PeerLink::connect(&store, "same", 0, 1, &job).unwrap();
+            higher.join().unwrap().unwrap();
+        });
+        std::thread::scope(|scope| {
+            let higher = scope.spawn(|| PeerLink::connect(&store, "mixed", 1, 0, &other));
+            let lower = PeerLink::connect(&store, "mixed", 0, 1, &job).unwrap_err();
+            assert!(lower.to_string().contains("secret"), "{lower}");
             let higher = higher.join().unwrap().unwrap_err();
             assert_eq!(higher.failed_rank(), Some(0));
         });

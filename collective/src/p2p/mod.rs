@@ -58,6 +58,10 @@ pub struct PeerLinkConfig {
     pub receive_timeout: Duration,
     /// Largest message payload (values times 4 bytes), sent or received. Default 1 GiB.
     pub max_message_bytes: usize,
+    /// The job's link secret, which both ends must prove they know ([`crate::auth`]).
+    /// Default `None`: the link proves nothing (in-process tests and benchmarks); Cohort's
+    /// ranks always set their job's.
+    pub secret: Option<crate::LinkSecret>,
 }
 
 impl Default for PeerLinkConfig {
@@ -68,6 +72,7 @@ impl Default for PeerLinkConfig {
             connect_timeout: Duration::from_secs(120),
             receive_timeout: Duration::from_secs(300),
             max_message_bytes: 1 << 30,
+            secret: None,
         }
     }
 }

@@ -46,6 +46,10 @@ pub struct TcpRingConfig {
     /// counted as `f32` throughout): smaller chunks overlap more but cost more per byte.
     /// Default 512 KiB; a multiple of 4 from 1 KiB to 64 MiB.
     pub chunk_bytes: usize,
+    /// The job's link secret, which every connection must prove it knows
+    /// ([`crate::auth`]). Default `None`: links prove nothing (in-process tests and
+    /// benchmarks); Cohort's ranks always set their job's.
+    pub secret: Option<crate::LinkSecret>,
 }
 
 impl Default for TcpRingConfig {
@@ -56,6 +60,7 @@ impl Default for TcpRingConfig {
             connect_timeout: Duration::from_secs(120),
             io_timeout: Duration::from_secs(30),
             chunk_bytes: 512 * 1024,
+            secret: None,
         }
     }
 }
@@ -310,7 +315,7 @@ impl Communicator for TcpRing {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
+    use std::io::{Read, Write};
     use std::net::TcpStream;
     use std::sync::Arc;
     use std::time::Instant;
@@ -589,6 +594,78 @@ mod tests {
             assert_eq!(values, [3.0; 5]);
             assert_eq!(helper.join().unwrap(), [3.0; 5]);
         });
+    }
+
+    #[test]
+    fn a_process_without_the_job_secret_can_neither_join_the_ring_nor_keep_the_peer_out() {
+        let store = Arc::new(InMemoryStore::new());
+        let config = TcpRingConfig {
+            secret: Some(crate::LinkSecret::derive("cohort-job-right")),
+            ..TcpRingConfig::default()
+        };
+        std::thread::scope(|scope| {
+            let rank_one = scope.spawn(|| TcpRing::connect(&*store, "ring", 1, 2, &config));
+            let address = store
+                .wait(&[&address_key("ring", 1)], Duration::from_secs(60))
+                .unwrap();
+            let address = String::from_utf8(address[0].clone()).unwrap();
+            // An impostor knows everything but the secret: the prefix, its rank, the world
+            // size, the wire format. It connects first.
+            let intro = wire::Handshake {
+                prefix: "ring".to_owned(),
+                rank: 0,
+                world_size: 2,
+            }
+            .encode();
+            let wrong = crate::LinkSecret::derive("cohort-job-guessed");
+            let (_connector, proof) = crate::auth::Connector::start(Some(&wrong), &intro);
+            let mut impostor = TcpStream::connect(&address).unwrap();
+            impostor.write_all(&intro).unwrap();
+            impostor.write_all(&proof).unwrap();
+
+            let mut rank_zero = TcpRing::connect(&*store, "ring", 0, 2, &config).unwrap();
+            let mut rank_one = rank_one.join().unwrap().unwrap();
+            // Refused: closed without the acceptance byte.
+            impostor
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let mut answer = Vec::new();
+            let _ = impostor.read_to_end(&mut answer);
+            assert!(answer.is_empty(), "the impostor was answered: {answer:?}");
+            let helper = scope.spawn(move || {
+                let mut values = vec![2.0_f32; 5];
+                rank_one
+                    .all_reduce((&mut values).into(), ReduceOp::Sum)
+                    .unwrap();
+                values
+            });
+            let mut values = vec![1.0_f32; 5];
+            rank_zero
+                .all_reduce((&mut values).into(), ReduceOp::Sum)
+                .unwrap();
+            assert_eq!(values, [3.0; 5]);
+            assert_eq!(helper.join().unwrap(), [3.0; 5]);
+        });
+    }
+
+    #[test]
+    fn ranks_with_different_secrets_never_form_a_ring_and_say_why() {
+        let store = Arc::new(InMemoryStore::new());
+        let config = |token: &str| TcpRingConfig {
+            connect_timeout: Duration::from_secs(2),
+            secret: Some(crate::LinkSecret::derive(token)),
+            ..TcpRingConfig::default()
+        };
+        let (ours, theirs) = (config("cohort-job-a"), config("cohort-job-b"));
+        let results = std::thread::scope(|scope| {
+            let other = scope.spawn(|| TcpRing::connect(&*store, "ring", 1, 2, &theirs));
+            let own = TcpRing::connect(&*store, "ring", 0, 2, &ours);
+            [own, other.join().unwrap()]
+        });
+        for result in results {
+            let error = result.err().expect("a ring of two jobs formed");
+            assert!(error.to_string().contains("secret"), "{error}");
+        }
     }
 
     #[test]

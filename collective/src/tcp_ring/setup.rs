@@ -1,8 +1,13 @@
 //! Forming the ring: publish this rank's address, read everyone else's, connect to the
-//! successor and accept the predecessor, with a handshake that rejects stray connections.
+//! successor and accept the predecessor, with a handshake that rejects stray connections and a
+//! proof of the job's secret ([`crate::auth`]) in both directions.
 //!
 //! Every rank connects before it accepts (the connection completes in the listener's backlog),
-//! so no rank waits on another's `accept` and setup cannot deadlock.
+//! so no rank waits on another's `accept`. Each rank then (1) sends its handshake and hello
+//! proof to its successor, (2) accepts its predecessor and answers its proof, (3) checks its
+//! successor's answer and confirms, (4) checks its predecessor's confirmation. Step 2 needs
+//! only step 1 of the predecessor, step 3 only step 2 of the successor, step 4 only step 3 of
+//! the predecessor: setup cannot deadlock.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -13,6 +18,8 @@ use tracing::{debug, warn};
 
 use super::TcpRingConfig;
 use super::wire::{HANDSHAKE_ACCEPTED, HANDSHAKE_FIXED_BYTES, Handshake};
+use crate::LinkSecret;
+use crate::auth::{ANSWER_BYTES, Acceptor, Connector, HELLO_PROOF_BYTES};
 use crate::error::{Error, Result};
 use crate::rendezvous::{Store, address_key};
 
@@ -61,9 +68,32 @@ pub(crate) fn connect_ring(
         rank: rank as u32,
         world_size: world_size as u32,
     };
-    let next = connect_to_next(addresses[next_rank], next_rank, &handshake, deadline)?;
-    let previous = accept_previous(listener, previous_rank, &handshake, deadline)?;
-    await_acceptance(&next, next_rank, deadline)?;
+    let secret = config.secret.as_ref();
+    let (next, connector) = connect_to_next(
+        addresses[next_rank],
+        next_rank,
+        &handshake,
+        secret,
+        deadline,
+    )?;
+    let (mut previous, acceptor) =
+        accept_previous(listener, previous_rank, &handshake, secret, deadline)?;
+    await_acceptance(&next, next_rank, connector, deadline)?;
+    // The predecessor confirms once its successor (this rank) answered, which is done: only
+    // its own steps remain, so the wait is bounded by the setup deadline, not by the
+    // short timeout a stray candidate gets.
+    previous
+        .set_read_timeout(Some(remaining(deadline)))
+        .map_err(|source| Error::Io {
+            context: "configure the predecessor's connection".to_owned(),
+            source,
+        })?;
+    acceptor
+        .confirm(&mut previous)
+        .map_err(|detail| Error::Handshake {
+            peer: previous_rank,
+            detail,
+        })?;
     debug!(
         prefix,
         rank,
@@ -141,13 +171,14 @@ fn remaining(deadline: Instant) -> Duration {
         .max(Duration::from_millis(1))
 }
 
-/// Connects to the successor and sends the handshake.
+/// Connects to the successor and sends the handshake and the hello proof.
 fn connect_to_next(
     address: SocketAddr,
     next_rank: usize,
     handshake: &Handshake,
+    secret: Option<&LinkSecret>,
     deadline: Instant,
-) -> Result<TcpStream> {
+) -> Result<(TcpStream, Connector)> {
     let connect_error = |source| Error::Connect {
         peer: next_rank,
         address: address.to_string(),
@@ -159,20 +190,24 @@ fn connect_to_next(
     stream
         .set_write_timeout(Some(remaining(deadline)))
         .map_err(connect_error)?;
-    stream
-        .write_all(&handshake.encode())
-        .map_err(connect_error)?;
-    Ok(stream)
+    let intro = handshake.encode();
+    let (connector, proof) = Connector::start(secret, &intro);
+    let mut hello = intro;
+    hello.extend_from_slice(&proof);
+    stream.write_all(&hello).map_err(connect_error)?;
+    Ok((stream, connector))
 }
 
-/// Accepts connections until one carries the predecessor's valid handshake, answers it, and
-/// returns it. Other connections are logged and closed.
+/// Accepts connections until one carries the predecessor's valid handshake and hello proof,
+/// answers it, and returns it with the proof still to confirm. Other connections are logged
+/// and closed.
 fn accept_previous(
     listener: TcpListener,
     previous_rank: usize,
     own: &Handshake,
+    secret: Option<&LinkSecret>,
     deadline: Instant,
-) -> Result<TcpStream> {
+) -> Result<(TcpStream, Acceptor)> {
     let poll_error = |source| Error::Io {
         context: "poll the ring listener".to_owned(),
         source,
@@ -197,16 +232,19 @@ fn accept_previous(
                 }
             };
             let stream = TcpStream::from(stream);
-            match check_candidate(&stream, previous_rank, own, deadline) {
-                Ok(()) => {
+            match check_candidate(&stream, previous_rank, own, secret, deadline) {
+                Ok((acceptor, proof)) => {
+                    let mut answer = Vec::with_capacity(1 + proof.len());
+                    answer.push(HANDSHAKE_ACCEPTED);
+                    answer.extend_from_slice(&proof);
                     let mut stream = stream;
                     stream
-                        .write_all(&[HANDSHAKE_ACCEPTED])
+                        .write_all(&answer)
                         .map_err(|source| Error::Handshake {
                             peer: previous_rank,
                             detail: format!("answer the handshake: {source}"),
                         })?;
-                    return Ok(stream);
+                    return Ok((stream, acceptor));
                 }
                 Err(reason) => {
                     warn!(
@@ -239,13 +277,15 @@ fn accept_previous(
     }
 }
 
-/// Reads and checks a candidate's handshake; returns why it is not the predecessor.
+/// Reads and checks a candidate's handshake and hello proof; returns the proof's acceptor and
+/// answer, or why it is not the predecessor.
 fn check_candidate(
     stream: &TcpStream,
     previous_rank: usize,
     own: &Handshake,
+    secret: Option<&LinkSecret>,
     deadline: Instant,
-) -> Result<(), String> {
+) -> Result<(Acceptor, [u8; ANSWER_BYTES]), String> {
     let setup = || -> std::io::Result<()> {
         stream.set_nonblocking(false)?;
         stream.set_nodelay(true)?;
@@ -279,11 +319,20 @@ fn check_candidate(
     if handshake.rank as usize != previous_rank {
         return Err(format!("rank {}, expected {previous_rank}", handshake.rank));
     }
-    Ok(())
+    let mut proof = [0_u8; HELLO_PROOF_BYTES];
+    reader
+        .read_exact(&mut proof)
+        .map_err(|error| format!("read the proof of the job's secret: {error}"))?;
+    Acceptor::answer(secret, &handshake.encode(), &proof)
 }
 
-/// Waits for the successor to accept this rank's handshake.
-fn await_acceptance(next: &TcpStream, next_rank: usize, deadline: Instant) -> Result<()> {
+/// Waits for the successor to accept this rank's handshake, checks its proof and confirms.
+fn await_acceptance(
+    next: &TcpStream,
+    next_rank: usize,
+    connector: Connector,
+    deadline: Instant,
+) -> Result<()> {
     let handshake_error = |detail: String| Error::Handshake {
         peer: next_rank,
         detail,
@@ -293,7 +342,10 @@ fn await_acceptance(next: &TcpStream, next_rank: usize, deadline: Instant) -> Re
     let mut answer = [0_u8; 1];
     let mut reader = next;
     match reader.read(&mut answer) {
-        Ok(1) if answer[0] == HANDSHAKE_ACCEPTED => Ok(()),
+        Ok(1) if answer[0] == HANDSHAKE_ACCEPTED => {
+            let mut stream = next;
+            connector.finish(&mut stream).map_err(handshake_error)
+        }
         Ok(1) => Err(handshake_error(format!(
             "expected acceptance byte {HANDSHAKE_ACCEPTED:#04x}, found {:#04x}",
             answer[0]

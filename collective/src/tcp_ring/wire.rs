@@ -8,7 +8,8 @@
 use crate::operation::Collective;
 
 /// Identifies a Cohort ring handshake (and its version).
-pub(crate) const HANDSHAKE_MAGIC: [u8; 8] = *b"COHRING1";
+/// Version 2: the handshake is followed by the proof of the job's secret ([`crate::auth`]).
+pub(crate) const HANDSHAKE_MAGIC: [u8; 8] = *b"COHRING2";
 /// Written in native byte order; a peer that reads a different value has another endianness.
 const BYTE_ORDER_PROBE: u32 = 0x0102_0304;
 /// Bytes of the handshake before the prefix.

@@ -7,7 +7,6 @@ use std::time::Duration;
 use cohort_proto::ps_v1::{self, parameter_server_client::ParameterServerClient, pull_chunk};
 use cohort_proto::transport::{Connection, Credentials};
 use prost::Message;
-use tonic::transport::Endpoint;
 
 use crate::config::{CONNECTION_WINDOW_BYTES, ClientConfig, MAX_FRAME_BYTES, STREAM_WINDOW_BYTES};
 use crate::encoding::{self, DType};
@@ -161,11 +160,8 @@ pub(crate) async fn connect_shard(
     shard_count: u32,
 ) -> Result<ShardConnection> {
     let context = || format!("connect to shard {shard_id} at {address}");
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|source| Error::Transport {
-            context: context(),
-            source,
-        })?
+    let endpoint = cohort_proto::transport::endpoint(address, config.ca.as_ref())
+        .map_err(|error| Error::InvalidArgument(format!("{}: {error}", context())))?
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW_BYTES)

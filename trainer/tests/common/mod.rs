@@ -174,7 +174,8 @@ pub fn train_mesh_recording<S: MetricsSink + Default + Send>(
                 let store = &store;
                 scope.spawn(move || {
                     let mesh =
-                        connect_mesh(store, rank, shape, "127.0.0.1:0".parse().unwrap()).unwrap();
+                        connect_mesh(store, rank, shape, "127.0.0.1:0".parse().unwrap(), None)
+                            .unwrap();
                     let mut sink = S::default();
                     let outcome = train_language_model(config, corpus, mesh, &mut sink)
                         .unwrap_or_else(|error| panic!("rank {rank}: {error}"));
