@@ -307,7 +307,15 @@ impl Rendezvous {
         let _slot = self.begin_wait(job_id)?;
         let arrivals = self.add(job_id, &counter_key, 1)?;
         let round = (arrivals - 1) / i64::from(world_size);
-        let release_at = (round + 1) * i64::from(world_size);
+        // A job may have set the counter near the largest value: the next round's end is then
+        // past what a counter holds, and the barrier can never release.
+        let release_at = (round + 1)
+            .checked_mul(i64::from(world_size))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "barrier {name_text}: its counter is at {arrivals}, too large for another round"
+                ))
+            })?;
         let deadline = tokio::time::Instant::now() + timeout;
         let mut changes = self.with_job(job_id, |kv| Ok(kv.version.subscribe()))?;
         loop {

@@ -890,4 +890,255 @@ mod tests {
         );
         assert!(entries.windows(2).all(|pair| pair[0].seq < pair[1].seq));
     }
+
+    /// One call of the fuzz property below.
+    #[derive(Debug, Clone)]
+    enum Fuzzed {
+        Set(KvSetRequest),
+        Get(KvGetRequest),
+        Add(KvAddRequest),
+        Wait(KvWaitRequest),
+        Barrier(BarrierRequest),
+        Metrics(ReportMetricsRequest),
+        Submit(SubmitJobRequest),
+        Register(RegisterRequest),
+        Heartbeat(HeartbeatRequest),
+        Logs(PushLogsRequest),
+    }
+
+    fn fuzzed_call(job_id: String) -> impl proptest::strategy::Strategy<Value = Fuzzed> {
+        use proptest::prelude::*;
+        // Mostly the placed job (so calls reach the store), sometimes anything.
+        let job = prop_oneof![4 => Just(job_id), 1 => "\\PC{0,80}"];
+        let key = prop_oneof![
+            Just("__barrier/b".to_owned()),
+            Just("counter".to_owned()),
+            "[a-z/_]{0,12}",
+            "\\PC{0,300}",
+        ];
+        let number = prop_oneof![Just(0u32), Just(1), Just(2), Just(u32::MAX), any::<u32>()];
+        let big = prop_oneof![
+            Just(i64::MAX),
+            Just(i64::MIN),
+            Just(i64::MAX - 1),
+            any::<i64>(),
+            -3i64..3
+        ];
+        let value = prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..64),
+            big.clone().prop_map(|n| n.to_string().into_bytes()),
+        ];
+        let float = prop_oneof![
+            Just(f64::NAN),
+            Just(f64::INFINITY),
+            Just(-1.0),
+            any::<f64>()
+        ];
+        let text = "\\PC{0,200}";
+        prop_oneof![
+            (job.clone(), key.clone(), value)
+                .prop_map(|(job_id, key, value)| Fuzzed::Set(KvSetRequest { job_id, key, value })),
+            (job.clone(), key.clone())
+                .prop_map(|(job_id, key)| Fuzzed::Get(KvGetRequest { job_id, key })),
+            (job.clone(), key.clone(), big)
+                .prop_map(|(job_id, key, delta)| Fuzzed::Add(KvAddRequest { job_id, key, delta })),
+            (
+                job.clone(),
+                prop::collection::vec(key.clone(), 0..4),
+                0u32..3
+            )
+                .prop_map(|(job_id, keys, timeout_ms)| Fuzzed::Wait(KvWaitRequest {
+                    job_id,
+                    keys,
+                    timeout_ms
+                })),
+            (
+                job.clone(),
+                prop_oneof![Just("b".to_owned()), key],
+                number.clone(),
+                number.clone(),
+                0u32..3
+            )
+                .prop_map(|(job_id, name, rank, world_size, timeout_ms)| {
+                    Fuzzed::Barrier(BarrierRequest {
+                        job_id,
+                        name,
+                        rank,
+                        world_size,
+                        timeout_ms,
+                    })
+                }),
+            (
+                job.clone(),
+                number.clone(),
+                any::<u64>(),
+                float.clone(),
+                float,
+                prop::collection::btree_map("\\PC{0,40}", any::<f64>(), 0..4)
+            )
+                .prop_map(|(job_id, rank, step, loss, accuracy, extra)| {
+                    Fuzzed::Metrics(ReportMetricsRequest {
+                        job_id,
+                        metrics: Some(RankMetrics {
+                            rank,
+                            step,
+                            total_steps: step,
+                            loss,
+                            eval_accuracy: Some(accuracy),
+                            extra: extra.into_iter().collect(),
+                            ..RankMetrics::default()
+                        }),
+                    })
+                }),
+            prop_oneof![
+                text.prop_map(|text| text.to_owned()),
+                Just(SPEC.to_owned()),
+                "[a-z_]{1,12}".prop_map(|field| format!("{SPEC}{field} = 1\n")),
+            ]
+            .prop_map(|spec_toml| Fuzzed::Submit(SubmitJobRequest {
+                spec_toml,
+                wait_for_resources: false
+            })),
+            (text, text, number.clone(), any::<u64>()).prop_map(
+                |(node_id, address, index, memory)| {
+                    Fuzzed::Register(RegisterRequest {
+                        node_id,
+                        hostname: "fuzz".to_owned(),
+                        address,
+                        devices: vec![Device {
+                            kind: i32::from(index % 3 == 0),
+                            index,
+                            memory_total_bytes: memory,
+                            ..Device::default()
+                        }],
+                        ..RegisterRequest::default()
+                    })
+                }
+            ),
+            (text, text, number.clone()).prop_map(|(node_id, session_id, rank)| {
+                Fuzzed::Heartbeat(HeartbeatRequest {
+                    node_id,
+                    session_id,
+                    ranks: vec![RankReport {
+                        rank,
+                        ..RankReport::default()
+                    }],
+                    leaving: rank % 2 == 0,
+                })
+            }),
+            (text, job, text, number).prop_map(|(node_id, job_id, text, rank)| {
+                Fuzzed::Logs(PushLogsRequest {
+                    node_id,
+                    job_id,
+                    lines: vec![LogLine {
+                        rank,
+                        text,
+                        ..LogLine::default()
+                    }],
+                    ..PushLogsRequest::default()
+                })
+            }),
+        ]
+    }
+
+    /// Every RPC, fed arbitrary sequences of requests by the holders of real credentials (a
+    /// running job's token, an admin, the join token): each is answered or refused with a
+    /// caller's error code and a short message, and nothing panics. A few thousand sequences
+    /// by default (`PROPTEST_CASES` for more); the store persists across them, so later calls
+    /// meet what earlier ones left (a barrier meets the counter a `Set` wrote).
+    #[test]
+    fn arbitrary_requests_are_answered_or_refused_with_a_short_reason() {
+        use proptest::test_runner::{Config, TestRunner};
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let (fixture, job_id, job_token) = runtime.block_on(async {
+            let fixture = fixture().await;
+            let admin = fixture.admin.clone();
+            let job_id = fixture.submit(&admin).await.unwrap();
+            let token = fixture.place(&job_id).await;
+            (fixture, job_id, token)
+        });
+        let mut runner = TestRunner::new(Config::with_cases(cohort_proto::fuzz_cases()));
+        let service = &fixture.service;
+        let calls = proptest::collection::vec(fuzzed_call(job_id), 1..8);
+        runner
+            .run(&calls, |calls| {
+                let (job, admin, join) = (
+                    Some(job_token.as_str()),
+                    Some(fixture.admin.as_str()),
+                    Some(fixture.join.as_str()),
+                );
+                for fuzzed in calls {
+                    let answer: Result<(), Status> = runtime.block_on(async {
+                        match fuzzed {
+                            Fuzzed::Set(r) => service.set(call(r, job)).await.map(drop),
+                            Fuzzed::Get(r) => service.get(call(r, job)).await.map(drop),
+                            Fuzzed::Add(r) => service.add(call(r, job)).await.map(drop),
+                            Fuzzed::Wait(r) => service.wait(call(r, job)).await.map(drop),
+                            Fuzzed::Barrier(r) => service.barrier(call(r, job)).await.map(drop),
+                            Fuzzed::Metrics(r) => {
+                                service.report_metrics(call(r, job)).await.map(drop)
+                            }
+                            Fuzzed::Submit(r) => service.submit_job(call(r, admin)).await.map(drop),
+                            Fuzzed::Register(r) => service.register(call(r, join)).await.map(drop),
+                            Fuzzed::Heartbeat(r) => {
+                                service.heartbeat(call(r, join)).await.map(drop)
+                            }
+                            Fuzzed::Logs(r) => service.push_logs(call(r, join)).await.map(drop),
+                        }
+                    });
+                    if let Err(status) = answer {
+                        proptest::prop_assert!(
+                            !matches!(
+                                status.code(),
+                                Code::Internal
+                                    | Code::Unknown
+                                    | Code::Unimplemented
+                                    | Code::DataLoss
+                            ),
+                            "{status:?}"
+                        );
+                        proptest::prop_assert!(!status.message().is_empty());
+                        proptest::prop_assert!(
+                            status.message().len() <= cohort_proto::text::MAX_ERROR_BYTES,
+                            "{} bytes",
+                            status.message().len()
+                        );
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_barrier_whose_counter_was_set_near_the_largest_value_is_refused() {
+        let fixture = fixture().await;
+        let admin = fixture.admin.clone();
+        let job_id = fixture.submit(&admin).await.unwrap();
+        let token = fixture.place(&job_id).await;
+        let set = KvSetRequest {
+            job_id: job_id.clone(),
+            key: "__barrier/b".to_owned(),
+            value: (i64::MAX - 1).to_string().into_bytes(),
+        };
+        fixture.service.set(call(set, Some(&token))).await.unwrap();
+        let barrier = BarrierRequest {
+            job_id,
+            name: "b".to_owned(),
+            rank: 0,
+            world_size: 2,
+            timeout_ms: 10,
+        };
+        let status = fixture
+            .service
+            .barrier(call(barrier, Some(&token)))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains("too large"),
+            "{}",
+            status.message()
+        );
+    }
 }

@@ -342,6 +342,8 @@ mod tests {
     ];
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cohort_proto::fuzz_cases()))]
+
         #[test]
         fn parse_never_panics_and_its_errors_stay_short(
             pieces in prop::collection::vec(prop::sample::select(FRAGMENTS), 0..40),
@@ -483,6 +485,8 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cohort_proto::fuzz_cases()))]
+
         #[test]
         fn extreme_numbers_together_never_panic_validation(
             model in prop::sample::select(MODELS),

@@ -182,13 +182,27 @@ impl From<cohort_numerics::Error> for Error {
 
 impl From<Error> for tonic::Status {
     fn from(error: Error) -> Self {
-        tonic::Status::new(error.code(), error.to_string())
+        // Cut like the coordinator's, so that no request can make the answer unreadable.
+        let message = error.to_string();
+        let message = cohort_proto::text::truncate(&message, cohort_proto::text::MAX_ERROR_BYTES);
+        tonic::Status::new(error.code(), message.into_owned())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_message_stays_short_whatever_the_request_held() {
+        let status = tonic::Status::from(Error::invalid(format!(
+            "tensor {} is not declared",
+            "é".repeat(1_000_000)
+        )));
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().len() <= cohort_proto::text::MAX_ERROR_BYTES);
+        assert!(status.message().starts_with("tensor éé"));
+    }
 
     #[test]
     fn statuses_carry_the_code_and_the_message() {

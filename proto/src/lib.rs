@@ -14,7 +14,8 @@
 //!   sent in `StartRank`), its node's facts (added by the worker), and the environment both
 //!   become (`to_env`, `from_env`).
 //! - [`secret`]: [`Secret`], a token that never prints.
-//! - [`transport`]: the bearer token on every call ([`transport::Credentials`]).
+//! - [`transport`]: the bearer token on every call ([`transport::Credentials`]), and TLS
+//!   ([`transport::endpoint`], [`transport::ServerTls`]).
 //! - [`text`]: bounded free text (details, reasons, log lines, error messages) and excerpts.
 //! - [`codec`]: the protobuf codec of every service: a message that does not decode is the
 //!   caller's mistake (`INVALID_ARGUMENT`).
@@ -29,6 +30,15 @@ pub mod transport;
 
 pub use ids::{IdError, JobId, NodeId};
 pub use secret::Secret;
+
+/// Cases each fuzz property (proptest) of the workspace runs: `PROPTEST_CASES` when set, so
+/// that a long run is `PROPTEST_CASES=200000 cargo test ...`, else 2,000.
+pub fn fuzz_cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|cases| cases.parse().ok())
+        .unwrap_or(2_000)
+}
 
 /// Generated code for package `cohort.v1`.
 #[allow(clippy::all, missing_docs)]
