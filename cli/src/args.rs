@@ -150,6 +150,17 @@ pub enum AllreduceBackend {
     Nccl,
 }
 
+/// Ring links of the all-reduce benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchLinks {
+    /// Links that prove the job's secret at setup (what Cohort's ranks use).
+    Authenticated,
+    /// Links that prove nothing.
+    Plain,
+    /// Both, alternating size by size.
+    Both,
+}
+
 /// Every benchmark.
 #[derive(Debug, Subcommand)]
 pub enum Benchmark {
@@ -170,6 +181,11 @@ pub enum Benchmark {
         /// Element type moved.
         #[arg(long, value_enum, default_value_t = BenchDtype::F32)]
         dtype: BenchDtype,
+        /// Ring links (`tcp`): proving the job's secret at setup as Cohort's ranks do
+        /// (`authenticated`), proving nothing (`plain`), or both in the same run, size by
+        /// size, with their ratio.
+        #[arg(long, value_enum, default_value_t = BenchLinks::Authenticated)]
+        links: BenchLinks,
     },
     /// Data-parallel training throughput of the benchmark MLP (784-1024-1024-10, global batch
     /// 256, fp32, SGD) per world size, scaling efficiency, and where a step's time goes; with
@@ -239,6 +255,9 @@ pub enum Benchmark {
         /// Element type.
         #[arg(long, value_enum)]
         dtype: BenchDtype,
+        /// Which ring links to time.
+        #[arg(long, value_enum)]
+        links: BenchLinks,
     },
 }
 

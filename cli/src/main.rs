@@ -33,8 +33,13 @@ fn main() -> ExitCode {
         // Tensor math: on this thread, not on an async runtime.
         args::Command::Sample(args) => commands::sample::run(&args),
         args::Command::Bench(args::BenchArgs {
-            benchmark: args::Benchmark::AllreduceRank { elements, dtype },
-        }) => bench::allreduce::rank(&elements, dtype),
+            benchmark:
+                args::Benchmark::AllreduceRank {
+                    elements,
+                    dtype,
+                    links,
+                },
+        }) => bench::allreduce::rank(&elements, dtype, links),
         args::Command::Bench(args::BenchArgs {
             benchmark: args::Benchmark::TrainRank { steps },
         }) => bench::train::rank(steps),

@@ -7,6 +7,10 @@
 //! each rank sent for one all-reduce of each type: what mixed precision saves, measured under
 //! the same load.
 //!
+//! `--links both` times rings whose links prove the job's secret at setup (as Cohort's ranks'
+//! do) and rings whose links prove nothing, size by size in the same job, with their setup
+//! times: the cost of authentication.
+//!
 //! With `--backend nccl` it times NCCL's all-reduce on device buffers instead (no host copies),
 //! one thread per local GPU in this process, as nccl-tests does; a build or machine without
 //! CUDA or NCCL fails with the reason.
@@ -17,14 +21,15 @@ use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use clap::ValueEnum as _;
 use cohort_collective::bench::{self as collective_bench, StreamMeasurement};
 use cohort_collective::cuda::{self, CudaLibrary};
-use cohort_collective::{DType, NcclConfig};
+use cohort_collective::{DType, LinkSecret, NcclConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{dtype, gbps, parse_size, publish_result, read_result, run_job, start_cluster};
-use crate::args::{AllreduceBackend, BenchDtype};
+use crate::args::{AllreduceBackend, BenchDtype, BenchLinks};
 use crate::client;
 use crate::rank::RankLink;
 
@@ -93,31 +98,73 @@ struct RankSample {
     f32_bytes_sent: u64,
 }
 
-/// One rank of the benchmark: times every size (against `f32` for low-precision types),
-/// publishes its medians, and rank 0 prints every rank's.
-pub fn rank(elements: &[usize], element_type: BenchDtype) -> Result<ExitCode> {
+/// What one rank measured on one kind of links.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LinksSamples {
+    /// `authenticated` or `plain`.
+    links: String,
+    /// Seconds this rank took to form the ring (after a first ring absorbed start-up skew).
+    setup_s: f64,
+    /// One sample per size.
+    samples: Vec<RankSample>,
+}
+
+/// The kinds of links `links` names, with the secret each proves.
+fn link_kinds(link: &RankLink, links: BenchLinks) -> Vec<(&'static str, Option<LinkSecret>)> {
+    let authenticated = ("authenticated", link.link_secret());
+    let plain = ("plain", None);
+    match links {
+        BenchLinks::Authenticated => vec![authenticated],
+        BenchLinks::Plain => vec![plain],
+        BenchLinks::Both => vec![authenticated, plain],
+    }
+}
+
+/// One rank of the benchmark: times every size (against `f32` for low-precision types) on
+/// each kind of links, the kinds taking turns to go first, publishes its medians, and rank 0
+/// prints every rank's.
+pub fn rank(elements: &[usize], element_type: BenchDtype, links: BenchLinks) -> Result<ExitCode> {
     let link = RankLink::connect()?;
-    let mut ring = link.ring("bench-allreduce")?;
-    let dtype = dtype(element_type);
-    let mut samples = Vec::with_capacity(elements.len());
-    for &count in elements {
-        // Sized by the fp32-equivalent payload, so every type gets the same number of calls.
-        let iterations = collective_bench::iterations_for(count * 4);
-        let [own, f32_sample] = collective_bench::compare_all_reduce_with_f32(
-            &mut ring,
-            count,
-            dtype,
-            (iterations / 5).max(2),
-            iterations,
-        )?;
-        samples.push(RankSample {
-            time_s: own.time.as_secs_f64(),
-            f32_time_s: f32_sample.time.as_secs_f64(),
-            bytes_sent: own.bytes_sent,
-            f32_bytes_sent: f32_sample.bytes_sent,
+    // Ranks start at different moments: the first ring absorbs that, so that the setup times
+    // below are the rings' own.
+    drop(link.ring("bench-allreduce-start")?);
+    let mut rings = Vec::new();
+    let mut results = Vec::new();
+    for (name, secret) in link_kinds(&link, links) {
+        let started = std::time::Instant::now();
+        rings.push(link.ring_proving(&format!("bench-allreduce-{name}"), secret)?);
+        results.push(LinksSamples {
+            links: name.to_owned(),
+            setup_s: started.elapsed().as_secs_f64(),
+            samples: Vec::with_capacity(elements.len()),
         });
     }
-    publish_result(&link, &samples)?;
+    let dtype = dtype(element_type);
+    for (index, &count) in elements.iter().enumerate() {
+        // Sized by the fp32-equivalent payload, so every type gets the same number of calls.
+        let iterations = collective_bench::iterations_for(count * 4);
+        // Kinds take turns going first, so neither always meets a warmer machine.
+        let mut turn: Vec<_> = rings.iter_mut().zip(&mut results).collect();
+        if index % 2 == 1 {
+            turn.reverse();
+        }
+        for (ring, result) in turn {
+            let [own, f32_sample] = collective_bench::compare_all_reduce_with_f32(
+                ring,
+                count,
+                dtype,
+                (iterations / 5).max(2),
+                iterations,
+            )?;
+            result.samples.push(RankSample {
+                time_s: own.time.as_secs_f64(),
+                f32_time_s: f32_sample.time.as_secs_f64(),
+                bytes_sent: own.bytes_sent,
+                f32_bytes_sent: f32_sample.bytes_sent,
+            });
+        }
+    }
+    publish_result(&link, &results)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -156,9 +203,10 @@ pub async fn run(
     ranks: Option<u32>,
     sizes: &[String],
     element_type: BenchDtype,
+    links: BenchLinks,
 ) -> Result<ExitCode> {
     match backend {
-        AllreduceBackend::Tcp => run_tcp(ranks.unwrap_or(2), sizes, element_type).await,
+        AllreduceBackend::Tcp => run_tcp(ranks.unwrap_or(2), sizes, element_type, links).await,
         AllreduceBackend::Nccl => {
             let sizes = sizes.to_vec();
             tokio::task::spawn_blocking(move || run_nccl(ranks, &sizes, element_type)).await?
@@ -176,7 +224,12 @@ fn payloads(sizes: &[String]) -> Result<Vec<usize>> {
 }
 
 /// `cohort bench allreduce --backend tcp`.
-async fn run_tcp(ranks: u32, sizes: &[String], element_type: BenchDtype) -> Result<ExitCode> {
+async fn run_tcp(
+    ranks: u32,
+    sizes: &[String],
+    element_type: BenchDtype,
+    links: BenchLinks,
+) -> Result<ExitCode> {
     if !(1..=64).contains(&ranks) {
         bail!("--ranks = {ranks}, expected 1 to 64");
     }
@@ -206,51 +259,97 @@ kind = "command"
 ranks = {ranks}
 [command]
 program = {program}
-args = ["bench", "allreduce-rank", "--elements", "{element_list}", "--dtype", "{dtype}"]
+args = ["bench", "allreduce-rank", "--elements", "{element_list}", "--dtype", "{dtype}", "--links", "{links}"]
 "#,
         program = json!(executable.display().to_string()),
+        links = links
+            .to_possible_value()
+            .context("--links has a name")?
+            .get_name(),
     );
     let mut client = client::job_control(cluster.target()).await?;
     let outcome = run_job(&mut client, spec).await;
-    let per_rank: Result<Vec<Vec<RankSample>>> = match outcome {
+    let per_rank: Result<Vec<Vec<LinksSamples>>> = match outcome {
         Ok(job) => read_result(&mut client, &job.job_id).await,
         Err(error) => Err(error),
     };
     cluster.shutdown().await;
-    let samples = slowest_ranks(&per_rank?, elements.len())?;
+    let per_rank = per_rank?;
+    let kinds: Vec<String> = per_rank
+        .first()
+        .map(|kinds| kinds.iter().map(|kind| kind.links.clone()).collect())
+        .unwrap_or_default();
+    let mut measured = Vec::new();
+    for (index, kind) in kinds.iter().enumerate() {
+        let of_kind = per_rank
+            .iter()
+            .map(|rank| rank.get(index).map(|k| k.samples.clone()))
+            .collect::<Option<Vec<_>>>()
+            .context("a rank reported fewer kinds of links")?;
+        let setup_s = per_rank
+            .iter()
+            .filter_map(|rank| rank.get(index))
+            .map(|k| k.setup_s)
+            .fold(0.0, f64::max);
+        measured.push((
+            kind.clone(),
+            setup_s,
+            slowest_ranks(&of_kind, elements.len())?,
+        ));
+    }
+    // With both kinds, each authenticated size against the plain one of the same size.
+    let plain_busbw_time: Option<Vec<f64>> = measured
+        .iter()
+        .find(|(kind, _, _)| kind == "plain")
+        .filter(|_| measured.len() > 1)
+        .map(|(_, _, samples)| samples.iter().map(|sample| sample.time_s).collect());
 
     let mut rows = Vec::new();
     let mut table = Vec::new();
-    for ((&payload, &count), sample) in payloads.iter().zip(&elements).zip(&samples) {
-        let bytes = count * dtype.size_bytes();
-        let time_s = sample.time_s;
-        let algbw = collective_bench::algorithm_bandwidth(bytes, Duration::from_secs_f64(time_s));
-        let busbw = collective_bench::bus_bandwidth(algbw, ranks as usize);
-        let time_ratio_vs_f32 = time_s / sample.f32_time_s.max(f64::MIN_POSITIVE);
-        table.push(vec![
-            payload.to_string(),
-            bytes.to_string(),
-            format!("{:.1}", time_s * 1e6),
-            format!("{:.3}", gbps(algbw)),
-            format!("{:.3}", gbps(busbw)),
-            format!("{:.2}", busbw / loopback),
-            format!("{:.1}", sample.f32_time_s * 1e6),
-            format!("{time_ratio_vs_f32:.2}"),
-            sample.bytes_sent.to_string(),
-            sample.f32_bytes_sent.to_string(),
-        ]);
-        rows.push(json!({
-            "fp32_equivalent_bytes": payload,
-            "bytes": bytes,
-            "time_s": time_s,
-            "algbw_gbps": gbps(algbw),
-            "busbw_gbps": gbps(busbw),
-            "busbw_fraction_of_loopback": busbw / loopback,
-            "f32_time_s": sample.f32_time_s,
-            "time_ratio_vs_f32": time_ratio_vs_f32,
-            "bytes_sent_per_rank": sample.bytes_sent,
-            "f32_bytes_sent_per_rank": sample.f32_bytes_sent,
-        }));
+    for (kind, _, samples) in &measured {
+        for (index, ((&payload, &count), sample)) in
+            payloads.iter().zip(&elements).zip(samples).enumerate()
+        {
+            let bytes = count * dtype.size_bytes();
+            let time_s = sample.time_s;
+            let algbw =
+                collective_bench::algorithm_bandwidth(bytes, Duration::from_secs_f64(time_s));
+            let busbw = collective_bench::bus_bandwidth(algbw, ranks as usize);
+            let time_ratio_vs_f32 = time_s / sample.f32_time_s.max(f64::MIN_POSITIVE);
+            // busbw is proportional to 1 / time at the same size and ranks.
+            let busbw_ratio_vs_plain = plain_busbw_time
+                .as_ref()
+                .filter(|_| kind != "plain")
+                .map(|plain| plain[index] / time_s.max(f64::MIN_POSITIVE));
+            table.push(vec![
+                kind.clone(),
+                payload.to_string(),
+                bytes.to_string(),
+                format!("{:.1}", time_s * 1e6),
+                format!("{:.3}", gbps(algbw)),
+                format!("{:.3}", gbps(busbw)),
+                format!("{:.2}", busbw / loopback),
+                format!("{:.1}", sample.f32_time_s * 1e6),
+                format!("{time_ratio_vs_f32:.2}"),
+                sample.bytes_sent.to_string(),
+                sample.f32_bytes_sent.to_string(),
+                busbw_ratio_vs_plain.map_or("-".to_owned(), |ratio| format!("{ratio:.2}")),
+            ]);
+            rows.push(json!({
+                "links": kind,
+                "busbw_ratio_vs_plain": busbw_ratio_vs_plain,
+                "fp32_equivalent_bytes": payload,
+                "bytes": bytes,
+                "time_s": time_s,
+                "algbw_gbps": gbps(algbw),
+                "busbw_gbps": gbps(busbw),
+                "busbw_fraction_of_loopback": busbw / loopback,
+                "f32_time_s": sample.f32_time_s,
+                "time_ratio_vs_f32": time_ratio_vs_f32,
+                "bytes_sent_per_rank": sample.bytes_sent,
+                "f32_bytes_sent_per_rank": sample.f32_bytes_sent,
+            }));
+        }
     }
     let comparison = if dtype == DType::F32 {
         String::new()
@@ -262,10 +361,14 @@ args = ["bench", "allreduce-rank", "--elements", "{element_list}", "--dtype", "{
          single stream",
         gbps(loopback)
     );
+    for (kind, setup_s, _) in &measured {
+        println!("{kind} links: ring formed in {:.1} ms", setup_s * 1e3);
+    }
     print!(
         "{}",
         crate::render::table(
             &[
+                "LINKS",
                 "PAYLOAD(F32 BYTES)",
                 "BYTES",
                 "TIME(US)",
@@ -275,7 +378,8 @@ args = ["bench", "allreduce-rank", "--elements", "{element_list}", "--dtype", "{
                 "F32 TIME(US)",
                 "TIME/F32",
                 "SENT/RANK(BYTES)",
-                "F32 SENT/RANK(BYTES)"
+                "F32 SENT/RANK(BYTES)",
+                "BUSBW/PLAIN"
             ],
             &table
         )
@@ -287,6 +391,10 @@ args = ["bench", "allreduce-rank", "--elements", "{element_list}", "--dtype", "{
             "ranks": ranks,
             "dtype": dtype.name(),
             "loopback_gbps": gbps(loopback),
+            "setup_s": measured
+                .iter()
+                .map(|(kind, setup_s, _)| (kind.clone(), json!(setup_s)))
+                .collect::<serde_json::Map<_, _>>(),
             "results": rows,
         })
     );

@@ -44,7 +44,8 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
             backend,
             sizes,
             dtype,
-        } => allreduce::run(backend, ranks, &sizes, dtype).await,
+            links,
+        } => allreduce::run(backend, ranks, &sizes, dtype, links).await,
         Benchmark::Ps {
             shards,
             ranks,

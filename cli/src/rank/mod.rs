@@ -121,9 +121,15 @@ impl RankLink {
     /// Joins the ring of all the job's ranks under key prefix `name`, listening on the node's
     /// address, proving the job's secret on both links.
     pub fn ring(&self, name: &str) -> Result<TcpRing> {
+        self.ring_proving(name, self.link_secret())
+    }
+
+    /// Joins the ring under key prefix `name` as [`Self::ring`] does, its links proving
+    /// `secret` (`None`: nothing; for benchmarks that compare).
+    pub fn ring_proving(&self, name: &str, secret: Option<LinkSecret>) -> Result<TcpRing> {
         let config = TcpRingConfig {
             listen_address: SocketAddr::new(self.node_address, 0),
-            secret: self.link_secret(),
+            secret,
             ..TcpRingConfig::default()
         };
         TcpRing::connect(&self.store, name, self.rank(), self.world_size(), &config)
