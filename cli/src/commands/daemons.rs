@@ -356,4 +356,41 @@ mod tests {
             assert!(listen_policy(listen, true, false).is_ok(), "{listen}");
         }
     }
+
+    fn worker_config(coordinator: &str, advertise: &str) -> WorkerConfig {
+        WorkerConfig {
+            coordinator: coordinator.to_owned(),
+            node_id: NodeId::new("node-2").unwrap(),
+            advertise_address: advertise.to_owned(),
+            cpu_slots: 1,
+            output_dir: PathBuf::from("/tmp/out"),
+            cohort_executable: PathBuf::from("/usr/bin/cohort"),
+            state_dir: PathBuf::from("/tmp/state"),
+            join_token: Secret::new("cohort-join-x"),
+            ca: None,
+            tls: None,
+        }
+    }
+
+    #[test]
+    fn a_worker_of_a_tls_cluster_needs_a_certificate_unless_it_stays_on_loopback() {
+        // Plaintext cluster: nothing to serve over TLS.
+        assert!(worker_tls_policy(&worker_config("10.0.0.1:7077", "10.0.0.2")).is_ok());
+        // TLS cluster (an https:// coordinator), node on the network, no certificate.
+        let refused = worker_tls_policy(&worker_config("https://head:7077", "10.0.0.2"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("--tls-cert") && refused.contains("10.0.0.2"),
+            "{refused}"
+        );
+        assert!(refused.contains("cohort certs create"), "{refused}");
+        // On loopback its parameter servers are reached from this machine only.
+        assert!(worker_tls_policy(&worker_config("https://head:7077", "127.0.0.1")).is_ok());
+        // A CA that cannot be read stops the worker before it registers.
+        let mut missing_ca = worker_config("10.0.0.1:7077", "127.0.0.1");
+        missing_ca.ca = Some(PathBuf::from("/nonexistent/ca.pem"));
+        let refused = worker_tls_policy(&missing_ca).unwrap_err().to_string();
+        assert!(refused.contains("/nonexistent/ca.pem"), "{refused}");
+    }
 }

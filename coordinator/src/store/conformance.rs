@@ -37,6 +37,9 @@ trait Backend: Send + Sync {
     /// (the file is locked while one is open).
     async fn open(&self) -> Arc<dyn ClusterStore>;
 
+    /// Opens a new handle (as [`Backend::open`]) that keeps the newest `entries` audit entries.
+    async fn open_with_audit_window(&self, entries: u64) -> Arc<dyn ClusterStore>;
+
     /// Stores `bytes` as they are as the record of `kind` under `key`, as a damaged store or an
     /// older coordinator could have left it. Every handle must be dropped first (as for
     /// [`Backend::open`]).
@@ -67,6 +70,15 @@ impl Backend for EmbeddedBackend {
             .expect("opening task")
             .expect("opening the embedded store");
         Arc::new(store)
+    }
+
+    async fn open_with_audit_window(&self, entries: u64) -> Arc<dyn ClusterStore> {
+        let data_dir = self.data_dir.path().to_owned();
+        let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&data_dir))
+            .await
+            .expect("opening task")
+            .expect("opening the embedded store");
+        Arc::new(store.with_audit_window(entries))
     }
 
     async fn put_raw(&self, kind: RecordKind, key: &str, bytes: Vec<u8>) {
@@ -106,6 +118,13 @@ impl Backend for EtcdBackend {
             .await
             .expect("connecting to the test etcd");
         Arc::new(store)
+    }
+
+    async fn open_with_audit_window(&self, entries: u64) -> Arc<dyn ClusterStore> {
+        let store = EtcdStore::connect(&self.server.endpoint(), super::etcd::DEFAULT_PREFIX)
+            .await
+            .expect("connecting to the test etcd");
+        Arc::new(store.with_audit_window(entries))
     }
 
     async fn put_raw(&self, kind: RecordKind, key: &str, bytes: Vec<u8>) {
@@ -270,6 +289,7 @@ conformance_suite!(
     users_are_put_replaced_listed_by_name_and_removed,
     audit_entries_get_increasing_numbers_page_by_page_and_survive_reopening,
     concurrent_audit_appends_get_distinct_numbers,
+    the_audit_log_keeps_the_newest_entries_of_its_window,
 );
 
 async fn sequence_starts_at_one_and_counts_up(backend: &dyn Backend) {
@@ -678,6 +698,21 @@ async fn audit_entries_get_increasing_numbers_page_by_page_and_survive_reopening
         reopened.append_audit(sample_audit("job-6")).await.unwrap(),
         6
     );
+}
+
+async fn the_audit_log_keeps_the_newest_entries_of_its_window(backend: &dyn Backend) {
+    let store = backend.open_with_audit_window(3).await;
+    for number in 1..=7u64 {
+        let seq = store
+            .append_audit(sample_audit(&format!("job-{number}")))
+            .await
+            .unwrap();
+        assert_eq!(seq, number, "numbers keep counting past the window");
+    }
+    let kept = store.list_audit(0, 100).await.unwrap();
+    let targets: Vec<&str> = kept.iter().map(|entry| entry.target.as_str()).collect();
+    assert_eq!(targets, ["job-5", "job-6", "job-7"]);
+    assert_eq!(kept[0].seq, 5);
 }
 
 async fn concurrent_audit_appends_get_distinct_numbers(backend: &dyn Backend) {

@@ -101,6 +101,8 @@ pub struct EmbeddedStore {
     database: Arc<Database>,
     /// Path of `cluster.redb`, for error messages.
     path: PathBuf,
+    /// Audit entries kept, the newest.
+    audit_window: u64,
 }
 
 impl fmt::Debug for EmbeddedStore {
@@ -169,7 +171,17 @@ impl EmbeddedStore {
         Ok(Self {
             database: Arc::new(database),
             path,
+            audit_window: MAX_AUDIT_ENTRIES,
         })
+    }
+
+    /// Keeps only the newest `entries` audit entries (default
+    /// [`crate::limits::MAX_AUDIT_ENTRIES`]).
+    pub fn with_audit_window(self, entries: u64) -> Self {
+        Self {
+            audit_window: entries.max(1),
+            ..self
+        }
     }
 
     /// Returns the path of the database file.
@@ -549,6 +561,7 @@ impl ClusterStore for EmbeddedStore {
     }
 
     async fn append_audit(&self, entry: AuditEntry) -> Result<u64> {
+        let window = self.audit_window;
         self.run_blocking("appending to the audit log", move |database| {
             let operation = "appending to the audit log";
             let transaction = database.begin_write().within(operation, AUDIT_SEQ_KEY)?;
@@ -570,7 +583,7 @@ impl ClusterStore for EmbeddedStore {
                 let mut audit = transaction.open_table(AUDIT).within(operation, "")?;
                 audit.insert(seq, bytes.as_slice()).within(operation, "")?;
                 // Keep the newest entries: drop the one that just fell out of the window.
-                if let Some(oldest) = seq.checked_sub(MAX_AUDIT_ENTRIES) {
+                if let Some(oldest) = seq.checked_sub(window) {
                     audit.remove(oldest).within(operation, "")?;
                 }
             }

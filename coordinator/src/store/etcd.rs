@@ -100,6 +100,8 @@ pub struct EtcdStore {
     endpoint: String,
     /// Key prefix without a trailing `/`.
     prefix: String,
+    /// Audit entries kept, the newest.
+    audit_window: u64,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -150,7 +152,17 @@ impl EtcdStore {
             kv,
             endpoint: endpoint.to_owned(),
             prefix,
+            audit_window: MAX_AUDIT_ENTRIES,
         })
+    }
+
+    /// Keeps only the newest `entries` audit entries (default
+    /// [`crate::limits::MAX_AUDIT_ENTRIES`]).
+    pub fn with_audit_window(self, entries: u64) -> Self {
+        Self {
+            audit_window: entries.max(1),
+            ..self
+        }
     }
 
     /// Returns the key prefix records live under, without a trailing `/`.
@@ -657,7 +669,7 @@ impl ClusterStore for EtcdStore {
             .unwrap_or_default();
             let mut ops = vec![TxnOp::put(self.audit_key(seq), bytes, None)];
             // Keep the newest entries: drop the one that just fell out of the window.
-            if let Some(oldest) = seq.checked_sub(MAX_AUDIT_ENTRIES) {
+            if let Some(oldest) = seq.checked_sub(self.audit_window) {
                 ops.push(TxnOp::delete(self.audit_key(oldest), None));
             }
             ops
