@@ -93,6 +93,17 @@ fn fresh_nonce() -> [u8; NONCE_BYTES] {
     nonce
 }
 
+/// A nonce followed by a tag, as both sides send them.
+fn nonce_and_tag(
+    nonce: &[u8; NONCE_BYTES],
+    tag: &[u8; TAG_BYTES],
+) -> [u8; NONCE_BYTES + TAG_BYTES] {
+    let mut bytes = [0_u8; NONCE_BYTES + TAG_BYTES];
+    bytes[..NONCE_BYTES].copy_from_slice(nonce);
+    bytes[NONCE_BYTES..].copy_from_slice(tag);
+    bytes
+}
+
 /// The connecting side of a link's proof, between its hello and its confirmation.
 pub(crate) struct Connector {
     secret: LinkSecret,
@@ -109,10 +120,7 @@ impl Connector {
     ) -> (Self, [u8; HELLO_PROOF_BYTES]) {
         let secret = secret.cloned().unwrap_or_else(no_secret);
         let nonce = fresh_nonce();
-        let tag = secret.tag(b"hello", &[intro, &nonce]);
-        let mut proof = [0_u8; HELLO_PROOF_BYTES];
-        proof[..NONCE_BYTES].copy_from_slice(&nonce);
-        proof[NONCE_BYTES..].copy_from_slice(&tag);
+        let proof = nonce_and_tag(&nonce, &secret.tag(b"hello", &[intro, &nonce]));
         let connector = Self {
             secret,
             intro: intro.to_vec(),
@@ -165,10 +173,10 @@ impl Acceptor {
         }
         let connector_nonce: [u8; NONCE_BYTES] = connector_nonce.try_into().expect("nonce");
         let nonce = fresh_nonce();
-        let tag = secret.tag(b"reply", &[intro, &connector_nonce, &nonce]);
-        let mut answer = [0_u8; ANSWER_BYTES];
-        answer[..NONCE_BYTES].copy_from_slice(&nonce);
-        answer[NONCE_BYTES..].copy_from_slice(&tag);
+        let answer = nonce_and_tag(
+            &nonce,
+            &secret.tag(b"reply", &[intro, &connector_nonce, &nonce]),
+        );
         let acceptor = Self {
             secret,
             intro: intro.to_vec(),

@@ -553,6 +553,25 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(30));
     }
 
+    /// All-reduces 1s on `rank_zero` and 2s on `rank_one` and checks both get 3s.
+    fn assert_the_pair_sums(rank_zero: &mut TcpRing, rank_one: &mut TcpRing) {
+        std::thread::scope(|scope| {
+            let helper = scope.spawn(|| {
+                let mut values = vec![2.0_f32; 5];
+                rank_one
+                    .all_reduce((&mut values).into(), ReduceOp::Sum)
+                    .unwrap();
+                values
+            });
+            let mut values = vec![1.0_f32; 5];
+            rank_zero
+                .all_reduce((&mut values).into(), ReduceOp::Sum)
+                .unwrap();
+            assert_eq!(values, [3.0; 5]);
+            assert_eq!(helper.join().unwrap(), [3.0; 5]);
+        });
+    }
+
     #[test]
     fn stray_connections_are_rejected() {
         let store = Arc::new(InMemoryStore::new());
@@ -580,19 +599,7 @@ mod tests {
 
             let mut rank_zero = TcpRing::connect(&*store, "ring", 0, 2, &config).unwrap();
             let mut rank_one = rank_one.join().unwrap().unwrap();
-            let helper = scope.spawn(move || {
-                let mut values = vec![2.0_f32; 5];
-                rank_one
-                    .all_reduce((&mut values).into(), ReduceOp::Sum)
-                    .unwrap();
-                values
-            });
-            let mut values = vec![1.0_f32; 5];
-            rank_zero
-                .all_reduce((&mut values).into(), ReduceOp::Sum)
-                .unwrap();
-            assert_eq!(values, [3.0; 5]);
-            assert_eq!(helper.join().unwrap(), [3.0; 5]);
+            assert_the_pair_sums(&mut rank_zero, &mut rank_one);
         });
     }
 
@@ -632,19 +639,7 @@ mod tests {
             let mut answer = Vec::new();
             let _ = impostor.read_to_end(&mut answer);
             assert!(answer.is_empty(), "the impostor was answered: {answer:?}");
-            let helper = scope.spawn(move || {
-                let mut values = vec![2.0_f32; 5];
-                rank_one
-                    .all_reduce((&mut values).into(), ReduceOp::Sum)
-                    .unwrap();
-                values
-            });
-            let mut values = vec![1.0_f32; 5];
-            rank_zero
-                .all_reduce((&mut values).into(), ReduceOp::Sum)
-                .unwrap();
-            assert_eq!(values, [3.0; 5]);
-            assert_eq!(helper.join().unwrap(), [3.0; 5]);
+            assert_the_pair_sums(&mut rank_zero, &mut rank_one);
         });
     }
 
