@@ -221,6 +221,13 @@ pub enum Benchmark {
         /// Element type of the pushed gradients.
         #[arg(long, value_enum, default_value_t = BenchDtype::F32)]
         dtype: BenchDtype,
+        /// Timed push+pull rounds per size (after one warm-up round).
+        #[arg(long, default_value_t = 5)]
+        iterations: u32,
+        /// Largest chunk a push or pull is cut into (K, M suffixes) [default: the servers'
+        /// limit, 4M].
+        #[arg(long)]
+        chunk_bytes: Option<String>,
     },
     /// Transformer tokens/s under meshes of 4 ranks (4x1x1, 1x4x1 gpipe and 1f1b, 1x1x4,
     /// 2x2x1) and each pipeline's measured bubble against the ideal (P-1)/(M+P-1).

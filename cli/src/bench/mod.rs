@@ -51,7 +51,19 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
             ranks,
             size,
             dtype,
-        } => ps::run(shards, ranks, &size, dtype).await,
+            iterations,
+            chunk_bytes,
+        } => {
+            ps::run(
+                shards,
+                ranks,
+                &size,
+                dtype,
+                iterations,
+                chunk_bytes.as_deref(),
+            )
+            .await
+        }
         Benchmark::Train {
             ranks,
             steps,

@@ -15,7 +15,19 @@ use crate::args::BenchDtype;
 const LOOPBACK_BYTES: u64 = 512 << 20;
 
 /// `cohort bench ps`.
-pub async fn run(shards: u32, ranks: u32, sizes: &[String], dtype: BenchDtype) -> Result<ExitCode> {
+pub async fn run(
+    shards: u32,
+    ranks: u32,
+    sizes: &[String],
+    dtype: BenchDtype,
+    iterations: u32,
+    chunk_bytes: Option<&str>,
+) -> Result<ExitCode> {
+    let defaults = BenchConfig::default();
+    let max_chunk_bytes = match chunk_bytes {
+        Some(text) => parse_size(text)? as u64,
+        None => defaults.max_chunk_bytes,
+    };
     let sizes: Vec<usize> = sizes.iter().map(|s| parse_size(s)).collect::<Result<_>>()?;
     if let Some(size) = sizes
         .iter()
@@ -38,7 +50,9 @@ pub async fn run(shards: u32, ranks: u32, sizes: &[String], dtype: BenchDtype) -
             ranks,
             bytes: bytes as u64,
             gradient_dtype,
-            ..BenchConfig::default()
+            iterations,
+            max_chunk_bytes,
+            ..defaults.clone()
         })
         .await?;
         table.push(vec![
@@ -77,6 +91,8 @@ pub async fn run(shards: u32, ranks: u32, sizes: &[String], dtype: BenchDtype) -
             "bench": "ps",
             "shards": shards,
             "ranks": ranks,
+            "iterations": iterations,
+            "max_chunk_bytes": max_chunk_bytes,
             "dtype": gradient_dtype.name(),
             "loopback_gbps": gbps(loopback),
             "results": rows,
