@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tracing::warn;
 
 use crate::client::{self, Target};
-use crate::commands::PreparedCoordinator;
+use crate::coordinator_setup::PreparedCoordinator;
 use cohort_proto::Secret;
 
 /// How long workers get to register before start-up fails.

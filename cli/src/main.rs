@@ -14,6 +14,7 @@ mod args;
 mod bench;
 mod client;
 mod commands;
+mod coordinator_setup;
 mod credentials;
 mod local_cluster;
 mod rank;

@@ -120,7 +120,7 @@ pub async fn start_cluster(data_dir: &Path, workers: u32, slots: u32) -> Result<
         data_dir: data_dir.to_owned(),
         ..CoordinatorConfig::default()
     };
-    let coordinator = crate::commands::prepare(
+    let coordinator = crate::coordinator_setup::prepare(
         coordinator,
         &cohort_coordinator::StoreLocation::Embedded,
         "127.0.0.1:0",

@@ -6,9 +6,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use std::sync::Arc;
-
-use cohort_coordinator::auth::{self, Authenticator};
 use cohort_coordinator::{CoordinatorConfig, StoreLocation};
 use cohort_proto::NodeId;
 use cohort_proto::Secret;
@@ -17,9 +14,9 @@ use cohort_proto::transport::{self, CaCertificate, ServerTls};
 use cohort_worker::WorkerConfig;
 use cohort_worker::devices::{Combined, CpuSlots};
 use cohort_worker::gpu::GpuInventory;
-use tokio::net::TcpListener;
 
 use crate::args::{ClusterSettings, CoordinatorDaemonArgs, WorkerDaemonArgs};
+use crate::coordinator_setup::{PreparedCoordinator, prepare};
 
 /// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
 pub async fn shutdown_signal() {
@@ -104,53 +101,6 @@ pub async fn prepare_coordinator(
     let config = coordinator_config(settings)?;
     let location: StoreLocation = settings.store.parse()?;
     prepare(config, &location, listen).await
-}
-
-/// Opens the store at `location`, loads the users and binds `listen`: a coordinator of
-/// `config` ready to serve.
-pub async fn prepare(
-    config: CoordinatorConfig,
-    location: &StoreLocation,
-    listen: &str,
-) -> Result<PreparedCoordinator> {
-    let store = cohort_coordinator::open_store(location, &config).await?;
-    // Before the listener: the first admin's token and the join token are in their files
-    // before anyone can connect.
-    let auth =
-        Authenticator::load(store.clone(), &config.data_dir, config.join_token.as_ref()).await?;
-    let join_token = match &config.join_token {
-        Some(token) => token.clone(),
-        None => auth::read_secret_file(&config.data_dir.join(auth::JOIN_TOKEN_FILE))?
-            .context("the join token file is missing")?,
-    };
-    let admin_token = auth::read_secret_file(&config.data_dir.join(auth::ADMIN_TOKEN_FILE))?;
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("listening on {listen}"))?;
-    Ok(PreparedCoordinator {
-        config,
-        store,
-        auth: Arc::new(auth),
-        listener,
-        join_token,
-        admin_token,
-    })
-}
-
-/// A coordinator ready to serve: what [`cohort_coordinator::run`] takes.
-pub struct PreparedCoordinator {
-    /// Its settings.
-    pub config: CoordinatorConfig,
-    /// Its store.
-    pub store: Arc<dyn cohort_coordinator::ClusterStore>,
-    /// Its users and join token.
-    pub auth: Arc<Authenticator>,
-    /// Its bound listener.
-    pub listener: TcpListener,
-    /// The token its workers must show.
-    pub join_token: Secret,
-    /// The first admin's token, while `<data-dir>/admin-token` holds it.
-    pub admin_token: Option<Secret>,
 }
 
 /// Writes `contents` to `path` atomically (temporary file, then rename), so that a reader

@@ -2,7 +2,6 @@
 
 mod certs;
 mod daemons;
-pub use daemons::{PreparedCoordinator, prepare};
 mod jobs;
 mod json;
 mod kv;
