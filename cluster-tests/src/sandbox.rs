@@ -31,7 +31,16 @@ pub async fn connect_as(
     address: &str,
     token: Option<&str>,
 ) -> Result<cohort_proto::transport::Connection> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+    connect_trusting(address, None, token).await
+}
+
+/// Opens a gRPC connection to `address` showing `token`, over TLS trusting `ca` when given.
+async fn connect_trusting(
+    address: &str,
+    ca: Option<&cohort_proto::transport::CaCertificate>,
+    token: Option<&str>,
+) -> Result<cohort_proto::transport::Connection> {
+    let channel = cohort_proto::transport::endpoint(address, ca)?
         .connect()
         .await?;
     let token = token.map(cohort_proto::Secret::new);
@@ -385,11 +394,7 @@ impl Sandbox {
             .as_ref()
             .map(|tls| cohort_proto::transport::CaCertificate::read(&tls.ca))
             .transpose()?;
-        let channel = cohort_proto::transport::endpoint(&self.address, ca.as_ref())?
-            .connect()
-            .await?;
-        let token = token.map(cohort_proto::Secret::new);
-        Ok(cohort_proto::transport::Credentials::new(token.as_ref())?.wrap(channel))
+        connect_trusting(&self.address, ca.as_ref(), token).await
     }
 
     /// The coordinator's `host:port`.

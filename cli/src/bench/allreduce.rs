@@ -223,27 +223,40 @@ fn payloads(sizes: &[String]) -> Result<Vec<usize>> {
     Ok(payloads)
 }
 
-/// `cohort bench allreduce --backend tcp`.
-async fn run_tcp(
-    ranks: u32,
-    sizes: &[String],
-    element_type: BenchDtype,
-    links: BenchLinks,
-) -> Result<ExitCode> {
-    if !(1..=64).contains(&ranks) {
-        bail!("--ranks = {ranks}, expected 1 to 64");
+/// Per kind of links: its name, its slowest rank's setup time and its slowest ranks' samples
+/// of each of `sizes` sizes.
+fn combine_kinds(
+    per_rank: &[Vec<LinksSamples>],
+    sizes: usize,
+) -> Result<Vec<(String, f64, Vec<RankSample>)>> {
+    let kinds: Vec<String> = per_rank
+        .first()
+        .map(|kinds| kinds.iter().map(|kind| kind.links.clone()).collect())
+        .unwrap_or_default();
+    let mut measured = Vec::new();
+    for (index, kind) in kinds.iter().enumerate() {
+        let of_kind = per_rank
+            .iter()
+            .map(|rank| rank.get(index).map(|k| k.samples.clone()))
+            .collect::<Option<Vec<_>>>()
+            .context("a rank reported fewer kinds of links")?;
+        let setup_s = per_rank
+            .iter()
+            .filter_map(|rank| rank.get(index))
+            .map(|k| k.setup_s)
+            .fold(0.0, f64::max);
+        measured.push((kind.clone(), setup_s, slowest_ranks(&of_kind, sizes)?));
     }
-    let dtype = dtype(element_type);
-    let payloads = payloads(sizes)?;
-    // Sizes are fp32-equivalent payloads: the same element count for every dtype.
-    let elements: Vec<usize> = payloads.iter().map(|bytes| bytes / 4).collect();
+    Ok(measured)
+}
 
-    eprintln!("measuring single-stream loopback TCP between two processes...");
-    let loopback = tokio::task::spawn_blocking(loopback_between_processes).await??;
-
-    let data_dir = tempfile::Builder::new().prefix("cohort-bench-").tempdir()?;
-    eprintln!("running {ranks} rank processes on a local cluster...");
-    let cluster = start_cluster(data_dir.path(), 1, ranks).await?;
+/// The job of `ranks` rank processes that time `elements` of `dtype` on `links`.
+fn rank_job_spec(
+    ranks: u32,
+    elements: &[usize],
+    dtype: DType,
+    links: BenchLinks,
+) -> Result<String> {
     let executable = std::env::current_exe()?;
     let element_list = elements
         .iter()
@@ -267,6 +280,31 @@ args = ["bench", "allreduce-rank", "--elements", "{element_list}", "--dtype", "{
             .context("--links has a name")?
             .get_name(),
     );
+    Ok(spec)
+}
+
+/// `cohort bench allreduce --backend tcp`.
+async fn run_tcp(
+    ranks: u32,
+    sizes: &[String],
+    element_type: BenchDtype,
+    links: BenchLinks,
+) -> Result<ExitCode> {
+    if !(1..=64).contains(&ranks) {
+        bail!("--ranks = {ranks}, expected 1 to 64");
+    }
+    let dtype = dtype(element_type);
+    let payloads = payloads(sizes)?;
+    // Sizes are fp32-equivalent payloads: the same element count for every dtype.
+    let elements: Vec<usize> = payloads.iter().map(|bytes| bytes / 4).collect();
+
+    eprintln!("measuring single-stream loopback TCP between two processes...");
+    let loopback = tokio::task::spawn_blocking(loopback_between_processes).await??;
+
+    let data_dir = tempfile::Builder::new().prefix("cohort-bench-").tempdir()?;
+    eprintln!("running {ranks} rank processes on a local cluster...");
+    let cluster = start_cluster(data_dir.path(), 1, ranks).await?;
+    let spec = rank_job_spec(ranks, &elements, dtype, links)?;
     let mut client = client::job_control(cluster.target()).await?;
     let outcome = run_job(&mut client, spec).await;
     let per_rank: Result<Vec<Vec<LinksSamples>>> = match outcome {
@@ -274,31 +312,9 @@ args = ["bench", "allreduce-rank", "--elements", "{element_list}", "--dtype", "{
         Err(error) => Err(error),
     };
     cluster.shutdown().await;
-    let per_rank = per_rank?;
-    let kinds: Vec<String> = per_rank
-        .first()
-        .map(|kinds| kinds.iter().map(|kind| kind.links.clone()).collect())
-        .unwrap_or_default();
-    let mut measured = Vec::new();
-    for (index, kind) in kinds.iter().enumerate() {
-        let of_kind = per_rank
-            .iter()
-            .map(|rank| rank.get(index).map(|k| k.samples.clone()))
-            .collect::<Option<Vec<_>>>()
-            .context("a rank reported fewer kinds of links")?;
-        let setup_s = per_rank
-            .iter()
-            .filter_map(|rank| rank.get(index))
-            .map(|k| k.setup_s)
-            .fold(0.0, f64::max);
-        measured.push((
-            kind.clone(),
-            setup_s,
-            slowest_ranks(&of_kind, elements.len())?,
-        ));
-    }
+    let measured = combine_kinds(&per_rank?, elements.len())?;
     // With both kinds, each authenticated size against the plain one of the same size.
-    let plain_busbw_time: Option<Vec<f64>> = measured
+    let plain_times: Option<Vec<f64>> = measured
         .iter()
         .find(|(kind, _, _)| kind == "plain")
         .filter(|_| measured.len() > 1)
@@ -317,7 +333,7 @@ args = ["bench", "allreduce-rank", "--elements", "{element_list}", "--dtype", "{
             let busbw = collective_bench::bus_bandwidth(algbw, ranks as usize);
             let time_ratio_vs_f32 = time_s / sample.f32_time_s.max(f64::MIN_POSITIVE);
             // busbw is proportional to 1 / time at the same size and ranks.
-            let busbw_ratio_vs_plain = plain_busbw_time
+            let busbw_ratio_vs_plain = plain_times
                 .as_ref()
                 .filter(|_| kind != "plain")
                 .map(|plain| plain[index] / time_s.max(f64::MIN_POSITIVE));

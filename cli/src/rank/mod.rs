@@ -37,34 +37,21 @@ pub struct RankLink {
     pub runtime: Runtime,
     /// The job's rendezvous store.
     pub store: GrpcStore,
+    /// The cluster's CA, when it serves TLS (`COHORT_CA`, read once): what the rank's
+    /// clients (rendezvous, metrics, parameter servers) trust.
+    pub ca: Option<CaCertificate>,
 }
 
-/// The rendezvous service, as this process's job.
-fn rendezvous_target(launch: &Launch) -> Result<client::Target> {
-    Ok(client::Target {
+/// The rendezvous service, as this process's job, trusting `ca`.
+fn rendezvous_target(launch: &Launch, ca: Option<&CaCertificate>) -> client::Target {
+    client::Target {
         address: launch.node.rendezvous.clone(),
         token: launch.place.job_token.clone(),
-        ca: cluster_ca(launch)?,
-    })
-}
-
-/// The cluster's CA, when it serves TLS (`COHORT_CA`).
-fn cluster_ca(launch: &Launch) -> Result<Option<CaCertificate>> {
-    Ok(launch
-        .node
-        .ca
-        .as_deref()
-        .map(CaCertificate::read)
-        .transpose()?)
+        ca: ca.cloned(),
+    }
 }
 
 impl RankLink {
-    /// The cluster's CA, when it serves TLS: what the rank's other clients (parameter
-    /// servers) trust.
-    pub fn ca(&self) -> Result<Option<CaCertificate>> {
-        cluster_ca(&self.launch)
-    }
-
     /// Reads the launch from the environment and connects to the rendezvous service.
     pub fn connect() -> Result<Self> {
         let launch = Launch::from_env()?;
@@ -74,7 +61,14 @@ impl RankLink {
             .enable_all()
             .build()
             .context("starting the rank's runtime")?;
-        let rendezvous = runtime.block_on(client::rendezvous(&rendezvous_target(&launch)?))?;
+        let ca = launch
+            .node
+            .ca
+            .as_deref()
+            .map(CaCertificate::read)
+            .transpose()?;
+        let rendezvous =
+            runtime.block_on(client::rendezvous(&rendezvous_target(&launch, ca.as_ref())))?;
         let job_id = launch.place.job_id.to_string();
         let store = GrpcStore::new(runtime.handle().clone(), rendezvous, job_id);
         Ok(Self {
@@ -82,6 +76,7 @@ impl RankLink {
             node_address,
             runtime,
             store,
+            ca,
         })
     }
 
@@ -99,7 +94,10 @@ impl RankLink {
     pub fn metrics(&self) -> Result<metrics::CoordinatorMetrics> {
         let rendezvous = self
             .runtime
-            .block_on(client::rendezvous(&rendezvous_target(&self.launch)?))?;
+            .block_on(client::rendezvous(&rendezvous_target(
+                &self.launch,
+                self.ca.as_ref(),
+            )))?;
         Ok(metrics::CoordinatorMetrics::start(
             self.runtime.handle().clone(),
             rendezvous,

@@ -187,7 +187,7 @@ fn connect_parameter_servers(link: &RankLink, config: &TrainConfig) -> Result<Pa
             rank: link.launch.place.rank,
             gradient_dtype: cohort_trainer::precision::wire_dtype(config.train.grad_comm_dtype()),
             token: link.launch.place.job_token.clone(),
-            ca: link.ca()?,
+            ca: link.ca.clone(),
             ..ClientConfig::default()
         },
         addresses,
