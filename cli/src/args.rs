@@ -429,6 +429,10 @@ pub struct ClusterSettings {
     /// Seconds between worker heartbeats.
     #[arg(long, default_value_t = 1.0)]
     pub heartbeat_interval_s: f64,
+    /// Seconds a restarted job keeps off the node its failed attempt is blamed on (doubled for
+    /// each further failure there, at most 600).
+    #[arg(long, default_value_t = 10.0)]
+    pub restart_backoff_s: f64,
     /// Most jobs queued at once; later submissions are refused until some start.
     #[arg(long, default_value_t = cohort_coordinator::limits::DEFAULT_MAX_QUEUED_JOBS)]
     pub max_queued_jobs: usize,

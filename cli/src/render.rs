@@ -43,6 +43,7 @@ pub fn job_state(state: JobState) -> &'static str {
         JobState::Succeeded => "succeeded",
         JobState::Failed => "failed",
         JobState::Cancelled => "cancelled",
+        JobState::Restarting => "restarting",
         JobState::Unspecified => "unknown",
     }
 }
@@ -203,6 +204,20 @@ pub fn job_detail(job: &JobInfo) -> String {
     if !job.submitter.is_empty() {
         let _ = writeln!(out, "submitter: {}", job.submitter);
     }
+    if job.max_restarts > 0 || job.attempt > 0 {
+        let _ = writeln!(
+            out,
+            "attempt:   {} of at most {} ({} restart{} used)",
+            job.attempt + 1,
+            job.max_restarts + 1,
+            job.attempt,
+            if job.attempt == 1 { "" } else { "s" }
+        );
+    }
+    if !job.attempts.is_empty() {
+        out.push('\n');
+        out.push_str(&attempts_table(job));
+    }
     if !job.rank_info.is_empty() {
         let rows: Vec<Vec<String>> = job
             .rank_info
@@ -278,6 +293,45 @@ pub fn job_detail(job: &JobInfo) -> String {
         ));
     }
     out
+}
+
+/// Every ended attempt of a job: its number, nodes, start, length and why it ended.
+fn attempts_table(job: &JobInfo) -> String {
+    let rows: Vec<Vec<String>> = job
+        .attempts
+        .iter()
+        .map(|attempt| {
+            let nodes = if attempt.nodes.is_empty() {
+                "-".to_owned()
+            } else {
+                attempt.nodes.join(",")
+            };
+            let (started, ran) = if attempt.started_at_unix_ms > 0 {
+                (
+                    timestamp(attempt.started_at_unix_ms),
+                    duration(attempt.ended_at_unix_ms - attempt.started_at_unix_ms),
+                )
+            } else {
+                ("never fully".to_owned(), "-".to_owned())
+            };
+            let reason = if attempt.reason.is_empty() {
+                "succeeded".to_owned()
+            } else {
+                attempt.reason.clone()
+            };
+            vec![
+                (attempt.attempt + 1).to_string(),
+                nodes,
+                started,
+                ran,
+                reason,
+            ]
+        })
+        .collect();
+    table(
+        &["ATTEMPT", "NODES", "STARTED", "RAN", "ENDED BECAUSE"],
+        &rows,
+    )
 }
 
 /// A figure with at most four decimals, in scientific notation when very small or very large.

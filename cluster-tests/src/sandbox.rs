@@ -258,6 +258,9 @@ pub struct Sandbox {
     coordinator_open_files: Option<u64>,
     /// Worker processes by node id.
     workers: BTreeMap<String, Daemon>,
+    /// Variables set in the environment of workers started from now on (and so of their
+    /// ranks): fault injection.
+    worker_env: Vec<(String, String)>,
     /// Counter for file names.
     files: u32,
     /// The first admin's token, which CLI calls show.
@@ -328,6 +331,7 @@ impl Sandbox {
             ],
             coordinator_open_files,
             workers: BTreeMap::new(),
+            worker_env: Vec::new(),
             files: 0,
             admin_token: String::new(),
             network,
@@ -420,6 +424,7 @@ impl Sandbox {
         args: &[String],
         open_files: Option<u64>,
         host: usize,
+        env: &[(String, String)],
     ) -> Result<Daemon> {
         let log = self.directory.path().join(format!("{name}.log"));
         let stderr = std::fs::File::options()
@@ -430,6 +435,7 @@ impl Sandbox {
         command
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(name, value)| (name, value)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
@@ -471,7 +477,7 @@ impl Sandbox {
             address_file.display().to_string(),
         ];
         args.extend(self.coordinator_flags.iter().cloned());
-        let mut daemon = self.spawn("coordinator", &args, self.coordinator_open_files, 0)?;
+        let mut daemon = self.spawn("coordinator", &args, self.coordinator_open_files, 0, &[])?;
         let address = poll("the coordinator's address file", DEFAULT_TIMEOUT, || {
             if let Some(status) = daemon.child.try_wait()? {
                 bail!("coordinator exited ({status}): {}", daemon.log_tail());
@@ -586,9 +592,21 @@ impl Sandbox {
             }
         }
         // A restarted worker appends to its predecessor's log.
-        let daemon = self.spawn(&format!("worker-{node_id}"), &args, None, host)?;
+        let daemon = self.spawn(
+            &format!("worker-{node_id}"),
+            &args,
+            None,
+            host,
+            &self.worker_env,
+        )?;
         self.workers.insert(node_id.to_owned(), daemon);
         Ok(())
+    }
+
+    /// Sets `name` to `value` in the environment of the workers started from now on, which
+    /// their ranks inherit: how a test injects a fault into a rank.
+    pub fn set_worker_env(&mut self, name: &str, value: &str) {
+        self.worker_env.push((name.to_owned(), value.to_owned()));
     }
 
     /// The state directory of node `node_id`'s worker.

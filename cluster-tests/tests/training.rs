@@ -48,7 +48,16 @@ fn a_rank_killed_during_training_fails_the_job_within_five_seconds() -> Result<(
     let mut cluster = Sandbox::start()?;
     cluster.add_worker("node-a", 2)?;
     cluster.add_worker("node-b", 2)?;
-    let job_id = cluster.submit(&train_job("victim", 50, None), &[])?;
+    // No restarts: the job is to fail.
+    let job = mlp_job(
+        "victim",
+        4,
+        50,
+        None,
+        0.002,
+        "\n[fault_tolerance]\nmax_restarts = 0\n",
+    );
+    let job_id = cluster.submit(&job, &[])?;
     let pids = cluster.wait_for_running_ranks(&job_id)?;
     // Wait until gradients are being exchanged: rank 2 has reported a step.
     poll("training steps", DEFAULT_TIMEOUT, || {

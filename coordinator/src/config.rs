@@ -3,6 +3,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Longest time a job keeps off a node it failed on.
+pub const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(600);
+
 /// How the coordinator runs. Built by the CLI from flags; tests build it directly.
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
@@ -15,6 +18,9 @@ pub struct CoordinatorConfig {
     /// After a restart, how long ranks of running jobs have to re-report before their jobs are
     /// failed with "coordinator restarted". Default: the heartbeat deadline.
     pub restart_grace: Duration,
+    /// How long a restarted job keeps off the node its failed attempt is blamed on; doubled
+    /// for each further failure there, up to [`MAX_RESTART_BACKOFF`]. Default 10 s.
+    pub restart_backoff: Duration,
     /// Most bytes of log kept per job; later lines are dropped and counted. Default 256 MiB.
     pub max_log_bytes_per_job: u64,
     /// How often the scheduler and the liveness checks run when nothing wakes them. Default
@@ -41,6 +47,7 @@ impl Default for CoordinatorConfig {
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_deadline,
             restart_grace: heartbeat_deadline,
+            restart_backoff: Duration::from_secs(10),
             max_log_bytes_per_job: 256 * 1024 * 1024,
             tick: Duration::from_millis(200),
             max_queued_jobs: crate::limits::DEFAULT_MAX_QUEUED_JOBS,

@@ -16,8 +16,8 @@ use crate::limits::{
     MAX_METRIC_NAME_BYTES, MAX_NAME_BYTES, MAX_RANK_REPORTS,
 };
 use crate::model::{
-    DeviceRecord, GpuPeerRecord, JobRecord, JobSummary, MetricsRecord, NodeRecord, RankRecord,
-    RankState, StopCause, UnixMillis, now_ms,
+    AttemptRecord, DeviceRecord, GpuPeerRecord, JobRecord, JobSummary, MetricsRecord, NodeRecord,
+    RankRecord, RankState, StopCause, UnixMillis, now_ms,
 };
 
 /// One rank's state as a worker reported it, checked.
@@ -41,6 +41,8 @@ pub struct RankReport {
     pub detail: String,
     /// Whether Cohort stopped it, and why.
     pub stop_cause: StopCause,
+    /// The job attempt the process belongs to.
+    pub attempt: u32,
 }
 
 /// A checked registration: the node as it registers, and its ranks.
@@ -135,6 +137,7 @@ pub fn rank_reports(reports: &[v1::RankReport]) -> Result<Vec<RankReport>> {
             exited_at_ms: (report.exited_at_unix_ms > 0).then_some(report.exited_at_unix_ms),
             detail: truncate(&report.detail, MAX_DETAIL_BYTES).into_owned(),
             stop_cause,
+            attempt: report.attempt,
         });
     }
     Ok(checked)
@@ -394,6 +397,20 @@ pub fn job_info(record: &JobRecord) -> v1::JobInfo {
         spec_toml: record.spec_toml.clone(),
         kind: record.kind.clone(),
         submitter: record.submitter.clone(),
+        attempt: record.attempt,
+        max_restarts: record.max_restarts,
+        attempts: record.attempts.iter().map(attempt_info).collect(),
+    }
+}
+
+/// The protocol's view of an ended attempt.
+fn attempt_info(attempt: &AttemptRecord) -> v1::AttemptInfo {
+    v1::AttemptInfo {
+        attempt: attempt.attempt,
+        nodes: attempt.nodes.iter().map(ToString::to_string).collect(),
+        started_at_unix_ms: attempt.started_at_ms.unwrap_or(0),
+        ended_at_unix_ms: attempt.ended_at_ms,
+        reason: attempt.reason.clone(),
     }
 }
 
@@ -414,6 +431,7 @@ pub fn job_summary_info(summary: &JobSummary) -> v1::JobInfo {
         finished_at_unix_ms: summary.finished_at_ms.unwrap_or(0),
         kind: summary.kind.clone(),
         submitter: summary.submitter.clone(),
+        attempt: summary.attempt,
         ..v1::JobInfo::default()
     }
 }

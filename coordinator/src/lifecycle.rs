@@ -2,10 +2,14 @@
 //!
 //! ```text
 //! queued ──> scheduled ──> running ──> succeeded
-//!   │            │            ├──────> failed
-//!   │            │            └──────> cancelled
-//!   │            ├──> succeeded | failed | cancelled  (ranks ended before all reported running)
-//!   └──> failed | cancelled
+//!   ▲ │            │            ├──────> failed
+//!   │ │            │            └──────> cancelled
+//!   │ │            ├──> succeeded | failed | cancelled  (ranks ended before all reported running)
+//!   │ │            │            │
+//!   │ │            └────────────┴──> restarting  (an attempt failed, restarts remain)
+//!   │ │                                 ├──> failed | cancelled
+//!   └─┼─────────────────────────────────┘  (every process of the attempt gone: the next one)
+//!     └──> failed | cancelled
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -27,6 +31,9 @@ pub enum JobState {
     Failed,
     /// Cancelled by a user.
     Cancelled,
+    /// An attempt failed and restarts remain: its processes are being stopped, then the job
+    /// queues again for its next attempt.
+    Restarting,
 }
 
 impl JobState {
@@ -38,8 +45,18 @@ impl JobState {
         )
     }
 
-    /// Whether the job holds devices (its ranks are placed).
+    /// Whether the job holds devices (its ranks are placed; a restarting job's until they
+    /// are gone).
     pub fn holds_devices(self) -> bool {
+        matches!(
+            self,
+            JobState::Scheduled | JobState::Running | JobState::Restarting
+        )
+    }
+
+    /// Whether an attempt of the job is under way: its processes may use its rendezvous and
+    /// report metrics.
+    pub fn runs_attempt(self) -> bool {
         matches!(self, JobState::Scheduled | JobState::Running)
     }
 
@@ -52,6 +69,7 @@ impl JobState {
             JobState::Succeeded => "succeeded",
             JobState::Failed => "failed",
             JobState::Cancelled => "cancelled",
+            JobState::Restarting => "restarting",
         }
     }
 
@@ -65,6 +83,7 @@ impl JobState {
             JobState::Succeeded => P::Succeeded,
             JobState::Failed => P::Failed,
             JobState::Cancelled => P::Cancelled,
+            JobState::Restarting => P::Restarting,
         }
     }
 }
@@ -78,6 +97,8 @@ pub fn transition(job_id: &str, from: JobState, to: JobState) -> Result<JobState
         (Queued, Scheduled | Failed | Cancelled)
             | (Scheduled, Running | Succeeded | Failed | Cancelled)
             | (Running, Succeeded | Failed | Cancelled)
+            | (Scheduled | Running, Restarting)
+            | (Restarting, Queued | Failed | Cancelled)
     );
     if legal {
         Ok(to)
@@ -95,7 +116,9 @@ mod tests {
     use super::*;
     use JobState::*;
 
-    const ALL: [JobState; 6] = [Queued, Scheduled, Running, Succeeded, Failed, Cancelled];
+    const ALL: [JobState; 7] = [
+        Queued, Scheduled, Running, Succeeded, Failed, Cancelled, Restarting,
+    ];
 
     #[test]
     fn terminal_states_never_move() {
@@ -121,8 +144,20 @@ mod tests {
     }
 
     #[test]
+    fn only_a_placed_attempt_restarts_and_a_restart_queues_again() {
+        for from in ALL {
+            let legal = transition("j", from, Restarting).is_ok();
+            assert_eq!(legal, matches!(from, Scheduled | Running), "{from:?}");
+        }
+        assert_eq!(transition("j", Restarting, Queued).unwrap(), Queued);
+        assert!(transition("j", Restarting, Running).is_err());
+        assert!(transition("j", Restarting, Succeeded).is_err());
+        assert!(Restarting.holds_devices() && !Restarting.runs_attempt());
+    }
+
+    #[test]
     fn every_live_state_can_fail_or_be_cancelled() {
-        for from in [Queued, Scheduled, Running] {
+        for from in [Queued, Scheduled, Running, Restarting] {
             assert!(transition("j", from, Failed).is_ok());
             assert!(transition("j", from, Cancelled).is_ok());
         }

@@ -16,6 +16,13 @@ pub const MAX_RECORD_BYTES: usize = 16 * 1024 * 1024;
 /// Most processes one job runs (its ranks and parameter servers): the spec's bound.
 pub const MAX_PROCESSES_PER_JOB: usize = cohort_jobspec::job::MAX_RANKS as usize;
 
+/// Most node entries a job's ended attempts keep in all: the latest attempts keep their nodes
+/// while the sum fits (every attempt of a job on a few nodes; the last one of the widest job);
+/// older ones keep their number, times and reason.
+pub const MAX_ATTEMPT_NODES: usize = MAX_PROCESSES_PER_JOB;
+/// Most attempts a job has: its first and one per restart.
+pub const MAX_ATTEMPTS: usize = cohort_jobspec::fault_tolerance::MAX_RESTARTS as usize + 1;
+
 /// Longest rendezvous key, in bytes.
 pub const MAX_KEY_BYTES: usize = 512;
 /// Largest rendezvous value, in bytes.

@@ -224,6 +224,45 @@ pub struct JobRecord {
     /// Latest metrics per rank. Persisted with the record's other changes (not on every
     /// report), so the final figures survive a coordinator restart.
     pub metrics: std::collections::BTreeMap<u32, MetricsRecord>,
+    /// The current attempt, from 0: how often the job was restarted. `placement`,
+    /// `scheduled_at_ms` and `started_at_ms` are this attempt's.
+    pub attempt: u32,
+    /// How often a failed attempt may be restarted (the spec's `fault_tolerance.max_restarts`).
+    pub max_restarts: u32,
+    /// Every attempt that ended, oldest first (the last one is the job's end once it ended).
+    pub attempts: Vec<AttemptRecord>,
+    /// Nodes the job's next attempts avoid after failing on them.
+    pub backoff: Vec<NodeBackoff>,
+}
+
+/// One ended attempt of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// Its number, from 0.
+    pub attempt: u32,
+    /// The nodes its processes ran on, each once, sorted; empty for old attempts of a job on
+    /// many nodes (see [`crate::limits::MAX_ATTEMPT_NODES`]).
+    pub nodes: Vec<NodeId>,
+    /// When every process first reported running (`None`: it never fully started).
+    pub started_at_ms: Option<UnixMillis>,
+    /// When it ended: when its failure was seen, or the job's end.
+    pub ended_at_ms: UnixMillis,
+    /// Why it ended; empty for the attempt that succeeded.
+    pub reason: String,
+    /// The node its failure is blamed on, if any (the job's next attempts keep off it for a
+    /// while).
+    pub failed_node: Option<NodeId>,
+}
+
+/// A node a job keeps off after an attempt failed there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeBackoff {
+    /// The node.
+    pub node_id: NodeId,
+    /// Attempts of the job that failed on it.
+    pub failures: u32,
+    /// Until when the job's attempts are not placed on it.
+    pub until_ms: UnixMillis,
 }
 
 /// What is kept in memory of a retired job (ended, every process gone): what listing needs.
@@ -260,6 +299,8 @@ pub struct JobSummary {
     pub started_at_ms: Option<UnixMillis>,
     /// When it ended.
     pub finished_at_ms: Option<UnixMillis>,
+    /// The current attempt, from 0.
+    pub attempt: u32,
 }
 
 impl JobSummary {
@@ -281,6 +322,7 @@ impl JobSummary {
             scheduled_at_ms: record.scheduled_at_ms,
             started_at_ms: record.started_at_ms,
             finished_at_ms: record.finished_at_ms,
+            attempt: record.attempt,
         }
     }
 }
@@ -367,9 +409,9 @@ mod tests {
 
     use super::*;
     use crate::limits::{
-        MAX_DETAIL_BYTES, MAX_DEVICES_PER_NODE, MAX_EXTRA_METRICS, MAX_GPU_PEERS,
-        MAX_METRIC_NAME_BYTES, MAX_NAME_BYTES, MAX_PROCESSES_PER_JOB, MAX_REASON_BYTES,
-        MAX_RECORD_BYTES,
+        MAX_ATTEMPT_NODES, MAX_ATTEMPTS, MAX_DETAIL_BYTES, MAX_DEVICES_PER_NODE, MAX_EXTRA_METRICS,
+        MAX_GPU_PEERS, MAX_METRIC_NAME_BYTES, MAX_NAME_BYTES, MAX_PROCESSES_PER_JOB,
+        MAX_REASON_BYTES, MAX_RECORD_BYTES,
     };
     use cohort_jobspec::job::{MAX_DEVICES_PER_RANK, MAX_NAME_LEN, MAX_SPEC_BYTES};
     use cohort_proto::ids::MAX_ID_LEN;
@@ -437,6 +479,31 @@ mod tests {
                         reported_at_ms: i64::MIN,
                     };
                     (u32::MAX - rank, metrics)
+                })
+                .collect(),
+            attempt: u32::MAX,
+            max_restarts: u32::MAX,
+            attempts: (0..MAX_ATTEMPTS)
+                .map(|attempt| AttemptRecord {
+                    attempt: u32::MAX - attempt as u32,
+                    // The nodes kept add up to the bound; the widest gang has each process on
+                    // its own node.
+                    nodes: if attempt + 1 == MAX_ATTEMPTS {
+                        (0..MAX_ATTEMPT_NODES).map(node).collect()
+                    } else {
+                        Vec::new()
+                    },
+                    started_at_ms: Some(i64::MIN),
+                    ended_at_ms: i64::MIN,
+                    reason: "r".repeat(MAX_REASON_BYTES),
+                    failed_node: Some(node(attempt)),
+                })
+                .collect(),
+            backoff: (0..MAX_ATTEMPTS)
+                .map(|attempt| NodeBackoff {
+                    node_id: node(attempt),
+                    failures: u32::MAX,
+                    until_ms: i64::MIN,
                 })
                 .collect(),
         }

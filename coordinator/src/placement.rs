@@ -118,6 +118,8 @@ pub struct QueuedJob {
     /// Size of the groups of consecutive ranks that should share a node where the cluster
     /// allows (a transformer's tensor-parallel groups); 1 for none.
     pub rank_group: u32,
+    /// Nodes the job is not placed on (a restarted job's back-off from the node it failed on).
+    pub avoid_nodes: Vec<NodeId>,
 }
 
 /// Where one rank of a placed job runs.
@@ -295,7 +297,13 @@ impl FreeDevices {
         let free_counts: Vec<usize> = self
             .nodes
             .iter()
-            .map(|node| node.free_of(job.device_kind).len())
+            .map(|node| {
+                if job.avoid_nodes.contains(&node.node_id) {
+                    0
+                } else {
+                    node.free_of(job.device_kind).len()
+                }
+            })
             .collect();
         let group = usize::try_from(job.rank_group.max(1)).ok()?;
         let chosen = choose_nodes(&free_counts, devices_per_rank, ranks, group)
@@ -418,6 +426,7 @@ mod tests {
             devices_per_rank,
             device_kind: kind,
             rank_group: 1,
+            avoid_nodes: Vec::new(),
         }
     }
 
@@ -503,6 +512,21 @@ mod tests {
             ..job("eight", 8, 1, CPU)
         };
         assert_eq!(place(&view, &[grouped])[0].ranks.len(), 8);
+    }
+
+    #[test]
+    fn a_job_is_never_placed_on_a_node_it_avoids() {
+        let view = idle_cpu_cluster(&[("a", 2), ("b", 1), ("c", 1)]);
+        let avoiding = QueuedJob {
+            avoid_nodes: vec![node_id("a")],
+            ..job("two", 2, 1, CPU)
+        };
+        assert_eq!(nodes_used(&place(&view, &[avoiding])[0]), ["b", "c"]);
+        let stuck = QueuedJob {
+            avoid_nodes: vec![node_id("a"), node_id("b")],
+            ..job("two", 2, 1, CPU)
+        };
+        assert!(place(&view, &[stuck]).is_empty(), "one free slot is left");
     }
 
     #[test]
@@ -830,6 +854,7 @@ mod tests {
                             devices_per_rank,
                             device_kind: kind,
                             rank_group: 1,
+                            avoid_nodes: Vec::new(),
                         },
                     )
                     .collect()

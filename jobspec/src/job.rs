@@ -98,6 +98,8 @@ pub struct JobSpec {
     pub checkpoint: Option<CheckpointSpec>,
     /// Precision and loss scaling of a `kind = "train"` job.
     pub train: Option<crate::precision::TrainSpec>,
+    /// Restarts after a failure. Default: 3 for `kind = "train"`, none for `kind = "command"`.
+    pub fault_tolerance: Option<crate::fault_tolerance::FaultToleranceSpec>,
 }
 
 fn default_name() -> String {
@@ -191,6 +193,14 @@ impl JobSpec {
             .map_or_else(default_stop_grace_s, |command| command.stop_grace_s)
     }
 
+    /// How often a failed attempt of the job is restarted before it fails for good.
+    pub fn max_restarts(&self) -> u32 {
+        self.fault_tolerance
+            .clone()
+            .unwrap_or_default()
+            .max_restarts(self.kind)
+    }
+
     /// Checks every rule and returns all problems found.
     pub fn validate(&self) -> Result<(), SpecError> {
         let mut problems = Problems::default();
@@ -211,6 +221,9 @@ impl JobSpec {
             1,
             MAX_DEVICES_PER_RANK,
         );
+        if let Some(fault_tolerance) = &self.fault_tolerance {
+            fault_tolerance.validate(&mut problems);
+        }
         match self.kind {
             JobKind::Command => {
                 match &self.command {

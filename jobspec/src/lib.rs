@@ -10,6 +10,7 @@
 //!   bounded problems that name the field.
 //! - [`train`]: the sections of a `kind = "train"` job (`[model]`, `[data]`, `[optimizer]`,
 //!   `[schedule]`, `[parallel]`, `[checkpoint]`).
+//! - [`fault_tolerance`]: `[fault_tolerance]`, how often a failed job is restarted.
 //! - [`layout`]: the rules across training sections (model and data set, transformer meshes,
 //!   parameter-server jobs) and the pure pipeline-stage balancing.
 //! - [`parallel`]: `[parallel]`, the mesh of replicas, stages and shards and the gradient
@@ -18,6 +19,7 @@
 //! - [`problems`]: [`Problems`], the list of field-path errors validation produces, each bounded
 //!   so that no error quotes more than a short excerpt of the input.
 
+pub mod fault_tolerance;
 pub mod job;
 pub mod layout;
 pub mod parallel;

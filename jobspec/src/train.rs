@@ -320,6 +320,11 @@ pub struct DataSpec {
     pub path: Option<String>,
     /// Seed of the per-epoch shuffle, the same on every rank. Default 0.
     pub seed: u64,
+    /// Whether each data-parallel rank records the training examples it takes at every step
+    /// (their indices in the training split), in
+    /// `<output dir>/samples/attempt-<A>.rank-<R>.txt`, one line `STEP INDEX,INDEX,...` per
+    /// step: to audit the data order, e.g. across restarts. Default false.
+    pub record_samples: bool,
 }
 
 impl Default for DataSpec {
@@ -328,6 +333,7 @@ impl Default for DataSpec {
             dataset: DatasetKind::FashionMnist,
             path: None,
             seed: 0,
+            record_samples: false,
         }
     }
 }

@@ -19,6 +19,14 @@ pub const LOCAL_WORLD_SIZE: &str = "COHORT_LOCAL_WORLD_SIZE";
 /// The job's token: what its processes show the coordinator (rendezvous, metrics) and, derived,
 /// each other on their links. Valid for this job only, and only while it runs.
 pub const JOB_TOKEN: &str = "COHORT_JOB_TOKEN";
+/// How often the job was restarted: 0 for its first attempt. A restarted process finds the
+/// same [`OUTPUT_DIR`] and resumes from what it saved there.
+pub const RESTART_COUNT: &str = "COHORT_RESTART_COUNT";
+/// Fault injection for tests, read by `cohort rank` from the environment its worker passes on:
+/// the rank that writes the checkpoint of this step stops itself (`SIGSTOP`) in the middle of
+/// the write, for the test to kill it there. Honoured on a job's first attempt only. Never set
+/// by Cohort.
+pub const FAULT_STOP_IN_CHECKPOINT: &str = "COHORT_FAULT_STOP_IN_CHECKPOINT";
 /// The node the rank runs on.
 pub const NODE_ID: &str = "COHORT_NODE_ID";
 /// Devices assigned to the rank, as a comma-separated list of `kind:index` (`cpu:0,cpu:1`).
@@ -74,13 +82,14 @@ pub const RAYON_NUM_THREADS: &str = "RAYON_NUM_THREADS";
 pub const COHORT_PREFIX: &str = "COHORT_";
 
 /// Names outside `COHORT_*` that Cohort sets for a rank (some only for some ranks).
-pub const MANAGED_NAMES: [&str; 10] = [
+pub const MANAGED_NAMES: [&str; 11] = [
     torch::RANK,
     torch::WORLD_SIZE,
     torch::LOCAL_RANK,
     torch::LOCAL_WORLD_SIZE,
     torch::MASTER_ADDR,
     torch::MASTER_PORT,
+    torch::TORCHELASTIC_RESTART_COUNT,
     CUDA_VISIBLE_DEVICES,
     NCCL_SOCKET_IFNAME,
     OMP_NUM_THREADS,
@@ -108,6 +117,8 @@ pub mod torch {
     pub const MASTER_ADDR: &str = "MASTER_ADDR";
     /// A port chosen by the coordinator for the job, for rank 0 to listen on.
     pub const MASTER_PORT: &str = "MASTER_PORT";
+    /// Same as `COHORT_RESTART_COUNT`, under torchrun's name.
+    pub const TORCHELASTIC_RESTART_COUNT: &str = "TORCHELASTIC_RESTART_COUNT";
 }
 
 #[cfg(test)]

@@ -196,6 +196,9 @@ pub struct RankPlace {
     /// rendezvous and metrics, and (derived) for its links to the job's other processes.
     /// `None` only from a coordinator that issues none.
     pub job_token: Option<Secret>,
+    /// The job's attempt, from 0: how often it was restarted (`COHORT_RESTART_COUNT`). A
+    /// restarted `train` job resumes from its latest checkpoint; a script can do the same.
+    pub restart_count: u32,
 }
 
 /// What the worker adds to a process's place: the facts of its node.
@@ -300,6 +303,10 @@ impl Launch {
                 set(env::torch::WORLD_SIZE, world_size);
                 set(env::torch::LOCAL_RANK, local_rank);
                 set(env::torch::LOCAL_WORLD_SIZE, local_world_size);
+                set(
+                    env::torch::TORCHELASTIC_RESTART_COUNT,
+                    place.restart_count.to_string(),
+                );
                 if let Some(master) = &place.master {
                     set(env::torch::MASTER_ADDR, master.addr.clone());
                     set(env::torch::MASTER_PORT, master.port.to_string());
@@ -317,6 +324,7 @@ impl Launch {
         if let Some(token) = &place.job_token {
             set(env::JOB_TOKEN, token.expose().to_owned());
         }
+        set(env::RESTART_COUNT, place.restart_count.to_string());
         let node = &self.node;
         set(env::COORDINATOR_ADDR, node.coordinator.clone());
         set(env::RENDEZVOUS_ADDR, node.rendezvous.clone());
@@ -444,6 +452,11 @@ impl Launch {
                 .optional(env::JOB_TOKEN)?
                 .filter(|token| !token.is_empty())
                 .map(Secret::new),
+            // Absent from a launch of a Cohort without restarts: the first attempt.
+            restart_count: match variables.optional(env::RESTART_COUNT)? {
+                None => 0,
+                Some(_) => variables.number(env::RESTART_COUNT)?,
+            },
         };
         let node_id = variables.required(env::NODE_ID)?;
         let node = NodeFacts {
@@ -606,6 +619,7 @@ impl From<&RankPlace> for v1::StartRank {
                 .as_ref()
                 .map(|token| token.expose().to_owned())
                 .unwrap_or_default(),
+            attempt: place.restart_count,
             ..Self::default()
         }
     }
@@ -704,6 +718,7 @@ impl TryFrom<&v1::StartRank> for RankPlace {
             master,
             spec_toml: (!start.spec_toml.is_empty()).then(|| start.spec_toml.clone()),
             job_token: (!start.job_token.is_empty()).then(|| Secret::new(&start.job_token)),
+            restart_count: start.attempt,
         })
     }
 }
@@ -743,6 +758,7 @@ mod tests {
                 }),
                 spec_toml: None,
                 job_token: Some(Secret::new("cohort-job-0123456789abcdef")),
+                restart_count: 0,
             },
             node: node(),
         }
@@ -793,6 +809,7 @@ mod tests {
             ("COHORT_OUTPUT_DIR", "/var/cohort/outputs/train-3"),
             ("COHORT_RANK", "1"),
             ("COHORT_RENDEZVOUS_ADDR", "127.0.0.1:7000"),
+            ("COHORT_RESTART_COUNT", "0"),
             ("COHORT_ROLE", "rank"),
             ("COHORT_WORLD_SIZE", "4"),
             ("LOCAL_RANK", "1"),
@@ -802,6 +819,7 @@ mod tests {
             ("OMP_NUM_THREADS", "2"),
             ("RANK", "1"),
             ("RAYON_NUM_THREADS", "2"),
+            ("TORCHELASTIC_RESTART_COUNT", "0"),
             ("WORLD_SIZE", "4"),
         ]);
         assert_eq!(cpu.to_env(), expected);
@@ -1131,6 +1149,7 @@ mod tests {
                             master,
                             spec_toml,
                             job_token: Some(Secret::new("cohort-job-00ff")),
+                            restart_count: 2,
                         },
                         node: NodeFacts {
                             coordinator,

@@ -6,9 +6,13 @@
 //! - `optimizer.safetensors`: the flat optimizer buffers (`momentum_buffer`, or
 //!   `first_moment` and `second_moment`) in parameter order.
 //!
-//! Both files carry the step in their metadata. The directory is written under a temporary name
-//! and renamed into place, so a crash never leaves a half-written checkpoint under the final
-//! name.
+//! Both files carry the step in their metadata, and the model file the position in the data
+//! stream after that step (`epoch`, `epoch_offset`: examples of that epoch's shuffled order
+//! already trained on), so that a resumed run continues with exactly the examples that come next.
+//! The directory is written under a temporary name (`.step-NNNNNNNN.partial-PID`), its files
+//! and itself flushed to disk, and only then renamed into place ([`commit`]): a crash, even a
+//! `SIGKILL` in the middle of a write, never leaves a half-written checkpoint under a final
+//! name, so [`latest`] only ever finds complete ones.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +23,7 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use crate::error::{Result, TrainerError};
 use crate::optim::{Optimizer, OptimizerState};
 use crate::parameters::ParameterSet;
+use crate::sampler::DataPosition;
 
 /// File holding the model weights.
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -32,7 +37,83 @@ pub(crate) const FORMAT: &str = "cohort-checkpoint-v1";
 pub struct RestoredCheckpoint {
     /// Optimizer steps completed when it was written; training resumes with this step.
     pub step: u64,
+    /// Where the data stream stood after that step (`None` in checkpoints written before
+    /// positions were recorded).
+    pub position: Option<DataPosition>,
 }
+
+/// Returns the complete checkpoint of the highest step in `directory`, if any: what a restarted
+/// run resumes from. Partial checkpoints (a write that was cut short) have hidden names and are
+/// never returned; a missing directory holds none.
+pub fn latest(directory: &Path) -> Result<Option<(u64, PathBuf)>> {
+    let entries = match std::fs::read_dir(directory) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(checkpoint_error(directory, error)),
+    };
+    let mut latest: Option<(u64, PathBuf)> = None;
+    for entry in entries {
+        let entry = entry.map_err(|e| checkpoint_error(directory, e))?;
+        let name = entry.file_name();
+        let Some(step) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix("step-"))
+            .and_then(|digits| digits.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let path = entry.path();
+        if is_checkpoint(&path) && latest.as_ref().is_none_or(|(best, _)| step > *best) {
+            latest = Some((step, path));
+        }
+    }
+    Ok(latest)
+}
+
+/// Makes the checkpoint written into `partial` durable and visible as `final_path`: flushes
+/// every file in it and the directory itself, replaces an older checkpoint of the same step,
+/// renames, and flushes the parent directory so that the rename survives a crash too.
+pub(crate) fn commit(partial: &Path, final_path: &Path) -> Result<()> {
+    commit_or_stop(partial, final_path, false)
+}
+
+/// [`commit`], first stopping this process (`SIGSTOP`) when `stop_first`: the fault injection
+/// of [`crate::TrainConfig::stop_in_checkpoint`].
+fn commit_or_stop(partial: &Path, final_path: &Path, stop_first: bool) -> Result<()> {
+    if stop_first {
+        tracing::warn!(path = %partial.display(), "fault injection: stopping in the middle of a checkpoint write");
+        // SAFETY: raise has no memory-safety preconditions.
+        unsafe { libc::raise(libc::SIGSTOP) };
+    }
+    let io_error = |path: &Path, error: std::io::Error| checkpoint_error(path, error);
+    for entry in std::fs::read_dir(partial).map_err(|e| io_error(partial, e))? {
+        let path = entry.map_err(|e| io_error(partial, e))?.path();
+        std::fs::File::open(&path)
+            .and_then(|file| file.sync_all())
+            .map_err(|e| io_error(&path, e))?;
+    }
+    sync_directory(partial)?;
+    if final_path.exists() {
+        std::fs::remove_dir_all(final_path).map_err(|e| io_error(final_path, e))?;
+    }
+    std::fs::rename(partial, final_path).map_err(|e| io_error(final_path, e))?;
+    if let Some(parent) = final_path.parent() {
+        sync_directory(parent)?;
+    }
+    Ok(())
+}
+
+/// Flushes a directory's entries to disk.
+fn sync_directory(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|directory| directory.sync_all())
+        .map_err(|e| checkpoint_error(path, e))
+}
+
+/// Metadata key of the epoch a checkpoint's data position is in.
+const EPOCH_KEY: &str = "epoch";
+/// Metadata key of the examples of that epoch already trained on.
+const EPOCH_OFFSET_KEY: &str = "epoch_offset";
 
 /// Returns whether `path` looks like a checkpoint directory written by this crate.
 pub fn is_checkpoint(path: &Path) -> bool {
@@ -65,14 +146,16 @@ fn to_le_bytes(values: &[f32]) -> Vec<u8> {
         .collect()
 }
 
-/// Writes the checkpoint of `step` into `directory` (created if missing) and returns its path.
+/// Writes the checkpoint of `step`, with the data stream at `position` after it, into
+/// `directory` (created if missing) and returns its path.
 pub fn save(
     directory: &Path,
     step: u64,
+    position: DataPosition,
     parameters: &ParameterSet,
     optimizer: &Optimizer,
 ) -> Result<PathBuf> {
-    save_with_files(directory, step, parameters, optimizer, &[])
+    save_with_files(directory, step, position, parameters, optimizer, &[], false)
 }
 
 /// Returns the file name of parameter-server shard `shard`'s snapshot inside a checkpoint.
@@ -98,13 +181,16 @@ pub fn read_parameter_server_snapshot(path: &Path, shard: u32) -> Result<Option<
 }
 
 /// Like [`save`], with `extra_files` (name and bytes, e.g. parameter-server snapshots) written
-/// into the checkpoint before it appears under its final name.
+/// into the checkpoint before it appears under its final name, stopping in the middle of the
+/// write when `stop_in_write` (fault injection, see [`crate::TrainConfig::stop_in_checkpoint`]).
 pub fn save_with_files(
     directory: &Path,
     step: u64,
+    position: DataPosition,
     parameters: &ParameterSet,
     optimizer: &Optimizer,
     extra_files: &[(String, Vec<u8>)],
+    stop_in_write: bool,
 ) -> Result<PathBuf> {
     let final_path = directory.join(checkpoint_name(step));
     let partial_path = directory.join(format!(
@@ -135,11 +221,10 @@ pub fn save_with_files(
             )
         })
         .collect();
-    write_tensors(
-        &partial_path.join(MODEL_FILE),
-        &model_bytes,
-        metadata(("parameters", &parameters.element_count().to_string())),
-    )?;
+    let mut model_metadata = metadata(("parameters", &parameters.element_count().to_string()));
+    model_metadata.insert(EPOCH_KEY.to_owned(), position.epoch.to_string());
+    model_metadata.insert(EPOCH_OFFSET_KEY.to_owned(), position.offset.to_string());
+    write_tensors(&partial_path.join(MODEL_FILE), &model_bytes, model_metadata)?;
 
     let state = optimizer.state();
     let optimizer_bytes: Vec<(String, Vec<usize>, Vec<u8>)> = state
@@ -163,11 +248,8 @@ pub fn save_with_files(
         std::fs::write(&path, bytes).map_err(|e| io_error(&path, e))?;
     }
 
-    if final_path.exists() {
-        std::fs::remove_dir_all(&final_path).map_err(|e| io_error(&final_path, e))?;
-    }
-    std::fs::rename(&partial_path, &final_path).map_err(|e| io_error(&final_path, e))?;
-    tracing::info!(step, path = %final_path.display(), "checkpoint written");
+    commit_or_stop(&partial_path, &final_path, stop_in_write)?;
+    tracing::info!(step, %position, path = %final_path.display(), "checkpoint written");
     Ok(final_path)
 }
 
@@ -266,18 +348,26 @@ impl TensorFile {
 /// Loads only the weights of the checkpoint at `path` into `parameters` (for parameter-server
 /// jobs, whose optimizer state lives in the servers' snapshots), checking names and shapes.
 pub fn load_weights(path: &Path, parameters: &ParameterSet) -> Result<RestoredCheckpoint> {
-    let (flat, step) = read_weights(path, parameters)?;
+    let (flat, restored) = read_weights(path, parameters)?;
     parameters.write_values(&flat)?;
-    tracing::info!(step, path = %path.display(), "checkpoint weights loaded");
-    Ok(RestoredCheckpoint { step })
+    tracing::info!(step = restored.step, path = %path.display(), "checkpoint weights loaded");
+    Ok(restored)
 }
 
 /// Reads and checks the weights of the checkpoint at `path` against `parameters`; returns the
-/// flat values and the checkpoint's step.
-fn read_weights(path: &Path, parameters: &ParameterSet) -> Result<(Vec<f32>, u64)> {
+/// flat values and the checkpoint's step and data position.
+fn read_weights(path: &Path, parameters: &ParameterSet) -> Result<(Vec<f32>, RestoredCheckpoint)> {
     let model_file = TensorFile::read(path.join(MODEL_FILE))?;
     let (tensors, metadata) = model_file.parse()?;
     let step = model_file.number(&metadata, "step")?;
+    let position = if metadata.contains_key(EPOCH_KEY) {
+        Some(DataPosition {
+            epoch: model_file.number(&metadata, EPOCH_KEY)?,
+            offset: model_file.number(&metadata, EPOCH_OFFSET_KEY)?,
+        })
+    } else {
+        None
+    };
     let mut flat = vec![0.0f32; parameters.element_count()];
     for parameter in parameters.iter() {
         let values = model_file.values(&tensors, parameter.name(), parameter.shape().dims())?;
@@ -293,7 +383,7 @@ fn read_weights(path: &Path, parameters: &ParameterSet) -> Result<(Vec<f32>, u64
             ),
         ));
     }
-    Ok((flat, step))
+    Ok((flat, RestoredCheckpoint { step, position }))
 }
 
 /// Loads the checkpoint at `path` into `parameters` and `optimizer`, checking that names,
@@ -305,7 +395,8 @@ pub fn load(
     optimizer: &mut Optimizer,
     optimizer_kind: OptimizerKind,
 ) -> Result<RestoredCheckpoint> {
-    let (flat, step) = read_weights(path, parameters)?;
+    let (flat, restored_checkpoint) = read_weights(path, parameters)?;
+    let step = restored_checkpoint.step;
 
     let optimizer_file = TensorFile::read(path.join(OPTIMIZER_FILE))?;
     let (tensors, metadata) = optimizer_file.parse()?;
@@ -342,7 +433,7 @@ pub fn load(
     parameters.write_values(&flat)?;
     *optimizer = restored;
     tracing::info!(step, path = %path.display(), "checkpoint loaded");
-    Ok(RestoredCheckpoint { step })
+    Ok(restored_checkpoint)
 }
 
 #[cfg(test)]
@@ -379,7 +470,11 @@ mod tests {
         optimizer
             .step(source.parameters(), &gradients, 0.01)
             .unwrap();
-        let path = save(dir.path(), 17, source.parameters(), &optimizer).unwrap();
+        let position = DataPosition {
+            epoch: 2,
+            offset: 640,
+        };
+        let path = save(dir.path(), 17, position, source.parameters(), &optimizer).unwrap();
         assert_eq!(path, dir.path().join("step-00000017"));
 
         let target = model(2);
@@ -390,6 +485,7 @@ mod tests {
         let mut restored = Optimizer::new(&spec, count).unwrap();
         let loaded = load(&path, target.parameters(), &mut restored, spec.kind).unwrap();
         assert_eq!(loaded.step, 17);
+        assert_eq!(loaded.position, Some(position));
         assert_eq!(
             flat_values(target.parameters()),
             flat_values(source.parameters())
@@ -402,13 +498,42 @@ mod tests {
         assert_eq!(tensors.tensor("dense.0.weight").unwrap().shape(), &[5, 6]);
     }
 
+    const START: DataPosition = DataPosition {
+        epoch: 0,
+        offset: 0,
+    };
+
+    #[test]
+    fn the_latest_complete_checkpoint_is_found_and_partial_ones_never_are() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(latest(&dir.path().join("none yet")).unwrap(), None);
+        assert_eq!(latest(dir.path()).unwrap(), None);
+        let source = model(1);
+        let spec = OptimizerSpec::default();
+        let optimizer = Optimizer::new(&spec, source.parameters().element_count()).unwrap();
+        for step in [50, 100, 9] {
+            save(dir.path(), step, START, source.parameters(), &optimizer).unwrap();
+        }
+        // What a rank killed while writing step 150 leaves: a hidden partial directory.
+        let partial = dir.path().join(".step-00000150.partial-4242");
+        std::fs::create_dir(&partial).unwrap();
+        std::fs::write(partial.join(MODEL_FILE), b"half").unwrap();
+        // And a directory under a final name without its files is no checkpoint either.
+        std::fs::create_dir(dir.path().join("step-00000200")).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), b"x").unwrap();
+        assert_eq!(
+            latest(dir.path()).unwrap(),
+            Some((100, dir.path().join("step-00000100")))
+        );
+    }
+
     #[test]
     fn mismatches_are_refused_without_touching_the_model() {
         let dir = tempfile::tempdir().unwrap();
         let source = model(1);
         let spec = OptimizerSpec::default();
         let optimizer = Optimizer::new(&spec, source.parameters().element_count()).unwrap();
-        let path = save(dir.path(), 3, source.parameters(), &optimizer).unwrap();
+        let path = save(dir.path(), 3, START, source.parameters(), &optimizer).unwrap();
 
         let other_shape = Model::new(
             &ModelSpec {
@@ -459,7 +584,7 @@ mod tests {
             spec.kind,
         );
         assert!(missing.unwrap_err().to_string().contains("nope"));
-        let path = save(dir.path(), 3, source.parameters(), &optimizer).unwrap();
+        let path = save(dir.path(), 3, START, source.parameters(), &optimizer).unwrap();
         let model_path = path.join(MODEL_FILE);
         let bytes = std::fs::read(&model_path).unwrap();
         for cut in [0, 7, 8, bytes.len() / 2, bytes.len() - 1] {

@@ -38,8 +38,8 @@ use crate::run::TrainConfig;
 use crate::run::driver::Run;
 use crate::run::plan::{RunPlan, TrainOutcome};
 use crate::run::step::{Applied, Gradients, ParameterUpdate, Step, StepSummary};
-use crate::sampler::DistributedSampler;
 use crate::sampler::EpochOrder;
+use crate::sampler::{DataPosition, DistributedSampler};
 
 /// What a rank needs to reach its job's parameter servers.
 #[derive(Debug, Clone)]
@@ -500,6 +500,7 @@ impl Run for ParameterServerRun<'_> {
         let path = write_checkpoint(
             self.config,
             completed,
+            self.plan.sampler.position(completed),
             &self.plan.model,
             &self.optimizer,
             snapshots,
@@ -642,6 +643,7 @@ fn pull_rows(
 fn write_checkpoint(
     config: &TrainConfig,
     step: u64,
+    position: DataPosition,
     model: &Model,
     optimizer: &Optimizer,
     snapshots: Vec<Vec<u8>>,
@@ -659,8 +661,10 @@ fn write_checkpoint(
     checkpoint::save_with_files(
         &config.checkpoint_directory(),
         step,
+        position,
         model.parameters(),
         optimizer,
         &files,
+        config.stop_in_checkpoint == Some(step),
     )
 }

@@ -22,6 +22,51 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Result, TrainerError};
 
+/// Records the training examples a rank takes at every step, one line `STEP INDEX,INDEX,...`
+/// per step (`STEP` counted from 1, indices into the training split in the order trained).
+/// Each line is written as it is made, so what a killed rank trained on is on record up to its
+/// last step.
+#[derive(Debug)]
+pub struct SampleRecord {
+    path: std::path::PathBuf,
+    file: std::io::LineWriter<std::fs::File>,
+    line: String,
+}
+
+impl SampleRecord {
+    /// Creates (or truncates) the record at `path`, creating its directory.
+    pub fn create(path: &std::path::Path) -> Result<Self> {
+        let failed = |error: std::io::Error| {
+            TrainerError::Config(format!("sample record {}: {error}", path.display()))
+        };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(failed)?;
+        }
+        let file = std::fs::File::create(path).map_err(failed)?;
+        Ok(Self {
+            path: path.to_owned(),
+            file: std::io::LineWriter::new(file),
+            line: String::new(),
+        })
+    }
+
+    /// Records that step `step` (from 1) trained on `indices`.
+    pub fn record(&mut self, step: u64, indices: &[usize]) -> Result<()> {
+        use std::fmt::Write as _;
+        use std::io::Write as _;
+        self.line.clear();
+        let _ = write!(self.line, "{step} ");
+        for (position, index) in indices.iter().enumerate() {
+            let separator = if position == 0 { "" } else { "," };
+            let _ = write!(self.line, "{separator}{index}");
+        }
+        self.line.push('\n');
+        self.file.write_all(self.line.as_bytes()).map_err(|error| {
+            TrainerError::Config(format!("sample record {}: {error}", self.path.display()))
+        })
+    }
+}
+
 /// Returns the positions within a global batch of `global_batch` examples that `rank` of
 /// `world_size` takes: the first `global_batch % world_size` ranks take one extra example.
 pub fn rank_share(global_batch: usize, world_size: usize, rank: usize) -> Range<usize> {
@@ -30,6 +75,23 @@ pub fn rank_share(global_batch: usize, world_size: usize, rank: usize) -> Range<
     let start = rank * base + rank.min(extra);
     let length = base + usize::from(rank < extra);
     start..start + length
+}
+
+/// Where a run stands in its data stream: the epoch, and how many examples of that epoch's
+/// shuffled order it has trained on. Checkpoints record it, so a resumed run continues with
+/// exactly the examples that come next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataPosition {
+    /// The epoch (from 0).
+    pub epoch: u64,
+    /// Examples of the epoch's order already trained on.
+    pub offset: u64,
+}
+
+impl std::fmt::Display for DataPosition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "epoch {} offset {}", self.epoch, self.offset)
+    }
 }
 
 /// Yields, for one rank, the training examples of every step.
@@ -81,6 +143,16 @@ impl DistributedSampler {
     /// Returns the number of full global batches in an epoch.
     pub fn steps_per_epoch(&self) -> usize {
         self.examples / self.global_batch
+    }
+
+    /// Returns where the data stream stands after `completed_steps` optimizer steps. The same
+    /// on every rank and for every world size: steps take whole global batches.
+    pub fn position(&self, completed_steps: u64) -> DataPosition {
+        let steps_per_epoch = self.steps_per_epoch().max(1) as u64;
+        DataPosition {
+            epoch: completed_steps / steps_per_epoch,
+            offset: completed_steps % steps_per_epoch * self.global_batch as u64,
+        }
     }
 
     /// Returns how many examples this rank takes from every global batch.
@@ -147,6 +219,43 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn the_position_after_a_step_counts_whole_global_batches_of_its_epoch() {
+        // 100 examples, batches of 30: 3 steps an epoch, the last 10 examples dropped.
+        for world_size in [1, 2, 3] {
+            let sampler = DistributedSampler::new(100, 30, world_size, 0, 7).unwrap();
+            let at = |step| sampler.position(step);
+            assert_eq!(
+                at(0),
+                DataPosition {
+                    epoch: 0,
+                    offset: 0
+                }
+            );
+            assert_eq!(
+                at(2),
+                DataPosition {
+                    epoch: 0,
+                    offset: 60
+                }
+            );
+            assert_eq!(
+                at(3),
+                DataPosition {
+                    epoch: 1,
+                    offset: 0
+                }
+            );
+            assert_eq!(
+                at(7),
+                DataPosition {
+                    epoch: 2,
+                    offset: 30
+                }
+            );
+        }
+    }
 
     #[test]
     fn uneven_shares_give_the_first_ranks_one_more() {

@@ -30,7 +30,7 @@ use crate::run::TrainConfig;
 use crate::run::driver::Run;
 use crate::run::plan::{RunPlan, TrainOutcome};
 use crate::run::step::{Gradients, LocalUpdate, Step, StepSummary};
-use crate::sampler::EpochOrder;
+use crate::sampler::{DistributedSampler, EpochOrder, SampleRecord};
 
 /// Trains `config`'s model on `data` as one rank of `communicator`'s group, reporting to
 /// `metrics`, and returns the trained model.
@@ -57,7 +57,13 @@ pub fn train(
     let plan = RunPlan::new(config, data, world_size, rank)?;
     let parameters = plan.model.parameters();
     let mut optimizer = Optimizer::new(&config.optimizer, parameters.element_count())?;
-    let start_step = start_from_rank_zero(config, communicator, parameters, &mut optimizer)?;
+    let start_step = start_from_rank_zero(
+        config,
+        &plan.sampler,
+        communicator,
+        parameters,
+        &mut optimizer,
+    )?;
     let mut run = DataParallel::new(config, data, &plan, communicator, optimizer)?;
     let totals = plan.drive(config, (rank, world_size), start_step, &mut run, metrics)?;
     drop(run);
@@ -66,8 +72,13 @@ pub fn train(
 
 /// Brings every rank to rank 0's starting point: its checkpoint (weights, optimizer state and
 /// step) if the run resumes, and its parameters. Returns the step to start from.
+///
+/// The data stream resumes where `sampler` puts the checkpoint's step: where the checkpoint says
+/// it stood when it was written with the same global batch and data set (always, for a restart).
+/// A checkpoint resumed under another batch size says otherwise, and is warned about.
 fn start_from_rank_zero(
     config: &TrainConfig,
+    sampler: &DistributedSampler,
     communicator: &mut dyn Communicator,
     parameters: &ParameterSet,
     optimizer: &mut Optimizer,
@@ -75,8 +86,21 @@ fn start_from_rank_zero(
     let mut start_step = 0;
     if let Some(path) = config.resume_path() {
         let loaded = if communicator.rank() == 0 {
-            checkpoint::load(&path, parameters, optimizer, config.optimizer.kind)
-                .map(|restored| restored.step)
+            checkpoint::load(&path, parameters, optimizer, config.optimizer.kind).map(|restored| {
+                let resumed_at = sampler.position(restored.step);
+                if let Some(recorded) = restored.position
+                    && recorded != resumed_at
+                {
+                    tracing::warn!(
+                        step = restored.step,
+                        %recorded,
+                        %resumed_at,
+                        "the checkpoint was written with another batch size or data set: the \
+                         data stream does not continue exactly where it stopped"
+                    );
+                }
+                restored.step
+            })
         } else {
             Ok(0)
         };
@@ -112,6 +136,8 @@ struct DataParallel<'a> {
     gradient_weight: f32,
     order: EpochOrder,
     batch: BatchBuffers,
+    /// Where the examples of every step are recorded, when the config asks.
+    samples: Option<SampleRecord>,
 }
 
 impl<'a> DataParallel<'a> {
@@ -172,6 +198,11 @@ impl<'a> DataParallel<'a> {
             overlap,
             order: EpochOrder::default(),
             batch: BatchBuffers::default(),
+            samples: config
+                .sample_record
+                .as_deref()
+                .map(SampleRecord::create)
+                .transpose()?,
         })
     }
 
@@ -264,6 +295,9 @@ impl Run for DataParallel<'_> {
         let started = Instant::now();
         let mut timings = PhaseTimings::default();
         let indices = self.order.rank_batch(&self.plan.sampler, step);
+        if let Some(samples) = &mut self.samples {
+            samples.record(step + 1, indices)?;
+        }
         let (images, labels) = self
             .batch
             .tensors(&self.data.train, indices, &self.plan.device)?;
@@ -305,11 +339,14 @@ impl Run for DataParallel<'_> {
         if self.communicator.rank() != 0 {
             return Ok(None);
         }
-        let path = checkpoint::save(
+        let path = checkpoint::save_with_files(
             &self.config.checkpoint_directory(),
             completed,
+            self.plan.sampler.position(completed),
             self.plan.model.parameters(),
             &self.update.optimizer,
+            &[],
+            self.config.stop_in_checkpoint == Some(completed),
         )?;
         Ok(Some(path))
     }
@@ -502,6 +539,93 @@ mod tests {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0f32, f32::max);
             assert!(difference < 1e-6, "max difference {difference}");
+        }
+    }
+
+    /// The examples of every step of a sample record, by step.
+    fn recorded_samples(path: &std::path::Path) -> std::collections::BTreeMap<u64, Vec<usize>> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|line| {
+                let (step, indices) = line.split_once(' ').unwrap();
+                let indices = indices.split(',').map(|i| i.parse().unwrap()).collect();
+                (step.parse().unwrap(), indices)
+            })
+            .collect()
+    }
+
+    /// The global batch of every step of a run: its ranks' records joined in rank order.
+    fn global_batches(
+        directory: &std::path::Path,
+        world_size: usize,
+    ) -> std::collections::BTreeMap<u64, Vec<usize>> {
+        let mut batches = std::collections::BTreeMap::<u64, Vec<usize>>::new();
+        for rank in 0..world_size {
+            for (step, indices) in recorded_samples(&directory.join(format!("rank-{rank}.txt"))) {
+                batches.entry(step).or_default().extend(indices);
+            }
+        }
+        batches
+    }
+
+    #[test]
+    fn a_resumed_run_trains_on_exactly_the_examples_and_to_the_parameters_of_an_undisturbed_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = small_splits();
+        let mut config = small_config(2, dir.path());
+        config.optimizer.kind = OptimizerKind::Sgd;
+        config.checkpoint.every_steps = Some(5);
+        config.checkpoint.directory = "undisturbed".into();
+        // 12 steps an epoch: the checkpoint of step 15 is in the middle of the second.
+        let configs = |config: &TrainConfig, world_size: usize, record: &str| -> Vec<_> {
+            (0..world_size)
+                .map(|rank| {
+                    let mut config = config.clone();
+                    config.parallel.data = world_size as u32;
+                    config.sample_record =
+                        Some(dir.path().join(format!("{record}/rank-{rank}.txt")));
+                    config
+                })
+                .collect()
+        };
+        let undisturbed = run_group(configs(&config, 2, "undisturbed-samples"), &data);
+        let expected = flat_values(&undisturbed[0].0.model);
+        let expected_batches = global_batches(&dir.path().join("undisturbed-samples"), 2);
+        assert_eq!(expected_batches.len(), 24);
+
+        let checkpoint = dir.path().join("undisturbed/step-00000015");
+        for world_size in [2, 3] {
+            let mut resumed = config.clone();
+            resumed.checkpoint.every_steps = None;
+            resumed.checkpoint.directory = format!("resumed-{world_size}");
+            resumed.checkpoint.resume_from = Some(checkpoint.display().to_string());
+            let record = format!("resumed-samples-{world_size}");
+            let results = run_group(configs(&resumed, world_size, &record), &data);
+            // Exactly the steps after the checkpoint, each on exactly the examples, in the
+            // order, the undisturbed run trained that step on.
+            let batches = global_batches(&dir.path().join(&record), world_size);
+            let after_checkpoint: std::collections::BTreeMap<_, _> = expected_batches
+                .iter()
+                .filter(|(step, _)| **step > 15)
+                .map(|(step, batch)| (*step, batch.clone()))
+                .collect();
+            assert_eq!(batches, after_checkpoint, "world size {world_size}");
+            for (outcome, _) in &results {
+                let got = flat_values(&outcome.model);
+                if world_size == 2 {
+                    // The same world size sums in the same order: bit for bit.
+                    assert_eq!(got, expected);
+                } else {
+                    // Another world size sums the same mean gradient in another order.
+                    let difference = got
+                        .iter()
+                        .zip(&expected)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0.0f32, f32::max);
+                    assert!(difference < 1e-5, "max difference {difference}");
+                }
+            }
         }
     }
 

@@ -131,8 +131,8 @@ impl Containment {
         }
     }
 
-    /// The tree rank `rank` of `job_id` will have (its cgroup not created yet).
-    pub fn tree(&self, job_id: &str, rank: u32) -> RankTree {
+    /// The tree rank `rank` of `job_id`'s `attempt` will have (its cgroup not created yet).
+    pub fn tree(&self, job_id: &str, rank: u32, attempt: u32) -> RankTree {
         RankTree {
             job_id: job_id.to_owned(),
             rank,
@@ -140,7 +140,7 @@ impl Containment {
                 .inner
                 .cgroups
                 .as_ref()
-                .map(|dir| dir.join(format!("{job_id}.{rank}"))),
+                .map(|dir| dir.join(crate::records::process_name(job_id, rank, attempt))),
             pgid: 0,
         }
     }
@@ -359,7 +359,7 @@ mod tests {
             (env::JOB_ID.to_owned(), job_id.to_owned()),
             (env::RANK.to_owned(), "0".to_owned()),
         ]);
-        let mut tree = containment.tree(job_id, 0);
+        let mut tree = containment.tree(job_id, 0, 0);
         let child = containment
             .spawn(
                 &Launch {

@@ -126,6 +126,7 @@ async fn reclaim_rank(state: &StateDir, record: &RankRecord) -> Option<RankRepor
         exited_at_unix_ms: crate::ranks::now_ms(),
         detail: RESTART_DETAIL.to_owned(),
         stop_cause: StopCause::WorkerRestarted as i32,
+        attempt: record.attempt,
     })
 }
 
@@ -190,7 +191,7 @@ fn forget(state: &StateDir, record: &RankRecord) {
             let _ = std::fs::remove_dir(parent);
         }
     }
-    if let Err(error) = state.remove(&record.job_id, record.rank) {
+    if let Err(error) = state.remove(&record.job_id, record.rank, record.attempt) {
         warn!(%error, "could not remove a rank record");
     }
 }
@@ -226,6 +227,7 @@ mod tests {
         RankRecord {
             job_id: "job-1".to_owned(),
             rank: 0,
+            attempt: 0,
             cgroup: None,
             pgid,
             boot_id: String::new(),
@@ -267,7 +269,7 @@ mod tests {
             "sleep 600 & sleep 600 & echo started; wait".to_owned(),
         ];
         let environment = HashMap::from([(env::JOB_ID.to_owned(), job_id.to_owned())]);
-        let mut tree = containment.tree(job_id, 3);
+        let mut tree = containment.tree(job_id, 3, 0);
         let mut child = containment
             .spawn(
                 &Launch {
@@ -294,6 +296,7 @@ mod tests {
             .write(&RankRecord {
                 job_id: job_id.to_owned(),
                 rank: 3,
+                attempt: 0,
                 cgroup: tree.cgroup().map(Path::to_path_buf),
                 pgid,
                 boot_id: procfs::boot_id().unwrap(),

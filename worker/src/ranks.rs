@@ -38,8 +38,13 @@ pub const DETAIL_BYTES: usize = 512;
 /// Longest wait for a rank's output forwarders once its processes are gone.
 const FORWARDERS_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Identifies a rank on this worker.
-type RankKey = (String, u32);
+/// Identifies a rank's process on this worker: its job, rank and the job's attempt.
+type RankKey = (String, u32, u32);
+
+/// The key of the process a start instruction starts.
+fn key_of(start: &StartRank) -> RankKey {
+    (start.job_id.clone(), start.rank, start.attempt)
+}
 
 /// A request to stop a rank, sent to its supervising task.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,7 +167,7 @@ impl Ranks {
         let mut table = self.lock();
         for report in reported {
             if is_ended(report) {
-                table.remove(&(report.job_id.clone(), report.rank));
+                table.remove(&(report.job_id.clone(), report.rank, report.attempt));
             }
         }
     }
@@ -173,7 +178,7 @@ impl Ranks {
         let mut table = self.lock();
         for report in reports.into_iter().filter(is_ended) {
             table.insert(
-                (report.job_id.clone(), report.rank),
+                (report.job_id.clone(), report.rank, report.attempt),
                 RankEntry {
                     report,
                     stop: watch::Sender::new(None),
@@ -199,7 +204,7 @@ impl Ranks {
 
     /// Starts a rank unless it is already known (instructions may be repeated).
     pub fn start(&self, start: StartRank) {
-        let key = (start.job_id.clone(), start.rank);
+        let key = key_of(&start);
         let (stop_sender, stop_receiver) = watch::channel(None);
         let stop_grace = Duration::from_millis(u64::from(start.stop_grace_ms));
         {
@@ -213,6 +218,7 @@ impl Ranks {
                     report: RankReport {
                         job_id: start.job_id.clone(),
                         rank: start.rank,
+                        attempt: start.attempt,
                         state: RankState::Pending as i32,
                         ..RankReport::default()
                     },
@@ -225,12 +231,13 @@ impl Ranks {
         tokio::spawn(async move { ranks.supervise(start, stop_receiver).await });
     }
 
-    /// Stops a rank on the coordinator's instruction: SIGTERM to its whole tree, SIGKILL after
-    /// its grace period. Its report says it was stopped, and `reason`.
-    pub fn stop(&self, job_id: &str, rank: u32, reason: &str) {
+    /// Stops the process of a rank of a job's `attempt` on the coordinator's instruction:
+    /// SIGTERM to its whole tree, SIGKILL after its grace period. Its report says it was
+    /// stopped, and `reason`.
+    pub fn stop(&self, job_id: &str, rank: u32, attempt: u32, reason: &str) {
         let table = self.lock();
-        if let Some(entry) = table.get(&(job_id.to_owned(), rank)) {
-            info!(job_id, rank, reason, "stopping rank");
+        if let Some(entry) = table.get(&(job_id.to_owned(), rank, attempt)) {
+            info!(job_id, rank, attempt, reason, "stopping rank");
             entry.stop.send_replace(Some(StopRequest {
                 grace: entry.stop_grace,
                 cause: StopCause::Instructed,
@@ -294,6 +301,7 @@ impl Ranks {
         let mut record = RankRecord {
             job_id: start.job_id.clone(),
             rank: start.rank,
+            attempt: start.attempt,
             cgroup: tree.cgroup().map(Path::to_path_buf),
             pgid: 0,
             boot_id: self.boot_id.to_string(),
@@ -334,7 +342,7 @@ impl Ranks {
             self.forget_record(start);
         }
         let detail = text::truncate(&error.to_string(), DETAIL_BYTES).into_owned();
-        self.update(&(start.job_id.clone(), start.rank), |report| {
+        self.update(&key_of(start), |report| {
             report.state = RankState::StartFailed as i32;
             report.detail = detail;
             report.exited_at_unix_ms = now_ms();
@@ -342,15 +350,17 @@ impl Ranks {
     }
 
     fn forget_record(&self, start: &StartRank) {
-        if let Err(error) = self.state.remove(&start.job_id, start.rank) {
+        if let Err(error) = self.state.remove(&start.job_id, start.rank, start.attempt) {
             warn!(job_id = start.job_id, rank = start.rank, %error, "could not remove the rank's record");
         }
     }
 
     /// Owns one rank process from start to reported end.
     async fn supervise(self, start: StartRank, mut stop: watch::Receiver<Option<StopRequest>>) {
-        let key = (start.job_id.clone(), start.rank);
-        let mut tree = self.containment.tree(&start.job_id, start.rank);
+        let key = key_of(&start);
+        let mut tree = self
+            .containment
+            .tree(&start.job_id, start.rank, start.attempt);
         let mut child = match self.launch(&start, &mut tree).await {
             Ok(child) => child,
             Err(error) => return self.start_failed(&start, &tree, error).await,
@@ -704,6 +714,7 @@ mod tests {
             }),
             spec_toml: None,
             job_token: Some(cohort_proto::Secret::new("cohort-job-test")),
+            restart_count: 0,
         };
         StartRank {
             argv: vec!["sh".to_owned(), "-c".to_owned(), script.to_owned()],
@@ -882,7 +893,7 @@ mod tests {
             record.cgroup.is_some(),
             fixture.containment.kind() == "cgroup"
         );
-        let tree = fixture.containment.tree("stopped-1", 0);
+        let tree = fixture.containment.tree("stopped-1", 0, 0);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while procfs::live_group_members(running.pid).len() < 2 {
             assert!(
@@ -892,7 +903,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
 
-        ranks.stop("stopped-1", 0, "job cancelled by the user");
+        ranks.stop("stopped-1", 0, 0, "job cancelled by the user");
         let report = wait_for(ranks, "stopped-1", 0, RankState::Exited).await;
         assert_eq!(report.signal, Some(libc::SIGTERM));
         assert_eq!(report.stop_cause, StopCause::Instructed as i32);

@@ -17,6 +17,7 @@
 //! ```text
 //! job_id=train-3
 //! rank=1
+//! attempt=0
 //! cgroup=/sys/fs/cgroup/unified/cohort-node-a.4242/train-3.1
 //! pgid=5150
 //! boot_id=e041a848-0344-4ea2-9f0a-2fc1ea8cb60e
@@ -43,6 +44,8 @@ pub struct RankRecord {
     pub job_id: String,
     /// The rank.
     pub rank: u32,
+    /// The job attempt the rank's process belongs to (0 in records written before restarts).
+    pub attempt: u32,
     /// The rank's cgroup, under cgroup containment.
     pub cgroup: Option<PathBuf>,
     /// The rank's process group (its main process's pid); 0 while it had not started.
@@ -62,8 +65,8 @@ impl RankRecord {
             .as_ref()
             .map_or(String::new(), |path| path.display().to_string());
         format!(
-            "job_id={}\nrank={}\ncgroup={cgroup}\npgid={}\nboot_id={}\nstart_time={}\n",
-            self.job_id, self.rank, self.pgid, self.boot_id, self.start_time
+            "job_id={}\nrank={}\nattempt={}\ncgroup={cgroup}\npgid={}\nboot_id={}\nstart_time={}\n",
+            self.job_id, self.rank, self.attempt, self.pgid, self.boot_id, self.start_time
         )
     }
 
@@ -72,6 +75,7 @@ impl RankRecord {
         let mut record = Self {
             job_id: String::new(),
             rank: 0,
+            attempt: 0,
             cgroup: None,
             pgid: 0,
             boot_id: String::new(),
@@ -89,6 +93,7 @@ impl RankRecord {
                     record.rank = value.parse().map_err(|_| number("a rank"))?;
                     has_rank = true;
                 }
+                "attempt" => record.attempt = value.parse().map_err(|_| number("an attempt"))?,
                 "cgroup" => record.cgroup = (!value.is_empty()).then(|| PathBuf::from(value)),
                 "pgid" => record.pgid = value.parse().map_err(|_| number("a process id"))?,
                 "boot_id" => record.boot_id = value.to_owned(),
@@ -103,6 +108,15 @@ impl RankRecord {
             return Err("expected job_id and rank".to_owned());
         }
         Ok(record)
+    }
+}
+
+/// Names one process of a job on this worker, in record file and cgroup names:
+/// `<job id>.<rank>`, with `.a<attempt>` after it for a restarted job's later attempts.
+pub fn process_name(job_id: &str, rank: u32, attempt: u32) -> String {
+    match attempt {
+        0 => format!("{job_id}.{rank}"),
+        attempt => format!("{job_id}.{rank}.a{attempt}"),
     }
 }
 
@@ -167,8 +181,9 @@ impl StateDir {
         &self.path
     }
 
-    fn record_path(&self, job_id: &str, rank: u32) -> PathBuf {
-        self.path.join(format!("{job_id}.{rank}{RECORD_SUFFIX}"))
+    fn record_path(&self, job_id: &str, rank: u32, attempt: u32) -> PathBuf {
+        let name = process_name(job_id, rank, attempt);
+        self.path.join(format!("{name}{RECORD_SUFFIX}"))
     }
 
     /// The session id this node's worker was last issued, if it kept one.
@@ -198,7 +213,7 @@ impl StateDir {
 
     /// Writes (or replaces) a rank's record atomically and durably.
     pub fn write(&self, record: &RankRecord) -> Result<()> {
-        let path = self.record_path(&record.job_id, record.rank);
+        let path = self.record_path(&record.job_id, record.rank, record.attempt);
         let temporary = self
             .path
             .join(format!(".{}.{}.tmp", record.job_id, record.rank));
@@ -219,8 +234,8 @@ impl StateDir {
     }
 
     /// Removes a rank's record (one that is already gone is not an error).
-    pub fn remove(&self, job_id: &str, rank: u32) -> Result<()> {
-        let path = self.record_path(job_id, rank);
+    pub fn remove(&self, job_id: &str, rank: u32, attempt: u32) -> Result<()> {
+        let path = self.record_path(job_id, rank, attempt);
         match std::fs::remove_file(&path) {
             Err(source) if source.kind() != io::ErrorKind::NotFound => Err(Error::Io {
                 context: format!("removing rank record {}", path.display()),
@@ -279,6 +294,7 @@ mod tests {
         RankRecord {
             job_id: job_id.to_owned(),
             rank,
+            attempt: 0,
             cgroup: cgroup.map(PathBuf::from),
             pgid: 5150,
             boot_id: "e041a848-0344-4ea2-9f0a-2fc1ea8cb60e".to_owned(),
@@ -323,9 +339,9 @@ mod tests {
         assert_eq!(bad.len(), 1);
         assert!(bad[0].problem.contains("name=value"), "{:?}", bad[0]);
 
-        state.remove("job-1", 0).unwrap();
-        state.remove("job-1", 0).unwrap();
-        state.remove("job-1", 1).unwrap();
+        state.remove("job-1", 0, 0).unwrap();
+        state.remove("job-1", 0, 0).unwrap();
+        state.remove("job-1", 1, 0).unwrap();
         std::fs::remove_file(path.join("broken.0.rank")).unwrap();
         assert!(state.list().unwrap().0.is_empty());
         let leftovers: Vec<_> = std::fs::read_dir(&path).unwrap().flatten().collect();

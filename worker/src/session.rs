@@ -132,7 +132,7 @@ pub async fn serve(
                         ranks.start(start);
                     }
                     Some(instruction::Kind::StopRank(stop)) => {
-                        ranks.stop(&stop.job_id, stop.rank, &stop.reason);
+                        ranks.stop(&stop.job_id, stop.rank, stop.attempt, &stop.reason);
                     }
                     Some(instruction::Kind::Registered(_)) | None => {
                         warn!("ignoring an unexpected instruction");

@@ -41,6 +41,15 @@ fn seconds(flag: &str, value: f64) -> Result<Duration> {
     Ok(Duration::from_secs_f64(value))
 }
 
+/// `--restart-backoff-s`: 0 (restart anywhere at once) up to the longest back-off.
+fn backoff(value: f64) -> Result<Duration> {
+    let most = cohort_coordinator::config::MAX_RESTART_BACKOFF.as_secs_f64();
+    if !(value.is_finite() && (0.0..=most).contains(&value)) {
+        bail!("--restart-backoff-s = {value}, expected 0 to {most} seconds");
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
 /// Builds the coordinator's config from flags.
 pub fn coordinator_config(settings: &ClusterSettings) -> Result<CoordinatorConfig> {
     let defaults = CoordinatorConfig::default();
@@ -58,6 +67,7 @@ pub fn coordinator_config(settings: &ClusterSettings) -> Result<CoordinatorConfi
         heartbeat_interval,
         heartbeat_deadline,
         restart_grace: heartbeat_deadline,
+        restart_backoff: backoff(settings.restart_backoff_s)?,
         max_queued_jobs: positive("max-queued-jobs", settings.max_queued_jobs)?,
         max_queued_jobs_per_submitter: positive(
             "max-queued-jobs-per-submitter",

@@ -44,6 +44,17 @@ pub fn job(job: &JobInfo) -> Value {
         "scheduled_at_unix_ms": optional_ms(job.scheduled_at_unix_ms),
         "started_at_unix_ms": optional_ms(job.started_at_unix_ms),
         "finished_at_unix_ms": optional_ms(job.finished_at_unix_ms),
+        "restarts": job.attempt,
+        "max_restarts": job.max_restarts,
+        // Numbered from 1, as `cohort status` shows them; the last is the job's end once it
+        // ended.
+        "attempts": job.attempts.iter().map(|attempt| json!({
+            "number": attempt.attempt + 1,
+            "nodes": attempt.nodes,
+            "started_at_unix_ms": optional_ms(attempt.started_at_unix_ms),
+            "ended_at_unix_ms": attempt.ended_at_unix_ms,
+            "reason": attempt.reason,
+        })).collect::<Vec<_>>(),
         "placement": job.rank_info.iter().map(|rank| json!({
             "rank": rank.rank,
             "node_id": rank.node_id,

@@ -41,6 +41,18 @@ pub fn run() -> Result<ExitCode> {
     })?;
     let spec = cohort_jobspec::parse(spec_toml).context("the job's spec")?;
     let mut config = TrainConfig::from_job_spec(&spec, link.launch.node.output_dir.clone());
+    if place.restart_count > 0 {
+        resume_latest(&mut config, place.restart_count, rank)?;
+    }
+    if place.restart_count == 0 {
+        config.stop_in_checkpoint = fault_stop_in_checkpoint()?;
+    }
+    if config.data.record_samples {
+        config.sample_record = Some(link.launch.node.output_dir.join(format!(
+            "samples/attempt-{}.rank-{rank}.txt",
+            place.restart_count
+        )));
+    }
     // Before joining anything: a rank that cannot read its data or checkpoint says which and
     // why, in one line, rather than failing its peers later.
     inputs::check(&config, place.role, rank)?;
@@ -96,6 +108,56 @@ pub fn run() -> Result<ExitCode> {
         print_outcome(&outcome);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Points a restarted job (attempt `attempt`, from 0) at the latest complete checkpoint its
+/// earlier attempts wrote in its output directory, so that it loses at most the steps since
+/// then; with none written yet it starts as its first attempt did (from the spec's own
+/// `checkpoint.resume_from`, if any). Every process of the attempt finds the same one: none of
+/// the earlier attempt's processes still runs to write another.
+fn resume_latest(config: &mut TrainConfig, attempt: u32, rank: usize) -> Result<()> {
+    let directory = config.checkpoint_directory();
+    let latest = cohort_trainer::checkpoint::latest(&directory).with_context(|| {
+        format!(
+            "looking for the latest checkpoint in {}",
+            directory.display()
+        )
+    })?;
+    let announce = rank == 0;
+    match latest {
+        Some((step, path)) => {
+            if announce {
+                eprintln!(
+                    "[cohort] attempt {}: resuming from the checkpoint of step {step} ({})",
+                    attempt + 1,
+                    path.display()
+                );
+            }
+            config.checkpoint.resume_from = Some(path.display().to_string());
+        }
+        None if announce => eprintln!(
+            "[cohort] attempt {}: no checkpoint in {} yet; starting as the first attempt did",
+            attempt + 1,
+            directory.display()
+        ),
+        None => {}
+    }
+    Ok(())
+}
+
+/// The step whose checkpoint write this rank stops in (`COHORT_FAULT_STOP_IN_CHECKPOINT`, set in
+/// a worker's environment by fault-injection tests), if any; honoured on a job's first attempt
+/// only, so that the restart the fault causes can finish.
+fn fault_stop_in_checkpoint() -> Result<Option<u64>> {
+    match std::env::var(env::FAULT_STOP_IN_CHECKPOINT) {
+        Err(_) => Ok(None),
+        Ok(step) => step.trim().parse().map(Some).with_context(|| {
+            format!(
+                "{} = {step:?}, expected a step number",
+                env::FAULT_STOP_IN_CHECKPOINT
+            )
+        }),
+    }
 }
 
 /// Returns the device of a rank of a job asking for `kind` devices, given the CUDA device its

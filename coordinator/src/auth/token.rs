@@ -107,6 +107,26 @@ impl JobTokens {
         Some(Self { key })
     }
 
+    /// The token of job `job_id`'s `attempt`: every attempt's processes get a token of their
+    /// own, so a process of a failed attempt that still runs (on a node that lost touch) can
+    /// neither reach the next attempt's rendezvous nor its processes' links.
+    pub fn issue_for_attempt(&self, job_id: &str, attempt: u32) -> Secret {
+        match attempt {
+            // The first attempt's token is the job's as issued before restarts existed.
+            0 => self.issue(job_id),
+            // `#` never occurs in a job id, so no attempt's subject is another job's id.
+            attempt => self.issue(&format!("{job_id}#{attempt}")),
+        }
+    }
+
+    /// Whether `token` is that of job `job_id`'s `attempt`.
+    pub fn verify_for_attempt(&self, job_id: &str, attempt: u32, token: &str) -> bool {
+        constant_time_eq(
+            self.issue_for_attempt(job_id, attempt).expose().as_bytes(),
+            token.as_bytes(),
+        )
+    }
+
     /// The token of job `job_id`.
     pub fn issue(&self, job_id: &str) -> Secret {
         Secret::new(format!(
@@ -147,6 +167,18 @@ mod tests {
         assert!(!JobTokens::generate().verify("train-7", token.expose()));
         assert!(JobTokens::from_hex("00").is_none());
         assert!(JobTokens::from_hex(&"zz".repeat(32)).is_none());
+    }
+
+    #[test]
+    fn every_attempt_of_a_job_has_a_token_of_its_own() {
+        let tokens = JobTokens::generate();
+        let first = tokens.issue_for_attempt("train-7", 0);
+        let second = tokens.issue_for_attempt("train-7", 1);
+        assert_eq!(first, tokens.issue("train-7"));
+        assert_ne!(first, second);
+        assert!(tokens.verify_for_attempt("train-7", 1, second.expose()));
+        assert!(!tokens.verify_for_attempt("train-7", 1, first.expose()));
+        assert!(!tokens.verify_for_attempt("train-7", 2, second.expose()));
     }
 
     #[test]

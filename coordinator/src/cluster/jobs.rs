@@ -52,6 +52,7 @@ impl Cluster {
             devices_per_rank: spec.resources.devices_per_rank,
             device_kind: spec.resources.device,
             rank_group: spec.rank_group(),
+            avoid_nodes: Vec::new(),
         };
         if !wait_for_resources {
             let view = state.cluster_view(false);
@@ -85,6 +86,10 @@ impl Cluster {
             finished_at_ms: None,
             placement: Vec::new(),
             metrics: Default::default(),
+            attempt: 0,
+            max_restarts: spec.max_restarts(),
+            attempts: Vec::new(),
+            backoff: Vec::new(),
         };
         // Nothing else knows the job yet, so no other write of it can be queued before this one.
         self.writes.put_job(&record).landed().await?;
@@ -260,7 +265,7 @@ impl Cluster {
                 job.spec.ranks()
             )));
         }
-        if !job.record.state.holds_devices() {
+        if !job.record.state.runs_attempt() {
             return Err(Error::FailedPrecondition(format!(
                 "job {job_id} is {}, not running",
                 job.record.state.name()
@@ -316,10 +321,21 @@ impl Cluster {
                 cohort_proto::env::JOB_TOKEN
             )));
         };
-        if !self.job_tokens.verify(job_id.as_str(), token) {
+        // A job that is not live is refused by `check_live` below, after the token: a caller
+        // without the token learns nothing of which jobs exist.
+        let attempt = self
+            .state
+            .lock()
+            .await
+            .live(job_id)
+            .map_or(0, |job| job.record.attempt);
+        if !self
+            .job_tokens
+            .verify_for_attempt(job_id.as_str(), attempt, token)
+        {
             return Err(Error::PermissionDenied(format!(
-                "the token is not job {job_id}'s: only the job's own processes may use its \
-                 rendezvous and metrics"
+                "the token is not that of job {job_id}'s current attempt: only the processes \
+                 of the job's attempt that runs may use its rendezvous and metrics"
             )));
         }
         self.check_live(job_id).await
@@ -329,7 +345,7 @@ impl Cluster {
     pub async fn check_live(&self, job_id: &JobId) -> Result<()> {
         let state = self.state.lock().await;
         match state.live(job_id) {
-            Some(job) if job.record.state.holds_devices() => Ok(()),
+            Some(job) if job.record.state.runs_attempt() => Ok(()),
             Some(job) => Err(Error::FailedPrecondition(format!(
                 "job {job_id} is {}, not running",
                 job.record.state.name()
@@ -350,34 +366,37 @@ impl Cluster {
     ) -> Result<()> {
         let mut touched: Vec<JobId> = Vec::new();
         for report in reports {
+            let process = (report.job_id.as_str(), report.rank, report.attempt);
             let Some(job) = state.live_mut(&report.job_id) else {
                 // Unknown, or retired: every process of it was known to be gone.
                 if report.state == RankState::Running {
-                    self.stop_stray_rank(
-                        state,
-                        node_id,
-                        report.job_id.as_str(),
-                        report.rank,
-                        false,
-                    );
+                    self.stop_stray_rank(state, node_id, process, false);
                 }
                 continue;
             };
-            let terminal = job.record.state.is_terminal();
+            if report.attempt != job.record.attempt {
+                // A process of an earlier attempt, which the restart knew to be gone (its node
+                // was lost): stop it should it still run; its end changes nothing now.
+                if report.state == RankState::Running {
+                    self.stop_stray_rank(state, node_id, process, true);
+                }
+                continue;
+            }
+            let ended = !job.record.state.runs_attempt();
             let Some(rank) = job
                 .record
                 .placement
                 .iter_mut()
                 .find(|r| r.rank == report.rank && &r.node_id == node_id)
             else {
-                self.stop_stray_rank(state, node_id, report.job_id.as_str(), report.rank, false);
+                self.stop_stray_rank(state, node_id, process, false);
                 continue;
             };
-            if report.state == RankState::Running && terminal {
-                // The job ended (cancel, another rank failed) and this rank still runs: the
-                // stop may have been lost with a dropped stream. Ask again.
+            if report.state == RankState::Running && ended {
+                // The attempt ended (cancel, another rank failed) and this rank still runs:
+                // the stop may have been lost with a dropped stream. Ask again.
                 rank.pid = report.pid;
-                self.stop_stray_rank(state, node_id, report.job_id.as_str(), report.rank, true);
+                self.stop_stray_rank(state, node_id, process, true);
                 continue;
             }
             if rank.state.is_final() || report.state == RankState::Pending {
@@ -428,16 +447,32 @@ impl Cluster {
             {
                 job.record.reason = failure_reason(earliest, ranks);
                 job.record.blamed_rank = Some(earliest.rank);
+                let node = earliest.node_id.clone();
+                if let Some(ended) = job.record.attempts.last_mut() {
+                    ended.reason = job.record.reason.clone();
+                    ended.failed_node = Some(node);
+                }
             }
             writes.push(self.writes.put_job(&job.record));
             self.retire_if_done(state, job_id);
             return Ok(());
         }
+        if job.record.state == JobState::Restarting {
+            // The failed attempt's processes report their ends; once all are gone the next
+            // attempt queues.
+            if !self.requeue_if_stopped(state, job_id, writes)?
+                && let Some(job) = state.live(job_id)
+            {
+                writes.push(self.writes.put_job(&job.record));
+            }
+            return Ok(());
+        }
         let placement = &job.record.placement;
         if let Some(failed) = earliest_failure(placement, ranks) {
             let reason = failure_reason(failed, ranks);
+            let node = failed.node_id.clone();
             job.record.blamed_rank = Some(failed.rank);
-            return self.finish_job(state, job_id, JobState::Failed, reason, writes);
+            return self.fail_attempt(state, job_id, reason, Some(node), writes);
         }
         // The job is done when its training ranks are; its parameter servers are then stopped.
         if placement
@@ -487,7 +522,7 @@ fn not_running(state: &State, job_id: &JobId) -> Error {
 /// The failure that ended the job, of a job with `ranks` training ranks: the failed process
 /// that ended first (ties by index), preferring root causes over the processes Cohort itself
 /// stopped because of them. A parameter server fails by ending at all: it serves until stopped.
-fn earliest_failure(placement: &[RankRecord], ranks: u32) -> Option<&RankRecord> {
+pub(super) fn earliest_failure(placement: &[RankRecord], ranks: u32) -> Option<&RankRecord> {
     placement
         .iter()
         .filter(|rank| {
@@ -505,7 +540,7 @@ fn earliest_failure(placement: &[RankRecord], ranks: u32) -> Option<&RankRecord>
 
 /// The reason a failed process gives its job, naming the cause: `rank 2 on node n1 exited with
 /// code 3: error: ...`, `node n1 left: its worker was shut down and stopped rank 2`.
-fn failure_reason(rank: &RankRecord, ranks: u32) -> String {
+pub(super) fn failure_reason(rank: &RankRecord, ranks: u32) -> String {
     let process = ProcessRole::of(rank.rank, ranks).describe(rank.rank);
     let node = &rank.node_id;
     match rank.stop_cause {

@@ -18,7 +18,6 @@ use super::persistence::{Written, all_landed};
 use super::{Cluster, INSTRUCTION_BUFFER, NodeEntry, NodeStatus, Session, State, millis};
 use crate::convert::{self, RankReport};
 use crate::error::{Error, Result};
-use crate::lifecycle::JobState;
 use crate::model::{RankState, now_ms};
 
 /// The receiving end of a worker's instruction stream.
@@ -282,14 +281,15 @@ impl Cluster {
                 })
                 .collect();
             for job_id in affected {
-                self.finish_job(
+                self.fail_attempt(
                     &mut state,
                     &job_id,
-                    JobState::Failed,
                     reason.clone(),
+                    Some(node_id.clone()),
                     &mut writes,
                 )?;
-                // A job that had ended already: its record now knows those ranks are gone.
+                // A job that had ended, or was restarting, already: its record now knows those
+                // ranks are gone.
                 self.settle_job(&mut state, &job_id, &mut writes)?;
             }
         }
@@ -320,14 +320,17 @@ impl Cluster {
                     rank.state = RankState::Lost;
                     rank.detail = "not reported again after the coordinator restarted".to_owned();
                 }
+                job.recovery = None;
             }
-            self.finish_job(
+            self.fail_attempt(
                 &mut state,
                 &job_id,
-                JobState::Failed,
                 "coordinator restarted".to_owned(),
+                None,
                 &mut writes,
             )?;
+            // A job that was restarting already queues its next attempt now.
+            self.settle_job(&mut state, &job_id, &mut writes)?;
         }
         drop(state);
         all_landed(writes).await

@@ -16,11 +16,13 @@
 //! - `jobs`: submit, cancel, inspect; job outcomes from rank reports.
 //! - `membership`: worker registration, heartbeats, lost-node detection.
 //! - `scheduling`: the scheduler pass that applies [`crate::placement::place`].
+//! - `restarts`: a failed attempt restarted while restarts remain, away from the node to blame.
 //! - `persistence`: the ordered queue of job writes and the one task that writes them.
 
 mod jobs;
 mod membership;
 mod persistence;
+mod restarts;
 mod scheduling;
 
 #[cfg(test)]
@@ -259,6 +261,7 @@ impl State {
                     job_id: job_id.to_string(),
                     rank: rank.rank,
                     reason: reason.to_owned(),
+                    attempt: job.record.attempt,
                 }),
             );
         }
@@ -333,7 +336,7 @@ impl Cluster {
                 }
             };
             logs.track(&record.id)?;
-            if record.state.holds_devices() {
+            if record.state.runs_attempt() {
                 rendezvous.open(&record.id, record.ranks);
             }
             let recovery = record.state.holds_devices().then(|| {
@@ -488,9 +491,26 @@ impl Cluster {
         if entry.record.state.is_terminal() {
             return Ok(());
         }
+        let ran_attempt = entry.record.state.runs_attempt();
         entry.record.state = transition(job_id.as_str(), entry.record.state, to)?;
         entry.record.reason = truncate(&reason, MAX_REASON_BYTES).into_owned();
-        entry.record.finished_at_ms = Some(now_ms());
+        let now = now_ms();
+        entry.record.finished_at_ms = Some(now);
+        if ran_attempt {
+            let failed_node = entry
+                .record
+                .blamed_rank
+                .and_then(|blamed| entry.record.placement.iter().find(|r| r.rank == blamed))
+                .map(|rank| rank.node_id.clone());
+            let ended = restarts::ended_attempt(
+                &entry.record,
+                now,
+                entry.record.reason.clone(),
+                failed_node,
+            );
+            entry.record.attempts.push(ended);
+            restarts::forget_old_placements(&mut entry.record.attempts);
+        }
         entry.recovery = None;
         // Ranks never started will not start now.
         for rank in &mut entry.record.placement {
@@ -519,14 +539,13 @@ impl Cluster {
         &self,
         state: &State,
         node_id: &NodeId,
-        job_id: &str,
-        rank: u32,
+        (job_id, rank, attempt): (&str, u32, u32),
         expected: bool,
     ) {
         if expected {
-            debug!(%node_id, job_id, rank, "rank of an ended job still runs; asking again to stop it");
+            debug!(%node_id, job_id, rank, attempt, "rank of an ended attempt still runs; asking again to stop it");
         } else {
-            warn!(%node_id, job_id, rank, "stopping a rank the coordinator does not know");
+            warn!(%node_id, job_id, rank, attempt, "stopping a rank the coordinator does not know");
         }
         state.send(
             node_id,
@@ -534,6 +553,7 @@ impl Cluster {
                 job_id: job_id.to_owned(),
                 rank,
                 reason: "job is not running".to_owned(),
+                attempt,
             }),
         );
     }
@@ -553,6 +573,7 @@ mod tests {
 
     use super::*;
     use crate::error::Error;
+    use crate::model::JobRecord;
     use crate::store::embedded::EmbeddedStore;
     use crate::store::faults::FaultyStore;
 
@@ -596,6 +617,204 @@ mod tests {
             panic!("a registration's stream opens with `registered`");
         };
         (registered.session_id, stream)
+    }
+
+    /// A node of a test cluster: its id, session and instruction stream.
+    struct TestNode {
+        id: String,
+        session_id: String,
+        stream: membership::InstructionReceiver,
+    }
+
+    impl TestNode {
+        async fn join(cluster: &Cluster, id: &str) -> Self {
+            let (session_id, stream) = register(cluster, id).await;
+            Self {
+                id: id.to_owned(),
+                session_id,
+                stream,
+            }
+        }
+
+        /// The start instructions received so far, as `(rank, attempt)`.
+        fn started(&mut self) -> Vec<(u32, u32)> {
+            let mut started = Vec::new();
+            while let Ok(Ok(Instruction { kind: Some(kind) })) = self.stream.try_recv() {
+                if let instruction::Kind::StartRank(start) = kind {
+                    started.push((start.rank, start.attempt));
+                }
+            }
+            started
+        }
+
+        /// Reports one rank of `job_id`'s `attempt` in `state`.
+        async fn report(
+            &self,
+            cluster: &Cluster,
+            job_id: &JobId,
+            (rank, attempt): (u32, u32),
+            state: v1::RankState,
+            exit_code: Option<i32>,
+        ) {
+            let report = v1::RankReport {
+                job_id: job_id.to_string(),
+                rank,
+                attempt,
+                state: state as i32,
+                pid: 100 + rank,
+                exit_code,
+                exited_at_unix_ms: if exit_code.is_some() { now_ms() } else { 0 },
+                // 143 is 128 + SIGTERM: what a rank the worker stopped exits with.
+                stop_cause: if exit_code == Some(143) {
+                    v1::StopCause::Instructed as i32
+                } else {
+                    v1::StopCause::Unspecified as i32
+                },
+                ..v1::RankReport::default()
+            };
+            let accepted = cluster
+                .heartbeat(v1::HeartbeatRequest {
+                    node_id: self.id.clone(),
+                    session_id: self.session_id.clone(),
+                    ranks: vec![report],
+                    leaving: false,
+                })
+                .await
+                .unwrap();
+            assert!(accepted);
+        }
+    }
+
+    /// The job's record in memory.
+    async fn record_of(cluster: &Cluster, job_id: &JobId) -> JobRecord {
+        match cluster.state.lock().await.slot(job_id) {
+            Some(JobSlot::Live(job)) => job.record.clone(),
+            _ => panic!("job {job_id} is not live"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_attempt_restarts_away_from_its_node_until_restarts_run_out() {
+        let data_dir = tempfile::tempdir().unwrap();
+        let (cluster, _store) = cluster(data_dir.path()).await;
+        let mut nodes = Vec::new();
+        for id in ["node-a", "node-b", "node-c"] {
+            nodes.push(TestNode::join(&cluster, id).await);
+        }
+        let spec = "version = 1\nname = \"flaky\"\nkind = \"command\"\n[resources]\nranks = 2\n\
+                    [command]\nprogram = \"true\"\n[fault_tolerance]\nmax_restarts = 1\n";
+        let job = cluster
+            .submit(spec.to_owned(), false, "client".to_owned())
+            .await
+            .unwrap();
+        let job_id = JobId::new(job.job_id).unwrap();
+        cluster.schedule().await.unwrap();
+        let placed = record_of(&cluster, &job_id).await.placement;
+        let ids = ["node-a", "node-b", "node-c"];
+        let node_of = |rank: u32, placement: &[crate::model::RankRecord]| {
+            let id = &placement[rank as usize].node_id;
+            ids.iter().position(|node| *node == id.as_str()).unwrap()
+        };
+        let (first, second) = (node_of(0, &placed), node_of(1, &placed));
+        assert_eq!(nodes[first].started(), [(0, 0)]);
+        assert_eq!(nodes[second].started(), [(1, 0)]);
+        nodes[first]
+            .report(&cluster, &job_id, (0, 0), v1::RankState::Running, None)
+            .await;
+        nodes[second]
+            .report(&cluster, &job_id, (1, 0), v1::RankState::Running, None)
+            .await;
+        assert_eq!(record_of(&cluster, &job_id).await.state, JobState::Running);
+
+        // Rank 1 fails: the attempt is stopped, and the job waits for rank 0 to be gone.
+        nodes[second]
+            .report(&cluster, &job_id, (1, 0), v1::RankState::Exited, Some(3))
+            .await;
+        let restarting = record_of(&cluster, &job_id).await;
+        assert_eq!(restarting.state, JobState::Restarting);
+        assert!(
+            restarting.reason.contains("exited with code 3"),
+            "{}",
+            restarting.reason
+        );
+        assert!(
+            cluster.check_live(&job_id).await.is_err(),
+            "no rendezvous between attempts"
+        );
+        nodes[first]
+            .report(&cluster, &job_id, (0, 0), v1::RankState::Exited, Some(143))
+            .await;
+        let queued = record_of(&cluster, &job_id).await;
+        assert_eq!(queued.state, JobState::Queued);
+        assert_eq!(queued.attempt, 1);
+        assert!(queued.placement.is_empty());
+        assert_eq!(queued.attempts.len(), 1);
+        let failed_node = nodes[second].id.clone();
+        assert_eq!(
+            queued.attempts[0].failed_node.as_ref().map(NodeId::as_str),
+            Some(failed_node.as_str()),
+            "the rank that failed first is blamed, not the one stopped after it"
+        );
+        assert!(
+            queued
+                .reason
+                .contains(&format!("keeping off node {failed_node}")),
+            "{}",
+            queued.reason
+        );
+
+        // The next attempt is placed away from the node it failed on, under attempt 1.
+        cluster.schedule().await.unwrap();
+        let replaced = record_of(&cluster, &job_id).await;
+        assert_eq!(replaced.state, JobState::Scheduled);
+        assert!(
+            replaced
+                .placement
+                .iter()
+                .all(|rank| rank.node_id.as_str() != failed_node)
+        );
+        let started: Vec<_> = nodes.iter_mut().flat_map(TestNode::started).collect();
+        assert_eq!(started.len(), 2);
+        assert!(
+            started.iter().all(|&(_, attempt)| attempt == 1),
+            "{started:?}"
+        );
+        // A late report of the first attempt changes nothing.
+        let (third, fourth) = (
+            node_of(0, &replaced.placement),
+            node_of(1, &replaced.placement),
+        );
+        nodes[second]
+            .report(&cluster, &job_id, (1, 0), v1::RankState::Exited, Some(3))
+            .await;
+        assert_eq!(
+            record_of(&cluster, &job_id).await.state,
+            JobState::Scheduled
+        );
+
+        // The second attempt fails too: no restart is left.
+        nodes[third]
+            .report(&cluster, &job_id, (0, 1), v1::RankState::Exited, Some(1))
+            .await;
+        nodes[fourth]
+            .report(&cluster, &job_id, (1, 1), v1::RankState::Exited, Some(143))
+            .await;
+        let info = cluster.job(&job_id).await.unwrap();
+        assert_eq!(info.state(), v1::JobState::Failed);
+        assert!(
+            info.reason.contains("all 1 restarts used"),
+            "{}",
+            info.reason
+        );
+        assert_eq!(info.attempt, 1);
+        let reasons: Vec<_> = info
+            .attempts
+            .iter()
+            .map(|a| (a.attempt, a.reason.clone()))
+            .collect();
+        assert_eq!(reasons.len(), 2, "{reasons:?}");
+        assert!(reasons[0].1.contains("exited with code 3"), "{reasons:?}");
+        assert!(reasons[1].1.contains("exited with code 1"), "{reasons:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -198,6 +198,7 @@ fn start_instruction(
         // Cohort's own runtime reads the spec it runs; a command job's program never sees it.
         spec_toml: (spec.kind == JobKind::Train).then(|| record.spec_toml.clone()),
         job_token: Some(job_token.clone()),
+        restart_count: record.attempt,
     };
     let (argv, working_dir) = match (spec.kind, &spec.command) {
         (JobKind::Command, Some(command)) => (
@@ -278,10 +279,12 @@ impl Cluster {
     /// Places every queued job that fits, in memory, and enqueues each placed record; returns
     /// the placed jobs with their writes.
     fn place_queued(&self, state: &mut State) -> Result<Vec<(JobId, Written)>> {
+        let now = now_ms();
         let mut queue: Vec<QueuedJob> = state
             .live_jobs()
             .filter(|entry| entry.record.state == JobState::Queued)
             .map(|entry| QueuedJob {
+                avoid_nodes: super::restarts::avoided_nodes(&entry.record.backoff, now),
                 job_id: entry.record.id.clone(),
                 priority: entry.record.priority,
                 seq: entry.record.seq,
@@ -304,7 +307,7 @@ impl Cluster {
             let job_id = assignment.job_id.clone();
             entry.record.state =
                 transition(job_id.as_str(), entry.record.state, JobState::Scheduled)?;
-            entry.record.scheduled_at_ms = Some(now_ms());
+            entry.record.scheduled_at_ms = Some(now);
             entry.record.reason.clear();
             entry.record.placement = assignment
                 .ranks
@@ -354,8 +357,12 @@ impl Cluster {
             return Ok(());
         }
         self.rendezvous.open(job_id, entry.record.ranks);
-        let instructions =
-            state.start_instructions(job_id, &self.job_tokens.issue(job_id.as_str()));
+        let instructions = state.start_instructions(
+            job_id,
+            &self
+                .job_tokens
+                .issue_for_attempt(job_id.as_str(), entry.record.attempt),
+        );
         let mut unreachable = None;
         for (node_id, start) in instructions {
             if !state.send(&node_id, instruction::Kind::StartRank(start)) {
@@ -364,11 +371,11 @@ impl Cluster {
             }
         }
         if let Some(node_id) = unreachable {
-            self.finish_job(
+            self.fail_attempt(
                 state,
                 job_id,
-                JobState::Failed,
                 format!("node {node_id} could not be reached to start a rank"),
+                Some(node_id),
                 writes,
             )?;
         }
@@ -452,6 +459,7 @@ mod tests {
                 }),
                 spec_toml: None,
                 job_token: Some(token()),
+                restart_count: record.attempt,
             }
         );
     }

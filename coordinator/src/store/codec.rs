@@ -25,8 +25,8 @@ use crate::error::{Error, Result};
 use crate::limits::MAX_RECORD_BYTES;
 
 /// The format version written in front of every record. Version 2 added a job's submitter and
-/// each rank's stop cause.
-pub const FORMAT_VERSION: u8 = 2;
+/// each rank's stop cause; version 3 a job's attempts (restarts).
+pub const FORMAT_VERSION: u8 = 3;
 
 /// A stored type: decoded in the current format, and in the formats it was stored in before.
 pub trait Record: Serialize + DeserializeOwned {
@@ -179,7 +179,7 @@ mod tests {
         bytes[0] = 7;
         let error = decode::<Sample>(&bytes).unwrap_err().to_string();
         assert!(error.contains("decoding Sample"), "{error}");
-        assert!(error.contains("format version 7, expected 2"), "{error}");
+        assert!(error.contains("format version 7, expected 3"), "{error}");
     }
 
     #[test]

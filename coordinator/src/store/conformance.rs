@@ -23,7 +23,8 @@ use super::{ClusterStore, Quarantined, RecordKind, codec};
 use crate::auth::records::{AuditEntry, UserRecord};
 use crate::lifecycle::JobState;
 use crate::model::{
-    DeviceRecord, GpuPeerRecord, JobRecord, MetricsRecord, NodeRecord, RankRecord, RankState,
+    AttemptRecord, DeviceRecord, GpuPeerRecord, JobRecord, MetricsRecord, NodeBackoff, NodeRecord,
+    RankRecord, RankState,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -187,6 +188,21 @@ pub(crate) fn sample_job(number: u64) -> JobRecord {
         )]
         .into_iter()
         .collect(),
+        attempt: 1,
+        max_restarts: 3,
+        attempts: vec![AttemptRecord {
+            attempt: 0,
+            nodes: vec![node_id.clone()],
+            started_at_ms: Some(1_700_000_000_050),
+            ended_at_ms: 1_700_000_000_090,
+            reason: "rank 1 on node node-0 exited with code 1".to_owned(),
+            failed_node: Some(node_id.clone()),
+        }],
+        backoff: vec![NodeBackoff {
+            node_id,
+            failures: 1,
+            until_ms: 1_700_000_010_090,
+        }],
     }
 }
 
@@ -532,7 +548,7 @@ async fn undecodable_records_are_quarantined_and_the_listing_goes_on(backend: &d
     assert!(
         moved
             .iter()
-            .any(|entry| entry.reason.contains("format version 9, expected 2"))
+            .any(|entry| entry.reason.contains("format version 9, expected 3"))
     );
     assert_eq!(
         store.get_job(&JobId::new("job-2").unwrap()).await.unwrap(),

@@ -766,7 +766,7 @@ mod tests {
         assert!(
             quarantined[0]
                 .reason
-                .contains("format version 9, expected 2"),
+                .contains("format version 9, expected 3"),
             "{}",
             quarantined[0].reason
         );

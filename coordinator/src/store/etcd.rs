@@ -911,7 +911,7 @@ mod tests {
             ("broken-7", "broken-7")
         );
         assert!(
-            moved.reason.contains("format version 9, expected 2"),
+            moved.reason.contains("format version 9, expected 3"),
             "{}",
             moved.reason
         );

@@ -4,6 +4,8 @@
 //!
 //! - Version 1: jobs without a submitter and ranks without a stop cause (read as submitted by
 //!   `unknown`, and not stopped by Cohort); nodes as today.
+//! - Version 2: jobs without attempts (read as in their first attempt, with no restarts: they
+//!   were submitted before restarts existed); nodes as today.
 
 use cohort_jobspec::DeviceKind;
 use cohort_proto::{JobId, NodeId};
@@ -16,13 +18,21 @@ use crate::model::{JobRecord, MetricsRecord, NodeRecord, RankRecord, RankState, 
 
 impl Record for NodeRecord {
     fn decode_earlier(version: u8, body: &[u8]) -> Option<Result<Self>> {
-        (version == 1).then(|| codec::decode_body(body))
+        matches!(version, 1 | 2).then(|| codec::decode_body(body))
     }
 }
 
 impl Record for JobRecord {
     fn decode_earlier(version: u8, body: &[u8]) -> Option<Result<Self>> {
-        (version == 1).then(|| codec::decode_body::<JobRecordV1>(body).map(JobRecord::from))
+        match version {
+            1 => Some(
+                codec::decode_body::<JobRecordV1>(body)
+                    .map(JobRecordV2::from)
+                    .map(JobRecord::from),
+            ),
+            2 => Some(codec::decode_body::<JobRecordV2>(body).map(JobRecord::from)),
+            _ => None,
+        }
     }
 }
 
@@ -94,9 +104,85 @@ pub struct JobRecordV1 {
     pub metrics: std::collections::BTreeMap<u32, MetricsRecord>,
 }
 
-impl From<JobRecordV1> for JobRecord {
-    fn from(old: JobRecordV1) -> Self {
+/// A version 2 job record: today's, before attempts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecordV2 {
+    /// See [`JobRecord::id`].
+    pub id: JobId,
+    /// See [`JobRecord::seq`].
+    pub seq: u64,
+    /// See [`JobRecord::spec_toml`].
+    pub spec_toml: String,
+    /// See [`JobRecord::name`].
+    pub name: String,
+    /// See [`JobRecord::kind`].
+    pub kind: String,
+    /// See [`JobRecord::priority`].
+    pub priority: i32,
+    /// See [`JobRecord::ranks`].
+    pub ranks: u32,
+    /// See [`JobRecord::devices_per_rank`].
+    pub devices_per_rank: u32,
+    /// See [`JobRecord::device_kind`].
+    pub device_kind: DeviceKind,
+    /// See [`JobRecord::wait_for_resources`].
+    pub wait_for_resources: bool,
+    /// See [`JobRecord::submitter`].
+    pub submitter: String,
+    /// See [`JobRecord::state`].
+    pub state: JobState,
+    /// See [`JobRecord::reason`].
+    pub reason: String,
+    /// See [`JobRecord::blamed_rank`].
+    pub blamed_rank: Option<u32>,
+    /// See [`JobRecord::submitted_at_ms`].
+    pub submitted_at_ms: UnixMillis,
+    /// See [`JobRecord::scheduled_at_ms`].
+    pub scheduled_at_ms: Option<UnixMillis>,
+    /// See [`JobRecord::started_at_ms`].
+    pub started_at_ms: Option<UnixMillis>,
+    /// See [`JobRecord::finished_at_ms`].
+    pub finished_at_ms: Option<UnixMillis>,
+    /// See [`JobRecord::placement`].
+    pub placement: Vec<RankRecord>,
+    /// See [`JobRecord::metrics`].
+    pub metrics: std::collections::BTreeMap<u32, MetricsRecord>,
+}
+
+impl From<JobRecordV2> for JobRecord {
+    fn from(old: JobRecordV2) -> Self {
         JobRecord {
+            id: old.id,
+            seq: old.seq,
+            spec_toml: old.spec_toml,
+            name: old.name,
+            kind: old.kind,
+            priority: old.priority,
+            ranks: old.ranks,
+            devices_per_rank: old.devices_per_rank,
+            device_kind: old.device_kind,
+            wait_for_resources: old.wait_for_resources,
+            submitter: old.submitter,
+            state: old.state,
+            reason: old.reason,
+            blamed_rank: old.blamed_rank,
+            submitted_at_ms: old.submitted_at_ms,
+            scheduled_at_ms: old.scheduled_at_ms,
+            started_at_ms: old.started_at_ms,
+            finished_at_ms: old.finished_at_ms,
+            placement: old.placement,
+            metrics: old.metrics,
+            attempt: 0,
+            max_restarts: 0,
+            attempts: Vec::new(),
+            backoff: Vec::new(),
+        }
+    }
+}
+
+impl From<JobRecordV1> for JobRecordV2 {
+    fn from(old: JobRecordV1) -> Self {
+        JobRecordV2 {
             id: old.id,
             seq: old.seq,
             spec_toml: old.spec_toml,
@@ -192,6 +278,40 @@ mod tests {
         assert_eq!(record.placement[0].stop_cause, StopCause::None);
         // Written back, it is a current record.
         assert_eq!(codec::encode(&record).unwrap()[0], codec::FORMAT_VERSION);
+    }
+
+    #[test]
+    fn a_version_2_job_is_read_as_its_first_attempt_without_restarts() {
+        let mut current = crate::store::conformance::sample_job(4);
+        current.attempt = 0;
+        current.max_restarts = 0;
+        current.attempts.clear();
+        current.backoff.clear();
+        let old = JobRecordV2 {
+            id: current.id.clone(),
+            seq: current.seq,
+            spec_toml: current.spec_toml.clone(),
+            name: current.name.clone(),
+            kind: current.kind.clone(),
+            priority: current.priority,
+            ranks: current.ranks,
+            devices_per_rank: current.devices_per_rank,
+            device_kind: current.device_kind,
+            wait_for_resources: current.wait_for_resources,
+            submitter: current.submitter.clone(),
+            state: current.state,
+            reason: current.reason.clone(),
+            blamed_rank: current.blamed_rank,
+            submitted_at_ms: current.submitted_at_ms,
+            scheduled_at_ms: current.scheduled_at_ms,
+            started_at_ms: current.started_at_ms,
+            finished_at_ms: current.finished_at_ms,
+            placement: current.placement.clone(),
+            metrics: current.metrics.clone(),
+        };
+        let mut bytes = vec![2];
+        bytes.extend(bincode::serde::encode_to_vec(&old, bincode::config::standard()).unwrap());
+        assert_eq!(codec::decode::<JobRecord>(&bytes).unwrap(), current);
     }
 
     #[test]

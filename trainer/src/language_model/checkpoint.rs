@@ -304,10 +304,7 @@ fn write_checkpoint(
         optimizer_tensors,
         metadata,
     )?;
-    if final_path.exists() {
-        std::fs::remove_dir_all(&final_path).map_err(|e| checkpoint_error(&final_path, e))?;
-    }
-    std::fs::rename(&partial_path, &final_path).map_err(|e| checkpoint_error(&final_path, e))?;
+    crate::checkpoint::commit(&partial_path, &final_path)?;
     tracing::info!(step = header.step, path = %final_path.display(), "checkpoint written");
     Ok(final_path)
 }

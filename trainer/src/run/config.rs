@@ -50,6 +50,15 @@ pub struct TrainConfig {
     /// Fault injection for tests: `(rank, step)` makes that rank's gradients of that
     /// (0-based) step infinite, as an fp16 overflow would. Default `None`.
     pub inject_overflow: Option<(usize, u64)>,
+    /// Where this rank records the examples it trains on at every step (see
+    /// [`crate::sampler::SampleRecord`]); set by the rank's launcher when the spec's
+    /// `data.record_samples` asks. Default `None`.
+    pub sample_record: Option<PathBuf>,
+    /// Fault injection for tests: the rank that writes the checkpoint of this step stops itself
+    /// (`SIGSTOP`) once its files are written and before they are committed, so that a test can
+    /// kill it in the middle of a checkpoint write. Set by the launcher from
+    /// `COHORT_FAULT_STOP_IN_CHECKPOINT`. Default `None`.
+    pub stop_in_checkpoint: Option<u64>,
     /// Where the forward and backward passes run. Default [`ComputeDevice::Cpu`]; the rank's
     /// launcher sets the CUDA device of a `[resources] device = "gpu"` job, since only it knows
     /// the local device index. The f32 masters and the optimizer stay in host memory either way.
@@ -74,6 +83,8 @@ impl TrainConfig {
             final_checkpoint: true,
             overlap_communication: true,
             inject_overflow: None,
+            sample_record: None,
+            stop_in_checkpoint: None,
             device: ComputeDevice::Cpu,
         }
     }

@@ -1,0 +1,302 @@
+//! Restarts: what happens when an attempt of a job fails.
+//!
+//! While restarts remain (`fault_tolerance.max_restarts`), a failed attempt is not the job's
+//! end: the job moves to `restarting`, every process of the attempt is stopped, and once all of
+//! them are known to be gone the job queues again under the next attempt number. Waiting for
+//! the whole gang to be gone keeps two attempts from ever running side by side (and a worker
+//! never sees a start for a rank whose previous process it still supervises). The next attempt
+//! is placed like any queued job, except on the node its failure was blamed on, which the job
+//! keeps off for a back-off period that doubles with each further failure there: a bad node
+//! cannot eat every restart. Each attempt's processes get a token of their own, so a process of
+//! a failed attempt that still runs somewhere reaches nothing of the next one.
+//!
+//! The decisions (what the back-off is, which nodes are avoided now, which ended attempts keep
+//! their placement) are pure functions at the end of this module, tested on their own.
+
+use cohort_proto::text::truncate;
+use cohort_proto::{JobId, NodeId};
+use tracing::{info, warn};
+
+use super::persistence::Written;
+use super::{Cluster, State};
+use crate::error::Result;
+use crate::lifecycle::{JobState, transition};
+use crate::limits::{MAX_ATTEMPT_NODES, MAX_REASON_BYTES};
+use crate::model::{AttemptRecord, JobRecord, NodeBackoff, RankState, UnixMillis, now_ms};
+
+impl Cluster {
+    /// The attempt that runs job `job_id` failed for `reason` (blaming `failed_node`, if a node
+    /// is to blame): restarts the job while restarts remain, else fails it for good. The
+    /// records to store go on `writes`.
+    pub(super) fn fail_attempt(
+        &self,
+        state: &mut State,
+        job_id: &JobId,
+        reason: String,
+        failed_node: Option<NodeId>,
+        writes: &mut Vec<Written>,
+    ) -> Result<()> {
+        let Some(job) = state.live_mut(job_id) else {
+            return Ok(());
+        };
+        if !job.record.state.runs_attempt() {
+            return Ok(());
+        }
+        let record = &mut job.record;
+        if record.attempt >= record.max_restarts {
+            let reason = match record.max_restarts {
+                0 => reason,
+                restarts => format!(
+                    "{reason} (attempt {}; all {restarts} restarts used)",
+                    record.attempt + 1
+                ),
+            };
+            return self.finish_job(state, job_id, JobState::Failed, reason, writes);
+        }
+        record.state = transition(job_id.as_str(), record.state, JobState::Restarting)?;
+        let reason = truncate(&reason, MAX_REASON_BYTES).into_owned();
+        record
+            .attempts
+            .push(ended_attempt(record, now_ms(), reason.clone(), failed_node));
+        forget_old_placements(&mut record.attempts);
+        record.reason = truncate(
+            &format!(
+                "restarting (attempt {} of {} failed): {reason}",
+                record.attempt + 1,
+                record.max_restarts + 1
+            ),
+            MAX_REASON_BYTES,
+        )
+        .into_owned();
+        for rank in &mut record.placement {
+            if rank.state == RankState::Pending {
+                rank.state = RankState::Exited;
+                rank.detail = "never started".to_owned();
+            }
+        }
+        job.recovery = None;
+        warn!(%job_id, attempt = job.record.attempt, %reason, "attempt failed; restarting the job");
+        writes.push(self.writes.put_job(&job.record));
+        let stop_reason = format!("attempt {} failed: restarting", job.record.attempt + 1);
+        state.stop_ranks(job_id, &stop_reason);
+        self.rendezvous.drop_job(job_id);
+        self.requeue_if_stopped(state, job_id, writes).map(drop)
+    }
+
+    /// Queues the next attempt of a restarting job once every process of its failed attempt is
+    /// gone, blaming the failure on the process that failed first (the root cause, now that
+    /// every echo of it has arrived) and keeping the job off that process's node for a while.
+    /// Returns whether it queued the job (and enqueued its record on `writes`).
+    pub(super) fn requeue_if_stopped(
+        &self,
+        state: &mut State,
+        job_id: &JobId,
+        writes: &mut Vec<Written>,
+    ) -> Result<bool> {
+        let backoff = self.config.restart_backoff;
+        let Some(job) = state.live_mut(job_id) else {
+            return Ok(false);
+        };
+        let record = &mut job.record;
+        if record.state != JobState::Restarting
+            || !record.placement.iter().all(|rank| rank.state.is_final())
+        {
+            return Ok(false);
+        }
+        let ranks = job.spec.ranks();
+        if record.blamed_rank.is_some()
+            && let Some(root) = super::jobs::earliest_failure(&record.placement, ranks)
+            && let Some(ended) = record.attempts.last_mut()
+        {
+            ended.reason =
+                truncate(&super::jobs::failure_reason(root, ranks), MAX_REASON_BYTES).into_owned();
+            ended.failed_node = Some(root.node_id.clone());
+        }
+        let now = now_ms();
+        if let Some(node) = record.attempts.last().and_then(|a| a.failed_node.clone()) {
+            note_failure(&mut record.backoff, node, now, backoff);
+        }
+        record.state = transition(job_id.as_str(), record.state, JobState::Queued)?;
+        record.attempt += 1;
+        record.placement.clear();
+        // The failed attempt's figures; the next one reports its own from its first step.
+        record.metrics.clear();
+        record.blamed_rank = None;
+        record.scheduled_at_ms = None;
+        record.started_at_ms = None;
+        let avoided = avoided_nodes(&record.backoff, now);
+        let last = record.attempts.last().map_or("", |a| a.reason.as_str());
+        record.reason = truncate(
+            &format!(
+                "attempt {} of {} queued after: {last}{}",
+                record.attempt + 1,
+                record.max_restarts + 1,
+                describe_avoided(&record.backoff, &avoided, now)
+            ),
+            MAX_REASON_BYTES,
+        )
+        .into_owned();
+        info!(%job_id, attempt = record.attempt, avoided = ?avoided, "job queued for its next attempt");
+        writes.push(self.writes.put_job(&job.record));
+        self.wake.notify_one();
+        Ok(true)
+    }
+}
+
+/// The record of `job`'s current attempt, ended at `now` for `reason`.
+pub(super) fn ended_attempt(
+    job: &JobRecord,
+    now: UnixMillis,
+    reason: String,
+    failed_node: Option<NodeId>,
+) -> AttemptRecord {
+    let mut nodes: Vec<NodeId> = job
+        .placement
+        .iter()
+        .map(|rank| rank.node_id.clone())
+        .collect();
+    nodes.sort();
+    nodes.dedup();
+    AttemptRecord {
+        attempt: job.attempt,
+        nodes,
+        started_at_ms: job.started_at_ms,
+        ended_at_ms: now,
+        reason,
+        failed_node,
+    }
+}
+
+/// Keeps the nodes of the latest ended attempts while they add up to at most
+/// [`MAX_ATTEMPT_NODES`] and forgets older ones', so that a job's record stays bounded however
+/// wide it is and however often it restarts.
+pub(super) fn forget_old_placements(attempts: &mut [AttemptRecord]) {
+    let mut kept = 0usize;
+    for attempt in attempts.iter_mut().rev() {
+        kept = kept.saturating_add(attempt.nodes.len());
+        if kept > MAX_ATTEMPT_NODES {
+            attempt.nodes = Vec::new();
+        }
+    }
+}
+
+/// How long a job keeps off a node after its `failures`-th failure there: `base`, doubled for
+/// each earlier one, at most [`crate::config::MAX_RESTART_BACKOFF`].
+pub fn backoff_after(base: std::time::Duration, failures: u32) -> std::time::Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    base.saturating_mul(1 << doublings)
+        .min(crate::config::MAX_RESTART_BACKOFF)
+}
+
+/// Records a failure of the job on `node` at `now`: it keeps off the node for the back-off its
+/// failures there have earned.
+pub fn note_failure(
+    backoff: &mut Vec<NodeBackoff>,
+    node: NodeId,
+    now: UnixMillis,
+    base: std::time::Duration,
+) {
+    let entry = match backoff.iter().position(|entry| entry.node_id == node) {
+        Some(index) => &mut backoff[index],
+        None => {
+            backoff.push(NodeBackoff {
+                node_id: node,
+                failures: 0,
+                until_ms: now,
+            });
+            backoff.last_mut().expect("just pushed")
+        }
+    };
+    entry.failures = entry.failures.saturating_add(1);
+    let wait = backoff_after(base, entry.failures);
+    entry.until_ms = now.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX));
+}
+
+/// The nodes a job keeps off at `now`.
+pub fn avoided_nodes(backoff: &[NodeBackoff], now: UnixMillis) -> Vec<NodeId> {
+    backoff
+        .iter()
+        .filter(|entry| entry.until_ms > now)
+        .map(|entry| entry.node_id.clone())
+        .collect()
+}
+
+/// `; keeping off node n2 for 10 s`, or nothing when no node is avoided.
+fn describe_avoided(backoff: &[NodeBackoff], avoided: &[NodeId], now: UnixMillis) -> String {
+    let parts: Vec<String> = backoff
+        .iter()
+        .filter(|entry| avoided.contains(&entry.node_id))
+        .map(|entry| {
+            let seconds = (entry.until_ms - now).max(0) as f64 / 1000.0;
+            format!("node {} for {seconds:.0} s", entry.node_id)
+        })
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("; keeping off {}", parts.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn node(name: &str) -> NodeId {
+        NodeId::new(name).unwrap()
+    }
+
+    #[test]
+    fn the_backoff_doubles_with_each_failure_on_a_node_and_is_capped() {
+        let base = Duration::from_secs(10);
+        assert_eq!(backoff_after(base, 1), Duration::from_secs(10));
+        assert_eq!(backoff_after(base, 2), Duration::from_secs(20));
+        assert_eq!(backoff_after(base, 3), Duration::from_secs(40));
+        assert_eq!(backoff_after(base, 50), crate::config::MAX_RESTART_BACKOFF);
+        assert_eq!(backoff_after(Duration::ZERO, 3), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_node_is_avoided_until_its_backoff_ends_and_failures_add_up_per_node() {
+        let base = Duration::from_secs(10);
+        let mut backoff = Vec::new();
+        note_failure(&mut backoff, node("a"), 1_000, base);
+        note_failure(&mut backoff, node("b"), 1_000, base);
+        note_failure(&mut backoff, node("a"), 2_000, base);
+        assert_eq!(backoff.len(), 2);
+        assert_eq!(backoff[0].failures, 2);
+        assert_eq!(backoff[0].until_ms, 22_000);
+        assert_eq!(backoff[1].until_ms, 11_000);
+        assert_eq!(avoided_nodes(&backoff, 10_999), [node("a"), node("b")]);
+        assert_eq!(avoided_nodes(&backoff, 11_000), [node("a")]);
+        assert!(avoided_nodes(&backoff, 22_000).is_empty());
+        assert_eq!(
+            describe_avoided(&backoff, &avoided_nodes(&backoff, 12_000), 12_000),
+            "; keeping off node a for 10 s"
+        );
+    }
+
+    #[test]
+    fn the_latest_attempts_keep_their_nodes_while_they_fit_the_bound() {
+        let attempt = |number, nodes: usize| AttemptRecord {
+            attempt: number,
+            nodes: (0..nodes).map(|index| node(&format!("n{index}"))).collect(),
+            started_at_ms: None,
+            ended_at_ms: 0,
+            reason: String::new(),
+            failed_node: None,
+        };
+        // A job on a few nodes keeps every attempt's.
+        let mut small: Vec<_> = (0..101).map(|number| attempt(number, 4)).collect();
+        forget_old_placements(&mut small);
+        assert!(small.iter().all(|a| a.nodes.len() == 4));
+        // The widest job keeps its last attempt's alone.
+        let half = MAX_ATTEMPT_NODES / 2;
+        let mut wide = vec![attempt(0, half), attempt(1, half + 1), attempt(2, half)];
+        forget_old_placements(&mut wide);
+        let kept: Vec<usize> = wide.iter().map(|a| a.nodes.len()).collect();
+        assert_eq!(kept, [0, 0, half]);
+    }
+}

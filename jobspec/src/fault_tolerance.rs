@@ -1,0 +1,82 @@
+//! `[fault_tolerance]`: what the coordinator does when an attempt of the job fails.
+//!
+//! A failed attempt (a rank that fails, a node that is lost, a coordinator restart its ranks do
+//! not survive) is restarted while restarts remain: every process of the attempt is stopped,
+//! the gang is placed again (away from the node that failed, for a back-off period) and started
+//! under the next attempt number. A `train` job resumes from the latest checkpoint in its output
+//! directory; a command job sees `COHORT_RESTART_COUNT` and can do the same.
+
+use serde::{Deserialize, Serialize};
+
+use crate::job::JobKind;
+use crate::problems::Problems;
+
+/// Most restarts a job may ask for.
+pub const MAX_RESTARTS: u32 = 100;
+/// Restarts of a `train` job when its spec says nothing: it resumes from its checkpoints.
+pub const DEFAULT_TRAIN_RESTARTS: u32 = 3;
+/// Restarts of a `command` job when its spec says nothing: a script may not resume, so it is
+/// not run again unless asked.
+pub const DEFAULT_COMMAND_RESTARTS: u32 = 0;
+
+/// `[fault_tolerance]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FaultToleranceSpec {
+    /// How often a failed attempt is restarted before the job fails for good, 0 to
+    /// [`MAX_RESTARTS`]. Default [`DEFAULT_TRAIN_RESTARTS`] for `train` jobs,
+    /// [`DEFAULT_COMMAND_RESTARTS`] for `command` jobs.
+    pub max_restarts: Option<u32>,
+}
+
+impl FaultToleranceSpec {
+    /// The restarts a job of `kind` with this section may use.
+    pub fn max_restarts(&self, kind: JobKind) -> u32 {
+        self.max_restarts.unwrap_or(match kind {
+            JobKind::Train => DEFAULT_TRAIN_RESTARTS,
+            JobKind::Command => DEFAULT_COMMAND_RESTARTS,
+        })
+    }
+
+    /// Adds the section's problems to `problems`.
+    pub fn validate(&self, problems: &mut Problems) {
+        if let Some(restarts) = self.max_restarts {
+            problems.check_range("fault_tolerance.max_restarts", restarts, 0, MAX_RESTARTS);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+
+    fn parse(text: &str) -> Result<crate::JobSpec, String> {
+        crate::parse(text).map_err(|error| error.to_string())
+    }
+
+    const COMMAND: &str = "version = 1\nkind = \"command\"\n[command]\nprogram = \"true\"\n";
+    const TRAIN: &str = "version = 1\nkind = \"train\"\n";
+
+    #[test]
+    fn train_jobs_restart_three_times_and_command_jobs_never_unless_asked() {
+        assert_eq!(parse(TRAIN).unwrap().max_restarts(), 3);
+        assert_eq!(parse(COMMAND).unwrap().max_restarts(), 0);
+        let asked = format!("{COMMAND}[fault_tolerance]\nmax_restarts = 2\n");
+        assert_eq!(parse(&asked).unwrap().max_restarts(), 2);
+        let none = format!("{TRAIN}[fault_tolerance]\nmax_restarts = 0\n");
+        assert_eq!(parse(&none).unwrap().max_restarts(), 0);
+    }
+
+    #[test]
+    fn restarts_are_bounded_and_unknown_fields_are_named() {
+        let error = parse(&format!("{TRAIN}[fault_tolerance]\nmax_restarts = 101\n")).unwrap_err();
+        assert!(
+            error.contains("fault_tolerance.max_restarts: 101, expected 0 to 100"),
+            "{error}"
+        );
+        let error = parse(&format!("{TRAIN}[fault_tolerance]\nmax_restarts = -1\n")).unwrap_err();
+        assert!(error.contains("fault_tolerance.max_restarts"), "{error}");
+        let error = parse(&format!("{TRAIN}[fault_tolerance]\nretries = 1\n")).unwrap_err();
+        assert!(error.contains("fault_tolerance"), "{error}");
+        assert!(error.contains("retries"), "{error}");
+    }
+}
