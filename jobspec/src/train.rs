@@ -634,6 +634,17 @@ pub fn validate(spec: &JobSpec, problems: &mut Problems) {
     }
     if let Some(data) = &spec.data {
         data.validate(problems);
+        let transformer = spec
+            .model
+            .as_ref()
+            .is_some_and(|model| model.kind == ModelKind::Transformer);
+        if data.record_samples && (transformer || parallel.comm == Communication::Ps) {
+            problems.push(
+                "data.record_samples",
+                "only for data-parallel image-model jobs (comm = \"allreduce\", not the \
+                 transformer)",
+            );
+        }
     }
     if let Some(optimizer) = &spec.optimizer {
         optimizer.validate(problems);
@@ -656,6 +667,20 @@ mod tests {
     use super::*;
     use crate::parse::parse;
     use crate::problems::problem_strings;
+
+    #[test]
+    fn samples_are_recorded_by_data_parallel_image_models_only() {
+        let with = |extra: &str| {
+            parse(&format!(
+                "version = 1\nkind = \"train\"\n[data]\nrecord_samples = true\n{extra}"
+            ))
+        };
+        assert!(with("").unwrap().data.unwrap().record_samples);
+        let error = with("[parallel]\ndata = 2\ncomm = \"ps\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("data.record_samples: only for"), "{error}");
+    }
 
     #[test]
     fn bare_train_job_takes_every_default() {
