@@ -342,6 +342,12 @@ pub struct LogsArgs {
 pub struct CancelArgs {
     /// The job id.
     pub job: String,
+    /// Require a checkpoint: a data-parallel training job's ranks stop after the next step they
+    /// agree on and rank 0 writes a checkpoint (they do on any cancel, within the job's grace
+    /// period); with this flag the command waits for it, prints where it is, and fails if none
+    /// was written.
+    #[arg(long)]
+    pub checkpoint: bool,
     /// Where the coordinator is.
     #[command(flatten)]
     pub coordinator: CoordinatorArgs,

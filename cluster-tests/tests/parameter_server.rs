@@ -62,7 +62,12 @@ fn a_killed_parameter_server_fails_the_job_naming_its_shard() -> Result<()> {
     let mut cluster = Sandbox::start()?;
     cluster.add_worker("node-a", 2)?;
     cluster.add_worker("node-b", 2)?;
-    let job_id = cluster.submit(&ps_job("victim", "sync", 2, 50, None), &[])?;
+    // No restarts: the job is to fail.
+    let job = format!(
+        "{}\n[fault_tolerance]\nmax_restarts = 0\n",
+        ps_job("victim", "sync", 2, 50, None)
+    );
+    let job_id = cluster.submit(&job, &[])?;
     let pids = cluster.wait_for_running_ranks(&job_id)?;
     assert_eq!(pids.len(), 4, "2 ranks and 2 servers");
     poll("training steps", DEFAULT_TIMEOUT, || {

@@ -280,3 +280,55 @@ fn a_command_job_restarts_with_its_restart_count_and_its_output_directory() -> R
     assert!(logs.contains("attempt 1 torch 1"), "{logs}");
     Ok(())
 }
+
+#[test]
+fn cancel_with_checkpoint_stops_every_rank_after_one_step_and_the_checkpoint_resumes() -> Result<()>
+{
+    let mut cluster = Sandbox::start()?;
+    cluster.add_worker("node-a", 2)?;
+    let job_id = cluster.submit(&mlp_job("stopped", 2, 50, None, 0.002, ""), &[])?;
+    cluster.wait_for_running_ranks(&job_id)?;
+    poll("a few steps", TRAINING_TIMEOUT, || {
+        Ok((reported_step(&cluster.job(&job_id)?) > 5).then_some(()))
+    })?;
+    let output = cluster.cli_ok(&["cancel", &job_id, "--checkpoint"])?;
+    let line = output
+        .lines()
+        .find(|line| line.starts_with("stopped on request after step "))
+        .with_context(|| format!("no checkpoint line in:\n{output}"))?;
+    let (step, path) = line
+        .trim_start_matches("stopped on request after step ")
+        .split_once(": checkpoint ")
+        .context("step and path")?;
+    let step: u64 = step.parse()?;
+    assert!(
+        Path::new(path).join("model.safetensors").is_file(),
+        "{path}"
+    );
+    assert!(path.ends_with(&format!("step-{step:08}")), "{path}");
+    let job = cluster.job(&job_id)?;
+    assert_eq!(job["state"], "cancelled");
+    for rank in job["placement"].as_array().unwrap() {
+        assert_eq!(
+            rank["exit_code"], 75,
+            "every rank stopped on request: {job}"
+        );
+    }
+
+    // The checkpoint is a complete one: a job resumes from it.
+    let resumed = cluster.submit(
+        &mlp_job("resumed", 2, 50, Some(step + 3), 0.002, ""),
+        &["--resume-from", path],
+    )?;
+    let resumed = cluster.wait_for_state(&resumed, "succeeded", TRAINING_TIMEOUT)?;
+    assert_eq!(resumed["metrics"][0]["step"], step + 3, "{resumed}");
+
+    // A command job's program decides itself what SIGTERM means: refused, named.
+    let sleeper = cluster.submit(&shell_job("sleeper", 1, "exec sleep 600"), &[])?;
+    let refused = cluster.cli(&["cancel", &sleeper, "--checkpoint"])?;
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--checkpoint: a command job"), "{stderr}");
+    cluster.cli_ok(&["cancel", &sleeper])?;
+    Ok(())
+}

@@ -135,8 +135,12 @@ impl RankRecord {
         } else {
             format!(": {}", self.detail)
         };
+        let checkpointed = i32::from(cohort_proto::launch::EXIT_STOPPED_WITH_CHECKPOINT);
         match (self.state, self.exit_code, self.signal) {
             (RankState::StartFailed, _, _) => format!("failed to start{detail}"),
+            (RankState::Exited, Some(code), _) if code == checkpointed => {
+                format!("stopped with a checkpoint{detail}")
+            }
             (RankState::Lost, _, _) if self.detail.is_empty() => "lost with its node".to_owned(),
             (RankState::Lost, _, _) => format!("lost{detail}"),
             (RankState::Exited, code, signal) if self.stop_cause != StopCause::None => {

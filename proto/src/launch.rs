@@ -58,6 +58,16 @@ pub const COHORT_EXECUTABLE: &str = "@cohort";
 /// KiB, `MAX_ARG_STRLEN`).
 pub const MAX_SPEC_BYTES: usize = 120 * 1024;
 
+/// The exit status of a process whose job's input is at fault (a data set or checkpoint it
+/// cannot read): `EX_CONFIG`. The coordinator does not restart a job for it, since every attempt
+/// would fail the same way.
+pub const EXIT_INPUT_ERROR: u8 = 78;
+
+/// The exit status of a training rank that stopped on request (SIGTERM) after writing a
+/// checkpoint: `EX_TEMPFAIL`, "try again later". The coordinator shows such a rank as stopped
+/// with a checkpoint.
+pub const EXIT_STOPPED_WITH_CHECKPOINT: u8 = 75;
+
 /// Longest job token a start instruction may carry, in bytes (Cohort's are 75).
 pub const MAX_TOKEN_BYTES: usize = 256;
 

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 use candle_nn::Module;
-use cohort_collective::Communicator;
+use cohort_collective::{Communicator, ReduceOp};
 use cohort_jobspec::precision::Precision;
 
 use crate::checkpoint;
@@ -335,6 +335,15 @@ impl Run for DataParallel<'_> {
         Ok(Some(evaluation))
     }
 
+    fn agree_to_stop(&mut self, requested: bool) -> Result<bool> {
+        // One element, summed: some rank was asked to stop. Every rank takes part every step,
+        // so they all stop after the same one.
+        let mut flag = [f32::from(u8::from(requested))];
+        self.communicator
+            .all_reduce((&mut flag[..]).into(), ReduceOp::Sum)?;
+        Ok(flag[0] > 0.0)
+    }
+
     fn checkpoint(&mut self, completed: u64) -> Result<Option<PathBuf>> {
         if self.communicator.rank() != 0 {
             return Ok(None);
@@ -627,6 +636,53 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Raises a stop signal when a step is reported, as a rank's SIGTERM handler would.
+    struct RaiseAt {
+        step: u64,
+        signal: crate::run::StopSignal,
+    }
+
+    impl MetricsSink for RaiseAt {
+        fn on_step(&mut self, metrics: &StepMetrics) {
+            if metrics.step == self.step {
+                self.signal.raise();
+            }
+        }
+        fn on_evaluation(&mut self, _metrics: &EvaluationMetrics) {}
+    }
+
+    #[test]
+    fn a_stop_asked_of_one_rank_stops_every_rank_after_the_same_step_with_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = small_splits();
+        let outcomes = on_ring(2, |rank, ring| {
+            let mut config = small_config(2, dir.path());
+            config.stop = Some(crate::run::StopSignal::new());
+            // Only rank 1 is asked, after its 7th step.
+            let mut sink: Box<dyn MetricsSink> = match rank {
+                1 => Box::new(RaiseAt {
+                    step: 7,
+                    signal: config.stop.clone().unwrap(),
+                }),
+                _ => Box::new(DiscardMetrics),
+            };
+            train(&config, &data, ring, sink.as_mut()).unwrap()
+        });
+        for outcome in &outcomes {
+            assert_eq!(outcome.stopped_at, Some(7));
+            assert_eq!(outcome.steps, 7);
+        }
+        assert_eq!(
+            outcomes[0].checkpoint.as_deref(),
+            Some(dir.path().join("checkpoints/step-00000007").as_path())
+        );
+        assert!(outcomes[1].checkpoint.is_none(), "rank 0 alone writes");
+        assert_eq!(
+            flat_values(&outcomes[0].model),
+            flat_values(&outcomes[1].model)
+        );
     }
 
     #[test]

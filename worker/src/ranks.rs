@@ -570,7 +570,13 @@ impl RankEnd {
             Ok(status) => (status.code(), status.signal(), last_error_line.to_owned()),
             Err(error) => (None, None, format!("waiting for the process: {error}")),
         };
+        let checkpointed = exit_code
+            == Some(i32::from(
+                cohort_proto::launch::EXIT_STOPPED_WITH_CHECKPOINT,
+            ));
         let (stop_cause, detail) = match stopped {
+            // A training rank that stopped with a checkpoint says where it is.
+            Some(stop) if checkpointed => (stop.cause, last_error_line.to_owned()),
             Some(stop) => (stop.cause, stop.detail.clone()),
             None if exit_code == Some(0) => (StopCause::Unspecified, String::new()),
             None => (StopCause::Unspecified, failed_detail),

@@ -204,6 +204,16 @@ pub async fn print_logs(
 /// Cancels a job and waits until the coordinator has heard every rank process end.
 pub async fn cancel(args: CancelArgs) -> Result<ExitCode> {
     let mut client = client::job_control(&args.coordinator.target()?).await?;
+    if args.checkpoint {
+        let job = client
+            .get_job(GetJobRequest {
+                job_id: args.job.clone(),
+            })
+            .await
+            .map_err(client::status)?
+            .into_inner();
+        check_stops_with_checkpoint(&job)?;
+    }
     let job = cancel_and_wait(&mut client, &args.job).await?;
     println!(
         "{}: {} ({} ranks stopped)",
@@ -211,7 +221,64 @@ pub async fn cancel(args: CancelArgs) -> Result<ExitCode> {
         render::job_state(job.state()),
         job.rank_info.len()
     );
+    if args.checkpoint {
+        let rank_zero = job.rank_info.iter().find(|rank| rank.rank == 0);
+        let checkpointed = i32::from(cohort_proto::launch::EXIT_STOPPED_WITH_CHECKPOINT);
+        match rank_zero {
+            Some(rank) if rank.exit_code == Some(checkpointed) => {
+                println!("{}", rank.detail.trim_start_matches("[cohort] "));
+            }
+            Some(rank) => bail!(
+                "job {} cancelled, but no checkpoint was written: rank 0 {}{}",
+                job.job_id,
+                match rank.exit_code {
+                    Some(code) => format!("exited with code {code}"),
+                    None => "ended".to_owned(),
+                },
+                if rank.detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", rank.detail)
+                }
+            ),
+            None => bail!(
+                "job {} cancelled before it was placed: nothing to checkpoint",
+                job.job_id
+            ),
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses `cancel --checkpoint` for a job whose processes do not checkpoint on request: only
+/// the data-parallel loop of Cohort's own runtime over the TCP ring does.
+fn check_stops_with_checkpoint(job: &JobInfo) -> Result<()> {
+    use cohort_jobspec::train::{CollectiveBackend, Communication, ModelKind};
+    let spec = cohort_jobspec::parse(&job.spec_toml)
+        .with_context(|| format!("job {}'s spec", job.job_id))?;
+    let why_not = match spec.kind {
+        cohort_jobspec::JobKind::Command => Some(
+            "a command job's program decides itself what to do on SIGTERM (its ranks get one \
+             on any cancel)",
+        ),
+        cohort_jobspec::JobKind::Train => {
+            let parallel = spec.parallel.clone().unwrap_or_default();
+            let model = spec.model.clone().unwrap_or_default();
+            if model.kind == ModelKind::Transformer {
+                Some("transformer jobs do not checkpoint on request yet")
+            } else if parallel.comm == Communication::Ps {
+                Some("parameter-server jobs do not checkpoint on request yet")
+            } else if cohort_jobspec::layout::gradient_transport(&spec) == CollectiveBackend::Nccl {
+                Some("NCCL jobs do not checkpoint on request yet")
+            } else {
+                None
+            }
+        }
+    };
+    match why_not {
+        Some(why) => bail!("--checkpoint: {why}; cancel without --checkpoint"),
+        None => Ok(()),
+    }
 }
 
 /// Cancels a job and polls until the workers have seen every rank process end (after at most

@@ -17,9 +17,10 @@ use cohort_jobspec::train::{CollectiveBackend, Communication, ModelKind};
 use cohort_parameter_server::ClientConfig;
 use cohort_parameter_server::server::shard_address_key;
 use cohort_proto::env;
-use cohort_proto::launch::Role;
+use cohort_proto::launch::{self, Role};
 use cohort_trainer::language_model::train_language_model;
 use cohort_trainer::mesh::{MeshShape, connect_mesh};
+use cohort_trainer::run::StopSignal;
 use cohort_trainer::{ComputeDevice, ParameterServerLink, TrainConfig, TrainOutcome};
 
 use super::{RankLink, inputs, parameter_server};
@@ -54,8 +55,11 @@ pub fn run() -> Result<ExitCode> {
         )));
     }
     // Before joining anything: a rank that cannot read its data or checkpoint says which and
-    // why, in one line, rather than failing its peers later.
-    inputs::check(&config, place.role, rank)?;
+    // why, in one line, rather than failing its peers later; the job is not restarted for it.
+    if let Err(error) = inputs::check(&config, place.role, rank) {
+        eprintln!("error: {error:#}");
+        return Ok(ExitCode::from(launch::EXIT_INPUT_ERROR));
+    }
     if let Role::ParameterServer { shard, shards } = place.role {
         return parameter_server::serve(&link, &config, shard, shards);
     }
@@ -88,6 +92,7 @@ pub fn run() -> Result<ExitCode> {
                 outcome
             }
             CollectiveBackend::Tcp | CollectiveBackend::Auto => {
+                config.stop = Some(stop_on_sigterm(&link)?);
                 let mut ring = link.ring("data-parallel")?;
                 cohort_trainer::train(&config, &data, &mut ring, &mut metrics)
             }
@@ -104,10 +109,42 @@ pub fn run() -> Result<ExitCode> {
     }
     .with_context(|| format!("rank {rank} training"))?;
     metrics.finish();
+    if let Some(step) = outcome.stopped_at {
+        // The last line of error output is what the coordinator shows as the rank's end.
+        match &outcome.checkpoint {
+            Some(path) => eprintln!(
+                "[cohort] stopped on request after step {step}: checkpoint {}",
+                path.display()
+            ),
+            None => eprintln!("[cohort] stopped on request after step {step}"),
+        }
+        return Ok(ExitCode::from(launch::EXIT_STOPPED_WITH_CHECKPOINT));
+    }
     if rank == 0 {
         print_outcome(&outcome);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Makes SIGTERM a request to stop with a checkpoint: the run stops after the next step every
+/// rank agrees on, rank 0 writes the checkpoint, and the process exits with
+/// [`launch::EXIT_STOPPED_WITH_CHECKPOINT`] (the worker sends SIGKILL if that takes longer than
+/// the job's grace period).
+fn stop_on_sigterm(link: &RankLink) -> Result<StopSignal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let stop = StopSignal::new();
+    let raised = stop.clone();
+    let mut terminate = {
+        let _entered = link.runtime.enter();
+        signal(SignalKind::terminate()).context("handling SIGTERM")?
+    };
+    link.runtime.spawn(async move {
+        if terminate.recv().await.is_some() {
+            tracing::info!("SIGTERM: stopping after the current step with a checkpoint");
+            raised.raise();
+        }
+    });
+    Ok(stop)
 }
 
 /// Points a restarted job (attempt `attempt`, from 0) at the latest complete checkpoint its

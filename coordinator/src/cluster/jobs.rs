@@ -334,8 +334,8 @@ impl Cluster {
             .verify_for_attempt(job_id.as_str(), attempt, token)
         {
             return Err(Error::PermissionDenied(format!(
-                "the token is not that of job {job_id}'s current attempt: only the processes \
-                 of the job's attempt that runs may use its rendezvous and metrics"
+                "the token is not job {job_id}'s (of its current attempt): only the job's own \
+                 processes may use its rendezvous and metrics"
             )));
         }
         self.check_live(job_id).await
@@ -471,8 +471,10 @@ impl Cluster {
         if let Some(failed) = earliest_failure(placement, ranks) {
             let reason = failure_reason(failed, ranks);
             let node = failed.node_id.clone();
+            let input_error = i32::from(cohort_proto::launch::EXIT_INPUT_ERROR);
+            let retryable = failed.exit_code != Some(input_error);
             job.record.blamed_rank = Some(failed.rank);
-            return self.fail_attempt(state, job_id, reason, Some(node), writes);
+            return self.fail_attempt(state, job_id, (reason, retryable), Some(node), writes);
         }
         // The job is done when its training ranks are; its parameter servers are then stopped.
         if placement

@@ -284,7 +284,7 @@ impl Cluster {
                 self.fail_attempt(
                     &mut state,
                     &job_id,
-                    reason.clone(),
+                    (reason.clone(), true),
                     Some(node_id.clone()),
                     &mut writes,
                 )?;
@@ -325,7 +325,7 @@ impl Cluster {
             self.fail_attempt(
                 &mut state,
                 &job_id,
-                "coordinator restarted".to_owned(),
+                ("coordinator restarted".to_owned(), true),
                 None,
                 &mut writes,
             )?;

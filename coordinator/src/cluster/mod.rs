@@ -818,6 +818,34 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_whose_input_is_at_fault_is_not_restarted() {
+        let data_dir = tempfile::tempdir().unwrap();
+        let (cluster, _store) = cluster(data_dir.path()).await;
+        let node = TestNode::join(&cluster, "node-a").await;
+        let spec = "version = 1\nname = \"bad-input\"\nkind = \"command\"\n\
+                    [command]\nprogram = \"true\"\n[fault_tolerance]\nmax_restarts = 3\n";
+        let job = cluster
+            .submit(spec.to_owned(), false, "client".to_owned())
+            .await
+            .unwrap();
+        let job_id = JobId::new(job.job_id).unwrap();
+        cluster.schedule().await.unwrap();
+        let input_error = i32::from(cohort_proto::launch::EXIT_INPUT_ERROR);
+        node.report(
+            &cluster,
+            &job_id,
+            (0, 0),
+            v1::RankState::Exited,
+            Some(input_error),
+        )
+        .await;
+        let info = cluster.job(&job_id).await.unwrap();
+        assert_eq!(info.state(), v1::JobState::Failed);
+        assert!(info.reason.contains("not restarted"), "{}", info.reason);
+        assert_eq!(info.attempt, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_heartbeat_completes_while_a_submission_is_being_written() {
         let data_dir = tempfile::tempdir().unwrap();
         let (cluster, store) = cluster(data_dir.path()).await;

@@ -26,13 +26,13 @@ use crate::model::{AttemptRecord, JobRecord, NodeBackoff, RankState, UnixMillis,
 
 impl Cluster {
     /// The attempt that runs job `job_id` failed for `reason` (blaming `failed_node`, if a node
-    /// is to blame): restarts the job while restarts remain, else fails it for good. The
-    /// records to store go on `writes`.
+    /// is to blame): restarts the job while restarts remain and the failure is `retryable`, else
+    /// fails it for good. The records to store go on `writes`.
     pub(super) fn fail_attempt(
         &self,
         state: &mut State,
         job_id: &JobId,
-        reason: String,
+        (reason, retryable): (String, bool),
         failed_node: Option<NodeId>,
         writes: &mut Vec<Written>,
     ) -> Result<()> {
@@ -43,10 +43,14 @@ impl Cluster {
             return Ok(());
         }
         let record = &mut job.record;
-        if record.attempt >= record.max_restarts {
-            let reason = match record.max_restarts {
-                0 => reason,
-                restarts => format!(
+        if !retryable || record.attempt >= record.max_restarts {
+            let reason = match (retryable, record.max_restarts) {
+                (_, 0) => reason,
+                (false, _) => format!(
+                    "{reason} (not restarted: the job's input is at fault, and every attempt \
+                     would fail the same way)"
+                ),
+                (true, restarts) => format!(
                     "{reason} (attempt {}; all {restarts} restarts used)",
                     record.attempt + 1
                 ),

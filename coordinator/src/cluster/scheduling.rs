@@ -374,7 +374,10 @@ impl Cluster {
             self.fail_attempt(
                 state,
                 job_id,
-                format!("node {node_id} could not be reached to start a rank"),
+                (
+                    format!("node {node_id} could not be reached to start a rank"),
+                    true,
+                ),
                 Some(node_id),
                 writes,
             )?;

@@ -183,6 +183,8 @@ pub fn train_language_model(
             batching.global_batch,
             &mut run,
             metrics,
+            // Checkpoint on request is the data-parallel loop's only.
+            None,
         )?;
         (totals, run.pipeline)
     };

@@ -59,6 +59,10 @@ pub struct TrainConfig {
     /// kill it in the middle of a checkpoint write. Set by the launcher from
     /// `COHORT_FAULT_STOP_IN_CHECKPOINT`. Default `None`.
     pub stop_in_checkpoint: Option<u64>,
+    /// Checkpoint on request: once raised, the run stops after the next step every rank agrees
+    /// on, writes a checkpoint and ends early. Only the data-parallel loop honours it. Default
+    /// `None`: the run cannot be stopped that way (and pays nothing for it).
+    pub stop: Option<crate::run::StopSignal>,
     /// Where the forward and backward passes run. Default [`ComputeDevice::Cpu`]; the rank's
     /// launcher sets the CUDA device of a `[resources] device = "gpu"` job, since only it knows
     /// the local device index. The f32 masters and the optimizer stay in host memory either way.
@@ -85,6 +89,7 @@ impl TrainConfig {
             inject_overflow: None,
             sample_record: None,
             stop_in_checkpoint: None,
+            stop: None,
             device: ComputeDevice::Cpu,
         }
     }

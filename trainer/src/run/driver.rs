@@ -9,6 +9,7 @@ use crate::error::Result;
 use crate::metrics::{EvaluationMetrics, MetricsSink, PhaseTimings, StepMetrics};
 use crate::run::schedule::RunSchedule;
 use crate::run::step::StepSummary;
+use crate::run::stop::StopSignal;
 
 /// The loop-specific half of a run.
 pub(crate) trait Run {
@@ -27,6 +28,14 @@ pub(crate) trait Run {
     fn finish_steps(&mut self) -> Result<()> {
         Ok(())
     }
+
+    /// Whether every rank stops now, given whether this one was asked to (`requested`): the
+    /// ranks agree, so that all stop after the same step. Runs that cannot agree never stop
+    /// early.
+    fn agree_to_stop(&mut self, requested: bool) -> Result<bool> {
+        let _ = requested;
+        Ok(false)
+    }
 }
 
 /// What [`drive`] observed of a run.
@@ -44,16 +53,21 @@ pub(crate) struct RunTotals {
     pub(crate) training_time: Duration,
     /// Steps this run took (after a resume, fewer than the schedule's).
     pub(crate) steps_run: u64,
+    /// The step after which the run stopped on request (its checkpoint is `final_checkpoint`
+    /// on the rank that wrote it); `None` when it ran to the end.
+    pub(crate) stopped_at: Option<u64>,
 }
 
 /// Runs `run` from step `start_step` to the end of `schedule`, reporting to `metrics` every
-/// step (with `global_batch` examples), evaluation and checkpoint.
+/// step (with `global_batch` examples), evaluation and checkpoint. Once `stop` is raised the run
+/// stops at the next step boundary its ranks agree on, after a checkpoint of that step.
 pub(crate) fn drive(
     schedule: &RunSchedule,
     start_step: u64,
     global_batch: usize,
     run: &mut dyn Run,
     metrics: &mut dyn MetricsSink,
+    stop: Option<&StopSignal>,
 ) -> Result<RunTotals> {
     let mut totals = RunTotals::default();
     let mut last_evaluated = None;
@@ -80,6 +94,18 @@ pub(crate) fn drive(
         if schedule.evaluation_due(completed) {
             evaluate(run, schedule, completed, metrics, &mut totals)?;
             last_evaluated = Some(completed);
+        }
+        if completed < schedule.total_steps
+            && let Some(stop) = stop
+            && run.agree_to_stop(stop.raised())?
+        {
+            // Every rank holds the parameters after `completed`: checkpoint them and end.
+            totals.final_checkpoint = run.checkpoint(completed)?;
+            if let Some(path) = &totals.final_checkpoint {
+                metrics.on_checkpoint(completed, path);
+            }
+            totals.stopped_at = Some(completed);
+            return Ok(totals);
         }
     }
     run.finish_steps()?;
@@ -219,6 +245,7 @@ mod tests {
             10,
             &mut run,
             &mut counts,
+            None,
         )
         .unwrap();
         assert_eq!(
@@ -254,6 +281,7 @@ mod tests {
             10,
             &mut run,
             &mut Counts::default(),
+            None,
         )
         .unwrap();
         assert_eq!(
@@ -277,6 +305,7 @@ mod tests {
             10,
             &mut run,
             &mut counts,
+            None,
         )
         .unwrap();
         assert!(counts.evaluations.is_empty() && counts.checkpoints.is_empty());

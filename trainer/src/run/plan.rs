@@ -30,6 +30,9 @@ pub struct TrainOutcome {
     pub timings: PhaseTimings,
     /// Wall time of the steps of this run (excluding start-up and evaluation).
     pub training_time: Duration,
+    /// The step after which the run stopped on request ([`TrainConfig::stop`]), its checkpoint
+    /// being `checkpoint`; `None` when it ran to the end.
+    pub stopped_at: Option<u64>,
 }
 
 /// What an image-model run derives from its config before the first step.
@@ -105,7 +108,14 @@ impl RunPlan {
             total_steps = self.schedule.total_steps,
             "training starts"
         );
-        drive(&self.schedule, start_step, self.global_batch, run, metrics)
+        drive(
+            &self.schedule,
+            start_step,
+            self.global_batch,
+            run,
+            metrics,
+            config.stop.as_ref(),
+        )
     }
 
     /// Ends the run of rank `rank` with what [`crate::run::driver::drive`] observed.
@@ -118,7 +128,8 @@ impl RunPlan {
             "training finished"
         );
         TrainOutcome {
-            steps: self.schedule.total_steps,
+            steps: totals.stopped_at.unwrap_or(self.schedule.total_steps),
+            stopped_at: totals.stopped_at,
             model: self.model,
             final_evaluation: totals.final_evaluation,
             checkpoint: totals.final_checkpoint,
