@@ -88,6 +88,9 @@ pub enum Command {
     Cancel(CancelArgs),
     /// List worker nodes and their devices.
     Nodes(NodesArgs),
+    /// Drain a node (admins): nothing new is placed on it, and the jobs on it that may restart
+    /// move off it through a checkpoint and a restart that uses up no restart.
+    Drain(DrainArgs),
     /// Run the coordinator.
     Coordinator(CoordinatorDaemonArgs),
     /// Run a worker daemon on this node.
@@ -359,6 +362,19 @@ pub struct NodesArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     pub output: OutputFormat,
+    /// Where the coordinator is.
+    #[command(flatten)]
+    pub coordinator: CoordinatorArgs,
+}
+
+/// `cohort drain`.
+#[derive(Debug, Args)]
+pub struct DrainArgs {
+    /// The node id.
+    pub node: String,
+    /// Take the drain back: the node takes work again.
+    #[arg(long)]
+    pub undo: bool,
     /// Where the coordinator is.
     #[command(flatten)]
     pub coordinator: CoordinatorArgs,

@@ -205,13 +205,20 @@ pub fn job_detail(job: &JobInfo) -> String {
         let _ = writeln!(out, "submitter: {}", job.submitter);
     }
     if job.max_restarts > 0 || job.attempt > 0 {
+        // The attempts before the current one (an ended job's list holds its last one too).
+        let earlier = || job.attempts.iter().filter(|a| a.attempt < job.attempt);
+        let planned = earlier().filter(|a| a.planned).count();
+        let used = earlier().filter(|a| !a.planned).count();
+        let moved = match planned {
+            0 => String::new(),
+            1 => ", 1 planned (a drained node)".to_owned(),
+            n => format!(", {n} planned (drained nodes)"),
+        };
         let _ = writeln!(
             out,
-            "attempt:   {} of at most {} ({} restart{} used)",
+            "attempt:   {} ({used} of {} restarts after failures used{moved})",
             job.attempt + 1,
-            job.max_restarts + 1,
-            job.attempt,
-            if job.attempt == 1 { "" } else { "s" }
+            job.max_restarts,
         );
     }
     if !job.attempts.is_empty() {
@@ -314,10 +321,10 @@ fn attempts_table(job: &JobInfo) -> String {
             } else {
                 ("never fully".to_owned(), "-".to_owned())
             };
-            let reason = if attempt.reason.is_empty() {
-                "succeeded".to_owned()
-            } else {
-                attempt.reason.clone()
+            let reason = match (attempt.reason.is_empty(), attempt.planned) {
+                (true, _) => "succeeded".to_owned(),
+                (false, true) => format!("{} (planned: no restart used)", attempt.reason),
+                (false, false) => attempt.reason.clone(),
             };
             vec![
                 (attempt.attempt + 1).to_string(),
@@ -376,7 +383,11 @@ pub fn nodes_table(nodes: &[NodeInfo]) -> String {
                 .join(",");
             vec![
                 node.node_id.clone(),
-                node.status.clone(),
+                if node.draining {
+                    format!("{} (draining)", node.status)
+                } else {
+                    node.status.clone()
+                },
                 node.address.clone(),
                 format!("{}/{}", busy(DeviceKind::Cpu), count(DeviceKind::Cpu)),
                 if gpus == 0 {

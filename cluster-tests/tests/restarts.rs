@@ -332,3 +332,76 @@ fn cancel_with_checkpoint_stops_every_rank_after_one_step_and_the_checkpoint_res
     cluster.cli_ok(&["cancel", &sleeper])?;
     Ok(())
 }
+
+#[test]
+fn draining_a_node_moves_a_training_job_off_it_through_a_checkpoint_without_using_a_restart()
+-> Result<()> {
+    let mut cluster = Sandbox::start()?;
+    for node in ["node-a", "node-b", "node-c"] {
+        cluster.add_worker(node, 1)?;
+    }
+    let job_id = cluster.submit(
+        &mlp_job(
+            "moved",
+            2,
+            1,
+            Some(150),
+            0.002,
+            "\n[fault_tolerance]\nmax_restarts = 1\n",
+        ),
+        &[],
+    )?;
+    cluster.wait_for_running_ranks(&job_id)?;
+    poll("a few steps", TRAINING_TIMEOUT, || {
+        Ok((reported_step(&cluster.job(&job_id)?) > 5).then_some(()))
+    })?;
+    let job = cluster.job(&job_id)?;
+    let drained = job["placement"][1]["node_id"].as_str().unwrap().to_owned();
+    let output = cluster.cli_ok(&["drain", &drained])?;
+    assert!(
+        output.contains(&format!("{job_id}: moving off it")),
+        "{output}"
+    );
+    let nodes = cluster.nodes()?;
+    assert!(
+        nodes
+            .iter()
+            .any(|node| node["node_id"] == drained.as_str() && node["draining"] == true),
+        "{nodes:?}"
+    );
+
+    let job = cluster.wait_for_state(&job_id, "succeeded", TRAINING_TIMEOUT)?;
+    assert_eq!(job["metrics"][0]["step"], 150, "{job}");
+    let attempts = job["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{job}");
+    assert_eq!(attempts[0]["planned"], true, "{job}");
+    let placed: Vec<&str> = job["placement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|rank| rank["node_id"].as_str())
+        .collect();
+    assert!(!placed.contains(&drained.as_str()), "{placed:?}");
+    // The move went through the checkpoint the ranks wrote when asked to stop, and used no
+    // restart: the job still had its one.
+    let logs = cluster.cli_ok(&["logs", &job_id, "--rank", "0"])?;
+    assert!(
+        logs.contains("stopped on request after step")
+            && logs.contains("attempt 2: resuming from the checkpoint of step"),
+        "{logs}"
+    );
+    let status = cluster.cli_ok(&["status", &job_id])?;
+    assert!(
+        status.contains("0 of 1 restarts after failures used, 1 planned"),
+        "{status}"
+    );
+    cluster.cli_ok(&["drain", &drained, "--undo"])?;
+    let nodes = cluster.nodes()?;
+    assert!(
+        nodes
+            .iter()
+            .any(|node| node["node_id"] == drained.as_str() && node["draining"] == false),
+        "{nodes:?}"
+    );
+    Ok(())
+}

@@ -84,6 +84,7 @@ pub fn registration(request: &v1::RegisterRequest) -> Result<Registration> {
             address: request.address.clone(),
             devices,
             registered_at_ms: now_ms(),
+            draining: false,
         },
         ranks: rank_reports(&request.ranks)?,
     })
@@ -411,6 +412,7 @@ fn attempt_info(attempt: &AttemptRecord) -> v1::AttemptInfo {
         started_at_unix_ms: attempt.started_at_ms.unwrap_or(0),
         ended_at_unix_ms: attempt.ended_at_ms,
         reason: attempt.reason.clone(),
+        planned: attempt.planned,
     }
 }
 
@@ -481,6 +483,7 @@ pub fn node_info(
             })
             .collect(),
         running_ranks,
+        draining: record.draining,
     }
 }
 

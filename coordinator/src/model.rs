@@ -253,6 +253,8 @@ pub struct AttemptRecord {
     pub ended_at_ms: UnixMillis,
     /// Why it ended; empty for the attempt that succeeded.
     pub reason: String,
+    /// Ended on purpose (its node was drained), not by a failure: it used no restart.
+    pub planned: bool,
     /// The node its failure is blamed on, if any (the job's next attempts keep off it for a
     /// while).
     pub failed_node: Option<NodeId>,
@@ -380,6 +382,9 @@ pub struct NodeRecord {
     pub devices: Vec<DeviceRecord>,
     /// When it last registered.
     pub registered_at_ms: UnixMillis,
+    /// Drained by an admin: nothing new is placed on it (kept across its registrations and
+    /// the coordinator's restarts).
+    pub draining: bool,
 }
 
 /// Latest metrics one rank reported.
@@ -500,6 +505,7 @@ mod tests {
                     started_at_ms: Some(i64::MIN),
                     ended_at_ms: i64::MIN,
                     reason: "r".repeat(MAX_REASON_BYTES),
+                    planned: false,
                     failed_node: Some(node(attempt)),
                 })
                 .collect(),
@@ -541,6 +547,7 @@ mod tests {
                 })
                 .collect(),
             registered_at_ms: i64::MIN,
+            draining: true,
         }
     }
 

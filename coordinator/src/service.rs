@@ -292,6 +292,25 @@ impl JobControl for CoordinatorService {
         }))
     }
 
+    async fn drain_node(
+        &self,
+        request: Request<DrainNodeRequest>,
+    ) -> Result<Response<DrainNodeResponse>, Status> {
+        let caller = self.auth.caller(bearer(&request))?;
+        let request = request.into_inner();
+        let outcome = match authorize(&caller, Action::DrainNode) {
+            Ok(()) => match cohort_proto::NodeId::new(request.node_id.as_str()) {
+                Ok(node_id) => self.cluster.drain(&node_id, request.undo).await,
+                Err(error) => Err(Error::from(error)),
+            },
+            Err(error) => Err(error),
+        };
+        let what = if request.undo { "undrain" } else { "drain" };
+        let target = cohort_proto::text::excerpt(&request.node_id);
+        self.auth.audit(&caller, what, &target, &outcome).await;
+        Ok(Response::new(outcome?))
+    }
+
     async fn add_user(
         &self,
         request: Request<AddUserRequest>,
@@ -904,6 +923,7 @@ mod tests {
         Register(RegisterRequest),
         Heartbeat(HeartbeatRequest),
         Logs(PushLogsRequest),
+        Drain(DrainNodeRequest),
     }
 
     fn fuzzed_call(job_id: String) -> impl proptest::strategy::Strategy<Value = Fuzzed> {
@@ -1038,6 +1058,8 @@ mod tests {
                     ..PushLogsRequest::default()
                 })
             }),
+            (prop_oneof![Just("node-a".to_owned()), text], any::<bool>())
+                .prop_map(|(node_id, undo)| Fuzzed::Drain(DrainNodeRequest { node_id, undo })),
         ]
     }
 
@@ -1084,6 +1106,7 @@ mod tests {
                                 service.heartbeat(call(r, join)).await.map(drop)
                             }
                             Fuzzed::Logs(r) => service.push_logs(call(r, join)).await.map(drop),
+                            Fuzzed::Drain(r) => service.drain_node(call(r, admin)).await.map(drop),
                         }
                     });
                     if let Err(status) = answer {

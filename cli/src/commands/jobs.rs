@@ -7,11 +7,13 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use cohort_proto::v1::job_control_client::JobControlClient;
 use cohort_proto::v1::{
-    CancelJobRequest, GetJobRequest, JobInfo, JobState, ListNodesRequest, LogStream,
-    StreamLogsRequest, WatchJobRequest,
+    CancelJobRequest, DrainNodeRequest, GetJobRequest, JobInfo, JobState, ListNodesRequest,
+    LogStream, StreamLogsRequest, WatchJobRequest,
 };
 
-use crate::args::{CancelArgs, LogsArgs, NodesArgs, OutputFormat, StatusArgs, SubmitArgs};
+use crate::args::{
+    CancelArgs, DrainArgs, LogsArgs, NodesArgs, OutputFormat, StatusArgs, SubmitArgs,
+};
 use crate::client;
 use crate::render;
 
@@ -315,6 +317,34 @@ pub async fn cancel_and_wait(
             .into_inner();
     }
     Ok(job)
+}
+
+/// Drains a node (or takes the drain back) and says which jobs move off it and which stay to
+/// their end.
+pub async fn drain(args: DrainArgs) -> Result<ExitCode> {
+    let mut client = client::job_control(&args.coordinator.target()?).await?;
+    let response = client
+        .drain_node(DrainNodeRequest {
+            node_id: args.node.clone(),
+            undo: args.undo,
+        })
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    if args.undo {
+        println!("node {}: takes work again", args.node);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("node {}: draining, nothing new is placed on it", args.node);
+    for job in &response.moved_jobs {
+        println!("{job}: moving off it (checkpoint, then a restart elsewhere)");
+    }
+    for job in &response.staying_jobs {
+        println!(
+            "{job}: runs to its end there (it may not restart: fault_tolerance.max_restarts = 0)"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Prints the node table.

@@ -54,6 +54,7 @@ pub fn job(job: &JobInfo) -> Value {
             "started_at_unix_ms": optional_ms(attempt.started_at_unix_ms),
             "ended_at_unix_ms": attempt.ended_at_unix_ms,
             "reason": attempt.reason,
+            "planned": attempt.planned,
         })).collect::<Vec<_>>(),
         "placement": job.rank_info.iter().map(|rank| json!({
             "rank": rank.rank,
@@ -105,6 +106,7 @@ pub fn node(node: &NodeInfo) -> Value {
                 "performance_rank": p.performance_rank,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
+        "draining": node.draining,
         "busy_devices": node.busy_devices.iter().map(|d| format!("{}:{}", kind(d.kind), d.index)).collect::<Vec<_>>(),
     })
 }

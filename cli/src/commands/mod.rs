@@ -23,6 +23,7 @@ pub async fn run(command: Command) -> Result<ExitCode> {
         Command::Logs(args) => jobs::logs(args).await,
         Command::Cancel(args) => jobs::cancel(args).await,
         Command::Nodes(args) => jobs::nodes(args).await,
+        Command::Drain(args) => jobs::drain(args).await,
         Command::Coordinator(args) => daemons::coordinator(args).await,
         Command::Worker(args) => daemons::worker(args).await,
         Command::Up(args) => up::up(args).await,

@@ -73,6 +73,8 @@ pub enum Action<'a> {
     ListJobs,
     /// List nodes.
     ListNodes,
+    /// Drain a node, or take the drain back.
+    DrainNode,
     /// Add, list or remove users.
     ManageUsers,
     /// Read the audit log.
@@ -109,7 +111,7 @@ pub fn authorize(caller: &Caller, action: Action<'_>) -> Result<()> {
         Action::Submit | Action::ListJobs => "users",
         Action::ReadJob { .. } | Action::CancelJob { .. } => "the user who submitted it and admins",
         Action::ListNodes => "any authenticated caller",
-        Action::ManageUsers | Action::ReadAudit => "admins",
+        Action::ManageUsers | Action::ReadAudit | Action::DrainNode => "admins",
         Action::Join => "workers holding the cluster's join token",
         Action::UseJob { .. } => "the job's own processes, with its token",
     };
@@ -136,6 +138,7 @@ fn describe(action: Action<'_>) -> String {
         Action::CancelJob { job_id, .. } => format!("cancel job {job_id}"),
         Action::ListJobs => "list jobs".to_owned(),
         Action::ListNodes => "list nodes".to_owned(),
+        Action::DrainNode => "drain nodes".to_owned(),
         Action::ManageUsers => "manage users".to_owned(),
         Action::ReadAudit => "read the audit log".to_owned(),
         Action::Join => "act as a worker".to_owned(),
@@ -184,6 +187,9 @@ mod tests {
             (user("bob"), Action::ListNodes, true),
             (user("bob"), Action::ManageUsers, false),
             (user("bob"), Action::ReadAudit, false),
+            (user("bob"), Action::DrainNode, false),
+            (admin(), Action::DrainNode, true),
+            (Caller::Worker, Action::DrainNode, false),
             (user("bob"), Action::Join, false),
             (user("bob"), use_job, false),
             (admin(), read, true),

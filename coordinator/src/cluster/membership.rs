@@ -6,10 +6,11 @@
 //! on the node that the worker does not report is not running there, and is recorded lost with
 //! the reason. The same holds for a node's last heartbeat when it leaves.
 
-use cohort_proto::NodeId;
 use cohort_proto::v1::{
-    HeartbeatRequest, Instruction, NodeInfo, RegisterRequest, Registered, instruction,
+    DrainNodeResponse, HeartbeatRequest, Instruction, NodeInfo, RegisterRequest, Registered,
+    instruction,
 };
+use cohort_proto::{JobId, NodeId};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{info, instrument, warn};
@@ -83,9 +84,17 @@ impl Cluster {
     /// new session's id.
     #[instrument(skip(self, request), fields(node_id = %request.node_id))]
     pub async fn register(&self, request: RegisterRequest) -> Result<InstructionReceiver> {
-        let registration = convert::registration(&request)?;
+        let mut registration = convert::registration(&request)?;
         let node_id = registration.node.id.clone();
-        may_register(&*self.state.lock().await, &node_id, &request.session_id)?;
+        {
+            let state = self.state.lock().await;
+            may_register(&state, &node_id, &request.session_id)?;
+            // A drain outlives the worker's registrations.
+            registration.node.draining = state
+                .nodes
+                .get(&node_id)
+                .is_some_and(|node| node.record.draining);
+        }
         self.store.put_node(&registration.node).await?;
 
         let mut writes = Vec::new();
@@ -243,6 +252,52 @@ impl Cluster {
                 )
             })
             .collect()
+    }
+
+    /// Drains node `node_id` (or, with `undo`, takes the drain back): nothing new is placed on
+    /// it, and every job with a rank there that may restart (`fault_tolerance.max_restarts` is
+    /// not 0) is moved off through a planned restart, which uses up no restart (a training
+    /// job's ranks checkpoint on the way: they stop with SIGTERM). Jobs that may not restart run
+    /// to their end there. Answers once the node's record and the moved jobs' are stored.
+    pub async fn drain(&self, node_id: &NodeId, undo: bool) -> Result<DrainNodeResponse> {
+        let mut writes = Vec::new();
+        let mut response = DrainNodeResponse::default();
+        let record = {
+            let mut state = self.state.lock().await;
+            let Some(node) = state.nodes.get_mut(node_id) else {
+                return Err(Error::NodeNotFound(node_id.to_string()));
+            };
+            node.record.draining = !undo;
+            let record = node.record.clone();
+            let on_node: Vec<(JobId, bool)> = state
+                .live_jobs()
+                .filter(|job| job.record.state.holds_devices())
+                .filter(|job| {
+                    job.record
+                        .placement
+                        .iter()
+                        .any(|rank| &rank.node_id == node_id && !rank.state.is_final())
+                })
+                .map(|job| (job.record.id.clone(), job.record.max_restarts > 0))
+                .collect();
+            for (job_id, movable) in on_node {
+                if undo {
+                    continue;
+                }
+                if movable {
+                    self.restart_planned(&mut state, &job_id, node_id, &mut writes)?;
+                    response.moved_jobs.push(job_id.to_string());
+                } else {
+                    response.staying_jobs.push(job_id.to_string());
+                }
+            }
+            record
+        };
+        info!(%node_id, undo, moved = ?response.moved_jobs, staying = ?response.staying_jobs, "node drain changed");
+        self.store.put_node(&record).await?;
+        all_landed(writes).await?;
+        self.wake.notify_one();
+        Ok(response)
     }
 
     /// Marks nodes that missed their heartbeat deadline as lost (failing their jobs), and fails

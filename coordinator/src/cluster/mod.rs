@@ -123,9 +123,9 @@ impl NodeEntry {
         }
     }
 
-    /// Whether the node can take work now.
+    /// Whether the node can take work now: ready and not drained.
     fn schedulable(&self) -> bool {
-        self.current_status() == NodeStatus::Ready
+        self.current_status() == NodeStatus::Ready && !self.record.draining
     }
 }
 
@@ -815,6 +815,101 @@ mod tests {
         assert_eq!(reasons.len(), 2, "{reasons:?}");
         assert!(reasons[0].1.contains("exited with code 3"), "{reasons:?}");
         assert!(reasons[1].1.contains("exited with code 1"), "{reasons:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_drained_node_takes_no_work_and_its_jobs_move_off_it_without_using_a_restart() {
+        let data_dir = tempfile::tempdir().unwrap();
+        let (cluster, _store) = cluster(data_dir.path()).await;
+        let mut a = TestNode::join(&cluster, "node-a").await;
+        let mut b = TestNode::join(&cluster, "node-b").await;
+        let submit = |name: &str, restarts: u32| {
+            let spec = format!(
+                "version = 1\nname = \"{name}\"\nkind = \"command\"\n[command]\n\
+                 program = \"true\"\n[fault_tolerance]\nmax_restarts = {restarts}\n"
+            );
+            let cluster = cluster.clone();
+            async move {
+                let job = cluster
+                    .submit(spec, false, "client".to_owned())
+                    .await
+                    .unwrap();
+                JobId::new(job.job_id).unwrap()
+            }
+        };
+        let movable = submit("movable", 1).await;
+        let staying = submit("staying", 0).await;
+        cluster.schedule().await.unwrap();
+        let on_a = record_of(&cluster, &movable).await.placement[0]
+            .node_id
+            .clone();
+        let (first, second) = if on_a.as_str() == "node-a" {
+            (&mut a, &mut b)
+        } else {
+            (&mut b, &mut a)
+        };
+        assert_eq!(first.started(), [(0, 0)]);
+        assert_eq!(second.started(), [(0, 0)]);
+        first
+            .report(&cluster, &movable, (0, 0), v1::RankState::Running, None)
+            .await;
+        second
+            .report(&cluster, &staying, (0, 0), v1::RankState::Running, None)
+            .await;
+
+        let drained = NodeId::new(first.id.clone()).unwrap();
+        let response = cluster.drain(&drained, false).await.unwrap();
+        assert_eq!(response.moved_jobs, [movable.to_string()]);
+        assert!(response.staying_jobs.is_empty());
+        let restarting = record_of(&cluster, &movable).await;
+        assert_eq!(restarting.state, JobState::Restarting);
+        assert!(restarting.attempts[0].planned);
+        // The rank stops with its checkpoint; the job queues, and waits: the only free node is
+        // drained, the other one busy.
+        let checkpointed = i32::from(cohort_proto::launch::EXIT_STOPPED_WITH_CHECKPOINT);
+        first
+            .report(
+                &cluster,
+                &movable,
+                (0, 0),
+                v1::RankState::Exited,
+                Some(checkpointed),
+            )
+            .await;
+        cluster.schedule().await.unwrap();
+        assert_eq!(record_of(&cluster, &movable).await.state, JobState::Queued);
+        assert!(
+            first.started().is_empty(),
+            "nothing is placed on a drained node"
+        );
+        let nodes = cluster.nodes().await;
+        assert!(
+            nodes
+                .iter()
+                .any(|n| n.node_id == drained.as_str() && n.draining)
+        );
+
+        // The other node frees up: the job moves there, and still has its restart.
+        second
+            .report(&cluster, &staying, (0, 0), v1::RankState::Exited, Some(0))
+            .await;
+        cluster.schedule().await.unwrap();
+        assert_eq!(second.started(), [(0, 1)]);
+        second
+            .report(&cluster, &movable, (0, 1), v1::RankState::Exited, Some(1))
+            .await;
+        let after_failure = record_of(&cluster, &movable).await;
+        assert_eq!(
+            after_failure.state,
+            JobState::Queued,
+            "the planned restart used no restart: {}",
+            after_failure.reason
+        );
+
+        // Taken back, the node takes work again.
+        cluster.drain(&drained, true).await.unwrap();
+        cluster.schedule().await.unwrap();
+        assert_eq!(first.started(), [(0, 2)]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

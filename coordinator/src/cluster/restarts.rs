@@ -43,7 +43,7 @@ impl Cluster {
             return Ok(());
         }
         let record = &mut job.record;
-        if !retryable || record.attempt >= record.max_restarts {
+        if !retryable || restarts_used(record) >= record.max_restarts {
             let reason = match (retryable, record.max_restarts) {
                 (_, 0) => reason,
                 (false, _) => format!(
@@ -57,21 +57,63 @@ impl Cluster {
             };
             return self.finish_job(state, job_id, JobState::Failed, reason, writes);
         }
-        record.state = transition(job_id.as_str(), record.state, JobState::Restarting)?;
         let reason = truncate(&reason, MAX_REASON_BYTES).into_owned();
-        record
-            .attempts
-            .push(ended_attempt(record, now_ms(), reason.clone(), failed_node));
-        forget_old_placements(&mut record.attempts);
-        record.reason = truncate(
-            &format!(
-                "restarting (attempt {} of {} failed): {reason}",
-                record.attempt + 1,
-                record.max_restarts + 1
-            ),
-            MAX_REASON_BYTES,
+        let ended = ended_attempt(record, now_ms(), reason.clone(), failed_node);
+        let why = format!(
+            "restarting (attempt {} failed; {} of {} restarts used): {reason}",
+            record.attempt + 1,
+            restarts_used(record) + 1,
+            record.max_restarts
+        );
+        self.restart(state, job_id, ended, why, writes)
+    }
+
+    /// Moves job `job_id` off node `node_id`, which is being drained: its attempt is stopped
+    /// (a training job's ranks checkpoint first) and restarted elsewhere, using up no restart.
+    pub(super) fn restart_planned(
+        &self,
+        state: &mut State,
+        job_id: &JobId,
+        node_id: &NodeId,
+        writes: &mut Vec<Written>,
+    ) -> Result<()> {
+        let Some(job) = state.live(job_id) else {
+            return Ok(());
+        };
+        if !job.record.state.runs_attempt() {
+            return Ok(());
+        }
+        let reason = format!("moved off node {node_id}, which is draining");
+        let mut ended = ended_attempt(&job.record, now_ms(), reason.clone(), None);
+        ended.planned = true;
+        self.restart(
+            state,
+            job_id,
+            ended,
+            format!("restarting: {reason}"),
+            writes,
         )
-        .into_owned();
+    }
+
+    /// Ends the running attempt of job `job_id` as `ended` says and restarts the job (its
+    /// reason meanwhile `why`): stops every process of the attempt and queues the next attempt
+    /// once they are gone.
+    fn restart(
+        &self,
+        state: &mut State,
+        job_id: &JobId,
+        ended: AttemptRecord,
+        why: String,
+        writes: &mut Vec<Written>,
+    ) -> Result<()> {
+        let Some(job) = state.live_mut(job_id) else {
+            return Ok(());
+        };
+        let record = &mut job.record;
+        record.state = transition(job_id.as_str(), record.state, JobState::Restarting)?;
+        record.attempts.push(ended);
+        forget_old_placements(&mut record.attempts);
+        record.reason = truncate(&why, MAX_REASON_BYTES).into_owned();
         for rank in &mut record.placement {
             if rank.state == RankState::Pending {
                 rank.state = RankState::Exited;
@@ -79,9 +121,9 @@ impl Cluster {
             }
         }
         job.recovery = None;
-        warn!(%job_id, attempt = job.record.attempt, %reason, "attempt failed; restarting the job");
+        warn!(%job_id, attempt = job.record.attempt, reason = %job.record.reason, "attempt ended; restarting the job");
         writes.push(self.writes.put_job(&job.record));
-        let stop_reason = format!("attempt {} failed: restarting", job.record.attempt + 1);
+        let stop_reason = job.record.reason.clone();
         state.stop_ranks(job_id, &stop_reason);
         self.rendezvous.drop_job(job_id);
         self.requeue_if_stopped(state, job_id, writes).map(drop)
@@ -132,9 +174,8 @@ impl Cluster {
         let last = record.attempts.last().map_or("", |a| a.reason.as_str());
         record.reason = truncate(
             &format!(
-                "attempt {} of {} queued after: {last}{}",
+                "attempt {} queued after: {last}{}",
                 record.attempt + 1,
-                record.max_restarts + 1,
                 describe_avoided(&record.backoff, &avoided, now)
             ),
             MAX_REASON_BYTES,
@@ -145,6 +186,16 @@ impl Cluster {
         self.wake.notify_one();
         Ok(true)
     }
+}
+
+/// The restarts a job has used: its attempts that ended in a failure (not the planned ones).
+pub fn restarts_used(job: &JobRecord) -> u32 {
+    let failed = job
+        .attempts
+        .iter()
+        .filter(|attempt| !attempt.planned)
+        .count();
+    u32::try_from(failed).unwrap_or(u32::MAX)
 }
 
 /// The record of `job`'s current attempt, ended at `now` for `reason`.
@@ -167,6 +218,7 @@ pub(super) fn ended_attempt(
         started_at_ms: job.started_at_ms,
         ended_at_ms: now,
         reason,
+        planned: false,
         failed_node,
     }
 }
@@ -290,6 +342,7 @@ mod tests {
             started_at_ms: None,
             ended_at_ms: 0,
             reason: String::new(),
+            planned: false,
             failed_node: None,
         };
         // A job on a few nodes keeps every attempt's.

@@ -196,6 +196,7 @@ pub(crate) fn sample_job(number: u64) -> JobRecord {
             started_at_ms: Some(1_700_000_000_050),
             ended_at_ms: 1_700_000_000_090,
             reason: "rank 1 on node node-0 exited with code 1".to_owned(),
+            planned: false,
             failed_node: Some(node_id.clone()),
         }],
         backoff: vec![NodeBackoff {
@@ -240,6 +241,7 @@ pub(crate) fn sample_node(number: u64) -> NodeRecord {
             },
         ],
         registered_at_ms: 1_700_000_000_000 + number as i64,
+        draining: number % 2 == 1,
     }
 }
 

@@ -14,11 +14,42 @@ use serde::{Deserialize, Serialize};
 use super::codec::{self, Record};
 use crate::error::Result;
 use crate::lifecycle::JobState;
-use crate::model::{JobRecord, MetricsRecord, NodeRecord, RankRecord, RankState, UnixMillis};
+use crate::model::{
+    DeviceRecord, JobRecord, MetricsRecord, NodeRecord, RankRecord, RankState, UnixMillis,
+};
 
 impl Record for NodeRecord {
     fn decode_earlier(version: u8, body: &[u8]) -> Option<Result<Self>> {
-        matches!(version, 1 | 2).then(|| codec::decode_body(body))
+        matches!(version, 1 | 2)
+            .then(|| codec::decode_body::<NodeRecordV2>(body).map(NodeRecord::from))
+    }
+}
+
+/// A node record of versions 1 and 2: today's, before drains.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecordV2 {
+    /// See [`NodeRecord::id`].
+    pub id: NodeId,
+    /// See [`NodeRecord::hostname`].
+    pub hostname: String,
+    /// See [`NodeRecord::address`].
+    pub address: String,
+    /// See [`NodeRecord::devices`].
+    pub devices: Vec<DeviceRecord>,
+    /// See [`NodeRecord::registered_at_ms`].
+    pub registered_at_ms: UnixMillis,
+}
+
+impl From<NodeRecordV2> for NodeRecord {
+    fn from(old: NodeRecordV2) -> Self {
+        NodeRecord {
+            id: old.id,
+            hostname: old.hostname,
+            address: old.address,
+            devices: old.devices,
+            registered_at_ms: old.registered_at_ms,
+            draining: false,
+        }
     }
 }
 
@@ -315,16 +346,21 @@ mod tests {
     }
 
     #[test]
-    fn a_version_1_node_reads_as_today() {
-        let node = NodeRecord {
+    fn version_1_and_2_nodes_read_as_not_draining() {
+        let old = NodeRecordV2 {
             id: NodeId::new("a").unwrap(),
             hostname: "h".to_owned(),
             address: "127.0.0.1".to_owned(),
             devices: Vec::new(),
             registered_at_ms: 1,
         };
-        let mut bytes = codec::encode(&node).unwrap();
-        bytes[0] = 1;
-        assert_eq!(codec::decode::<NodeRecord>(&bytes).unwrap(), node);
+        for version in [1, 2] {
+            let mut bytes = vec![version];
+            bytes.extend(bincode::serde::encode_to_vec(&old, bincode::config::standard()).unwrap());
+            let node = codec::decode::<NodeRecord>(&bytes).unwrap();
+            assert_eq!(node.id, old.id);
+            assert_eq!(node.registered_at_ms, 1);
+            assert!(!node.draining);
+        }
     }
 }
