@@ -64,11 +64,11 @@ fn final_accuracy(job: &Value) -> f64 {
 fn global_batches(
     cluster: &Sandbox,
     job_id: &str,
-    attempt: u32,
+    (attempt, ranks): (u32, u32),
 ) -> Result<BTreeMap<u64, Vec<usize>>> {
     let directory = cluster.path().join("outputs").join(job_id).join("samples");
     let mut batches = BTreeMap::<u64, Vec<usize>>::new();
-    for rank in 0..4 {
+    for rank in 0..ranks {
         let path = directory.join(format!("attempt-{attempt}.rank-{rank}.txt"));
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
@@ -117,7 +117,7 @@ fn a_killed_rank_restarts_the_job_from_its_checkpoint_on_exactly_the_undisturbed
     let undisturbed = cluster.submit(&restartable_job("undisturbed", ""), &[])?;
     let reference = cluster.wait_for_state(&undisturbed, "succeeded", TRAINING_TIMEOUT)?;
     assert_eq!(reference["restarts"], 0, "{reference}");
-    let reference_batches = global_batches(&cluster, &undisturbed, 0)?;
+    let reference_batches = global_batches(&cluster, &undisturbed, (0, 4))?;
     assert_eq!(reference_batches.len(), 234);
 
     let job_id = cluster.submit(&restartable_job("disturbed", ""), &[])?;
@@ -182,22 +182,84 @@ fn a_killed_rank_restarts_the_job_from_its_checkpoint_on_exactly_the_undisturbed
 
     // Exactly once: the steps the first attempt made up to the checkpoint it was resumed
     // from, then the second attempt's, are the undisturbed run's, example for example.
-    let first = global_batches(&cluster, &job_id, 0)?;
-    let second = global_batches(&cluster, &job_id, 1)?;
-    let resumed_from = second.keys().next().copied().unwrap_or(1) - 1;
+    let (effective, resumed_from) = effective_batches(
+        global_batches(&cluster, &job_id, (0, 4))?,
+        global_batches(&cluster, &job_id, (1, 4))?,
+    );
     assert!(
         resumed_from >= 100 && resumed_from % 50 == 0,
         "resumed after step {resumed_from}, expected the checkpoint of step 100 or later"
     );
+    assert_eq!(effective.len(), reference_batches.len());
+    assert!(
+        effective == reference_batches,
+        "the restarted run trained on other examples than the undisturbed one"
+    );
+    Ok(())
+}
+
+/// The steps of a restarted run as they count: the first attempt's up to the checkpoint the
+/// second resumed from, then the second's. Returns them and that checkpoint's step.
+fn effective_batches(
+    first: BTreeMap<u64, Vec<usize>>,
+    second: BTreeMap<u64, Vec<usize>>,
+) -> (BTreeMap<u64, Vec<usize>>, u64) {
+    let resumed_from = second.keys().next().copied().unwrap_or(1) - 1;
     let mut effective: BTreeMap<u64, Vec<usize>> = first
         .into_iter()
         .filter(|(step, _)| *step <= resumed_from)
         .collect();
     effective.extend(second);
-    assert_eq!(effective.len(), reference_batches.len());
+    (effective, resumed_from)
+}
+
+#[test]
+fn an_elastic_job_whose_worker_is_killed_goes_on_with_fewer_ranks_on_the_same_examples()
+-> Result<()> {
+    let mut cluster = Sandbox::start_with(cohort_cluster_tests::sandbox::Store::Embedded, 2.0)?;
+    for node in ["node-a", "node-b", "node-c", "node-d"] {
+        cluster.add_worker(node, 1)?;
+    }
+    let elastic = "min_ranks = 2\n";
+    let undisturbed = cluster.submit(&restartable_job("whole", elastic), &[])?;
+    let reference = cluster.wait_for_state(&undisturbed, "succeeded", TRAINING_TIMEOUT)?;
+    let reference_batches = global_batches(&cluster, &undisturbed, (0, 4))?;
+
+    let job_id = cluster.submit(&restartable_job("shrunk", elastic), &[])?;
+    cluster.wait_for_running_ranks(&job_id)?;
+    poll("step 101", TRAINING_TIMEOUT, || {
+        Ok((reported_step(&cluster.job(&job_id)?) > 100).then_some(()))
+    })?;
+    let victim = cluster.job(&job_id)?["placement"][3]["node_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    cluster.kill_worker(&victim)?;
+    let job = cluster.wait_for_state(&job_id, "succeeded", TRAINING_TIMEOUT)?;
+    assert_eq!(job["restarts"], 1, "{job}");
+    let ranks = job["placement"].as_array().unwrap().len();
+    assert_eq!(
+        ranks, 3,
+        "the second attempt ran on the three nodes left: {job}"
+    );
+    let (accuracy, expected) = (final_accuracy(&job), final_accuracy(&reference));
+    eprintln!(
+        "elastic: final test accuracy on 4 then 3 ranks {:.2}%, on 4 ranks {:.2}%",
+        accuracy * 100.0,
+        expected * 100.0
+    );
+    assert!(
+        (accuracy - expected).abs() <= 0.003,
+        "{accuracy} against {expected}"
+    );
+    let (effective, resumed_from) = effective_batches(
+        global_batches(&cluster, &job_id, (0, 4))?,
+        global_batches(&cluster, &job_id, (1, 3))?,
+    );
+    assert!(resumed_from >= 100, "resumed after step {resumed_from}");
     assert!(
         effective == reference_batches,
-        "the restarted run trained on other examples than the undisturbed one"
+        "3 ranks trained on other examples than 4 would have"
     );
     Ok(())
 }

@@ -233,6 +233,10 @@ pub struct JobRecord {
     pub attempt: u32,
     /// How often a failed attempt may be restarted (the spec's `fault_tolerance.max_restarts`).
     pub max_restarts: u32,
+    /// The fewest ranks a restart may run on (the spec's `fault_tolerance.min_ranks`); 0 for a
+    /// job that always runs whole. An attempt of an elastic job may hold fewer processes than
+    /// `ranks`: its `placement` says how many.
+    pub min_ranks: u32,
     /// Every attempt that ended, oldest first (the last one is the job's end once it ended).
     pub attempts: Vec<AttemptRecord>,
     /// Nodes the job's next attempts avoid after failing on them.
@@ -492,6 +496,7 @@ mod tests {
                 .collect(),
             attempt: u32::MAX,
             max_restarts: u32::MAX,
+            min_ranks: u32::MAX,
             attempts: (0..MAX_ATTEMPTS)
                 .map(|attempt| AttemptRecord {
                     attempt: u32::MAX - attempt as u32,

@@ -120,6 +120,10 @@ pub struct QueuedJob {
     pub rank_group: u32,
     /// Nodes the job is not placed on (a restarted job's back-off from the node it failed on).
     pub avoid_nodes: Vec<NodeId>,
+    /// Fewest ranks the job may run on when the whole gang does not fit (an elastic job's
+    /// restart): it is placed with as many ranks as fit, down to this. Equal to `ranks` (or 0)
+    /// for a job that runs whole or not at all.
+    pub min_ranks: u32,
 }
 
 /// Where one rank of a placed job runs.
@@ -286,14 +290,27 @@ impl FreeDevices {
         Self { nodes }
     }
 
-    /// Places `job` whole and takes its devices out of the free ones, or returns `None` (and
-    /// takes nothing) if it does not fit.
+    /// Places `job` whole (an elastic job with as many of its ranks as fit, down to its
+    /// `min_ranks`) and takes its devices out of the free ones, or returns `None` (and takes
+    /// nothing) if it does not fit.
     fn place_job(&mut self, job: &QueuedJob) -> Option<Assignment> {
-        if job.ranks == 0 || job.devices_per_rank == 0 {
+        let fewest = match job.min_ranks {
+            0 => job.ranks,
+            fewest => fewest.min(job.ranks),
+        };
+        (fewest..=job.ranks)
+            .rev()
+            .find_map(|ranks| self.place_ranks(job, ranks))
+    }
+
+    /// Places `ranks` ranks of `job` and takes their devices, or returns `None` (and takes
+    /// nothing) if they do not fit.
+    fn place_ranks(&mut self, job: &QueuedJob, ranks: u32) -> Option<Assignment> {
+        if ranks == 0 || job.devices_per_rank == 0 {
             return None;
         }
         let devices_per_rank = usize::try_from(job.devices_per_rank).ok()?;
-        let ranks = usize::try_from(job.ranks).ok()?;
+        let ranks = usize::try_from(ranks).ok()?;
         let free_counts: Vec<usize> = self
             .nodes
             .iter()
@@ -427,6 +444,7 @@ mod tests {
             device_kind: kind,
             rank_group: 1,
             avoid_nodes: Vec::new(),
+            min_ranks: 0,
         }
     }
 
@@ -512,6 +530,26 @@ mod tests {
             ..job("eight", 8, 1, CPU)
         };
         assert_eq!(place(&view, &[grouped])[0].ranks.len(), 8);
+    }
+
+    #[test]
+    fn an_elastic_job_takes_as_many_ranks_as_fit_down_to_its_fewest() {
+        let view = idle_cpu_cluster(&[("a", 1), ("b", 1), ("c", 1)]);
+        let elastic = |min_ranks| QueuedJob {
+            min_ranks,
+            ..job("elastic", 4, 1, CPU)
+        };
+        assert_eq!(place(&view, &[elastic(2)])[0].ranks.len(), 3);
+        assert!(
+            place(&view, &[elastic(4)]).is_empty(),
+            "whole or not at all"
+        );
+        assert!(place(&view, &[elastic(0)]).is_empty(), "0: not elastic");
+        // A job ahead of it in the queue leaves it one node: under its fewest, it waits.
+        let first = prioritised(job("first", 2, 1, CPU), 1, 0);
+        let placed = place(&view, &[first, prioritised(elastic(2), 0, 1)]);
+        assert_eq!(placed.len(), 1);
+        assert_eq!(placed[0].job_id.as_str(), "first");
     }
 
     #[test]
@@ -855,6 +893,7 @@ mod tests {
                             device_kind: kind,
                             rank_group: 1,
                             avoid_nodes: Vec::new(),
+                            min_ranks: 0,
                         },
                     )
                     .collect()

@@ -27,6 +27,12 @@ pub struct FaultToleranceSpec {
     /// [`MAX_RESTARTS`]. Default [`DEFAULT_TRAIN_RESTARTS`] for `train` jobs,
     /// [`DEFAULT_COMMAND_RESTARTS`] for `command` jobs.
     pub max_restarts: Option<u32>,
+    /// Elastic world size, for data-parallel `train` jobs (`comm = "allreduce"`, image
+    /// models): a restart that cannot place every rank starts with as many as fit, down to this
+    /// many, keeping the global batch (each rank's share grows), and the job grows back to its
+    /// full size through a checkpoint once the devices are back. 1 to the job's ranks. Default:
+    /// absent, every attempt runs whole.
+    pub min_ranks: Option<u32>,
 }
 
 impl FaultToleranceSpec {
@@ -38,10 +44,17 @@ impl FaultToleranceSpec {
         })
     }
 
-    /// Adds the section's problems to `problems`.
-    pub fn validate(&self, problems: &mut Problems) {
+    /// Adds the section's problems to `problems`, for a job of `ranks` ranks; `elastic` says
+    /// whether the job can change its world size (or why not).
+    pub fn validate(&self, ranks: u32, elastic: Result<(), &str>, problems: &mut Problems) {
         if let Some(restarts) = self.max_restarts {
             problems.check_range("fault_tolerance.max_restarts", restarts, 0, MAX_RESTARTS);
+        }
+        if let Some(min_ranks) = self.min_ranks {
+            match elastic {
+                Err(why) => problems.push("fault_tolerance.min_ranks", why),
+                Ok(()) => problems.check_range("fault_tolerance.min_ranks", min_ranks, 1, ranks),
+            }
         }
     }
 }
@@ -64,6 +77,40 @@ mod tests {
         assert_eq!(parse(&asked).unwrap().max_restarts(), 2);
         let none = format!("{TRAIN}[fault_tolerance]\nmax_restarts = 0\n");
         assert_eq!(parse(&none).unwrap().max_restarts(), 0);
+    }
+
+    #[test]
+    fn the_fewest_ranks_are_checked_against_the_job_and_its_kind() {
+        let data_parallel = |extra: &str| {
+            parse(&format!(
+                "{TRAIN}[parallel]\ndata = 4\n[fault_tolerance]\n{extra}\n"
+            ))
+        };
+        let spec = data_parallel("min_ranks = 2").unwrap();
+        assert_eq!(spec.min_ranks(), Some(2));
+        for (extra, expected) in [
+            (
+                "min_ranks = 5",
+                "fault_tolerance.min_ranks: 5, expected 1 to 4",
+            ),
+            (
+                "min_ranks = 0",
+                "fault_tolerance.min_ranks: 0, expected 1 to 4",
+            ),
+        ] {
+            let error = data_parallel(extra).unwrap_err();
+            assert!(error.contains(expected), "{error}");
+        }
+        let command = parse(&format!("{COMMAND}[fault_tolerance]\nmin_ranks = 1\n")).unwrap_err();
+        assert!(
+            command.contains("fault_tolerance.min_ranks: only for data-parallel train jobs"),
+            "{command}"
+        );
+        let servers = parse(&format!(
+            "{TRAIN}[parallel]\ndata = 2\ncomm = \"ps\"\n[fault_tolerance]\nmin_ranks = 1\n"
+        ))
+        .unwrap_err();
+        assert!(servers.contains("fault_tolerance.min_ranks"), "{servers}");
     }
 
     #[test]

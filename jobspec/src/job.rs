@@ -201,6 +201,33 @@ impl JobSpec {
             .max_restarts(self.kind)
     }
 
+    /// The fewest ranks a restart of the job may run on (`fault_tolerance.min_ranks`), for an
+    /// elastic job.
+    pub fn min_ranks(&self) -> Option<u32> {
+        self.fault_tolerance.as_ref().and_then(|ft| ft.min_ranks)
+    }
+
+    /// Whether the job can run on fewer ranks than it asks for, or why not: only the
+    /// data-parallel loop of Cohort's runtime over all-reduce divides the same global batch
+    /// among any number of ranks.
+    pub fn elastic(&self) -> Result<(), &'static str> {
+        use crate::train::{Communication, ModelKind};
+        let why_not = "only for data-parallel train jobs (comm = \"allreduce\", an image model): \
+                       their global batch divides among any number of ranks";
+        if self.kind != JobKind::Train {
+            return Err(why_not);
+        }
+        let parallel = self.parallel.clone().unwrap_or_default();
+        let transformer = self
+            .model
+            .as_ref()
+            .is_some_and(|model| model.kind == ModelKind::Transformer);
+        if transformer || parallel.comm != Communication::Allreduce {
+            return Err(why_not);
+        }
+        Ok(())
+    }
+
     /// Checks every rule and returns all problems found.
     pub fn validate(&self) -> Result<(), SpecError> {
         let mut problems = Problems::default();
@@ -222,7 +249,7 @@ impl JobSpec {
             MAX_DEVICES_PER_RANK,
         );
         if let Some(fault_tolerance) = &self.fault_tolerance {
-            fault_tolerance.validate(&mut problems);
+            fault_tolerance.validate(self.ranks(), self.elastic(), &mut problems);
         }
         match self.kind {
             JobKind::Command => {

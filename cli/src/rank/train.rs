@@ -42,6 +42,19 @@ pub fn run() -> Result<ExitCode> {
     })?;
     let spec = cohort_jobspec::parse(spec_toml).context("the job's spec")?;
     let mut config = TrainConfig::from_job_spec(&spec, link.launch.node.output_dir.clone());
+    if place.world_size != config.parallel.data && spec.min_ranks().is_some() {
+        // An elastic job's restart on fewer ranks: the same global batch, bigger shares.
+        if rank == 0 {
+            eprintln!(
+                "[cohort] attempt {}: {} of the job's {} ranks; the global batch stays {}",
+                place.restart_count + 1,
+                place.world_size,
+                config.parallel.data,
+                config.schedule.batch_size
+            );
+        }
+        config.parallel.data = place.world_size;
+    }
     if place.restart_count > 0 {
         resume_latest(&mut config, place.restart_count, rank)?;
     }

@@ -53,6 +53,7 @@ impl Cluster {
             device_kind: spec.resources.device,
             rank_group: spec.rank_group(),
             avoid_nodes: Vec::new(),
+            min_ranks: 0,
         };
         if !wait_for_resources {
             let view = state.cluster_view(false);
@@ -88,6 +89,7 @@ impl Cluster {
             metrics: Default::default(),
             attempt: 0,
             max_restarts: spec.max_restarts(),
+            min_ranks: spec.min_ranks().unwrap_or(0),
             attempts: Vec::new(),
             backoff: Vec::new(),
         };

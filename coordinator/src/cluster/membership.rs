@@ -285,7 +285,8 @@ impl Cluster {
                     continue;
                 }
                 if movable {
-                    self.restart_planned(&mut state, &job_id, node_id, &mut writes)?;
+                    let reason = format!("moved off node {node_id}, which is draining");
+                    self.restart_planned(&mut state, &job_id, reason, &mut writes)?;
                     response.moved_jobs.push(job_id.to_string());
                 } else {
                     response.staying_jobs.push(job_id.to_string());
@@ -314,9 +315,11 @@ impl Cluster {
             .collect();
         for node_id in lost {
             warn!(%node_id, deadline_s = deadline.as_secs_f64(), "node lost: heartbeat deadline passed");
+            let mut last_heard = None;
             if let Some(node) = state.nodes.get_mut(&node_id) {
                 node.status = NodeStatus::Lost;
                 node.session = None;
+                last_heard = Some(node.last_heartbeat_ms);
             }
             let reason = format!(
                 "node {node_id} lost: no heartbeat for {:.1} s",
@@ -329,6 +332,10 @@ impl Cluster {
                     for rank in &mut job.record.placement {
                         if rank.node_id == node_id && !rank.state.is_final() {
                             rank.state = RankState::Lost;
+                            // Dated by when its node was last heard from: a peer that failed
+                            // after that (its link to the rank broke) is an echo, and the lost
+                            // rank the root cause.
+                            rank.exited_at_ms = last_heard;
                             hit = true;
                         }
                     }

@@ -582,12 +582,23 @@ mod tests {
 
     /// A coordinator core over a store whose writes a test can hold.
     async fn cluster(data_dir: &std::path::Path) -> (Arc<Cluster>, Arc<FaultyStore>) {
+        cluster_with(
+            data_dir,
+            CoordinatorConfig {
+                data_dir: data_dir.to_owned(),
+                ..CoordinatorConfig::default()
+            },
+        )
+        .await
+    }
+
+    /// A coordinator core with `config`.
+    async fn cluster_with(
+        data_dir: &std::path::Path,
+        config: CoordinatorConfig,
+    ) -> (Arc<Cluster>, Arc<FaultyStore>) {
         let embedded = Arc::new(EmbeddedStore::open(data_dir).unwrap());
         let store = Arc::new(FaultyStore::new(embedded));
-        let config = CoordinatorConfig {
-            data_dir: data_dir.to_owned(),
-            ..CoordinatorConfig::default()
-        };
         let cluster = Cluster::load(config, store.clone()).await.unwrap();
         (Arc::new(cluster), store)
     }
@@ -910,6 +921,130 @@ mod tests {
         cluster.drain(&drained, true).await.unwrap();
         cluster.schedule().await.unwrap();
         assert_eq!(first.started(), [(0, 2)]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_elastic_job_restarts_on_the_ranks_that_fit_and_grows_back_when_it_can() {
+        let data_dir = tempfile::tempdir().unwrap();
+        // No back-off: the node that left may take the job's rank again as soon as it is back.
+        let config = CoordinatorConfig {
+            data_dir: data_dir.path().to_owned(),
+            restart_backoff: Duration::ZERO,
+            ..CoordinatorConfig::default()
+        };
+        let (cluster, _store) = cluster_with(data_dir.path(), config).await;
+        let mut nodes = Vec::new();
+        for id in ["node-a", "node-b", "node-c"] {
+            nodes.push(TestNode::join(&cluster, id).await);
+        }
+        let spec = "version = 1\nname = \"elastic\"\nkind = \"train\"\n[parallel]\ndata = 3\n\
+                    [fault_tolerance]\nmax_restarts = 1\nmin_ranks = 2\n";
+        let job = cluster
+            .submit(spec.to_owned(), false, "client".to_owned())
+            .await
+            .unwrap();
+        let job_id = JobId::new(job.job_id).unwrap();
+        cluster.schedule().await.unwrap();
+        let placed = record_of(&cluster, &job_id).await.placement;
+        let index_of = |id: &NodeId| {
+            ["node-a", "node-b", "node-c"]
+                .iter()
+                .position(|n| *n == id.as_str())
+                .unwrap()
+        };
+        for rank in &placed {
+            let node = &nodes[index_of(&rank.node_id)];
+            node.report(
+                &cluster,
+                &job_id,
+                (rank.rank, 0),
+                v1::RankState::Running,
+                None,
+            )
+            .await;
+        }
+
+        // The worker of rank 2's node shuts down: its rank is stopped, and the node leaves.
+        let leaving = index_of(&placed[2].node_id);
+        let accepted = cluster
+            .heartbeat(v1::HeartbeatRequest {
+                node_id: nodes[leaving].id.clone(),
+                session_id: nodes[leaving].session_id.clone(),
+                ranks: vec![v1::RankReport {
+                    job_id: job_id.to_string(),
+                    rank: 2,
+                    state: v1::RankState::Exited as i32,
+                    signal: Some(15),
+                    exited_at_unix_ms: now_ms(),
+                    stop_cause: v1::StopCause::WorkerShutdown as i32,
+                    ..v1::RankReport::default()
+                }],
+                leaving: true,
+            })
+            .await
+            .unwrap();
+        assert!(accepted);
+        for rank in &placed[..2] {
+            let node = &nodes[index_of(&rank.node_id)];
+            node.report(
+                &cluster,
+                &job_id,
+                (rank.rank, 0),
+                v1::RankState::Exited,
+                Some(143),
+            )
+            .await;
+        }
+        // Two nodes are left: the restart runs on 2 of the 3 ranks.
+        cluster.schedule().await.unwrap();
+        let shrunk = record_of(&cluster, &job_id).await;
+        assert_eq!(shrunk.state, JobState::Scheduled);
+        assert_eq!(shrunk.placement.len(), 2);
+        for rank in &shrunk.placement {
+            let node = &nodes[index_of(&rank.node_id)];
+            node.report(
+                &cluster,
+                &job_id,
+                (rank.rank, 1),
+                v1::RankState::Running,
+                None,
+            )
+            .await;
+        }
+        cluster.schedule().await.unwrap();
+        assert_eq!(
+            record_of(&cluster, &job_id).await.state,
+            JobState::Running,
+            "nothing to grow into"
+        );
+
+        // The node comes back: the job grows back through a planned restart, using no restart.
+        nodes[leaving] = TestNode::join(&cluster, ["node-a", "node-b", "node-c"][leaving]).await;
+        cluster.schedule().await.unwrap();
+        let growing = record_of(&cluster, &job_id).await;
+        assert_eq!(growing.state, JobState::Restarting);
+        assert!(
+            growing.reason.contains("growing back from 2 to 3 ranks"),
+            "{}",
+            growing.reason
+        );
+        let checkpointed = i32::from(cohort_proto::launch::EXIT_STOPPED_WITH_CHECKPOINT);
+        for rank in &shrunk.placement {
+            let node = &nodes[index_of(&rank.node_id)];
+            node.report(
+                &cluster,
+                &job_id,
+                (rank.rank, 1),
+                v1::RankState::Exited,
+                Some(checkpointed),
+            )
+            .await;
+        }
+        cluster.schedule().await.unwrap();
+        let whole = record_of(&cluster, &job_id).await;
+        assert_eq!(whole.placement.len(), 3);
+        assert_eq!(whole.attempt, 2);
+        assert_eq!(restarts::restarts_used(&whole), 1, "the growth was planned");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,6 +23,7 @@ use crate::error::Result;
 use crate::lifecycle::{JobState, transition};
 use crate::limits::{MAX_ATTEMPT_NODES, MAX_REASON_BYTES};
 use crate::model::{AttemptRecord, JobRecord, NodeBackoff, RankState, UnixMillis, now_ms};
+use crate::placement::{self, QueuedJob};
 
 impl Cluster {
     /// The attempt that runs job `job_id` failed for `reason` (blaming `failed_node`, if a node
@@ -68,13 +69,14 @@ impl Cluster {
         self.restart(state, job_id, ended, why, writes)
     }
 
-    /// Moves job `job_id` off node `node_id`, which is being drained: its attempt is stopped
-    /// (a training job's ranks checkpoint first) and restarted elsewhere, using up no restart.
+    /// Restarts job `job_id` on purpose, for `reason` (its node is drained, it grows back to
+    /// its full size): its attempt is stopped (a training job's ranks checkpoint first) and the
+    /// job restarted, using up no restart.
     pub(super) fn restart_planned(
         &self,
         state: &mut State,
         job_id: &JobId,
-        node_id: &NodeId,
+        reason: String,
         writes: &mut Vec<Written>,
     ) -> Result<()> {
         let Some(job) = state.live(job_id) else {
@@ -83,7 +85,6 @@ impl Cluster {
         if !job.record.state.runs_attempt() {
             return Ok(());
         }
-        let reason = format!("moved off node {node_id}, which is draining");
         let mut ended = ended_attempt(&job.record, now_ms(), reason.clone(), None);
         ended.planned = true;
         self.restart(
@@ -127,6 +128,57 @@ impl Cluster {
         state.stop_ranks(job_id, &stop_reason);
         self.rendezvous.drop_job(job_id);
         self.requeue_if_stopped(state, job_id, writes).map(drop)
+    }
+
+    /// Restarts every elastic job that runs on fewer ranks than it asks for once its whole gang
+    /// fits again (counting the devices it holds itself, and keeping off the nodes it backs off
+    /// from): a planned restart through a checkpoint, so that it grows back to its full size.
+    pub(super) fn grow_back(&self, state: &mut State, writes: &mut Vec<Written>) -> Result<()> {
+        let shrunk: Vec<JobId> = state
+            .live_jobs()
+            .filter(|job| {
+                job.record.state == JobState::Running
+                    && job.record.min_ranks > 0
+                    && job.record.placement.len() < job.record.ranks as usize
+            })
+            .map(|job| job.record.id.clone())
+            .collect();
+        let now = now_ms();
+        for job_id in shrunk {
+            let Some(job) = state.live(&job_id) else {
+                continue;
+            };
+            let record = &job.record;
+            let mut view = state.cluster_view(false);
+            for rank in &record.placement {
+                if let Some(node) = view.nodes.iter_mut().find(|n| n.node_id == rank.node_id) {
+                    let free = node.free.entry(record.device_kind).or_default();
+                    free.extend(&rank.devices);
+                    free.sort_unstable();
+                }
+            }
+            let whole = QueuedJob {
+                job_id: job_id.clone(),
+                priority: record.priority,
+                seq: record.seq,
+                ranks: record.ranks,
+                devices_per_rank: record.devices_per_rank,
+                device_kind: record.device_kind,
+                rank_group: job.spec.rank_group(),
+                avoid_nodes: avoided_nodes(&record.backoff, now),
+                min_ranks: 0,
+            };
+            if placement::place(&view, &[whole]).is_empty() {
+                continue;
+            }
+            let reason = format!(
+                "growing back from {} to {} ranks",
+                record.placement.len(),
+                record.ranks
+            );
+            self.restart_planned(state, &job_id, reason, writes)?;
+        }
+        Ok(())
     }
 
     /// Queues the next attempt of a restarting job once every process of its failed attempt is

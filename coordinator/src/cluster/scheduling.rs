@@ -184,12 +184,18 @@ fn start_instruction(
             None,
         ),
     };
+    // The training ranks of this attempt: all of them, or fewer for an elastic job's restart
+    // (its parameter servers, if it had any, always run whole).
+    let servers = record.ranks - spec.ranks();
+    let attempt_ranks = u32::try_from(record.placement.len())
+        .unwrap_or(u32::MAX)
+        .saturating_sub(servers);
     let place = RankPlace {
         job_id: record.id.clone(),
         rank: rank.rank,
         // WORLD_SIZE counts training ranks only: parameter servers are extra processes of the
         // gang.
-        world_size: spec.ranks(),
+        world_size: attempt_ranks,
         local_rank: rank.local_rank,
         local_world_size,
         devices,
@@ -213,7 +219,7 @@ fn start_instruction(
         ),
     };
     StartRank {
-        world_size: record.ranks,
+        world_size: attempt_ranks + servers,
         argv,
         env: spec
             .command
@@ -247,10 +253,13 @@ impl Cluster {
     /// Places every queued job that fits, persists each placement, then starts its ranks.
     #[instrument(skip(self), level = "debug")]
     pub(crate) async fn schedule(&self) -> Result<()> {
+        let mut grown = Vec::new();
         let placed = {
             let mut state = self.state.lock().await;
+            self.grow_back(&mut state, &mut grown)?;
             self.place_queued(&mut state)?
         };
+        all_landed(grown).await?;
         if placed.is_empty() {
             return Ok(());
         }
@@ -285,6 +294,12 @@ impl Cluster {
             .filter(|entry| entry.record.state == JobState::Queued)
             .map(|entry| QueuedJob {
                 avoid_nodes: super::restarts::avoided_nodes(&entry.record.backoff, now),
+                // The first attempt runs whole; a restart of an elastic job takes what fits.
+                min_ranks: if entry.record.attempt > 0 {
+                    entry.record.min_ranks
+                } else {
+                    0
+                },
                 job_id: entry.record.id.clone(),
                 priority: entry.record.priority,
                 seq: entry.record.seq,
@@ -335,7 +350,7 @@ impl Cluster {
                 .collect::<std::collections::BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            info!(%job_id, ranks = entry.record.ranks, nodes = ?nodes, "job scheduled");
+            info!(%job_id, ranks = entry.record.placement.len(), nodes = ?nodes, "job scheduled");
             placed.push((job_id, written));
         }
         Ok(placed)
@@ -356,7 +371,10 @@ impl Cluster {
         if entry.record.state != JobState::Scheduled {
             return Ok(());
         }
-        self.rendezvous.open(job_id, entry.record.ranks);
+        self.rendezvous.open(
+            job_id,
+            u32::try_from(entry.record.placement.len()).unwrap_or(u32::MAX),
+        );
         let instructions = state.start_instructions(
             job_id,
             &self

@@ -190,6 +190,7 @@ pub(crate) fn sample_job(number: u64) -> JobRecord {
         .collect(),
         attempt: 1,
         max_restarts: 3,
+        min_ranks: 1,
         attempts: vec![AttemptRecord {
             attempt: 0,
             nodes: vec![node_id.clone()],

@@ -205,6 +205,7 @@ impl From<JobRecordV2> for JobRecord {
             metrics: old.metrics,
             attempt: 0,
             max_restarts: 0,
+            min_ranks: 0,
             attempts: Vec::new(),
             backoff: Vec::new(),
         }
@@ -316,6 +317,7 @@ mod tests {
         let mut current = crate::store::conformance::sample_job(4);
         current.attempt = 0;
         current.max_restarts = 0;
+        current.min_ranks = 0;
         current.attempts.clear();
         current.backoff.clear();
         let old = JobRecordV2 {
