@@ -59,6 +59,21 @@ fn final_accuracy(job: &Value) -> f64 {
         .unwrap_or_else(|| panic!("no accuracy: {job}"))
 }
 
+/// Asserts that a restarted job ended with the test accuracy of its undisturbed reference,
+/// within 0.3 percentage points, and prints both.
+fn assert_same_accuracy(what: &str, job: &Value, reference: &Value) {
+    let (accuracy, expected) = (final_accuracy(job), final_accuracy(reference));
+    eprintln!(
+        "{what}: final test accuracy {:.2}%, undisturbed {:.2}%",
+        accuracy * 100.0,
+        expected * 100.0
+    );
+    assert!(
+        (accuracy - expected).abs() <= 0.003,
+        "{what}: {accuracy} against {expected}"
+    );
+}
+
 /// The global batch of every step of one attempt of a job: its ranks' sample records joined in
 /// rank order (each rank takes a contiguous share of the global batch).
 fn global_batches(
@@ -169,16 +184,7 @@ fn a_killed_rank_restarts_the_job_from_its_checkpoint_on_exactly_the_undisturbed
         "{status}"
     );
 
-    let (accuracy, expected) = (final_accuracy(&job), final_accuracy(&reference));
-    eprintln!(
-        "final test accuracy: restarted {:.2}%, undisturbed {:.2}%",
-        accuracy * 100.0,
-        expected * 100.0
-    );
-    assert!(
-        (accuracy - expected).abs() <= 0.003,
-        "{accuracy} against {expected}"
-    );
+    assert_same_accuracy("restarted", &job, &reference);
 
     // Exactly once: the steps the first attempt made up to the checkpoint it was resumed
     // from, then the second attempt's, are the undisturbed run's, example for example.
@@ -242,16 +248,7 @@ fn an_elastic_job_whose_worker_is_killed_goes_on_with_fewer_ranks_on_the_same_ex
         ranks, 3,
         "the second attempt ran on the three nodes left: {job}"
     );
-    let (accuracy, expected) = (final_accuracy(&job), final_accuracy(&reference));
-    eprintln!(
-        "elastic: final test accuracy on 4 then 3 ranks {:.2}%, on 4 ranks {:.2}%",
-        accuracy * 100.0,
-        expected * 100.0
-    );
-    assert!(
-        (accuracy - expected).abs() <= 0.003,
-        "{accuracy} against {expected}"
-    );
+    assert_same_accuracy("elastic, 4 then 3 ranks", &job, &reference);
     let (effective, resumed_from) = effective_batches(
         global_batches(&cluster, &job_id, (0, 4))?,
         global_batches(&cluster, &job_id, (1, 3))?,

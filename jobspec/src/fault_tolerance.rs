@@ -8,7 +8,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::job::JobKind;
 use crate::problems::Problems;
 
 /// Most restarts a job may ask for.
@@ -36,14 +35,6 @@ pub struct FaultToleranceSpec {
 }
 
 impl FaultToleranceSpec {
-    /// The restarts a job of `kind` with this section may use.
-    pub fn max_restarts(&self, kind: JobKind) -> u32 {
-        self.max_restarts.unwrap_or(match kind {
-            JobKind::Train => DEFAULT_TRAIN_RESTARTS,
-            JobKind::Command => DEFAULT_COMMAND_RESTARTS,
-        })
-    }
-
     /// Adds the section's problems to `problems`, for a job of `ranks` ranks; `elastic` says
     /// whether the job can change its world size (or why not).
     pub fn validate(&self, ranks: u32, elastic: Result<(), &str>, problems: &mut Problems) {

@@ -195,10 +195,15 @@ impl JobSpec {
 
     /// How often a failed attempt of the job is restarted before it fails for good.
     pub fn max_restarts(&self) -> u32 {
+        use crate::fault_tolerance::{DEFAULT_COMMAND_RESTARTS, DEFAULT_TRAIN_RESTARTS};
+        let default = match self.kind {
+            JobKind::Train => DEFAULT_TRAIN_RESTARTS,
+            JobKind::Command => DEFAULT_COMMAND_RESTARTS,
+        };
         self.fault_tolerance
-            .clone()
-            .unwrap_or_default()
-            .max_restarts(self.kind)
+            .as_ref()
+            .and_then(|fault_tolerance| fault_tolerance.max_restarts)
+            .unwrap_or(default)
     }
 
     /// The fewest ranks a restart of the job may run on (`fault_tolerance.min_ranks`), for an

@@ -1,4 +1,4 @@
-//! Restarts: what happens when an attempt of a job fails.
+//! Restarts: what happens when an attempt of a job fails, or is ended on purpose.
 //!
 //! While restarts remain (`fault_tolerance.max_restarts`), a failed attempt is not the job's
 //! end: the job moves to `restarting`, every process of the attempt is stopped, and once all of
@@ -9,6 +9,11 @@
 //! keeps off for a back-off period that doubles with each further failure there: a bad node
 //! cannot eat every restart. Each attempt's processes get a token of their own, so a process of
 //! a failed attempt that still runs somewhere reaches nothing of the next one.
+//!
+//! An attempt also ends on purpose (a *planned* restart, which uses up no restart): when its
+//! node is drained, and when an elastic job running on fewer ranks than it asks for can have its
+//! whole gang again (`grow_back`). Its ranks are stopped with SIGTERM, which a data-parallel
+//! training rank takes as a request to checkpoint first.
 //!
 //! The decisions (what the back-off is, which nodes are avoided now, which ended attempts keep
 //! their placement) are pure functions at the end of this module, tested on their own.
@@ -22,7 +27,7 @@ use super::{Cluster, State};
 use crate::error::Result;
 use crate::lifecycle::{JobState, transition};
 use crate::limits::{MAX_ATTEMPT_NODES, MAX_REASON_BYTES};
-use crate::model::{AttemptRecord, JobRecord, NodeBackoff, RankState, UnixMillis, now_ms};
+use crate::model::{AttemptRecord, JobRecord, NodeBackoff, UnixMillis, now_ms};
 use crate::placement::{self, QueuedJob};
 
 impl Cluster {
@@ -115,12 +120,7 @@ impl Cluster {
         record.attempts.push(ended);
         forget_old_placements(&mut record.attempts);
         record.reason = truncate(&why, MAX_REASON_BYTES).into_owned();
-        for rank in &mut record.placement {
-            if rank.state == RankState::Pending {
-                rank.state = RankState::Exited;
-                rank.detail = "never started".to_owned();
-            }
-        }
+        super::mark_never_started(&mut record.placement);
         job.recovery = None;
         warn!(%job_id, attempt = job.record.attempt, reason = %job.record.reason, "attempt ended; restarting the job");
         writes.push(self.writes.put_job(&job.record));
@@ -407,5 +407,377 @@ mod tests {
         forget_old_placements(&mut wide);
         let kept: Vec<usize> = wide.iter().map(|a| a.nodes.len()).collect();
         assert_eq!(kept, [0, 0, half]);
+    }
+}
+
+/// Restarts through the coordinator core, with test nodes standing in for workers.
+#[cfg(test)]
+mod cluster_tests {
+    use std::time::Duration;
+
+    use cohort_proto::v1;
+    use cohort_proto::{JobId, NodeId};
+
+    use super::super::testing::{TestNode, cluster, cluster_with, record_of, report_each};
+    use super::*;
+    use crate::config::CoordinatorConfig;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_attempt_restarts_away_from_its_node_until_restarts_run_out() {
+        let data_dir = tempfile::tempdir().unwrap();
+        let (cluster, _store) = cluster(data_dir.path()).await;
+        let mut nodes = Vec::new();
+        for id in ["node-a", "node-b", "node-c"] {
+            nodes.push(TestNode::join(&cluster, id).await);
+        }
+        let spec = "version = 1\nname = \"flaky\"\nkind = \"command\"\n[resources]\nranks = 2\n\
+                    [command]\nprogram = \"true\"\n[fault_tolerance]\nmax_restarts = 1\n";
+        let job = cluster
+            .submit(spec.to_owned(), false, "client".to_owned())
+            .await
+            .unwrap();
+        let job_id = JobId::new(job.job_id).unwrap();
+        cluster.schedule().await.unwrap();
+        let placed = record_of(&cluster, &job_id).await.placement;
+        let ids = ["node-a", "node-b", "node-c"];
+        let node_of = |rank: u32, placement: &[crate::model::RankRecord]| {
+            let id = &placement[rank as usize].node_id;
+            ids.iter().position(|node| *node == id.as_str()).unwrap()
+        };
+        let (first, second) = (node_of(0, &placed), node_of(1, &placed));
+        assert_eq!(nodes[first].started(), [(0, 0)]);
+        assert_eq!(nodes[second].started(), [(1, 0)]);
+        nodes[first]
+            .report(&cluster, &job_id, (0, 0), v1::RankState::Running, None)
+            .await;
+        nodes[second]
+            .report(&cluster, &job_id, (1, 0), v1::RankState::Running, None)
+            .await;
+        assert_eq!(record_of(&cluster, &job_id).await.state, JobState::Running);
+
+        // Rank 1 fails: the attempt is stopped, and the job waits for rank 0 to be gone.
+        nodes[second]
+            .report(&cluster, &job_id, (1, 0), v1::RankState::Exited, Some(3))
+            .await;
+        let restarting = record_of(&cluster, &job_id).await;
+        assert_eq!(restarting.state, JobState::Restarting);
+        assert!(
+            restarting.reason.contains("exited with code 3"),
+            "{}",
+            restarting.reason
+        );
+        assert!(
+            cluster.check_live(&job_id).await.is_err(),
+            "no rendezvous between attempts"
+        );
+        nodes[first]
+            .report(&cluster, &job_id, (0, 0), v1::RankState::Exited, Some(143))
+            .await;
+        let queued = record_of(&cluster, &job_id).await;
+        assert_eq!(queued.state, JobState::Queued);
+        assert_eq!(queued.attempt, 1);
+        assert!(queued.placement.is_empty());
+        assert_eq!(queued.attempts.len(), 1);
+        let failed_node = nodes[second].id.clone();
+        assert_eq!(
+            queued.attempts[0].failed_node.as_ref().map(NodeId::as_str),
+            Some(failed_node.as_str()),
+            "the rank that failed first is blamed, not the one stopped after it"
+        );
+        assert!(
+            queued
+                .reason
+                .contains(&format!("keeping off node {failed_node}")),
+            "{}",
+            queued.reason
+        );
+
+        // The next attempt is placed away from the node it failed on, under attempt 1.
+        cluster.schedule().await.unwrap();
+        let replaced = record_of(&cluster, &job_id).await;
+        assert_eq!(replaced.state, JobState::Scheduled);
+        assert!(
+            replaced
+                .placement
+                .iter()
+                .all(|rank| rank.node_id.as_str() != failed_node)
+        );
+        let started: Vec<_> = nodes.iter_mut().flat_map(TestNode::started).collect();
+        assert_eq!(started.len(), 2);
+        assert!(
+            started.iter().all(|&(_, attempt)| attempt == 1),
+            "{started:?}"
+        );
+        // A late report of the first attempt changes nothing.
+        let (third, fourth) = (
+            node_of(0, &replaced.placement),
+            node_of(1, &replaced.placement),
+        );
+        nodes[second]
+            .report(&cluster, &job_id, (1, 0), v1::RankState::Exited, Some(3))
+            .await;
+        assert_eq!(
+            record_of(&cluster, &job_id).await.state,
+            JobState::Scheduled
+        );
+
+        // The second attempt fails too: no restart is left.
+        nodes[third]
+            .report(&cluster, &job_id, (0, 1), v1::RankState::Exited, Some(1))
+            .await;
+        nodes[fourth]
+            .report(&cluster, &job_id, (1, 1), v1::RankState::Exited, Some(143))
+            .await;
+        let info = cluster.job(&job_id).await.unwrap();
+        assert_eq!(info.state(), v1::JobState::Failed);
+        assert!(
+            info.reason.contains("all 1 restarts used"),
+            "{}",
+            info.reason
+        );
+        assert_eq!(info.attempt, 1);
+        let reasons: Vec<_> = info
+            .attempts
+            .iter()
+            .map(|a| (a.attempt, a.reason.clone()))
+            .collect();
+        assert_eq!(reasons.len(), 2, "{reasons:?}");
+        assert!(reasons[0].1.contains("exited with code 3"), "{reasons:?}");
+        assert!(reasons[1].1.contains("exited with code 1"), "{reasons:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_drained_node_takes_no_work_and_its_jobs_move_off_it_without_using_a_restart() {
+        let data_dir = tempfile::tempdir().unwrap();
+        let (cluster, _store) = cluster(data_dir.path()).await;
+        let mut a = TestNode::join(&cluster, "node-a").await;
+        let mut b = TestNode::join(&cluster, "node-b").await;
+        let submit = |name: &str, restarts: u32| {
+            let spec = format!(
+                "version = 1\nname = \"{name}\"\nkind = \"command\"\n[command]\n\
+                 program = \"true\"\n[fault_tolerance]\nmax_restarts = {restarts}\n"
+            );
+            let cluster = cluster.clone();
+            async move {
+                let job = cluster
+                    .submit(spec, false, "client".to_owned())
+                    .await
+                    .unwrap();
+                JobId::new(job.job_id).unwrap()
+            }
+        };
+        let movable = submit("movable", 1).await;
+        let staying = submit("staying", 0).await;
+        cluster.schedule().await.unwrap();
+        let on_a = record_of(&cluster, &movable).await.placement[0]
+            .node_id
+            .clone();
+        let (first, second) = if on_a.as_str() == "node-a" {
+            (&mut a, &mut b)
+        } else {
+            (&mut b, &mut a)
+        };
+        assert_eq!(first.started(), [(0, 0)]);
+        assert_eq!(second.started(), [(0, 0)]);
+        first
+            .report(&cluster, &movable, (0, 0), v1::RankState::Running, None)
+            .await;
+        second
+            .report(&cluster, &staying, (0, 0), v1::RankState::Running, None)
+            .await;
+
+        let drained = NodeId::new(first.id.clone()).unwrap();
+        let response = cluster.drain(&drained, false).await.unwrap();
+        assert_eq!(response.moved_jobs, [movable.to_string()]);
+        assert!(response.staying_jobs.is_empty());
+        let restarting = record_of(&cluster, &movable).await;
+        assert_eq!(restarting.state, JobState::Restarting);
+        assert!(restarting.attempts[0].planned);
+        // The rank stops with its checkpoint; the job queues, and waits: the only free node is
+        // drained, the other one busy.
+        let checkpointed = i32::from(cohort_proto::launch::EXIT_STOPPED_WITH_CHECKPOINT);
+        first
+            .report(
+                &cluster,
+                &movable,
+                (0, 0),
+                v1::RankState::Exited,
+                Some(checkpointed),
+            )
+            .await;
+        cluster.schedule().await.unwrap();
+        assert_eq!(record_of(&cluster, &movable).await.state, JobState::Queued);
+        assert!(
+            first.started().is_empty(),
+            "nothing is placed on a drained node"
+        );
+        let nodes = cluster.nodes().await;
+        assert!(
+            nodes
+                .iter()
+                .any(|n| n.node_id == drained.as_str() && n.draining)
+        );
+
+        // The other node frees up: the job moves there, and still has its restart.
+        second
+            .report(&cluster, &staying, (0, 0), v1::RankState::Exited, Some(0))
+            .await;
+        cluster.schedule().await.unwrap();
+        assert_eq!(second.started(), [(0, 1)]);
+        second
+            .report(&cluster, &movable, (0, 1), v1::RankState::Exited, Some(1))
+            .await;
+        let after_failure = record_of(&cluster, &movable).await;
+        assert_eq!(
+            after_failure.state,
+            JobState::Queued,
+            "the planned restart used no restart: {}",
+            after_failure.reason
+        );
+
+        // Taken back, the node takes work again.
+        cluster.drain(&drained, true).await.unwrap();
+        cluster.schedule().await.unwrap();
+        assert_eq!(first.started(), [(0, 2)]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_elastic_job_restarts_on_the_ranks_that_fit_and_grows_back_when_it_can() {
+        let data_dir = tempfile::tempdir().unwrap();
+        // No back-off: the node that left may take the job's rank again as soon as it is back.
+        let config = CoordinatorConfig {
+            data_dir: data_dir.path().to_owned(),
+            restart_backoff: Duration::ZERO,
+            ..CoordinatorConfig::default()
+        };
+        let (cluster, _store) = cluster_with(data_dir.path(), config).await;
+        let mut nodes = Vec::new();
+        for id in ["node-a", "node-b", "node-c"] {
+            nodes.push(TestNode::join(&cluster, id).await);
+        }
+        let spec = "version = 1\nname = \"elastic\"\nkind = \"train\"\n[parallel]\ndata = 3\n\
+                    [fault_tolerance]\nmax_restarts = 1\nmin_ranks = 2\n";
+        let job = cluster
+            .submit(spec.to_owned(), false, "client".to_owned())
+            .await
+            .unwrap();
+        let job_id = JobId::new(job.job_id).unwrap();
+        cluster.schedule().await.unwrap();
+        let placed = record_of(&cluster, &job_id).await.placement;
+        let index_of = |id: &NodeId| {
+            ["node-a", "node-b", "node-c"]
+                .iter()
+                .position(|n| *n == id.as_str())
+                .unwrap()
+        };
+        report_each(
+            &cluster,
+            &nodes,
+            &job_id,
+            &placed,
+            (0, v1::RankState::Running, None),
+        )
+        .await;
+
+        // The worker of rank 2's node shuts down: its rank is stopped, and the node leaves.
+        let leaving = index_of(&placed[2].node_id);
+        let accepted = cluster
+            .heartbeat(v1::HeartbeatRequest {
+                node_id: nodes[leaving].id.clone(),
+                session_id: nodes[leaving].session_id.clone(),
+                ranks: vec![v1::RankReport {
+                    job_id: job_id.to_string(),
+                    rank: 2,
+                    state: v1::RankState::Exited as i32,
+                    signal: Some(15),
+                    exited_at_unix_ms: now_ms(),
+                    stop_cause: v1::StopCause::WorkerShutdown as i32,
+                    ..v1::RankReport::default()
+                }],
+                leaving: true,
+            })
+            .await
+            .unwrap();
+        assert!(accepted);
+        report_each(
+            &cluster,
+            &nodes,
+            &job_id,
+            &placed[..2],
+            (0, v1::RankState::Exited, Some(143)),
+        )
+        .await;
+        // Two nodes are left: the restart runs on 2 of the 3 ranks.
+        cluster.schedule().await.unwrap();
+        let shrunk = record_of(&cluster, &job_id).await;
+        assert_eq!(shrunk.state, JobState::Scheduled);
+        assert_eq!(shrunk.placement.len(), 2);
+        report_each(
+            &cluster,
+            &nodes,
+            &job_id,
+            &shrunk.placement,
+            (1, v1::RankState::Running, None),
+        )
+        .await;
+        cluster.schedule().await.unwrap();
+        assert_eq!(
+            record_of(&cluster, &job_id).await.state,
+            JobState::Running,
+            "nothing to grow into"
+        );
+
+        // The node comes back: the job grows back through a planned restart, using no restart.
+        nodes[leaving] = TestNode::join(&cluster, ["node-a", "node-b", "node-c"][leaving]).await;
+        cluster.schedule().await.unwrap();
+        let growing = record_of(&cluster, &job_id).await;
+        assert_eq!(growing.state, JobState::Restarting);
+        assert!(
+            growing.reason.contains("growing back from 2 to 3 ranks"),
+            "{}",
+            growing.reason
+        );
+        let checkpointed = i32::from(cohort_proto::launch::EXIT_STOPPED_WITH_CHECKPOINT);
+        report_each(
+            &cluster,
+            &nodes,
+            &job_id,
+            &shrunk.placement,
+            (1, v1::RankState::Exited, Some(checkpointed)),
+        )
+        .await;
+        cluster.schedule().await.unwrap();
+        let whole = record_of(&cluster, &job_id).await;
+        assert_eq!(whole.placement.len(), 3);
+        assert_eq!(whole.attempt, 2);
+        assert_eq!(restarts_used(&whole), 1, "the growth was planned");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_whose_input_is_at_fault_is_not_restarted() {
+        let data_dir = tempfile::tempdir().unwrap();
+        let (cluster, _store) = cluster(data_dir.path()).await;
+        let node = TestNode::join(&cluster, "node-a").await;
+        let spec = "version = 1\nname = \"bad-input\"\nkind = \"command\"\n\
+                    [command]\nprogram = \"true\"\n[fault_tolerance]\nmax_restarts = 3\n";
+        let job = cluster
+            .submit(spec.to_owned(), false, "client".to_owned())
+            .await
+            .unwrap();
+        let job_id = JobId::new(job.job_id).unwrap();
+        cluster.schedule().await.unwrap();
+        let input_error = i32::from(cohort_proto::launch::EXIT_INPUT_ERROR);
+        node.report(
+            &cluster,
+            &job_id,
+            (0, 0),
+            v1::RankState::Exited,
+            Some(input_error),
+        )
+        .await;
+        let info = cluster.job(&job_id).await.unwrap();
+        assert_eq!(info.state(), v1::JobState::Failed);
+        assert!(info.reason.contains("not restarted"), "{}", info.reason);
+        assert_eq!(info.attempt, 0);
     }
 }
