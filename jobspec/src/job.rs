@@ -186,11 +186,18 @@ impl JobSpec {
         }
     }
 
-    /// Seconds between SIGTERM and SIGKILL when the job's ranks are stopped.
+    /// Seconds between SIGTERM and SIGKILL when the job's ranks are stopped: `command.stop_grace_s`
+    /// or `checkpoint.stop_grace_s`, default 10.
     pub fn stop_grace_s(&self) -> f64 {
-        self.command
+        let checkpoint = self
+            .checkpoint
             .as_ref()
-            .map_or_else(default_stop_grace_s, |command| command.stop_grace_s)
+            .and_then(|checkpoint| checkpoint.stop_grace_s);
+        match (&self.command, checkpoint) {
+            (Some(command), _) => command.stop_grace_s,
+            (None, Some(grace)) => grace,
+            (None, None) => default_stop_grace_s(),
+        }
     }
 
     /// How often a failed attempt of the job is restarted before it fails for good.

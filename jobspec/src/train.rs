@@ -35,7 +35,7 @@ use std::path::Component;
 use cohort_proto::text::excerpt;
 use serde::{Deserialize, Serialize};
 
-use crate::job::{JobSpec, MAX_STRING_LEN};
+use crate::job::{JobSpec, MAX_STOP_GRACE_S, MAX_STRING_LEN};
 use crate::problems::Problems;
 
 pub use crate::parallel::{
@@ -560,6 +560,9 @@ pub struct CheckpointSpec {
     /// it: an absolute path or a `..` component is refused, so that a job writes only under
     /// its own outputs. Default `"checkpoints"`.
     pub directory: String,
+    /// Seconds a stopped rank (cancel, drain, a restart) has to finish its step and write its
+    /// checkpoint before it is killed (SIGTERM to SIGKILL), 0 to 600. Default 10.
+    pub stop_grace_s: Option<f64>,
 }
 
 impl Default for CheckpointSpec {
@@ -568,6 +571,7 @@ impl Default for CheckpointSpec {
             every_steps: None,
             resume_from: None,
             directory: "checkpoints".to_owned(),
+            stop_grace_s: None,
         }
     }
 }
@@ -579,6 +583,14 @@ impl CheckpointSpec {
         }
         if let Some(resume_from) = &self.resume_from {
             check_path("checkpoint.resume_from", resume_from, problems);
+        }
+        if let Some(grace) = self.stop_grace_s
+            && !(grace.is_finite() && (0.0..=MAX_STOP_GRACE_S).contains(&grace))
+        {
+            problems.push(
+                "checkpoint.stop_grace_s",
+                format!("{grace}, expected 0 to {MAX_STOP_GRACE_S}"),
+            );
         }
         check_path("checkpoint.directory", &self.directory, problems);
         check_inside_output("checkpoint.directory", &self.directory, problems);
@@ -667,6 +679,26 @@ mod tests {
     use super::*;
     use crate::parse::parse;
     use crate::problems::problem_strings;
+
+    #[test]
+    fn a_training_job_sets_its_stop_grace_in_its_checkpoint_section() {
+        let with = |grace: &str| {
+            parse(&format!(
+                "version = 1\nkind = \"train\"\n[checkpoint]\nstop_grace_s = {grace}\n"
+            ))
+        };
+        assert_eq!(with("45.5").unwrap().stop_grace_s(), 45.5);
+        assert_eq!(
+            parse("version = 1\nkind = \"train\"\n")
+                .unwrap()
+                .stop_grace_s(),
+            10.0
+        );
+        for bad in ["601", "-1", "nan"] {
+            let error = with(bad).unwrap_err().to_string();
+            assert!(error.contains("checkpoint.stop_grace_s"), "{bad}: {error}");
+        }
+    }
 
     #[test]
     fn samples_are_recorded_by_data_parallel_image_models_only() {
