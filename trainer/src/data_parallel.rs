@@ -29,26 +29,29 @@ use crate::precision::NarrowBuffers;
 
 /// Largest integer f32 represents exactly; steps are split into pieces below it for broadcast.
 const F32_EXACT_INTEGER_BITS: u32 = 24;
+/// Elements after the gradients in the flat buffer: the weighted loss and the stop flag.
+const TRAILING_SLOTS: usize = 2;
 
 /// One all-reduce unit: consecutive parameters whose gradients are exchanged by one call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bucket {
     /// Indices of its parameters in the [`ParameterSet`].
     pub parameters: Range<usize>,
-    /// Its elements in the flat buffer (the first bucket also holds the loss slot).
+    /// Its elements in the flat buffer (the first bucket also holds the loss and stop slots).
     pub elements: Range<usize>,
 }
 
 /// The reused flat gradient buffer and its division into all-reduce buckets.
 ///
-/// The buffer holds every parameter's gradient in flat order followed by one extra element, the
-/// rank's weighted loss, so the global mean loss arrives with the gradients at no extra round
-/// trip. Buckets hold whole parameters, at most `bucket_bytes` of them unless one parameter is
+/// The buffer holds every parameter's gradient in flat order followed by two extra elements:
+/// the rank's weighted loss, so the global mean loss arrives with the gradients at no extra
+/// round trip, and its stop flag (1 when the rank was asked to stop with a checkpoint), so the
+/// ranks agree to stop after the same step at no extra round trip either. Buckets hold whole parameters, at most `bucket_bytes` of them unless one parameter is
 /// larger by itself, and are formed from the last parameter backwards, the order in which the
 /// backward pass produces gradients (as PyTorch DDP does).
 #[derive(Debug, Clone)]
 pub struct GradientBuckets {
-    /// Gradients in flat parameter order, then the weighted loss.
+    /// Gradients in flat parameter order, then the weighted loss and the stop flag.
     flat: Vec<f32>,
     /// Buckets in launch order: the one holding the last parameters first.
     buckets: Vec<Bucket>,
@@ -80,14 +83,14 @@ impl GradientBuckets {
             bucket_of_parameter[index] = buckets.len() - 1;
         }
         match buckets.first_mut() {
-            Some(first) => first.elements.end += 1,
+            Some(first) => first.elements.end += TRAILING_SLOTS,
             None => buckets.push(Bucket {
                 parameters: 0..0,
-                elements: 0..1,
+                elements: 0..TRAILING_SLOTS,
             }),
         }
         Self {
-            flat: vec![0.0; element_count + 1],
+            flat: vec![0.0; element_count + TRAILING_SLOTS],
             buckets,
             bucket_of_parameter,
         }
@@ -98,27 +101,55 @@ impl GradientBuckets {
         &self.buckets
     }
 
-    /// Returns the gradients (without the loss slot).
+    /// Where the trailing slots start: the gradients end there.
+    fn trailing(&self) -> usize {
+        self.flat.len() - TRAILING_SLOTS
+    }
+
+    /// Returns the gradients (without the trailing slots).
     pub fn gradients(&self) -> &[f32] {
-        &self.flat[..self.flat.len() - 1]
+        &self.flat[..self.trailing()]
     }
 
     /// Returns the gradients mutably, for packing and clipping.
     pub fn gradients_mut(&mut self) -> &mut [f32] {
-        let end = self.flat.len() - 1;
+        let end = self.trailing();
         &mut self.flat[..end]
     }
 
     /// Returns the loss slot: this rank's weighted loss before the all-reduce, the global mean
     /// loss after it.
     pub fn loss(&self) -> f32 {
-        self.flat[self.flat.len() - 1]
+        self.flat[self.trailing()]
     }
 
     /// Sets the loss slot.
     pub fn set_loss(&mut self, weighted_loss: f32) {
-        let last = self.flat.len() - 1;
-        self.flat[last] = weighted_loss;
+        let slot = self.trailing();
+        self.flat[slot] = weighted_loss;
+    }
+
+    /// Sets the stop slot: whether this rank was asked to stop after this step.
+    pub fn set_stop_request(&mut self, requested: bool) {
+        let slot = self.trailing() + 1;
+        self.flat[slot] = f32::from(u8::from(requested));
+    }
+
+    /// Sums the stop slot alone over all ranks: for a step whose gradients are not exchanged
+    /// (an overflow skipped it), so that the ranks still agree whether to stop after it.
+    pub fn all_reduce_stop(&mut self, communicator: &mut dyn Communicator) -> Result<()> {
+        if communicator.world_size() == 1 {
+            return Ok(());
+        }
+        let slot = self.trailing() + 1;
+        communicator.all_reduce((&mut self.flat[slot..]).into(), ReduceOp::Sum)?;
+        Ok(())
+    }
+
+    /// Whether, after the all-reduce, some rank asked to stop after this step (before it, or
+    /// alone, whether this one did).
+    pub fn stop_agreed(&self) -> bool {
+        self.flat[self.trailing() + 1] > 0.0
     }
 
     /// Sums the buffer over all ranks in place, one all-reduce call per bucket. With one rank
@@ -137,7 +168,7 @@ impl GradientBuckets {
     }
 
     /// Sums the gradients over all ranks in `format` (bucket by bucket; the collective
-    /// accumulates in f32 and rounds once) and the loss slot in f32. With one rank it does
+    /// accumulates in f32 and rounds once) and the trailing slots in f32. With one rank it does
     /// nothing.
     pub fn all_reduce_as(
         &mut self,
@@ -148,9 +179,9 @@ impl GradientBuckets {
         if communicator.world_size() == 1 {
             return Ok(());
         }
-        let loss_slot = self.flat.len() - 1;
+        let trailing = self.trailing();
         for bucket in &self.buckets {
-            let end = bucket.elements.end.min(loss_slot);
+            let end = bucket.elements.end.min(trailing);
             if bucket.elements.start < end {
                 narrow.all_reduce(
                     &mut self.flat[bucket.elements.start..end],
@@ -159,14 +190,14 @@ impl GradientBuckets {
                 )?;
             }
         }
-        communicator.all_reduce((&mut self.flat[loss_slot..]).into(), ReduceOp::Sum)?;
+        communicator.all_reduce((&mut self.flat[trailing..]).into(), ReduceOp::Sum)?;
         Ok(())
     }
 
     /// Runs the staged backward pass of `forward` on the calling thread while a communication
     /// thread all-reduces each bucket as soon as its gradients (scaled by `scale`) are packed,
     /// so the exchange of the last layers overlaps the backward pass of the first ones. The
-    /// loss slot must be set first. Returns how long the calling thread then waited for the
+    /// loss and stop slots must be set first. Returns how long the calling thread then waited for the
     /// remaining all-reduces: the communication left exposed.
     pub fn backward_overlapped(
         &mut self,
@@ -363,7 +394,7 @@ mod tests {
         let expected = vec![
             Bucket {
                 parameters: 4..5,
-                elements: 19..21,
+                elements: 19..22,
             },
             Bucket {
                 parameters: 3..4,
@@ -382,19 +413,22 @@ mod tests {
         assert_eq!(buckets.bucket_of_parameter, vec![3, 2, 2, 1, 0]);
         let one = GradientBuckets::new(&set, 25 << 20);
         assert_eq!(one.buckets().len(), 1);
-        assert_eq!(one.buckets()[0].elements, 0..21);
+        assert_eq!(one.buckets()[0].elements, 0..22);
     }
 
     #[test]
-    fn loss_slot_follows_the_gradients() {
+    fn the_loss_and_stop_slots_follow_the_gradients() {
         let set = parameters_of_sizes(&[4, 6]);
         let mut buckets = GradientBuckets::new(&set, 16);
         buckets.gradients_mut()[9] = 2.0;
         buckets.set_loss(0.5);
+        assert!(!buckets.stop_agreed());
+        buckets.set_stop_request(true);
         assert_eq!(buckets.gradients().len(), 10);
         assert_eq!(buckets.gradients()[9], 2.0);
         assert_eq!(buckets.loss(), 0.5);
+        assert!(buckets.stop_agreed());
         let empty = GradientBuckets::new(&parameters_of_sizes(&[]), 16);
-        assert_eq!(empty.buckets()[0].elements, 0..1);
+        assert_eq!(empty.buckets()[0].elements, 0..2);
     }
 }

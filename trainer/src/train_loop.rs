@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 use candle_nn::Module;
-use cohort_collective::{Communicator, ReduceOp};
+use cohort_collective::Communicator;
 use cohort_jobspec::precision::Precision;
 
 use crate::checkpoint;
@@ -26,10 +26,10 @@ use crate::models::Model;
 use crate::optim::Optimizer;
 use crate::parameters::ParameterSet;
 use crate::precision::{self, NarrowBuffers};
-use crate::run::TrainConfig;
 use crate::run::driver::Run;
 use crate::run::plan::{RunPlan, TrainOutcome};
 use crate::run::step::{Gradients, LocalUpdate, Step, StepSummary};
+use crate::run::{StopSignal, TrainConfig};
 use crate::sampler::{DistributedSampler, EpochOrder, SampleRecord};
 
 /// Trains `config`'s model on `data` as one rank of `communicator`'s group, reporting to
@@ -275,7 +275,9 @@ impl<'a> DataParallel<'a> {
             let local_overflow =
                 !local_loss.is_finite() || precision::has_non_finite(self.buckets.gradients());
             overflow = precision::agree_on_overflow(local_overflow, self.communicator)?;
-            if !overflow {
+            if overflow {
+                self.buckets.all_reduce_stop(self.communicator)?;
+            } else {
                 self.buckets.all_reduce_as(
                     self.communicator,
                     self.gradient_format,
@@ -294,6 +296,10 @@ impl Run for DataParallel<'_> {
     fn step(&mut self, step: u64) -> Result<StepSummary> {
         let started = Instant::now();
         let mut timings = PhaseTimings::default();
+        // Read before the exchange, which carries it: every rank learns whether any was asked
+        // to stop after this step.
+        let stop_requested = self.config.stop.as_ref().is_some_and(StopSignal::raised);
+        self.buckets.set_stop_request(stop_requested);
         let indices = self.order.rank_batch(&self.plan.sampler, step);
         if let Some(samples) = &mut self.samples {
             samples.record(step + 1, indices)?;
@@ -335,13 +341,9 @@ impl Run for DataParallel<'_> {
         Ok(Some(evaluation))
     }
 
-    fn agree_to_stop(&mut self, requested: bool) -> Result<bool> {
-        // One element, summed: some rank was asked to stop. Every rank takes part every step,
-        // so they all stop after the same one.
-        let mut flag = [f32::from(u8::from(requested))];
-        self.communicator
-            .all_reduce((&mut flag[..]).into(), ReduceOp::Sum)?;
-        Ok(flag[0] > 0.0)
+    fn stop_agreed(&mut self) -> Result<bool> {
+        // The stop slot travelled with the step's gradients.
+        Ok(self.buckets.stop_agreed())
     }
 
     fn checkpoint(&mut self, completed: u64) -> Result<Option<PathBuf>> {
@@ -655,10 +657,27 @@ mod tests {
 
     #[test]
     fn a_stop_asked_of_one_rank_stops_every_rank_after_the_same_step_with_a_checkpoint() {
+        stop_after_step_eight(None);
+    }
+
+    #[test]
+    fn a_stop_asked_in_a_step_an_overflow_skips_still_stops_every_rank() {
+        // fp16, and rank 0's gradients of step 8 (0-based 7) overflow: the step is skipped on
+        // every rank and its gradients never exchanged, but the stop request still is.
+        stop_after_step_eight(Some((0, 7)));
+    }
+
+    /// Two ranks, rank 1 asked to stop after its 7th step (fp16 with `overflow` injected, when
+    /// given): both stop after step 8 with the same parameters, rank 0 having checkpointed.
+    fn stop_after_step_eight(overflow: Option<(usize, u64)>) {
         let dir = tempfile::tempdir().unwrap();
         let data = small_splits();
         let outcomes = on_ring(2, |rank, ring| {
             let mut config = small_config(2, dir.path());
+            if overflow.is_some() {
+                config.train.precision = Precision::Fp16;
+                config.inject_overflow = overflow;
+            }
             config.stop = Some(crate::run::StopSignal::new());
             // Only rank 1 is asked, after its 7th step.
             let mut sink: Box<dyn MetricsSink> = match rank {
@@ -670,13 +689,14 @@ mod tests {
             };
             train(&config, &data, ring, sink.as_mut()).unwrap()
         });
+        // Asked after step 7, rank 1 says so with step 8's gradients: every rank stops after 8.
         for outcome in &outcomes {
-            assert_eq!(outcome.stopped_at, Some(7));
-            assert_eq!(outcome.steps, 7);
+            assert_eq!(outcome.stopped_at, Some(8));
+            assert_eq!(outcome.steps, 8);
         }
         assert_eq!(
             outcomes[0].checkpoint.as_deref(),
-            Some(dir.path().join("checkpoints/step-00000007").as_path())
+            Some(dir.path().join("checkpoints/step-00000008").as_path())
         );
         assert!(outcomes[1].checkpoint.is_none(), "rank 0 alone writes");
         assert_eq!(

@@ -183,8 +183,6 @@ pub fn train_language_model(
             batching.global_batch,
             &mut run,
             metrics,
-            // Checkpoint on request is the data-parallel loop's only.
-            None,
         )?;
         (totals, run.pipeline)
     };

@@ -9,7 +9,6 @@ use crate::error::Result;
 use crate::metrics::{EvaluationMetrics, MetricsSink, PhaseTimings, StepMetrics};
 use crate::run::schedule::RunSchedule;
 use crate::run::step::StepSummary;
-use crate::run::stop::StopSignal;
 
 /// The loop-specific half of a run.
 pub(crate) trait Run {
@@ -29,11 +28,10 @@ pub(crate) trait Run {
         Ok(())
     }
 
-    /// Whether every rank stops now, given whether this one was asked to (`requested`): the
-    /// ranks agree, so that all stop after the same step. Runs that cannot agree never stop
-    /// early.
-    fn agree_to_stop(&mut self, requested: bool) -> Result<bool> {
-        let _ = requested;
+    /// Whether the ranks agreed, during the step just taken, to stop after it (some rank was
+    /// asked to: see [`crate::run::stop`]); every rank answers the same. Runs that cannot agree
+    /// never stop early.
+    fn stop_agreed(&mut self) -> Result<bool> {
         Ok(false)
     }
 }
@@ -59,15 +57,14 @@ pub(crate) struct RunTotals {
 }
 
 /// Runs `run` from step `start_step` to the end of `schedule`, reporting to `metrics` every
-/// step (with `global_batch` examples), evaluation and checkpoint. Once `stop` is raised the run
-/// stops at the next step boundary its ranks agree on, after a checkpoint of that step.
+/// step (with `global_batch` examples), evaluation and checkpoint. When the ranks agree to stop
+/// after a step ([`Run::stop_agreed`]), the run ends there, after a checkpoint of that step.
 pub(crate) fn drive(
     schedule: &RunSchedule,
     start_step: u64,
     global_batch: usize,
     run: &mut dyn Run,
     metrics: &mut dyn MetricsSink,
-    stop: Option<&StopSignal>,
 ) -> Result<RunTotals> {
     let mut totals = RunTotals::default();
     let mut last_evaluated = None;
@@ -95,10 +92,7 @@ pub(crate) fn drive(
             evaluate(run, schedule, completed, metrics, &mut totals)?;
             last_evaluated = Some(completed);
         }
-        if completed < schedule.total_steps
-            && let Some(stop) = stop
-            && run.agree_to_stop(stop.raised())?
-        {
+        if completed < schedule.total_steps && run.stop_agreed()? {
             // Every rank holds the parameters after `completed`: checkpoint them and end.
             totals.final_checkpoint = run.checkpoint(completed)?;
             if let Some(path) = &totals.final_checkpoint {
@@ -245,7 +239,6 @@ mod tests {
             10,
             &mut run,
             &mut counts,
-            None,
         )
         .unwrap();
         assert_eq!(
@@ -281,7 +274,6 @@ mod tests {
             10,
             &mut run,
             &mut Counts::default(),
-            None,
         )
         .unwrap();
         assert_eq!(
@@ -305,7 +297,6 @@ mod tests {
             10,
             &mut run,
             &mut counts,
-            None,
         )
         .unwrap();
         assert!(counts.evaluations.is_empty() && counts.checkpoints.is_empty());

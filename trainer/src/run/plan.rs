@@ -108,14 +108,7 @@ impl RunPlan {
             total_steps = self.schedule.total_steps,
             "training starts"
         );
-        drive(
-            &self.schedule,
-            start_step,
-            self.global_batch,
-            run,
-            metrics,
-            config.stop.as_ref(),
-        )
+        drive(&self.schedule, start_step, self.global_batch, run, metrics)
     }
 
     /// Ends the run of rank `rank` with what [`crate::run::driver::drive`] observed.

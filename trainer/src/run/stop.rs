@@ -2,10 +2,11 @@
 //! after which the run stops at the next step boundary every rank agrees on, writes a
 //! checkpoint, and ends early ([`crate::TrainOutcome::stopped_at`]).
 //!
-//! Ranks see the signal at different moments, so they cannot each stop when they see it: between
-//! two steps the driver asks the run to agree ([`crate::run::driver::Run::agree_to_stop`]; the
-//! data-parallel loop sums every rank's flag in a one-element all-reduce), and every rank stops
-//! after the same step, with the same parameters, which is what the checkpoint holds.
+//! Ranks see the signal at different moments, so they cannot each stop when they see it: each
+//! step carries every rank's flag with its gradients (a slot after them in the data-parallel
+//! loop's flat buffer, summed with them, so agreeing costs nothing), the driver asks the run
+//! whether some rank asked ([`crate::run::driver::Run::stop_agreed`]), and every rank stops after
+//! the same step, with the same parameters, which is what the checkpoint holds.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
