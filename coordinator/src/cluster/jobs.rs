@@ -323,14 +323,14 @@ impl Cluster {
                 cohort_proto::env::JOB_TOKEN
             )));
         };
-        // A job that is not live is refused by `check_live` below, after the token: a caller
-        // without the token learns nothing of which jobs exist.
-        let attempt = self
-            .state
-            .lock()
-            .await
-            .live(job_id)
-            .map_or(0, |job| job.record.attempt);
+        // One look at the job gives the attempt whose token it takes and whether it runs; a
+        // job that does not run is refused after the token, so that a caller without the token
+        // learns nothing of which jobs exist.
+        let (attempt, running) = {
+            let state = self.state.lock().await;
+            let attempt = state.live(job_id).map_or(0, |job| job.record.attempt);
+            (attempt, running_check(&state, job_id))
+        };
         if !self
             .job_tokens
             .verify_for_attempt(job_id.as_str(), attempt, token)
@@ -340,20 +340,12 @@ impl Cluster {
                  processes may use its rendezvous and metrics"
             )));
         }
-        self.check_live(job_id).await
+        running
     }
 
     /// Checks that a job exists and is placed (holds its devices).
     pub async fn check_live(&self, job_id: &JobId) -> Result<()> {
-        let state = self.state.lock().await;
-        match state.live(job_id) {
-            Some(job) if job.record.state.runs_attempt() => Ok(()),
-            Some(job) => Err(Error::FailedPrecondition(format!(
-                "job {job_id} is {}, not running",
-                job.record.state.name()
-            ))),
-            None => Err(not_running(&state, job_id)),
-        }
+        running_check(&*self.state.lock().await, job_id)
     }
 
     /// Applies checked rank reports of node `node_id` and decides the outcome of every job
@@ -505,6 +497,18 @@ impl Cluster {
         }
         writes.push(self.writes.put_job(&job.record));
         Ok(())
+    }
+}
+
+/// Whether an attempt of the job runs (its processes may use its rendezvous), or why not.
+fn running_check(state: &State, job_id: &JobId) -> Result<()> {
+    match state.live(job_id) {
+        Some(job) if job.record.state.runs_attempt() => Ok(()),
+        Some(job) => Err(Error::FailedPrecondition(format!(
+            "job {job_id} is {}, not running",
+            job.record.state.name()
+        ))),
+        None => Err(not_running(state, job_id)),
     }
 }
 

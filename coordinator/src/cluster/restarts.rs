@@ -143,13 +143,18 @@ impl Cluster {
             })
             .map(|job| job.record.id.clone())
             .collect();
+        if shrunk.is_empty() {
+            return Ok(());
+        }
         let now = now_ms();
+        // Built once per pass: a planned restart below frees nothing until its ranks are gone.
+        let free_now = state.cluster_view(false);
         for job_id in shrunk {
             let Some(job) = state.live(&job_id) else {
                 continue;
             };
             let record = &job.record;
-            let mut view = state.cluster_view(false);
+            let mut view = free_now.clone();
             for rank in &record.placement {
                 if let Some(node) = view.nodes.iter_mut().find(|n| n.node_id == rank.node_id) {
                     let free = node.free.entry(record.device_kind).or_default();
