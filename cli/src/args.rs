@@ -490,6 +490,14 @@ pub struct CoordinatorDaemonArgs {
     /// network unencrypted. Logged as a warning on every start.
     #[arg(long)]
     pub insecure: bool,
+    /// With an etcd store: seconds the leader's lease lasts unrenewed, so how soon a standby
+    /// coordinator takes over from a leader that died (whole seconds, 2 to 60).
+    #[arg(long, default_value_t = 3.0)]
+    pub leader_lease_s: f64,
+    /// With an etcd store: the address standbys name to clients while this coordinator leads
+    /// [default: the address it listens on].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub advertise_address: Option<String>,
 }
 
 /// TLS settings of a client of the cluster: whom to trust.

@@ -85,6 +85,14 @@ pub fn cohort_executable() -> PathBuf {
     executable
 }
 
+/// The name of coordinator `index`'s log and address files.
+fn coordinator_name(index: usize) -> String {
+    match index {
+        0 => "coordinator".to_owned(),
+        _ => format!("coordinator-{index}"),
+    }
+}
+
 /// A child process killed (and reaped) on drop.
 pub struct Daemon {
     /// The process.
@@ -109,6 +117,16 @@ impl Daemon {
     pub fn terminate(&mut self) {
         signal(self.child.id(), libc::SIGTERM);
         let _ = self.child.wait();
+    }
+
+    /// Whether it has exited, and how (reaping it if so).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Its whole log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// The last lines of its log.
@@ -248,9 +266,12 @@ pub struct Sandbox {
     directory: tempfile::TempDir,
     /// The `cohort` executable.
     executable: PathBuf,
-    /// The coordinator process, when running.
-    coordinator: Option<Daemon>,
-    /// The coordinator's `host:port`.
+    /// The coordinator processes, when running: the first, then those
+    /// [`Self::add_coordinator`] started (a group sharing an etcd store).
+    coordinators: Vec<Option<Daemon>>,
+    /// Each coordinator's `host:port`, in the same order.
+    addresses: Vec<String>,
+    /// What clients and workers are given: the coordinators' addresses, comma-separated.
     address: String,
     /// Coordinator flags (heartbeat deadline, store).
     coordinator_flags: Vec<String>,
@@ -319,7 +340,8 @@ impl Sandbox {
         let mut sandbox = Self {
             directory,
             executable: cohort_executable(),
-            coordinator: None,
+            coordinators: Vec::new(),
+            addresses: Vec::new(),
             address: String::new(),
             coordinator_flags: vec![
                 "--store".to_owned(),
@@ -351,7 +373,7 @@ impl Sandbox {
             Some(network) => format!("{}:0", network.address(0)),
             None => "127.0.0.1:0".to_owned(),
         };
-        sandbox.start_coordinator(&listen)?;
+        sandbox.start_coordinator(0, &listen)?;
         Ok(sandbox)
     }
 
@@ -464,41 +486,115 @@ impl Sandbox {
         Ok(Daemon { child, log })
     }
 
-    fn start_coordinator(&mut self, listen: &str) -> Result<()> {
-        let address_file = self.directory.path().join("coordinator.addr");
+    /// Starts coordinator `index` (0: the first, with the sandbox's data dir; others get their
+    /// own and the first's join token) listening on `listen`, and waits until it answers as
+    /// the leader when it is the only one, or until it has bound its address otherwise.
+    fn start_coordinator(&mut self, index: usize, listen: &str) -> Result<()> {
+        let name = coordinator_name(index);
+        let address_file = self.directory.path().join(format!("{name}.addr"));
         let _ = std::fs::remove_file(&address_file);
         let mut args = vec![
             "coordinator".to_owned(),
             "--listen".to_owned(),
             listen.to_owned(),
             "--data-dir".to_owned(),
-            self.data_dir().display().to_string(),
+            self.coordinator_data_dir(index).display().to_string(),
             "--address-file".to_owned(),
             address_file.display().to_string(),
         ];
+        if index > 0 {
+            args.extend([
+                "--join-token-file".to_owned(),
+                self.join_token_file().display().to_string(),
+            ]);
+        }
         args.extend(self.coordinator_flags.iter().cloned());
-        let mut daemon = self.spawn("coordinator", &args, self.coordinator_open_files, 0, &[])?;
+        let mut daemon = self.spawn(&name, &args, self.coordinator_open_files, 0, &[])?;
         let address = poll("the coordinator's address file", DEFAULT_TIMEOUT, || {
             if let Some(status) = daemon.child.try_wait()? {
                 bail!("coordinator exited ({status}): {}", daemon.log_tail());
             }
             Ok(std::fs::read_to_string(&address_file).ok())
         })?;
-        self.address = address.trim().to_owned();
-        self.admin_token = std::fs::read_to_string(self.data_dir().join("admin-token"))
-            .context("reading the first admin's token")?
-            .trim()
-            .to_owned();
-        self.coordinator = Some(daemon);
+        let address = address.trim().to_owned();
+        if index < self.addresses.len() {
+            self.addresses[index] = address;
+            self.coordinators[index] = Some(daemon);
+        } else {
+            self.addresses.push(address);
+            self.coordinators.push(Some(daemon));
+        }
+        self.address = self.addresses.join(",");
+        if index > 0 {
+            return Ok(());
+        }
+        // With etcd the first admin is made once the coordinator leads, after it listens.
+        let admin_token_file = self.data_dir().join("admin-token");
+        let admin_token = poll("the first admin's token", DEFAULT_TIMEOUT, || {
+            if let Some(status) = self.coordinators[0].as_mut().and_then(Daemon::exited) {
+                bail!("coordinator exited ({status})");
+            }
+            Ok(std::fs::read_to_string(&admin_token_file).ok())
+        })?;
+        self.admin_token = admin_token.trim().to_owned();
         poll("the coordinator to answer", DEFAULT_TIMEOUT, || {
             Ok(self.cli(&["nodes"]).ok().filter(|o| o.status.success()))
         })?;
         Ok(())
     }
 
-    /// The coordinator's data directory.
+    /// Starts another coordinator sharing the first's etcd store and join token, on a loopback
+    /// port of its own; it stands by while the first leads. Clients and workers started from
+    /// now on are given every coordinator's address. Returns its index.
+    pub fn add_coordinator(&mut self) -> Result<usize> {
+        let index = self.coordinators.len();
+        self.start_coordinator(index, "127.0.0.1:0")?;
+        Ok(index)
+    }
+
+    /// Coordinator `index`'s `host:port`.
+    pub fn coordinator_address(&self, index: usize) -> &str {
+        &self.addresses[index]
+    }
+
+    /// Coordinator `index`'s process, while it runs.
+    pub fn coordinator(&mut self, index: usize) -> Option<&mut Daemon> {
+        self.coordinators.get_mut(index).and_then(Option::as_mut)
+    }
+
+    /// Kills coordinator `index` with SIGKILL.
+    pub fn kill_coordinator_at(&mut self, index: usize) {
+        if let Some(mut daemon) = self.coordinators.get_mut(index).and_then(Option::take) {
+            daemon.kill();
+        }
+    }
+
+    /// Which coordinator leads: the first whose own address alone answers `cohort nodes`.
+    pub fn leader(&self) -> Option<usize> {
+        (0..self.addresses.len()).find(|&index| {
+            self.coordinators[index].is_some()
+                && self
+                    .cli_from(
+                        0,
+                        Some(&self.admin_token),
+                        &[("COHORT_COORDINATOR", &self.addresses[index])],
+                        &["nodes"],
+                    )
+                    .is_ok_and(|output| output.status.success())
+        })
+    }
+
+    /// The (first) coordinator's data directory.
     pub fn data_dir(&self) -> PathBuf {
-        self.directory.path().join("data")
+        self.coordinator_data_dir(0)
+    }
+
+    /// Coordinator `index`'s data directory.
+    fn coordinator_data_dir(&self, index: usize) -> PathBuf {
+        match index {
+            0 => self.directory.path().join("data"),
+            _ => self.directory.path().join(format!("data-{index}")),
+        }
     }
 
     /// The first admin's token (what CLI calls show).
@@ -511,22 +607,20 @@ impl Sandbox {
         self.data_dir().join("join-token")
     }
 
-    /// The coordinator's process id, while it runs.
+    /// The (first) coordinator's process id, while it runs.
     pub fn coordinator_pid(&self) -> Option<u32> {
-        self.coordinator.as_ref().map(Daemon::pid)
+        self.coordinators.first()?.as_ref().map(Daemon::pid)
     }
 
-    /// Kills the coordinator with SIGKILL.
+    /// Kills the (first) coordinator with SIGKILL.
     pub fn kill_coordinator(&mut self) {
-        if let Some(mut daemon) = self.coordinator.take() {
-            daemon.kill();
-        }
+        self.kill_coordinator_at(0);
     }
 
-    /// Starts the coordinator again on the same address and data dir.
+    /// Starts the (first) coordinator again on the same address and data dir.
     pub fn restart_coordinator(&mut self) -> Result<()> {
-        let address = self.address.clone();
-        self.start_coordinator(&address)
+        let address = self.addresses[0].clone();
+        self.start_coordinator(0, &address)
     }
 
     /// Starts a worker with `cpu_slots` slots as node `node_id` and waits until it is ready.

@@ -37,6 +37,12 @@ pub struct CoordinatorConfig {
     /// The certificate and key to serve TLS with. `None`: plaintext, which the CLI allows on
     /// loopback only (or with `--insecure`).
     pub tls: Option<cohort_proto::transport::ServerTls>,
+    /// With the etcd store: how long the leader's lease lasts unrenewed, so how soon a
+    /// standby takes over from a leader that died. Default 3 s.
+    pub leader_lease: Duration,
+    /// With the etcd store: the address standbys name when this coordinator leads. `None`:
+    /// the address it listens on.
+    pub advertise_address: Option<String>,
 }
 
 impl Default for CoordinatorConfig {
@@ -54,6 +60,8 @@ impl Default for CoordinatorConfig {
             max_queued_jobs_per_submitter: crate::limits::DEFAULT_MAX_QUEUED_JOBS_PER_SUBMITTER,
             join_token: None,
             tls: None,
+            leader_lease: crate::leadership::DEFAULT_LEASE,
+            advertise_address: None,
         }
     }
 }

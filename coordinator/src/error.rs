@@ -55,6 +55,10 @@ pub enum Error {
     /// The cluster store failed.
     #[error("cluster store: {0}")]
     Store(String),
+    /// This coordinator no longer leads its group (its lease ended): it must write nothing
+    /// more, and stops.
+    #[error("this coordinator lost the leadership: {0}")]
+    LostLeadership(String),
     /// Reading or writing local files failed.
     #[error("{context}: {source}")]
     Io {
@@ -101,6 +105,7 @@ impl From<Error> for tonic::Status {
             Error::Unauthenticated(_) => tonic::Status::unauthenticated(message),
             Error::PermissionDenied(_) => tonic::Status::permission_denied(message),
             Error::ResourceExhausted(_) => tonic::Status::resource_exhausted(message),
+            Error::LostLeadership(_) => tonic::Status::unavailable(message),
             Error::Store(_) | Error::Io { .. } | Error::Transport(_) => {
                 tonic::Status::internal(message)
             }

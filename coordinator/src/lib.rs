@@ -8,6 +8,8 @@
 //! - [`cluster`]: the domain core that applies both: submission, cancellation, rank outcomes,
 //!   membership and lost-node handling, the scheduler pass.
 //! - [`store`]: durable state behind [`store::ClusterStore`] (embedded redb, or etcd).
+//! - [`leadership`]: with etcd, one leader among several coordinators: election, fenced
+//!   writes, and what a standby answers.
 //! - [`rendezvous`]: the per-job key-value store and barrier ranks use to find each other.
 //! - [`logs`]: captured rank output, on disk and live to followers.
 //! - [`auth`]: who is calling (users, workers, jobs, by token) and what they may do.
@@ -20,6 +22,7 @@ pub mod cluster;
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod leadership;
 pub mod lifecycle;
 pub mod limits;
 pub mod logs;
@@ -30,19 +33,22 @@ pub mod service;
 pub mod store;
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use cohort_proto::MAX_MESSAGE_BYTES;
 use cohort_proto::v1::job_control_server::JobControlServer;
 use cohort_proto::v1::membership_server::MembershipServer;
 use cohort_proto::v1::rendezvous_server::RendezvousServer;
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tracing::info;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
 
 pub use cluster::Cluster;
 pub use config::CoordinatorConfig;
 pub use error::{Error, Result};
+pub use leadership::Leadership;
 pub use store::ClusterStore;
 
 /// Which store the coordinator keeps its state in.
@@ -71,29 +77,106 @@ impl std::str::FromStr for StoreLocation {
     }
 }
 
-/// Opens the store named by `location`.
+/// Opens the store named by `location`. With etcd, first wins the leadership of the
+/// coordinators sharing that store (see [`leadership`]), serving standby answers on `listener`
+/// until then; the store returned writes only while that leadership lasts.
 pub async fn open_store(
     location: &StoreLocation,
     config: &CoordinatorConfig,
-) -> Result<Arc<dyn ClusterStore>> {
-    Ok(match location {
-        StoreLocation::Embedded => {
-            Arc::new(store::embedded::EmbeddedStore::open(&config.data_dir)?)
-        }
+    listener: &Arc<TcpListener>,
+) -> Result<(Arc<dyn ClusterStore>, Option<Leadership>)> {
+    match location {
+        StoreLocation::Embedded => Ok((
+            Arc::new(store::embedded::EmbeddedStore::open(&config.data_dir)?),
+            None,
+        )),
         StoreLocation::Etcd(endpoint) => {
-            Arc::new(store::etcd::EtcdStore::connect(endpoint, "/cohort").await?)
+            let prefix = store::etcd::DEFAULT_PREFIX;
+            let store = store::etcd::EtcdStore::connect(endpoint, prefix).await?;
+            let address = match &config.advertise_address {
+                Some(address) => address.clone(),
+                None => listener
+                    .local_addr()
+                    .map_err(|e| Error::io("reading the listener's address", e))?
+                    .to_string(),
+            };
+            let leadership = elect(endpoint, prefix, &address, config, listener).await?;
+            let store = store.fenced(leadership.fence());
+            Ok((Arc::new(store), Some(leadership)))
         }
-    })
+    }
+}
+
+/// Campaigns for the leadership, answering calls on `listener` as a standby meanwhile.
+async fn elect(
+    endpoint: &str,
+    prefix: &str,
+    address: &str,
+    config: &CoordinatorConfig,
+    listener: &Arc<TcpListener>,
+) -> Result<Leadership> {
+    let (leader, known_leader) = watch::channel(None);
+    let (elected, standby_ends) = tokio::sync::oneshot::channel::<()>();
+    let standby = tokio::spawn(leadership::standby::serve(
+        listener.clone(),
+        config.tls.clone(),
+        known_leader,
+        async {
+            let _ = standby_ends.await;
+        },
+    ));
+    info!(%address, "standing by until elected");
+    let outcome =
+        Leadership::campaign(endpoint, prefix, address, config.leader_lease, &leader).await;
+    let _ = elected.send(());
+    // Standby answers are immediate, so connections drain at once; a client that holds one
+    // open is cut off rather than allowed to keep the leader from serving.
+    match tokio::time::timeout(STANDBY_DRAIN, standby).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(error))) => return Err(error),
+        Ok(Err(join_error)) => error!(%join_error, "the standby server failed"),
+        Err(_) => warn!("standby connections still open after {STANDBY_DRAIN:?}; serving anyway"),
+    }
+    outcome
+}
+
+/// Longest the standby server may take to close its connections once elected.
+const STANDBY_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The connections accepted on a listener shared by the standby and the leader servers
+/// (one after the other).
+pub struct Incoming(Arc<TcpListener>);
+
+impl Incoming {
+    /// Connections accepted on `listener`.
+    pub fn new(listener: Arc<TcpListener>) -> Self {
+        Self(listener)
+    }
+}
+
+impl tokio_stream::Stream for Incoming {
+    type Item = std::io::Result<TcpStream>;
+
+    fn poll_next(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.0
+            .poll_accept(context)
+            .map(|accepted| Some(accepted.map(|(stream, _)| stream)))
+    }
 }
 
 /// Serves the coordinator on `listener` until `shutdown` resolves, to the callers `auth`
 /// knows (built with [`auth::Authenticator::load`] over the same store, before the address is
 /// published, so that the credential files it writes exist once anyone can connect).
+///
+/// With a `leadership` (the etcd store), it also stops when the leadership is lost, and then
+/// returns [`Error::LostLeadership`]; on `shutdown` it resigns, so a standby takes over at
+/// once.
 pub async fn run(
     config: CoordinatorConfig,
     store: Arc<dyn ClusterStore>,
     auth: Arc<auth::Authenticator>,
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
+    leadership: Option<Leadership>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let address = listener
@@ -129,13 +212,30 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(Incoming::new(listener), async {
+            match &leadership {
+                Some(leadership) => {
+                    tokio::select! {
+                        () = shutdown => {}
+                        _ = leadership.lost() => {}
+                    }
+                }
+                None => shutdown.await,
+            }
+        })
         .await;
     let _ = stop_background.send(());
     let _ = background.await;
     // Every job change made before the server stopped is stored before the coordinator exits.
     if let Err(error) = cluster.flush().await {
         tracing::warn!(%error, "job writes did not all land before shutdown");
+    }
+    if let Some(leadership) = leadership {
+        if let Some(why) = leadership.lost_reason() {
+            error!(%address, why = %why, "coordinator stopped: it no longer leads");
+            return Err(Error::LostLeadership(why));
+        }
+        leadership.resign().await;
     }
     info!(%address, "coordinator stopped");
     Ok(result?)

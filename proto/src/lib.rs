@@ -16,12 +16,15 @@
 //! - [`secret`]: [`Secret`], a token that never prints.
 //! - [`transport`]: the bearer token on every call ([`transport::Credentials`]), and TLS
 //!   ([`transport::endpoint`], [`transport::ServerTls`]).
+//! - [`failover`]: [`failover::Failover`], the channel to whichever coordinator of a group
+//!   leads, and the answer of one that stands by.
 //! - [`text`]: bounded free text (details, reasons, log lines, error messages) and excerpts.
 //! - [`codec`]: the protobuf codec of every service: a message that does not decode is the
 //!   caller's mistake (`INVALID_ARGUMENT`).
 
 pub mod codec;
 pub mod env;
+pub mod failover;
 pub mod ids;
 pub mod launch;
 pub mod secret;

@@ -11,6 +11,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -30,6 +31,10 @@ const BEARER: &str = "Bearer ";
 
 /// A channel whose every request carries the caller's token.
 pub type Connection = InterceptedService<Channel, Credentials>;
+
+/// A channel to whichever coordinator of a group leads ([`crate::failover`]), whose every
+/// request carries the caller's token.
+pub type CoordinatorConnection = InterceptedService<crate::failover::Failover, Credentials>;
 
 /// The bearer token of `metadata`, if it has a well-formed one.
 pub fn bearer_token(metadata: &MetadataMap) -> Option<&str> {
@@ -85,7 +90,7 @@ impl Credentials {
     }
 
     /// Wraps `channel` so that every request shows these credentials.
-    pub fn wrap(self, channel: Channel) -> Connection {
+    pub fn wrap<S>(self, channel: S) -> InterceptedService<S, Credentials> {
         InterceptedService::new(channel, self)
     }
 }
@@ -235,6 +240,25 @@ pub fn endpoint(address: &str, ca: Option<&CaCertificate>) -> Result<Endpoint, T
     Endpoint::from_shared(format!("https://{host_port}"))
         .and_then(|endpoint| endpoint.tls_config(tls))
         .map_err(|error| failure(&error.to_string()))
+}
+
+/// How often a coordinator client pings a connection that has calls open, and how long it
+/// waits for the answer before it takes the coordinator for gone (a paused or partitioned
+/// leader holds connections open without answering).
+pub const COORDINATOR_KEEP_ALIVE: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(3));
+
+/// The endpoint of the coordinator at `address` ([`endpoint`]), with what every coordinator
+/// client uses: no Nagle delay, and keep-alive pings ([`COORDINATOR_KEEP_ALIVE`]).
+pub fn coordinator_endpoint(
+    address: &str,
+    ca: Option<&CaCertificate>,
+) -> Result<Endpoint, TransportError> {
+    let (interval, timeout) = COORDINATOR_KEEP_ALIVE;
+    Ok(endpoint(address, ca)?
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(interval)
+        .keep_alive_timeout(timeout))
 }
 
 #[cfg(test)]

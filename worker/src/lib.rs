@@ -34,7 +34,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cohort_proto::MAX_MESSAGE_BYTES;
-use cohort_proto::transport::{self, CaCertificate, Credentials};
+use cohort_proto::failover::Failover;
+use cohort_proto::transport::{CaCertificate, Credentials};
 use cohort_proto::v1::StopCause;
 use cohort_proto::v1::membership_client::MembershipClient;
 use tokio::time::Instant;
@@ -68,13 +69,13 @@ pub async fn run(
         .map(CaCertificate::read)
         .transpose()
         .map_err(|e| Error::Config(format!("the cluster's CA: {e}")))?;
-    let endpoint = transport::endpoint(&config.coordinator, ca.as_ref())
-        .map_err(|e| Error::Config(format!("the coordinator's {e}")))?
-        .connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true);
+    let coordinators = Failover::lazy(&config.coordinator, ca.as_ref(), |endpoint| {
+        endpoint.connect_timeout(Duration::from_secs(3))
+    })
+    .map_err(|e| Error::Config(format!("the coordinator's {e}")))?;
     let credentials = Credentials::new(Some(&config.join_token))
         .map_err(|e| Error::Config(format!("join token: {e}")))?;
-    let mut client = MembershipClient::new(credentials.wrap(endpoint.connect_lazy()))
+    let mut client = MembershipClient::new(credentials.wrap(coordinators))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (state, containment, leftovers) = prepare_node(&config).await?;
@@ -124,7 +125,11 @@ pub async fn run(
             {
                 Ok(SessionEnd::Lost(why)) => {
                     warn!(coordinator = %config.coordinator, why, "lost the coordinator; registering again");
+                    // Registering again comes first: with several coordinators, the next one
+                    // to lead adopts the running ranks if they reach it in time.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     delay = Duration::from_millis(100);
+                    continue;
                 }
                 Err(error) => warn!(%error, "registration failed"),
             }

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use cohort_proto::transport::Connection;
+use cohort_proto::transport::CoordinatorConnection;
 use cohort_proto::v1::membership_client::MembershipClient;
 use cohort_proto::v1::{LogLine, PushLogsRequest};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -43,7 +43,7 @@ impl LogShipper {
     /// Starts the shipping task, pushing through `client` on behalf of node `node_id` with the
     /// session id `session` holds.
     pub fn start(
-        client: MembershipClient<Connection>,
+        client: MembershipClient<CoordinatorConnection>,
         node_id: String,
         session: watch::Receiver<Option<String>>,
     ) -> Self {
@@ -82,7 +82,7 @@ impl LogShipper {
 /// What a push needs: the connection and who is pushing.
 struct Pusher {
     /// The coordinator's membership service.
-    client: MembershipClient<Connection>,
+    client: MembershipClient<CoordinatorConnection>,
     /// This node.
     node_id: String,
     /// The current session id (`None` while registering).

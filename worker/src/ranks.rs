@@ -681,7 +681,9 @@ mod tests {
             .unwrap()
             .connect_lazy();
         let (session, sessions) = watch::channel(Some("test-session".to_owned()));
-        let channel = cohort_proto::transport::Credentials::default().wrap(channel);
+        let channel = cohort_proto::transport::Credentials::default().wrap(
+            cohort_proto::failover::Failover::over(vec![(address.to_string(), channel)], 0),
+        );
         let shipper = LogShipper::start(MembershipClient::new(channel), name.to_owned(), sessions);
         let scratch = tempfile::tempdir().unwrap();
         let state = Arc::new(StateDir::open(&scratch.path().join("state")).unwrap());

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use cohort_proto::transport::Connection;
+use cohort_proto::transport::CoordinatorConnection;
 use cohort_proto::v1::membership_client::MembershipClient;
 use cohort_proto::v1::{HeartbeatRequest, RegisterRequest, instruction};
 use tokio::sync::watch;
@@ -37,7 +37,7 @@ pub enum SessionEnd {
 /// Sends the last heartbeat, on shutdown: the final rank states, so the coordinator hears at
 /// once how the ranks ended, and that this node leaves.
 pub async fn final_heartbeat(
-    client: &mut MembershipClient<Connection>,
+    client: &mut MembershipClient<CoordinatorConnection>,
     config: &WorkerConfig,
     ranks: &Ranks,
     session_id: String,
@@ -57,7 +57,7 @@ pub async fn final_heartbeat(
 
 /// Registers and serves one session until the coordinator goes away or forgets this worker.
 pub async fn serve(
-    client: &mut MembershipClient<Connection>,
+    client: &mut MembershipClient<CoordinatorConnection>,
     config: &WorkerConfig,
     inventory: &dyn DeviceInventory,
     ranks: &Ranks,

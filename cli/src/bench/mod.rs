@@ -13,7 +13,7 @@ pub mod mesh;
 pub mod ps;
 pub mod train;
 
-use cohort_proto::transport::Connection;
+use cohort_proto::transport::CoordinatorConnection;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -124,6 +124,7 @@ pub async fn start_cluster(data_dir: &Path, workers: u32, slots: u32) -> Result<
         coordinator,
         &cohort_coordinator::StoreLocation::Embedded,
         "127.0.0.1:0",
+        None,
     )
     .await?;
     LocalCluster::start(LocalClusterConfig {
@@ -137,7 +138,7 @@ pub async fn start_cluster(data_dir: &Path, workers: u32, slots: u32) -> Result<
 
 /// Submits a job and waits for it to end; fails with the job's reason unless it succeeded.
 pub async fn run_job(
-    client: &mut JobControlClient<Connection>,
+    client: &mut JobControlClient<CoordinatorConnection>,
     spec_toml: String,
 ) -> Result<JobInfo> {
     let job = client::submit(client, spec_toml, false).await?;
@@ -196,7 +197,7 @@ pub fn publish_result(link: &RankLink, result: &impl serde::Serialize) -> Result
 
 /// Reads the per-rank results rank 0 of a finished benchmark job printed.
 pub async fn read_result<T: DeserializeOwned>(
-    client: &mut JobControlClient<Connection>,
+    client: &mut JobControlClient<CoordinatorConnection>,
     job_id: &str,
 ) -> Result<Vec<T>> {
     let mut lines = client

@@ -103,23 +103,26 @@ fn positive(flag: &str, value: usize) -> Result<usize> {
     Ok(value)
 }
 
-/// Opens the store the flags name and binds the listener.
+/// Binds the listener and opens the store the flags name, with `config`.
 pub async fn prepare_coordinator(
     settings: &ClusterSettings,
+    config: CoordinatorConfig,
     listen: &str,
+    address_file: Option<&Path>,
 ) -> Result<PreparedCoordinator> {
-    let config = coordinator_config(settings)?;
     let location: StoreLocation = settings.store.parse()?;
-    prepare(config, &location, listen).await
+    prepare(config, &location, listen, address_file).await
 }
 
-/// Writes `contents` to `path` atomically (temporary file, then rename), so that a reader
-/// polling for the file never sees it half written.
-fn write_atomically(path: &Path, contents: &str) -> Result<()> {
-    let temporary = path.with_extension("tmp");
-    std::fs::write(&temporary, contents)
-        .with_context(|| format!("writing {}", temporary.display()))?;
-    std::fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))
+/// `--leader-lease-s`: whole seconds from [`cohort_coordinator::leadership::MIN_LEASE`] to
+/// its maximum.
+fn leader_lease(value: f64) -> Result<Duration> {
+    use cohort_coordinator::leadership::{MAX_LEASE, MIN_LEASE};
+    let (least, most) = (MIN_LEASE.as_secs_f64(), MAX_LEASE.as_secs_f64());
+    if !(value.is_finite() && (least..=most).contains(&value) && value.fract() == 0.0) {
+        bail!("--leader-lease-s = {value}, expected whole seconds from {least} to {most}");
+    }
+    Ok(Duration::from_secs_f64(value))
 }
 
 /// Whether `address` (`host:port` or `host`) names this machine's loopback.
@@ -162,16 +165,29 @@ pub async fn coordinator(args: CoordinatorDaemonArgs) -> Result<ExitCode> {
             "--insecure: calls to this coordinator cross the network unencrypted (no TLS)"
         );
     }
-    let mut prepared = prepare_coordinator(&args.settings, &args.listen).await?;
-    prepared.config.tls = tls;
-    if let Some(path) = &args.address_file {
-        write_atomically(path, &prepared.listener.local_addr()?.to_string())?;
+    let mut config = coordinator_config(&args.settings)?;
+    config.tls = tls;
+    let location: StoreLocation = args.settings.store.parse()?;
+    if matches!(location, StoreLocation::Etcd(_)) {
+        config.leader_lease = leader_lease(args.leader_lease_s)?;
     }
+    config.advertise_address = args.advertise_address.clone();
+    let prepared = tokio::select! {
+        prepared = prepare_coordinator(
+            &args.settings,
+            config,
+            &args.listen,
+            args.address_file.as_deref(),
+        ) => prepared?,
+        // A standby waits for the leadership as long as it takes; a signal ends the wait.
+        () = shutdown_signal() => return Ok(ExitCode::SUCCESS),
+    };
     cohort_coordinator::run(
         prepared.config,
         prepared.store,
         prepared.auth,
         prepared.listener,
+        prepared.leadership,
         shutdown_signal(),
     )
     .await?;

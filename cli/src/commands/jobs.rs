@@ -1,6 +1,6 @@
 //! Job commands: submit, status, logs, cancel, nodes.
 
-use cohort_proto::transport::Connection;
+use cohort_proto::transport::CoordinatorConnection;
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -94,7 +94,10 @@ fn with_resume_from(spec_toml: &str, checkpoint: &std::path::Path) -> Result<Str
 
 /// Follows a job until it ends, printing progress to stderr and a summary at the end. Returns
 /// success only if the job succeeded.
-pub async fn watch(client: &mut JobControlClient<Connection>, job_id: &str) -> Result<ExitCode> {
+pub async fn watch(
+    client: &mut JobControlClient<CoordinatorConnection>,
+    job_id: &str,
+) -> Result<ExitCode> {
     let mut stream = client
         .watch_job(WatchJobRequest {
             job_id: job_id.to_owned(),
@@ -173,7 +176,7 @@ pub async fn logs(args: LogsArgs) -> Result<ExitCode> {
 /// Streams a job's captured output to stdout, each line prefixed by its rank; with `follow`,
 /// until the job ends.
 pub async fn print_logs(
-    client: &mut JobControlClient<Connection>,
+    client: &mut JobControlClient<CoordinatorConnection>,
     job_id: &str,
     follow: bool,
     rank: Option<u32>,
@@ -286,7 +289,7 @@ fn check_stops_with_checkpoint(job: &JobInfo) -> Result<()> {
 /// Cancels a job and polls until the workers have seen every rank process end (after at most
 /// the job's grace period); returns the job as it is then.
 pub async fn cancel_and_wait(
-    client: &mut JobControlClient<Connection>,
+    client: &mut JobControlClient<CoordinatorConnection>,
     job_id: &str,
 ) -> Result<JobInfo> {
     let mut job = client

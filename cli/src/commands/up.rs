@@ -29,7 +29,8 @@ pub async fn up(args: UpArgs) -> Result<ExitCode> {
     };
     // A local cluster stays on this machine: no --insecure here.
     daemons::listen_policy(&args.listen, false, false)?;
-    let prepared = daemons::prepare_coordinator(&args.settings, &args.listen).await?;
+    let config = daemons::coordinator_config(&args.settings)?;
+    let prepared = daemons::prepare_coordinator(&args.settings, config, &args.listen, None).await?;
     let cluster = LocalCluster::start(LocalClusterConfig {
         coordinator: prepared,
         workers: args.workers,

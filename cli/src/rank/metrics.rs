@@ -2,7 +2,7 @@
 //! thread only replaces the latest snapshot; a task on the rank's runtime sends it at most every
 //! [`REPORT_INTERVAL`], and evaluations and the final figures go out at once.
 
-use cohort_proto::transport::Connection;
+use cohort_proto::transport::CoordinatorConnection;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
@@ -26,7 +26,7 @@ pub struct CoordinatorMetrics {
     /// Runtime of the reporter task.
     runtime: Handle,
     /// Client of the rendezvous service (which takes metrics).
-    client: RendezvousClient<Connection>,
+    client: RendezvousClient<CoordinatorConnection>,
     /// The job.
     job_id: String,
     /// Wall time of each step, seconds.
@@ -41,7 +41,7 @@ impl CoordinatorMetrics {
     /// Starts the reporter task on `runtime`.
     pub fn start(
         runtime: Handle,
-        client: RendezvousClient<Connection>,
+        client: RendezvousClient<CoordinatorConnection>,
         job_id: String,
         rank: u32,
     ) -> Self {
@@ -127,7 +127,11 @@ impl CoordinatorMetrics {
     }
 }
 
-async fn send(client: &mut RendezvousClient<Connection>, job_id: &str, mut metrics: RankMetrics) {
+async fn send(
+    client: &mut RendezvousClient<CoordinatorConnection>,
+    job_id: &str,
+    mut metrics: RankMetrics,
+) {
     metrics.reported_at_unix_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_millis() as i64);

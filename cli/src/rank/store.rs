@@ -1,7 +1,7 @@
 //! The collective crate's rendezvous [`Store`], served by the coordinator's per-job key-value
 //! service over gRPC. Calls block the calling (training) thread on a small runtime of their own.
 
-use cohort_proto::transport::Connection;
+use cohort_proto::transport::CoordinatorConnection;
 use std::time::Duration;
 
 use cohort_collective::{Error, Result, Store};
@@ -17,14 +17,18 @@ pub struct GrpcStore {
     /// Runtime the calls run on (not the caller's: the caller is a plain thread).
     runtime: Handle,
     /// Client of the coordinator's rendezvous service.
-    client: RendezvousClient<Connection>,
+    client: RendezvousClient<CoordinatorConnection>,
     /// The job whose keys these are.
     job_id: String,
 }
 
 impl GrpcStore {
     /// Wraps a connected client for `job_id`.
-    pub fn new(runtime: Handle, client: RendezvousClient<Connection>, job_id: String) -> Self {
+    pub fn new(
+        runtime: Handle,
+        client: RendezvousClient<CoordinatorConnection>,
+        job_id: String,
+    ) -> Self {
         Self {
             runtime,
             client,

@@ -60,6 +60,8 @@ impl Authenticator {
             Some(token) => token.clone(),
             None => read_or_create_secret(&data_dir.join(JOIN_TOKEN_FILE), TokenKind::Join)?,
         };
+        let join_hash = token::hash(join.expose());
+        check_shared_join_token(store.as_ref(), &join_hash).await?;
         let users = store
             .list_users()
             .await?
@@ -69,7 +71,7 @@ impl Authenticator {
         let authenticator = Self {
             store,
             users: RwLock::new(users),
-            join: token::hash(join.expose()),
+            join: join_hash,
         };
         if authenticator.users.read().expect("users lock").is_empty() {
             let (_, token) = authenticator
@@ -207,9 +209,34 @@ impl Authenticator {
 /// File under the data directory holding the key job tokens are derived under.
 pub const JOB_KEY_FILE: &str = "job-key";
 
-/// The cluster's job tokens, under the key in `<data_dir>/job-key` (drawn and written there,
-/// mode 0600, on first start).
-pub fn load_job_tokens(data_dir: &Path) -> Result<token::JobTokens> {
+/// Name of the shared setting holding the job key ([`ClusterStore::shared_setting`]).
+const JOB_KEY_SETTING: &str = "job_key";
+
+/// Name of the shared setting holding the join token's hash.
+const JOIN_TOKEN_SETTING: &str = "join_token_sha256";
+
+/// The cluster's job tokens: under the key the store shares between coordinators (etcd: every
+/// coordinator of a group must check the tokens any of them issued), else under the key in
+/// `<data_dir>/job-key` (drawn and written there, mode 0600, on first start).
+pub async fn load_job_tokens(
+    data_dir: &Path,
+    store: &dyn ClusterStore,
+) -> Result<token::JobTokens> {
+    let drawn = token::JobTokens::generate();
+    if let Some(shared) = store
+        .shared_setting(JOB_KEY_SETTING, drawn.key_hex().as_bytes())
+        .await?
+    {
+        return std::str::from_utf8(&shared)
+            .ok()
+            .and_then(token::JobTokens::from_hex)
+            .ok_or_else(|| {
+                Error::Store(format!(
+                    "the shared setting {JOB_KEY_SETTING} does not hold a job key (64 \
+                     hexadecimal digits)"
+                ))
+            });
+    }
     let path = data_dir.join(JOB_KEY_FILE);
     match std::fs::read_to_string(&path) {
         Ok(text) => token::JobTokens::from_hex(&text).ok_or_else(|| {
@@ -220,11 +247,29 @@ pub fn load_job_tokens(data_dir: &Path) -> Result<token::JobTokens> {
             ))
         }),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            let tokens = token::JobTokens::generate();
-            write_secret(&path, &Secret::new(tokens.key_hex()))?;
-            Ok(tokens)
+            write_secret(&path, &Secret::new(drawn.key_hex()))?;
+            Ok(drawn)
         }
         Err(error) => Err(Error::io(format!("reading {}", path.display()), error)),
+    }
+}
+
+/// Refuses to serve with a join token other than the one the store's other coordinators use
+/// (the first coordinator of a group records its hash): workers registered with one would be
+/// refused by the other after a failover.
+async fn check_shared_join_token(store: &dyn ClusterStore, join: &TokenHash) -> Result<()> {
+    let ours = token::hex(join);
+    match store
+        .shared_setting(JOIN_TOKEN_SETTING, ours.as_bytes())
+        .await?
+    {
+        Some(shared) if shared != ours.as_bytes() => Err(Error::InvalidArgument(
+            "this coordinator's join token is not the one the other coordinators of its \
+             cluster use (the first to start recorded it in the store): give every \
+             coordinator the same --join-token-file"
+                .to_owned(),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -324,17 +369,20 @@ mod tests {
         let data = tempfile::tempdir().unwrap();
         let store = Arc::new(EmbeddedStore::open(data.path()).unwrap());
         let given = Secret::new("cohort-join-operator-chose-this");
-        let auth = Authenticator::load(store, data.path(), Some(&given))
+        let auth = Authenticator::load(store.clone(), data.path(), Some(&given))
             .await
             .unwrap();
         assert_eq!(auth.caller(Some(given.expose())).unwrap(), Caller::Worker);
         assert!(!data.path().join(JOIN_TOKEN_FILE).exists());
-        let tokens = load_job_tokens(data.path()).unwrap();
+        let tokens = load_job_tokens(data.path(), store.as_ref()).await.unwrap();
         assert_eq!(mode(&data.path().join(JOB_KEY_FILE)), 0o600);
-        let again = load_job_tokens(data.path()).unwrap();
+        let again = load_job_tokens(data.path(), store.as_ref()).await.unwrap();
         assert!(again.verify("job-1", tokens.issue("job-1").expose()));
         std::fs::write(data.path().join(JOB_KEY_FILE), "not a key").unwrap();
-        let refused = load_job_tokens(data.path()).unwrap_err().to_string();
+        let refused = load_job_tokens(data.path(), store.as_ref())
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(refused.contains("job key"), "{refused}");
     }
 }

@@ -310,7 +310,7 @@ impl Cluster {
     /// when the coordinator stopped get `restart_grace` for their ranks to re-report.
     pub async fn load(config: CoordinatorConfig, store: Arc<dyn ClusterStore>) -> Result<Self> {
         let logs = LogStore::open(config.data_dir.join("logs"), config.max_log_bytes_per_job)?;
-        let job_tokens = crate::auth::load_job_tokens(&config.data_dir)?;
+        let job_tokens = crate::auth::load_job_tokens(&config.data_dir, store.as_ref()).await?;
         let mut state = State::default();
         let rendezvous = Rendezvous::default();
         let grace_deadline = Instant::now() + config.restart_grace;

@@ -18,6 +18,14 @@
 //! bytes and note and deletes it, on condition that its `mod_revision` is still the one read and
 //! the quarantine slot is free; when another writer changed the record meanwhile, its new value
 //! is looked at again instead of being clobbered.
+//!
+//! A leader's store ([`EtcdStore::fenced`]) adds its [`Fence`] to the conditions of every write
+//! transaction: once the leadership is lost, every write fails with
+//! [`Error::LostLeadership`] and changes nothing.
+//!
+//! `{prefix}/meta/settings/{name}` holds what every coordinator of a group must share
+//! ([`ClusterStore::shared_setting`]): the key job tokens are derived under, and the join
+//! token's hash.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -26,6 +34,7 @@ use async_trait::async_trait;
 use cohort_proto::JobId;
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, KvClient, Txn, TxnOp, TxnOpResponse,
+    TxnResponse,
 };
 use tracing::{debug, info, warn};
 
@@ -36,6 +45,7 @@ use super::{
 };
 use crate::auth::records::{AuditEntry, UserRecord};
 use crate::error::{Error, Result};
+use crate::leadership::Fence;
 use crate::limits::MAX_AUDIT_ENTRIES;
 use crate::model::{JobRecord, NodeRecord};
 
@@ -102,6 +112,8 @@ pub struct EtcdStore {
     prefix: String,
     /// Audit entries kept, the newest.
     audit_window: u64,
+    /// The leadership every write must still hold; `None`: writes are not fenced.
+    fence: Option<Fence>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -153,7 +165,75 @@ impl EtcdStore {
             endpoint: endpoint.to_owned(),
             prefix,
             audit_window: MAX_AUDIT_ENTRIES,
+            fence: None,
         })
+    }
+
+    /// This store, writing only while `fence` holds: every write transaction also checks the
+    /// leader's election key, and fails with [`Error::LostLeadership`] once it is gone.
+    pub fn fenced(self, fence: Fence) -> Self {
+        Self {
+            fence: Some(fence),
+            ..self
+        }
+    }
+
+    /// `conditions`, plus the fence's when the store is fenced.
+    fn guarded(&self, conditions: impl IntoIterator<Item = Compare>) -> Vec<Compare> {
+        let mut conditions: Vec<Compare> = conditions.into_iter().collect();
+        conditions.extend(self.fence.as_ref().map(Fence::compare));
+        conditions
+    }
+
+    /// `reads` to run when a transaction's conditions fail, plus a read of the fence's key
+    /// (last) when the store is fenced.
+    fn with_fence_read(&self, reads: impl IntoIterator<Item = TxnOp>) -> Vec<TxnOp> {
+        let mut reads: Vec<TxnOp> = reads.into_iter().collect();
+        reads.extend(
+            self.fence
+                .as_ref()
+                .map(|fence| TxnOp::get(fence.key().to_vec(), None)),
+        );
+        reads
+    }
+
+    /// After a failed transaction built with [`Self::guarded`] and [`Self::with_fence_read`]:
+    /// an error when the fence no longer holds, so that nothing is retried.
+    fn check_fence(&self, operation: &str, response: &TxnResponse) -> Result<()> {
+        let Some(fence) = &self.fence else {
+            return Ok(());
+        };
+        let current = match response.op_responses().last() {
+            Some(TxnOpResponse::Get(get)) => get.kvs().first().cloned(),
+            _ => None,
+        };
+        if fence.holds(current.as_ref()) {
+            return Ok(());
+        }
+        Err(fence.lose(&format!(
+            "{operation} was refused: the leader key is gone (another coordinator leads now)"
+        )))
+    }
+
+    /// Runs `then` when `conditions` (and the fence) hold; returns whether they did, or an
+    /// error when the fence is gone. `otherwise` runs when they do not.
+    async fn transact(
+        &self,
+        operation: &str,
+        conditions: impl IntoIterator<Item = Compare>,
+        then: Vec<TxnOp>,
+        otherwise: impl IntoIterator<Item = TxnOp>,
+    ) -> Result<TxnResponse> {
+        let transaction = Txn::new()
+            .when(self.guarded(conditions))
+            .and_then(then)
+            .or_else(self.with_fence_read(otherwise));
+        let mut kv = self.kv.clone();
+        let response = self.request(operation, kv.txn(transaction)).await?;
+        if !response.succeeded() {
+            self.check_fence(operation, &response)?;
+        }
+        Ok(response)
     }
 
     /// Keeps only the newest `entries` audit entries (default
@@ -244,15 +324,18 @@ impl EtcdStore {
             })?;
             let mut then = vec![TxnOp::put(key.clone(), next.to_string(), None)];
             then.extend(with(next));
-            let transaction = Txn::new()
-                .when([Compare::mod_revision(
-                    key.clone(),
-                    CompareOp::Equal,
-                    mod_revision,
-                )])
-                .and_then(then)
-                .or_else([TxnOp::get(key.clone(), None)]);
-            let response = self.request(operation, kv.txn(transaction)).await?;
+            let response = self
+                .transact(
+                    operation,
+                    [Compare::mod_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        mod_revision,
+                    )],
+                    then,
+                    [TxnOp::get(key.clone(), None)],
+                )
+                .await?;
             if response.succeeded() {
                 return Ok(next);
             }
@@ -284,8 +367,13 @@ impl EtcdStore {
 
     /// Writes one value.
     async fn put_bytes(&self, operation: &str, key: String, bytes: Vec<u8>) -> Result<()> {
-        let mut kv = self.kv.clone();
-        self.request(operation, kv.put(key, bytes, None)).await?;
+        if self.fence.is_none() {
+            let mut kv = self.kv.clone();
+            self.request(operation, kv.put(key, bytes, None)).await?;
+            return Ok(());
+        }
+        self.transact(operation, [], vec![TxnOp::put(key, bytes, None)], [])
+            .await?;
         Ok(())
     }
 
@@ -462,20 +550,22 @@ impl EtcdStore {
             self.prefix,
             Self::quarantine_notes_directory(kind)
         );
-        let transaction = Txn::new()
-            .when([
-                Compare::mod_revision(record_key.clone(), CompareOp::Equal, mod_revision),
-                Compare::create_revision(raw_key.clone(), CompareOp::Equal, 0),
-                Compare::create_revision(note_key.clone(), CompareOp::Equal, 0),
-            ])
-            .and_then([
-                TxnOp::put(raw_key, bytes.to_vec(), None),
-                TxnOp::put(note_key, note.to_vec(), None),
-                TxnOp::delete(record_key.clone(), None),
-            ])
-            .or_else([TxnOp::get(record_key, None)]);
-        let mut kv = self.kv.clone();
-        let response = self.request(&operation, kv.txn(transaction)).await?;
+        let response = self
+            .transact(
+                &operation,
+                [
+                    Compare::mod_revision(record_key.clone(), CompareOp::Equal, mod_revision),
+                    Compare::create_revision(raw_key.clone(), CompareOp::Equal, 0),
+                    Compare::create_revision(note_key.clone(), CompareOp::Equal, 0),
+                ],
+                vec![
+                    TxnOp::put(raw_key, bytes.to_vec(), None),
+                    TxnOp::put(note_key, note.to_vec(), None),
+                    TxnOp::delete(record_key.clone(), None),
+                ],
+                [TxnOp::get(record_key, None)],
+            )
+            .await?;
         if response.succeeded() {
             return Ok(MoveAttempt::Moved);
         }
@@ -501,7 +591,7 @@ const JOB_SEQ_NAME: &str = "job_seq";
 /// Describes an etcd-client failure in one readable line: the server's message, or for a
 /// transport failure its innermost cause (`tcp connect error: Connection refused (os error 111)`)
 /// instead of the nested debug output of the error types.
-fn describe_etcd_error(error: &etcd_client::Error) -> String {
+pub(crate) fn describe_etcd_error(error: &etcd_client::Error) -> String {
     let etcd_client::Error::GRpcStatus(status) = error else {
         return error.to_string();
     };
@@ -520,7 +610,7 @@ fn describe_etcd_error(error: &etcd_client::Error) -> String {
 }
 
 /// Turns the operator's endpoint into the URL etcd-client expects.
-fn endpoint_url(endpoint: &str) -> Result<String> {
+pub(crate) fn endpoint_url(endpoint: &str) -> Result<String> {
     let trimmed = endpoint.trim();
     let address = trimmed
         .strip_prefix("etcd://")
@@ -637,12 +727,44 @@ impl ClusterStore for EtcdStore {
     }
 
     async fn remove_user(&self, name: &str) -> Result<bool> {
-        let mut kv = self.kv.clone();
         let key = format!("{}/users/{name}", self.prefix);
         let response = self
-            .request(&format!("removing user {name}"), kv.delete(key, None))
+            .transact(
+                &format!("removing user {name}"),
+                [],
+                vec![TxnOp::delete(key, None)],
+                [],
+            )
             .await?;
-        Ok(response.deleted() > 0)
+        Ok(response.op_responses().iter().any(
+            |answer| matches!(answer, TxnOpResponse::Delete(deleted) if deleted.deleted() > 0),
+        ))
+    }
+
+    async fn shared_setting(&self, name: &str, proposed: &[u8]) -> Result<Option<Vec<u8>>> {
+        let key = format!("{}/meta/settings/{name}", self.prefix);
+        let operation = format!("sharing setting {name}");
+        let response = self
+            .transact(
+                &operation,
+                [Compare::create_revision(key.clone(), CompareOp::Equal, 0)],
+                vec![TxnOp::put(key.clone(), proposed.to_vec(), None)],
+                [TxnOp::get(key, None)],
+            )
+            .await?;
+        if response.succeeded() {
+            return Ok(Some(proposed.to_vec()));
+        }
+        match response.op_responses().first() {
+            Some(TxnOpResponse::Get(get)) => match get.kvs().first() {
+                Some(pair) => Ok(Some(pair.value().to_vec())),
+                None => Err(self.etcd_error(&operation, "the setting vanished while read")),
+            },
+            _ => Err(self.etcd_error(
+                &operation,
+                "transaction failed without returning the setting",
+            )),
+        }
     }
 
     async fn list_users(&self) -> Result<Vec<UserRecord>> {

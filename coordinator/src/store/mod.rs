@@ -71,6 +71,15 @@ pub trait ClusterStore: Send + Sync + 'static {
     async fn append_audit(&self, entry: AuditEntry) -> Result<u64>;
     /// The entries after `after_seq`, oldest first, at most `limit`.
     async fn list_audit(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditEntry>>;
+    /// A setting every coordinator sharing this store must agree on (the key job tokens are
+    /// derived under, the join token's hash): stores `proposed` under `name` unless a value is
+    /// there, atomically, and returns the value that is now stored, the same to every caller.
+    /// `None`: this store is never shared between coordinators (the embedded store), and the
+    /// caller keeps the setting itself.
+    async fn shared_setting(&self, name: &str, proposed: &[u8]) -> Result<Option<Vec<u8>>> {
+        let _ = (name, proposed);
+        Ok(None)
+    }
 }
 
 /// The kinds of record a store keeps.
