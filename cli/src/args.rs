@@ -476,7 +476,8 @@ pub struct CoordinatorDaemonArgs {
     /// Cluster settings.
     #[command(flatten)]
     pub settings: ClusterSettings,
-    /// Write the bound address to this file once serving (useful with port 0).
+    /// Write the bound address to this file as soon as it listens (useful with port 0); with
+    /// etcd, that is before it leads, while it answers as a standby.
     #[arg(long)]
     pub address_file: Option<PathBuf>,
     /// Serve TLS with this certificate (PEM; `cohort certs create` makes one). Needs

@@ -569,19 +569,41 @@ impl Sandbox {
         }
     }
 
+    /// Pauses coordinator `index` with SIGSTOP (a process that hangs without dying: it keeps
+    /// its connections and its lease until the lease runs out).
+    pub fn pause_coordinator(&mut self, index: usize) -> Result<()> {
+        let daemon = self
+            .coordinator(index)
+            .ok_or_else(|| anyhow!("coordinator {index} is not running"))?;
+        signal(daemon.pid(), libc::SIGSTOP);
+        Ok(())
+    }
+
+    /// Resumes coordinator `index` with SIGCONT after [`Self::pause_coordinator`].
+    pub fn resume_coordinator(&mut self, index: usize) -> Result<()> {
+        let daemon = self
+            .coordinator(index)
+            .ok_or_else(|| anyhow!("coordinator {index} is not running"))?;
+        signal(daemon.pid(), libc::SIGCONT);
+        Ok(())
+    }
+
+    /// Whether coordinator `index` alone answers `cohort nodes`: it leads.
+    pub fn leads(&self, index: usize) -> bool {
+        self.coordinators.get(index).is_some_and(Option::is_some)
+            && self
+                .cli_from(
+                    0,
+                    Some(&self.admin_token),
+                    &[("COHORT_COORDINATOR", &self.addresses[index])],
+                    &["nodes"],
+                )
+                .is_ok_and(|output| output.status.success())
+    }
+
     /// Which coordinator leads: the first whose own address alone answers `cohort nodes`.
     pub fn leader(&self) -> Option<usize> {
-        (0..self.addresses.len()).find(|&index| {
-            self.coordinators[index].is_some()
-                && self
-                    .cli_from(
-                        0,
-                        Some(&self.admin_token),
-                        &[("COHORT_COORDINATOR", &self.addresses[index])],
-                        &["nodes"],
-                    )
-                    .is_ok_and(|output| output.status.success())
-        })
+        (0..self.addresses.len()).find(|&index| self.leads(index))
     }
 
     /// The (first) coordinator's data directory.

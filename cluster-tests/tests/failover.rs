@@ -8,7 +8,7 @@ use anyhow::{Result, bail};
 use cohort_cluster_tests::etcd::TestEtcd;
 use cohort_cluster_tests::jobs::mlp_job;
 use cohort_cluster_tests::sandbox::{
-    DEFAULT_TIMEOUT, Sandbox, SandboxOptions, Store, poll, shell_job, signal,
+    DEFAULT_TIMEOUT, Sandbox, SandboxOptions, Store, poll, shell_job,
 };
 use serde_json::Value;
 
@@ -111,18 +111,6 @@ fn a_standby_takes_over_from_a_killed_leader_and_the_training_job_never_notices(
     Ok(())
 }
 
-/// Whether coordinator `index` alone answers `cohort nodes`: it leads.
-fn leads(cluster: &Sandbox, index: usize) -> bool {
-    cluster
-        .cli_from(
-            0,
-            Some(cluster.admin_token()),
-            &[("COHORT_COORDINATOR", cluster.coordinator_address(index))],
-            &["nodes"],
-        )
-        .is_ok_and(|output| output.status.success())
-}
-
 #[test]
 fn a_leader_paused_past_its_lease_writes_nothing_when_it_resumes() -> Result<()> {
     let Some(etcd) = TestEtcd::start_or_skip("a_leader_paused_past_its_lease") else {
@@ -132,21 +120,17 @@ fn a_leader_paused_past_its_lease_writes_nothing_when_it_resumes() -> Result<()>
     cluster.add_worker("node-a", 2)?;
     let job = cluster.submit(&shell_job("sleeper", 2, "exec sleep 600"), &[])?;
     let pids = cluster.wait_for_running_ranks(&job)?;
-    let paused = cluster
-        .coordinator(0)
-        .map(|daemon| daemon.pid())
-        .expect("the first coordinator runs");
 
-    signal(paused, libc::SIGSTOP);
+    cluster.pause_coordinator(0)?;
     let result = (|| {
         poll("the standby to take over", DEFAULT_TIMEOUT, || {
-            Ok(leads(&cluster, 1).then_some(()))
+            Ok(cluster.leads(1).then_some(()))
         })?;
         cluster.wait_for_node("node-a", "ready", DEFAULT_TIMEOUT)?;
         anyhow::Ok(())
     })();
     // Resume it whatever happened, so that it can be killed and reaped.
-    signal(paused, libc::SIGCONT);
+    cluster.resume_coordinator(0)?;
     result?;
     // Its state is the one from before the pause: its node silent for many heartbeat
     // deadlines, its job's ranks unreported. Whatever it tries to write about them (the node
