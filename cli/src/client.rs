@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use cohort_proto::failover::{self, Failover};
-use cohort_proto::transport::{self, CaCertificate, CoordinatorConnection, Credentials};
+use cohort_proto::failover::{self, CoordinatorConnection, Failover};
+use cohort_proto::transport::{self, CaCertificate, Credentials};
 use cohort_proto::v1::job_control_client::JobControlClient;
 use cohort_proto::v1::rendezvous_client::RendezvousClient;
 use cohort_proto::v1::{JobInfo, ListJobsRequest, SubmitJobRequest};

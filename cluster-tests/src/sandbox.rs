@@ -572,19 +572,20 @@ impl Sandbox {
     /// Pauses coordinator `index` with SIGSTOP (a process that hangs without dying: it keeps
     /// its connections and its lease until the lease runs out).
     pub fn pause_coordinator(&mut self, index: usize) -> Result<()> {
-        let daemon = self
-            .coordinator(index)
-            .ok_or_else(|| anyhow!("coordinator {index} is not running"))?;
-        signal(daemon.pid(), libc::SIGSTOP);
-        Ok(())
+        self.signal_coordinator(index, libc::SIGSTOP)
     }
 
     /// Resumes coordinator `index` with SIGCONT after [`Self::pause_coordinator`].
     pub fn resume_coordinator(&mut self, index: usize) -> Result<()> {
+        self.signal_coordinator(index, libc::SIGCONT)
+    }
+
+    /// Sends `number` to coordinator `index`.
+    fn signal_coordinator(&mut self, index: usize, number: i32) -> Result<()> {
         let daemon = self
             .coordinator(index)
             .ok_or_else(|| anyhow!("coordinator {index} is not running"))?;
-        signal(daemon.pid(), libc::SIGCONT);
+        signal(daemon.pid(), number);
         Ok(())
     }
 

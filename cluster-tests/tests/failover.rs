@@ -69,12 +69,14 @@ fn a_standby_takes_over_from_a_killed_leader_and_the_training_job_never_notices(
     cluster.wait_for_state(&finished, "succeeded", DEFAULT_TIMEOUT)?;
     let failed = cluster.submit(&shell_job("broken", 1, "exit 3"), &[])?;
     cluster.wait_for_state(&failed, "failed", DEFAULT_TIMEOUT)?;
-    let training = cluster.submit(&mlp_job("ha-mlp", 2, 1, None, 0.002, ""), &[])?;
+    // Three epochs (702 steps): it trains well past the failover.
+    let training = cluster.submit(&mlp_job("ha-mlp", 2, 3, None, 0.002, ""), &[])?;
     let pids = cluster.wait_for_running_ranks(&training)?;
     poll("the job to train a few steps", TRAINING_TIMEOUT, || {
         Ok((reported_step(&cluster.job(&training)?) >= 20).then_some(()))
     })?;
     let before = job_states(&cluster)?;
+    let step_at_kill = reported_step(&cluster.job(&training)?);
 
     let killed_at = Instant::now();
     cluster.kill_coordinator_at(0);
@@ -102,8 +104,16 @@ fn a_standby_takes_over_from_a_killed_leader_and_the_training_job_never_notices(
     cluster.wait_for_node("node-a", "ready", DEFAULT_TIMEOUT)?;
     cluster.wait_for_node("node-b", "ready", DEFAULT_TIMEOUT)?;
     assert_eq!(cluster.rank_pids(&training)?, pids);
+    // Its ranks report their progress to the new leader.
+    poll("steps reported to the new leader", TRAINING_TIMEOUT, || {
+        Ok((reported_step(&cluster.job(&training)?) > step_at_kill).then_some(()))
+    })?;
     let job = cluster.wait_for_state(&training, "succeeded", TRAINING_TIMEOUT)?;
     assert_eq!(job["restarts"], 0, "{job}");
+    eprintln!(
+        "the job trained through the failover to {:.2}% test accuracy",
+        job["metrics"][0]["eval_accuracy"].as_f64().unwrap_or(0.0) * 100.0
+    );
     assert!(
         job["metrics"][0]["eval_accuracy"].as_f64().unwrap_or(0.0) > 0.8,
         "{job}"

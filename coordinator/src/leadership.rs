@@ -30,7 +30,7 @@ pub mod standby;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, KeyValue};
+use etcd_client::{Client, ConnectOptions};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -38,6 +38,8 @@ use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::store::etcd::{CONNECT_TIMEOUT, describe_etcd_error, endpoint_url};
+pub use crate::store::fence::Fence;
+use crate::store::fence::{Loss, lose};
 
 /// The leader's lease when the operator gives none.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(3);
@@ -56,78 +58,6 @@ const CAMPAIGN_RETRY: Duration = Duration::from_secs(1);
 
 /// Longest a resigning leader waits for etcd to revoke its lease.
 const RESIGN_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Why the leadership was lost, once it is: set once, by whoever learns it first.
-type Loss = Arc<watch::Sender<Option<String>>>;
-
-/// Proof that a coordinator still leads, checked by etcd inside every write transaction: the
-/// leader's election key must still exist with the create revision it had when it won.
-#[derive(Clone)]
-pub struct Fence {
-    /// The leader's election key.
-    key: Vec<u8>,
-    /// Its create revision when the election was won.
-    revision: i64,
-    /// Told when a write finds the fence gone.
-    loss: Loss,
-}
-
-impl std::fmt::Debug for Fence {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter
-            .debug_struct("Fence")
-            .field("key", &String::from_utf8_lossy(&self.key))
-            .field("revision", &self.revision)
-            .finish()
-    }
-}
-
-impl Fence {
-    /// A fence on `key` created at `revision`, and the receiver that hears when it is found
-    /// gone.
-    pub fn new(key: Vec<u8>, revision: i64) -> (Self, watch::Receiver<Option<String>>) {
-        let (loss, lost) = watch::channel(None);
-        let fence = Self {
-            key,
-            revision,
-            loss: Arc::new(loss),
-        };
-        (fence, lost)
-    }
-
-    /// The comparison a write transaction adds to its conditions.
-    pub(crate) fn compare(&self) -> Compare {
-        Compare::create_revision(self.key.clone(), CompareOp::Equal, self.revision)
-    }
-
-    /// The election key, to read back when a transaction failed.
-    pub(crate) fn key(&self) -> &[u8] {
-        &self.key
-    }
-
-    /// Whether `current` (the election key as read) still proves the leadership.
-    pub(crate) fn holds(&self, current: Option<&KeyValue>) -> bool {
-        current.is_some_and(|pair| pair.create_revision() == self.revision)
-    }
-
-    /// Records that the leadership is lost, for `why`, and returns the error to report.
-    pub(crate) fn lose(&self, why: &str) -> Error {
-        lose(&self.loss, why.to_owned());
-        Error::LostLeadership(why.to_owned())
-    }
-}
-
-/// Records the first reason the leadership was lost.
-fn lose(loss: &Loss, why: String) {
-    loss.send_if_modified(|reason| {
-        if reason.is_some() {
-            return false;
-        }
-        warn!(why = %why, "lost the leadership");
-        *reason = Some(why);
-        true
-    });
-}
 
 /// A coordinator's won election: its fence, and the task that renews its lease.
 pub struct Leadership {
@@ -169,7 +99,7 @@ impl Leadership {
             .map_err(|error| failed("granting the leader lease", error))?;
         let lease_id = grant.id();
         let (loss, lost) = watch::channel(None);
-        let loss = Arc::new(loss);
+        let loss: Loss = Arc::new(loss);
         let renewal = tokio::spawn(renew(client.clone(), lease_id, lease, loss.clone()));
         let name = format!("{prefix}/leader");
         let watcher = tokio::spawn(watch_leader(client.clone(), name.clone(), leader.clone()));
@@ -205,11 +135,7 @@ impl Leadership {
             "elected leader"
         );
         Ok(Self {
-            fence: Fence {
-                key,
-                revision,
-                loss,
-            },
+            fence: Fence::new(key, revision, loss),
             lost,
             client,
             lease: lease_id,
@@ -356,6 +282,24 @@ mod tests {
 
     const PREFIX: &str = "/group";
 
+    /// The store of `leadership`, fenced by it.
+    async fn fenced_store(endpoint: &str, leadership: &Leadership) -> EtcdStore {
+        EtcdStore::connect(endpoint, PREFIX)
+            .await
+            .unwrap()
+            .fenced(leadership.fence())
+    }
+
+    /// `address` campaigns with `lease` until it leads; its leadership and its fenced store.
+    async fn lead(endpoint: &str, address: &str, lease: Duration) -> (Leadership, EtcdStore) {
+        let (seen, _) = watch::channel(None);
+        let leadership = Leadership::campaign(endpoint, PREFIX, address, lease, &seen)
+            .await
+            .unwrap();
+        let store = fenced_store(endpoint, &leadership).await;
+        (leadership, store)
+    }
+
     async fn etcd(test_name: &'static str) -> Option<TestEtcd> {
         tokio::task::spawn_blocking(move || TestEtcd::start_or_skip(test_name))
             .await
@@ -369,14 +313,7 @@ mod tests {
         };
         let endpoint = etcd.endpoint();
         let lease = MIN_LEASE;
-        let (first_seen, _) = watch::channel(None);
-        let first = Leadership::campaign(&endpoint, PREFIX, "first:1", lease, &first_seen)
-            .await
-            .unwrap();
-        let first_store = EtcdStore::connect(&endpoint, PREFIX)
-            .await
-            .unwrap()
-            .fenced(first.fence());
+        let (first, first_store) = lead(&endpoint, "first:1", lease).await;
         first_store.put_job(&sample_job(1)).await.unwrap();
 
         // A second coordinator stands by, and sees who leads.
@@ -401,10 +338,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(seen.borrow().as_deref(), Some("second:2"));
-        let second_store = EtcdStore::connect(&endpoint, PREFIX)
-            .await
-            .unwrap()
-            .fenced(second.fence());
+        let second_store = fenced_store(&endpoint, &second).await;
 
         // Every kind of write of the first is refused, and says why.
         let refused = first_store.put_job(&sample_job(2)).await.unwrap_err();
@@ -450,19 +384,9 @@ mod tests {
         let endpoint = etcd.endpoint();
         // A long lease: only a resignation can hand over within the test's bound.
         let lease = Duration::from_secs(30);
-        let (seen, _) = watch::channel(None);
-        let first = Leadership::campaign(&endpoint, PREFIX, "first:1", lease, &seen)
-            .await
-            .unwrap();
-        let first_store = EtcdStore::connect(&endpoint, PREFIX)
-            .await
-            .unwrap()
-            .fenced(first.fence());
+        let (first, first_store) = lead(&endpoint, "first:1", lease).await;
         let second_endpoint = endpoint.clone();
-        let second = tokio::spawn(async move {
-            let (seen, _) = watch::channel(None);
-            Leadership::campaign(&second_endpoint, PREFIX, "second:2", lease, &seen).await
-        });
+        let second = tokio::spawn(async move { lead(&second_endpoint, "second:2", lease).await });
         // The first proposal of a setting is what everyone gets.
         assert_eq!(
             first_store.shared_setting("job_key", b"one").await.unwrap(),
@@ -470,16 +394,11 @@ mod tests {
         );
         let resigned_at = Instant::now();
         first.resign().await;
-        let second = tokio::time::timeout(Duration::from_secs(5), second)
+        let (_second, second_store) = tokio::time::timeout(Duration::from_secs(5), second)
             .await
             .expect("the standby takes over once the leader resigns")
-            .unwrap()
             .unwrap();
         assert!(resigned_at.elapsed() < Duration::from_secs(5));
-        let second_store = EtcdStore::connect(&endpoint, PREFIX)
-            .await
-            .unwrap()
-            .fenced(second.fence());
         assert_eq!(
             second_store
                 .shared_setting("job_key", b"two")

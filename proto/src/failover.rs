@@ -37,7 +37,13 @@ use tonic::codegen::{BoxFuture, Bytes, GrpcMethod, Service, StdError, http};
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::transport::{CaCertificate, TransportError, coordinator_endpoint};
+use tonic::service::interceptor::InterceptedService;
+
+use crate::transport::{CaCertificate, Credentials, TransportError, coordinator_endpoint};
+
+/// A channel to whichever coordinator of a group leads, whose every request carries the
+/// caller's token.
+pub type CoordinatorConnection = InterceptedService<Failover, Credentials>;
 
 /// Metadata a standing-by coordinator adds to its answer: the leader's address, or empty when
 /// it knows of none.

@@ -32,10 +32,6 @@ const BEARER: &str = "Bearer ";
 /// A channel whose every request carries the caller's token.
 pub type Connection = InterceptedService<Channel, Credentials>;
 
-/// A channel to whichever coordinator of a group leads ([`crate::failover`]), whose every
-/// request carries the caller's token.
-pub type CoordinatorConnection = InterceptedService<crate::failover::Failover, Credentials>;
-
 /// The bearer token of `metadata`, if it has a well-formed one.
 pub fn bearer_token(metadata: &MetadataMap) -> Option<&str> {
     metadata

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use cohort_proto::transport::CoordinatorConnection;
+use cohort_proto::failover::CoordinatorConnection;
 use cohort_proto::v1::membership_client::MembershipClient;
 use cohort_proto::v1::{LogLine, PushLogsRequest};
 use tokio::sync::{mpsc, oneshot, watch};

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use cohort_proto::transport::CoordinatorConnection;
+use cohort_proto::failover::CoordinatorConnection;
 use cohort_proto::v1::membership_client::MembershipClient;
 use cohort_proto::v1::{HeartbeatRequest, RegisterRequest, instruction};
 use tokio::sync::watch;

@@ -13,7 +13,7 @@ pub mod mesh;
 pub mod ps;
 pub mod train;
 
-use cohort_proto::transport::CoordinatorConnection;
+use cohort_proto::failover::CoordinatorConnection;
 use std::path::Path;
 use std::process::ExitCode;
 

@@ -1,6 +1,6 @@
 //! Job commands: submit, status, logs, cancel, nodes.
 
-use cohort_proto::transport::CoordinatorConnection;
+use cohort_proto::failover::CoordinatorConnection;
 use std::io::Write;
 use std::process::ExitCode;
 

@@ -2,7 +2,7 @@
 //! thread only replaces the latest snapshot; a task on the rank's runtime sends it at most every
 //! [`REPORT_INTERVAL`], and evaluations and the final figures go out at once.
 
-use cohort_proto::transport::CoordinatorConnection;
+use cohort_proto::failover::CoordinatorConnection;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The collective crate's rendezvous [`Store`], served by the coordinator's per-job key-value
 //! service over gRPC. Calls block the calling (training) thread on a small runtime of their own.
 
-use cohort_proto::transport::CoordinatorConnection;
+use cohort_proto::failover::CoordinatorConnection;
 use std::time::Duration;
 
 use cohort_collective::{Error, Result, Store};

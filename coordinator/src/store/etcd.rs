@@ -39,13 +39,13 @@ use etcd_client::{
 use tracing::{debug, info, warn};
 
 use super::codec;
+use super::fence::Fence;
 use super::{
     ClusterStore, Listing, QuarantineNote, Quarantined, QuarantinedRecord, RecordKind,
     decode_record, log_quarantined, quarantine_slots,
 };
 use crate::auth::records::{AuditEntry, UserRecord};
 use crate::error::{Error, Result};
-use crate::leadership::Fence;
 use crate::limits::MAX_AUDIT_ENTRIES;
 use crate::model::{JobRecord, NodeRecord};
 

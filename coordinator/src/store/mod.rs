@@ -21,6 +21,7 @@
 pub mod codec;
 pub mod embedded;
 pub mod etcd;
+pub mod fence;
 pub mod legacy;
 
 use async_trait::async_trait;
