@@ -335,6 +335,15 @@ pub struct LogsArgs {
     /// Only this rank's lines.
     #[arg(long)]
     pub rank: Option<u32>,
+    /// Fold lines that the ranks print alike (numbers may differ) into one line prefixed by the
+    /// rank set (`[ranks 0-3]`), the differing numbers listed per rank (`{0.41|0.42}`); every
+    /// rank's lines stay in order and nothing is lost.
+    #[arg(long, conflicts_with = "follow")]
+    pub collapse: bool,
+    /// First show the last lines of standard error of the rank that failed first (of the
+    /// current or last attempt), then the log.
+    #[arg(long, conflicts_with = "follow")]
+    pub errors_first: bool,
     /// Where the coordinator is.
     #[command(flatten)]
     pub coordinator: CoordinatorArgs,

@@ -4,6 +4,45 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use cohort_cluster_tests::sandbox::{DEFAULT_TIMEOUT, Sandbox, process_alive, shell_job};
+use cohort_coordinator::logs::fold::{by_rank, unfold};
+
+#[test]
+fn the_log_of_ranks_that_print_alike_folds_to_a_quarter_and_reads_back_whole() -> Result<()> {
+    let mut cluster = Sandbox::start()?;
+    cluster.add_worker("node-a", 4)?;
+    // As a PyTorch DDP script logs: every rank prints every step, its own loss, and warnings.
+    let script = r#"
+echo "rank $RANK of $WORLD_SIZE starting"
+i=1
+while [ $i -le 100 ]; do
+  echo "step $i loss 0.$((1000 + i * 7 + RANK)) lr 1e-3"
+  i=$((i + 1))
+done
+echo "warning: {not a number} on rank $RANK" >&2
+echo "done"
+"#;
+    let job_id = cluster.submit(&shell_job("chatty", 4, script), &[])?;
+    cluster.wait_for_state(&job_id, "succeeded", DEFAULT_TIMEOUT)?;
+    let raw = cluster.cli_ok(&["logs", &job_id])?;
+    let collapsed = cluster.cli_ok(&["logs", &job_id, "--collapse"])?;
+    let (raw_lines, collapsed_lines) = (raw.lines().count(), collapsed.lines().count());
+    eprintln!("cohort logs --collapse: {collapsed_lines} lines for {raw_lines}");
+    assert_eq!(raw_lines, 4 * 103);
+    assert!(
+        collapsed_lines * 3 <= raw_lines,
+        "{collapsed_lines} folded lines for {raw_lines}:\n{collapsed}"
+    );
+    assert!(
+        collapsed.contains("[ranks 0-3] step 1 loss {0.1007|0.1008|0.1009|0.1010} lr 1e-3"),
+        "{collapsed}"
+    );
+    assert!(
+        collapsed.contains("[ranks 0-3]! warning: {{not a number}} on rank {0|1|2|3}"),
+        "{collapsed}"
+    );
+    assert_eq!(by_rank(&unfold(&collapsed)?), by_rank(&unfold(&raw)?));
+    Ok(())
+}
 
 #[test]
 fn three_ranks_agree_through_rendezvous_and_their_logs_are_kept() -> Result<()> {

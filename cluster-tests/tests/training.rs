@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use cohort_cluster_tests::jobs::mlp_job;
 use cohort_cluster_tests::sandbox::{DEFAULT_TIMEOUT, Sandbox, poll, signal};
+use cohort_coordinator::logs::fold::{by_rank, unfold};
 
 /// Fashion-MNIST must be installed (scripts/setup.sh installs `dataset-fashion-mnist`); the
 /// ranks find it in /usr/share/datasets/fashion-mnist or `$COHORT_DATA`.
@@ -40,6 +41,18 @@ fn four_ranks_train_the_mlp_to_83_percent_in_one_epoch() -> Result<()> {
     let logs = cluster.cli_ok(&["logs", &job_id, "--rank", "0"])?;
     assert!(logs.contains("final test accuracy"), "{logs}");
     assert!(logs.contains("final checkpoint"), "{logs}");
+
+    // The log folded across ranks: shorter (the lines every rank writes fold; rank 0 alone
+    // reports progress), and every rank's lines read back from it.
+    let raw = cluster.cli_ok(&["logs", &job_id])?;
+    let collapsed = cluster.cli_ok(&["logs", &job_id, "--collapse"])?;
+    let (raw_lines, collapsed_lines) = (raw.lines().count(), collapsed.lines().count());
+    eprintln!("cohort logs --collapse: {collapsed_lines} lines for {raw_lines}");
+    assert!(
+        collapsed_lines < raw_lines,
+        "{collapsed_lines} folded lines for {raw_lines}:\n{collapsed}"
+    );
+    assert_eq!(by_rank(&unfold(&collapsed)?), by_rank(&unfold(&raw)?));
     Ok(())
 }
 
@@ -88,6 +101,13 @@ fn a_rank_killed_during_training_fails_the_job_within_five_seconds() -> Result<(
     .map_err(|error| error.context(format!("the reason stayed {last_reason:?}")))?;
     assert!(named.contains("signal 9"), "{named} / {job}");
     cluster.wait_for_processes_gone(&pids, DEFAULT_TIMEOUT)?;
+    // The log opens with the rank that failed first.
+    let logs = cluster.cli_ok(&["logs", &job_id, "--errors-first"])?;
+    let first = logs.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("== rank 2 on node ") && first.contains("killed by signal 9"),
+        "{logs}"
+    );
     Ok(())
 }
 

@@ -401,6 +401,7 @@ pub fn job_info(record: &JobRecord) -> v1::JobInfo {
         attempt: record.attempt,
         max_restarts: record.max_restarts,
         attempts: record.attempts.iter().map(attempt_info).collect(),
+        failed_rank: record.blamed_rank,
     }
 }
 

@@ -13,6 +13,10 @@
 //! when the job is retired ([`LogStore::close`]). Lines that arrive later (a rank of an ended
 //! job shipping its last output) are still appended, straight to the file.
 //! The directory is 0700 and the files 0600: rank output may hold anything the job printed.
+//!
+//! [`fold`] folds a log across ranks for reading (`cohort logs --collapse`).
+
+pub mod fold;
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};

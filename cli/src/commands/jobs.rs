@@ -5,6 +5,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
+use cohort_coordinator::logs::fold::{Folder, RankLine};
 use cohort_proto::v1::job_control_client::JobControlClient;
 use cohort_proto::v1::{
     CancelJobRequest, DrainNodeRequest, GetJobRequest, JobInfo, JobState, ListNodesRequest,
@@ -169,8 +170,107 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
 /// Prints a job's captured output, each line prefixed by its rank.
 pub async fn logs(args: LogsArgs) -> Result<ExitCode> {
     let mut client = client::job_control(&args.coordinator.target()?).await?;
-    print_logs(&mut client, &args.job, args.follow, args.rank).await?;
+    if args.errors_first {
+        print_first_failure(&mut client, &args.job).await?;
+    }
+    if args.collapse {
+        print_collapsed_logs(&mut client, &args.job, args.rank).await?;
+    } else {
+        print_logs(&mut client, &args.job, args.follow, args.rank).await?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Lines of standard error `--errors-first` shows of the rank that failed first.
+const FIRST_FAILURE_LINES: usize = 20;
+
+/// Prints the last lines of standard error of the job's rank that failed first, or says that
+/// none failed.
+async fn print_first_failure(
+    client: &mut JobControlClient<CoordinatorConnection>,
+    job_id: &str,
+) -> Result<()> {
+    let job = client
+        .get_job(GetJobRequest {
+            job_id: job_id.to_owned(),
+        })
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    let Some(failed) = job
+        .failed_rank
+        .and_then(|failed| job.rank_info.iter().find(|rank| rank.rank == failed))
+    else {
+        println!("== no rank of job {job_id} has failed");
+        return Ok(());
+    };
+    let how = match (failed.exit_code, failed.signal) {
+        (_, Some(signal)) => format!("killed by signal {signal}"),
+        (Some(code), None) => format!("exit code {code}"),
+        (None, None) => "ended".to_owned(),
+    };
+    let mut stream = client
+        .stream_logs(StreamLogsRequest {
+            job_id: job_id.to_owned(),
+            follow: false,
+            rank: Some(failed.rank),
+        })
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    let mut last = std::collections::VecDeque::with_capacity(FIRST_FAILURE_LINES);
+    while let Some(line) = stream.message().await.map_err(client::status)? {
+        if line.stream == LogStream::Stderr as i32 {
+            if last.len() == FIRST_FAILURE_LINES {
+                last.pop_front();
+            }
+            last.push_back(line.text);
+        }
+    }
+    println!(
+        "== rank {} on node {} failed first ({how}); its last {} lines of standard error:",
+        failed.rank,
+        failed.node_id,
+        last.len()
+    );
+    for text in last {
+        println!("[rank {}]! {text}", failed.rank);
+    }
+    println!("== the log:");
+    Ok(())
+}
+
+/// Prints a job's whole log folded across its ranks ([`cohort_coordinator::logs::fold`]).
+async fn print_collapsed_logs(
+    client: &mut JobControlClient<CoordinatorConnection>,
+    job_id: &str,
+    rank: Option<u32>,
+) -> Result<()> {
+    let mut stream = client
+        .stream_logs(StreamLogsRequest {
+            job_id: job_id.to_owned(),
+            follow: false,
+            rank,
+        })
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    let mut folder = Folder::new();
+    while let Some(line) = stream.message().await.map_err(client::status)? {
+        folder.push(RankLine {
+            rank: line.rank,
+            stderr: line.stream == LogStream::Stderr as i32,
+            text: line.text,
+        });
+    }
+    let mut out = std::io::stdout().lock();
+    for folded in folder.finish() {
+        if writeln!(out, "{folded}").is_err() {
+            // A closed pipe (`| head`) ends the command quietly.
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Streams a job's captured output to stdout, each line prefixed by its rank; with `follow`,

@@ -35,6 +35,7 @@ pub fn job(job: &JobInfo) -> Value {
         "kind": job.kind,
         "state": render::job_state(job.state()),
         "reason": job.reason,
+        "failed_rank": job.failed_rank,
         "priority": job.priority,
         "submitter": job.submitter,
         "ranks": job.ranks,
