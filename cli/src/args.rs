@@ -508,6 +508,10 @@ pub struct CoordinatorDaemonArgs {
     /// [default: the address it listens on].
     #[arg(long, value_name = "HOST:PORT")]
     pub advertise_address: Option<String>,
+    /// Also serve HTTP here: `/metrics` for Prometheus (a user's token as bearer token; TLS
+    /// as the gRPC API). Off loopback only with TLS or --insecure, as --listen.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub http: Option<String>,
 }
 
 /// TLS settings of a client of the cluster: whom to trust.
@@ -624,6 +628,9 @@ pub struct UpArgs {
     /// Directory for job outputs (checkpoints): `<dir>/<job id>`.
     #[arg(long, default_value = "cohort-output")]
     pub output_dir: PathBuf,
+    /// Also serve HTTP on this loopback address: `/metrics` for Prometheus.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub http: Option<String>,
 }
 
 /// `cohort kv`: the rendezvous store, for rank scripts. Job, rank and address come from the

@@ -12,19 +12,28 @@ use cohort_proto::Secret;
 use tokio::net::TcpListener;
 
 /// Binds `listen` (writing the bound address to `address_file`, when given, at once: a
-/// standby answers there too), opens the store at `location` (with etcd, after winning the
+/// standby answers there too) and `http` (the HTTP endpoint, served once it leads), opens the store at `location` (with etcd, after winning the
 /// leadership) and loads the users: a coordinator of `config` ready to serve.
 pub async fn prepare(
     config: CoordinatorConfig,
     location: &StoreLocation,
     listen: &str,
     address_file: Option<&Path>,
+    http: Option<&str>,
 ) -> Result<PreparedCoordinator> {
     let listener = Arc::new(
         TcpListener::bind(listen)
             .await
             .with_context(|| format!("listening on {listen}"))?,
     );
+    let http = match http {
+        Some(address) => Some(
+            TcpListener::bind(address)
+                .await
+                .with_context(|| format!("listening on {address} (--http)"))?,
+        ),
+        None => None,
+    };
     if let Some(path) = address_file {
         write_atomically(path, &listener.local_addr()?.to_string())?;
     }
@@ -44,6 +53,7 @@ pub async fn prepare(
         store,
         auth: Arc::new(auth),
         listener,
+        http,
         leadership,
         join_token,
         admin_token,
@@ -69,6 +79,8 @@ pub struct PreparedCoordinator {
     pub auth: Arc<Authenticator>,
     /// Its bound listener.
     pub listener: Arc<TcpListener>,
+    /// Its bound HTTP listener (`--http`), if any.
+    pub http: Option<TcpListener>,
     /// Its leadership of the coordinators sharing its etcd store; `None` with the embedded
     /// store.
     pub leadership: Option<cohort_coordinator::Leadership>,

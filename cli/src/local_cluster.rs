@@ -115,6 +115,7 @@ impl LocalCluster {
             prepared.store,
             prepared.auth,
             prepared.listener,
+            prepared.http,
             prepared.leadership,
             async {
                 let _ = coordinator_stopped.await;

@@ -1,11 +1,12 @@
 //! A real etcd server for tests, used by the coordinator's store conformance suite and by the
 //! cluster tests that run the coordinator with `--store etcd://...`.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::external::{self, free_loopback_address, log_tail};
 
 /// A single-member etcd server started for one test, on free loopback ports, with its data in a
 /// temporary directory. Dropping it (also while a failing test unwinds) kills the process and
@@ -35,17 +36,13 @@ impl TestEtcd {
     ///
     /// When the binary is missing and `CI=true`, or when a present binary fails to start.
     pub fn start_or_skip(test_name: &str) -> Option<Self> {
-        let Some(binary) = Self::find_binary() else {
-            let message = format!(
-                "{test_name}: the etcd binary was not found ($ETCD_BIN, /usr/bin/etcd, PATH); \
-                 run scripts/setup.sh to install etcd-server"
-            );
-            if std::env::var("CI").is_ok_and(|value| value == "true") {
-                panic!("{message}");
-            }
-            eprintln!("skipping {message}");
-            return None;
-        };
+        let binary = external::binary_or_skip(
+            test_name,
+            "ETCD_BIN",
+            "/usr/bin/etcd",
+            "etcd",
+            "etcd-server",
+        )?;
         match Self::start(&binary) {
             Ok(server) => Some(server),
             Err(error) => panic!("{test_name}: {error}"),
@@ -54,16 +51,7 @@ impl TestEtcd {
 
     /// Returns the etcd binary to run, if there is one.
     pub fn find_binary() -> Option<PathBuf> {
-        if let Some(path) = std::env::var_os("ETCD_BIN") {
-            return Some(PathBuf::from(path)).filter(|path| path.is_file());
-        }
-        let standard = PathBuf::from("/usr/bin/etcd");
-        if standard.is_file() {
-            return Some(standard);
-        }
-        std::env::split_paths(&std::env::var_os("PATH")?)
-            .map(|directory| directory.join("etcd"))
-            .find(|path| path.is_file())
+        external::find_binary("ETCD_BIN", "/usr/bin/etcd", "etcd")
     }
 
     /// Starts `binary` on free ports and waits until it reports healthy. Retries with new ports
@@ -159,34 +147,8 @@ impl Drop for TestEtcd {
     }
 }
 
-/// Returns a loopback address whose port the OS just reported free.
-fn free_loopback_address() -> Result<SocketAddr, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map_err(|error| format!("finding a free loopback port: {error}"))
-}
-
 /// Asks etcd's `/health` endpoint whether the server is ready to serve requests.
 fn is_healthy(address: SocketAddr) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_millis(200)) else {
-        return false;
-    };
-    let timeout = Some(Duration::from_secs(2));
-    if stream.set_read_timeout(timeout).is_err() || stream.set_write_timeout(timeout).is_err() {
-        return false;
-    }
-    let request = format!("GET /health HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
-    if stream.write_all(request.as_bytes()).is_err() {
-        return false;
-    }
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response.starts_with("HTTP/1.1 200") && response.contains("\"health\":\"true\"")
-}
-
-/// Returns the last lines of a log file, for startup failure messages.
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
+    external::http_get(address, "/health", None)
+        .is_ok_and(|(status, body)| status == 200 && body.contains("\"health\":\"true\""))
 }

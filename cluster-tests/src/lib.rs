@@ -10,12 +10,17 @@
 //! - [`sandbox`]: [`sandbox::Sandbox`], one cluster per test, torn down on drop.
 //! - [`jobs`]: the job files the training tests submit.
 //! - [`etcd`]: [`etcd::TestEtcd`], a real etcd server for tests of the etcd store.
+//! - [`prometheus`]: [`prometheus::TestPrometheus`], a real Prometheus server scraping a
+//!   coordinator.
+//! - [`external`]: what those harnesses of real components share.
 //! - [`network`]: [`network::TestNetwork`], separate network hosts (namespaces) for one test.
 //!
 //! The tests need the `cohort` executable built first (`cargo build -p cohort-cli`, done by
 //! `scripts/test.sh`), or `$COHORT_BIN` pointing at one.
 
 pub mod etcd;
+pub mod external;
 pub mod jobs;
 pub mod network;
+pub mod prometheus;
 pub mod sandbox;

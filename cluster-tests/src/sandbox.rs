@@ -234,6 +234,9 @@ pub struct SandboxOptions {
     /// workers get the CA, workers the certificate). Default: only on a network (a
     /// coordinator off loopback refuses to start without it).
     pub tls: bool,
+    /// Whether the (first) coordinator serves its HTTP endpoint (`--http`, on a free loopback
+    /// port: [`Sandbox::http_address`]). Default: no.
+    pub http: bool,
 }
 
 impl Default for SandboxOptions {
@@ -243,6 +246,7 @@ impl Default for SandboxOptions {
             heartbeat_deadline_s: 5.0,
             coordinator_open_files: None,
             tls: false,
+            http: false,
         }
     }
 }
@@ -292,6 +296,8 @@ pub struct Sandbox {
     network: Option<TestNetwork>,
     /// The TLS files, when the cluster serves TLS.
     tls: Option<SandboxTls>,
+    /// The (first) coordinator's HTTP endpoint, when it serves one.
+    http_address: Option<String>,
 }
 
 impl Sandbox {
@@ -328,6 +334,7 @@ impl Sandbox {
             heartbeat_deadline_s,
             coordinator_open_files,
             tls,
+            http,
         } = options;
         let directory = tempfile::Builder::new()
             .prefix("cohort-sandbox-")
@@ -358,7 +365,12 @@ impl Sandbox {
             admin_token: String::new(),
             network,
             tls: None,
+            http_address: None,
         };
+        if http {
+            let address = crate::external::free_loopback_address().map_err(anyhow::Error::msg)?;
+            sandbox.http_address = Some(address.to_string());
+        }
         if tls || sandbox.network.is_some() {
             let files = sandbox.make_certificates()?;
             sandbox.coordinator_flags.extend([
@@ -421,6 +433,11 @@ impl Sandbox {
             .map(|tls| cohort_proto::transport::CaCertificate::read(&tls.ca))
             .transpose()?;
         connect_trusting(&self.address, ca.as_ref(), token).await
+    }
+
+    /// The (first) coordinator's HTTP endpoint (`host:port`), when it serves one.
+    pub fn http_address(&self) -> Option<&str> {
+        self.http_address.as_deref()
     }
 
     /// The coordinator's `host:port`.
@@ -507,6 +524,8 @@ impl Sandbox {
                 "--join-token-file".to_owned(),
                 self.join_token_file().display().to_string(),
             ]);
+        } else if let Some(http) = &self.http_address {
+            args.extend(["--http".to_owned(), http.clone()]);
         }
         args.extend(self.coordinator_flags.iter().cloned());
         let mut daemon = self.spawn(&name, &args, self.coordinator_open_files, 0, &[])?;

@@ -305,6 +305,26 @@ fn gpu_peer_records(kind: DeviceKind, device: &v1::Device) -> Result<Vec<GpuPeer
     Ok(records)
 }
 
+/// A job's latest metrics, one entry per reporting rank.
+pub fn rank_metrics(record: &JobRecord) -> Vec<v1::RankMetrics> {
+    record
+        .metrics
+        .iter()
+        .map(|(&rank, m)| v1::RankMetrics {
+            rank,
+            step: m.step,
+            total_steps: m.total_steps,
+            epoch: m.epoch,
+            loss: m.loss,
+            samples_per_s: m.samples_per_s,
+            eval_loss: m.eval_loss,
+            eval_accuracy: m.eval_accuracy,
+            extra: m.extra.clone().into_iter().collect(),
+            reported_at_unix_ms: m.reported_at_ms,
+        })
+        .collect()
+}
+
 /// Decodes and checks a metrics report.
 pub fn metrics_record(metrics: &v1::RankMetrics) -> Result<MetricsRecord> {
     if metrics.extra.len() > MAX_EXTRA_METRICS {
@@ -379,22 +399,7 @@ pub fn job_info(record: &JobRecord) -> v1::JobInfo {
             .iter()
             .map(|rank| rank_info(record, rank))
             .collect(),
-        metrics: record
-            .metrics
-            .iter()
-            .map(|(&rank, m)| v1::RankMetrics {
-                rank,
-                step: m.step,
-                total_steps: m.total_steps,
-                epoch: m.epoch,
-                loss: m.loss,
-                samples_per_s: m.samples_per_s,
-                eval_loss: m.eval_loss,
-                eval_accuracy: m.eval_accuracy,
-                extra: m.extra.clone().into_iter().collect(),
-                reported_at_unix_ms: m.reported_at_ms,
-            })
-            .collect(),
+        metrics: rank_metrics(record),
         spec_toml: record.spec_toml.clone(),
         kind: record.kind.clone(),
         submitter: record.submitter.clone(),

@@ -14,6 +14,7 @@
 //! - [`logs`]: captured rank output, on disk and live to followers.
 //! - [`auth`]: who is calling (users, workers, jobs, by token) and what they may do.
 //! - [`service`]: the gRPC layer: authenticate, decode, call [`cluster::Cluster`], encode.
+//! - [`telemetry`], [`http`]: `/metrics` for Prometheus, on `--http`.
 //! - [`model`], [`convert`], [`config`], [`limits`], [`error`]: records, protocol conversions,
 //!   settings, request bounds, and the crate's error type.
 
@@ -22,6 +23,7 @@ pub mod cluster;
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod http;
 pub mod leadership;
 pub mod lifecycle;
 pub mod limits;
@@ -31,6 +33,7 @@ pub mod placement;
 pub mod rendezvous;
 pub mod service;
 pub mod store;
+pub mod telemetry;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -170,12 +173,13 @@ impl tokio_stream::Stream for Incoming {
 ///
 /// With a `leadership` (the etcd store), it also stops when the leadership is lost, and then
 /// returns [`Error::LostLeadership`]; on `shutdown` it resigns, so a standby takes over at
-/// once.
+/// once. With `http`, it serves [`http`] there too, as long as the gRPC API.
 pub async fn run(
     config: CoordinatorConfig,
     store: Arc<dyn ClusterStore>,
     auth: Arc<auth::Authenticator>,
     listener: Arc<TcpListener>,
+    http: Option<TcpListener>,
     leadership: Option<Leadership>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
@@ -184,6 +188,7 @@ pub async fn run(
         .map_err(|e| Error::io("reading the listener's address", e))?;
     let mut server = tonic::transport::Server::builder();
     let tls = config.tls.is_some();
+    let config_tls = config.tls.clone();
     if let Some(identity) = &config.tls {
         server = server.tls_config(identity.config()).map_err(|error| {
             Error::InvalidArgument(format!("the TLS certificate and key: {error}"))
@@ -194,6 +199,19 @@ pub async fn run(
     let background = tokio::spawn(cluster.clone().run_background(async {
         let _ = background_stopped.await;
     }));
+    let (stop_http, http_stopped) = watch::channel(false);
+    let http_server = http.map(|listener| {
+        let router = http::router(cluster.clone(), auth.clone());
+        let mut stopped = http_stopped.clone();
+        tokio::spawn(http::serve(
+            listener,
+            config_tls.clone(),
+            router,
+            async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            },
+        ))
+    });
     let service = service::CoordinatorService::new(cluster.clone(), auth);
     info!(%address, tls, "coordinator ready");
     let result = server
@@ -226,6 +244,14 @@ pub async fn run(
         .await;
     let _ = stop_background.send(());
     let _ = background.await;
+    let _ = stop_http.send(true);
+    if let Some(http_server) = http_server {
+        match http_server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => warn!(%error, "the HTTP endpoint failed"),
+            Err(error) => warn!(%error, "the HTTP endpoint's task failed"),
+        }
+    }
     // Every job change made before the server stopped is stored before the coordinator exits.
     if let Err(error) = cluster.flush().await {
         tracing::warn!(%error, "job writes did not all land before shutdown");

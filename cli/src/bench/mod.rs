@@ -125,6 +125,7 @@ pub async fn start_cluster(data_dir: &Path, workers: u32, slots: u32) -> Result<
         &cohort_coordinator::StoreLocation::Embedded,
         "127.0.0.1:0",
         None,
+        None,
     )
     .await?;
     LocalCluster::start(LocalClusterConfig {

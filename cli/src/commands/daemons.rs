@@ -109,9 +109,10 @@ pub async fn prepare_coordinator(
     config: CoordinatorConfig,
     listen: &str,
     address_file: Option<&Path>,
+    http: Option<&str>,
 ) -> Result<PreparedCoordinator> {
     let location: StoreLocation = settings.store.parse()?;
-    prepare(config, &location, listen, address_file).await
+    prepare(config, &location, listen, address_file, http).await
 }
 
 /// `--leader-lease-s`: whole seconds from [`cohort_coordinator::leadership::MIN_LEASE`] to
@@ -159,6 +160,9 @@ pub async fn coordinator(args: CoordinatorDaemonArgs) -> Result<ExitCode> {
         _ => None,
     };
     listen_policy(&args.listen, tls.is_some(), args.insecure)?;
+    if let Some(http) = &args.http {
+        listen_policy(http, tls.is_some(), args.insecure).context("--http")?;
+    }
     if args.insecure && tls.is_none() {
         tracing::warn!(
             listen = %args.listen,
@@ -178,6 +182,7 @@ pub async fn coordinator(args: CoordinatorDaemonArgs) -> Result<ExitCode> {
             config,
             &args.listen,
             args.address_file.as_deref(),
+            args.http.as_deref(),
         ) => prepared?,
         // A standby waits for the leadership as long as it takes; a signal ends the wait.
         () = shutdown_signal() => return Ok(ExitCode::SUCCESS),
@@ -187,6 +192,7 @@ pub async fn coordinator(args: CoordinatorDaemonArgs) -> Result<ExitCode> {
         prepared.store,
         prepared.auth,
         prepared.listener,
+        prepared.http,
         prepared.leadership,
         shutdown_signal(),
     )

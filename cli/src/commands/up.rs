@@ -29,8 +29,18 @@ pub async fn up(args: UpArgs) -> Result<ExitCode> {
     };
     // A local cluster stays on this machine: no --insecure here.
     daemons::listen_policy(&args.listen, false, false)?;
+    if let Some(http) = &args.http {
+        daemons::listen_policy(http, false, false)?;
+    }
     let config = daemons::coordinator_config(&args.settings)?;
-    let prepared = daemons::prepare_coordinator(&args.settings, config, &args.listen, None).await?;
+    let prepared = daemons::prepare_coordinator(
+        &args.settings,
+        config,
+        &args.listen,
+        None,
+        args.http.as_deref(),
+    )
+    .await?;
     let cluster = LocalCluster::start(LocalClusterConfig {
         coordinator: prepared,
         workers: args.workers,

@@ -73,6 +73,8 @@ pub enum Action<'a> {
     ListJobs,
     /// List nodes.
     ListNodes,
+    /// Read `/metrics` (a user sees their own jobs' series, and the cluster's).
+    ReadMetrics,
     /// Drain a node, or take the drain back.
     DrainNode,
     /// Add, list or remove users.
@@ -98,7 +100,10 @@ pub fn authorize(caller: &Caller, action: Action<'_>) -> Result<()> {
             Caller::User { name, .. },
             Action::ReadJob { owner, .. } | Action::CancelJob { owner, .. },
         ) => name == owner,
-        (Caller::User { .. }, Action::Submit | Action::ListJobs | Action::ListNodes) => true,
+        (
+            Caller::User { .. },
+            Action::Submit | Action::ListJobs | Action::ListNodes | Action::ReadMetrics,
+        ) => true,
         (Caller::Worker, Action::Join | Action::ListNodes) => true,
         (Caller::Job(own), Action::UseJob { job_id }) => own == job_id,
         (Caller::Job(_), Action::ListNodes) => true,
@@ -108,7 +113,7 @@ pub fn authorize(caller: &Caller, action: Action<'_>) -> Result<()> {
         return Ok(());
     }
     let who_may = match action {
-        Action::Submit | Action::ListJobs => "users",
+        Action::Submit | Action::ListJobs | Action::ReadMetrics => "users",
         Action::ReadJob { .. } | Action::CancelJob { .. } => "the user who submitted it and admins",
         Action::ListNodes => "any authenticated caller",
         Action::ManageUsers | Action::ReadAudit | Action::DrainNode => "admins",
@@ -138,6 +143,7 @@ fn describe(action: Action<'_>) -> String {
         Action::CancelJob { job_id, .. } => format!("cancel job {job_id}"),
         Action::ListJobs => "list jobs".to_owned(),
         Action::ListNodes => "list nodes".to_owned(),
+        Action::ReadMetrics => "read metrics".to_owned(),
         Action::DrainNode => "drain nodes".to_owned(),
         Action::ManageUsers => "manage users".to_owned(),
         Action::ReadAudit => "read the audit log".to_owned(),

@@ -303,6 +303,8 @@ pub struct Cluster {
     wake: Notify,
     /// Issues the token a placed job's processes get, and checks it.
     job_tokens: JobTokens,
+    /// The series recorded for Prometheus as things happen.
+    telemetry: crate::telemetry::Telemetry,
 }
 
 impl Cluster {
@@ -397,7 +399,54 @@ impl Cluster {
             events,
             wake: Notify::new(),
             job_tokens,
+            telemetry: crate::telemetry::Telemetry::new()?,
         })
+    }
+
+    /// What `/metrics` shows to `viewer`: every job's state and every node, and the running
+    /// jobs the viewer may see (an admin all, a user their own).
+    pub async fn snapshot(&self, viewer: &crate::auth::Caller) -> crate::telemetry::Snapshot {
+        let nodes = self.nodes().await;
+        let state = self.state.lock().await;
+        let mut jobs_by_state = BTreeMap::new();
+        let mut running = Vec::new();
+        for slot in state.jobs.values() {
+            let (job_state, live) = match slot {
+                JobSlot::Live(job) => (job.record.state, Some(job)),
+                JobSlot::Retired(summary) => (summary.state, None),
+            };
+            *jobs_by_state.entry(job_state.name()).or_insert(0) += 1;
+            let Some(job) = live.filter(|job| job.record.state == JobState::Running) else {
+                continue;
+            };
+            if !crate::auth::access::sees_job(viewer, &job.record.submitter) {
+                continue;
+            }
+            running.push(crate::telemetry::RunningJob {
+                job_id: job.record.id.to_string(),
+                user: job.record.submitter.clone(),
+                restarts: job.record.attempt,
+                nodes: job
+                    .record
+                    .placement
+                    .iter()
+                    .map(|rank| rank.node_id.to_string())
+                    .collect(),
+                metrics: crate::convert::rank_metrics(&job.record),
+            });
+        }
+        crate::telemetry::Snapshot {
+            jobs_by_state,
+            nodes,
+            now_ms: now_ms(),
+            running,
+        }
+    }
+
+    /// The exposition `/metrics` serves to `viewer`.
+    pub async fn exposition(&self, viewer: &crate::auth::Caller) -> Result<String> {
+        let snapshot = self.snapshot(viewer).await;
+        self.telemetry.exposition(&snapshot)
     }
 
     /// The coordinator's settings.

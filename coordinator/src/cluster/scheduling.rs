@@ -313,9 +313,13 @@ impl Cluster {
             return Ok(Vec::new());
         }
         queue.sort_by_key(|job| (std::cmp::Reverse(job.priority), job.seq));
+        let deciding = std::time::Instant::now();
         let view = state.cluster_view(false);
+        let assignments = placement::place(&view, &queue);
+        self.telemetry
+            .observe_scheduling(deciding.elapsed().as_secs_f64());
         let mut placed = Vec::new();
-        for assignment in placement::place(&view, &queue) {
+        for assignment in assignments {
             let Some(entry) = state.live_mut(&assignment.job_id) else {
                 continue;
             };
@@ -323,6 +327,14 @@ impl Cluster {
             entry.record.state =
                 transition(job_id.as_str(), entry.record.state, JobState::Scheduled)?;
             entry.record.scheduled_at_ms = Some(now);
+            // Queued since its submission, or since its last attempt ended.
+            let queued_since = entry
+                .record
+                .attempts
+                .last()
+                .map_or(entry.record.submitted_at_ms, |attempt| attempt.ended_at_ms);
+            self.telemetry
+                .observe_queue_wait((now - queued_since) as f64 / 1000.0);
             entry.record.reason.clear();
             entry.record.placement = assignment
                 .ranks
