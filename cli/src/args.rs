@@ -84,6 +84,9 @@ pub enum Command {
     Status(StatusArgs),
     /// Print a job's captured output, lines prefixed by rank.
     Logs(LogsArgs),
+    /// Print a job's metric curves: every rank's reported steps (loss, throughput,
+    /// evaluations), kept across coordinator restarts.
+    Metrics(MetricsArgs),
     /// Cancel a job: stop every rank (SIGTERM, then SIGKILL after the job's grace period).
     Cancel(CancelArgs),
     /// List worker nodes and their devices.
@@ -344,6 +347,34 @@ pub struct LogsArgs {
     /// current or last attempt), then the log.
     #[arg(long, conflicts_with = "follow")]
     pub errors_first: bool,
+    /// Where the coordinator is.
+    #[command(flatten)]
+    pub coordinator: CoordinatorArgs,
+}
+
+/// How `cohort metrics` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum MetricsFormat {
+    /// A table, one row per point.
+    #[default]
+    Table,
+    /// Comma-separated values with a header row.
+    Csv,
+    /// One JSON document.
+    Json,
+}
+
+/// `cohort metrics`.
+#[derive(Debug, Args)]
+pub struct MetricsArgs {
+    /// The job id.
+    pub job: String,
+    /// Only this rank's curve.
+    #[arg(long)]
+    pub rank: Option<u32>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: MetricsFormat,
     /// Where the coordinator is.
     #[command(flatten)]
     pub coordinator: CoordinatorArgs,

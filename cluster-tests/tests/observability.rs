@@ -1,6 +1,7 @@
 //! Observability through real tools: a real Prometheus server scrapes the coordinator's
 //! `/metrics` while a job trains and answers for the job's loss; `promtool` accepts the
-//! exposition; a user's token shows only that user's jobs.
+//! exposition; a user's token shows only that user's jobs; the job's metric curves outlive it
+//! and a coordinator crash.
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -128,5 +129,38 @@ fn prometheus_reads_a_training_jobs_loss_from_the_coordinator() -> Result<()> {
         let (_, exposition) = http_get(http_address, "/metrics", Some(cluster.admin_token()))?;
         Ok((!exposition.contains(&job_id)).then_some(()))
     })?;
+
+    // Its curves stay: every rank's steps in order up to the last, across a coordinator crash.
+    let curves: serde_json::Value =
+        serde_json::from_str(&cluster.cli_ok(&["metrics", &job_id, "--output", "json"])?)?;
+    let ranks = curves["ranks"].as_array().context("ranks")?;
+    assert_eq!(ranks.len(), 2, "{curves}");
+    for rank in ranks {
+        let steps: Vec<u64> = rank["points"]
+            .as_array()
+            .context("points")?
+            .iter()
+            .filter_map(|point| point["step"].as_u64())
+            .collect();
+        assert!(steps.len() >= 5, "{rank}");
+        assert!(steps.windows(2).all(|pair| pair[0] < pair[1]), "{steps:?}");
+        assert_eq!(steps.last(), Some(&702), "3 epochs of 234 steps: {steps:?}");
+    }
+    let csv = cluster.cli_ok(&["metrics", &job_id, "--rank", "1", "--output", "csv"])?;
+    assert_eq!(
+        csv.lines().count(),
+        1 + ranks[1]["points"].as_array().map_or(0, Vec::len),
+        "{csv}"
+    );
+    eprintln!(
+        "cohort metrics: {} points for rank 0, {} for rank 1",
+        ranks[0]["points"].as_array().map_or(0, Vec::len),
+        ranks[1]["points"].as_array().map_or(0, Vec::len)
+    );
+    cluster.kill_coordinator();
+    cluster.restart_coordinator()?;
+    let after: serde_json::Value =
+        serde_json::from_str(&cluster.cli_ok(&["metrics", &job_id, "--output", "json"])?)?;
+    assert_eq!(after, curves);
     Ok(())
 }

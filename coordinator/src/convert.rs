@@ -305,6 +305,31 @@ fn gpu_peer_records(kind: DeviceKind, device: &v1::Device) -> Result<Vec<GpuPeer
     Ok(records)
 }
 
+/// A job's metric curves on the wire.
+pub fn job_metrics_response(curves: &crate::model::MetricHistory) -> v1::JobMetricsResponse {
+    v1::JobMetricsResponse {
+        ranks: curves
+            .ranks
+            .iter()
+            .map(|(&rank, points)| v1::RankCurve {
+                rank,
+                points: points
+                    .iter()
+                    .map(|point| v1::MetricPoint {
+                        step: point.step,
+                        epoch: point.epoch,
+                        loss: point.loss,
+                        samples_per_s: point.samples_per_s,
+                        eval_loss: point.eval_loss,
+                        eval_accuracy: point.eval_accuracy,
+                        reported_at_unix_ms: point.at_ms,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
 /// A job's latest metrics, one entry per reporting rank.
 pub fn rank_metrics(record: &JobRecord) -> Vec<v1::RankMetrics> {
     record

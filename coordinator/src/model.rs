@@ -6,6 +6,7 @@
 use cohort_jobspec::DeviceKind;
 use cohort_proto::{JobId, NodeId};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 use crate::lifecycle::JobState;
 
@@ -578,5 +579,141 @@ mod tests {
             "{bytes} bytes, over {}",
             cohort_proto::MAX_MESSAGE_BYTES
         );
+    }
+}
+
+/// One point of a rank's metric curve: its figures after one reported step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricPoint {
+    /// The step the figures are of.
+    pub step: u64,
+    /// The epoch, from 1.
+    pub epoch: u32,
+    /// Training loss.
+    pub loss: f64,
+    /// Job-wide throughput as the rank saw it.
+    pub samples_per_s: f64,
+    /// The evaluation's loss, on a step that evaluated.
+    pub eval_loss: Option<f64>,
+    /// The evaluation's accuracy, on a step that evaluated.
+    pub eval_accuracy: Option<f64>,
+    /// When the rank reported it.
+    pub at_ms: UnixMillis,
+}
+
+impl MetricPoint {
+    /// Whether the point carries an evaluation (such points are kept longest).
+    fn evaluated(&self) -> bool {
+        self.eval_loss.is_some() || self.eval_accuracy.is_some()
+    }
+}
+
+/// Every rank's metric curve of one job, bounded: each rank keeps at most
+/// [`MetricHistory::MAX_POINTS`]; when a curve is full, its older half is thinned to every
+/// other point (evaluations kept while they fit), so a long run keeps its whole shape at a
+/// coarser grain and its recent steps in full.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MetricHistory {
+    /// The points of each rank, in step order.
+    pub ranks: BTreeMap<u32, Vec<MetricPoint>>,
+}
+
+impl crate::store::codec::Record for MetricHistory {}
+
+impl MetricHistory {
+    /// Most points kept per rank.
+    pub const MAX_POINTS: usize = 1024;
+
+    /// Adds `point` to `rank`'s curve. A report of the step the curve ends at replaces that
+    /// point (an evaluation reported after its step); one of an earlier step (a restarted
+    /// attempt going back to its checkpoint) drops the points after it first.
+    pub fn record(&mut self, rank: u32, point: MetricPoint) {
+        let points = self.ranks.entry(rank).or_default();
+        while points.last().is_some_and(|last| last.step > point.step) {
+            points.pop();
+        }
+        match points.last_mut() {
+            Some(last) if last.step == point.step => *last = point,
+            _ => points.push(point),
+        }
+        if points.len() > Self::MAX_POINTS {
+            thin_older_half(points, true);
+            if points.len() > Self::MAX_POINTS {
+                thin_older_half(points, false);
+            }
+        }
+    }
+}
+
+/// Drops every other point of the older half of `points`, keeping evaluations when
+/// `keep_evaluations`.
+fn thin_older_half(points: &mut Vec<MetricPoint>, keep_evaluations: bool) {
+    let half = points.len() / 2;
+    let mut index = 0;
+    points.retain(|point| {
+        let keep = index >= half || index % 2 == 0 || (keep_evaluations && point.evaluated());
+        index += 1;
+        keep
+    });
+}
+
+#[cfg(test)]
+mod history_tests {
+    use super::*;
+
+    fn point(step: u64) -> MetricPoint {
+        MetricPoint {
+            step,
+            epoch: 1,
+            loss: 1.0 / (step as f64 + 1.0),
+            samples_per_s: 100.0,
+            eval_loss: None,
+            eval_accuracy: step.is_multiple_of(500).then_some(0.5),
+            at_ms: step as i64,
+        }
+    }
+
+    #[test]
+    fn a_long_run_keeps_its_whole_span_in_bounded_points_with_every_evaluation() {
+        let mut history = MetricHistory::default();
+        for step in 0..=20_000 {
+            history.record(0, point(step));
+        }
+        let points = &history.ranks[&0];
+        assert!(
+            points.len() <= MetricHistory::MAX_POINTS,
+            "{}",
+            points.len()
+        );
+        assert!(
+            points.len() >= MetricHistory::MAX_POINTS / 2,
+            "{}",
+            points.len()
+        );
+        assert_eq!(points.first().unwrap().step, 0);
+        assert_eq!(points.last().unwrap().step, 20_000);
+        assert!(points.windows(2).all(|pair| pair[0].step < pair[1].step));
+        let evaluations = points.iter().filter(|point| point.evaluated()).count();
+        assert_eq!(evaluations, 41, "every 500th step evaluated");
+        // The newest steps are kept at full resolution.
+        let tail: Vec<u64> = points[points.len() - 5..].iter().map(|p| p.step).collect();
+        assert_eq!(tail, [19_996, 19_997, 19_998, 19_999, 20_000]);
+    }
+
+    #[test]
+    fn a_repeated_step_replaces_its_point_and_a_restart_rewinds_the_curve() {
+        let mut history = MetricHistory::default();
+        for step in [1, 2, 3] {
+            history.record(1, point(step));
+        }
+        let mut evaluated = point(3);
+        evaluated.eval_loss = Some(0.3);
+        history.record(1, evaluated.clone());
+        assert_eq!(history.ranks[&1].len(), 3);
+        assert_eq!(history.ranks[&1][2], evaluated);
+        // The next attempt resumes from step 2's checkpoint.
+        history.record(1, point(2));
+        let steps: Vec<u64> = history.ranks[&1].iter().map(|p| p.step).collect();
+        assert_eq!(steps, [1, 2]);
     }
 }

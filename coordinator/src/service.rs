@@ -120,6 +120,19 @@ impl JobControl for CoordinatorService {
         Ok(Response::new(self.reader_of(&request, &job_id).await?))
     }
 
+    async fn get_job_metrics(
+        &self,
+        request: Request<GetJobMetricsRequest>,
+    ) -> Result<Response<JobMetricsResponse>, Status> {
+        let job_id = job_id(&request.get_ref().job_id)?;
+        self.reader_of(&request, &job_id).await?;
+        let curves = self
+            .cluster
+            .job_metrics(&job_id, request.get_ref().rank)
+            .await?;
+        Ok(Response::new(convert::job_metrics_response(&curves)))
+    }
+
     async fn list_jobs(
         &self,
         request: Request<ListJobsRequest>,
@@ -924,6 +937,7 @@ mod tests {
         Heartbeat(HeartbeatRequest),
         Logs(PushLogsRequest),
         Drain(DrainNodeRequest),
+        Curves(GetJobMetricsRequest),
     }
 
     fn fuzzed_call(job_id: String) -> impl proptest::strategy::Strategy<Value = Fuzzed> {
@@ -1046,7 +1060,7 @@ mod tests {
                     leaving: rank % 2 == 0,
                 })
             }),
-            (text, job, text, number).prop_map(|(node_id, job_id, text, rank)| {
+            (text, job.clone(), text, number.clone()).prop_map(|(node_id, job_id, text, rank)| {
                 Fuzzed::Logs(PushLogsRequest {
                     node_id,
                     job_id,
@@ -1060,6 +1074,9 @@ mod tests {
             }),
             (prop_oneof![Just("node-a".to_owned()), text], any::<bool>())
                 .prop_map(|(node_id, undo)| Fuzzed::Drain(DrainNodeRequest { node_id, undo })),
+            (job, proptest::option::of(number)).prop_map(|(job_id, rank)| {
+                Fuzzed::Curves(GetJobMetricsRequest { job_id, rank })
+            }),
         ]
     }
 
@@ -1107,6 +1124,9 @@ mod tests {
                             }
                             Fuzzed::Logs(r) => service.push_logs(call(r, join)).await.map(drop),
                             Fuzzed::Drain(r) => service.drain_node(call(r, admin)).await.map(drop),
+                            Fuzzed::Curves(r) => {
+                                service.get_job_metrics(call(r, admin)).await.map(drop)
+                            }
                         }
                     });
                     if let Err(status) = answer {

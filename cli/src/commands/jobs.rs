@@ -8,12 +8,13 @@ use anyhow::{Context, Result, bail};
 use cohort_coordinator::logs::fold::{Folder, RankLine};
 use cohort_proto::v1::job_control_client::JobControlClient;
 use cohort_proto::v1::{
-    CancelJobRequest, DrainNodeRequest, GetJobRequest, JobInfo, JobState, ListNodesRequest,
-    LogStream, StreamLogsRequest, WatchJobRequest,
+    CancelJobRequest, DrainNodeRequest, GetJobMetricsRequest, GetJobRequest, JobInfo,
+    JobMetricsResponse, JobState, ListNodesRequest, LogStream, StreamLogsRequest, WatchJobRequest,
 };
 
 use crate::args::{
-    CancelArgs, DrainArgs, LogsArgs, NodesArgs, OutputFormat, StatusArgs, SubmitArgs,
+    CancelArgs, DrainArgs, LogsArgs, MetricsArgs, MetricsFormat, NodesArgs, OutputFormat,
+    StatusArgs, SubmitArgs,
 };
 use crate::client;
 use crate::render;
@@ -179,6 +180,82 @@ pub async fn logs(args: LogsArgs) -> Result<ExitCode> {
         print_logs(&mut client, &args.job, args.follow, args.rank).await?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `cohort metrics`.
+pub async fn metrics(args: MetricsArgs) -> Result<ExitCode> {
+    let mut client = client::job_control(&args.coordinator.target()?).await?;
+    let curves = client
+        .get_job_metrics(GetJobMetricsRequest {
+            job_id: args.job.clone(),
+            rank: args.rank,
+        })
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    print!("{}", render_curves(&curves, args.output));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A job's curves as `format` prints them.
+fn render_curves(curves: &JobMetricsResponse, format: MetricsFormat) -> String {
+    let optional = |value: Option<f64>| value.map_or(String::new(), |value| format!("{value}"));
+    let rows: Vec<Vec<String>> = curves
+        .ranks
+        .iter()
+        .flat_map(|curve| {
+            curve.points.iter().map(move |point| {
+                vec![
+                    curve.rank.to_string(),
+                    point.step.to_string(),
+                    point.epoch.to_string(),
+                    format!("{}", point.loss),
+                    format!("{}", point.samples_per_s),
+                    optional(point.eval_loss),
+                    optional(point.eval_accuracy),
+                    point.reported_at_unix_ms.to_string(),
+                ]
+            })
+        })
+        .collect();
+    let header = [
+        "rank",
+        "step",
+        "epoch",
+        "loss",
+        "samples_per_s",
+        "eval_loss",
+        "eval_accuracy",
+        "reported_at_unix_ms",
+    ];
+    match format {
+        MetricsFormat::Table => render::table(&header, &rows),
+        MetricsFormat::Csv => std::iter::once(header.join(","))
+            .chain(rows.iter().map(|row| row.join(",")))
+            .map(|line| line + "\n")
+            .collect(),
+        MetricsFormat::Json => {
+            let ranks: Vec<serde_json::Value> = curves
+                .ranks
+                .iter()
+                .map(|curve| {
+                    serde_json::json!({
+                        "rank": curve.rank,
+                        "points": curve.points.iter().map(|point| serde_json::json!({
+                            "step": point.step,
+                            "epoch": point.epoch,
+                            "loss": point.loss,
+                            "samples_per_s": point.samples_per_s,
+                            "eval_loss": point.eval_loss,
+                            "eval_accuracy": point.eval_accuracy,
+                            "reported_at_unix_ms": point.reported_at_unix_ms,
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            format!("{}\n", serde_json::json!({ "ranks": ranks }))
+        }
+    }
 }
 
 /// Lines of standard error `--errors-first` shows of the rank that failed first.

@@ -273,10 +273,11 @@ impl Cluster {
                 job.record.state.name()
             )));
         }
-        job.record.metrics.insert(rank, metrics);
+        job.record.metrics.insert(rank, metrics.clone());
         let job: &LiveJob = job;
         self.publish(job);
-        Ok(())
+        drop(state);
+        self.record_history(job_id, rank, &metrics).await
     }
 
     /// Checks that `session_id` is the live session of node `node_id` and that the node runs

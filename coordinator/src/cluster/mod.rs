@@ -18,7 +18,9 @@
 //! - `scheduling`: the scheduler pass that applies [`crate::placement::place`].
 //! - `restarts`: a failed attempt restarted while restarts remain, away from the node to blame.
 //! - `persistence`: the ordered queue of job writes and the one task that writes them.
+//! - `history`: each job's metric curves, kept and stored.
 
+mod history;
 mod jobs;
 mod membership;
 mod persistence;
@@ -305,6 +307,8 @@ pub struct Cluster {
     job_tokens: JobTokens,
     /// The series recorded for Prometheus as things happen.
     telemetry: crate::telemetry::Telemetry,
+    /// Each job's metric curves.
+    histories: history::Histories,
 }
 
 impl Cluster {
@@ -400,6 +404,7 @@ impl Cluster {
             wake: Notify::new(),
             job_tokens,
             telemetry: crate::telemetry::Telemetry::new()?,
+            histories: history::Histories::default(),
         })
     }
 
@@ -474,12 +479,20 @@ impl Cluster {
     pub async fn run_background(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
         let mut ticker = tokio::time::interval(self.config.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut flush_curves = tokio::time::interval(history::FLUSH_INTERVAL);
+        flush_curves.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = ticker.tick() => {}
                 _ = self.wake.notified() => {}
+                _ = flush_curves.tick() => {
+                    if let Err(error) = self.flush_histories().await {
+                        warn!(%error, "storing metric curves failed");
+                    }
+                    continue;
+                }
             }
             if let Err(error) = self.check_liveness().await {
                 warn!(%error, "liveness check failed");
@@ -493,7 +506,9 @@ impl Cluster {
     /// Waits until every job change made so far is stored; for shutdown, so that nothing is
     /// lost.
     pub async fn flush(&self) -> Result<()> {
-        self.writes.barrier().landed().await
+        let curves = self.flush_histories().await;
+        self.writes.barrier().landed().await?;
+        curves
     }
 
     /// Tells watchers that the job changed, for changes that are not stored (metrics); the
@@ -567,6 +582,10 @@ impl Cluster {
         match to {
             JobState::Succeeded => info!(%job_id, "job succeeded"),
             _ => warn!(%job_id, state = to.name(), reason = %entry.record.reason, "job ended"),
+        }
+        // The curves first: whoever hears that the job ended can read them whole.
+        if let Some(curves) = self.histories.take_final(job_id) {
+            writes.push(self.writes.put_curves(job_id, curves));
         }
         writes.push(self.writes.put_job(&entry.record));
         let reason = entry.record.reason.clone();

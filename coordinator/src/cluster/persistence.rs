@@ -15,6 +15,8 @@
 //! - A failed write is returned to the caller waiting on it, as a direct write's error was.
 //!   Memory keeps the change, and the job's next write, which carries the whole record, stores
 //!   it (as before).
+//! - A job's metric curves go through the queue once, just before its final record
+//!   ([`WriteQueue::put_curves`]): whoever sees the job ended can read its whole curves.
 //! - A barrier ([`WriteQueue::barrier`]) lands once every write enqueued before it has: reading
 //!   a retired job back from the store, and shutdown, wait on one, so nothing is read stale or
 //!   lost.
@@ -24,15 +26,27 @@ use std::sync::{Arc, Weak};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{error, warn};
 
+use cohort_proto::JobId;
+
 use super::JobChanged;
 use crate::error::{Error, Result};
-use crate::model::JobRecord;
+use crate::model::{JobRecord, MetricHistory};
 use crate::store::ClusterStore;
 
-/// One entry of the queue: a job record to write, or a barrier (`None`), with whom to tell.
+/// What one entry of the queue writes.
+enum Payload {
+    /// A job record.
+    Job(Box<JobRecord>),
+    /// A job's metric curves (written with its final record, so an ended job's are whole).
+    Curves(JobId, Box<MetricHistory>),
+    /// Nothing: a barrier.
+    Barrier,
+}
+
+/// One entry of the queue: what to write, with whom to tell.
 struct Queued {
-    /// The record to write; `None` for a barrier.
-    job: Option<Box<JobRecord>>,
+    /// What to write.
+    payload: Payload,
     /// Receives the write's outcome.
     done: oneshot::Sender<Result<()>>,
 }
@@ -64,19 +78,24 @@ impl WriteQueue {
 
     /// Enqueues a write of `job` as it is now.
     pub(super) fn put_job(&self, job: &JobRecord) -> Written {
-        self.enqueue(Some(Box::new(job.clone())))
+        self.enqueue(Payload::Job(Box::new(job.clone())))
+    }
+
+    /// Enqueues a write of job `job_id`'s metric curves.
+    pub(super) fn put_curves(&self, job_id: &JobId, curves: MetricHistory) -> Written {
+        self.enqueue(Payload::Curves(job_id.clone(), Box::new(curves)))
     }
 
     /// Enqueues a barrier: it lands once every write enqueued before it has.
     pub(super) fn barrier(&self) -> Written {
-        self.enqueue(None)
+        self.enqueue(Payload::Barrier)
     }
 
     /// Puts one entry on the queue and returns its ticket.
-    fn enqueue(&self, job: Option<Box<JobRecord>>) -> Written {
+    fn enqueue(&self, payload: Payload) -> Written {
         let (done, outcome) = oneshot::channel();
         // When the writer is gone, `done` is dropped with the entry and the ticket says so.
-        let _ = self.sender.send(Queued { job, done });
+        let _ = self.sender.send(Queued { payload, done });
         Written(outcome)
     }
 }
@@ -110,10 +129,25 @@ async fn write_in_order(
     events: broadcast::Sender<JobChanged>,
     mut queue: mpsc::UnboundedReceiver<Queued>,
 ) {
-    while let Some(Queued { job, done }) = queue.recv().await {
-        let Some(job) = job else {
-            let _ = done.send(Ok(()));
-            continue;
+    while let Some(Queued { payload, done }) = queue.recv().await {
+        let job = match payload {
+            Payload::Job(job) => job,
+            Payload::Barrier => {
+                let _ = done.send(Ok(()));
+                continue;
+            }
+            Payload::Curves(job_id, curves) => {
+                let result = match store.upgrade() {
+                    Some(store) => store.put_job_metrics(&job_id, &curves).await,
+                    None => Err(Error::Store(format!(
+                        "writing the metric curves of job {job_id}: the store was closed"
+                    ))),
+                };
+                if let Err(Err(error)) = done.send(result) {
+                    warn!(%job_id, %error, "metric curves not written and nobody waited");
+                }
+                continue;
+            }
         };
         let result = match store.upgrade() {
             Some(store) => store.put_job(&job).await,

@@ -295,6 +295,7 @@ macro_rules! conformance_suite {
 }
 
 conformance_suite!(
+    metric_curves_round_trip_are_replaced_and_survive_reopening,
     sequence_starts_at_one_and_counts_up,
     sequence_is_unique_and_increasing_under_concurrent_callers,
     jobs_round_trip_through_put_get_and_list,
@@ -657,6 +658,39 @@ fn sample_audit(target: &str) -> AuditEntry {
         target: target.to_owned(),
         outcome: "ok".to_owned(),
     }
+}
+
+async fn metric_curves_round_trip_are_replaced_and_survive_reopening(backend: &dyn Backend) {
+    let id = sample_job(1).id;
+    let point = |step| crate::model::MetricPoint {
+        step,
+        epoch: 1,
+        loss: 0.5,
+        samples_per_s: 1_000.0,
+        eval_loss: None,
+        eval_accuracy: Some(0.8),
+        at_ms: 1_700_000_000_000,
+    };
+    let mut history = crate::model::MetricHistory::default();
+    {
+        let store = backend.open().await;
+        assert_eq!(store.get_job_metrics(&id).await.unwrap(), None);
+        history.record(0, point(1));
+        store.put_job_metrics(&id, &history).await.unwrap();
+        history.record(0, point(2));
+        history.record(1, point(2));
+        store.put_job_metrics(&id, &history).await.unwrap();
+        assert_eq!(
+            store.get_job_metrics(&id).await.unwrap().as_ref(),
+            Some(&history)
+        );
+    }
+    let reopened = backend.open().await;
+    assert_eq!(reopened.get_job_metrics(&id).await.unwrap(), Some(history));
+    assert_eq!(
+        reopened.get_job_metrics(&sample_job(2).id).await.unwrap(),
+        None
+    );
 }
 
 async fn users_are_put_replaced_listed_by_name_and_removed(backend: &dyn Backend) {

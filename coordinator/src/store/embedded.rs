@@ -43,7 +43,7 @@ use super::{
 use crate::auth::records::{AuditEntry, UserRecord};
 use crate::error::{Error, Result};
 use crate::limits::MAX_AUDIT_ENTRIES;
-use crate::model::{JobRecord, NodeRecord};
+use crate::model::{JobRecord, MetricHistory, NodeRecord};
 
 /// Name of the database file inside the data dir.
 pub const DATABASE_FILE_NAME: &str = "cluster.redb";
@@ -79,6 +79,8 @@ const JOB_SEQ_KEY: &str = "job_seq";
 
 /// Users by name.
 const USERS: RecordTable = TableDefinition::new("users");
+/// Metric curves of jobs by job id: encoded [`MetricHistory`].
+const JOB_METRICS: RecordTable = TableDefinition::new("job_metrics");
 /// Audit entries by sequence number.
 const AUDIT: TableDefinition<u64, &'static [u8]> = TableDefinition::new("audit");
 /// Key in [`META`] of the last audit sequence number.
@@ -518,6 +520,37 @@ impl ClusterStore for EmbeddedStore {
             log_quarantined(quarantined);
         }
         Ok(moved)
+    }
+
+    async fn put_job_metrics(&self, id: &JobId, history: &MetricHistory) -> Result<()> {
+        let bytes = codec::encode(history)?;
+        self.put_bytes(
+            "writing metric curves",
+            JOB_METRICS,
+            id.as_str().to_owned(),
+            bytes,
+        )
+        .await
+    }
+
+    async fn get_job_metrics(&self, id: &JobId) -> Result<Option<MetricHistory>> {
+        let key = id.as_str().to_owned();
+        let bytes = self
+            .run_blocking("reading metric curves", move |database| {
+                let operation = "reading metric curves";
+                let transaction = database.begin_read().within(operation, &key)?;
+                let table = match transaction.open_table(JOB_METRICS) {
+                    Ok(table) => table,
+                    Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                    Err(error) => return Err(error).within(operation, &key),
+                };
+                let found = table.get(key.as_str()).within(operation, &key)?;
+                Ok(found.map(|guard| guard.value().to_vec()))
+            })
+            .await?;
+        bytes
+            .map(|bytes| super::decode_metrics(&bytes, id))
+            .transpose()
     }
 
     async fn put_user(&self, user: &UserRecord) -> Result<()> {

@@ -3,6 +3,7 @@
 //! Keys:
 //! - `{prefix}/jobs/{job id}`: encoded [`JobRecord`] ([`super::codec`]).
 //! - `{prefix}/nodes/{node id}`: encoded [`NodeRecord`].
+//! - `{prefix}/metrics/{job id}`: the job's encoded [`MetricHistory`].
 //! - `{prefix}/meta/job_seq`: the last job sequence number handed out, in decimal ASCII (so
 //!   `etcdctl get` shows it).
 //! - `{prefix}/quarantine/jobs/{slot}`, `{prefix}/quarantine/nodes/{slot}`: the raw bytes of a
@@ -47,7 +48,7 @@ use super::{
 use crate::auth::records::{AuditEntry, UserRecord};
 use crate::error::{Error, Result};
 use crate::limits::MAX_AUDIT_ENTRIES;
-use crate::model::{JobRecord, NodeRecord};
+use crate::model::{JobRecord, MetricHistory, NodeRecord};
 
 /// Key prefix used when the operator names none.
 pub const DEFAULT_PREFIX: &str = "/cohort";
@@ -717,6 +718,25 @@ impl ClusterStore for EtcdStore {
 
     async fn list_nodes(&self) -> Result<Listing<NodeRecord>> {
         self.list_records(RecordKind::Node).await
+    }
+
+    async fn put_job_metrics(&self, id: &JobId, history: &MetricHistory) -> Result<()> {
+        let bytes = codec::encode(history)?;
+        let key = format!("{}/metrics/{id}", self.prefix);
+        self.put_bytes(&format!("writing metric curves of job {id}"), key, bytes)
+            .await
+    }
+
+    async fn get_job_metrics(&self, id: &JobId) -> Result<Option<MetricHistory>> {
+        let operation = format!("reading metric curves of job {id}");
+        let mut kv = self.kv.clone();
+        let key = format!("{}/metrics/{id}", self.prefix);
+        let response = self.request(&operation, kv.get(key, None)).await?;
+        response
+            .kvs()
+            .first()
+            .map(|pair| super::decode_metrics(pair.value(), id))
+            .transpose()
     }
 
     async fn put_user(&self, user: &UserRecord) -> Result<()> {

@@ -22,7 +22,7 @@ use super::{ClusterStore, Listing, Quarantined, QuarantinedRecord};
 use crate::auth::records::{AuditEntry, UserRecord};
 use crate::error::{Error, Result};
 use crate::lifecycle::JobState;
-use crate::model::{JobRecord, NodeRecord};
+use crate::model::{JobRecord, MetricHistory, NodeRecord};
 
 /// The gate writes pass.
 #[derive(Debug, Default, Clone, Copy)]
@@ -179,5 +179,13 @@ impl ClusterStore for FaultyStore {
 
     async fn list_audit(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditEntry>> {
         self.inner.list_audit(after_seq, limit).await
+    }
+
+    async fn put_job_metrics(&self, id: &JobId, history: &MetricHistory) -> Result<()> {
+        self.inner.put_job_metrics(id, history).await
+    }
+
+    async fn get_job_metrics(&self, id: &JobId) -> Result<Option<MetricHistory>> {
+        self.inner.get_job_metrics(id).await
     }
 }

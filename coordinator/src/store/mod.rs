@@ -31,7 +31,7 @@ use tracing::error;
 
 use crate::auth::records::{AuditEntry, UserRecord};
 use crate::error::Result;
-use crate::model::{JobRecord, NodeRecord, UnixMillis};
+use crate::model::{JobRecord, MetricHistory, NodeRecord, UnixMillis};
 
 /// Where the coordinator keeps jobs, placements and nodes.
 ///
@@ -72,6 +72,11 @@ pub trait ClusterStore: Send + Sync + 'static {
     async fn append_audit(&self, entry: AuditEntry) -> Result<u64>;
     /// The entries after `after_seq`, oldest first, at most `limit`.
     async fn list_audit(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditEntry>>;
+    /// Inserts or replaces the metric curves of job `id`.
+    async fn put_job_metrics(&self, id: &JobId, history: &MetricHistory) -> Result<()>;
+    /// The metric curves of job `id`, if any were stored. Curves that do not decode are an
+    /// error naming the job (they stay where they are).
+    async fn get_job_metrics(&self, id: &JobId) -> Result<Option<MetricHistory>>;
     /// A setting every coordinator sharing this store must agree on (the key job tokens are
     /// derived under, the join token's hash): stores `proposed` under `name` unless a value is
     /// there, atomically, and returns the value that is now stored, the same to every caller.
@@ -250,6 +255,12 @@ fn decode_audit(stored: Vec<(u64, Vec<u8>)>) -> Vec<AuditEntry> {
             }
         })
         .collect()
+}
+
+/// Decodes a job's stored metric curves, naming the job in the error.
+fn decode_metrics(bytes: &[u8], id: &JobId) -> Result<MetricHistory> {
+    codec::decode(bytes)
+        .map_err(|error| crate::error::Error::Store(format!("metric curves of job {id}: {error}")))
 }
 
 fn decode_record<T: codec::Record>(bytes: &[u8], kind: RecordKind, key: &str) -> Result<T> {
