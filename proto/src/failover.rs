@@ -258,23 +258,29 @@ impl Failover {
     }
 
     /// Sends `request`, following standing-by members to the leader (see the module doc).
+    ///
+    /// Tries go in rounds: every member at most once per round, a named leader first unless it
+    /// was tried already in this round, else the next member not tried. A round that ends
+    /// without a leader pauses before the next; one in which nobody stood by ends the call.
     async fn send(self, request: http::Request<Body>) -> Result<http::Response<Body>, StdError> {
         let (parts, body) = request.into_parts();
         let body = body.collect().await?.to_bytes();
         let started = tokio::time::Instant::now();
+        let count = self.members.len();
         let mut index = self.current();
         let mut pause = FIRST_PAUSE;
+        let mut tried = vec![false; count];
         // Whether some member of the current round stands by (a leader is being elected).
         let mut someone_stands_by = false;
-        let mut round_start = index;
         for _ in 0..MAX_TRIES {
+            tried[index] = true;
             let mut channel = self.members[index].channel.clone();
             let outcome = async {
                 std::future::poll_fn(|context| channel.poll_ready(context)).await?;
                 channel.call(replay(&parts, body.clone())).await
             }
             .await;
-            let next = match &outcome {
+            let named = match &outcome {
                 Ok(response) => match standby_answer(response.headers()) {
                     None => {
                         self.current.store(index, Ordering::Relaxed);
@@ -282,46 +288,44 @@ impl Failover {
                     }
                     Some(leader) => {
                         someone_stands_by = true;
-                        leader
-                            .and_then(|leader| {
-                                self.members
-                                    .iter()
-                                    .position(|member| member.address == leader)
-                            })
-                            .filter(|&leader| leader != index)
+                        leader.and_then(|leader| {
+                            self.members
+                                .iter()
+                                .position(|member| member.address == leader)
+                        })
                     }
                 },
-                Err(error)
-                    if self.members.len() > 1 && (never_connected(error) || read_only(&parts)) =>
-                {
-                    None
-                }
+                Err(error) if count > 1 && (never_connected(error) || read_only(&parts)) => None,
                 Err(_) => {
-                    if self.members.len() > 1 {
+                    if count > 1 {
                         self.move_past(index);
                     }
                     return outcome.map_err(Into::into);
                 }
             };
-            let (next, round_over) = match next {
-                // A named leader is tried at once.
-                Some(leader) => (leader, false),
+            let untried = |from: usize| {
+                (1..=count)
+                    .map(|step| (from + step) % count)
+                    .find(|&member| !tried[member])
+            };
+            let next = named
+                .filter(|&leader| !tried[leader])
+                .or_else(|| untried(index));
+            index = match next {
+                Some(next) => next,
                 None => {
-                    let after = self.after(index);
-                    (after, after == round_start)
+                    // A round without a leader.
+                    if !someone_stands_by || started.elapsed() >= FAILOVER_WAIT {
+                        self.move_past(index);
+                        return outcome.map_err(Into::into);
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MAX_PAUSE);
+                    tried.fill(false);
+                    someone_stands_by = false;
+                    named.unwrap_or_else(|| self.after(index))
                 }
             };
-            if started.elapsed() >= FAILOVER_WAIT || (round_over && !someone_stands_by) {
-                self.move_past(index);
-                return outcome.map_err(Into::into);
-            }
-            if round_over {
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(MAX_PAUSE);
-                someone_stands_by = false;
-                round_start = next;
-            }
-            index = next;
         }
         Err(format!(
             "no coordinator of {} answered as the leader after {MAX_TRIES} tries",
