@@ -65,28 +65,18 @@ impl Telemetry {
     /// Empty histograms.
     pub fn new() -> Result<Self> {
         let registry = Registry::new();
-        let queue_wait = Histogram::with_opts(
-            HistogramOpts::new(
-                "cohort_queue_wait_seconds",
-                "Time a job waited in the queue before it was placed (each attempt)",
-            )
-            .buckets(QUEUE_WAIT_BUCKETS.to_vec()),
-        )
-        .map_err(exposition_error)?;
-        let scheduling = Histogram::with_opts(
-            HistogramOpts::new(
-                "cohort_scheduling_decision_seconds",
-                "Time the scheduler took to decide the placements of one pass",
-            )
-            .buckets(SCHEDULING_BUCKETS.to_vec()),
-        )
-        .map_err(exposition_error)?;
-        registry
-            .register(Box::new(queue_wait.clone()))
-            .map_err(exposition_error)?;
-        registry
-            .register(Box::new(scheduling.clone()))
-            .map_err(exposition_error)?;
+        let queue_wait = register_histogram(
+            &registry,
+            "cohort_queue_wait_seconds",
+            "Time a job waited in the queue before it was placed (each attempt)",
+            &QUEUE_WAIT_BUCKETS,
+        )?;
+        let scheduling = register_histogram(
+            &registry,
+            "cohort_scheduling_decision_seconds",
+            "Time the scheduler took to decide the placements of one pass",
+            &SCHEDULING_BUCKETS,
+        )?;
         Ok(Self {
             registry,
             queue_wait,
@@ -116,6 +106,21 @@ impl Telemetry {
             .map_err(exposition_error)?;
         String::from_utf8(text).map_err(|error| exposition_error(error.to_string()))
     }
+}
+
+/// A histogram `name` with `buckets`, registered in `registry`.
+fn register_histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    buckets: &[f64],
+) -> Result<Histogram> {
+    let histogram = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        .map_err(exposition_error)?;
+    registry
+        .register(Box::new(histogram.clone()))
+        .map_err(exposition_error)?;
+    Ok(histogram)
 }
 
 fn exposition_error(error: impl std::fmt::Display) -> Error {

@@ -286,15 +286,7 @@ async fn print_first_failure(
         (Some(code), None) => format!("exit code {code}"),
         (None, None) => "ended".to_owned(),
     };
-    let mut stream = client
-        .stream_logs(StreamLogsRequest {
-            job_id: job_id.to_owned(),
-            follow: false,
-            rank: Some(failed.rank),
-        })
-        .await
-        .map_err(client::status)?
-        .into_inner();
+    let mut stream = open_log(client, job_id, false, Some(failed.rank)).await?;
     let mut last = std::collections::VecDeque::with_capacity(FIRST_FAILURE_LINES);
     while let Some(line) = stream.message().await.map_err(client::status)? {
         if line.stream == LogStream::Stderr as i32 {
@@ -323,15 +315,7 @@ async fn print_collapsed_logs(
     job_id: &str,
     rank: Option<u32>,
 ) -> Result<()> {
-    let mut stream = client
-        .stream_logs(StreamLogsRequest {
-            job_id: job_id.to_owned(),
-            follow: false,
-            rank,
-        })
-        .await
-        .map_err(client::status)?
-        .into_inner();
+    let mut stream = open_log(client, job_id, false, rank).await?;
     let mut folder = Folder::new();
     while let Some(line) = stream.message().await.map_err(client::status)? {
         folder.push(RankLine {
@@ -350,6 +334,25 @@ async fn print_collapsed_logs(
     Ok(())
 }
 
+/// Opens the stream of job `job_id`'s captured lines (only `rank`'s when given; with
+/// `follow`, until the job ends).
+async fn open_log(
+    client: &mut JobControlClient<CoordinatorConnection>,
+    job_id: &str,
+    follow: bool,
+    rank: Option<u32>,
+) -> Result<tonic::Streaming<cohort_proto::v1::LogLine>> {
+    Ok(client
+        .stream_logs(StreamLogsRequest {
+            job_id: job_id.to_owned(),
+            follow,
+            rank,
+        })
+        .await
+        .map_err(client::status)?
+        .into_inner())
+}
+
 /// Streams a job's captured output to stdout, each line prefixed by its rank; with `follow`,
 /// until the job ends.
 pub async fn print_logs(
@@ -358,15 +361,7 @@ pub async fn print_logs(
     follow: bool,
     rank: Option<u32>,
 ) -> Result<()> {
-    let mut stream = client
-        .stream_logs(StreamLogsRequest {
-            job_id: job_id.to_owned(),
-            follow,
-            rank,
-        })
-        .await
-        .map_err(client::status)?
-        .into_inner();
+    let mut stream = open_log(client, job_id, follow, rank).await?;
     let stdout = std::io::stdout();
     while let Some(line) = stream.message().await.map_err(client::status)? {
         let mut out = stdout.lock();
