@@ -21,6 +21,9 @@
 //! - [`p2p`]: [`PeerLink`] and [`PeerLinkConfig`]: ordered, tagged `f32` messages between two
 //!   ranks (pipeline activations and gradients), sent by a writer thread so neighbours never
 //!   deadlock.
+//! - [`progress`]: [`Progress`], each rank's numbered record of the operations every
+//!   communicator entered and completed, read by hang diagnosis; and the injected hangs of
+//!   fault tests.
 //! - [`bench`](mod@bench): loopback TCP throughput, all-reduce timing (TCP ring, and NCCL on
 //!   device buffers) and the busbw formula, for `cohort bench allreduce`.
 //! - [`cuda`]: whether this build and machine can use CUDA and NCCL, and how many devices.
@@ -38,6 +41,7 @@ pub mod error;
 pub mod nccl;
 pub mod operation;
 pub mod p2p;
+pub mod progress;
 pub mod rendezvous;
 pub mod tcp_ring;
 
@@ -48,5 +52,6 @@ pub use error::{AbortCause, Error, LinkFailure, Result};
 pub use nccl::{Nccl, NcclConfig};
 pub use operation::Collective;
 pub use p2p::{PeerLink, PeerLinkConfig};
+pub use progress::Progress;
 pub use rendezvous::{InMemoryStore, Store, address_key};
 pub use tcp_ring::{TcpRing, TcpRingConfig};

@@ -346,6 +346,52 @@ pub fn rank_metrics(record: &JobRecord) -> Vec<v1::RankMetrics> {
             eval_accuracy: m.eval_accuracy,
             extra: m.extra.clone().into_iter().collect(),
             reported_at_unix_ms: m.reported_at_ms,
+            // The communicators' progress is for hang diagnosis, which names what matters.
+            collectives: Vec::new(),
+        })
+        .collect()
+}
+
+/// Checks and converts a rank's report of its communicators.
+pub fn collective_progress(
+    progress: &[v1::CollectiveProgress],
+) -> Result<Vec<crate::hangs::ChannelState>> {
+    use crate::hangs::{MAX_CHANNEL_NAME_BYTES, MAX_CHANNELS};
+    if progress.len() > MAX_CHANNELS {
+        return Err(Error::InvalidArgument(format!(
+            "{} collectives, expected at most {MAX_CHANNELS}",
+            progress.len()
+        )));
+    }
+    progress
+        .iter()
+        .map(|channel| {
+            for (field, text) in [
+                ("collectives.channel", &channel.channel),
+                ("collectives.operation", &channel.operation),
+            ] {
+                if text.len() > MAX_CHANNEL_NAME_BYTES {
+                    return Err(Error::InvalidArgument(format!(
+                        "{field} {}, expected at most {MAX_CHANNEL_NAME_BYTES} bytes",
+                        excerpt(text)
+                    )));
+                }
+            }
+            if channel.completed > channel.entered {
+                return Err(Error::InvalidArgument(format!(
+                    "collectives.completed = {}, expected at most entered = {}",
+                    channel.completed, channel.entered
+                )));
+            }
+            Ok(crate::hangs::ChannelState {
+                channel: channel.channel.clone(),
+                entered: channel.entered,
+                completed: channel.completed,
+                operation: channel.operation.clone(),
+                bytes: channel.bytes,
+                peer: channel.peer,
+                since_ms: channel.since_unix_ms,
+            })
         })
         .collect()
 }
@@ -543,6 +589,35 @@ pub fn audit_record(entry: &AuditEntry) -> v1::AuditRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_reports_are_bounded_and_consistent() {
+        let channel = |entered: u64, completed: u64| v1::CollectiveProgress {
+            channel: "data-parallel".to_owned(),
+            entered,
+            completed,
+            operation: "all_reduce".to_owned(),
+            bytes: 8,
+            peer: None,
+            since_unix_ms: 5,
+        };
+        let states = collective_progress(&[channel(3, 2)]).unwrap();
+        assert_eq!((states[0].entered, states[0].completed), (3, 2));
+        let error = collective_progress(&[channel(2, 3)]).unwrap_err();
+        assert!(
+            error.to_string().contains("collectives.completed = 3"),
+            "{error}"
+        );
+        let many = vec![channel(1, 1); crate::hangs::MAX_CHANNELS + 1];
+        assert!(collective_progress(&many).is_err());
+        let mut long = channel(1, 1);
+        long.operation = "x".repeat(crate::hangs::MAX_CHANNEL_NAME_BYTES + 1);
+        let error = collective_progress(&[long]).unwrap_err();
+        assert!(
+            error.to_string().contains("collectives.operation"),
+            "{error}"
+        );
+    }
 
     fn gpu(index: u32, peers: &[u32]) -> v1::Device {
         v1::Device {

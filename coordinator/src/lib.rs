@@ -10,6 +10,8 @@
 //! - [`store`]: durable state behind [`store::ClusterStore`] (embedded redb, or etcd).
 //! - [`leadership`]: with etcd, one leader among several coordinators: election, fenced
 //!   writes, and what a standby answers.
+//! - [`hangs`]: hang diagnosis: which ranks never entered the operation a job waits in, and
+//!   which are stuck in it (a pure function of the ranks' progress reports).
 //! - [`rendezvous`]: the per-job key-value store and barrier ranks use to find each other.
 //! - [`logs`]: captured rank output, on disk and live to followers.
 //! - [`auth`]: who is calling (users, workers, jobs, by token) and what they may do.
@@ -23,6 +25,7 @@ pub mod cluster;
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod hangs;
 pub mod http;
 pub mod leadership;
 pub mod lifecycle;

@@ -555,8 +555,9 @@ impl Rendezvous for CoordinatorService {
             .metrics
             .ok_or_else(|| Error::InvalidArgument("metrics: missing".to_owned()))?;
         let record = convert::metrics_record(&metrics)?;
+        let progress = convert::collective_progress(&metrics.collectives)?;
         self.cluster
-            .report_metrics(&job_id, record, metrics.rank)
+            .report_metrics(&job_id, record, progress, metrics.rank)
             .await?;
         Ok(Response::new(ReportMetricsResponse {}))
     }

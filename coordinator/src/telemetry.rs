@@ -153,6 +153,9 @@ pub struct RunningJob {
     pub nodes: Vec<String>,
     /// Each reporting rank's latest metrics.
     pub metrics: Vec<RankMetrics>,
+    /// Seconds since the job's communication last moved while some rank waits in an
+    /// operation (0 when none waits): what hang diagnosis compares with the hang timeout.
+    pub stalled_s: f64,
 }
 
 /// The step phases ranks report as extra metrics (median seconds), and the `phase` label each
@@ -278,10 +281,21 @@ fn register_ranks(registry: &Registry, running: &[RunningJob]) -> prometheus::Re
         Opts::new("cohort_job_restarts", "Restarts of a running job so far"),
         &["job_id", "user"],
     )?;
+    let stalled = GaugeVec::new(
+        Opts::new(
+            "cohort_job_communication_stalled_seconds",
+            "Seconds since any rank's communication last moved while some rank waits in an \
+             operation (0 when none waits); the job is called hung at its hang timeout",
+        ),
+        &["job_id", "user"],
+    )?;
     for job in running {
         restarts
             .with_label_values(&[&job.job_id, &job.user])
             .set(f64::from(job.restarts));
+        stalled
+            .with_label_values(&[&job.job_id, &job.user])
+            .set(job.stalled_s);
         for metrics in &job.metrics {
             let rank = metrics.rank.to_string();
             let node = job
@@ -336,6 +350,7 @@ fn register_ranks(registry: &Registry, running: &[RunningJob]) -> prometheus::Re
         gradient_bytes,
         phase,
         restarts,
+        stalled,
     ] {
         registry.register(Box::new(series))?;
     }
@@ -395,6 +410,7 @@ mod tests {
                 restarts: 1,
                 nodes: vec!["a".to_owned(), "b".to_owned()],
                 metrics: vec![metrics],
+                stalled_s: 7.5,
             }],
         }
     }
@@ -418,6 +434,13 @@ mod tests {
         assert_eq!(
             sample(&text, &format!("cohort_rank_step{rank}")),
             Some(120.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "cohort_job_communication_stalled_seconds{job_id=\"mlp-4\",user=\"alice\"}"
+            ),
+            Some(7.5)
         );
         assert_eq!(
             sample(&text, &format!("cohort_rank_eval_accuracy_ratio{rank}")),

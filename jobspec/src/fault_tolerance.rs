@@ -17,6 +17,11 @@ pub const DEFAULT_TRAIN_RESTARTS: u32 = 3;
 /// Restarts of a `command` job when its spec says nothing: a script may not resume, so it is
 /// not run again unless asked.
 pub const DEFAULT_COMMAND_RESTARTS: u32 = 0;
+/// Seconds a `train` job's communication may stand still, with an operation in flight, before
+/// the coordinator calls it a hang, when its spec says nothing.
+pub const DEFAULT_HANG_TIMEOUT_S: u32 = 60;
+/// Longest hang timeout a job may ask for: a day.
+pub const MAX_HANG_TIMEOUT_S: u32 = 86_400;
 
 /// `[fault_tolerance]`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -32,6 +37,13 @@ pub struct FaultToleranceSpec {
     /// full size through a checkpoint once the devices are back. 1 to the job's ranks. Default:
     /// absent, every attempt runs whole.
     pub min_ranks: Option<u32>,
+    /// Seconds a training job's communication may stand still (some rank inside a collective,
+    /// a pipeline receive or a parameter-server call, and no rank's operations moving) before
+    /// the coordinator calls it a hang: it names the ranks that never entered the operation and
+    /// those stuck in it, and fails the attempt (restarted while restarts remain). 0 turns the
+    /// diagnosis off; at most [`MAX_HANG_TIMEOUT_S`]. Default [`DEFAULT_HANG_TIMEOUT_S`].
+    /// The ranks' own communication timeouts are set past it, so the diagnosis comes first.
+    pub hang_timeout_s: Option<u32>,
 }
 
 impl FaultToleranceSpec {
@@ -40,6 +52,14 @@ impl FaultToleranceSpec {
     pub fn validate(&self, ranks: u32, elastic: Result<(), &str>, problems: &mut Problems) {
         if let Some(restarts) = self.max_restarts {
             problems.check_range("fault_tolerance.max_restarts", restarts, 0, MAX_RESTARTS);
+        }
+        if let Some(timeout) = self.hang_timeout_s {
+            problems.check_range(
+                "fault_tolerance.hang_timeout_s",
+                timeout,
+                0,
+                MAX_HANG_TIMEOUT_S,
+            );
         }
         if let Some(min_ranks) = self.min_ranks {
             match elastic {
@@ -102,6 +122,21 @@ mod tests {
         ))
         .unwrap_err();
         assert!(servers.contains("fault_tolerance.min_ranks"), "{servers}");
+    }
+
+    #[test]
+    fn hang_timeouts_default_to_a_minute_and_are_bounded() {
+        assert_eq!(parse(TRAIN).unwrap().hang_timeout_s(), 60);
+        let off = format!("{TRAIN}[fault_tolerance]\nhang_timeout_s = 0\n");
+        assert_eq!(parse(&off).unwrap().hang_timeout_s(), 0);
+        let error = parse(&format!(
+            "{TRAIN}[fault_tolerance]\nhang_timeout_s = 86401\n"
+        ))
+        .unwrap_err();
+        assert!(
+            error.contains("fault_tolerance.hang_timeout_s: 86401, expected 0 to 86400"),
+            "{error}"
+        );
     }
 
     #[test]

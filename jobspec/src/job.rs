@@ -219,6 +219,15 @@ impl JobSpec {
         self.fault_tolerance.as_ref().and_then(|ft| ft.min_ranks)
     }
 
+    /// Seconds the job's communication may stand still before it is a hang
+    /// (`fault_tolerance.hang_timeout_s`, default 60; 0: never).
+    pub fn hang_timeout_s(&self) -> u32 {
+        self.fault_tolerance
+            .as_ref()
+            .and_then(|ft| ft.hang_timeout_s)
+            .unwrap_or(crate::fault_tolerance::DEFAULT_HANG_TIMEOUT_S)
+    }
+
     /// Whether the job can run on fewer ranks than it asks for, or why not: only the
     /// data-parallel loop of Cohort's runtime over all-reduce divides the same global batch
     /// among any number of ranks.

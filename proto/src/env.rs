@@ -27,6 +27,11 @@ pub const RESTART_COUNT: &str = "COHORT_RESTART_COUNT";
 /// the write, for the test to kill it there. Honoured on a job's first attempt only. Never set
 /// by Cohort.
 pub const FAULT_STOP_IN_CHECKPOINT: &str = "COHORT_FAULT_STOP_IN_CHECKPOINT";
+/// Fault injection for tests, read by `cohort rank`: `RANK:before:N` makes that rank hang
+/// before it enters operation #N of its communicators (a collective, a pipeline send or
+/// receive, a parameter-server call), `RANK:in:N` right after it entered it (it then stops
+/// reading and writing). Honoured on a job's first attempt only. Never set by Cohort.
+pub const FAULT_HANG: &str = "COHORT_FAULT_HANG";
 /// The node the rank runs on.
 pub const NODE_ID: &str = "COHORT_NODE_ID";
 /// Devices assigned to the rank, as a comma-separated list of `kind:index` (`cpu:0,cpu:1`).

@@ -7,9 +7,10 @@
 //! neighbours come next.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use cohort_collective::p2p::{PeerLink, PeerLinkConfig};
-use cohort_collective::{Communicator, LinkSecret, Store, TcpRing, TcpRingConfig};
+use cohort_collective::{Communicator, LinkSecret, Progress, Store, TcpRing, TcpRingConfig};
 use cohort_jobspec::train::ParallelSpec;
 
 use crate::error::{Result, TrainerError};
@@ -98,17 +99,41 @@ impl MeshGroups {
     }
 }
 
-/// Joins rank `rank` of `shape` to its groups through `store`, listening on `listen_address`
-/// (port 0: any), every link proving `secret` (the job's; `None` only in-process). Every rank
-/// of the mesh must call it; groups are formed in the same order on every rank (world, data,
-/// tensor, then pipeline links towards stage 0 first), so no rank waits on a group its peers
-/// have not reached.
+/// How a rank's mesh links are made.
+#[derive(Debug, Clone)]
+pub struct MeshLinks {
+    /// Address to listen on (port 0: any).
+    pub listen_address: SocketAddr,
+    /// What every link proves (the job's secret; `None` only in-process).
+    pub secret: Option<LinkSecret>,
+    /// Where every group and link records its operations (hang diagnosis).
+    pub progress: Progress,
+    /// Longest a collective or a receive waits on a peer before it fails.
+    pub io_timeout: Duration,
+}
+
+impl MeshLinks {
+    /// Loopback links proving nothing, with the transports' default timeouts (in-process
+    /// meshes: tests and benchmarks).
+    pub fn loopback() -> Self {
+        Self {
+            listen_address: SocketAddr::from(([127, 0, 0, 1], 0)),
+            secret: None,
+            progress: Progress::default(),
+            io_timeout: TcpRingConfig::default().io_timeout,
+        }
+    }
+}
+
+/// Joins rank `rank` of `shape` to its groups through `store`, with links made as `links`
+/// says. Every rank of the mesh must call it; groups are formed in the same order on every rank
+/// (world, data, tensor, then pipeline links towards stage 0 first), so no rank waits on a
+/// group its peers have not reached.
 pub fn connect_mesh(
     store: &dyn Store,
     rank: usize,
     shape: MeshShape,
-    listen_address: SocketAddr,
-    secret: Option<LinkSecret>,
+    links: &MeshLinks,
 ) -> Result<MeshGroups> {
     let coordinates = shape.coordinates(rank).ok_or_else(|| {
         TrainerError::Config(format!(
@@ -118,8 +143,10 @@ pub fn connect_mesh(
         ))
     })?;
     let ring_config = TcpRingConfig {
-        listen_address,
-        secret: secret.clone(),
+        listen_address: links.listen_address,
+        secret: links.secret.clone(),
+        io_timeout: links.io_timeout,
+        progress: links.progress.clone(),
         ..TcpRingConfig::default()
     };
     let ring =
@@ -145,8 +172,13 @@ pub fn connect_mesh(
         shape.tensor,
     )?;
     let link_config = PeerLinkConfig {
-        listen_address,
-        secret,
+        listen_address: links.listen_address,
+        secret: links.secret.clone(),
+        // A receive waits for a whole stage's work, not only for the wire.
+        receive_timeout: links
+            .io_timeout
+            .max(PeerLinkConfig::default().receive_timeout),
+        progress: links.progress.clone(),
         ..PeerLinkConfig::default()
     };
     let link = |from_stage: usize| -> Result<PeerLink> {

@@ -19,6 +19,8 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use candle_nn::Module;
+use cohort_collective::Progress;
+use cohort_collective::progress::Channel;
 use cohort_jobspec::train::PsMode;
 use cohort_parameter_server::{
     ClientConfig, ParameterClient, RowSelection, ScheduleConfig, ServerConfig, SparseGradient,
@@ -50,6 +52,9 @@ pub struct ParameterServerLink {
     pub client: ClientConfig,
     /// `host:port` of each shard's server, by shard id.
     pub addresses: Vec<String>,
+    /// Where the client's calls are recorded (a channel of this rank's own), for hang
+    /// diagnosis.
+    pub progress: Progress,
 }
 
 /// Returns the configuration of shard `shard_id` of `shard_count` for a job with `config`'s
@@ -259,6 +264,8 @@ struct ParameterServerRun<'a> {
     rank: usize,
     runtime: &'a Handle,
     client: ParameterClient,
+    /// Where the client's calls are recorded.
+    channel: Channel,
     layout: Layout,
     /// The bf16 model the passes run on under mixed precision.
     working: Option<Model>,
@@ -306,6 +313,9 @@ impl<'a> ParameterServerRun<'a> {
         Ok(Self {
             rank,
             runtime: &link.runtime,
+            channel: link
+                .progress
+                .channel(&format!("parameter-servers/rank-{rank}")),
             exchange: ExchangeBuffers {
                 dense_gradient: vec![0.0; layout.dense_len],
                 dense: vec![0.0; layout.dense_len],
@@ -349,9 +359,11 @@ impl<'a> ParameterServerRun<'a> {
             self.runtime
                 .block_on(self.client.init(&self.full_values, total_steps))?;
         }
-        let first = self
-            .runtime
-            .block_on(self.client.pull(&mut self.exchange.dense))?;
+        let bytes = std::mem::size_of_val(self.exchange.dense.as_slice());
+        let first = self.channel.run("pull", bytes, None, || {
+            self.runtime
+                .block_on(self.client.pull(&mut self.exchange.dense))
+        })?;
         self.layout.write_dense(model, &self.exchange.dense)?;
         let start_step = first.next_step.min(total_steps);
         if start_step < total_steps {
@@ -385,8 +397,13 @@ impl<'a> ParameterServerRun<'a> {
         if self.pulled_after == Some(completed) {
             return Ok(());
         }
-        self.runtime
-            .block_on(self.client.pull_all_at(&mut self.full_values, min_version))?;
+        let bytes = std::mem::size_of_val(self.full_values.as_slice());
+        let entered = self.channel.enter("pull_all", bytes, None);
+        let pulled = self
+            .runtime
+            .block_on(self.client.pull_all_at(&mut self.full_values, min_version));
+        self.channel.complete(entered, &pulled);
+        pulled?;
         self.plan
             .model
             .parameters()
@@ -450,6 +467,7 @@ impl Run for ParameterServerRun<'_> {
         let mut update = RemoteUpdate {
             runtime: self.runtime,
             client: &mut self.client,
+            channel: &self.channel,
             layout: &self.layout,
             model,
             working: self.working.as_ref(),
@@ -523,6 +541,7 @@ impl Run for ParameterServerRun<'_> {
 struct RemoteUpdate<'r> {
     runtime: &'r Handle,
     client: &'r mut ParameterClient,
+    channel: &'r Channel,
     layout: &'r Layout,
     /// The f32 parameters the pulls land in.
     model: &'r Model,
@@ -562,12 +581,15 @@ impl ParameterUpdate for RemoteUpdate<'_> {
             .zip(self.next_rows)
             .map(|(&tensor_index, rows)| RowSelection { tensor_index, rows })
             .collect();
-        let report = self.runtime.block_on(self.client.push_pull(
-            gradients,
-            &sparse,
-            self.dense,
-            &selections,
-        ))?;
+        let bytes = std::mem::size_of_val(gradients);
+        let report = self.channel.run("push_pull", bytes, None, || {
+            self.runtime.block_on(self.client.push_pull(
+                gradients,
+                &sparse,
+                self.dense,
+                &selections,
+            ))
+        })?;
         self.layout.write_dense(self.model, self.dense)?;
         if let Some(rows) = self.next_rows
             && let Some(values) = report.rows.first()

@@ -155,7 +155,7 @@ fn bf16_and_fp16_reach_fp32_accuracy_within_half_a_point() {
 fn the_transformer_in_bf16_and_fp16_ends_within_five_hundredths_of_a_nat_of_fp32() {
     use cohort_jobspec::train::{DatasetKind, ModelKind, ModelSpec};
     use cohort_trainer::language_model::train_language_model;
-    use cohort_trainer::mesh::{MeshShape, connect_mesh};
+    use cohort_trainer::mesh::{MeshLinks, MeshShape, connect_mesh};
 
     let data_spec = DataSpec {
         dataset: DatasetKind::Shakespeare,
@@ -201,8 +201,7 @@ fn the_transformer_in_bf16_and_fp16_ends_within_five_hundredths_of_a_nat_of_fp32
                     let (store, config, corpus) = (&store, &config, &corpus);
                     scope.spawn(move || {
                         let mesh =
-                            connect_mesh(store, rank, shape, "127.0.0.1:0".parse().unwrap(), None)
-                                .unwrap();
+                            connect_mesh(store, rank, shape, &MeshLinks::loopback()).unwrap();
                         let mut steps = Steps::default();
                         let outcome =
                             train_language_model(config, corpus, mesh, &mut steps).unwrap();

@@ -119,6 +119,7 @@ fn train_through_servers(config: &TrainConfig, data: &TrainTestSplits) -> (Vec<V
                         ..ClientConfig::default()
                     },
                     addresses: servers.addresses.clone(),
+                    progress: Default::default(),
                 };
                 scope.spawn(move || {
                     let outcome =

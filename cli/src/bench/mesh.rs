@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use cohort_collective::InMemoryStore;
 use cohort_jobspec::train::{DatasetKind, ModelKind, ModelSpec, PipelineSchedule};
 use cohort_trainer::language_model::train_language_model;
-use cohort_trainer::mesh::{MeshShape, connect_mesh};
+use cohort_trainer::mesh::{MeshLinks, MeshShape, connect_mesh};
 use cohort_trainer::text::TextCorpus;
 use cohort_trainer::{EvaluationMetrics, MetricsSink, StepMetrics, TrainConfig};
 use serde_json::json;
@@ -172,7 +172,7 @@ fn measure(config: &TrainConfig, corpus: &TextCorpus) -> Result<Measured> {
             .map(|rank| {
                 let store = &store;
                 scope.spawn(move || -> Result<(StepTimes, f64, usize)> {
-                    let mesh = connect_mesh(store, rank, shape, "127.0.0.1:0".parse()?, None)?;
+                    let mesh = connect_mesh(store, rank, shape, &MeshLinks::loopback())?;
                     let mut times = StepTimes::default();
                     let outcome = train_language_model(config, corpus, mesh, &mut times)?;
                     let pipeline = outcome.pipeline;

@@ -21,7 +21,7 @@ use cohort_jobspec::train::{
 };
 use cohort_trainer::data::TrainTestSplits;
 use cohort_trainer::language_model::train_language_model;
-use cohort_trainer::mesh::{MeshShape, connect_mesh};
+use cohort_trainer::mesh::{MeshLinks, MeshShape, connect_mesh};
 use cohort_trainer::text::TextCorpus;
 use cohort_trainer::{
     ComputeDevice, EvaluationMetrics, MetricsSink, PhaseTimings, StepMetrics, TrainConfig, train,
@@ -314,7 +314,7 @@ fn measure_transformer(
     let config = on(config, device, precision);
     let store = InMemoryStore::new();
     let shape = MeshShape::of(&config.parallel);
-    let mesh = connect_mesh(&store, 0, shape, "127.0.0.1:0".parse()?, None)?;
+    let mesh = connect_mesh(&store, 0, shape, &MeshLinks::loopback())?;
     let mut times = StepTimes::default();
     train_language_model(&config, corpus, mesh, &mut times)?;
     times.medians()

@@ -1,14 +1,18 @@
 //! Forwards a rank's training metrics to the coordinator without slowing training: the training
 //! thread only replaces the latest snapshot; a task on the rank's runtime sends it at most every
-//! [`REPORT_INTERVAL`], and evaluations and the final figures go out at once.
+//! [`REPORT_INTERVAL`], and evaluations and the final figures go out at once. Every report
+//! carries what the rank's communicators are doing ([`Progress`]), and one goes out every
+//! [`PROGRESS_INTERVAL`] even when no step completes, so that the coordinator sees a rank
+//! stuck in a collective (hang diagnosis).
 
 use cohort_proto::failover::CoordinatorConnection;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
+use cohort_collective::Progress;
 use cohort_proto::v1::rendezvous_client::RendezvousClient;
-use cohort_proto::v1::{RankMetrics, ReportMetricsRequest};
+use cohort_proto::v1::{CollectiveProgress, RankMetrics, ReportMetricsRequest};
 use cohort_trainer::{EvaluationMetrics, MetricsSink, PhaseTimings, StepMetrics};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
@@ -16,6 +20,8 @@ use tracing::{info, warn};
 
 /// Least time between two step reports.
 const REPORT_INTERVAL: Duration = Duration::from_millis(500);
+/// Most time between two reports, steps or not.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
 /// Steps at the start whose timings are left out of the medians (warm-up, allocation).
 const WARMUP_STEPS: usize = 3;
 
@@ -27,6 +33,8 @@ pub struct CoordinatorMetrics {
     runtime: Handle,
     /// Client of the rendezvous service (which takes metrics).
     client: RendezvousClient<CoordinatorConnection>,
+    /// What the rank's communicators are doing.
+    progress: Progress,
     /// The job.
     job_id: String,
     /// Wall time of each step, seconds.
@@ -44,6 +52,7 @@ impl CoordinatorMetrics {
         client: RendezvousClient<CoordinatorConnection>,
         job_id: String,
         rank: u32,
+        progress: Progress,
     ) -> Self {
         let (latest, mut changes) = watch::channel(RankMetrics {
             rank,
@@ -51,9 +60,16 @@ impl CoordinatorMetrics {
         });
         let mut reporter = client.clone();
         let reporter_job = job_id.clone();
+        let reported_progress = progress.clone();
         runtime.spawn(async move {
-            while changes.changed().await.is_ok() {
-                let metrics = changes.borrow_and_update().clone();
+            loop {
+                // A new step, or the progress interval without one.
+                if let Ok(Err(_)) = tokio::time::timeout(PROGRESS_INTERVAL, changes.changed()).await
+                {
+                    break;
+                }
+                let mut metrics = changes.borrow_and_update().clone();
+                metrics.collectives = collectives(&reported_progress);
                 send(&mut reporter, &reporter_job, metrics).await;
                 tokio::time::sleep(REPORT_INTERVAL).await;
             }
@@ -62,6 +78,7 @@ impl CoordinatorMetrics {
             latest,
             runtime,
             client,
+            progress,
             job_id,
             step_times: Vec::new(),
             phases: Vec::new(),
@@ -120,11 +137,29 @@ impl CoordinatorMetrics {
         let medians = self.medians();
         self.latest
             .send_modify(|metrics| metrics.extra.extend(medians));
-        let metrics = self.latest.borrow().clone();
+        let mut metrics = self.latest.borrow().clone();
+        metrics.collectives = collectives(&self.progress);
         let mut client = self.client.clone();
         let job_id = self.job_id.clone();
         self.runtime.block_on(send(&mut client, &job_id, metrics));
     }
+}
+
+/// The communicators' progress, as reported.
+fn collectives(progress: &Progress) -> Vec<CollectiveProgress> {
+    progress
+        .snapshot()
+        .into_iter()
+        .map(|channel| CollectiveProgress {
+            channel: channel.channel,
+            entered: channel.entered,
+            completed: channel.completed,
+            operation: channel.operation.to_owned(),
+            bytes: channel.bytes,
+            peer: channel.peer,
+            since_unix_ms: channel.since_unix_ms,
+        })
+        .collect()
 }
 
 async fn send(

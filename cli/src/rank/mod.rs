@@ -17,9 +17,12 @@ pub mod store;
 pub mod train;
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use cohort_collective::{LinkSecret, Nccl, NcclConfig, TcpRing, TcpRingConfig};
+use cohort_collective::progress::Fault;
+use cohort_collective::{LinkSecret, Nccl, NcclConfig, Progress, TcpRing, TcpRingConfig};
+use cohort_proto::env;
 use cohort_proto::launch::Launch;
 use cohort_proto::transport::CaCertificate;
 use tokio::runtime::Runtime;
@@ -40,7 +43,17 @@ pub struct RankLink {
     /// The cluster's CA, when it serves TLS (`COHORT_CA`, read once): what the rank's
     /// clients (rendezvous, metrics, parameter servers) trust.
     pub ca: Option<CaCertificate>,
+    /// The record of what this rank's communicators do, reported with its metrics for hang
+    /// diagnosis.
+    pub progress: Progress,
+    /// Longest a collective may wait on a peer before it fails on its own
+    /// ([`RankLink::watch_hangs`] sets it past the job's hang timeout).
+    pub communication_timeout: Duration,
 }
+
+/// The communicators' own timeout when nothing else is asked for, and the margin they keep
+/// past the job's hang timeout, so that the coordinator's diagnosis comes first.
+const COMMUNICATION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The rendezvous service, as this process's job, trusting `ca`.
 fn rendezvous_target(launch: &Launch, ca: Option<&CaCertificate>) -> client::Target {
@@ -71,13 +84,29 @@ impl RankLink {
             runtime.block_on(client::rendezvous(&rendezvous_target(&launch, ca.as_ref())))?;
         let job_id = launch.place.job_id.to_string();
         let store = GrpcStore::new(runtime.handle().clone(), rendezvous, job_id);
+        let fault = match (std::env::var(env::FAULT_HANG), launch.place.restart_count) {
+            (Ok(text), 0) => Fault::parse(&text, launch.place.rank as usize)
+                .map_err(|error| anyhow::anyhow!("{}: {error}", env::FAULT_HANG))?,
+            _ => None,
+        };
         Ok(Self {
             launch,
             node_address,
             runtime,
             store,
             ca,
+            progress: Progress::with_fault(fault),
+            communication_timeout: COMMUNICATION_TIMEOUT,
         })
+    }
+
+    /// Sets the communicators' own timeout past the job's hang timeout (`hang_timeout_s`; 0:
+    /// no diagnosis, the default timeout), so that a hang is named by the coordinator first.
+    pub fn watch_hangs(&mut self, hang_timeout_s: u32) {
+        if hang_timeout_s > 0 {
+            self.communication_timeout =
+                Duration::from_secs(u64::from(hang_timeout_s)) + COMMUNICATION_TIMEOUT;
+        }
     }
 
     /// This process's index in its job: a training rank, or a parameter server after them.
@@ -103,6 +132,7 @@ impl RankLink {
             rendezvous,
             self.launch.place.job_id.to_string(),
             self.launch.place.rank,
+            self.progress.clone(),
         ))
     }
 
@@ -128,6 +158,8 @@ impl RankLink {
         let config = TcpRingConfig {
             listen_address: SocketAddr::new(self.node_address, 0),
             secret,
+            io_timeout: self.communication_timeout,
+            progress: self.progress.clone(),
             ..TcpRingConfig::default()
         };
         TcpRing::connect(&self.store, name, self.rank(), self.world_size(), &config)
@@ -142,6 +174,8 @@ impl RankLink {
             rank: self.rank(),
             world_size: self.world_size(),
             device: ordinal,
+            collective_timeout: self.communication_timeout,
+            progress: self.progress.clone(),
             ..NcclConfig::default()
         };
         Nccl::connect(&self.store, &config).with_context(|| {

@@ -19,7 +19,7 @@ use cohort_parameter_server::server::shard_address_key;
 use cohort_proto::env;
 use cohort_proto::launch::{self, Role};
 use cohort_trainer::language_model::train_language_model;
-use cohort_trainer::mesh::{MeshShape, connect_mesh};
+use cohort_trainer::mesh::{MeshLinks, MeshShape, connect_mesh};
 use cohort_trainer::run::StopSignal;
 use cohort_trainer::{ComputeDevice, ParameterServerLink, TrainConfig, TrainOutcome};
 
@@ -30,7 +30,12 @@ const SERVER_WAIT: Duration = Duration::from_secs(300);
 
 /// Runs one process of a training job to its end.
 pub fn run() -> Result<ExitCode> {
-    let link = RankLink::connect()?;
+    let mut link = RankLink::connect()?;
+    if let Some(spec_toml) = link.launch.place.spec_toml.as_deref()
+        && let Ok(spec) = cohort_jobspec::parse(spec_toml)
+    {
+        link.watch_hangs(spec.hang_timeout_s());
+    }
     let place = &link.launch.place;
     let rank = link.rank();
     let spec_toml = place.spec_toml.as_deref().with_context(|| {
@@ -235,14 +240,14 @@ fn train_transformer(link: &RankLink, config: &TrainConfig) -> Result<ExitCode> 
     let rank = link.rank();
     let corpus = cohort_trainer::text::load(&config.data).context("loading the text")?;
     let shape = MeshShape::of(&config.parallel);
-    let mesh = connect_mesh(
-        &link.store,
-        rank,
-        shape,
-        SocketAddr::new(link.node_address, 0),
-        link.link_secret(),
-    )
-    .with_context(|| format!("rank {rank} joining the {} mesh", shape.name()))?;
+    let links = MeshLinks {
+        listen_address: SocketAddr::new(link.node_address, 0),
+        secret: link.link_secret(),
+        progress: link.progress.clone(),
+        io_timeout: link.communication_timeout,
+    };
+    let mesh = connect_mesh(&link.store, rank, shape, &links)
+        .with_context(|| format!("rank {rank} joining the {} mesh", shape.name()))?;
     let mut metrics = link.metrics()?.for_language_model();
     let outcome = train_language_model(config, &corpus, mesh, &mut metrics)
         .with_context(|| format!("rank {rank} training"))?;
@@ -303,6 +308,7 @@ fn connect_parameter_servers(link: &RankLink, config: &TrainConfig) -> Result<Pa
             ..ClientConfig::default()
         },
         addresses,
+        progress: link.progress.clone(),
     })
 }
 

@@ -98,37 +98,44 @@ impl Nccl {
             return Ok(());
         }
         let call = "grouped ncclAllReduce";
-        let queued = self.enqueue(collective, call, &buffer_streams, |comm, cu_stream| {
-            handle::classify(result::group_start())?;
-            let mut first_error = None;
-            for &(pointer, count) in &pointers {
-                // SAFETY: as in `all_reduce_device`, for each bucket: `pointer` addresses `count`
-                // elements of `T` on this device, borrowed mutably (and so distinct from the
-                // other buckets) until the events in `written` record after the group.
-                let added = unsafe {
-                    result::all_reduce(
-                        pointer as *const c_void,
-                        pointer as *mut c_void,
-                        count,
-                        nccl_type(T::DTYPE),
-                        nccl_op(op),
-                        comm,
-                        cu_stream,
-                    )
-                };
-                if let Err(error) = handle::classify(added) {
-                    first_error = Some(error);
-                    break;
+        let bytes = pointers.iter().map(|&(_, count)| count).sum::<usize>() * size_of::<T>();
+        let queued = self.enqueue(
+            collective,
+            call,
+            bytes,
+            &buffer_streams,
+            |comm, cu_stream| {
+                handle::classify(result::group_start())?;
+                let mut first_error = None;
+                for &(pointer, count) in &pointers {
+                    // SAFETY: as in `all_reduce_device`, for each bucket: `pointer` addresses `count`
+                    // elements of `T` on this device, borrowed mutably (and so distinct from the
+                    // other buckets) until the events in `written` record after the group.
+                    let added = unsafe {
+                        result::all_reduce(
+                            pointer as *const c_void,
+                            pointer as *mut c_void,
+                            count,
+                            nccl_type(T::DTYPE),
+                            nccl_op(op),
+                            comm,
+                            cu_stream,
+                        )
+                    };
+                    if let Err(error) = handle::classify(added) {
+                        first_error = Some(error);
+                        break;
+                    }
                 }
-            }
-            // The group is closed whatever happened inside it, so that this thread's next NCCL
-            // call does not land in a group left open.
-            let ended = result::group_end();
-            match first_error {
-                Some(error) => Err(error),
-                None => ended,
-            }
-        });
+                // The group is closed whatever happened inside it, so that this thread's next NCCL
+                // call does not land in a group left open.
+                let ended = result::group_end();
+                match first_error {
+                    Some(error) => Err(error),
+                    None => ended,
+                }
+            },
+        );
         drop(written);
         queued
     }
@@ -187,9 +194,14 @@ impl Nccl {
         let buffer_stream = Arc::clone(buffer.stream());
         let (pointer, written) = buffer.device_ptr_mut(&stream);
         let buffer_streams = std::slice::from_ref(&buffer_stream);
-        let queued = self.enqueue(collective, call, buffer_streams, |comm, cu_stream| {
-            launch(pointer as *mut c_void, count, comm, cu_stream)
-        });
+        let bytes = count * size_of::<T>();
+        let queued = self.enqueue(
+            collective,
+            call,
+            bytes,
+            buffer_streams,
+            |comm, cu_stream| launch(pointer as *mut c_void, count, comm, cu_stream),
+        );
         drop(written);
         queued
     }
@@ -217,6 +229,7 @@ impl Nccl {
         let queued = self.enqueue(
             collective,
             "ncclAllGather",
+            count * size_of::<T>(),
             &buffer_streams,
             |comm, cu_stream| {
                 // SAFETY: both pointers address buffers of this device of the lengths checked above
@@ -262,21 +275,28 @@ impl Nccl {
         let (input_pointer, read) = input.device_ptr(&stream);
         let (output_pointer, written) = output.device_ptr_mut(&stream);
         let call = "ncclReduceScatter";
-        let queued = self.enqueue(collective, call, &buffer_streams, |comm, cu_stream| {
-            // SAFETY: as in `all_gather_device`, with `count * world_size` input elements and
-            // `count` output elements.
-            unsafe {
-                result::reduce_scatter(
-                    input_pointer as *const c_void,
-                    output_pointer as *mut c_void,
-                    count,
-                    nccl_type(T::DTYPE),
-                    nccl_op(op),
-                    comm,
-                    cu_stream,
-                )
-            }
-        });
+        let bytes = count * self.world_size * size_of::<T>();
+        let queued = self.enqueue(
+            collective,
+            call,
+            bytes,
+            &buffer_streams,
+            |comm, cu_stream| {
+                // SAFETY: as in `all_gather_device`, with `count * world_size` input elements and
+                // `count` output elements.
+                unsafe {
+                    result::reduce_scatter(
+                        input_pointer as *const c_void,
+                        output_pointer as *mut c_void,
+                        count,
+                        nccl_type(T::DTYPE),
+                        nccl_op(op),
+                        comm,
+                        cu_stream,
+                    )
+                }
+            },
+        );
         drop((read, written));
         queued
     }

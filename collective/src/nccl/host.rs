@@ -130,6 +130,7 @@ impl Nccl {
         self.bind(collective)?;
         self.wait_in_flight()?;
         let stream = Arc::clone(&self.stream);
+        self.staging.call_bytes = bytes;
         let reserved = self.staging.reserve(&stream, bytes);
         reserved.map_err(|error| {
             let message = cuda_message(&format!("allocate {bytes} staging bytes"), &error);
@@ -189,7 +190,8 @@ impl Nccl {
         let stream = Arc::clone(&self.stream);
         let (address, written) = device.device_ptr_mut(&stream);
         // The staging buffer lives on the communicator's stream: no other stream to order with.
-        let queued = self.enqueue(collective, call, &[], |comm, cu_stream| {
+        let bytes = self.staging.call_bytes;
+        let queued = self.enqueue(collective, call, bytes, &[], |comm, cu_stream| {
             launch(comm, address, cu_stream)
         });
         drop(written);

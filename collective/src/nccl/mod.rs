@@ -51,6 +51,7 @@
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::progress::Progress;
 
 #[cfg(feature = "cuda")]
 mod device;
@@ -95,6 +96,10 @@ pub struct NcclConfig {
     /// Longest one collective may take, from when this rank starts waiting for it, before the
     /// communicator is aborted and the call fails. Default 30 s.
     pub collective_timeout: Duration,
+    /// Where the communicator records its collectives (a channel named after the prefix),
+    /// for hang diagnosis: entered when queued, completed when seen finished. Default: a
+    /// record of its own, read by nobody.
+    pub progress: Progress,
 }
 
 impl Default for NcclConfig {
@@ -106,6 +111,7 @@ impl Default for NcclConfig {
             device: 0,
             connect_timeout: Duration::from_secs(120),
             collective_timeout: Duration::from_secs(30),
+            progress: Progress::default(),
         }
     }
 }

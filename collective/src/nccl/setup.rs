@@ -125,6 +125,7 @@ impl Nccl {
             spare_events: Vec::new(),
             staging: Staging::default(),
             failure: None,
+            channel: config.progress.channel(&config.prefix),
         })
     }
 }

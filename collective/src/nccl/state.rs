@@ -13,6 +13,7 @@ use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DriverError};
 
 use super::handle::RawComm;
 use crate::operation::Collective;
+use crate::progress::{Channel, Entered};
 
 /// A communicator whose ranks run NCCL collectives, one CUDA device each.
 ///
@@ -67,6 +68,9 @@ pub struct Nccl {
     pub(super) staging: Staging,
     /// The failure that aborted the communicator, if one did.
     pub(super) failure: Option<Failure>,
+    /// Where the communicator's collectives are recorded: entered when queued, completed
+    /// when their event is seen complete.
+    pub(super) channel: Channel,
 }
 
 impl fmt::Debug for Nccl {
@@ -114,6 +118,8 @@ pub(super) struct Staging {
     pub(super) device: Option<CudaSlice<u8>>,
     /// `f32` copies of bf16 and f16 values, widened before a reduction and narrowed after.
     pub(super) widened: Vec<f32>,
+    /// Bytes the call being staged moves (its size in the progress record).
+    pub(super) call_bytes: usize,
 }
 
 /// A collective queued on the stream, with an event recorded right after it.
@@ -123,6 +129,8 @@ pub(super) struct InFlight {
     pub(super) collective: Collective,
     /// Completes when the collective has.
     pub(super) done: CudaEvent,
+    /// The collective's place in the progress record (none for waits on the stream alone).
+    pub(super) entered: Option<Entered>,
 }
 
 /// The failure that aborted the communicator.

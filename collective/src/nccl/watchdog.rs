@@ -23,6 +23,7 @@ use super::handle::Backoff;
 use super::state::{Failure, InFlight, Nccl, cuda_message};
 use crate::error::{Error, Result};
 use crate::operation::Collective;
+use crate::progress::Entered;
 
 /// Collectives queued and not yet seen finished beyond which queueing another first waits for
 /// the oldest: bounds the events kept when callers never synchronize.
@@ -66,6 +67,7 @@ impl Nccl {
         &mut self,
         collective: Collective,
         call: &str,
+        bytes: usize,
         buffer_streams: &[Arc<CudaStream>],
         launch: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> Result<NcclStatus, NcclError>,
     ) -> Result<()> {
@@ -86,6 +88,7 @@ impl Nccl {
                 return Err(self.fail(collective, message));
             }
         }
+        let entered = self.channel.enter(collective.name(), bytes, None);
         let deadline = Instant::now() + self.collective_timeout;
         let cu_stream = self.stream.cu_stream() as sys::cudaStream_t;
         let settled = match &self.comm {
@@ -95,7 +98,7 @@ impl Nccl {
         settled.map_err(|message| self.fail(collective, message))?;
         // Recorded only now that NCCL has queued the collective (a non-blocking communicator may
         // queue it from its own thread after the call returns): the event follows it.
-        self.record_in_flight(collective)?;
+        self.record_in_flight(collective, Some(entered))?;
         let ordered = match self.in_flight.back() {
             Some(queued) => other_streams
                 .iter()
@@ -112,12 +115,12 @@ impl Nccl {
     /// to the host, after `collective`), by recording an event and polling it like a
     /// collective's.
     pub(super) fn wait_for_stream(&mut self, collective: Collective) -> Result<()> {
-        self.record_in_flight(collective)?;
+        self.record_in_flight(collective, None)?;
         self.wait_in_flight()
     }
 
-    /// Records an event after the collective just queued.
-    fn record_in_flight(&mut self, collective: Collective) -> Result<()> {
+    /// Records an event after the collective just queued (`entered` in the progress record).
+    fn record_in_flight(&mut self, collective: Collective, entered: Option<Entered>) -> Result<()> {
         let event = match self.spare_events.pop() {
             Some(event) => event,
             None => {
@@ -134,6 +137,7 @@ impl Nccl {
         self.in_flight.push_back(InFlight {
             collective,
             done: event,
+            entered,
         });
         Ok(())
     }
@@ -144,7 +148,7 @@ impl Nccl {
             match oldest.done.try_is_complete() {
                 Ok(true) => {
                     if let Some(finished) = self.in_flight.pop_front() {
-                        self.spare_events.push(finished.done);
+                        self.retire(finished);
                     }
                 }
                 Ok(false) => break,
@@ -160,6 +164,15 @@ impl Nccl {
         Ok(())
     }
 
+    /// Forgets a collective seen finished: its event is kept for reuse, and it is recorded
+    /// as completed.
+    fn retire(&mut self, finished: InFlight) {
+        self.spare_events.push(finished.done);
+        if let Some(entered) = finished.entered {
+            self.channel.finish(entered);
+        }
+    }
+
     /// Waits until every queued collective has finished.
     pub(super) fn wait_in_flight(&mut self) -> Result<()> {
         while !self.in_flight.is_empty() {
@@ -171,7 +184,12 @@ impl Nccl {
     /// The watchdog: polls the oldest queued collective's event, and NCCL's asynchronous error,
     /// until the event completes, an error shows, or the collective timeout passes.
     fn wait_oldest(&mut self) -> Result<()> {
-        let Some(InFlight { collective, done }) = self.in_flight.pop_front() else {
+        let Some(InFlight {
+            collective,
+            done,
+            entered,
+        }) = self.in_flight.pop_front()
+        else {
             return Ok(());
         };
         self.bind(collective)?;
@@ -180,7 +198,11 @@ impl Nccl {
         loop {
             match done.try_is_complete() {
                 Ok(true) => {
-                    self.spare_events.push(done);
+                    self.retire(InFlight {
+                        collective,
+                        done,
+                        entered,
+                    });
                     return Ok(());
                 }
                 Ok(false) => {}

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use tracing::debug;
 
 use crate::error::{Error, LinkFailure, Result};
+use crate::progress::{Channel, Progress};
 use crate::rendezvous::Store;
 use handshake::{Hello, MAX_NAME_BYTES, connect_to_peer, listen_for_peer};
 pub use wire::MAX_DIMENSIONS;
@@ -62,6 +63,9 @@ pub struct PeerLinkConfig {
     /// Default `None`: the link proves nothing (in-process tests and benchmarks); Cohort's
     /// ranks always set their job's.
     pub secret: Option<crate::LinkSecret>,
+    /// Where the link records its sends and receives (a channel named after the link), for
+    /// hang diagnosis. Default: a record of its own, read by nobody.
+    pub progress: Progress,
 }
 
 impl Default for PeerLinkConfig {
@@ -73,6 +77,7 @@ impl Default for PeerLinkConfig {
             receive_timeout: Duration::from_secs(300),
             max_message_bytes: 1 << 30,
             secret: None,
+            progress: Progress::default(),
         }
     }
 }
@@ -138,6 +143,8 @@ pub struct PeerLink {
     max_message_bytes: usize,
     /// Header bytes of the message being received (reused).
     header: Vec<u8>,
+    /// Where the link's sends and receives are recorded.
+    channel: Channel,
 }
 
 impl std::fmt::Debug for PeerLink {
@@ -231,6 +238,7 @@ impl PeerLink {
             failure,
             max_message_bytes: config.max_message_bytes,
             header: Vec::with_capacity(FRAME_FIXED_BYTES + 8 * (MAX_DIMENSIONS + 1)),
+            channel: config.progress.channel(name),
         })
     }
 
@@ -257,6 +265,16 @@ impl PeerLink {
     /// [`MAX_DIMENSIONS`] dimensions, does not hold `values.len()` values, or the payload
     /// exceeds `max_message_bytes`.
     pub fn send(&mut self, tag: u64, shape: &[usize], values: &[f32]) -> Result<()> {
+        let entered = self
+            .channel
+            .enter("send", std::mem::size_of_val(values), Some(self.peer));
+        let result = self.queue_frame(tag, shape, values);
+        self.channel.complete(entered, &result);
+        result
+    }
+
+    /// [`PeerLink::send`], unrecorded.
+    fn queue_frame(&mut self, tag: u64, shape: &[usize], values: &[f32]) -> Result<()> {
         self.check_failure()?;
         if let Err(detail) = check_message(shape, values.len(), self.max_message_bytes) {
             return Err(self.error(LinkFailure::Rejected { detail }));
@@ -287,6 +305,19 @@ impl PeerLink {
     /// Fails naming the peer when the peer disconnects, sends nothing for `receive_timeout`,
     /// or sends a message with another tag or a bad frame; the link is unusable afterwards.
     pub fn receive(&mut self, tag: u64, values: &mut Vec<f32>) -> Result<Vec<usize>> {
+        // The size is known only once the message arrives: recorded as the buffer's.
+        let entered = self.channel.enter(
+            "receive",
+            std::mem::size_of_val(values.as_slice()),
+            Some(self.peer),
+        );
+        let result = self.read_message(tag, values);
+        self.channel.complete(entered, &result);
+        result
+    }
+
+    /// [`PeerLink::receive`], unrecorded.
+    fn read_message(&mut self, tag: u64, values: &mut Vec<f32>) -> Result<Vec<usize>> {
         self.check_failure()?;
         match self.read_frame(tag, values) {
             Ok(shape) => Ok(shape),

@@ -26,6 +26,7 @@ use crate::buffer::{BufferMut, BufferRef, Element, ReduceOp};
 use crate::communicator::{Communicator, TypedCollectives, typed};
 use crate::error::{Error, Result};
 use crate::operation::Collective;
+use crate::progress::{Channel, Entered, Progress};
 use crate::rendezvous::Store;
 
 /// Settings of a [`TcpRing`].
@@ -50,6 +51,9 @@ pub struct TcpRingConfig {
     /// ([`crate::auth`]). Default `None`: links prove nothing (in-process tests and
     /// benchmarks); Cohort's ranks always set their job's.
     pub secret: Option<crate::LinkSecret>,
+    /// Where the ring records its operations (a channel named after the prefix), for hang
+    /// diagnosis. Default: a record of its own, read by nobody.
+    pub progress: Progress,
 }
 
 impl Default for TcpRingConfig {
@@ -61,6 +65,7 @@ impl Default for TcpRingConfig {
             io_timeout: Duration::from_secs(30),
             chunk_bytes: 512 * 1024,
             secret: None,
+            progress: Progress::default(),
         }
     }
 }
@@ -110,6 +115,8 @@ pub struct TcpRing {
     transport: Option<RingTransport>,
     /// Buffers reused by every reduction.
     scratch: Scratch,
+    /// Where the ring's operations are recorded.
+    channel: Channel,
 }
 
 impl TcpRing {
@@ -175,12 +182,29 @@ impl TcpRing {
             chunk_bytes: config.chunk_bytes,
             transport,
             scratch: Scratch::new(scratch_bytes),
+            channel: config.progress.channel(prefix),
         })
     }
 
     /// Returns the key prefix the ring was formed under.
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// Records the start of `collective` over `len` elements of `dtype`.
+    fn enter(&self, collective: Collective, len: usize, dtype: crate::DType) -> Entered {
+        self.channel
+            .enter(collective.name(), len * dtype.size_bytes(), None)
+    }
+
+    /// [`Communicator::barrier`], unrecorded.
+    fn barrier_untracked(&mut self) -> Result<()> {
+        let collective = Collective::Barrier;
+        let world_size = self.world_size;
+        let Some(transport) = self.transport_for(collective, 1)? else {
+            return Ok(());
+        };
+        transport.run(collective, &mut BarrierPlan::new(world_size))
     }
 
     /// Returns the payload bytes this rank has sent to its successor since the ring formed
@@ -279,15 +303,24 @@ impl Communicator for TcpRing {
     }
 
     fn all_reduce(&mut self, buffer: BufferMut<'_>, op: ReduceOp) -> Result<()> {
-        typed::all_reduce(self, buffer, op)
+        let entered = self.enter(Collective::AllReduce, buffer.len(), buffer.dtype());
+        let result = typed::all_reduce(self, buffer, op);
+        self.channel.complete(entered, &result);
+        result
     }
 
     fn broadcast(&mut self, buffer: BufferMut<'_>, root: usize) -> Result<()> {
-        typed::broadcast(self, self.world_size, buffer, root)
+        let entered = self.enter(Collective::Broadcast, buffer.len(), buffer.dtype());
+        let result = typed::broadcast(self, self.world_size, buffer, root);
+        self.channel.complete(entered, &result);
+        result
     }
 
     fn all_gather(&mut self, input: BufferRef<'_>, output: BufferMut<'_>) -> Result<()> {
-        typed::all_gather(self, self.world_size, input, output)
+        let entered = self.enter(Collective::AllGather, output.len(), output.dtype());
+        let result = typed::all_gather(self, self.world_size, input, output);
+        self.channel.complete(entered, &result);
+        result
     }
 
     fn reduce_scatter(
@@ -296,16 +329,17 @@ impl Communicator for TcpRing {
         output: BufferMut<'_>,
         op: ReduceOp,
     ) -> Result<()> {
-        typed::reduce_scatter(self, self.world_size, input, output, op)
+        let entered = self.enter(Collective::ReduceScatter, input.len(), input.dtype());
+        let result = typed::reduce_scatter(self, self.world_size, input, output, op);
+        self.channel.complete(entered, &result);
+        result
     }
 
     fn barrier(&mut self) -> Result<()> {
-        let collective = Collective::Barrier;
-        let world_size = self.world_size;
-        let Some(transport) = self.transport_for(collective, 1)? else {
-            return Ok(());
-        };
-        transport.run(collective, &mut BarrierPlan::new(world_size))
+        let entered = self.enter(Collective::Barrier, 0, crate::DType::F32);
+        let result = self.barrier_untracked();
+        self.channel.complete(entered, &result);
+        result
     }
 
     fn as_send(&mut self) -> Option<&mut (dyn Communicator + Send)> {

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use cohort_collective::cuda::{self, CudaLibrary};
 use cohort_collective::{
-    BufferMut, Communicator, DType, Element, Error, InMemoryStore, Nccl, NcclConfig, ReduceOp,
-    TcpRing, TcpRingConfig,
+    BufferMut, Communicator, DType, Element, Error, InMemoryStore, Nccl, NcclConfig, Progress,
+    ReduceOp, TcpRing, TcpRingConfig,
 };
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
@@ -40,6 +40,15 @@ struct GroupSettings {
     /// Longest time without progress (a collective's deadline, for NCCL) before a collective
     /// fails.
     io_timeout: Duration,
+    /// Each rank's progress record (by rank; a rank past the end gets one of its own).
+    progress: Vec<Progress>,
+}
+
+impl GroupSettings {
+    /// Rank `rank`'s progress record.
+    fn progress_of(&self, rank: usize) -> Progress {
+        self.progress.get(rank).cloned().unwrap_or_default()
+    }
 }
 
 impl Default for GroupSettings {
@@ -47,6 +56,7 @@ impl Default for GroupSettings {
         // Generous: the success paths run on a loaded two-core machine.
         Self {
             io_timeout: Duration::from_secs(60),
+            progress: Vec::new(),
         }
     }
 }
@@ -118,6 +128,7 @@ fn tcp_ring_rank_with(
         io_timeout: settings.io_timeout,
         connect_timeout: Duration::from_secs(60),
         chunk_bytes,
+        progress: settings.progress_of(rank),
         ..TcpRingConfig::default()
     };
     TcpRing::connect(store, "conformance", rank, world_size, &config)
@@ -173,6 +184,7 @@ const NCCL: Backend = Backend {
             device: rank,
             connect_timeout: Duration::from_secs(60),
             collective_timeout: settings.io_timeout,
+            progress: settings.progress_of(rank),
         };
         Nccl::connect(store, &config).map(|nccl| Box::new(nccl) as Box<dyn Communicator>)
     },
@@ -517,6 +529,41 @@ fn barrier_waits_for_every_rank(backend: Backend) {
     }
 }
 
+/// Every collective is numbered in the rank's progress record, entered and completed, with its
+/// name and size, the same on every rank (what hang diagnosis compares).
+fn collectives_are_recorded_in_order(backend: Backend) {
+    let Some(world_sizes) = backend.world_sizes("collectives_are_recorded_in_order") else {
+        return;
+    };
+    for world_size in world_sizes {
+        let settings = GroupSettings {
+            progress: (0..world_size).map(|_| Progress::default()).collect(),
+            ..GroupSettings::default()
+        };
+        run_ranks(&backend, world_size, &settings, |communicator| {
+            let mut values = vec![1.0_f32; 100];
+            communicator
+                .all_reduce((&mut values).into(), ReduceOp::Sum)
+                .unwrap();
+            communicator.broadcast((&mut values).into(), 0).unwrap();
+            communicator
+                .all_reduce((&mut values).into(), ReduceOp::Sum)
+                .unwrap();
+        });
+        for (rank, progress) in settings.progress.iter().enumerate() {
+            let snapshot = progress.snapshot();
+            assert_eq!(snapshot.len(), 1, "rank {rank}: {snapshot:?}");
+            let channel = &snapshot[0];
+            assert_eq!(
+                (channel.entered, channel.completed, channel.operation),
+                (3, 3, "all_reduce"),
+                "rank {rank} of {world_size}: {channel:?}"
+            );
+            assert_eq!(channel.bytes, 400, "rank {rank}: {channel:?}");
+        }
+    }
+}
+
 /// Bad arguments are reported as errors and leave the communicator usable.
 fn bad_arguments_are_errors(backend: Backend) {
     if !backend.can_form(2, "bad_arguments_are_errors") {
@@ -582,6 +629,7 @@ fn dropped_peer_is_named(backend: Backend) {
     } else {
         GroupSettings {
             io_timeout: Duration::from_secs(5),
+            ..GroupSettings::default()
         }
     };
     let bound = if backend.names_failed_peers {
@@ -647,7 +695,10 @@ fn stalled_peer_is_named(backend: Backend) {
     let finished = AtomicUsize::new(0);
     let (release, released) = std::sync::mpsc::channel::<()>();
     let released = std::sync::Mutex::new(released);
-    let settings = GroupSettings { io_timeout };
+    let settings = GroupSettings {
+        io_timeout,
+        ..GroupSettings::default()
+    };
     let outcomes = run_ranks(&backend, 4, &settings, |communicator| {
         if communicator.rank() == STALLED {
             // Holds its connections open without taking part until the others have failed.
@@ -719,6 +770,10 @@ macro_rules! communicator_conformance_suite {
             #[test]
             fn barrier_waits_for_every_rank() {
                 super::barrier_waits_for_every_rank($backend);
+            }
+            #[test]
+            fn collectives_are_recorded_in_order() {
+                super::collectives_are_recorded_in_order($backend);
             }
             #[test]
             fn bad_arguments_are_errors() {

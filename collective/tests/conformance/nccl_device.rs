@@ -62,6 +62,7 @@ fn connect_device_rank(
         device: rank,
         connect_timeout: Duration::from_secs(60),
         collective_timeout: GroupSettings::default().io_timeout,
+        ..NcclConfig::default()
     };
     let nccl = Nccl::connect_on_stream(store, &config, stream)?;
     Ok(DeviceRank {

@@ -9,6 +9,7 @@ use super::persistence::{Written, all_landed};
 use super::{Cluster, JobSlot, LiveJob, State};
 use crate::convert::{self, RankReport};
 use crate::error::{Error, Result};
+use crate::hangs::{ChannelState, CommunicationWatch};
 use crate::lifecycle::JobState;
 use crate::limits::{DEFAULT_LIST_PAGE, MAX_LIST_PAGE};
 use crate::model::{
@@ -101,6 +102,7 @@ impl Cluster {
             record,
             spec,
             recovery: None,
+            communication: CommunicationWatch::default(),
         };
         let info = convert::job_info(&job.record);
         self.state
@@ -250,11 +252,13 @@ impl Cluster {
     }
 
     /// Records a rank's latest metrics and tells watchers. Kept in memory and persisted with
-    /// the job's next change.
+    /// the job's next change. `progress` (what the rank's communicators are doing) goes to the
+    /// job's hang watch.
     pub async fn report_metrics(
         &self,
         job_id: &JobId,
         metrics: MetricsRecord,
+        progress: Vec<ChannelState>,
         rank: u32,
     ) -> Result<()> {
         let mut state = self.state.lock().await;
@@ -274,6 +278,8 @@ impl Cluster {
             )));
         }
         job.record.metrics.insert(rank, metrics.clone());
+        job.communication
+            .observe(job.record.attempt, rank, progress, now_ms());
         let job: &LiveJob = job;
         self.publish(job);
         drop(state);

@@ -19,6 +19,8 @@
 //! - `restarts`: a failed attempt restarted while restarts remain, away from the node to blame.
 //! - `persistence`: the ordered queue of job writes and the one task that writes them.
 //! - `history`: each job's metric curves, kept and stored.
+//! - `watchdog`: running jobs whose communication hangs fail their attempt, naming who holds
+//!   them up.
 
 mod history;
 mod jobs;
@@ -26,6 +28,7 @@ mod membership;
 mod persistence;
 mod restarts;
 mod scheduling;
+mod watchdog;
 
 #[cfg(test)]
 mod properties;
@@ -46,6 +49,7 @@ use tracing::{debug, info, warn};
 use crate::auth::token::JobTokens;
 use crate::config::CoordinatorConfig;
 use crate::error::Result;
+use crate::hangs::CommunicationWatch;
 use crate::lifecycle::{JobState, transition};
 use crate::limits::MAX_REASON_BYTES;
 use crate::logs::LogStore;
@@ -142,6 +146,9 @@ struct LiveJob {
     /// For jobs that were live when the coordinator restarted: until when their ranks may
     /// re-report, and which ranks have.
     recovery: Option<Recovery>,
+    /// What the running attempt's ranks last reported of their communication (not stored: a
+    /// restarted coordinator watches afresh).
+    communication: CommunicationWatch,
 }
 
 impl LiveJob {
@@ -366,6 +373,7 @@ impl Cluster {
                     record,
                     spec,
                     recovery,
+                    communication: CommunicationWatch::default(),
                 })),
             );
         }
@@ -438,6 +446,10 @@ impl Cluster {
                     .map(|rank| rank.node_id.to_string())
                     .collect(),
                 metrics: crate::convert::rank_metrics(&job.record),
+                stalled_s: job
+                    .communication
+                    .stalled_ms(job.record.attempt, now_ms())
+                    .map_or(0.0, |stalled| stalled as f64 / 1000.0),
             });
         }
         crate::telemetry::Snapshot {
@@ -496,6 +508,9 @@ impl Cluster {
             }
             if let Err(error) = self.check_liveness().await {
                 warn!(%error, "liveness check failed");
+            }
+            if let Err(error) = self.check_hangs().await {
+                warn!(%error, "hang check failed");
             }
             if let Err(error) = self.schedule().await {
                 warn!(%error, "scheduler pass failed");

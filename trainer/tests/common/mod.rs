@@ -10,7 +10,7 @@ use cohort_jobspec::train::{
 };
 use cohort_trainer::data::TrainTestSplits;
 use cohort_trainer::language_model::{LanguageModelOutcome, train_language_model};
-use cohort_trainer::mesh::{MeshShape, connect_mesh};
+use cohort_trainer::mesh::{MeshLinks, MeshShape, connect_mesh};
 use cohort_trainer::metrics::DiscardMetrics;
 use cohort_trainer::models::Model;
 use cohort_trainer::text::TextCorpus;
@@ -173,9 +173,7 @@ pub fn train_mesh_recording<S: MetricsSink + Default + Send>(
             .map(|rank| {
                 let store = &store;
                 scope.spawn(move || {
-                    let mesh =
-                        connect_mesh(store, rank, shape, "127.0.0.1:0".parse().unwrap(), None)
-                            .unwrap();
+                    let mesh = connect_mesh(store, rank, shape, &MeshLinks::loopback()).unwrap();
                     let mut sink = S::default();
                     let outcome = train_language_model(config, corpus, mesh, &mut sink)
                         .unwrap_or_else(|error| panic!("rank {rank}: {error}"));
