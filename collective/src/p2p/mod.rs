@@ -500,6 +500,39 @@ mod tests {
     }
 
     #[test]
+    fn sends_and_receives_are_recorded_with_the_peer() {
+        let store = InMemoryStore::new();
+        let (low, high) = (Progress::default(), Progress::default());
+        let config = |progress: &Progress| PeerLinkConfig {
+            progress: progress.clone(),
+            ..PeerLinkConfig::default()
+        };
+        let (mut lower, mut higher) = pair(&store, "recorded", &config(&low), &config(&high));
+        lower.send(1, &[3], &[1.0, 2.0, 3.0]).unwrap();
+        lower.send(2, &[1], &[4.0]).unwrap();
+        let mut values = Vec::new();
+        higher.receive(1, &mut values).unwrap();
+        let sent = &low.snapshot()[0];
+        assert_eq!(sent.channel, "recorded");
+        assert_eq!(
+            (sent.entered, sent.completed, sent.operation),
+            (2, 2, "send")
+        );
+        assert_eq!((sent.bytes, sent.peer), (4, Some(1)));
+        let received = &high.snapshot()[0];
+        assert_eq!(
+            (received.entered, received.completed, received.operation),
+            (1, 1, "receive")
+        );
+        assert_eq!(received.peer, Some(0));
+        // A receive that fails stays in flight: the diagnosis sees where the rank stopped.
+        drop(lower);
+        higher.receive(9, &mut values).unwrap_err();
+        let failed = &high.snapshot()[0];
+        assert_eq!((failed.entered, failed.completed), (2, 1));
+    }
+
+    #[test]
     fn a_tag_mismatch_names_both_tags_and_the_peer() {
         let store = InMemoryStore::new();
         let config = PeerLinkConfig::default();
