@@ -183,6 +183,14 @@ pub fn job_detail(job: &JobInfo) -> String {
     if !job.reason.is_empty() {
         let _ = writeln!(out, "reason:    {}", job.reason);
     }
+    for straggler in &job.stragglers {
+        let _ = writeln!(
+            out,
+            "straggler: rank {} on node {} computes its steps {:.2}x as long as the other \
+             ranks' median (since step {})",
+            straggler.rank, straggler.node_id, straggler.slowdown, straggler.since_step
+        );
+    }
     // Parameter servers of a `comm = "ps"` job are placed after its training ranks.
     let training_ranks = cohort_jobspec::parse(&job.spec_toml)
         .map_or(job.ranks, |spec| spec.ranks())
@@ -396,11 +404,20 @@ pub fn nodes_table(nodes: &[NodeInfo]) -> String {
                     format!("{}/{} {gpu_names}", busy(DeviceKind::Gpu), gpus)
                 },
                 node.running_ranks.to_string(),
+                format!("{:.1}", node.straggler_score),
             ]
         })
         .collect();
     let mut text = table(
-        &["NODE", "STATUS", "ADDRESS", "CPU BUSY", "GPU BUSY", "RANKS"],
+        &[
+            "NODE",
+            "STATUS",
+            "ADDRESS",
+            "CPU BUSY",
+            "GPU BUSY",
+            "RANKS",
+            "STRAGGLER SCORE",
+        ],
         &rows,
     );
     let gpus: Vec<Vec<String>> = nodes

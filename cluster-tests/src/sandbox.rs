@@ -17,8 +17,12 @@ use serde_json::Value;
 
 use crate::network::TestNetwork;
 
-/// How often state is polled.
+/// How often state is polled at first.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// The longest [`poll`] waits between two checks: it waits [`POLL_INTERVAL`] more after each,
+/// up to this. Most checks start a `cohort` process; twenty a second would take a good share of
+/// a two-core machine from the ranks under test (and skew what they measure).
+pub const MAX_POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// Default limit for waits that should succeed quickly on an idle machine (generous: CI
 /// machines are small and busy).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -183,6 +187,7 @@ pub fn poll<T>(
     mut check: impl FnMut() -> Result<Option<T>>,
 ) -> Result<T> {
     let deadline = Instant::now() + timeout;
+    let mut interval = POLL_INTERVAL;
     loop {
         if let Some(value) = check()? {
             return Ok(value);
@@ -190,7 +195,8 @@ pub fn poll<T>(
         if Instant::now() > deadline {
             bail!("timed out after {timeout:?} waiting for {what}");
         }
-        std::thread::sleep(POLL_INTERVAL);
+        std::thread::sleep(interval);
+        interval = (interval + POLL_INTERVAL).min(MAX_POLL_INTERVAL);
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use cohort_cluster_tests::jobs::mlp_job;
 use cohort_cluster_tests::sandbox::{DEFAULT_TIMEOUT, Sandbox, poll, signal};
 use cohort_coordinator::logs::fold::{by_rank, unfold};
@@ -38,6 +38,12 @@ fn four_ranks_train_the_mlp_to_83_percent_in_one_epoch() -> Result<()> {
         assert_eq!(rank["eval_accuracy"], metrics[0]["eval_accuracy"], "{job}");
         assert_eq!(rank["step"], 234, "60000 / 256 steps: {job}");
     }
+    // No rank of the undisturbed run was ever taken for a straggler.
+    let coordinator_log = cluster
+        .coordinator(0)
+        .map(|daemon| daemon.log())
+        .unwrap_or_default();
+    assert!(!coordinator_log.contains("straggler"), "{coordinator_log}");
     let logs = cluster.cli_ok(&["logs", &job_id, "--rank", "0"])?;
     assert!(logs.contains("final test accuracy"), "{logs}");
     assert!(logs.contains("final checkpoint"), "{logs}");
@@ -53,6 +59,70 @@ fn four_ranks_train_the_mlp_to_83_percent_in_one_epoch() -> Result<()> {
         "{collapsed_lines} folded lines for {raw_lines}:\n{collapsed}"
     );
     assert_eq!(by_rank(&unfold(&collapsed)?), by_rank(&unfold(&raw)?));
+    Ok(())
+}
+
+#[test]
+fn a_rank_slowed_by_half_is_named_a_straggler_within_thirty_steps() -> Result<()> {
+    let mut cluster = Sandbox::start()?;
+    // Rank 1 computes every step half as long again. Two ranks on this machine's two cores:
+    // four would share them, and a rank's compute time would measure the contention.
+    cluster.set_worker_env(cohort_proto::env::FAULT_SLOW_RANK, "1:0.5");
+    cluster.add_worker("node-a", 1)?;
+    cluster.add_worker("node-b", 1)?;
+    let job_id = cluster.submit(&train_job_of("slowed", 1, Some(400), 2), &[])?;
+    // Watched through the coordinator's log, not by asking it: a `cohort status` process every
+    // 50 ms would take its share of the two cores from one of the ranks.
+    let flagged = poll("a straggler to be named", Duration::from_secs(600), || {
+        let log = cluster
+            .coordinator(0)
+            .map(|daemon| daemon.log())
+            .unwrap_or_default();
+        Ok(log
+            .lines()
+            .find(|line| line.contains("straggler:"))
+            .map(str::to_owned))
+    })?;
+    eprintln!("{flagged}");
+    assert!(flagged.contains("rank=1"), "{flagged}");
+    let step: u64 = flagged
+        .split("step=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .context("no step")?
+        .parse()?;
+    assert!(step <= 30, "named at step {step}");
+    // While the job runs, its status names the straggler and its node.
+    let job = cluster.job(&job_id)?;
+    assert_eq!(job["state"], "running", "{job}");
+    let stragglers = job["stragglers"].as_array().context("no stragglers")?;
+    assert_eq!(stragglers.len(), 1, "{job}");
+    let straggler = &stragglers[0];
+    assert_eq!(straggler["rank"], 1, "{job}");
+    assert_eq!(
+        straggler["node_id"], job["placement"][1]["node_id"],
+        "{job}"
+    );
+    let slowdown = straggler["slowdown"].as_f64().unwrap_or_default();
+    eprintln!("rank 1 named a straggler at step {step} ({slowdown:.2}x)");
+    let status = cluster.cli_ok(&["status", &job_id])?;
+    assert!(status.contains("straggler: rank 1 on node"), "{status}");
+    // The slow rank's node now has a straggler score, which placement weighs; the other none.
+    let scores: Vec<(String, f64)> = cluster
+        .nodes()?
+        .iter()
+        .map(|node| {
+            let id = node["node_id"].as_str().unwrap_or_default().to_owned();
+            (id, node["straggler_score"].as_f64().unwrap_or(-1.0))
+        })
+        .collect();
+    for (node, score) in &scores {
+        if *node == straggler["node_id"] {
+            assert!(*score >= 0.99, "{scores:?}");
+        } else {
+            assert_eq!(*score, 0.0, "{scores:?}");
+        }
+    }
     Ok(())
 }
 

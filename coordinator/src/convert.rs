@@ -305,6 +305,23 @@ fn gpu_peer_records(kind: DeviceKind, device: &v1::Device) -> Result<Vec<GpuPeer
     Ok(records)
 }
 
+/// A straggler of `record`'s job on the wire, with its node.
+pub fn straggler_info(
+    record: &JobRecord,
+    straggler: &crate::stragglers::Straggler,
+) -> v1::StragglerInfo {
+    v1::StragglerInfo {
+        rank: straggler.rank,
+        node_id: record
+            .placement
+            .get(straggler.rank as usize)
+            .map(|placed| placed.node_id.to_string())
+            .unwrap_or_default(),
+        slowdown: straggler.slowdown,
+        since_step: straggler.since_step,
+    }
+}
+
 /// A job's metric curves on the wire.
 pub fn job_metrics_response(curves: &crate::model::MetricHistory) -> v1::JobMetricsResponse {
     v1::JobMetricsResponse {
@@ -346,10 +363,28 @@ pub fn rank_metrics(record: &JobRecord) -> Vec<v1::RankMetrics> {
             eval_accuracy: m.eval_accuracy,
             extra: m.extra.clone().into_iter().collect(),
             reported_at_unix_ms: m.reported_at_ms,
-            // The communicators' progress is for hang diagnosis, which names what matters.
+            // Progress and step times are for hang and straggler diagnosis, which name what
+            // matters.
             collectives: Vec::new(),
+            step_compute_s: Vec::new(),
+            first_timed_step: 0,
         })
         .collect()
+}
+
+/// Checks and converts a rank's step times (straggler detection).
+pub fn step_times(metrics: &v1::RankMetrics) -> Result<crate::stragglers::StepTimes> {
+    use crate::stragglers::MAX_REPORTED_STEPS;
+    if metrics.step_compute_s.len() > MAX_REPORTED_STEPS {
+        return Err(Error::InvalidArgument(format!(
+            "step_compute_s: {} values, expected at most {MAX_REPORTED_STEPS}",
+            metrics.step_compute_s.len()
+        )));
+    }
+    Ok(crate::stragglers::StepTimes {
+        first_step: metrics.first_timed_step,
+        seconds: metrics.step_compute_s.clone(),
+    })
 }
 
 /// Checks and converts a rank's report of its communicators.
@@ -478,6 +513,8 @@ pub fn job_info(record: &JobRecord) -> v1::JobInfo {
         max_restarts: record.max_restarts,
         attempts: record.attempts.iter().map(attempt_info).collect(),
         failed_rank: record.blamed_rank,
+        // Live only: the cluster adds them for a running job.
+        stragglers: Vec::new(),
     }
 }
 
@@ -522,6 +559,7 @@ pub fn node_info(
     last_heartbeat_ms: i64,
     busy: &[(DeviceKind, u32)],
     running_ranks: u32,
+    straggler_score: f64,
 ) -> v1::NodeInfo {
     v1::NodeInfo {
         node_id: record.id.to_string(),
@@ -561,6 +599,7 @@ pub fn node_info(
             .collect(),
         running_ranks,
         draining: record.draining,
+        straggler_score,
     }
 }
 

@@ -12,11 +12,14 @@
 //!   writes, and what a standby answers.
 //! - [`hangs`]: hang diagnosis: which ranks never entered the operation a job waits in, and
 //!   which are stuck in it (a pure function of the ranks' progress reports).
+//! - [`stragglers`]: which rank drags a job (step-by-step compute times against the median),
+//!   and each node's straggler score that placement weighs.
 //! - [`rendezvous`]: the per-job key-value store and barrier ranks use to find each other.
 //! - [`logs`]: captured rank output, on disk and live to followers.
 //! - [`auth`]: who is calling (users, workers, jobs, by token) and what they may do.
 //! - [`service`]: the gRPC layer: authenticate, decode, call [`cluster::Cluster`], encode.
 //! - [`telemetry`], [`http`]: `/metrics` for Prometheus, on `--http`.
+//! - [`stragglers`]: which rank drags a job (compute time against the other ranks').
 //! - [`model`], [`convert`], [`config`], [`limits`], [`error`]: records, protocol conversions,
 //!   settings, request bounds, and the crate's error type.
 
@@ -36,6 +39,7 @@ pub mod placement;
 pub mod rendezvous;
 pub mod service;
 pub mod store;
+pub mod stragglers;
 pub mod telemetry;
 
 use std::future::Future;

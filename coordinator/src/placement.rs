@@ -19,7 +19,9 @@
 //!   capacity until the rest of the job fits on one node; the rest then goes to the smallest
 //!   node (fewest free devices of the kind) that holds it. So a job that fits on one node goes
 //!   to the smallest node that holds it whole (best fit, keeping big nodes free for big jobs),
-//!   and a job that needs `k` nodes gets exactly the minimum `k`. Ties are broken by node id.
+//!   and a job that needs `k` nodes gets exactly the minimum `k`. Ties are broken by the nodes'
+//!   straggler scores (lower first: nodes whose ranks dragged their jobs lately are taken
+//!   last), then by node id.
 //! - A job with a `rank_group` of `g` > 1 (tensor-parallel groups of consecutive ranks) takes
 //!   from every node but the last a multiple of `g` ranks, so no group straddles two nodes,
 //!   whenever the job fits that way; otherwise it is placed as if `g` were 1.
@@ -47,6 +49,10 @@ pub struct NodeView {
     /// none. Only [`check_could_ever_fit`] reads it; a count below the number of distinct free
     /// indices is read as that number.
     pub total: HashMap<DeviceKind, u32>,
+    /// How often its ranks were found straggling lately (0: healthy; see
+    /// [`crate::stragglers::NodeScore`]). Among nodes that fit a job equally well, the lower
+    /// score is taken first.
+    pub straggler_score: u32,
 }
 
 impl NodeView {
@@ -57,6 +63,7 @@ impl NodeView {
             node_id,
             free: HashMap::new(),
             total: HashMap::new(),
+            straggler_score: 0,
         }
     }
 
@@ -256,7 +263,8 @@ fn queue_order(queue: &[QueuedJob]) -> Vec<&QueuedJob> {
 
 /// The free devices left while [`place`] works through the queue.
 struct FreeDevices {
-    /// One entry per distinct node, sorted by node id so that position breaks ties.
+    /// One entry per distinct node, sorted by straggler score, then node id, so that position
+    /// breaks ties (healthy nodes first).
     nodes: Vec<FreeNode>,
 }
 
@@ -264,6 +272,8 @@ struct FreeDevices {
 struct FreeNode {
     /// The node's id.
     node_id: NodeId,
+    /// Its straggler score.
+    straggler_score: u32,
     /// Free device indices per kind, ascending and distinct.
     free: HashMap<DeviceKind, Vec<u32>>,
 }
@@ -274,6 +284,7 @@ impl FreeDevices {
         let mut nodes: Vec<FreeNode> = unique_nodes(view)
             .map(|node| FreeNode {
                 node_id: node.node_id.clone(),
+                straggler_score: node.straggler_score,
                 free: node
                     .free
                     .iter()
@@ -286,7 +297,10 @@ impl FreeDevices {
                     .collect(),
             })
             .collect();
-        nodes.sort_by(|left, right| left.node_id.cmp(&right.node_id));
+        // Position breaks ties between nodes that fit equally well: healthy nodes first.
+        nodes.sort_by(|left, right| {
+            (left.straggler_score, &left.node_id).cmp(&(right.straggler_score, &right.node_id))
+        });
         Self { nodes }
     }
 
@@ -627,6 +641,27 @@ mod tests {
         assert!(place(&view, &[job("three", 3, 2, GPU)]).is_empty());
         let assignments = place(&view, &[job("two", 2, 2, GPU)]);
         assert_eq!(layout(&assignments[0]), "a/0:0,1 a/1:2,3");
+    }
+
+    #[test]
+    fn among_nodes_that_fit_equally_the_one_without_stragglers_is_taken() {
+        let scored = |id: &str, score: u32| NodeView {
+            straggler_score: score,
+            ..node(id, CPU, &[0, 1])
+        };
+        let view = ClusterView {
+            nodes: vec![scored("a", 2), scored("b", 0), scored("c", 1)],
+        };
+        let placed = place(&view, &[job("one", 1, 2, CPU)]);
+        assert_eq!(placed[0].ranks[0].node_id, node_id("b"));
+        // Fitting comes first: a job that needs two nodes takes the two healthiest.
+        let placed = place(&view, &[job("two", 2, 2, CPU)]);
+        let nodes: Vec<_> = placed[0]
+            .ranks
+            .iter()
+            .map(|rank| rank.node_id.clone())
+            .collect();
+        assert_eq!(nodes, vec![node_id("b"), node_id("c")]);
     }
 
     #[test]

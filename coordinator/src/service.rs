@@ -19,7 +19,7 @@ use tracing::{debug, warn};
 
 use crate::auth::access::sees_job;
 use crate::auth::{Action, Authenticator, Caller, authorize};
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, MetricsReport};
 use crate::convert;
 use crate::error::Error;
 use crate::limits::MAX_LOG_LINES_PER_PUSH;
@@ -554,10 +554,13 @@ impl Rendezvous for CoordinatorService {
         let metrics = request
             .metrics
             .ok_or_else(|| Error::InvalidArgument("metrics: missing".to_owned()))?;
-        let record = convert::metrics_record(&metrics)?;
-        let progress = convert::collective_progress(&metrics.collectives)?;
+        let report = MetricsReport {
+            metrics: convert::metrics_record(&metrics)?,
+            progress: convert::collective_progress(&metrics.collectives)?,
+            step_times: convert::step_times(&metrics)?,
+        };
         self.cluster
-            .report_metrics(&job_id, record, progress, metrics.rank)
+            .report_metrics(&job_id, metrics.rank, report)
             .await?;
         Ok(Response::new(ReportMetricsResponse {}))
     }

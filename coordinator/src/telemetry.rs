@@ -156,6 +156,8 @@ pub struct RunningJob {
     /// Seconds since the job's communication last moved while some rank waits in an
     /// operation (0 when none waits): what hang diagnosis compares with the hang timeout.
     pub stalled_s: f64,
+    /// The ranks that drag it ([`crate::stragglers`]).
+    pub stragglers: Vec<u32>,
 }
 
 /// The step phases ranks report as extra metrics (median seconds), and the `phase` label each
@@ -277,6 +279,10 @@ fn register_ranks(registry: &Registry, running: &[RunningJob]) -> prometheus::Re
         ),
         &["job_id", "user", "rank", "node", "phase"],
     )?;
+    let straggler = gauge(
+        "cohort_rank_straggler",
+        "1 while the rank computes its steps markedly slower than the job's other ranks",
+    )?;
     let restarts = GaugeVec::new(
         Opts::new("cohort_job_restarts", "Restarts of a running job so far"),
         &["job_id", "user"],
@@ -304,6 +310,9 @@ fn register_ranks(registry: &Registry, running: &[RunningJob]) -> prometheus::Re
                 .map_or("", String::as_str);
             let values = [job.job_id.as_str(), job.user.as_str(), rank.as_str(), node];
             step.with_label_values(&values).set(metrics.step as f64);
+            straggler
+                .with_label_values(&values)
+                .set(f64::from(u8::from(job.stragglers.contains(&metrics.rank))));
             total_steps
                 .with_label_values(&values)
                 .set(metrics.total_steps as f64);
@@ -349,6 +358,7 @@ fn register_ranks(registry: &Registry, running: &[RunningJob]) -> prometheus::Re
         skipped,
         gradient_bytes,
         phase,
+        straggler,
         restarts,
         stalled,
     ] {
@@ -411,6 +421,7 @@ mod tests {
                 nodes: vec!["a".to_owned(), "b".to_owned()],
                 metrics: vec![metrics],
                 stalled_s: 7.5,
+                stragglers: vec![1],
             }],
         }
     }

@@ -32,6 +32,11 @@ pub const FAULT_STOP_IN_CHECKPOINT: &str = "COHORT_FAULT_STOP_IN_CHECKPOINT";
 /// receive, a parameter-server call), `RANK:in:N` right after it entered it (it then stops
 /// reading and writing). Honoured on a job's first attempt only. Never set by Cohort.
 pub const FAULT_HANG: &str = "COHORT_FAULT_HANG";
+/// Fault injection for tests, read by `cohort rank`: `RANK:SHARE` makes that rank of a
+/// data-parallel training job compute each step SHARE longer (`1:0.5`: half as long again),
+/// `RANK:MSms` that many milliseconds longer (`1:40ms`): it sleeps after its backward pass, as
+/// a slow node would. Never set by Cohort.
+pub const FAULT_SLOW_RANK: &str = "COHORT_FAULT_SLOW_RANK";
 /// The node the rank runs on.
 pub const NODE_ID: &str = "COHORT_NODE_ID";
 /// Devices assigned to the rank, as a comma-separated list of `kind:index` (`cpu:0,cpu:1`).

@@ -314,6 +314,12 @@ impl Run for DataParallel<'_> {
         } else {
             self.pass_then_exchange(step, &images, &labels, &mut timings)?
         };
+        if let Some(slow_down) = self.config.slow_down {
+            // Fault injection: a slow node, whose computation takes longer.
+            let extra = slow_down.extra(timings.data + timings.forward + timings.backward);
+            std::thread::sleep(extra);
+            timings.backward += extra;
+        }
         let gradients = Gradients {
             loss: self.buckets.loss(),
             overflow,

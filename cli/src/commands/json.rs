@@ -36,6 +36,12 @@ pub fn job(job: &JobInfo) -> Value {
         "state": render::job_state(job.state()),
         "reason": job.reason,
         "failed_rank": job.failed_rank,
+        "stragglers": job.stragglers.iter().map(|straggler| json!({
+            "rank": straggler.rank,
+            "node_id": straggler.node_id,
+            "slowdown": straggler.slowdown,
+            "since_step": straggler.since_step,
+        })).collect::<Vec<_>>(),
         "priority": job.priority,
         "submitter": job.submitter,
         "ranks": job.ranks,
@@ -92,6 +98,7 @@ pub fn node(node: &NodeInfo) -> Value {
         "status": node.status,
         "last_heartbeat_unix_ms": node.last_heartbeat_unix_ms,
         "running_ranks": node.running_ranks,
+        "straggler_score": node.straggler_score,
         "devices": node.devices.iter().map(|d| json!({
             "kind": kind(d.kind),
             "index": d.index,

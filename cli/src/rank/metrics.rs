@@ -3,11 +3,13 @@
 //! [`REPORT_INTERVAL`], and evaluations and the final figures go out at once. Every report
 //! carries what the rank's communicators are doing ([`Progress`]), and one goes out every
 //! [`PROGRESS_INTERVAL`] even when no step completes, so that the coordinator sees a rank
-//! stuck in a collective (hang diagnosis).
+//! stuck in a collective (hang diagnosis). Each report also carries the compute time of every
+//! step since the last one (straggler detection).
 
 use cohort_proto::failover::CoordinatorConnection;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use cohort_collective::Progress;
@@ -22,6 +24,42 @@ use tracing::{info, warn};
 const REPORT_INTERVAL: Duration = Duration::from_millis(500);
 /// Most time between two reports, steps or not.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
+/// Most step times kept for one report (while reports cannot be sent, the oldest are
+/// dropped); the coordinator takes at most this many.
+const MAX_REPORTED_STEPS: usize = 1024;
+
+/// The compute seconds of each step since the last report.
+#[derive(Debug, Default)]
+struct ComputeTimes {
+    seconds: Vec<f64>,
+    first_step: u64,
+}
+
+impl ComputeTimes {
+    /// Adds step `step`'s time.
+    fn push(&mut self, step: u64, seconds: f64) {
+        if self.seconds.is_empty() {
+            self.first_step = step;
+        }
+        if self.seconds.len() == MAX_REPORTED_STEPS {
+            self.seconds.remove(0);
+            self.first_step += 1;
+        }
+        self.seconds.push(seconds);
+    }
+
+    /// Moves the times so far into `metrics`.
+    fn take(&mut self, metrics: &mut RankMetrics) {
+        metrics.first_timed_step = self.first_step;
+        metrics.step_compute_s.clear();
+        metrics.step_compute_s.append(&mut self.seconds);
+    }
+}
+
+/// Locks the shared compute times (plain data, consistent after every call).
+fn lock(times: &Mutex<ComputeTimes>) -> std::sync::MutexGuard<'_, ComputeTimes> {
+    times.lock().unwrap_or_else(PoisonError::into_inner)
+}
 /// Steps at the start whose timings are left out of the medians (warm-up, allocation).
 const WARMUP_STEPS: usize = 3;
 
@@ -35,6 +73,8 @@ pub struct CoordinatorMetrics {
     client: RendezvousClient<CoordinatorConnection>,
     /// What the rank's communicators are doing.
     progress: Progress,
+    /// Per-step compute times not reported yet, shared with the reporter task.
+    compute_times: Arc<Mutex<ComputeTimes>>,
     /// The job.
     job_id: String,
     /// Wall time of each step, seconds.
@@ -61,6 +101,8 @@ impl CoordinatorMetrics {
         let mut reporter = client.clone();
         let reporter_job = job_id.clone();
         let reported_progress = progress.clone();
+        let compute_times = Arc::new(Mutex::new(ComputeTimes::default()));
+        let reported_times = Arc::clone(&compute_times);
         runtime.spawn(async move {
             loop {
                 // A new step, or the progress interval without one.
@@ -70,6 +112,7 @@ impl CoordinatorMetrics {
                 }
                 let mut metrics = changes.borrow_and_update().clone();
                 metrics.collectives = collectives(&reported_progress);
+                lock(&reported_times).take(&mut metrics);
                 send(&mut reporter, &reporter_job, metrics).await;
                 tokio::time::sleep(REPORT_INTERVAL).await;
             }
@@ -79,6 +122,7 @@ impl CoordinatorMetrics {
             runtime,
             client,
             progress,
+            compute_times,
             job_id,
             step_times: Vec::new(),
             phases: Vec::new(),
@@ -139,6 +183,7 @@ impl CoordinatorMetrics {
             .send_modify(|metrics| metrics.extra.extend(medians));
         let mut metrics = self.latest.borrow().clone();
         metrics.collectives = collectives(&self.progress);
+        lock(&self.compute_times).take(&mut metrics);
         let mut client = self.client.clone();
         let job_id = self.job_id.clone();
         self.runtime.block_on(send(&mut client, &job_id, metrics));
@@ -184,6 +229,11 @@ impl MetricsSink for CoordinatorMetrics {
         self.step_times
             .push(step.global_batch as f64 / step.samples_per_second.max(f64::MIN_POSITIVE));
         self.phases.push(step.timings);
+        let timings = &step.timings;
+        let compute = timings
+            .total()
+            .saturating_sub(timings.exposed_communication);
+        lock(&self.compute_times).push(step.step, compute.as_secs_f64());
         self.latest.send_modify(|metrics| {
             metrics.step = step.step;
             metrics.total_steps = step.total_steps;
@@ -230,5 +280,35 @@ impl MetricsSink for CoordinatorMetrics {
     fn on_checkpoint(&mut self, step: u64, path: &Path) {
         info!(step, path = %path.display(), "checkpoint written");
         println!("checkpoint at step {step}: {}", path.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_carry_every_step_time_since_the_last_once() {
+        let mut times = ComputeTimes::default();
+        let mut metrics = RankMetrics::default();
+        for (step, seconds) in [(7, 0.010), (8, 0.011), (9, 0.5)] {
+            times.push(step, seconds);
+        }
+        times.take(&mut metrics);
+        assert_eq!(metrics.first_timed_step, 7);
+        assert_eq!(metrics.step_compute_s, [0.010, 0.011, 0.5]);
+        times.push(10, 0.012);
+        times.take(&mut metrics);
+        assert_eq!(
+            (metrics.first_timed_step, metrics.step_compute_s.len()),
+            (10, 1)
+        );
+        // Unsent, the oldest go first.
+        for step in 11..11 + MAX_REPORTED_STEPS as u64 + 5 {
+            times.push(step, 0.001);
+        }
+        times.take(&mut metrics);
+        assert_eq!(metrics.step_compute_s.len(), MAX_REPORTED_STEPS);
+        assert_eq!(metrics.first_timed_step, 16);
     }
 }

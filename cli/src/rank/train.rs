@@ -21,6 +21,7 @@ use cohort_proto::launch::{self, Role};
 use cohort_trainer::language_model::train_language_model;
 use cohort_trainer::mesh::{MeshLinks, MeshShape, connect_mesh};
 use cohort_trainer::run::StopSignal;
+use cohort_trainer::run::config::SlowDown;
 use cohort_trainer::{ComputeDevice, ParameterServerLink, TrainConfig, TrainOutcome};
 
 use super::{RankLink, inputs, parameter_server};
@@ -62,10 +63,10 @@ pub fn run() -> Result<ExitCode> {
     }
     if place.restart_count > 0 {
         resume_latest(&mut config, place.restart_count, rank)?;
-    }
-    if place.restart_count == 0 {
+    } else {
         config.stop_in_checkpoint = fault_stop_in_checkpoint()?;
     }
+    config.slow_down = fault_slow_rank(rank)?;
     if config.data.record_samples {
         config.sample_record = Some(link.launch.node.output_dir.join(format!(
             "samples/attempt-{}.rank-{rank}.txt",
@@ -212,6 +213,16 @@ fn fault_stop_in_checkpoint() -> Result<Option<u64>> {
                 env::FAULT_STOP_IN_CHECKPOINT
             )
         }),
+    }
+}
+
+/// How much longer this rank computes each step (`COHORT_FAULT_SLOW_RANK`, set in a worker's
+/// environment by fault-injection tests), if it names this rank.
+fn fault_slow_rank(rank: usize) -> Result<Option<SlowDown>> {
+    match std::env::var(env::FAULT_SLOW_RANK) {
+        Err(_) => Ok(None),
+        Ok(value) => SlowDown::parse(&value, rank)
+            .map_err(|error| anyhow::anyhow!("{}: {error}", env::FAULT_SLOW_RANK)),
     }
 }
 

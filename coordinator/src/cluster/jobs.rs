@@ -16,6 +16,18 @@ use crate::model::{
     JobRecord, MetricsRecord, ProcessRole, RankRecord, RankState, StopCause, now_ms,
 };
 use crate::placement::{self, QueuedJob};
+use crate::stragglers::{StepTimes, StragglerWatch};
+
+/// What one metrics report of a rank carries.
+#[derive(Debug, Clone)]
+pub struct MetricsReport {
+    /// The rank's latest figures.
+    pub metrics: MetricsRecord,
+    /// What its communicators are doing (hang diagnosis).
+    pub progress: Vec<ChannelState>,
+    /// Compute times of its steps since its last report (straggler detection).
+    pub step_times: StepTimes,
+}
 
 /// One page of the job listing.
 pub struct JobPage {
@@ -103,6 +115,7 @@ impl Cluster {
             spec,
             recovery: None,
             communication: CommunicationWatch::default(),
+            stragglers: StragglerWatch::default(),
         };
         let info = convert::job_info(&job.record);
         self.state
@@ -149,7 +162,7 @@ impl Cluster {
         let (live, stored) = {
             let state = self.state.lock().await;
             let live = match state.slot(job_id) {
-                Some(JobSlot::Live(job)) => Some(convert::job_info(&job.record)),
+                Some(JobSlot::Live(job)) => Some(job.info()),
                 Some(JobSlot::Retired(_)) => None,
                 None => return Err(Error::JobNotFound(job_id.to_string())),
             };
@@ -252,15 +265,19 @@ impl Cluster {
     }
 
     /// Records a rank's latest metrics and tells watchers. Kept in memory and persisted with
-    /// the job's next change. `progress` (what the rank's communicators are doing) goes to the
-    /// job's hang watch.
+    /// the job's next change. The report's progress goes to the job's hang watch, its step
+    /// times to its straggler watch.
     pub async fn report_metrics(
         &self,
         job_id: &JobId,
-        metrics: MetricsRecord,
-        progress: Vec<ChannelState>,
         rank: u32,
+        report: MetricsReport,
     ) -> Result<()> {
+        let MetricsReport {
+            metrics,
+            progress,
+            step_times,
+        } = report;
         let mut state = self.state.lock().await;
         let Some(job) = state.live_mut(job_id) else {
             return Err(not_running(&state, job_id));
@@ -277,11 +294,40 @@ impl Cluster {
                 job.record.state.name()
             )));
         }
+        let mut flagged_nodes = Vec::new();
+        {
+            let attempt = job.record.attempt;
+            let flagged =
+                job.stragglers
+                    .observe(attempt, rank, step_times.first_step, &step_times.seconds);
+            for straggler in flagged {
+                let node = job
+                    .record
+                    .placement
+                    .get(straggler.rank as usize)
+                    .map(|placed| placed.node_id.clone());
+                warn!(
+                    %job_id,
+                    rank = straggler.rank,
+                    node = node.as_ref().map(ToString::to_string),
+                    slowdown = straggler.slowdown,
+                    step = straggler.since_step,
+                    "straggler: the rank computes its steps slower than the job's other ranks"
+                );
+                flagged_nodes.extend(node);
+            }
+        }
         job.record.metrics.insert(rank, metrics.clone());
         job.communication
             .observe(job.record.attempt, rank, progress, now_ms());
         let job: &LiveJob = job;
         self.publish(job);
+        let now = now_ms();
+        for node_id in flagged_nodes {
+            if let Some(node) = state.nodes.get_mut(&node_id) {
+                node.stragglers.add_flag(now);
+            }
+        }
         drop(state);
         self.record_history(job_id, rank, &metrics).await
     }

@@ -125,6 +125,11 @@ impl Cluster {
             .nodes
             .get(&node_id)
             .is_some_and(|node| node.current_status() != NodeStatus::Ready);
+        let stragglers = state
+            .nodes
+            .get(&node_id)
+            .map(|node| node.stragglers)
+            .unwrap_or_default();
         // The earlier session's stream, if any, closes with its sender.
         state.nodes.insert(
             node_id.clone(),
@@ -137,6 +142,7 @@ impl Cluster {
                     token,
                     instructions: sender,
                 }),
+                stragglers,
             },
         );
         info!(
@@ -249,6 +255,7 @@ impl Cluster {
                     node.last_heartbeat_ms,
                     node_busy.map_or(&[][..], |b| &b.devices[..]),
                     node_busy.map_or(0, |b| b.ranks),
+                    node.stragglers.value(now_ms()),
                 )
             })
             .collect()

@@ -56,9 +56,11 @@ use crate::logs::LogStore;
 use crate::model::{JobRecord, JobSummary, NodeRecord, RankRecord, RankState, now_ms};
 use crate::rendezvous::Rendezvous;
 use crate::store::ClusterStore;
+use crate::stragglers::{NodeScore, StragglerWatch};
 use cohort_proto::text::truncate;
 use persistence::{WriteQueue, Written};
 
+pub use jobs::MetricsReport;
 pub use membership::SessionToken;
 
 /// Capacity of a worker's instruction stream; a worker this far behind is treated as gone.
@@ -116,6 +118,9 @@ struct NodeEntry {
     last_heartbeat_ms: i64,
     /// The live registration, if any.
     session: Option<Session>,
+    /// How often its ranks were found straggling lately (kept across registrations, not
+    /// stored).
+    stragglers: NodeScore,
 }
 
 impl NodeEntry {
@@ -149,9 +154,23 @@ struct LiveJob {
     /// What the running attempt's ranks last reported of their communication (not stored: a
     /// restarted coordinator watches afresh).
     communication: CommunicationWatch,
+    /// Which of its ranks drag it (from their compute times; not persisted).
+    stragglers: StragglerWatch,
 }
 
 impl LiveJob {
+    /// The job as `GetJob` shows it, with its stragglers.
+    fn info(&self) -> cohort_proto::v1::JobInfo {
+        let mut info = crate::convert::job_info(&self.record);
+        info.stragglers = self
+            .stragglers
+            .stragglers()
+            .into_iter()
+            .map(|straggler| crate::convert::straggler_info(&self.record, &straggler))
+            .collect();
+        info
+    }
+
     /// Whether the job has ended and every one of its processes is known to be gone.
     fn done(&self) -> bool {
         self.record.state.is_terminal()
@@ -374,6 +393,7 @@ impl Cluster {
                     spec,
                     recovery,
                     communication: CommunicationWatch::default(),
+                    stragglers: StragglerWatch::default(),
                 })),
             );
         }
@@ -388,6 +408,7 @@ impl Cluster {
                     last_heartbeat: Instant::now(),
                     last_heartbeat_ms: 0,
                     session: None,
+                    stragglers: NodeScore::default(),
                 },
             );
         }
@@ -436,6 +457,12 @@ impl Cluster {
                 continue;
             }
             running.push(crate::telemetry::RunningJob {
+                stragglers: job
+                    .stragglers
+                    .stragglers()
+                    .iter()
+                    .map(|straggler| straggler.rank)
+                    .collect(),
                 job_id: job.record.id.to_string(),
                 user: job.record.submitter.clone(),
                 restarts: job.record.attempt,

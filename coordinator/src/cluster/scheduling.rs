@@ -94,6 +94,7 @@ impl State {
                     node_id: node.record.id.clone(),
                     free,
                     total,
+                    straggler_score: node.stragglers.rank(now_ms()),
                 }
             })
             .collect();

@@ -59,6 +59,11 @@ pub struct TrainConfig {
     /// kill it in the middle of a checkpoint write. Set by the launcher from
     /// `COHORT_FAULT_STOP_IN_CHECKPOINT`. Default `None`.
     pub stop_in_checkpoint: Option<u64>,
+    /// Fault injection for tests: the rank computes each step for longer, as a slow node
+    /// would (it sleeps after its backward pass). Set by the launcher from
+    /// `COHORT_FAULT_SLOW_RANK` for the rank it names; only the data-parallel loop honours it.
+    /// Default `None`.
+    pub slow_down: Option<SlowDown>,
     /// Checkpoint on request: once raised, the run stops after the next step every rank agrees
     /// on, writes a checkpoint and ends early. Only the data-parallel loop honours it. Default
     /// `None`: the run cannot be stopped that way (and pays nothing for it).
@@ -89,6 +94,7 @@ impl TrainConfig {
             inject_overflow: None,
             sample_record: None,
             stop_in_checkpoint: None,
+            slow_down: None,
             stop: None,
             device: ComputeDevice::Cpu,
         }
@@ -116,5 +122,80 @@ impl TrainConfig {
             self.schedule.lr_decay,
             total_steps,
         )
+    }
+}
+
+/// How much longer an injected slow rank computes each step ([`TrainConfig::slow_down`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SlowDown {
+    /// This share of the step's data, forward and backward time more (0.5: half as long again).
+    Share(f64),
+    /// This long more.
+    Fixed(std::time::Duration),
+}
+
+impl SlowDown {
+    /// Reads `RANK:SHARE` (`1:0.5`) or `RANK:MSms` (`1:40ms`) as the slow-down of rank `rank`
+    /// (`None` when it names another rank).
+    pub fn parse(text: &str, rank: usize) -> std::result::Result<Option<SlowDown>, String> {
+        let expected = || {
+            format!(
+                "{text:?}, expected RANK:SHARE (a share from 0 to 100 of the step's compute) or \
+                 RANK:MSms (milliseconds, at most 60000)"
+            )
+        };
+        let (target, amount) = text.trim().split_once(':').ok_or_else(expected)?;
+        let target: usize = target.parse().map_err(|_| expected())?;
+        let slow_down = match amount.strip_suffix("ms") {
+            Some(millis) => {
+                let millis: u64 = millis.parse().map_err(|_| expected())?;
+                if millis > 60_000 {
+                    return Err(expected());
+                }
+                SlowDown::Fixed(std::time::Duration::from_millis(millis))
+            }
+            None => {
+                let share: f64 = amount.parse().map_err(|_| expected())?;
+                if !(share.is_finite() && (0.0..=100.0).contains(&share)) {
+                    return Err(expected());
+                }
+                SlowDown::Share(share)
+            }
+        };
+        Ok((target == rank).then_some(slow_down))
+    }
+
+    /// The extra time of a step whose data, forward and backward passes took `compute`.
+    pub fn extra(self, compute: std::time::Duration) -> std::time::Duration {
+        match self {
+            SlowDown::Share(share) => compute.mul_f64(share),
+            SlowDown::Fixed(extra) => extra,
+        }
+    }
+}
+
+#[cfg(test)]
+mod slow_down_tests {
+    use std::time::Duration;
+
+    use super::SlowDown;
+
+    #[test]
+    fn slow_downs_are_a_share_or_milliseconds_for_one_rank() {
+        assert_eq!(SlowDown::parse("1:0.5", 1), Ok(Some(SlowDown::Share(0.5))));
+        assert_eq!(
+            SlowDown::parse("1:40ms", 1),
+            Ok(Some(SlowDown::Fixed(Duration::from_millis(40))))
+        );
+        assert_eq!(SlowDown::parse("1:40ms", 0), Ok(None));
+        for bad in ["", "1", "x:1", "1:-1", "1:NaN", "1:fast", "1:70000ms"] {
+            assert!(SlowDown::parse(bad, 1).is_err(), "{bad}");
+        }
+        let step = Duration::from_millis(10);
+        assert_eq!(SlowDown::Share(0.5).extra(step), Duration::from_millis(5));
+        assert_eq!(
+            SlowDown::Fixed(Duration::from_millis(3)).extra(step),
+            Duration::from_millis(3)
+        );
     }
 }
