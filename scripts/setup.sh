@@ -5,9 +5,10 @@ set -euo pipefail
 
 # libprotobuf-dev carries the well-known .proto files (descriptor.proto) that etcd-client needs;
 # iproute2 (`ip`, `tc`) and python3 build and probe the multi-host tests' network namespaces;
-# prometheus (with promtool) scrapes the coordinator in the observability tests.
+# prometheus (with promtool) scrapes the coordinator in the observability tests; chromium (with
+# fonts-liberation, for its pages' text) loads the web dashboard in the dashboard tests.
 packages=(protobuf-compiler libprotobuf-dev etcd-server dataset-fashion-mnist iproute2 python3
-  prometheus)
+  prometheus chromium fonts-liberation)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

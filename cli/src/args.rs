@@ -87,6 +87,9 @@ pub enum Command {
     /// Print a job's metric curves: every rank's reported steps (loss, throughput,
     /// evaluations), kept across coordinator restarts.
     Metrics(MetricsArgs),
+    /// Print a one-time link that logs a browser into the web dashboard (the coordinator's
+    /// `--http`) as you; it works once, within two minutes.
+    Dashboard(DashboardArgs),
     /// Cancel a job: stop every rank (SIGTERM, then SIGKILL after the job's grace period).
     Cancel(CancelArgs),
     /// List worker nodes and their devices.
@@ -375,6 +378,17 @@ pub struct MetricsArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     pub output: MetricsFormat,
+    /// Where the coordinator is.
+    #[command(flatten)]
+    pub coordinator: CoordinatorArgs,
+}
+
+/// `cohort dashboard`.
+#[derive(Debug, Args)]
+pub struct DashboardArgs {
+    /// Open this job's page instead of the jobs page.
+    #[arg(long)]
+    pub job: Option<String>,
     /// Where the coordinator is.
     #[command(flatten)]
     pub coordinator: CoordinatorArgs,

@@ -12,12 +12,14 @@
 //! - [`etcd`]: [`etcd::TestEtcd`], a real etcd server for tests of the etcd store.
 //! - [`prometheus`]: [`prometheus::TestPrometheus`], a real Prometheus server scraping a
 //!   coordinator.
+//! - [`chromium`]: [`chromium::Chromium`], headless Chromium loading the web dashboard.
 //! - [`external`]: what those harnesses of real components share.
 //! - [`network`]: [`network::TestNetwork`], separate network hosts (namespaces) for one test.
 //!
 //! The tests need the `cohort` executable built first (`cargo build -p cohort-cli`, done by
 //! `scripts/test.sh`), or `$COHORT_BIN` pointing at one.
 
+pub mod chromium;
 pub mod etcd;
 pub mod external;
 pub mod jobs;

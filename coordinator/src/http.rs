@@ -1,9 +1,10 @@
-//! The coordinator's HTTP endpoint (`cohort coordinator --http ADDR`): `/metrics` in the
-//! Prometheus text format ([`crate::telemetry`]). It answers callers the gRPC API would: a
-//! user's token as a bearer token (`Authorization: Bearer ...`; Prometheus'
-//! `authorization: {credentials_file: ...}`), over TLS with the coordinator's certificate when
-//! the cluster serves TLS. An admin sees every job's series, a user their own (and the
-//! cluster-wide ones).
+//! The coordinator's HTTP endpoint (`cohort coordinator --http ADDR`): the web dashboard
+//! ([`crate::dashboard`]), and `/metrics` in the Prometheus text format ([`crate::telemetry`]).
+//! `/metrics` answers callers the gRPC API would: a user's token as a bearer token
+//! (`Authorization: Bearer ...`; Prometheus' `authorization: {credentials_file: ...}`); the
+//! dashboard, browsers with a session from a one-time login link. Over TLS with the
+//! coordinator's certificate when the cluster serves TLS. An admin sees every job, a user their
+//! own (and the cluster-wide series).
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use tracing::info;
 
 use crate::auth::{Action, Authenticator, authorize};
 use crate::cluster::Cluster;
+use crate::dashboard::{Dashboard, Logins};
 use crate::error::{Error, Result};
 
 /// The content type of the Prometheus text format.
@@ -29,11 +31,23 @@ struct Endpoint {
     auth: Arc<Authenticator>,
 }
 
-/// The routes of the HTTP endpoint.
-pub fn router(cluster: Arc<Cluster>, auth: Arc<Authenticator>) -> axum::Router {
+/// The routes of the HTTP endpoint: `/metrics`, and the web dashboard
+/// ([`crate::dashboard`]), whose browsers log in with codes from `logins`.
+pub fn router(
+    cluster: Arc<Cluster>,
+    auth: Arc<Authenticator>,
+    logins: Arc<Logins>,
+    tls: bool,
+) -> axum::Router {
+    let dashboard = Dashboard {
+        cluster: cluster.clone(),
+        logins,
+        tls,
+    };
     axum::Router::new()
         .route("/metrics", get(metrics))
         .with_state(Endpoint { cluster, auth })
+        .merge(crate::dashboard::routes(dashboard))
 }
 
 /// `GET /metrics`.
@@ -90,7 +104,7 @@ pub async fn serve(
             Error::InvalidArgument(format!("the TLS certificate and key: {error}"))
         })?;
     }
-    info!(%address, tls = tls.is_some(), "HTTP endpoint ready (/metrics)");
+    info!(%address, tls = tls.is_some(), "HTTP endpoint ready (dashboard, /metrics)");
     server
         .add_routes(tonic::service::Routes::from(router))
         .serve_with_incoming_shutdown(

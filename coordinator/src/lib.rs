@@ -18,7 +18,8 @@
 //! - [`logs`]: captured rank output, on disk and live to followers.
 //! - [`auth`]: who is calling (users, workers, jobs, by token) and what they may do.
 //! - [`service`]: the gRPC layer: authenticate, decode, call [`cluster::Cluster`], encode.
-//! - [`telemetry`], [`http`]: `/metrics` for Prometheus, on `--http`.
+//! - [`telemetry`], [`http`], [`dashboard`]: `/metrics` for Prometheus and the web dashboard,
+//!   on `--http`.
 //! - [`stragglers`]: which rank drags a job (compute time against the other ranks').
 //! - [`model`], [`convert`], [`config`], [`limits`], [`error`]: records, protocol conversions,
 //!   settings, request bounds, and the crate's error type.
@@ -27,6 +28,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod convert;
+pub mod dashboard;
 pub mod error;
 pub mod hangs;
 pub mod http;
@@ -207,8 +209,20 @@ pub async fn run(
         let _ = background_stopped.await;
     }));
     let (stop_http, http_stopped) = watch::channel(false);
+    let logins = Arc::new(dashboard::Logins::default());
+    let mut service = service::CoordinatorService::new(cluster.clone(), auth.clone());
+    if let Some(listener) = &http {
+        let address = listener
+            .local_addr()
+            .map_err(|e| Error::io("reading the HTTP listener's address", e))?;
+        service = service.with_dashboard(service::DashboardAccess {
+            logins: logins.clone(),
+            address,
+            tls,
+        });
+    }
     let http_server = http.map(|listener| {
-        let router = http::router(cluster.clone(), auth.clone());
+        let router = http::router(cluster.clone(), auth.clone(), logins.clone(), tls);
         let mut stopped = http_stopped.clone();
         tokio::spawn(http::serve(
             listener,
@@ -219,7 +233,6 @@ pub async fn run(
             },
         ))
     });
-    let service = service::CoordinatorService::new(cluster.clone(), auth);
     info!(%address, tls, "coordinator ready");
     let result = server
         .add_service(

@@ -50,12 +50,35 @@ pub struct CoordinatorService {
     cluster: Arc<Cluster>,
     /// Who is calling.
     auth: Arc<Authenticator>,
+    /// The web dashboard, when the coordinator serves one (`--http`).
+    dashboard: Option<DashboardAccess>,
+}
+
+/// Where the web dashboard is, and its login codes.
+#[derive(Clone)]
+pub struct DashboardAccess {
+    /// Its login codes and sessions.
+    pub logins: Arc<crate::dashboard::Logins>,
+    /// The address its listener is bound to.
+    pub address: std::net::SocketAddr,
+    /// Whether it serves TLS.
+    pub tls: bool,
 }
 
 impl CoordinatorService {
     /// Serves `cluster` to the callers `auth` knows.
     pub fn new(cluster: Arc<Cluster>, auth: Arc<Authenticator>) -> Self {
-        Self { cluster, auth }
+        Self {
+            cluster,
+            auth,
+            dashboard: None,
+        }
+    }
+
+    /// Hands out login links to `dashboard`.
+    pub fn with_dashboard(mut self, dashboard: DashboardAccess) -> Self {
+        self.dashboard = Some(dashboard);
+        self
     }
 
     /// The caller of `request`, allowed to do `action`.
@@ -390,6 +413,47 @@ impl JobControl for CoordinatorService {
             entries: entries.iter().map(convert::audit_record).collect(),
         }))
     }
+
+    async fn create_dashboard_link(
+        &self,
+        request: Request<CreateDashboardLinkRequest>,
+    ) -> Result<Response<CreateDashboardLinkResponse>, Status> {
+        let caller = self.allowed(&request, Action::ListJobs)?;
+        if caller.user_name().is_none() {
+            return Err(
+                Error::PermissionDenied(format!("{caller} may not open the dashboard")).into(),
+            );
+        }
+        let Some(dashboard) = &self.dashboard else {
+            return Err(Error::FailedPrecondition(
+                "this coordinator serves no dashboard: start it with --http ADDR".to_owned(),
+            )
+            .into());
+        };
+        let next = &request.get_ref().next;
+        if next.len() > crate::limits::MAX_NAME_BYTES
+            || !next
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "/-_.".contains(c))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "next: {}, expected a dashboard path such as /jobs/ID",
+                cohort_proto::text::excerpt(next)
+            ))
+            .into());
+        }
+        let code = dashboard.logins.issue_code(caller);
+        let mut login_path = format!("/login?code={code}");
+        if !next.is_empty() {
+            login_path.push_str("&next=");
+            login_path.push_str(next);
+        }
+        Ok(Response::new(CreateDashboardLinkResponse {
+            login_path,
+            http_address: dashboard.address.to_string(),
+            tls: dashboard.tls,
+        }))
+    }
 }
 
 /// Sends a followed line unless it was already read from the file (`seq < seen`) or is of
@@ -615,6 +679,49 @@ mod tests {
             join: read(crate::auth::JOIN_TOKEN_FILE),
             _data: data,
         }
+    }
+
+    #[tokio::test]
+    async fn dashboard_links_go_to_users_of_a_coordinator_that_serves_one() {
+        let fixture = fixture().await;
+        let request = |next: &str, token: &str| {
+            call(
+                CreateDashboardLinkRequest {
+                    next: next.to_owned(),
+                },
+                Some(token),
+            )
+        };
+        let none = fixture
+            .service
+            .create_dashboard_link(request("", &fixture.admin))
+            .await
+            .unwrap_err();
+        assert_eq!(none.code(), Code::FailedPrecondition, "{none}");
+        let logins = Arc::new(crate::dashboard::Logins::default());
+        let service = fixture.service.clone().with_dashboard(DashboardAccess {
+            logins,
+            address: "127.0.0.1:8080".parse().unwrap(),
+            tls: false,
+        });
+        let link = service
+            .create_dashboard_link(request("/jobs/mlp-1", &fixture.admin))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(link.login_path.starts_with("/login?code="), "{link:?}");
+        assert!(link.login_path.ends_with("&next=/jobs/mlp-1"), "{link:?}");
+        assert_eq!(link.http_address, "127.0.0.1:8080");
+        let worker = service
+            .create_dashboard_link(request("", &fixture.join))
+            .await
+            .unwrap_err();
+        assert_eq!(worker.code(), Code::PermissionDenied, "{worker}");
+        let elsewhere = service
+            .create_dashboard_link(request("https://elsewhere.example/", &fixture.admin))
+            .await
+            .unwrap_err();
+        assert_eq!(elsewhere.code(), Code::InvalidArgument, "{elsewhere}");
     }
 
     /// `message` as a call carrying `token`, if any.

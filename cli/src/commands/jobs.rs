@@ -8,13 +8,14 @@ use anyhow::{Context, Result, bail};
 use cohort_coordinator::logs::fold::{Folder, RankLine};
 use cohort_proto::v1::job_control_client::JobControlClient;
 use cohort_proto::v1::{
-    CancelJobRequest, DrainNodeRequest, GetJobMetricsRequest, GetJobRequest, JobInfo,
-    JobMetricsResponse, JobState, ListNodesRequest, LogStream, StreamLogsRequest, WatchJobRequest,
+    CancelJobRequest, CreateDashboardLinkRequest, DrainNodeRequest, GetJobMetricsRequest,
+    GetJobRequest, JobInfo, JobMetricsResponse, JobState, ListNodesRequest, LogStream,
+    StreamLogsRequest, WatchJobRequest,
 };
 
 use crate::args::{
-    CancelArgs, DrainArgs, LogsArgs, MetricsArgs, MetricsFormat, NodesArgs, OutputFormat,
-    StatusArgs, SubmitArgs,
+    CancelArgs, DashboardArgs, DrainArgs, LogsArgs, MetricsArgs, MetricsFormat, NodesArgs,
+    OutputFormat, StatusArgs, SubmitArgs,
 };
 use crate::client;
 use crate::render;
@@ -194,6 +195,28 @@ pub async fn metrics(args: MetricsArgs) -> Result<ExitCode> {
         .map_err(client::status)?
         .into_inner();
     print!("{}", render_curves(&curves, args.output));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cohort dashboard`: prints the dashboard's one-time login link (to the job's page with
+/// `--job`).
+pub async fn dashboard(args: DashboardArgs) -> Result<ExitCode> {
+    let mut client = client::job_control(&args.coordinator.target()?).await?;
+    let next = args
+        .job
+        .map(|job| format!("/jobs/{job}"))
+        .unwrap_or_default();
+    let link = client
+        .create_dashboard_link(CreateDashboardLinkRequest { next })
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    let scheme = if link.tls { "https" } else { "http" };
+    println!("{scheme}://{}{}", link.http_address, link.login_path);
+    eprintln!(
+        "(the link logs one browser in, once, within two minutes; if the coordinator listens on \
+         0.0.0.0, use its host name)"
+    );
     Ok(ExitCode::SUCCESS)
 }
 

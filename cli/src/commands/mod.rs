@@ -22,6 +22,7 @@ pub async fn run(command: Command) -> Result<ExitCode> {
         Command::Status(args) => jobs::status(args).await,
         Command::Logs(args) => jobs::logs(args).await,
         Command::Metrics(args) => jobs::metrics(args).await,
+        Command::Dashboard(args) => jobs::dashboard(args).await,
         Command::Cancel(args) => jobs::cancel(args).await,
         Command::Nodes(args) => jobs::nodes(args).await,
         Command::Drain(args) => jobs::drain(args).await,
