@@ -105,6 +105,16 @@ fn prometheus_reads_a_training_jobs_loss_from_the_coordinator() -> Result<()> {
     assert_eq!(status, 200, "{exposition}");
     assert!(exposition.contains(&job_id), "{exposition}");
     promtool_check(&promtool, &exposition)?;
+    // The ring's bus bandwidth, from the ranks' records of their collectives.
+    let bandwidth = poll("the ranks' bus bandwidth", TRAINING_TIMEOUT, || {
+        let (_, exposition) = http_get(http_address, "/metrics", Some(cluster.admin_token()))?;
+        Ok(exposition
+            .lines()
+            .find(|line| line.starts_with("cohort_rank_allreduce_bus_bandwidth_bytes_per_second{"))
+            .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok()))
+    })?;
+    eprintln!("bus bandwidth of the ring: {:.3} GB/s", bandwidth / 1e9);
+    assert!(bandwidth > 0.0 && bandwidth.is_finite(), "{bandwidth}");
 
     // Without a token: refused. Another user: the cluster's series, none of this job's.
     let (status, _) = http_get(http_address, "/metrics", None)?;

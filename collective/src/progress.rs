@@ -14,7 +14,7 @@
 
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Most channels one rank records; later ones are not recorded (a rank joins a handful).
 pub const MAX_CHANNELS: usize = 32;
@@ -38,6 +38,7 @@ struct Shared {
 /// One channel's record.
 struct Slot {
     name: String,
+    members: usize,
     state: Mutex<OperationState>,
 }
 
@@ -50,6 +51,11 @@ struct OperationState {
     bytes: u64,
     peer: Option<u32>,
     since_unix_ms: i64,
+    /// When the operation in flight was entered.
+    entered_at: Option<Instant>,
+    /// Bytes of the completed operations, and the time they took, in all.
+    bytes_total: u64,
+    busy: Duration,
 }
 
 /// A channel's state as [`Progress::snapshot`] reports it.
@@ -69,6 +75,35 @@ pub struct ChannelProgress {
     pub peer: Option<u32>,
     /// When the last operation was entered (or completed, once it completed), Unix ms.
     pub since_unix_ms: i64,
+    /// Ranks in the communicator (2 for a point-to-point link, 1 for a client of servers).
+    pub members: usize,
+    /// Bytes moved by the completed operations, in all.
+    pub bytes_total: u64,
+    /// Time the completed operations took, from entered to completed, in all.
+    pub busy: Duration,
+}
+
+impl ChannelProgress {
+    /// The bus bandwidth of a collective channel's operations between `earlier` and this
+    /// snapshot, in bytes per second: the bytes of a ring all-reduce cross every link
+    /// `2 (n - 1) / n` times (NCCL's definition, so that figures compare across group sizes).
+    /// `None` when no operation completed in between or the channel is not a group.
+    pub fn bus_bandwidth_since(&self, earlier: &ChannelProgress) -> Option<f64> {
+        let busy = self.busy.checked_sub(earlier.busy)?.as_secs_f64();
+        let bytes = self.bytes_total.checked_sub(earlier.bytes_total)?;
+        if self.members < 2 || busy <= 0.0 || bytes == 0 {
+            return None;
+        }
+        let members = self.members as f64;
+        Some(bytes as f64 / busy * 2.0 * (members - 1.0) / members)
+    }
+
+    /// The mean time of the operations completed between `earlier` and this snapshot.
+    pub fn mean_latency_since(&self, earlier: &ChannelProgress) -> Option<Duration> {
+        let busy = self.busy.checked_sub(earlier.busy)?;
+        let operations = self.completed.checked_sub(earlier.completed)?;
+        (operations > 0).then(|| busy / operations as u32)
+    }
 }
 
 impl ChannelProgress {
@@ -124,10 +159,12 @@ impl Progress {
         }
     }
 
-    /// Starts recording a channel named `name` (a communicator's rendezvous key prefix).
-    pub fn channel(&self, name: &str) -> Channel {
+    /// Starts recording a channel named `name` (a communicator's rendezvous key prefix) of
+    /// `members` ranks.
+    pub fn channel(&self, name: &str, members: usize) -> Channel {
         let slot = Arc::new(Slot {
             name: name.to_owned(),
+            members,
             state: Mutex::default(),
         });
         let mut channels = lock(&self.shared.channels);
@@ -154,6 +191,9 @@ impl Progress {
                     bytes: state.bytes,
                     peer: state.peer,
                     since_unix_ms: state.since_unix_ms,
+                    members: slot.members,
+                    bytes_total: state.bytes_total,
+                    busy: state.busy,
                 }
             })
             .collect()
@@ -220,6 +260,9 @@ impl Channel {
                 bytes: bytes as u64,
                 peer: peer.map(|peer| peer as u32),
                 since_unix_ms: now_unix_ms(),
+                entered_at: Some(Instant::now()),
+                bytes_total: state.bytes_total,
+                busy: state.busy,
             };
         }
         if fault.is_some() {
@@ -239,8 +282,17 @@ impl Channel {
     /// call that queued them returned, such as NCCL's).
     pub fn finish(&self, entered: Entered) {
         let mut state = lock(&self.slot.state);
-        state.completed = state.completed.max(entered.0);
+        if entered.0 <= state.completed {
+            return;
+        }
+        state.completed = entered.0;
         state.since_unix_ms = now_unix_ms();
+        if entered.0 == state.entered
+            && let Some(started) = state.entered_at.take()
+        {
+            state.busy += started.elapsed();
+            state.bytes_total += state.bytes;
+        }
     }
 }
 
@@ -277,8 +329,8 @@ mod tests {
     #[test]
     fn operations_are_numbered_per_channel_and_failures_stay_in_flight() {
         let progress = Progress::default();
-        let ring = progress.channel("ring");
-        let link = progress.channel("link");
+        let ring = progress.channel("ring", 4);
+        let link = progress.channel("link", 2);
         for _ in 0..3 {
             ring.run("all_reduce", 64, None, || Ok::<_, ()>(()))
                 .unwrap();
@@ -305,10 +357,46 @@ mod tests {
     }
 
     #[test]
+    fn completed_operations_give_bus_bandwidth_and_latency() {
+        let progress = Progress::default();
+        let ring = progress.channel("ring", 4);
+        let before = progress.snapshot()[0].clone();
+        for _ in 0..2 {
+            ring.run("all_reduce", 1 << 20, None, || {
+                std::thread::sleep(Duration::from_millis(5));
+                Ok::<_, ()>(())
+            })
+            .unwrap();
+        }
+        let after = &progress.snapshot()[0];
+        assert_eq!(after.bytes_total, 2 << 20);
+        assert!(after.busy >= Duration::from_millis(10), "{after:?}");
+        // 2 MiB in at least 10 ms, times 2 (4 - 1) / 4.
+        let bandwidth = after.bus_bandwidth_since(&before).unwrap();
+        assert!(
+            bandwidth > 0.0 && bandwidth <= 1.5 * (2 << 20) as f64 / 0.010,
+            "{bandwidth}"
+        );
+        let latency = after.mean_latency_since(&before).unwrap();
+        assert!(latency >= Duration::from_millis(5), "{latency:?}");
+        assert_eq!(
+            after.bus_bandwidth_since(after),
+            None,
+            "nothing completed in between"
+        );
+        let client = progress.channel("servers", 1);
+        client
+            .run("push_pull", 8, None, || Ok::<_, ()>(()))
+            .unwrap();
+        let servers = &progress.snapshot()[1];
+        assert_eq!(servers.bus_bandwidth_since(&before), None, "not a group");
+    }
+
+    #[test]
     fn channels_past_the_bound_are_not_recorded() {
         let progress = Progress::default();
         let channels: Vec<_> = (0..MAX_CHANNELS + 5)
-            .map(|index| progress.channel(&format!("c{index}")))
+            .map(|index| progress.channel(&format!("c{index}"), 2))
             .collect();
         assert_eq!(channels.len(), MAX_CHANNELS + 5);
         assert_eq!(progress.snapshot().len(), MAX_CHANNELS);
@@ -351,7 +439,7 @@ mod tests {
             number: 3,
             inside: true,
         }));
-        let ring = progress.channel("ring");
+        let ring = progress.channel("ring", 4);
         let watcher = progress.clone();
         // The hang lasts an hour: run it on a thread the test leaves behind, and poll the
         // snapshot until the rank sits inside operation 3.

@@ -272,6 +272,15 @@ fn register_ranks(registry: &Registry, running: &[RunningJob]) -> prometheus::Re
         "cohort_rank_allreduce_bytes",
         "Gradient bytes the rank exchanges per step",
     )?;
+    let bus_bandwidth = gauge(
+        "cohort_rank_allreduce_bus_bandwidth_bytes_per_second",
+        "Bus bandwidth of the rank's collectives since its previous report (bytes times \
+         2 (n - 1) / n over their time)",
+    )?;
+    let server_latency = gauge(
+        "cohort_rank_parameter_server_exchange_seconds",
+        "Mean time of the rank's parameter-server push-and-pull since its previous report",
+    )?;
     let phase = GaugeVec::new(
         Opts::new(
             "cohort_rank_phase_seconds",
@@ -337,6 +346,10 @@ fn register_ranks(registry: &Registry, running: &[RunningJob]) -> prometheus::Re
             extra("loss_scale", &loss_scale);
             extra("skipped_steps", &skipped);
             extra("gradient_bytes", &gradient_bytes);
+            extra("ps_exchange_latency_s", &server_latency);
+            if let Some(gbps) = metrics.extra.get("allreduce_busbw_gbps") {
+                bus_bandwidth.with_label_values(&values).set(gbps * 1e9);
+            }
             for (name, label) in PHASES {
                 if let Some(value) = metrics.extra.get(name) {
                     phase
@@ -357,6 +370,8 @@ fn register_ranks(registry: &Registry, running: &[RunningJob]) -> prometheus::Re
         loss_scale,
         skipped,
         gradient_bytes,
+        bus_bandwidth,
+        server_latency,
         phase,
         straggler,
         restarts,
@@ -410,6 +425,7 @@ mod tests {
         };
         metrics.extra.insert("median_forward_s".to_owned(), 0.004);
         metrics.extra.insert("loss_scale".to_owned(), 1.0);
+        metrics.extra.insert("allreduce_busbw_gbps".to_owned(), 1.5);
         Snapshot {
             jobs_by_state: BTreeMap::from([("running", 1), ("succeeded", 3)]),
             nodes: vec![node("a", "ready", 2, 1), node("b", "lost", 1, 0)],
@@ -456,6 +472,13 @@ mod tests {
         assert_eq!(
             sample(&text, &format!("cohort_rank_eval_accuracy_ratio{rank}")),
             Some(0.86)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                &format!("cohort_rank_allreduce_bus_bandwidth_bytes_per_second{rank}")
+            ),
+            Some(1.5e9)
         );
         assert_eq!(
             sample(

@@ -315,7 +315,7 @@ impl<'a> ParameterServerRun<'a> {
             runtime: &link.runtime,
             channel: link
                 .progress
-                .channel(&format!("parameter-servers/rank-{rank}")),
+                .channel(&format!("parameter-servers/rank-{rank}"), 1),
             exchange: ExchangeBuffers {
                 dense_gradient: vec![0.0; layout.dense_len],
                 dense: vec![0.0; layout.dense_len],

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use cohort_collective::Progress;
+use cohort_collective::progress::ChannelProgress;
 use cohort_proto::v1::rendezvous_client::RendezvousClient;
 use cohort_proto::v1::{CollectiveProgress, RankMetrics, ReportMetricsRequest};
 use cohort_trainer::{EvaluationMetrics, MetricsSink, PhaseTimings, StepMetrics};
@@ -104,6 +105,7 @@ impl CoordinatorMetrics {
         let compute_times = Arc::new(Mutex::new(ComputeTimes::default()));
         let reported_times = Arc::clone(&compute_times);
         runtime.spawn(async move {
+            let mut previous = Vec::new();
             loop {
                 // A new step, or the progress interval without one.
                 if let Ok(Err(_)) = tokio::time::timeout(PROGRESS_INTERVAL, changes.changed()).await
@@ -111,7 +113,10 @@ impl CoordinatorMetrics {
                     break;
                 }
                 let mut metrics = changes.borrow_and_update().clone();
-                metrics.collectives = collectives(&reported_progress);
+                let snapshot = reported_progress.snapshot();
+                communication_figures(&previous, &snapshot, &mut metrics.extra);
+                metrics.collectives = collectives(&snapshot);
+                previous = snapshot;
                 lock(&reported_times).take(&mut metrics);
                 send(&mut reporter, &reporter_job, metrics).await;
                 tokio::time::sleep(REPORT_INTERVAL).await;
@@ -182,7 +187,7 @@ impl CoordinatorMetrics {
         self.latest
             .send_modify(|metrics| metrics.extra.extend(medians));
         let mut metrics = self.latest.borrow().clone();
-        metrics.collectives = collectives(&self.progress);
+        metrics.collectives = collectives(&self.progress.snapshot());
         lock(&self.compute_times).take(&mut metrics);
         let mut client = self.client.clone();
         let job_id = self.job_id.clone();
@@ -190,11 +195,40 @@ impl CoordinatorMetrics {
     }
 }
 
+/// The collectives whose bytes and time make a bus bandwidth.
+const GROUP_OPERATIONS: [&str; 4] = ["all_reduce", "broadcast", "all_gather", "reduce_scatter"];
+
+/// Adds, from the communicators' records at the previous report (`earlier`) and now (`now`),
+/// the bus bandwidth of the first group's collectives (`allreduce_busbw_gbps`, 1e9 bytes/s)
+/// and the mean time of a parameter-server exchange (`ps_exchange_latency_s`), when
+/// operations completed in between.
+fn communication_figures(
+    earlier: &[ChannelProgress],
+    now: &[ChannelProgress],
+    extra: &mut HashMap<String, f64>,
+) {
+    let before = |channel: &ChannelProgress| earlier.iter().find(|e| e.channel == channel.channel);
+    let bandwidth = now
+        .iter()
+        .filter(|channel| GROUP_OPERATIONS.contains(&channel.operation))
+        .find_map(|channel| channel.bus_bandwidth_since(before(channel)?));
+    if let Some(bytes_per_second) = bandwidth {
+        extra.insert("allreduce_busbw_gbps".to_owned(), bytes_per_second / 1e9);
+    }
+    let latency = now
+        .iter()
+        .filter(|channel| channel.channel.starts_with("parameter-servers/"))
+        .find_map(|channel| channel.mean_latency_since(before(channel)?));
+    if let Some(latency) = latency {
+        extra.insert("ps_exchange_latency_s".to_owned(), latency.as_secs_f64());
+    }
+}
+
 /// The communicators' progress, as reported.
-fn collectives(progress: &Progress) -> Vec<CollectiveProgress> {
-    progress
-        .snapshot()
-        .into_iter()
+fn collectives(snapshot: &[ChannelProgress]) -> Vec<CollectiveProgress> {
+    snapshot
+        .iter()
+        .cloned()
         .map(|channel| CollectiveProgress {
             channel: channel.channel,
             entered: channel.entered,
@@ -286,6 +320,25 @@ impl MetricsSink for CoordinatorMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reports_carry_the_bus_bandwidth_and_the_server_latency_since_the_last() {
+        let progress = Progress::default();
+        let ring = progress.channel("data-parallel", 2);
+        let servers = progress.channel("parameter-servers/rank-0", 1);
+        let earlier = progress.snapshot();
+        let mut extra = HashMap::new();
+        communication_figures(&earlier, &earlier, &mut extra);
+        assert!(extra.is_empty(), "nothing completed: {extra:?}");
+        ring.run("all_reduce", 1 << 20, None, || Ok::<_, ()>(()))
+            .unwrap();
+        servers
+            .run("push_pull", 64, None, || Ok::<_, ()>(()))
+            .unwrap();
+        communication_figures(&earlier, &progress.snapshot(), &mut extra);
+        assert!(extra["allreduce_busbw_gbps"] > 0.0, "{extra:?}");
+        assert!(extra["ps_exchange_latency_s"] >= 0.0, "{extra:?}");
+    }
 
     #[test]
     fn reports_carry_every_step_time_since_the_last_once() {

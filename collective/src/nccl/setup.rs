@@ -125,7 +125,7 @@ impl Nccl {
             spare_events: Vec::new(),
             staging: Staging::default(),
             failure: None,
-            channel: config.progress.channel(&config.prefix),
+            channel: config.progress.channel(&config.prefix, config.world_size),
         })
     }
 }

@@ -238,7 +238,7 @@ impl PeerLink {
             failure,
             max_message_bytes: config.max_message_bytes,
             header: Vec::with_capacity(FRAME_FIXED_BYTES + 8 * (MAX_DIMENSIONS + 1)),
-            channel: config.progress.channel(name),
+            channel: config.progress.channel(name, 2),
         })
     }
 

@@ -182,7 +182,7 @@ impl TcpRing {
             chunk_bytes: config.chunk_bytes,
             transport,
             scratch: Scratch::new(scratch_bytes),
-            channel: config.progress.channel(prefix),
+            channel: config.progress.channel(prefix, world_size),
         })
     }
 
