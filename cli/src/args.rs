@@ -65,6 +65,17 @@ impl CoordinatorArgs {
     }
 }
 
+/// `cohort bench train --telemetry`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchTelemetry {
+    /// Metrics reported and collectives recorded, as in every job.
+    On,
+    /// Neither.
+    Off,
+    /// Each world size both ways, in the same run.
+    Both,
+}
+
 /// Output format of inspection commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
 pub enum OutputFormat {
@@ -214,6 +225,11 @@ pub enum Benchmark {
         /// Index of the CUDA device `--device gpu` trains on.
         #[arg(long, default_value_t = 0)]
         gpu: usize,
+        /// CPU runs: whether the ranks report metrics and record their collectives for hang
+        /// diagnosis (`on`, as every job does), or not (`off`), or each world size both ways
+        /// with the ratio (`both`).
+        #[arg(long, value_enum, default_value_t = BenchTelemetry::On)]
+        telemetry: BenchTelemetry,
     },
     /// Parameter-server push+pull throughput per rank and aggregate, against single-stream
     /// loopback TCP measured in the same run.
@@ -254,6 +270,9 @@ pub enum Benchmark {
         /// Timed steps.
         #[arg(long)]
         steps: u64,
+        /// Neither report metrics nor record collectives.
+        #[arg(long)]
+        no_telemetry: bool,
     },
     /// One side of the loopback TCP measurement (run by `allreduce`).
     #[command(hide = true)]

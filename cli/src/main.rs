@@ -42,8 +42,12 @@ fn main() -> ExitCode {
                 },
         }) => bench::allreduce::rank(&elements, dtype, links),
         args::Command::Bench(args::BenchArgs {
-            benchmark: args::Benchmark::TrainRank { steps },
-        }) => bench::train::rank(steps),
+            benchmark:
+                args::Benchmark::TrainRank {
+                    steps,
+                    no_telemetry,
+                },
+        }) => bench::train::rank(steps, !no_telemetry),
         args::Command::Bench(args::BenchArgs {
             benchmark: args::Benchmark::Mesh { ranks, steps },
         }) => bench::mesh::run(ranks, steps),

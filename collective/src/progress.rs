@@ -33,6 +33,8 @@ pub struct Progress {
 struct Shared {
     channels: Mutex<Vec<Arc<Slot>>>,
     fault: Option<Fault>,
+    /// Whether nothing is recorded (benchmarks that measure what recording costs).
+    disabled: bool,
 }
 
 /// One channel's record.
@@ -155,6 +157,19 @@ impl Progress {
             shared: Arc::new(Shared {
                 channels: Mutex::default(),
                 fault,
+                disabled: false,
+            }),
+        }
+    }
+
+    /// A record that records nothing: its channels do not count their operations (what
+    /// `cohort bench train --telemetry off` compares with).
+    pub fn disabled() -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                channels: Mutex::default(),
+                fault: None,
+                disabled: true,
             }),
         }
     }
@@ -162,6 +177,12 @@ impl Progress {
     /// Starts recording a channel named `name` (a communicator's rendezvous key prefix) of
     /// `members` ranks.
     pub fn channel(&self, name: &str, members: usize) -> Channel {
+        if self.shared.disabled {
+            return Channel {
+                slot: None,
+                fault: None,
+            };
+        }
         let slot = Arc::new(Slot {
             name: name.to_owned(),
             members,
@@ -172,7 +193,7 @@ impl Progress {
             channels.push(Arc::clone(&slot));
         }
         Channel {
-            slot,
+            slot: Some(slot),
             fault: self.shared.fault,
         }
     }
@@ -221,7 +242,8 @@ impl Eq for Progress {}
 
 /// One communicator's numbered operations.
 pub struct Channel {
-    slot: Arc<Slot>,
+    /// `None` for a channel of a disabled record.
+    slot: Option<Arc<Slot>>,
     fault: Option<Fault>,
 }
 
@@ -246,13 +268,18 @@ impl Channel {
     /// its body, for callers whose body borrows what holds the channel); pass the result to
     /// [`Channel::complete`].
     pub fn enter(&self, operation: &'static str, bytes: usize, peer: Option<usize>) -> Entered {
-        let number = lock(&self.slot.state).entered + 1;
+        let Some(slot) = &self.slot else {
+            return Entered(0);
+        };
+        let mut state = lock(&slot.state);
+        let number = state.entered + 1;
         let fault = self.fault.filter(|fault| fault.number == number);
         if fault.is_some_and(|fault| !fault.inside) {
-            hang(&self.slot.name, number);
+            drop(state);
+            hang(&slot.name, number);
+            state = lock(&slot.state);
         }
         {
-            let mut state = lock(&self.slot.state);
             *state = OperationState {
                 entered: number,
                 completed: state.completed,
@@ -265,8 +292,9 @@ impl Channel {
                 busy: state.busy,
             };
         }
+        drop(state);
         if fault.is_some() {
-            hang(&self.slot.name, number);
+            hang(&slot.name, number);
         }
         Entered(number)
     }
@@ -281,7 +309,10 @@ impl Channel {
     /// Records that operation `entered` completed (for operations that complete after the
     /// call that queued them returned, such as NCCL's).
     pub fn finish(&self, entered: Entered) {
-        let mut state = lock(&self.slot.state);
+        let Some(slot) = &self.slot else {
+            return;
+        };
+        let mut state = lock(&slot.state);
         if entered.0 <= state.completed {
             return;
         }
@@ -390,6 +421,14 @@ mod tests {
             .unwrap();
         let servers = &progress.snapshot()[1];
         assert_eq!(servers.bus_bandwidth_since(&before), None, "not a group");
+    }
+
+    #[test]
+    fn a_disabled_record_records_nothing() {
+        let progress = Progress::disabled();
+        let ring = progress.channel("ring", 2);
+        ring.run("all_reduce", 8, None, || Ok::<_, ()>(())).unwrap();
+        assert!(progress.snapshot().is_empty());
     }
 
     #[test]

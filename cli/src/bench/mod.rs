@@ -68,13 +68,15 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
             ranks,
             steps,
             device: BenchDevice::Cpu,
+            telemetry,
             ..
-        } => train::run(ranks.as_deref(), steps).await,
+        } => train::run(ranks.as_deref(), steps, telemetry).await,
         Benchmark::Train {
             ranks,
             steps,
             device: BenchDevice::Gpu,
             gpu,
+            ..
         } => {
             // Tensor math: on a thread of its own, not on the async runtime.
             tokio::task::spawn_blocking(move || train::run_on_gpu(ranks.as_deref(), steps, gpu))

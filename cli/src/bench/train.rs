@@ -29,8 +29,10 @@ use cohort_trainer::{
 use serde_json::{Value, json};
 
 use super::{publish_result, read_result, run_job, start_cluster};
+use crate::args::BenchTelemetry;
 use crate::client;
 use crate::rank::RankLink;
+use crate::rank::metrics::StepTimings;
 
 /// Global batch of the benchmark.
 const GLOBAL_BATCH: u32 = 256;
@@ -78,15 +80,26 @@ fn benchmark_config(world_size: u32, steps: u64) -> TrainConfig {
 }
 
 /// One rank of the benchmark: trains, publishes its medians, and rank 0 prints every rank's.
-pub fn rank(steps: u64) -> Result<ExitCode> {
-    let link = RankLink::connect()?;
+/// With `telemetry`, as every job's rank does: reports metrics to the coordinator and records
+/// its collectives for hang diagnosis; without, neither.
+pub fn rank(steps: u64, telemetry: bool) -> Result<ExitCode> {
+    let mut link = RankLink::connect()?;
     let config = benchmark_config(link.launch.place.world_size, steps);
     let data = cohort_trainer::data::load(&config.data).context("loading Fashion-MNIST")?;
-    let mut ring = link.ring("bench-train")?;
-    let mut metrics = link.metrics()?;
-    train(&config, &data, &mut ring, &mut metrics)?;
-    let medians = metrics.medians();
-    metrics.finish();
+    let medians = if telemetry {
+        let mut ring = link.ring("bench-train")?;
+        let mut metrics = link.metrics()?;
+        train(&config, &data, &mut ring, &mut metrics)?;
+        let medians = metrics.medians();
+        metrics.finish();
+        medians
+    } else {
+        link.progress = cohort_collective::Progress::disabled();
+        let mut ring = link.ring("bench-train")?;
+        let mut timings = StepTimings::default();
+        train(&config, &data, &mut ring, &mut timings)?;
+        timings.medians()
+    };
     publish_result(&link, &medians)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -111,7 +124,11 @@ fn check_steps(steps: u64) -> Result<()> {
 }
 
 /// `cohort bench train` on the CPU.
-pub async fn run(world_sizes: Option<&[u32]>, steps: u64) -> Result<ExitCode> {
+pub async fn run(
+    world_sizes: Option<&[u32]>,
+    steps: u64,
+    telemetry: BenchTelemetry,
+) -> Result<ExitCode> {
     let world_sizes = world_sizes.unwrap_or(&DEFAULT_WORLD_SIZES);
     if world_sizes.is_empty() || world_sizes.iter().any(|&n| !(1..=16).contains(&n)) {
         bail!("--ranks {world_sizes:?}: expected world sizes of 1 to 16");
@@ -120,8 +137,22 @@ pub async fn run(world_sizes: Option<&[u32]>, steps: u64) -> Result<ExitCode> {
     let executable = std::env::current_exe()?;
     let mut rows = Vec::new();
     let mut table = Vec::new();
-    for &ranks in world_sizes {
-        eprintln!("training with {ranks} rank(s) for {steps} steps...");
+    let modes: &[bool] = match telemetry {
+        BenchTelemetry::On => &[true],
+        BenchTelemetry::Off => &[false],
+        // Off first: whatever the order favours, it does not favour telemetry.
+        BenchTelemetry::Both => &[false, true],
+    };
+    let runs = world_sizes
+        .iter()
+        .flat_map(|&ranks| modes.iter().map(move |&telemetry| (ranks, telemetry)));
+    for (ranks, telemetry) in runs {
+        let (label, flag) = if telemetry {
+            ("on", "")
+        } else {
+            ("off", ", \"--no-telemetry\"")
+        };
+        eprintln!("training with {ranks} rank(s) for {steps} steps, telemetry {label}...");
         let data_dir = tempfile::Builder::new().prefix("cohort-bench-").tempdir()?;
         let cluster = start_cluster(data_dir.path(), 1, ranks).await?;
         let spec = format!(
@@ -133,7 +164,7 @@ kind = "command"
 ranks = {ranks}
 [command]
 program = {program}
-args = ["bench", "train-rank", "--steps", "{steps}"]
+args = ["bench", "train-rank", "--steps", "{steps}"{flag}]
 "#,
             program = json!(executable.display().to_string()),
         );
@@ -148,6 +179,7 @@ args = ["bench", "train-rank", "--steps", "{steps}"]
         let samples_per_s = f64::from(GLOBAL_BATCH) / step_s.max(f64::MIN_POSITIVE);
         let row = json!({
             "ranks": ranks,
+            "telemetry": label,
             "samples_per_s": samples_per_s,
             "step_s": step_s,
             "forward_s": slowest(&per_rank, "median_forward_s"),
@@ -158,6 +190,7 @@ args = ["bench", "train-rank", "--steps", "{steps}"]
         });
         table.push(vec![
             ranks.to_string(),
+            label.to_owned(),
             format!("{samples_per_s:.0}"),
             String::new(),
             format!("{:.2}", step_s * 1e3),
@@ -168,17 +201,36 @@ args = ["bench", "train-rank", "--steps", "{steps}"]
         ]);
         rows.push(row);
     }
-    // Scaling efficiency: samples/s against N times the 1-rank figure of this run.
-    let one_rank = rows
+    // Scaling efficiency: samples/s against N times the 1-rank figure of this run (with the
+    // same telemetry); with both, telemetry's cost: on against off for each world size.
+    let samples = |rows: &[Value], ranks: &Value, telemetry: &str| {
+        rows.iter()
+            .find(|row| row["ranks"] == *ranks && row["telemetry"] == telemetry)
+            .and_then(|row| row["samples_per_s"].as_f64())
+    };
+    let figures: Vec<(Option<f64>, Option<f64>)> = rows
         .iter()
-        .find(|row| row["ranks"] == 1)
-        .and_then(|row| row["samples_per_s"].as_f64());
-    for (row, cells) in rows.iter_mut().zip(&mut table) {
-        let ranks = row["ranks"].as_f64().unwrap_or(1.0);
-        let efficiency = one_rank
-            .map(|baseline| row["samples_per_s"].as_f64().unwrap_or(0.0) / (baseline * ranks));
+        .map(|row| {
+            let telemetry = row["telemetry"].as_str().unwrap_or("on");
+            let ranks = row["ranks"].as_f64().unwrap_or(1.0);
+            let own = row["samples_per_s"].as_f64().unwrap_or(0.0);
+            let efficiency =
+                samples(&rows, &json!(1), telemetry).map(|baseline| own / (baseline * ranks));
+            let on_over_off = match (
+                samples(&rows, &row["ranks"], "on"),
+                samples(&rows, &row["ranks"], "off"),
+            ) {
+                (Some(on), Some(off)) if telemetry == "on" => Some(on / off),
+                _ => None,
+            };
+            (efficiency, on_over_off)
+        })
+        .collect();
+    for ((row, cells), (efficiency, on_over_off)) in rows.iter_mut().zip(&mut table).zip(figures) {
         row["efficiency"] = efficiency.map_or(Value::Null, |e| json!(e));
-        cells[2] = efficiency.map_or("-".to_owned(), |e| format!("{e:.2}"));
+        row["on_over_off"] = on_over_off.map_or(Value::Null, |ratio| json!(ratio));
+        cells[3] = efficiency.map_or("-".to_owned(), |e| format!("{e:.2}"));
+        cells.push(on_over_off.map_or("-".to_owned(), |ratio| format!("{ratio:.3}")));
     }
     println!(
         "data-parallel training, MLP 784-1024-1024-10, global batch {GLOBAL_BATCH}, fp32, SGD; \
@@ -190,6 +242,7 @@ args = ["bench", "train-rank", "--steps", "{steps}"]
         crate::render::table(
             &[
                 "RANKS",
+                "TELEMETRY",
                 "SAMPLES/S",
                 "EFFICIENCY",
                 "STEP(MS)",
@@ -197,6 +250,7 @@ args = ["bench", "train-rank", "--steps", "{steps}"]
                 "BACKWARD(MS)",
                 "OPTIMIZER(MS)",
                 "EXPOSED COMM(MS)",
+                "ON/OFF",
             ],
             &table
         )

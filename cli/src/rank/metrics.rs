@@ -64,6 +64,72 @@ fn lock(times: &Mutex<ComputeTimes>) -> std::sync::MutexGuard<'_, ComputeTimes> 
 /// Steps at the start whose timings are left out of the medians (warm-up, allocation).
 const WARMUP_STEPS: usize = 3;
 
+/// Every step's wall time and phases, for the medians a run reports at its end; a sink of its
+/// own for runs that report nothing else (`cohort bench train --telemetry off`).
+#[derive(Debug, Default)]
+pub struct StepTimings {
+    /// Wall time of each step, seconds.
+    step_times: Vec<f64>,
+    /// Timings of each step.
+    phases: Vec<PhaseTimings>,
+}
+
+impl StepTimings {
+    /// Keeps `step`'s times.
+    fn record(&mut self, step: &StepMetrics) {
+        self.step_times
+            .push(step.global_batch as f64 / step.samples_per_second.max(f64::MIN_POSITIVE));
+        self.phases.push(step.timings);
+    }
+
+    /// Medians of the per-step figures (steps after warm-up), as named extra metrics.
+    pub fn medians(&self) -> HashMap<String, f64> {
+        let skip = if self.step_times.len() > WARMUP_STEPS * 2 {
+            WARMUP_STEPS
+        } else {
+            0
+        };
+        let median = |mut values: Vec<f64>| -> f64 {
+            if values.is_empty() {
+                return 0.0;
+            }
+            values.sort_by(f64::total_cmp);
+            values[values.len() / 2]
+        };
+        let phase = |pick: fn(&PhaseTimings) -> Duration| {
+            median(
+                self.phases
+                    .iter()
+                    .skip(skip)
+                    .map(|p| pick(p).as_secs_f64())
+                    .collect(),
+            )
+        };
+        HashMap::from([
+            (
+                "median_step_s".to_owned(),
+                median(self.step_times.iter().skip(skip).copied().collect()),
+            ),
+            ("median_data_s".to_owned(), phase(|p| p.data)),
+            ("median_forward_s".to_owned(), phase(|p| p.forward)),
+            ("median_backward_s".to_owned(), phase(|p| p.backward)),
+            ("median_optimizer_s".to_owned(), phase(|p| p.optimizer)),
+            (
+                "median_exposed_comm_s".to_owned(),
+                phase(|p| p.exposed_communication),
+            ),
+        ])
+    }
+}
+
+impl MetricsSink for StepTimings {
+    fn on_step(&mut self, step: &StepMetrics) {
+        self.record(step);
+    }
+
+    fn on_evaluation(&mut self, _evaluation: &EvaluationMetrics) {}
+}
+
 /// A [`MetricsSink`] that reports to the coordinator and keeps per-step timings for medians.
 pub struct CoordinatorMetrics {
     /// Latest snapshot; the reporter task sends it when it changes.
@@ -78,10 +144,8 @@ pub struct CoordinatorMetrics {
     compute_times: Arc<Mutex<ComputeTimes>>,
     /// The job.
     job_id: String,
-    /// Wall time of each step, seconds.
-    step_times: Vec<f64>,
-    /// Timings of each step.
-    phases: Vec<PhaseTimings>,
+    /// Every step's times, for the medians.
+    timings: StepTimings,
     /// How evaluations are named in the log: the split and what an example is.
     evaluation_words: (&'static str, &'static str),
 }
@@ -129,8 +193,7 @@ impl CoordinatorMetrics {
             progress,
             compute_times,
             job_id,
-            step_times: Vec::new(),
-            phases: Vec::new(),
+            timings: StepTimings::default(),
             evaluation_words: ("test", "examples"),
         }
     }
@@ -143,41 +206,7 @@ impl CoordinatorMetrics {
 
     /// Medians of the per-step figures (steps after warm-up), as named extra metrics.
     pub fn medians(&self) -> HashMap<String, f64> {
-        let skip = if self.step_times.len() > WARMUP_STEPS * 2 {
-            WARMUP_STEPS
-        } else {
-            0
-        };
-        let median = |mut values: Vec<f64>| -> f64 {
-            if values.is_empty() {
-                return 0.0;
-            }
-            values.sort_by(f64::total_cmp);
-            values[values.len() / 2]
-        };
-        let phase = |pick: fn(&PhaseTimings) -> Duration| {
-            median(
-                self.phases
-                    .iter()
-                    .skip(skip)
-                    .map(|p| pick(p).as_secs_f64())
-                    .collect(),
-            )
-        };
-        HashMap::from([
-            (
-                "median_step_s".to_owned(),
-                median(self.step_times.iter().skip(skip).copied().collect()),
-            ),
-            ("median_data_s".to_owned(), phase(|p| p.data)),
-            ("median_forward_s".to_owned(), phase(|p| p.forward)),
-            ("median_backward_s".to_owned(), phase(|p| p.backward)),
-            ("median_optimizer_s".to_owned(), phase(|p| p.optimizer)),
-            (
-                "median_exposed_comm_s".to_owned(),
-                phase(|p| p.exposed_communication),
-            ),
-        ])
+        self.timings.medians()
     }
 
     /// Sends the final figures (with the timing medians) and waits until the coordinator has
@@ -260,9 +289,7 @@ async fn send(
 
 impl MetricsSink for CoordinatorMetrics {
     fn on_step(&mut self, step: &StepMetrics) {
-        self.step_times
-            .push(step.global_batch as f64 / step.samples_per_second.max(f64::MIN_POSITIVE));
-        self.phases.push(step.timings);
+        self.timings.record(step);
         let timings = &step.timings;
         let compute = timings
             .total()
