@@ -134,6 +134,9 @@ fn a_killed_rank_restarts_the_job_from_its_checkpoint_on_exactly_the_undisturbed
     assert_eq!(reference["restarts"], 0, "{reference}");
     let reference_batches = global_batches(&cluster, &undisturbed, (0, 4))?;
     assert_eq!(reference_batches.len(), 234);
+    // No rank of the undisturbed run was taken for a straggler (four ranks on two cores).
+    let log = cluster.coordinator(0).map(|d| d.log()).unwrap_or_default();
+    assert!(!log.contains("straggler:"), "{log}");
 
     let job_id = cluster.submit(&restartable_job("disturbed", ""), &[])?;
     let pids = cluster.wait_for_running_ranks(&job_id)?;
