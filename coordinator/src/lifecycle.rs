@@ -86,6 +86,21 @@ impl JobState {
             JobState::Restarting => P::Restarting,
         }
     }
+
+    /// The state a protocol value names (`None` for an unknown or unspecified one).
+    pub fn from_proto(value: i32) -> Option<JobState> {
+        [
+            JobState::Queued,
+            JobState::Scheduled,
+            JobState::Running,
+            JobState::Succeeded,
+            JobState::Failed,
+            JobState::Cancelled,
+            JobState::Restarting,
+        ]
+        .into_iter()
+        .find(|state| state.to_proto() as i32 == value)
+    }
 }
 
 /// Checks that a job may move from `from` to `to`; returns the new state or an
@@ -119,6 +134,15 @@ mod tests {
     const ALL: [JobState; 7] = [
         Queued, Scheduled, Running, Succeeded, Failed, Cancelled, Restarting,
     ];
+
+    #[test]
+    fn protocol_values_name_their_state() {
+        for state in ALL {
+            assert_eq!(JobState::from_proto(state.to_proto() as i32), Some(state));
+        }
+        assert_eq!(JobState::from_proto(0), None, "unspecified");
+        assert_eq!(JobState::from_proto(99), None);
+    }
 
     #[test]
     fn terminal_states_never_move() {

@@ -4,9 +4,10 @@
 
 use std::fmt::Write as _;
 
-use cohort_proto::v1::{JobInfo, JobState, NodeInfo, RankMetrics};
+use cohort_proto::v1::{JobInfo, NodeInfo, RankMetrics};
 
 use super::chart::{Series, line_chart};
+use crate::lifecycle::JobState;
 use crate::logs::fold::FoldedLine;
 use crate::model::MetricHistory;
 
@@ -60,16 +61,7 @@ svg text{font-size:11px;fill:#555}.axis{stroke:#999}.warning{color:#b50}";
 
 /// A job state's name, as the CLI shows it.
 fn state_name(state: i32) -> &'static str {
-    match JobState::try_from(state).unwrap_or(JobState::Unspecified) {
-        JobState::Queued => "queued",
-        JobState::Scheduled => "scheduled",
-        JobState::Running => "running",
-        JobState::Succeeded => "succeeded",
-        JobState::Failed => "failed",
-        JobState::Cancelled => "cancelled",
-        JobState::Restarting => "restarting",
-        JobState::Unspecified => "unknown",
-    }
+    JobState::from_proto(state).map_or("unknown", JobState::name)
 }
 
 /// A duration in seconds, for people (`42 s`, `3 min`, `5 h`).
@@ -134,10 +126,7 @@ pub fn jobs_page(jobs: &[JobInfo], now_ms: i64) -> String {
 
 /// Whether a job in `state` has ended.
 fn is_final(state: i32) -> bool {
-    matches!(
-        JobState::try_from(state),
-        Ok(JobState::Succeeded | JobState::Failed | JobState::Cancelled)
-    )
+    JobState::from_proto(state).is_some_and(JobState::is_terminal)
 }
 
 /// A job's page: what it is and why it is in its state, its curves (rank 0's loss and
@@ -362,7 +351,7 @@ mod tests {
         JobInfo {
             job_id: "mlp-1".to_owned(),
             name: "<script>alert(1)</script>".to_owned(),
-            state: state as i32,
+            state: state.to_proto() as i32,
             submitter: "alice".to_owned(),
             ranks: 2,
             submitted_at_unix_ms: 1_000,
