@@ -81,15 +81,11 @@ impl CommunicationWatch {
         let moved = match self.ranks.get(&rank) {
             None => true,
             Some((previous, _)) => {
-                let position = |channels: &[ChannelState]| {
-                    channels
-                        .iter()
-                        .map(|channel| {
-                            (channel.channel.clone(), channel.entered, channel.completed)
-                        })
-                        .collect::<Vec<_>>()
-                };
-                position(previous) != position(&channels)
+                previous.len() != channels.len()
+                    || previous.iter().zip(&channels).any(|(before, now)| {
+                        (&before.channel, before.entered, before.completed)
+                            != (&now.channel, now.entered, now.completed)
+                    })
             }
         };
         if moved || self.last_progress_ms.is_none() {

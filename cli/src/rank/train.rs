@@ -32,14 +32,7 @@ const SERVER_WAIT: Duration = Duration::from_secs(300);
 /// Runs one process of a training job to its end.
 pub fn run() -> Result<ExitCode> {
     let mut link = RankLink::connect()?;
-    if let Some(spec_toml) = link.launch.place.spec_toml.as_deref()
-        && let Ok(spec) = cohort_jobspec::parse(spec_toml)
-    {
-        link.watch_hangs(spec.hang_timeout_s());
-    }
-    let place = &link.launch.place;
-    let rank = link.rank();
-    let spec_toml = place.spec_toml.as_deref().with_context(|| {
+    let spec_toml = link.launch.place.spec_toml.as_deref().with_context(|| {
         format!(
             "{} is not set: `cohort rank` runs a process of a kind = \"train\" job, whose \
              worker passes it the job's spec",
@@ -47,6 +40,9 @@ pub fn run() -> Result<ExitCode> {
         )
     })?;
     let spec = cohort_jobspec::parse(spec_toml).context("the job's spec")?;
+    link.watch_hangs(spec.hang_timeout_s());
+    let place = &link.launch.place;
+    let rank = link.rank();
     let mut config = TrainConfig::from_job_spec(&spec, link.launch.node.output_dir.clone());
     if place.world_size != config.parallel.data && spec.min_ranks().is_some() {
         // An elastic job's restart on fewer ranks: the same global batch, bigger shares.
