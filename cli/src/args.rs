@@ -264,6 +264,26 @@ pub enum Benchmark {
         #[arg(long, default_value_t = 6)]
         steps: u64,
     },
+    /// The time of one scheduler placement pass over a simulated cluster and a queue of gang
+    /// jobs of 1 to 512 GPUs and mixed priorities: from an empty cluster, and from a full one
+    /// with and without preemption; and the memory it takes.
+    Scheduler {
+        /// Simulated nodes.
+        #[arg(long, default_value_t = 10_000)]
+        nodes: u32,
+        /// GPUs per node.
+        #[arg(long, default_value_t = 8)]
+        gpus_per_node: u32,
+        /// Queued jobs per pass.
+        #[arg(long, default_value_t = 10_000)]
+        jobs: u32,
+        /// Runs of each pass (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeat: u32,
+        /// Seed of the job mix.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// One rank of the training benchmark (run as a job by `train`).
     #[command(hide = true)]
     TrainRank {

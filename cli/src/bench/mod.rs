@@ -11,6 +11,7 @@
 pub mod allreduce;
 pub mod mesh;
 pub mod ps;
+pub mod scheduler;
 pub mod train;
 
 use cohort_proto::failover::CoordinatorConnection;
@@ -83,6 +84,17 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
                 .await
                 .context("the gpu benchmark thread")?
         }
+        Benchmark::Scheduler {
+            nodes,
+            gpus_per_node,
+            jobs,
+            repeat,
+            seed,
+        } => tokio::task::spawn_blocking(move || {
+            scheduler::run(nodes, gpus_per_node, jobs, repeat, seed)
+        })
+        .await
+        .context("the scheduler benchmark thread")?,
         Benchmark::Mesh { .. } => {
             bail!("the mesh benchmark starts outside the CLI runtime (see main)")
         }

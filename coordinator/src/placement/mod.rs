@@ -37,6 +37,13 @@ use std::collections::{HashMap, HashSet};
 use cohort_jobspec::DeviceKind;
 use cohort_proto::{JobId, NodeId};
 
+use index::FreeDevices;
+
+mod index;
+pub mod preemption;
+
+pub use preemption::RunningJob;
+
 /// Devices of one ready node, as the scheduler sees them when it calls [`place`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeView {
@@ -162,11 +169,116 @@ pub struct Assignment {
 /// (backfill). Returns the assignments in the order they were made, i.e. in queue order. The
 /// queue may be given in any order; jobs of equal priority and `seq` keep their given order.
 pub fn place(view: &ClusterView, queue: &[QueuedJob]) -> Vec<Assignment> {
+    plan(view, queue, &[]).assignments
+}
+
+/// What one scheduling pass decides.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Plan {
+    /// The jobs placed now, in queue order.
+    pub assignments: Vec<Assignment>,
+    /// The queued jobs that take devices from running jobs of lower priority, in queue order.
+    /// They are not placed yet: they start once their victims have stopped.
+    pub preemptions: Vec<Preemption>,
+    /// Every other queued job, with why it waits.
+    pub waiting: Vec<Waiting>,
+}
+
+/// A queued job that preempts running jobs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preemption {
+    /// The queued job.
+    pub job_id: JobId,
+    /// The running jobs to stop now for it (none when the ones already stopping for it
+    /// suffice).
+    pub new_victims: Vec<JobId>,
+    /// Every job it waits for: those already stopping for it, then the new ones.
+    pub victims: Vec<JobId>,
+}
+
+/// A queued job left waiting by a pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    /// The queued job.
+    pub job_id: JobId,
+    /// Why it waits.
+    pub reason: WaitReason,
+}
+
+/// Why a queued job waits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitReason {
+    /// The free devices (after the jobs ahead of it in the queue took theirs) hold too few of
+    /// its ranks, and no running job it may preempt frees enough.
+    Devices {
+        /// Ranks it needs (its fewest, for an elastic restart).
+        ranks: u32,
+        /// Devices per rank.
+        devices_per_rank: u32,
+        /// Their kind.
+        kind: DeviceKind,
+        /// How many of its ranks the free devices hold, on how many nodes.
+        room: u64,
+        /// Nodes with room for at least one of its ranks.
+        nodes: u64,
+    },
+    /// There is room for its ranks, but not on the nodes it may use (it backs off from nodes
+    /// it failed on, or its groups do not fit).
+    AvoidedNodes,
+}
+
+impl std::fmt::Display for WaitReason {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WaitReason::Devices {
+                ranks,
+                devices_per_rank,
+                kind,
+                room,
+                nodes,
+            } => write!(
+                formatter,
+                "not enough free devices: room for {room} of its {} ({} each) on {}",
+                counted(u64::from(*ranks), "rank"),
+                counted(
+                    u64::from(*devices_per_rank),
+                    &format!("{} device", device_kind_name(*kind))
+                ),
+                counted(*nodes, "node"),
+            ),
+            WaitReason::AvoidedNodes => write!(
+                formatter,
+                "the free devices that would hold it are on nodes it keeps off after failures"
+            ),
+        }
+    }
+}
+
+/// One scheduling pass: places every queued job that fits (as [`place`] does) and, for a job
+/// that does not, chooses running jobs of strictly lower priority to preempt
+/// ([`preemption`]). A job that preempts holds on, for the rest of the pass, to the free
+/// devices it will use with its victims' devices, so that jobs behind it in the queue cannot
+/// take them (no backfill into a preemptor's place).
+///
+/// `running` lists the jobs that hold devices and may be preempted; pass none to disable
+/// preemption.
+pub fn plan(view: &ClusterView, queue: &[QueuedJob], running: &[RunningJob]) -> Plan {
     let mut free_devices = FreeDevices::from_view(view);
-    queue_order(queue)
-        .into_iter()
-        .filter_map(|job| free_devices.place_job(job))
-        .collect()
+    let mut candidates = preemption::Candidates::new(running);
+    let mut plan = Plan::default();
+    for job in queue_order(queue) {
+        if let Some(assignment) = free_devices.place_job(job) {
+            plan.assignments.push(assignment);
+        } else if let Some(preemption) = candidates.preempt_for(&mut free_devices, job) {
+            plan.preemptions.push(preemption);
+        } else {
+            plan.waiting.push(Waiting {
+                job_id: job.job_id.clone(),
+                reason: free_devices.wait_reason(job),
+            });
+        }
+    }
+    plan
 }
 
 /// Checks whether `job` could ever be placed on this cluster, i.e. with every device of every
@@ -259,159 +371,6 @@ fn queue_order(queue: &[QueuedJob]) -> Vec<&QueuedJob> {
     let mut ordered: Vec<&QueuedJob> = queue.iter().collect();
     ordered.sort_by_key(|job| (Reverse(job.priority), job.seq));
     ordered
-}
-
-/// The free devices left while [`place`] works through the queue.
-struct FreeDevices {
-    /// One entry per distinct node, sorted by straggler score, then node id, so that position
-    /// breaks ties (healthy nodes first).
-    nodes: Vec<FreeNode>,
-}
-
-/// The free devices left on one node.
-struct FreeNode {
-    /// The node's id.
-    node_id: NodeId,
-    /// Its straggler score.
-    straggler_score: u32,
-    /// Free device indices per kind, ascending and distinct.
-    free: HashMap<DeviceKind, Vec<u32>>,
-}
-
-impl FreeDevices {
-    /// Copies the free devices of `view`, sorted and deduplicated.
-    fn from_view(view: &ClusterView) -> Self {
-        let mut nodes: Vec<FreeNode> = unique_nodes(view)
-            .map(|node| FreeNode {
-                node_id: node.node_id.clone(),
-                straggler_score: node.straggler_score,
-                free: node
-                    .free
-                    .iter()
-                    .map(|(&kind, indices)| {
-                        let mut indices = indices.clone();
-                        indices.sort_unstable();
-                        indices.dedup();
-                        (kind, indices)
-                    })
-                    .collect(),
-            })
-            .collect();
-        // Position breaks ties between nodes that fit equally well: healthy nodes first.
-        nodes.sort_by(|left, right| {
-            (left.straggler_score, &left.node_id).cmp(&(right.straggler_score, &right.node_id))
-        });
-        Self { nodes }
-    }
-
-    /// Places `job` whole (an elastic job with as many of its ranks as fit, down to its
-    /// `min_ranks`) and takes its devices out of the free ones, or returns `None` (and takes
-    /// nothing) if it does not fit.
-    fn place_job(&mut self, job: &QueuedJob) -> Option<Assignment> {
-        let fewest = match job.min_ranks {
-            0 => job.ranks,
-            fewest => fewest.min(job.ranks),
-        };
-        (fewest..=job.ranks)
-            .rev()
-            .find_map(|ranks| self.place_ranks(job, ranks))
-    }
-
-    /// Places `ranks` ranks of `job` and takes their devices, or returns `None` (and takes
-    /// nothing) if they do not fit.
-    fn place_ranks(&mut self, job: &QueuedJob, ranks: u32) -> Option<Assignment> {
-        if ranks == 0 || job.devices_per_rank == 0 {
-            return None;
-        }
-        let devices_per_rank = usize::try_from(job.devices_per_rank).ok()?;
-        let ranks = usize::try_from(ranks).ok()?;
-        let free_counts: Vec<usize> = self
-            .nodes
-            .iter()
-            .map(|node| {
-                if job.avoid_nodes.contains(&node.node_id) {
-                    0
-                } else {
-                    node.free_of(job.device_kind).len()
-                }
-            })
-            .collect();
-        let group = usize::try_from(job.rank_group.max(1)).ok()?;
-        let chosen = choose_nodes(&free_counts, devices_per_rank, ranks, group)
-            .or_else(|| choose_nodes(&free_counts, devices_per_rank, ranks, 1))?;
-
-        let mut placements = Vec::with_capacity(ranks);
-        let mut next_rank: u32 = 0;
-        for (node_position, ranks_on_node) in chosen {
-            let node = &mut self.nodes[node_position];
-            let free = node.free.get_mut(&job.device_kind)?;
-            let taken: Vec<u32> = free.drain(..ranks_on_node * devices_per_rank).collect();
-            for (local_rank, devices) in (0..).zip(taken.chunks(devices_per_rank)) {
-                placements.push(RankPlacement {
-                    rank: next_rank,
-                    node_id: node.node_id.clone(),
-                    local_rank,
-                    devices: devices.to_vec(),
-                });
-                next_rank += 1;
-            }
-        }
-        Some(Assignment {
-            job_id: job.job_id.clone(),
-            ranks: placements,
-        })
-    }
-}
-
-impl FreeNode {
-    /// Returns the free device indices of `kind`, ascending.
-    fn free_of(&self, kind: DeviceKind) -> &[u32] {
-        self.free.get(&kind).map_or(&[], Vec::as_slice)
-    }
-}
-
-/// Chooses the nodes for a job of `ranks` ranks of `devices_per_rank` devices each, given each
-/// node's free device count of the job's kind (nodes in tie-breaking order). Returns
-/// `(node position, ranks on it)` in the order the ranks are numbered, or `None` if the job does
-/// not fit.
-///
-/// Takes nodes by descending capacity (`free / devices_per_rank`, rounded down to a multiple of
-/// `group`) until the remaining ranks fit on one of the nodes not taken yet, then gives them to
-/// the one with the fewest free devices. The result uses the fewest nodes possible for that
-/// rounding: it stops at the first `k` for which the `k` largest capacities hold the job.
-fn choose_nodes(
-    free_counts: &[usize],
-    devices_per_rank: usize,
-    ranks: usize,
-    group: usize,
-) -> Option<Vec<(usize, usize)>> {
-    if devices_per_rank == 0 || ranks == 0 || group == 0 {
-        return None;
-    }
-    let capacity = |position: usize| free_counts[position] / devices_per_rank / group * group;
-    // The last node takes the rest, which need not be a whole group.
-    let room = |position: usize| free_counts[position] / devices_per_rank;
-    let mut by_capacity: Vec<usize> = (0..free_counts.len())
-        .filter(|&position| capacity(position) > 0)
-        .collect();
-    by_capacity.sort_by_key(|&position| (Reverse(capacity(position)), position));
-
-    let mut chosen = Vec::new();
-    let mut remaining = ranks;
-    for (taken_so_far, &position) in by_capacity.iter().enumerate() {
-        if capacity(position) >= remaining || (group > 1 && room(position) >= remaining) {
-            let best_fit = by_capacity[taken_so_far..]
-                .iter()
-                .copied()
-                .filter(|&candidate| room(candidate) >= remaining)
-                .min_by_key(|&candidate| (free_counts[candidate], candidate))?;
-            chosen.push((best_fit, remaining));
-            return Some(chosen);
-        }
-        chosen.push((position, capacity(position)));
-        remaining -= capacity(position);
-    }
-    None
 }
 
 #[cfg(test)]
@@ -855,19 +814,6 @@ mod tests {
             check_could_ever_fit(&view, &job("three", 3, 2, GPU)),
             Ok(())
         );
-    }
-
-    #[test]
-    fn choose_nodes_stops_at_the_fewest_nodes() {
-        assert_eq!(
-            choose_nodes(&[1, 3, 5, 3], 1, 8, 1),
-            Some(vec![(2, 5), (1, 3)])
-        );
-        assert_eq!(choose_nodes(&[1, 3, 5, 3], 1, 3, 1), Some(vec![(1, 3)]));
-        assert_eq!(choose_nodes(&[1, 3, 5, 3], 1, 13, 1), None);
-        assert_eq!(choose_nodes(&[4, 4], 2, 3, 1), Some(vec![(0, 2), (1, 1)]));
-        assert_eq!(choose_nodes(&[], 1, 1, 1), None);
-        assert_eq!(choose_nodes(&[4], 0, 1, 1), None);
     }
 
     // Property tests over random clusters and queues.
