@@ -548,6 +548,14 @@ pub struct ClusterSettings {
     /// each further failure there, at most 600).
     #[arg(long, default_value_t = 10.0)]
     pub restart_backoff_s: f64,
+    /// Never preempt: a queued job waits for free devices even when running jobs of lower
+    /// priority hold them.
+    #[arg(long)]
+    pub no_preemption: bool,
+    /// Seconds an attempt that follows a preemption runs before it may be preempted again (0
+    /// to 86400).
+    #[arg(long, default_value_t = cohort_coordinator::config::DEFAULT_PREEMPTION_MIN_RUNTIME.as_secs_f64())]
+    pub preemption_min_runtime_s: f64,
     /// Most jobs queued at once; later submissions are refused until some start.
     #[arg(long, default_value_t = cohort_coordinator::limits::DEFAULT_MAX_QUEUED_JOBS)]
     pub max_queued_jobs: usize,

@@ -162,7 +162,11 @@ pub fn jobs_table(jobs: &[JobInfo]) -> String {
                 ),
                 job.priority.to_string(),
                 elapsed(job),
-                job.reason.clone(),
+                match (job.reason.is_empty(), job.waiting.is_empty()) {
+                    (_, true) => job.reason.clone(),
+                    (true, false) => job.waiting.clone(),
+                    (false, false) => format!("{}; {}", job.reason, job.waiting),
+                },
             ]
         })
         .collect();
@@ -182,6 +186,9 @@ pub fn job_detail(job: &JobInfo) -> String {
     let _ = writeln!(out, "state:     {}", job_state(job.state()));
     if !job.reason.is_empty() {
         let _ = writeln!(out, "reason:    {}", job.reason);
+    }
+    if !job.waiting.is_empty() {
+        let _ = writeln!(out, "waiting:   {}", job.waiting);
     }
     for straggler in &job.stragglers {
         let _ = writeln!(
@@ -217,10 +224,11 @@ pub fn job_detail(job: &JobInfo) -> String {
         let earlier = || job.attempts.iter().filter(|a| a.attempt < job.attempt);
         let planned = earlier().filter(|a| a.planned).count();
         let used = earlier().filter(|a| !a.planned).count();
-        let moved = match planned {
-            0 => String::new(),
-            1 => ", 1 planned (a drained node)".to_owned(),
-            n => format!(", {n} planned (drained nodes)"),
+        let preempted = earlier().filter(|a| !a.preempted_by.is_empty()).count();
+        let moved = match (planned, preempted) {
+            (0, _) => String::new(),
+            (n, 0) => format!(", {n} planned: drains, growing back"),
+            (n, p) => format!(", {n} planned, {p} of them preemptions"),
         };
         let _ = writeln!(
             out,

@@ -43,7 +43,18 @@ pub struct CoordinatorConfig {
     /// With the etcd store: the address standbys name when this coordinator leads. `None`:
     /// the address it listens on.
     pub advertise_address: Option<String>,
+    /// Whether a queued job that does not fit may preempt running jobs of strictly lower
+    /// priority. Default true.
+    pub preemption: bool,
+    /// How long an attempt that follows a preemption runs before it may be preempted again,
+    /// so that two jobs cannot take devices from each other back and forth. Default 10 min.
+    pub preemption_min_runtime: Duration,
 }
+
+/// The default of [`CoordinatorConfig::preemption_min_runtime`].
+pub const DEFAULT_PREEMPTION_MIN_RUNTIME: Duration = Duration::from_secs(600);
+/// The longest [`CoordinatorConfig::preemption_min_runtime`].
+pub const MAX_PREEMPTION_MIN_RUNTIME: Duration = Duration::from_secs(86_400);
 
 impl Default for CoordinatorConfig {
     fn default() -> Self {
@@ -62,6 +73,8 @@ impl Default for CoordinatorConfig {
             tls: None,
             leader_lease: crate::leadership::DEFAULT_LEASE,
             advertise_address: None,
+            preemption: true,
+            preemption_min_runtime: DEFAULT_PREEMPTION_MIN_RUNTIME,
         }
     }
 }

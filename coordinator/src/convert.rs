@@ -513,8 +513,9 @@ pub fn job_info(record: &JobRecord) -> v1::JobInfo {
         max_restarts: record.max_restarts,
         attempts: record.attempts.iter().map(attempt_info).collect(),
         failed_rank: record.blamed_rank,
-        // Live only: the cluster adds them for a running job.
+        // Live only: the cluster adds them for a running job, and why a queued job waits.
         stragglers: Vec::new(),
+        waiting: String::new(),
     }
 }
 
@@ -527,6 +528,11 @@ fn attempt_info(attempt: &AttemptRecord) -> v1::AttemptInfo {
         ended_at_unix_ms: attempt.ended_at_ms,
         reason: attempt.reason.clone(),
         planned: attempt.planned,
+        preempted_by: attempt
+            .preempted_by
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
     }
 }
 

@@ -263,6 +263,8 @@ pub struct AttemptRecord {
     /// The node its failure is blamed on, if any (the job's next attempts keep off it for a
     /// while).
     pub failed_node: Option<NodeId>,
+    /// The higher-priority job it was stopped for, if it was preempted (a planned end).
+    pub preempted_by: Option<JobId>,
 }
 
 /// A node a job keeps off after an attempt failed there.
@@ -513,6 +515,9 @@ mod tests {
                     reason: "r".repeat(MAX_REASON_BYTES),
                     planned: false,
                     failed_node: Some(node(attempt)),
+                    preempted_by: Some(
+                        JobId::new(format!("{}-{}", "p".repeat(MAX_NAME_LEN), u64::MAX)).unwrap(),
+                    ),
                 })
                 .collect(),
             backoff: (0..MAX_ATTEMPTS)

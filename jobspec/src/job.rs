@@ -79,6 +79,10 @@ pub struct JobSpec {
     /// Scheduling priority, -1000 to 1000: higher runs first, FIFO among equals. Default 0.
     #[serde(default)]
     pub priority: i32,
+    /// Whether a queued job of higher priority may stop this one to take its devices (it is
+    /// requeued and resumes from a checkpoint). Default: true for `kind = "train"`, false for
+    /// `kind = "command"`.
+    pub preemptible: Option<bool>,
     /// Devices the job needs. Default: 1 rank of 1 CPU slot.
     #[serde(default)]
     pub resources: Resources,
@@ -184,6 +188,24 @@ impl JobSpec {
                 .map_or(1, |parallel| parallel.tensor.max(1)),
             JobKind::Command => 1,
         }
+    }
+
+    /// Whether a higher-priority job may preempt this one: `preemptible`, by default true for
+    /// training jobs (they resume from a checkpoint) and false for command jobs.
+    pub fn preemptible(&self) -> bool {
+        self.preemptible.unwrap_or(self.kind == JobKind::Train)
+    }
+
+    /// Whether the job's ranks write a checkpoint when asked to stop (SIGTERM), so that a
+    /// restart loses no step: data-parallel image models whose gradients go over the TCP ring.
+    /// Other jobs resume from their last periodic checkpoint.
+    pub fn checkpoints_when_stopped(&self) -> bool {
+        let parallel = self.parallel.clone().unwrap_or_default();
+        let model = self.model.clone().unwrap_or_default();
+        self.kind == JobKind::Train
+            && model.kind != crate::train::ModelKind::Transformer
+            && parallel.comm == crate::parallel::Communication::Allreduce
+            && crate::layout::gradient_transport(self) != crate::parallel::CollectiveBackend::Nccl
     }
 
     /// Seconds between SIGTERM and SIGKILL when the job's ranks are stopped: `command.stop_grace_s`
@@ -472,6 +494,12 @@ args = ["-c", "echo $RANK"]
         assert_eq!(spec.resources.devices_per_rank, 1);
         assert_eq!(spec.resources.device, DeviceKind::Cpu);
         assert_eq!(spec.stop_grace_s(), 10.0);
+        assert!(
+            !spec.preemptible(),
+            "command jobs are not preempted unless they say so"
+        );
+        let opted_in = parse(&format!("preemptible = true\n{HELLO}")).unwrap();
+        assert!(opted_in.preemptible());
     }
 
     #[test]

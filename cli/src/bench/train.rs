@@ -46,6 +46,7 @@ fn benchmark_config(world_size: u32, steps: u64) -> TrainConfig {
         name: "bench-train".to_owned(),
         kind: cohort_jobspec::JobKind::Train,
         priority: 0,
+        preemptible: None,
         resources: cohort_jobspec::Resources::default(),
         command: None,
         parallel: Some(ParallelSpec {

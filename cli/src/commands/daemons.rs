@@ -50,6 +50,15 @@ fn backoff(value: f64) -> Result<Duration> {
     Ok(Duration::from_secs_f64(value))
 }
 
+/// `--preemption-min-runtime-s`: 0 (a resumed job may be preempted at once) up to a day.
+fn preemption_min_runtime(value: f64) -> Result<Duration> {
+    let most = cohort_coordinator::config::MAX_PREEMPTION_MIN_RUNTIME.as_secs_f64();
+    if !(value.is_finite() && (0.0..=most).contains(&value)) {
+        bail!("--preemption-min-runtime-s = {value}, expected 0 to {most} seconds");
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
 /// Builds the coordinator's config from flags.
 pub fn coordinator_config(settings: &ClusterSettings) -> Result<CoordinatorConfig> {
     let defaults = CoordinatorConfig::default();
@@ -68,6 +77,8 @@ pub fn coordinator_config(settings: &ClusterSettings) -> Result<CoordinatorConfi
         heartbeat_deadline,
         restart_grace: heartbeat_deadline,
         restart_backoff: backoff(settings.restart_backoff_s)?,
+        preemption: !settings.no_preemption,
+        preemption_min_runtime: preemption_min_runtime(settings.preemption_min_runtime_s)?,
         max_queued_jobs: positive("max-queued-jobs", settings.max_queued_jobs)?,
         max_queued_jobs_per_submitter: positive(
             "max-queued-jobs-per-submitter",

@@ -116,6 +116,7 @@ impl Cluster {
             recovery: None,
             communication: CommunicationWatch::default(),
             stragglers: StragglerWatch::default(),
+            waiting: None,
         };
         let info = convert::job_info(&job.record);
         self.state
@@ -208,7 +209,14 @@ impl Cluster {
         for (&seq, slot) in state.jobs.range(after.saturating_add(1)..).take(size) {
             jobs.push(match slot {
                 JobSlot::Live(job) => {
-                    convert::job_summary_info(&crate::model::JobSummary::of(&job.record))
+                    let mut info =
+                        convert::job_summary_info(&crate::model::JobSummary::of(&job.record));
+                    if job.record.state == JobState::Queued
+                        && let Some(waiting) = &job.waiting
+                    {
+                        info.waiting = waiting.to_string();
+                    }
+                    info
                 }
                 JobSlot::Retired(summary) => convert::job_summary_info(summary),
             });

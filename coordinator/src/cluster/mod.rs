@@ -156,6 +156,8 @@ struct LiveJob {
     communication: CommunicationWatch,
     /// Which of its ranks drag it (from their compute times; not persisted).
     stragglers: StragglerWatch,
+    /// While queued: why it is not running yet, as the last scheduler pass found.
+    waiting: Option<scheduling::Waiting>,
 }
 
 impl LiveJob {
@@ -168,6 +170,11 @@ impl LiveJob {
             .into_iter()
             .map(|straggler| crate::convert::straggler_info(&self.record, &straggler))
             .collect();
+        if self.record.state == JobState::Queued
+            && let Some(waiting) = &self.waiting
+        {
+            info.waiting = waiting.to_string();
+        }
         info
     }
 
@@ -260,6 +267,15 @@ impl State {
             JobSlot::Live(job) => Some(&mut **job),
             JobSlot::Retired(_) => None,
         })
+    }
+
+    /// Notes why queued job `job_id` waits.
+    fn note_waiting(&mut self, job_id: &JobId, waiting: scheduling::Waiting) {
+        if let Some(job) = self.live_mut(job_id)
+            && job.waiting.as_ref() != Some(&waiting)
+        {
+            job.waiting = Some(waiting);
+        }
     }
 
     /// Sends an instruction to a node; returns false when the node is not connected.
@@ -394,6 +410,7 @@ impl Cluster {
                     recovery,
                     communication: CommunicationWatch::default(),
                     stragglers: StragglerWatch::default(),
+                    waiting: None,
                 })),
             );
         }

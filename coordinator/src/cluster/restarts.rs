@@ -11,8 +11,9 @@
 //! a failed attempt that still runs somewhere reaches nothing of the next one.
 //!
 //! An attempt also ends on purpose (a *planned* restart, which uses up no restart): when its
-//! node is drained, and when an elastic job running on fewer ranks than it asks for can have its
-//! whole gang again (`grow_back`). Its ranks are stopped with SIGTERM, which a data-parallel
+//! node is drained, when an elastic job running on fewer ranks than it asks for can have its
+//! whole gang again (`grow_back`), and when a queued job of higher priority preempts it
+//! (`preempt`; the next attempt is protected from preemption for a while). Its ranks are stopped with SIGTERM, which a data-parallel
 //! training rank takes as a request to checkpoint first.
 //!
 //! The decisions (what the back-off is, which nodes are avoided now, which ended attempts keep
@@ -99,6 +100,40 @@ impl Cluster {
             format!("restarting: {reason}"),
             writes,
         )
+    }
+
+    /// Preempts running job `job_id` for the queued job `preemptor` of higher priority: a
+    /// planned restart (it uses up no restart) whose ranks are stopped with SIGTERM, which a
+    /// job that checkpoints when asked takes as the cue to write one; once they are gone the
+    /// job queues again and resumes from its latest checkpoint when it is placed.
+    pub(super) fn preempt(
+        &self,
+        state: &mut State,
+        job_id: &JobId,
+        preemptor: &JobId,
+        preemptor_priority: i32,
+        writes: &mut Vec<Written>,
+    ) -> Result<()> {
+        let Some(job) = state.live(job_id) else {
+            return Ok(());
+        };
+        if job.record.state != JobState::Running {
+            return Ok(());
+        }
+        let reason = format!(
+            "preempted by job {preemptor} (priority {preemptor_priority} over {})",
+            job.record.priority
+        );
+        let resumes = if job.spec.checkpoints_when_stopped() {
+            "it checkpoints, then queues again to resume from that checkpoint"
+        } else {
+            "it queues again to resume from its latest checkpoint"
+        };
+        let mut ended = ended_attempt(&job.record, now_ms(), reason.clone(), None);
+        ended.planned = true;
+        ended.preempted_by = Some(preemptor.clone());
+        info!(%job_id, %preemptor, "job preempted");
+        self.restart(state, job_id, ended, format!("{reason}; {resumes}"), writes)
     }
 
     /// Ends the running attempt of job `job_id` as `ended` says and restarts the job (its
@@ -245,6 +280,23 @@ impl Cluster {
     }
 }
 
+/// Whether job `job` is protected from preemption at `now`: its current attempt follows a
+/// preemption and has not yet run for `min_runtime` (an attempt not yet started counts as not
+/// having run).
+pub fn protected_from_preemption(
+    job: &JobRecord,
+    now: UnixMillis,
+    min_runtime: std::time::Duration,
+) -> bool {
+    let min_runtime_ms = i64::try_from(min_runtime.as_millis()).unwrap_or(i64::MAX);
+    job.attempts
+        .last()
+        .is_some_and(|attempt| attempt.preempted_by.is_some())
+        && job
+            .started_at_ms
+            .is_none_or(|started| now.saturating_sub(started) < min_runtime_ms)
+}
+
 /// The restarts a job has used: its attempts that ended in a failure (not the planned ones).
 pub fn restarts_used(job: &JobRecord) -> u32 {
     let failed = job
@@ -277,6 +329,7 @@ pub(super) fn ended_attempt(
         reason,
         planned: false,
         failed_node,
+        preempted_by: None,
     }
 }
 
@@ -392,6 +445,25 @@ mod tests {
     }
 
     #[test]
+    fn only_an_attempt_after_a_preemption_is_protected_and_only_for_the_minimum_run_time() {
+        let mut job = crate::store::conformance::sample_job(1);
+        let minute = Duration::from_secs(60);
+        job.started_at_ms = Some(1_000_000);
+        job.attempts.last_mut().unwrap().preempted_by = None;
+        assert!(!protected_from_preemption(&job, 1_000_001, minute));
+        job.attempts.last_mut().unwrap().preempted_by = Some(JobId::new("urgent-1").unwrap());
+        assert!(protected_from_preemption(&job, 1_059_999, minute));
+        assert!(!protected_from_preemption(&job, 1_060_000, minute));
+        job.started_at_ms = None;
+        assert!(
+            protected_from_preemption(&job, i64::MAX, minute),
+            "not started yet"
+        );
+        job.started_at_ms = Some(1_000_000);
+        assert!(!protected_from_preemption(&job, 1_000_000, Duration::ZERO));
+    }
+
+    #[test]
     fn the_latest_attempts_keep_their_nodes_while_they_fit_the_bound() {
         let attempt = |number, nodes: usize| AttemptRecord {
             attempt: number,
@@ -401,6 +473,7 @@ mod tests {
             reason: String::new(),
             planned: false,
             failed_node: None,
+            preempted_by: None,
         };
         // A job on a few nodes keeps every attempt's.
         let mut small: Vec<_> = (0..101).map(|number| attempt(number, 4)).collect();
@@ -644,6 +717,123 @@ mod cluster_tests {
         cluster.drain(&drained, true).await.unwrap();
         cluster.schedule().await.unwrap();
         assert_eq!(first.started(), [(0, 2)]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_higher_priority_job_preempts_one_that_resumes_after_it_and_is_then_protected() {
+        let data_dir = tempfile::tempdir().unwrap();
+        let (cluster, _store) = cluster(data_dir.path()).await;
+        let nodes = [
+            TestNode::join(&cluster, "node-a").await,
+            TestNode::join(&cluster, "node-b").await,
+        ];
+        let submit = |name: &str, priority: i32, ranks: u32| {
+            let spec = format!(
+                "version = 1\nname = \"{name}\"\nkind = \"command\"\npriority = {priority}\n\
+                 preemptible = true\n[resources]\nranks = {ranks}\n[command]\nprogram = \"true\"\n"
+            );
+            let cluster = cluster.clone();
+            async move {
+                let job = cluster
+                    .submit(spec, false, "client".to_owned())
+                    .await
+                    .unwrap();
+                JobId::new(job.job_id).unwrap()
+            }
+        };
+        let low = submit("low", 0, 2).await;
+        cluster.schedule().await.unwrap();
+        let placement = record_of(&cluster, &low).await.placement;
+        report_each(
+            &cluster,
+            &nodes,
+            &low,
+            &placement,
+            (0, v1::RankState::Running, None),
+        )
+        .await;
+
+        // The urgent job needs one of the two slots: the low one is preempted whole.
+        let urgent = submit("urgent", 100, 1).await;
+        cluster.schedule().await.unwrap();
+        let preempted = record_of(&cluster, &low).await;
+        assert_eq!(preempted.state, JobState::Restarting);
+        assert!(preempted.attempts[0].planned);
+        assert_eq!(preempted.attempts[0].preempted_by.as_ref(), Some(&urgent));
+        assert!(
+            preempted
+                .reason
+                .starts_with("preempted by job urgent-2 (priority 100 over 0)"),
+            "{}",
+            preempted.reason
+        );
+        let waiting = cluster.job(&urgent).await.unwrap().waiting;
+        assert_eq!(
+            waiting,
+            format!("waiting for the job it preempted to checkpoint and stop: {low}")
+        );
+        // A job of middle priority submitted meanwhile takes nothing from a job already
+        // stopping, and preempts nothing else (there is nothing else).
+        let middle = submit("middle", 50, 1).await;
+        cluster.schedule().await.unwrap();
+        assert_eq!(record_of(&cluster, &middle).await.state, JobState::Queued);
+
+        // The preempted ranks stop: the urgent job starts, the middle one takes the other slot,
+        // and the preempted job queues for its next attempt, using no restart.
+        report_each(
+            &cluster,
+            &nodes,
+            &low,
+            &placement,
+            (0, v1::RankState::Exited, Some(143)),
+        )
+        .await;
+        cluster.schedule().await.unwrap();
+        assert_eq!(
+            record_of(&cluster, &urgent).await.state,
+            JobState::Scheduled
+        );
+        assert_eq!(
+            record_of(&cluster, &middle).await.state,
+            JobState::Scheduled
+        );
+        let requeued = record_of(&cluster, &low).await;
+        assert_eq!((requeued.state, requeued.attempt), (JobState::Queued, 1));
+        assert_eq!(restarts_used(&requeued), 0);
+        let waiting = cluster.job(&low).await.unwrap().waiting;
+        assert_eq!(
+            waiting,
+            "not enough free devices: room for 0 of its 2 ranks (1 cpu device each) on 0 nodes"
+        );
+
+        // Both finish; the preempted job runs again, and is protected from the next urgent job
+        // for the minimum run time.
+        for job in [&urgent, &middle] {
+            let placement = record_of(&cluster, job).await.placement;
+            report_each(
+                &cluster,
+                &nodes,
+                job,
+                &placement,
+                (0, v1::RankState::Exited, Some(0)),
+            )
+            .await;
+        }
+        cluster.schedule().await.unwrap();
+        let resumed = record_of(&cluster, &low).await;
+        assert_eq!(resumed.state, JobState::Scheduled);
+        report_each(
+            &cluster,
+            &nodes,
+            &low,
+            &resumed.placement,
+            (1, v1::RankState::Running, None),
+        )
+        .await;
+        let again = submit("again", 100, 1).await;
+        cluster.schedule().await.unwrap();
+        assert_eq!(record_of(&cluster, &low).await.state, JobState::Running);
+        assert_eq!(record_of(&cluster, &again).await.state, JobState::Queued);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,7 +21,7 @@ use super::{Cluster, State};
 use crate::error::Result;
 use crate::lifecycle::{JobState, transition};
 use crate::model::{JobRecord, ProcessRole, RankRecord, RankState, StopCause, now_ms};
-use crate::placement::{self, ClusterView, NodeView, QueuedJob};
+use crate::placement::{self, ClusterView, NodeView, QueuedJob, RunningJob, WaitReason};
 
 /// First port of the range `MASTER_PORT` is drawn from.
 const MASTER_PORT_BASE: u16 = 20_000;
@@ -29,6 +29,33 @@ const MASTER_PORT_BASE: u16 = 20_000;
 const MASTER_PORT_RANGE: u16 = 20_000;
 // A submitted spec always fits the start instruction (and so the rank's environment).
 const _: () = assert!(cohort_jobspec::MAX_SPEC_BYTES <= launch::MAX_SPEC_BYTES);
+
+/// Why a queued job is not running yet, as the last scheduler pass found (kept in memory: every
+/// pass finds it again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Waiting {
+    /// The free devices do not hold it, and it may not preempt enough.
+    Devices(WaitReason),
+    /// The jobs it preempted have not stopped yet.
+    Victims(Vec<JobId>),
+}
+
+impl std::fmt::Display for Waiting {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Waiting::Devices(reason) => reason.fmt(formatter),
+            Waiting::Victims(victims) => {
+                let names: Vec<&str> = victims.iter().map(JobId::as_str).collect();
+                write!(
+                    formatter,
+                    "waiting for the {} it preempted to checkpoint and stop: {}",
+                    if victims.len() == 1 { "job" } else { "jobs" },
+                    names.join(", ")
+                )
+            }
+        }
+    }
+}
 
 /// Devices held on one node.
 #[derive(Default)]
@@ -99,6 +126,56 @@ impl State {
             })
             .collect();
         ClusterView { nodes }
+    }
+}
+
+impl State {
+    /// The jobs that hold devices and that preemption may weigh: running jobs (preemptible
+    /// when their spec allows it and they are not protected after an earlier preemption), and
+    /// jobs already stopping because they were preempted.
+    fn preemption_candidates(&self, now: i64, min_runtime: std::time::Duration) -> Vec<RunningJob> {
+        self.live_jobs()
+            .filter_map(|entry| {
+                let record = &entry.record;
+                let stopping_for = match record.state {
+                    JobState::Running => None,
+                    JobState::Restarting => Some(record.attempts.last()?.preempted_by.clone()?),
+                    _ => return None,
+                };
+                let mut held: Vec<(NodeId, Vec<u32>)> = Vec::new();
+                for rank in record
+                    .placement
+                    .iter()
+                    .filter(|rank| !rank.state.is_final())
+                {
+                    match held.last_mut() {
+                        Some((node_id, devices)) if *node_id == rank.node_id => {
+                            devices.extend(&rank.devices);
+                        }
+                        _ => held.push((rank.node_id.clone(), rank.devices.clone())),
+                    }
+                }
+                if held.is_empty() {
+                    return None;
+                }
+                let started_at_ms = record.started_at_ms.unwrap_or(now);
+                Some(RunningJob {
+                    job_id: record.id.clone(),
+                    priority: record.priority,
+                    device_kind: record.device_kind,
+                    held,
+                    preemptible: entry.spec.preemptible()
+                        && !super::restarts::protected_from_preemption(record, now, min_runtime),
+                    progress_lost_ms: if entry.spec.checkpoints_when_stopped() {
+                        0
+                    } else {
+                        u64::try_from(now.saturating_sub(started_at_ms)).unwrap_or(0)
+                    },
+                    started_at_ms,
+                    stopping_for,
+                })
+            })
+            .collect()
     }
 }
 
@@ -254,13 +331,13 @@ impl Cluster {
     /// Places every queued job that fits, persists each placement, then starts its ranks.
     #[instrument(skip(self), level = "debug")]
     pub(crate) async fn schedule(&self) -> Result<()> {
-        let mut grown = Vec::new();
+        let mut planned = Vec::new();
         let placed = {
             let mut state = self.state.lock().await;
-            self.grow_back(&mut state, &mut grown)?;
-            self.place_queued(&mut state)?
+            self.grow_back(&mut state, &mut planned)?;
+            self.place_queued(&mut state, &mut planned)?
         };
-        all_landed(grown).await?;
+        all_landed(planned).await?;
         if placed.is_empty() {
             return Ok(());
         }
@@ -287,8 +364,13 @@ impl Cluster {
     }
 
     /// Places every queued job that fits, in memory, and enqueues each placed record; returns
-    /// the placed jobs with their writes.
-    fn place_queued(&self, state: &mut State) -> Result<Vec<(JobId, Written)>> {
+    /// the placed jobs with their writes. Preempts what a job that does not fit may preempt
+    /// (their records go on `writes`), and notes why every other queued job waits.
+    fn place_queued(
+        &self,
+        state: &mut State,
+        writes: &mut Vec<Written>,
+    ) -> Result<Vec<(JobId, Written)>> {
         let now = now_ms();
         let mut queue: Vec<QueuedJob> = state
             .live_jobs()
@@ -316,11 +398,32 @@ impl Cluster {
         queue.sort_by_key(|job| (std::cmp::Reverse(job.priority), job.seq));
         let deciding = std::time::Instant::now();
         let view = state.cluster_view(false);
-        let assignments = placement::place(&view, &queue);
+        let running = if self.config.preemption {
+            state.preemption_candidates(now, self.config.preemption_min_runtime)
+        } else {
+            Vec::new()
+        };
+        let plan = placement::plan(&view, &queue, &running);
         self.telemetry
             .observe_scheduling(deciding.elapsed().as_secs_f64());
+        for preemption in plan.preemptions {
+            let Some(preemptor) = state.live(&preemption.job_id) else {
+                continue;
+            };
+            let priority = preemptor.record.priority;
+            if !preemption.new_victims.is_empty() {
+                info!(job_id = %preemption.job_id, priority, victims = ?preemption.new_victims, "job preempts lower-priority jobs");
+            }
+            for victim in &preemption.new_victims {
+                self.preempt(state, victim, &preemption.job_id, priority, writes)?;
+            }
+            state.note_waiting(&preemption.job_id, Waiting::Victims(preemption.victims));
+        }
+        for waiting in plan.waiting {
+            state.note_waiting(&waiting.job_id, Waiting::Devices(waiting.reason));
+        }
         let mut placed = Vec::new();
-        for assignment in assignments {
+        for assignment in plan.assignments {
             let Some(entry) = state.live_mut(&assignment.job_id) else {
                 continue;
             };
@@ -337,6 +440,7 @@ impl Cluster {
             self.telemetry
                 .observe_queue_wait((now - queued_since) as f64 / 1000.0);
             entry.record.reason.clear();
+            entry.waiting = None;
             entry.record.placement = assignment
                 .ranks
                 .into_iter()

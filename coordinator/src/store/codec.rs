@@ -25,16 +25,17 @@ use crate::error::{Error, Result};
 use crate::limits::MAX_RECORD_BYTES;
 
 /// The format version written in front of every record. Version 2 added a job's submitter and
-/// each rank's stop cause; version 3 a job's attempts (restarts).
-pub const FORMAT_VERSION: u8 = 3;
+/// each rank's stop cause; version 3 a job's attempts (restarts); version 4 the job that
+/// preempted an attempt.
+pub const FORMAT_VERSION: u8 = 4;
 
 /// A stored type: decoded in the current format, and in the formats it was stored in before.
 pub trait Record: Serialize + DeserializeOwned {
     /// Decodes `body`, written in format `version` (older than [`FORMAT_VERSION`]), or returns
-    /// `None` when records of this type were never written in that version.
+    /// `None` when records of this type were never written in that version. By default, for a
+    /// type whose layout has not changed since it was introduced, as today's layout.
     fn decode_earlier(version: u8, body: &[u8]) -> Option<Result<Self>> {
-        let _ = (version, body);
-        None
+        (version >= 1).then(|| decode_body(body))
     }
 }
 
@@ -179,7 +180,7 @@ mod tests {
         bytes[0] = 7;
         let error = decode::<Sample>(&bytes).unwrap_err().to_string();
         assert!(error.contains("decoding Sample"), "{error}");
-        assert!(error.contains("format version 7, expected 3"), "{error}");
+        assert!(error.contains("format version 7, expected 4"), "{error}");
     }
 
     #[test]

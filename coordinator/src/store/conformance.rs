@@ -199,6 +199,7 @@ pub(crate) fn sample_job(number: u64) -> JobRecord {
             reason: "rank 1 on node node-0 exited with code 1".to_owned(),
             planned: false,
             failed_node: Some(node_id.clone()),
+            preempted_by: None,
         }],
         backoff: vec![NodeBackoff {
             node_id,
@@ -549,11 +550,10 @@ async fn undecodable_records_are_quarantined_and_the_listing_goes_on(backend: &d
         assert_eq!(entry.slot, entry.key);
         assert!(entry.quarantined_at_ms > 1_600_000_000_000, "{entry:?}");
     }
-    assert!(
-        moved
-            .iter()
-            .any(|entry| entry.reason.contains("format version 9, expected 3"))
-    );
+    assert!(moved.iter().any(|entry| entry.reason.contains(&format!(
+        "format version 9, expected {}",
+        codec::FORMAT_VERSION
+    ))));
     assert_eq!(
         store.get_job(&JobId::new("job-2").unwrap()).await.unwrap(),
         None

@@ -797,9 +797,10 @@ mod tests {
         let keys: Vec<&str> = quarantined.iter().map(|entry| entry.key.as_str()).collect();
         assert_eq!(keys, ["broken-7", "job-2"]);
         assert!(
-            quarantined[0]
-                .reason
-                .contains("format version 9, expected 3"),
+            quarantined[0].reason.contains(&format!(
+                "format version 9, expected {}",
+                codec::FORMAT_VERSION
+            )),
             "{}",
             quarantined[0].reason
         );

@@ -915,7 +915,10 @@ mod tests {
             ("broken-7", "broken-7")
         );
         assert!(
-            moved.reason.contains("format version 9, expected 3"),
+            moved.reason.contains(&format!(
+                "format version 9, expected {}",
+                codec::FORMAT_VERSION
+            )),
             "{}",
             moved.reason
         );

@@ -6,6 +6,8 @@
 //!   `unknown`, and not stopped by Cohort); nodes as today.
 //! - Version 2: jobs without attempts (read as in their first attempt, with no restarts: they
 //!   were submitted before restarts existed); nodes as today.
+//! - Version 3: jobs whose ended attempts do not say whether a preemption ended them (read as
+//!   not preempted: preemption did not exist); nodes and every other record as today.
 
 use cohort_jobspec::DeviceKind;
 use cohort_proto::{JobId, NodeId};
@@ -15,13 +17,17 @@ use super::codec::{self, Record};
 use crate::error::Result;
 use crate::lifecycle::JobState;
 use crate::model::{
-    DeviceRecord, JobRecord, MetricsRecord, NodeRecord, RankRecord, RankState, UnixMillis,
+    AttemptRecord, DeviceRecord, JobRecord, MetricsRecord, NodeBackoff, NodeRecord, RankRecord,
+    RankState, UnixMillis,
 };
 
 impl Record for NodeRecord {
     fn decode_earlier(version: u8, body: &[u8]) -> Option<Result<Self>> {
-        matches!(version, 1 | 2)
-            .then(|| codec::decode_body::<NodeRecordV2>(body).map(NodeRecord::from))
+        match version {
+            1 | 2 => Some(codec::decode_body::<NodeRecordV2>(body).map(NodeRecord::from)),
+            3 => Some(codec::decode_body(body)),
+            _ => None,
+        }
     }
 }
 
@@ -62,6 +68,7 @@ impl Record for JobRecord {
                     .map(JobRecord::from),
             ),
             2 => Some(codec::decode_body::<JobRecordV2>(body).map(JobRecord::from)),
+            3 => Some(codec::decode_body::<JobRecordV3>(body).map(JobRecord::from)),
             _ => None,
         }
     }
@@ -178,6 +185,69 @@ pub struct JobRecordV2 {
     pub placement: Vec<RankRecord>,
     /// See [`JobRecord::metrics`].
     pub metrics: std::collections::BTreeMap<u32, MetricsRecord>,
+}
+
+/// An ended attempt of a version 3 job record: today's, before preemption.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRecordV3 {
+    /// See [`AttemptRecord::attempt`].
+    pub attempt: u32,
+    /// See [`AttemptRecord::nodes`].
+    pub nodes: Vec<NodeId>,
+    /// See [`AttemptRecord::started_at_ms`].
+    pub started_at_ms: Option<UnixMillis>,
+    /// See [`AttemptRecord::ended_at_ms`].
+    pub ended_at_ms: UnixMillis,
+    /// See [`AttemptRecord::reason`].
+    pub reason: String,
+    /// See [`AttemptRecord::planned`].
+    pub planned: bool,
+    /// See [`AttemptRecord::failed_node`].
+    pub failed_node: Option<NodeId>,
+}
+
+/// A version 3 job record: today's, with attempts of version 3.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecordV3 {
+    /// The fields a version 2 record has, in their order (bincode lays a nested struct's
+    /// fields out in place, so this reads them where they are).
+    pub unchanged: JobRecordV2,
+    /// See [`JobRecord::attempt`].
+    pub attempt: u32,
+    /// See [`JobRecord::max_restarts`].
+    pub max_restarts: u32,
+    /// See [`JobRecord::min_ranks`].
+    pub min_ranks: u32,
+    /// See [`JobRecord::attempts`].
+    pub attempts: Vec<AttemptRecordV3>,
+    /// See [`JobRecord::backoff`].
+    pub backoff: Vec<NodeBackoff>,
+}
+
+impl From<JobRecordV3> for JobRecord {
+    fn from(old: JobRecordV3) -> Self {
+        JobRecord {
+            attempt: old.attempt,
+            max_restarts: old.max_restarts,
+            min_ranks: old.min_ranks,
+            attempts: old
+                .attempts
+                .into_iter()
+                .map(|attempt| AttemptRecord {
+                    attempt: attempt.attempt,
+                    nodes: attempt.nodes,
+                    started_at_ms: attempt.started_at_ms,
+                    ended_at_ms: attempt.ended_at_ms,
+                    reason: attempt.reason,
+                    planned: attempt.planned,
+                    failed_node: attempt.failed_node,
+                    preempted_by: None,
+                })
+                .collect(),
+            backoff: old.backoff,
+            ..JobRecord::from(old.unchanged)
+        }
+    }
 }
 
 impl From<JobRecordV2> for JobRecord {
@@ -345,6 +415,61 @@ mod tests {
         let mut bytes = vec![2];
         bytes.extend(bincode::serde::encode_to_vec(&old, bincode::config::standard()).unwrap());
         assert_eq!(codec::decode::<JobRecord>(&bytes).unwrap(), current);
+    }
+
+    #[test]
+    fn a_version_3_job_is_read_with_its_attempts_as_not_preempted() {
+        let current = crate::store::conformance::sample_job(4);
+        assert!(!current.attempts.is_empty());
+        let old = JobRecordV3 {
+            unchanged: JobRecordV2 {
+                id: current.id.clone(),
+                seq: current.seq,
+                spec_toml: current.spec_toml.clone(),
+                name: current.name.clone(),
+                kind: current.kind.clone(),
+                priority: current.priority,
+                ranks: current.ranks,
+                devices_per_rank: current.devices_per_rank,
+                device_kind: current.device_kind,
+                wait_for_resources: current.wait_for_resources,
+                submitter: current.submitter.clone(),
+                state: current.state,
+                reason: current.reason.clone(),
+                blamed_rank: current.blamed_rank,
+                submitted_at_ms: current.submitted_at_ms,
+                scheduled_at_ms: current.scheduled_at_ms,
+                started_at_ms: current.started_at_ms,
+                finished_at_ms: current.finished_at_ms,
+                placement: current.placement.clone(),
+                metrics: current.metrics.clone(),
+            },
+            attempt: current.attempt,
+            max_restarts: current.max_restarts,
+            min_ranks: current.min_ranks,
+            attempts: current
+                .attempts
+                .iter()
+                .map(|attempt| AttemptRecordV3 {
+                    attempt: attempt.attempt,
+                    nodes: attempt.nodes.clone(),
+                    started_at_ms: attempt.started_at_ms,
+                    ended_at_ms: attempt.ended_at_ms,
+                    reason: attempt.reason.clone(),
+                    planned: attempt.planned,
+                    failed_node: attempt.failed_node.clone(),
+                })
+                .collect(),
+            backoff: current.backoff.clone(),
+        };
+        let mut bytes = vec![3];
+        bytes.extend(bincode::serde::encode_to_vec(&old, bincode::config::standard()).unwrap());
+        assert_eq!(codec::decode::<JobRecord>(&bytes).unwrap(), current);
+        // A version 3 node is today's.
+        let node = crate::store::conformance::sample_node(1);
+        let mut bytes = vec![3];
+        bytes.extend(bincode::serde::encode_to_vec(&node, bincode::config::standard()).unwrap());
+        assert_eq!(codec::decode::<NodeRecord>(&bytes).unwrap(), node);
     }
 
     #[test]
