@@ -467,3 +467,72 @@ fn draining_a_node_moves_a_training_job_off_it_through_a_checkpoint_without_usin
     );
     Ok(())
 }
+
+#[test]
+fn an_urgent_job_preempts_a_training_job_that_checkpoints_and_resumes_to_the_same_accuracy()
+-> Result<()> {
+    let mut cluster = Sandbox::start()?;
+    for node in ["node-a", "node-b"] {
+        cluster.add_worker(node, 1)?;
+    }
+    // Checkpointing every 50 steps: the reference run writes what the preempted one writes, and
+    // the preempted one checkpoints again when it is stopped.
+    let training = |name: &str| {
+        mlp_job(
+            name,
+            2,
+            1,
+            Some(150),
+            0.002,
+            "\n[checkpoint]\nevery_steps = 50\n",
+        )
+    };
+    let undisturbed = cluster.submit(&training("undisturbed"), &[])?;
+    let reference = cluster.wait_for_state(&undisturbed, "succeeded", TRAINING_TIMEOUT)?;
+
+    let job_id = cluster.submit(&training("preempted"), &[])?;
+    cluster.wait_for_running_ranks(&job_id)?;
+    poll("a few steps", TRAINING_TIMEOUT, || {
+        Ok((reported_step(&cluster.job(&job_id)?) > 20).then_some(()))
+    })?;
+    // One slot is enough for the urgent job, but a gang is stopped whole.
+    let urgent = cluster.submit(
+        &format!(
+            "priority = 100\n{}",
+            shell_job("urgent", 1, "echo urgent job ran")
+        ),
+        &[],
+    )?;
+    let urgent_job = cluster.wait_for_state(&urgent, "succeeded", DEFAULT_TIMEOUT)?;
+    let job = cluster.wait_for_state(&job_id, "succeeded", TRAINING_TIMEOUT)?;
+
+    let attempts = job["attempts"].as_array().context("no attempts")?;
+    assert_eq!(attempts.len(), 2, "{job}");
+    assert_eq!(attempts[0]["preempted_by"], urgent.as_str(), "{job}");
+    assert_eq!(attempts[0]["planned"], true, "{job}");
+    // The urgent job ran while the preempted one waited: it started before the second attempt.
+    let resumed_at = attempts[1]["started_at_unix_ms"]
+        .as_i64()
+        .context("no start")?;
+    let urgent_started = urgent_job["started_at_unix_ms"]
+        .as_i64()
+        .context("no start")?;
+    assert!(urgent_started < resumed_at, "{urgent_job}\n{job}");
+    let logs = cluster.cli_ok(&["logs", &job_id, "--rank", "0"])?;
+    assert!(
+        logs.contains("stopped on request after step")
+            && logs.contains("attempt 2: resuming from the checkpoint of step"),
+        "{logs}"
+    );
+    let status = cluster.cli_ok(&["status", &job_id])?;
+    assert!(status.contains("preempted by job urgent-"), "{status}");
+    assert_eq!(job["metrics"][0]["step"], 150, "{job}");
+    let (expected, got) = (final_accuracy(&reference), final_accuracy(&job));
+    eprintln!(
+        "final test accuracy: undisturbed {:.2}%, preempted and resumed {:.2}%",
+        expected * 100.0,
+        got * 100.0
+    );
+    assert!((expected - got).abs() <= 0.003, "{expected} against {got}");
+    Ok(())
+}

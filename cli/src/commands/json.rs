@@ -35,6 +35,7 @@ pub fn job(job: &JobInfo) -> Value {
         "kind": job.kind,
         "state": render::job_state(job.state()),
         "reason": job.reason,
+        "waiting": job.waiting,
         "failed_rank": job.failed_rank,
         "stragglers": job.stragglers.iter().map(|straggler| json!({
             "rank": straggler.rank,
@@ -62,6 +63,7 @@ pub fn job(job: &JobInfo) -> Value {
             "ended_at_unix_ms": attempt.ended_at_unix_ms,
             "reason": attempt.reason,
             "planned": attempt.planned,
+            "preempted_by": (!attempt.preempted_by.is_empty()).then_some(&attempt.preempted_by),
         })).collect::<Vec<_>>(),
         "placement": job.rank_info.iter().map(|rank| json!({
             "rank": rank.rank,
