@@ -105,6 +105,9 @@ pub enum Command {
     Cancel(CancelArgs),
     /// List worker nodes and their devices.
     Nodes(NodesArgs),
+    /// List the scheduler's queues: weights, quotas, the devices each queue and user holds,
+    /// fair shares, running and waiting jobs.
+    Queues(NodesArgs),
     /// Drain a node (admins): nothing new is placed on it, and the jobs on it that may restart
     /// move off it through a checkpoint and a restart that uses up no restart.
     Drain(DrainArgs),
@@ -449,7 +452,7 @@ pub struct CancelArgs {
     pub coordinator: CoordinatorArgs,
 }
 
-/// `cohort nodes`.
+/// `cohort nodes` and `cohort queues`.
 #[derive(Debug, Args)]
 pub struct NodesArgs {
     /// Output format.
@@ -548,6 +551,14 @@ pub struct ClusterSettings {
     /// each further failure there, at most 600).
     #[arg(long, default_value_t = 10.0)]
     pub restart_backoff_s: f64,
+    /// A scheduler queue, `NAME=WEIGHT` or `NAME=WEIGHT:QUOTA` (e.g. `research=2:16`: twice the
+    /// share of a weight-1 queue, its jobs holding at most 16 devices); repeat for more.
+    /// `default` (weight 1, no quota) always exists and may be given here too.
+    #[arg(long = "queue", value_name = "NAME=WEIGHT[:QUOTA]")]
+    pub queues: Vec<String>,
+    /// The most devices one user's jobs may hold at once [default: no limit].
+    #[arg(long)]
+    pub user_quota: Option<u64>,
     /// Never preempt: a queued job waits for free devices even when running jobs of lower
     /// priority hold them.
     #[arg(long)]

@@ -145,6 +145,61 @@ fn elapsed(job: &JobInfo) -> String {
     duration(end - start)
 }
 
+/// The scheduler's queues, each followed by its users.
+pub fn queues_table(queues: &cohort_proto::v1::ListQueuesResponse) -> String {
+    let held = |cpu: u64, gpu: u64| match (cpu, gpu) {
+        (0, 0) => "-".to_owned(),
+        (cpu, 0) => format!("{cpu} cpu"),
+        (0, gpu) => format!("{gpu} gpu"),
+        (cpu, gpu) => format!("{cpu} cpu, {gpu} gpu"),
+    };
+    let mut rows = Vec::new();
+    for queue in &queues.queues {
+        rows.push(vec![
+            if queue.configured {
+                queue.name.clone()
+            } else {
+                format!("{} (not configured)", queue.name)
+            },
+            "".to_owned(),
+            format!("{}", queue.weight),
+            queue
+                .quota
+                .map_or("-".to_owned(), |quota| quota.to_string()),
+            held(queue.held_cpu, queue.held_gpu),
+            format!("{:.3}", queue.share),
+            queue.running_jobs.to_string(),
+            queue.queued_jobs.to_string(),
+        ]);
+        for user in &queue.users {
+            rows.push(vec![
+                "".to_owned(),
+                user.user.clone(),
+                "".to_owned(),
+                queues
+                    .user_quota
+                    .map_or("-".to_owned(), |quota| quota.to_string()),
+                held(user.held_cpu, user.held_gpu),
+                format!("{:.3}", user.share),
+                user.running_jobs.to_string(),
+                user.queued_jobs.to_string(),
+            ]);
+        }
+    }
+    let mut out = format!(
+        "cluster: {} (share: the largest fraction of the cluster's devices of a kind held, over \
+         the queue's weight; a user's share counts every queue)\n",
+        held(queues.cluster_cpu, queues.cluster_gpu)
+    );
+    out.push_str(&table(
+        &[
+            "QUEUE", "USER", "WEIGHT", "QUOTA", "HELD", "SHARE", "RUNNING", "WAITING",
+        ],
+        &rows,
+    ));
+    out
+}
+
 /// The job list.
 pub fn jobs_table(jobs: &[JobInfo]) -> String {
     let rows: Vec<Vec<String>> = jobs

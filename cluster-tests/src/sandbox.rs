@@ -243,6 +243,8 @@ pub struct SandboxOptions {
     /// Whether the (first) coordinator serves its HTTP endpoint (`--http`, on a free loopback
     /// port: [`Sandbox::http_address`]). Default: no.
     pub http: bool,
+    /// More flags for every coordinator (e.g. `--queue research=2:4`). Default: none.
+    pub coordinator_flags: Vec<String>,
 }
 
 impl Default for SandboxOptions {
@@ -253,6 +255,7 @@ impl Default for SandboxOptions {
             coordinator_open_files: None,
             tls: false,
             http: false,
+            coordinator_flags: Vec::new(),
         }
     }
 }
@@ -341,6 +344,7 @@ impl Sandbox {
             coordinator_open_files,
             tls,
             http,
+            coordinator_flags,
         } = options;
         let directory = tempfile::Builder::new()
             .prefix("cohort-sandbox-")
@@ -363,7 +367,10 @@ impl Sandbox {
                 heartbeat_deadline_s.to_string(),
                 "--heartbeat-interval-s".to_owned(),
                 interval.to_string(),
-            ],
+            ]
+            .into_iter()
+            .chain(coordinator_flags)
+            .collect(),
             coordinator_open_files,
             workers: BTreeMap::new(),
             worker_env: Vec::new(),

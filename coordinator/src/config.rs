@@ -1,7 +1,10 @@
 //! Coordinator settings.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
+
+pub use crate::placement::sharing::{DEFAULT_QUEUE, QueuePolicy};
 
 /// Longest time a job keeps off a node it failed on.
 pub const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(600);
@@ -49,6 +52,31 @@ pub struct CoordinatorConfig {
     /// How long an attempt that follows a preemption runs before it may be preempted again,
     /// so that two jobs cannot take devices from each other back and forth. Default 10 min.
     pub preemption_min_runtime: Duration,
+    /// The scheduler's queues by name, with their weights and device quotas. `default` is
+    /// always one of them (weight 1, no quota, unless configured otherwise); a job naming a
+    /// queue not here is refused.
+    pub queues: BTreeMap<String, QueuePolicy>,
+    /// The most devices one user's jobs may hold at once. Default: no limit.
+    pub user_quota: Option<u64>,
+}
+
+impl CoordinatorConfig {
+    /// The policy of queue `name`, if it is configured (`default` always is).
+    pub fn queue(&self, name: &str) -> Option<QueuePolicy> {
+        match self.queues.get(name) {
+            Some(policy) => Some(policy.clone()),
+            None => (name == DEFAULT_QUEUE).then(QueuePolicy::default),
+        }
+    }
+
+    /// The names of the configured queues, `default` included.
+    pub fn queue_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.queues.keys().map(String::as_str).collect();
+        if !self.queues.contains_key(DEFAULT_QUEUE) {
+            names.insert(0, DEFAULT_QUEUE);
+        }
+        names
+    }
 }
 
 /// The default of [`CoordinatorConfig::preemption_min_runtime`].
@@ -75,6 +103,8 @@ impl Default for CoordinatorConfig {
             advertise_address: None,
             preemption: true,
             preemption_min_runtime: DEFAULT_PREEMPTION_MIN_RUNTIME,
+            queues: BTreeMap::new(),
+            user_quota: None,
         }
     }
 }

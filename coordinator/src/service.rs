@@ -328,6 +328,14 @@ impl JobControl for CoordinatorService {
         }))
     }
 
+    async fn list_queues(
+        &self,
+        request: Request<ListQueuesRequest>,
+    ) -> Result<Response<ListQueuesResponse>, Status> {
+        self.allowed(&request, Action::ListQueues)?;
+        Ok(Response::new(self.cluster.queues().await))
+    }
+
     async fn drain_node(
         &self,
         request: Request<DrainNodeRequest>,

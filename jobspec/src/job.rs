@@ -41,6 +41,8 @@ pub const MAX_ARGS: usize = 1024;
 pub const MAX_STRING_LEN: usize = 4096;
 /// Most environment variables a job may add.
 pub const MAX_ENV_VARS: usize = 256;
+/// The queue of a job whose spec names none.
+pub const DEFAULT_QUEUE: &str = "default";
 /// Longest grace period between SIGTERM and SIGKILL, in seconds.
 pub const MAX_STOP_GRACE_S: f64 = 600.0;
 
@@ -83,6 +85,9 @@ pub struct JobSpec {
     /// requeued and resumes from a checkpoint). Default: true for `kind = "train"`, false for
     /// `kind = "command"`.
     pub preemptible: Option<bool>,
+    /// The scheduler queue the job waits in (configured on the coordinator with a weight and
+    /// an optional device quota). Default `"default"`.
+    pub queue: Option<String>,
     /// Devices the job needs. Default: 1 rank of 1 CPU slot.
     #[serde(default)]
     pub resources: Resources,
@@ -190,6 +195,11 @@ impl JobSpec {
         }
     }
 
+    /// The scheduler queue the job waits in: `queue`, by default `"default"`.
+    pub fn queue(&self) -> &str {
+        self.queue.as_deref().unwrap_or(DEFAULT_QUEUE)
+    }
+
     /// Whether a higher-priority job may preempt this one: `preemptible`, by default true for
     /// training jobs (they resume from a checkpoint) and false for command jobs.
     pub fn preemptible(&self) -> bool {
@@ -281,6 +291,9 @@ impl JobSpec {
             );
         }
         validate_name(&self.name, &mut problems);
+        if let Some(queue) = &self.queue {
+            check_name("queue", queue, &mut problems);
+        }
         problems.check_range("priority", self.priority, -MAX_PRIORITY, MAX_PRIORITY);
         if let Some(ranks) = self.resources.ranks {
             problems.check_range("resources.ranks", ranks, 1, MAX_RANKS);
@@ -336,6 +349,20 @@ impl JobSpec {
 }
 
 fn validate_name(name: &str, problems: &mut Problems) {
+    check_name("name", name, problems);
+}
+
+/// Whether `name` is a valid job or queue name: 1 to [`MAX_NAME_LEN`] characters of a-z, A-Z,
+/// 0-9, '-', '_' or '.'.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn check_name(field: &str, name: &str, problems: &mut Problems) {
     let valid = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && name
@@ -343,7 +370,7 @@ fn validate_name(name: &str, problems: &mut Problems) {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
     if !valid {
         problems.push(
-            "name",
+            field,
             format!(
                 "{}, expected 1 to {MAX_NAME_LEN} characters of a-z, A-Z, 0-9, '-', '_' or '.'",
                 excerpt(name)
@@ -500,6 +527,13 @@ args = ["-c", "echo $RANK"]
         );
         let opted_in = parse(&format!("preemptible = true\n{HELLO}")).unwrap();
         assert!(opted_in.preemptible());
+        assert_eq!(spec.queue(), "default");
+        let queued = parse(&format!("queue = \"research\"\n{HELLO}")).unwrap();
+        assert_eq!(queued.queue(), "research");
+        let error = parse(&format!("queue = \"a b\"\n{HELLO}"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("queue: \"a b\", expected 1 to"), "{error}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! `cohort bench scheduler`: the time of one placement pass ([`placement::plan`], what the
 //! coordinator's scheduler runs whenever something changes) over a simulated cluster of
 //! `--nodes` nodes of `--gpus-per-node` GPUs and a queue of `--jobs` gang jobs of mixed sizes
-//! (1 to 512 GPUs) and priorities; from an empty cluster, and from a full one with and without
+//! (1 to 512 GPUs), priorities, queues (of different weights) and users (so the pass orders
+//! them by fair share); from an empty cluster, and from a full one with and without
 //! preemption. The pass is the pure decision only: building the view from the coordinator's
 //! state and storing the placements are not in it.
 
@@ -9,7 +10,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use cohort_coordinator::placement::{self, ClusterView, NodeView, Plan, QueuedJob, RunningJob};
+use cohort_coordinator::placement::sharing::QueuePolicy;
+use cohort_coordinator::placement::{
+    self, ClusterView, NodeView, Owner, Plan, QueuedJob, RunningJob, Sharing,
+};
 use cohort_jobspec::DeviceKind;
 use cohort_proto::{JobId, NodeId};
 use rand::{Rng, SeedableRng};
@@ -30,6 +34,15 @@ const SIZES: [(u32, u32); 10] = [
     (256, 2),
     (512, 1),
 ];
+/// Queues and their weights; jobs are spread evenly over them.
+const QUEUES: [(&str, f64); 4] = [
+    ("default", 1.0),
+    ("research", 2.0),
+    ("prod", 4.0),
+    ("batch", 0.5),
+];
+/// Users submitting jobs.
+const USERS: u32 = 100;
 /// Priorities, with their relative frequency.
 const PRIORITIES: [(i32, u32); 4] = [(0, 50), (10, 30), (50, 15), (100, 5)];
 
@@ -54,18 +67,25 @@ pub fn run(nodes: u32, gpus_per_node: u32, jobs: u32, repeat: u32, seed: u64) ->
     let empty = cluster(nodes, gpus_per_node, &[]);
     let queue = queue("queued", jobs, gpus_per_node, &mut random);
     let rss_before = peak_rss_bytes();
+    let capacity = u64::from(nodes) * u64::from(gpus_per_node);
+    let sharing = sharing(capacity, &[], &queue);
 
     eprintln!("pass over an empty cluster...");
-    let from_empty = measure(repeat, || placement::plan(&empty, &queue, &[]));
+    let from_empty = measure(repeat, || placement::plan(&empty, &queue, &[], &sharing));
 
     // The cluster as the first pass filled it, every job on it running.
     let running = running_jobs(&from_empty.plan, &queue, &mut random);
     let full = cluster(nodes, gpus_per_node, &running);
     let next_queue = queue_of_more("waiting", jobs, gpus_per_node, &mut random, &queue);
+    let sharing = self::sharing(capacity, &running, &queue);
     eprintln!("pass over the full cluster, no preemption...");
-    let full_plain = measure(repeat, || placement::plan(&full, &next_queue, &[]));
+    let full_plain = measure(repeat, || {
+        placement::plan(&full, &next_queue, &[], &sharing)
+    });
     eprintln!("pass over the full cluster, with preemption...");
-    let full_preempting = measure(repeat, || placement::plan(&full, &next_queue, &running));
+    let full_preempting = measure(repeat, || {
+        placement::plan(&full, &next_queue, &running, &sharing)
+    });
     let rss_after = peak_rss_bytes();
 
     let used: u64 = running
@@ -210,6 +230,10 @@ fn queue(prefix: &str, count: u32, gpus_per_node: u32, random: &mut ChaCha8Rng) 
                 rank_group: 1,
                 avoid_nodes: Vec::new(),
                 min_ranks: 0,
+                owner: Owner {
+                    queue: QUEUES[index as usize % QUEUES.len()].0.to_owned(),
+                    user: format!("user-{}", random.random_range(0..USERS)),
+                },
             }
         })
         .collect()
@@ -263,6 +287,35 @@ fn running_jobs(plan: &Plan, queue: &[QueuedJob], random: &mut ChaCha8Rng) -> Ve
             }
         })
         .collect()
+}
+
+/// The queues (with their weights, no quotas) and what the `running` jobs of `queue` hold.
+fn sharing(capacity: u64, running: &[RunningJob], queue: &[QueuedJob]) -> Sharing {
+    let owners: std::collections::HashMap<&JobId, &Owner> =
+        queue.iter().map(|job| (&job.job_id, &job.owner)).collect();
+    let mut sharing = Sharing {
+        queues: QUEUES
+            .iter()
+            .map(|&(name, weight)| {
+                (
+                    name.to_owned(),
+                    QueuePolicy {
+                        weight,
+                        quota: None,
+                    },
+                )
+            })
+            .collect(),
+        capacity: std::collections::HashMap::from([(DeviceKind::Gpu, capacity)]),
+        ..Sharing::default()
+    };
+    for job in running {
+        let held: usize = job.held.iter().map(|(_, devices)| devices.len()).sum();
+        if let Some(owner) = owners.get(&job.job_id) {
+            sharing.held.add(owner, DeviceKind::Gpu, held as u64);
+        }
+    }
+    sharing
 }
 
 /// Draws a value by its relative frequency.

@@ -47,6 +47,7 @@ fn benchmark_config(world_size: u32, steps: u64) -> TrainConfig {
         kind: cohort_jobspec::JobKind::Train,
         priority: 0,
         preemptible: None,
+        queue: None,
         resources: cohort_jobspec::Resources::default(),
         command: None,
         parallel: Some(ParallelSpec {

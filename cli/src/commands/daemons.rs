@@ -1,11 +1,13 @@
 //! `cohort coordinator` and `cohort worker`: thin wrappers that turn flags into configs and run
 //! the daemons until Ctrl-C or SIGTERM.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use cohort_coordinator::config::QueuePolicy;
 use cohort_coordinator::{CoordinatorConfig, StoreLocation};
 use cohort_proto::NodeId;
 use cohort_proto::Secret;
@@ -59,6 +61,49 @@ fn preemption_min_runtime(value: f64) -> Result<Duration> {
     Ok(Duration::from_secs_f64(value))
 }
 
+/// `--queue NAME=WEIGHT[:QUOTA]`, repeated.
+fn queues(specs: &[String]) -> Result<BTreeMap<String, QueuePolicy>> {
+    let mut queues = BTreeMap::new();
+    for spec in specs {
+        let usage = || format!("--queue {spec:?}: expected NAME=WEIGHT or NAME=WEIGHT:QUOTA");
+        let (name, policy) = spec.split_once('=').with_context(usage)?;
+        let (weight, quota) = match policy.split_once(':') {
+            Some((weight, quota)) => (weight, Some(quota)),
+            None => (policy, None),
+        };
+        if !cohort_jobspec::job::is_valid_name(name) {
+            bail!(
+                "--queue {spec:?}: the name must be 1 to 64 characters of a-z, A-Z, 0-9, '-', '_' or '.'"
+            );
+        }
+        let weight: f64 = weight.parse().ok().with_context(usage)?;
+        if !(weight.is_finite() && weight > 0.0 && weight <= MAX_QUEUE_WEIGHT) {
+            bail!(
+                "--queue {spec:?}: weight {weight}, expected above 0 and at most {MAX_QUEUE_WEIGHT}"
+            );
+        }
+        let quota = match quota {
+            Some(quota) => match quota.parse::<u64>() {
+                Ok(quota) if quota > 0 => Some(quota),
+                _ => bail!(
+                    "--queue {spec:?}: quota {quota:?}, expected a number of devices, at least 1"
+                ),
+            },
+            None => None,
+        };
+        if queues
+            .insert(name.to_owned(), QueuePolicy { weight, quota })
+            .is_some()
+        {
+            bail!("--queue {name}: given twice");
+        }
+    }
+    Ok(queues)
+}
+
+/// The largest queue weight.
+const MAX_QUEUE_WEIGHT: f64 = 1e6;
+
 /// Builds the coordinator's config from flags.
 pub fn coordinator_config(settings: &ClusterSettings) -> Result<CoordinatorConfig> {
     let defaults = CoordinatorConfig::default();
@@ -79,6 +124,11 @@ pub fn coordinator_config(settings: &ClusterSettings) -> Result<CoordinatorConfi
         restart_backoff: backoff(settings.restart_backoff_s)?,
         preemption: !settings.no_preemption,
         preemption_min_runtime: preemption_min_runtime(settings.preemption_min_runtime_s)?,
+        queues: queues(&settings.queues)?,
+        user_quota: match settings.user_quota {
+            Some(0) => bail!("--user-quota = 0, expected at least 1 device"),
+            quota => quota,
+        },
         max_queued_jobs: positive("max-queued-jobs", settings.max_queued_jobs)?,
         max_queued_jobs_per_submitter: positive(
             "max-queued-jobs-per-submitter",
@@ -320,6 +370,31 @@ pub async fn worker(args: WorkerDaemonArgs) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queues_are_read_with_their_weights_and_quotas_and_bad_ones_are_named() {
+        let parsed = queues(&["research=2:16".to_owned(), "default=0.5".to_owned()]).unwrap();
+        assert_eq!(
+            parsed["research"],
+            QueuePolicy {
+                weight: 2.0,
+                quota: Some(16)
+            }
+        );
+        assert_eq!(parsed["default"].quota, None);
+        for (bad, says) in [
+            ("research", "expected NAME=WEIGHT"),
+            ("research=0", "weight 0, expected above 0"),
+            ("research=nan", "weight NaN"),
+            ("research=1:0", "quota \"0\""),
+            ("a b=1", "the name must be"),
+        ] {
+            let error = queues(&[bad.to_owned()]).unwrap_err().to_string();
+            assert!(error.contains(says), "{bad}: {error}");
+        }
+        let error = queues(&["x=1".to_owned(), "x=2".to_owned()]).unwrap_err();
+        assert!(error.to_string().contains("given twice"), "{error}");
+    }
 
     #[test]
     fn the_coordinator_listens_off_loopback_only_with_tls_or_when_told_it_is_insecure() {

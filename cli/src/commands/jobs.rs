@@ -546,6 +546,20 @@ pub async fn drain(args: DrainArgs) -> Result<ExitCode> {
 }
 
 /// Prints the node table.
+pub async fn queues(args: NodesArgs) -> Result<ExitCode> {
+    let mut client = client::job_control(&args.coordinator.target()?).await?;
+    let queues = client
+        .list_queues(cohort_proto::v1::ListQueuesRequest {})
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    match args.output {
+        OutputFormat::Json => println!("{}", crate::commands::json::queues(&queues)),
+        OutputFormat::Table => print!("{}", render::queues_table(&queues)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn nodes(args: NodesArgs) -> Result<ExitCode> {
     let mut client = client::job_control(&args.coordinator.target()?).await?;
     let nodes = client

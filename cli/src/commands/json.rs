@@ -120,3 +120,31 @@ pub fn node(node: &NodeInfo) -> Value {
         "busy_devices": node.busy_devices.iter().map(|d| format!("{}:{}", kind(d.kind), d.index)).collect::<Vec<_>>(),
     })
 }
+
+/// The scheduler's queues as JSON.
+pub fn queues(queues: &cohort_proto::v1::ListQueuesResponse) -> Value {
+    json!({
+        "user_quota": queues.user_quota,
+        "cluster_cpu": queues.cluster_cpu,
+        "cluster_gpu": queues.cluster_gpu,
+        "queues": queues.queues.iter().map(|queue| json!({
+            "name": queue.name,
+            "configured": queue.configured,
+            "weight": queue.weight,
+            "quota": queue.quota,
+            "held_cpu": queue.held_cpu,
+            "held_gpu": queue.held_gpu,
+            "share": queue.share,
+            "running_jobs": queue.running_jobs,
+            "queued_jobs": queue.queued_jobs,
+            "users": queue.users.iter().map(|user| json!({
+                "user": user.user,
+                "held_cpu": user.held_cpu,
+                "held_gpu": user.held_gpu,
+                "share": user.share,
+                "running_jobs": user.running_jobs,
+                "queued_jobs": user.queued_jobs,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}

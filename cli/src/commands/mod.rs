@@ -25,6 +25,7 @@ pub async fn run(command: Command) -> Result<ExitCode> {
         Command::Dashboard(args) => jobs::dashboard(args).await,
         Command::Cancel(args) => jobs::cancel(args).await,
         Command::Nodes(args) => jobs::nodes(args).await,
+        Command::Queues(args) => jobs::queues(args).await,
         Command::Drain(args) => jobs::drain(args).await,
         Command::Coordinator(args) => daemons::coordinator(args).await,
         Command::Worker(args) => daemons::worker(args).await,

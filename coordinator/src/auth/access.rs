@@ -73,6 +73,8 @@ pub enum Action<'a> {
     ListJobs,
     /// List nodes.
     ListNodes,
+    /// List the scheduler's queues and who holds what in them.
+    ListQueues,
     /// Read `/metrics` (a user sees their own jobs' series, and the cluster's).
     ReadMetrics,
     /// Drain a node, or take the drain back.
@@ -102,7 +104,11 @@ pub fn authorize(caller: &Caller, action: Action<'_>) -> Result<()> {
         ) => name == owner,
         (
             Caller::User { .. },
-            Action::Submit | Action::ListJobs | Action::ListNodes | Action::ReadMetrics,
+            Action::Submit
+            | Action::ListJobs
+            | Action::ListNodes
+            | Action::ListQueues
+            | Action::ReadMetrics,
         ) => true,
         (Caller::Worker, Action::Join | Action::ListNodes) => true,
         (Caller::Job(own), Action::UseJob { job_id }) => own == job_id,
@@ -113,7 +119,7 @@ pub fn authorize(caller: &Caller, action: Action<'_>) -> Result<()> {
         return Ok(());
     }
     let who_may = match action {
-        Action::Submit | Action::ListJobs | Action::ReadMetrics => "users",
+        Action::Submit | Action::ListJobs | Action::ListQueues | Action::ReadMetrics => "users",
         Action::ReadJob { .. } | Action::CancelJob { .. } => "the user who submitted it and admins",
         Action::ListNodes => "any authenticated caller",
         Action::ManageUsers | Action::ReadAudit | Action::DrainNode => "admins",
@@ -143,6 +149,7 @@ fn describe(action: Action<'_>) -> String {
         Action::CancelJob { job_id, .. } => format!("cancel job {job_id}"),
         Action::ListJobs => "list jobs".to_owned(),
         Action::ListNodes => "list nodes".to_owned(),
+        Action::ListQueues => "list queues".to_owned(),
         Action::ReadMetrics => "read metrics".to_owned(),
         Action::DrainNode => "drain nodes".to_owned(),
         Action::ManageUsers => "manage users".to_owned(),
@@ -191,6 +198,8 @@ mod tests {
             (user("bob"), cancel, false),
             (user("bob"), Action::ListJobs, true),
             (user("bob"), Action::ListNodes, true),
+            (user("bob"), Action::ListQueues, true),
+            (Caller::Worker, Action::ListQueues, false),
             (user("bob"), Action::ManageUsers, false),
             (user("bob"), Action::ReadAudit, false),
             (user("bob"), Action::DrainNode, false),

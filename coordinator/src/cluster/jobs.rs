@@ -38,6 +38,35 @@ pub struct JobPage {
 }
 
 impl Cluster {
+    /// Refuses a job whose queue is not configured, or that asks for more devices than its
+    /// queue's or a user's quota allows (it could never start).
+    fn check_quotas(&self, spec: &cohort_jobspec::JobSpec) -> Result<()> {
+        let Some(queue) = self.config.queue(spec.queue()) else {
+            return Err(Error::InvalidArgument(format!(
+                "queue: {:?} is not a queue of this cluster (its queues: {})",
+                spec.queue(),
+                self.config.queue_names().join(", ")
+            )));
+        };
+        let asked = u64::from(spec.processes()) * u64::from(spec.resources.devices_per_rank);
+        let limits = [
+            queue
+                .quota
+                .map(|quota| (quota, format!("queue {}'s quota", spec.queue()))),
+            self.config
+                .user_quota
+                .map(|quota| (quota, "the quota of every user".to_owned())),
+        ];
+        for (quota, whose) in limits.into_iter().flatten() {
+            if asked > quota {
+                return Err(Error::Unschedulable(format!(
+                    "job asks for {asked} devices, {whose} is {quota}: it could never start"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Validates a spec, refuses it when the queue is full (in all, or for its submitter) or
     /// when it could never fit (unless `wait_for_resources`), stores it as queued and wakes the
     /// scheduler.
@@ -57,6 +86,7 @@ impl Cluster {
         let submitting = self.submissions.lock().await;
         let state = self.state.lock().await;
         self.check_queue_room(&state, &submitter)?;
+        self.check_quotas(&spec)?;
         let queued = QueuedJob {
             job_id: JobId::new("candidate")?,
             priority: spec.priority,
@@ -67,6 +97,10 @@ impl Cluster {
             rank_group: spec.rank_group(),
             avoid_nodes: Vec::new(),
             min_ranks: 0,
+            owner: placement::Owner {
+                queue: spec.queue().to_owned(),
+                user: submitter.clone(),
+            },
         };
         if !wait_for_resources {
             let view = state.cluster_view(false);

@@ -178,6 +178,14 @@ impl LiveJob {
         info
     }
 
+    /// Its queue and user, for fair share and quotas.
+    fn owner(&self) -> crate::placement::Owner {
+        crate::placement::Owner {
+            queue: self.spec.queue().to_owned(),
+            user: self.record.submitter.clone(),
+        }
+    }
+
     /// Whether the job has ended and every one of its processes is known to be gone.
     fn done(&self) -> bool {
         self.record.state.is_terminal()

@@ -207,6 +207,10 @@ impl Cluster {
                 rank_group: job.spec.rank_group(),
                 avoid_nodes: avoided_nodes(&record.backoff, now),
                 min_ranks: 0,
+                owner: placement::Owner {
+                    queue: job.spec.queue().to_owned(),
+                    user: record.submitter.clone(),
+                },
             };
             if placement::place(&view, &[whole]).is_empty() {
                 continue;
@@ -803,7 +807,7 @@ mod cluster_tests {
         let waiting = cluster.job(&low).await.unwrap().waiting;
         assert_eq!(
             waiting,
-            "not enough free devices: room for 0 of its 2 ranks (1 cpu device each) on 0 nodes"
+            "jobs of higher priority or of a lower fair share took the free devices first"
         );
 
         // Both finish; the preempted job runs again, and is protected from the next urgent job

@@ -8,7 +8,7 @@
 //! ranks of every job that is still placed as written (a job cancelled or failed meanwhile is
 //! not started).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use cohort_jobspec::{DeviceKind, JobKind, JobSpec};
 use cohort_proto::launch::{self, Devices, Master, RankPlace, Role};
@@ -18,10 +18,12 @@ use tracing::{info, instrument};
 
 use super::persistence::{Written, all_landed};
 use super::{Cluster, State};
+use crate::config::CoordinatorConfig;
 use crate::error::Result;
 use crate::lifecycle::{JobState, transition};
 use crate::model::{JobRecord, ProcessRole, RankRecord, RankState, StopCause, now_ms};
-use crate::placement::{self, ClusterView, NodeView, QueuedJob, RunningJob, WaitReason};
+use crate::placement::sharing::{self, Usage};
+use crate::placement::{self, ClusterView, NodeView, QueuedJob, RunningJob, Sharing, WaitReason};
 
 /// First port of the range `MASTER_PORT` is drawn from.
 const MASTER_PORT_BASE: u16 = 20_000;
@@ -130,6 +132,36 @@ impl State {
 }
 
 impl State {
+    /// How devices are shared now: the configured queues and user quota, the devices every
+    /// queue and user holds (ranks that may still run), and the cluster's devices (of `view`).
+    pub(super) fn sharing(&self, config: &CoordinatorConfig, view: &ClusterView) -> Sharing {
+        let mut held = Usage::default();
+        for entry in self.live_jobs() {
+            let ranks = entry
+                .record
+                .placement
+                .iter()
+                .filter(|rank| !rank.state.is_final())
+                .count() as u64;
+            if ranks > 0 {
+                let count = ranks * u64::from(entry.record.devices_per_rank);
+                held.add(&entry.owner(), entry.record.device_kind, count);
+            }
+        }
+        let mut capacity: HashMap<DeviceKind, u64> = HashMap::new();
+        for node in &view.nodes {
+            for (&kind, &total) in &node.total {
+                *capacity.entry(kind).or_default() += u64::from(total);
+            }
+        }
+        Sharing {
+            queues: config.queues.clone(),
+            user_quota: config.user_quota,
+            held,
+            capacity,
+        }
+    }
+
     /// The jobs that hold devices and that preemption may weigh: running jobs (preemptible
     /// when their spec allows it and they are not protected after an earlier preemption), and
     /// jobs already stopping because they were preempted.
@@ -328,6 +360,97 @@ fn is_loopback_host(host: &str) -> bool {
 }
 
 impl Cluster {
+    /// The scheduler's queues as `cohort queues` shows them: each configured queue (and any
+    /// other a live job names) with its weight, quota, the devices it and each of its users
+    /// hold, their fair shares and their running and queued jobs.
+    pub async fn queues(&self) -> cohort_proto::v1::ListQueuesResponse {
+        use cohort_proto::v1::{ListQueuesResponse, QueueInfo, QueueUser};
+        let state = self.state.lock().await;
+        let view = state.cluster_view(true);
+        let sharing = state.sharing(&self.config, &view);
+        // (running, queued) jobs per queue; and per (queue, user), with their devices held.
+        let mut jobs: BTreeMap<String, (u32, u32)> = BTreeMap::new();
+        let mut user_jobs: BTreeMap<(String, String), (u32, u32, Usage)> = BTreeMap::new();
+        for entry in state.live_jobs() {
+            let holding = entry
+                .record
+                .placement
+                .iter()
+                .filter(|rank| !rank.state.is_final())
+                .count() as u64;
+            let queued = entry.record.state == JobState::Queued;
+            if holding == 0 && !queued {
+                continue;
+            }
+            let owner = entry.owner();
+            let (running, waiting) = (u32::from(!queued), u32::from(queued));
+            let counts = jobs.entry(owner.queue.clone()).or_default();
+            counts.0 += running;
+            counts.1 += waiting;
+            let user = user_jobs
+                .entry((owner.queue.clone(), owner.user.clone()))
+                .or_default();
+            user.0 += running;
+            user.1 += waiting;
+            let devices = holding * u64::from(entry.record.devices_per_rank);
+            user.2.add(&owner, entry.record.device_kind, devices);
+        }
+        let mut names: Vec<String> = self
+            .config
+            .queue_names()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        for name in jobs.keys() {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+        let share = |held: &sharing::Devices| held.dominant_share(&sharing.capacity);
+        let queues = names
+            .into_iter()
+            .map(|name| {
+                let policy = sharing.queue(&name);
+                let held = sharing.held.queues.get(&name).copied().unwrap_or_default();
+                let (running_jobs, queued_jobs) = jobs.get(&name).copied().unwrap_or_default();
+                let users = user_jobs
+                    .iter()
+                    .filter(|((queue, _), _)| *queue == name)
+                    .map(|((_, user), (running_jobs, queued_jobs, here))| {
+                        let held_here = here.users.get(user).copied().unwrap_or_default();
+                        let held = sharing.held.users.get(user).copied().unwrap_or_default();
+                        QueueUser {
+                            user: user.clone(),
+                            held_cpu: held_here.cpu,
+                            held_gpu: held_here.gpu,
+                            share: share(&held),
+                            running_jobs: *running_jobs,
+                            queued_jobs: *queued_jobs,
+                        }
+                    })
+                    .collect();
+                QueueInfo {
+                    configured: self.config.queue(&name).is_some(),
+                    weight: policy.weight,
+                    quota: policy.quota,
+                    held_cpu: held.cpu,
+                    held_gpu: held.gpu,
+                    share: share(&held) / policy.weight,
+                    running_jobs,
+                    queued_jobs,
+                    users,
+                    name,
+                }
+            })
+            .collect();
+        ListQueuesResponse {
+            queues,
+            user_quota: self.config.user_quota,
+            cluster_cpu: sharing.capacity.get(&DeviceKind::Cpu).copied().unwrap_or(0),
+            cluster_gpu: sharing.capacity.get(&DeviceKind::Gpu).copied().unwrap_or(0),
+        }
+    }
+
     /// Places every queued job that fits, persists each placement, then starts its ranks.
     #[instrument(skip(self), level = "debug")]
     pub(crate) async fn schedule(&self) -> Result<()> {
@@ -372,7 +495,7 @@ impl Cluster {
         writes: &mut Vec<Written>,
     ) -> Result<Vec<(JobId, Written)>> {
         let now = now_ms();
-        let mut queue: Vec<QueuedJob> = state
+        let queue: Vec<QueuedJob> = state
             .live_jobs()
             .filter(|entry| entry.record.state == JobState::Queued)
             .map(|entry| QueuedJob {
@@ -390,20 +513,21 @@ impl Cluster {
                 devices_per_rank: entry.record.devices_per_rank,
                 device_kind: entry.record.device_kind,
                 rank_group: entry.spec.rank_group(),
+                owner: entry.owner(),
             })
             .collect();
         if queue.is_empty() {
             return Ok(Vec::new());
         }
-        queue.sort_by_key(|job| (std::cmp::Reverse(job.priority), job.seq));
         let deciding = std::time::Instant::now();
         let view = state.cluster_view(false);
+        let sharing = state.sharing(&self.config, &view);
         let running = if self.config.preemption {
             state.preemption_candidates(now, self.config.preemption_min_runtime)
         } else {
             Vec::new()
         };
-        let plan = placement::plan(&view, &queue, &running);
+        let plan = placement::plan(&view, &queue, &running, &sharing);
         self.telemetry
             .observe_scheduling(deciding.elapsed().as_secs_f64());
         for preemption in plan.preemptions {
@@ -685,5 +809,142 @@ mod tests {
         for host in ["10.0.0.2", "[fe80::1]", "node-a", "0.0.0.0", ""] {
             assert!(!is_loopback_host(host), "{host}");
         }
+    }
+}
+
+/// Fair share through the coordinator core, with test nodes standing in for workers.
+#[cfg(test)]
+mod fair_share_tests {
+    use std::collections::{BTreeMap, HashMap};
+
+    use cohort_proto::v1;
+
+    use super::super::testing::{TestNode, cluster_with, record_of};
+    use super::*;
+    use crate::placement::sharing::QueuePolicy;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_users_of_queues_weighted_two_to_one_get_device_time_two_to_one() {
+        let data_dir = tempfile::tempdir().unwrap();
+        let queues = BTreeMap::from([
+            (
+                "gold".to_owned(),
+                QueuePolicy {
+                    weight: 2.0,
+                    quota: None,
+                },
+            ),
+            (
+                "silver".to_owned(),
+                QueuePolicy {
+                    weight: 1.0,
+                    quota: None,
+                },
+            ),
+        ]);
+        let config = CoordinatorConfig {
+            data_dir: data_dir.path().to_owned(),
+            queues,
+            ..CoordinatorConfig::default()
+        };
+        let (cluster, _store) = cluster_with(data_dir.path(), config).await;
+        let mut nodes = Vec::new();
+        for index in 0..6 {
+            nodes.push(TestNode::join(&cluster, &format!("node-{index}")).await);
+        }
+        let submit = |name: String, queue: &str, user: &str, ranks: u32| {
+            let spec = format!(
+                "version = 1\nname = \"{name}\"\nkind = \"command\"\nqueue = \"{queue}\"\n\
+                 [resources]\nranks = {ranks}\n[command]\nprogram = \"true\"\n"
+            );
+            let (cluster, user) = (cluster.clone(), user.to_owned());
+            async move {
+                let job = cluster.submit(spec, false, user).await.unwrap();
+                JobId::new(job.job_id).unwrap()
+            }
+        };
+        // Each placed job reports its one rank running; returns the jobs placed.
+        let start_placed = |jobs: Vec<JobId>| {
+            let (cluster, nodes) = (cluster.clone(), &nodes);
+            async move {
+                let mut started = Vec::new();
+                for job in jobs {
+                    let record = record_of(&cluster, &job).await;
+                    if record.state != JobState::Scheduled {
+                        continue;
+                    }
+                    for rank in &record.placement {
+                        let node = nodes
+                            .iter()
+                            .find(|n| n.id == rank.node_id.as_str())
+                            .unwrap();
+                        node.report(&cluster, &job, (rank.rank, 0), v1::RankState::Running, None)
+                            .await;
+                    }
+                    started.push(job);
+                }
+                started
+            }
+        };
+
+        // The cluster is full when both users submit: alice all her jobs first.
+        let filler = submit("filler".to_owned(), "default", "carol", 6).await;
+        cluster.schedule().await.unwrap();
+        let mut running = start_placed(vec![filler]).await;
+        let mut queued: HashMap<&str, Vec<JobId>> = HashMap::new();
+        for (user, queue) in [("alice", "gold"), ("bob", "silver")] {
+            for n in 0..20 {
+                let job = submit(format!("{user}-{n}"), queue, user, 1).await;
+                queued.entry(user).or_default().push(job);
+            }
+        }
+        let owner_of = |job: &JobId| job.as_str().split('-').next().unwrap().to_owned();
+        let mut device_time: HashMap<String, u64> = HashMap::new();
+        // One running job ends at every step (the longest running first: every job runs about
+        // as long), and the scheduler fills the slot it frees.
+        for _step in 0..200 {
+            let ended = running.remove(0);
+            let record = record_of(&cluster, &ended).await;
+            for rank in &record.placement {
+                let node = nodes
+                    .iter()
+                    .find(|n| n.id == rank.node_id.as_str())
+                    .unwrap();
+                node.report(
+                    &cluster,
+                    &ended,
+                    (rank.rank, 0),
+                    v1::RankState::Exited,
+                    Some(0),
+                )
+                .await;
+            }
+            cluster.schedule().await.unwrap();
+            let mut waiting = Vec::new();
+            for jobs in queued.values_mut() {
+                let mut still = Vec::new();
+                for job in jobs.drain(..) {
+                    if record_of(&cluster, &job).await.state == JobState::Queued {
+                        still.push(job);
+                    } else {
+                        waiting.push(job);
+                    }
+                }
+                *jobs = still;
+            }
+            running.extend(start_placed(waiting).await);
+            if queued.values().any(Vec::is_empty) {
+                break;
+            }
+            for job in &running {
+                *device_time.entry(owner_of(job)).or_default() += 1;
+            }
+        }
+        let (alice, bob) = (device_time["alice"] as f64, device_time["bob"] as f64);
+        eprintln!("device-time while both waited: alice {alice}, bob {bob} (weights 2:1)");
+        assert!(
+            ((alice / bob) / 2.0 - 1.0).abs() <= 0.1,
+            "alice {alice}, bob {bob}"
+        );
     }
 }

@@ -30,6 +30,8 @@ pub(super) struct FreeDevices {
     positions: HashMap<NodeId, usize>,
     /// The nodes with free devices, per kind.
     index: HashMap<DeviceKind, KindIndex>,
+    /// Per kind, how many nodes had each free count when the pass began.
+    initial: HashMap<DeviceKind, BTreeMap<usize, usize>>,
 }
 
 /// The free devices left on one node.
@@ -115,10 +117,15 @@ impl FreeDevices {
             .enumerate()
             .map(|(position, node)| (node.node_id.clone(), position))
             .collect();
+        let initial = index
+            .iter()
+            .map(|(&kind, index)| (kind, index.nodes_with.clone()))
+            .collect();
         Self {
             nodes,
             positions,
             index,
+            initial,
         }
     }
 
@@ -138,16 +145,9 @@ impl FreeDevices {
     /// How many ranks of `devices_per_rank` devices of `kind` the free devices hold, every
     /// node counted (`sum floor(free / devices_per_rank)`).
     pub(super) fn rank_room(&self, kind: DeviceKind, devices_per_rank: usize) -> u64 {
-        if devices_per_rank == 0 {
-            return 0;
-        }
-        self.index.get(&kind).map_or(0, |index| {
-            index
-                .nodes_with
-                .range(devices_per_rank..)
-                .map(|(&free, &count)| (free / devices_per_rank) as u64 * count as u64)
-                .sum()
-        })
+        self.index
+            .get(&kind)
+            .map_or(0, |index| room_in(&index.nodes_with, devices_per_rank))
     }
 
     /// Why `job`, which [`FreeDevices::place_job`] did not place, waits.
@@ -157,6 +157,13 @@ impl FreeDevices {
         let room = self.rank_room(job.device_kind, devices_per_rank);
         if devices_per_rank > 0 && ranks > 0 && room >= u64::from(ranks) {
             return WaitReason::AvoidedNodes;
+        }
+        let room_at_start = self
+            .initial
+            .get(&job.device_kind)
+            .map_or(0, |nodes_with| room_in(nodes_with, devices_per_rank));
+        if devices_per_rank > 0 && ranks > 0 && room_at_start >= u64::from(ranks) {
+            return WaitReason::TakenAhead;
         }
         let nodes = self.index.get(&job.device_kind).map_or(0, |index| {
             index
@@ -357,6 +364,18 @@ impl FreeDevices {
             index.insert(after, position);
         }
     }
+}
+
+/// How many ranks of `devices_per_rank` devices nodes with these free counts (free count ->
+/// number of nodes) hold.
+fn room_in(nodes_with: &BTreeMap<usize, usize>, devices_per_rank: usize) -> u64 {
+    if devices_per_rank == 0 {
+        return 0;
+    }
+    nodes_with
+        .range(devices_per_rank..)
+        .map(|(&free, &count)| (free / devices_per_rank) as u64 * count as u64)
+        .sum()
 }
 
 /// The fewest ranks `job` runs on: its `min_ranks` for an elastic restart, else all of them.

@@ -31,7 +31,6 @@
 //! - Jobs asking for zero ranks or zero devices per rank are rejected by spec validation before
 //!   they reach the queue; here they are never placed and never cause a panic.
 
-use std::cmp::Reverse;
 use std::collections::{HashMap, HashSet};
 
 use cohort_jobspec::DeviceKind;
@@ -41,8 +40,10 @@ use index::FreeDevices;
 
 mod index;
 pub mod preemption;
+pub mod sharing;
 
 pub use preemption::RunningJob;
+pub use sharing::{Owner, Sharing};
 
 /// Devices of one ready node, as the scheduler sees them when it calls [`place`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +139,8 @@ pub struct QueuedJob {
     /// restart): it is placed with as many ranks as fit, down to this. Equal to `ranks` (or 0)
     /// for a job that runs whole or not at all.
     pub min_ranks: u32,
+    /// Its queue and user, whose shares and quotas decide among jobs of equal priority.
+    pub owner: Owner,
 }
 
 /// Where one rank of a placed job runs.
@@ -169,7 +172,7 @@ pub struct Assignment {
 /// (backfill). Returns the assignments in the order they were made, i.e. in queue order. The
 /// queue may be given in any order; jobs of equal priority and `seq` keep their given order.
 pub fn place(view: &ClusterView, queue: &[QueuedJob]) -> Vec<Assignment> {
-    plan(view, queue, &[]).assignments
+    plan(view, queue, &[], &Sharing::default()).assignments
 }
 
 /// What one scheduling pass decides.
@@ -225,6 +228,31 @@ pub enum WaitReason {
     /// There is room for its ranks, but not on the nodes it may use (it backs off from nodes
     /// it failed on, or its groups do not fit).
     AvoidedNodes,
+    /// The free devices held it when the pass began, but jobs considered before it (of
+    /// higher priority, or of a queue or user with a lower fair share) took them.
+    TakenAhead,
+    /// Its queue's device quota would be exceeded.
+    QueueQuota {
+        /// The queue.
+        queue: String,
+        /// Its quota.
+        quota: u64,
+        /// Devices its running jobs hold.
+        held: u64,
+        /// Devices the job asks for.
+        asked: u64,
+    },
+    /// Its user's device quota would be exceeded.
+    UserQuota {
+        /// The user.
+        user: String,
+        /// The quota.
+        quota: u64,
+        /// Devices the user's running jobs hold.
+        held: u64,
+        /// Devices the job asks for.
+        asked: u64,
+    },
 }
 
 impl std::fmt::Display for WaitReason {
@@ -250,26 +278,65 @@ impl std::fmt::Display for WaitReason {
                 formatter,
                 "the free devices that would hold it are on nodes it keeps off after failures"
             ),
+            WaitReason::TakenAhead => write!(
+                formatter,
+                "jobs of higher priority or of a lower fair share took the free devices first"
+            ),
+            WaitReason::QueueQuota {
+                queue,
+                quota,
+                held,
+                asked,
+            } => write!(
+                formatter,
+                "queue {queue}'s quota of {} is reached: it holds {held}, the job asks for {asked}",
+                counted(*quota, "device")
+            ),
+            WaitReason::UserQuota {
+                user,
+                quota,
+                held,
+                asked,
+            } => write!(
+                formatter,
+                "user {user}'s quota of {} is reached: they hold {held}, the job asks for {asked}",
+                counted(*quota, "device")
+            ),
         }
     }
 }
 
-/// One scheduling pass: places every queued job that fits (as [`place`] does) and, for a job
-/// that does not, chooses running jobs of strictly lower priority to preempt
-/// ([`preemption`]). A job that preempts holds on, for the rest of the pass, to the free
-/// devices it will use with its victims' devices, so that jobs behind it in the queue cannot
-/// take them (no backfill into a preemptor's place).
+/// One scheduling pass: considers the queued jobs in fair-share order ([`sharing`]: priority,
+/// then the lowest queue share, then the lowest user share, then submission), holds back the
+/// jobs over a quota, places every other job that fits (as [`place`] does) and, for a job
+/// that does not, chooses running jobs of strictly lower priority to preempt ([`preemption`]).
+/// A job that preempts holds on, for the rest of the pass, to the free devices it will use
+/// with its victims' devices, so that jobs behind it cannot take them (no backfill into a
+/// preemptor's place).
 ///
 /// `running` lists the jobs that hold devices and may be preempted; pass none to disable
 /// preemption.
-pub fn plan(view: &ClusterView, queue: &[QueuedJob], running: &[RunningJob]) -> Plan {
+pub fn plan(
+    view: &ClusterView,
+    queue: &[QueuedJob],
+    running: &[RunningJob],
+    sharing: &Sharing,
+) -> Plan {
     let mut free_devices = FreeDevices::from_view(view);
     let mut candidates = preemption::Candidates::new(running);
+    let mut order = sharing::FairOrder::new(sharing, queue);
     let mut plan = Plan::default();
-    for job in queue_order(queue) {
-        if let Some(assignment) = free_devices.place_job(job) {
+    while let Some(job) = order.next_job() {
+        if let Some(reason) = order.over_quota(job) {
+            plan.waiting.push(Waiting {
+                job_id: job.job_id.clone(),
+                reason,
+            });
+        } else if let Some(assignment) = free_devices.place_job(job) {
+            order.handed(job, assignment.ranks.len());
             plan.assignments.push(assignment);
         } else if let Some(preemption) = candidates.preempt_for(&mut free_devices, job) {
+            order.handed(job, index::fewest_ranks(job) as usize);
             plan.preemptions.push(preemption);
         } else {
             plan.waiting.push(Waiting {
@@ -365,14 +432,6 @@ fn unique_nodes(view: &ClusterView) -> impl Iterator<Item = &NodeView> {
         .filter(move |node| seen.insert(&node.node_id))
 }
 
-/// Returns the jobs in the order they are considered: priority descending, then `seq`
-/// ascending, then their position in `queue`.
-fn queue_order(queue: &[QueuedJob]) -> Vec<&QueuedJob> {
-    let mut ordered: Vec<&QueuedJob> = queue.iter().collect();
-    ordered.sort_by_key(|job| (Reverse(job.priority), job.seq));
-    ordered
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeSet, HashMap};
@@ -418,6 +477,7 @@ mod tests {
             rank_group: 1,
             avoid_nodes: Vec::new(),
             min_ranks: 0,
+            owner: Owner::default(),
         }
     }
 
@@ -875,6 +935,7 @@ mod tests {
                             rank_group: 1,
                             avoid_nodes: Vec::new(),
                             min_ranks: 0,
+                            owner: Owner::default(),
                         },
                     )
                     .collect()

@@ -276,7 +276,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::placement::{self, ClusterView, NodeView, Plan};
+    use crate::placement::{self, ClusterView, NodeView, Owner, Plan, Sharing};
 
     const GPU: DeviceKind = DeviceKind::Gpu;
 
@@ -299,6 +299,7 @@ mod tests {
             rank_group: 1,
             avoid_nodes: Vec::new(),
             min_ranks: 0,
+            owner: Owner::default(),
         }
     }
 
@@ -354,7 +355,12 @@ mod tests {
             running("lower-but-small", -1, &[("a", &[2])]),
         ];
         let view = cluster(&[("a", 3), ("b", 2)], &running);
-        let plan = placement::plan(&view, &[queued("urgent", 10, 2, 1)], &running);
+        let plan = placement::plan(
+            &view,
+            &[queued("urgent", 10, 2, 1)],
+            &running,
+            &Sharing::default(),
+        );
         assert!(plan.assignments.is_empty());
         // "lower-but-small" alone holds one rank; "low" then holds both, and the small one is
         // no longer needed.
@@ -367,7 +373,12 @@ mod tests {
         opted_out.preemptible = false;
         let running = [running("equal", 10, &[("b", &[0])]), opted_out];
         let view = cluster(&[("a", 1), ("b", 1)], &running);
-        let plan = placement::plan(&view, &[queued("urgent", 10, 1, 1)], &running);
+        let plan = placement::plan(
+            &view,
+            &[queued("urgent", 10, 1, 1)],
+            &running,
+            &Sharing::default(),
+        );
         assert!(plan.preemptions.is_empty());
         assert_eq!(plan.waiting.len(), 1);
         assert_eq!(
@@ -387,7 +398,12 @@ mod tests {
         costly.progress_lost_ms = 60_000;
         let running = [old, young, costly];
         let view = cluster(&[("a", 1), ("b", 1), ("c", 1)], &running);
-        let plan = placement::plan(&view, &[queued("urgent", 1, 1, 1)], &running);
+        let plan = placement::plan(
+            &view,
+            &[queued("urgent", 1, 1, 1)],
+            &running,
+            &Sharing::default(),
+        );
         assert_eq!(victims(&plan), [["young"]]);
     }
 
@@ -400,7 +416,12 @@ mod tests {
             running("z", 0, &[("b", &[1])]),
         ];
         let view = cluster(&[("a", 1), ("b", 2)], &running);
-        let plan = placement::plan(&view, &[queued("pair", 1, 1, 2)], &running);
+        let plan = placement::plan(
+            &view,
+            &[queued("pair", 1, 1, 2)],
+            &running,
+            &Sharing::default(),
+        );
         let mut chosen = victims(&plan).remove(0);
         chosen.sort_unstable();
         assert_eq!(chosen, ["y", "z"]);
@@ -414,7 +435,12 @@ mod tests {
         let view = cluster(&[("a", 2)], &running);
         let mut small = queued("small", 5, 1, 1);
         small.seq = 1;
-        let plan = placement::plan(&view, &[queued("urgent", 10, 2, 1), small], &running);
+        let plan = placement::plan(
+            &view,
+            &[queued("urgent", 10, 2, 1), small],
+            &running,
+            &Sharing::default(),
+        );
         assert_eq!(victims(&plan), [["low"]]);
         assert!(plan.assignments.is_empty());
         assert_eq!(plan.waiting[0].job_id, id("small"));
@@ -426,12 +452,22 @@ mod tests {
         stopping.stopping_for = Some(id("urgent"));
         let running = [stopping, running("other", 0, &[("b", &[0])])];
         let view = cluster(&[("a", 1), ("b", 1)], &running);
-        let plan = placement::plan(&view, &[queued("urgent", 10, 1, 1)], &running);
+        let plan = placement::plan(
+            &view,
+            &[queued("urgent", 10, 1, 1)],
+            &running,
+            &Sharing::default(),
+        );
         assert_eq!(victims(&plan), [["stopping"]]);
         assert!(plan.preemptions[0].new_victims.is_empty());
         // Once it has stopped, the job is placed on its devices.
         let view = cluster(&[("a", 1), ("b", 1)], &running[1..]);
-        let after = placement::plan(&view, &[queued("urgent", 10, 1, 1)], &running[1..]);
+        let after = placement::plan(
+            &view,
+            &[queued("urgent", 10, 1, 1)],
+            &running[1..],
+            &Sharing::default(),
+        );
         assert_eq!(after.assignments[0].ranks[0].node_id, node("a"));
     }
 
@@ -535,7 +571,7 @@ mod tests {
     proptest! {
         #[test]
         fn preemption_follows_every_rule((view, running, queue) in arbitrary_case()) {
-            let plan = placement::plan(&view, &queue, &running);
+            let plan = placement::plan(&view, &queue, &running, &Sharing::default());
             let by_id: HashMap<&JobId, &RunningJob> =
                 running.iter().map(|job| (&job.job_id, job)).collect();
             let queued_by_id: HashMap<&JobId, &QueuedJob> =
