@@ -287,6 +287,24 @@ pub enum Benchmark {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Submission throughput and latency of a real coordinator process with simulated workers
+    /// (gRPC clients in this process that register, heartbeat every second and finish what
+    /// they are told to start), its CPU time per heartbeat, how long jobs wait to be placed,
+    /// and whether any acknowledged job is lost when it is killed during submissions.
+    Submit {
+        /// Jobs submitted.
+        #[arg(long, default_value_t = 20_000)]
+        jobs: u32,
+        /// Simulated workers (one CPU slot each).
+        #[arg(long, default_value_t = 1_000)]
+        workers: u32,
+        /// Concurrent submitting clients.
+        #[arg(long, default_value_t = 64)]
+        submitters: u32,
+        /// The coordinator's store: `embedded` or `etcd://host:port`.
+        #[arg(long, default_value = "embedded")]
+        store: String,
+    },
     /// One rank of the training benchmark (run as a job by `train`).
     #[command(hide = true)]
     TrainRank {

@@ -12,6 +12,7 @@ pub mod allreduce;
 pub mod mesh;
 pub mod ps;
 pub mod scheduler;
+pub mod submit;
 pub mod train;
 
 use cohort_proto::failover::CoordinatorConnection;
@@ -95,6 +96,12 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
         })
         .await
         .context("the scheduler benchmark thread")?,
+        Benchmark::Submit {
+            jobs,
+            workers,
+            submitters,
+            store,
+        } => submit::run(jobs, workers, submitters, &store).await,
         Benchmark::Mesh { .. } => {
             bail!("the mesh benchmark starts outside the CLI runtime (see main)")
         }
