@@ -199,7 +199,18 @@ pub async fn run(jobs: u32, workers: u32, submitters: u32, store: &str) -> Resul
     let crash = submit_all(&mut coordinator, jobs / 2, submitters, Some(kill_after)).await?;
     let restarted = Coordinator::start(directory.path(), &store_flag, jobs).await?;
     let mut control = JobControlClient::new(restarted.connect(&restarted.admin).await?);
-    let known = all_job_ids(&mut control).await?;
+    // With etcd the restarted coordinator stands by until the killed one's lease runs out.
+    let restarted_at = Instant::now();
+    let known = loop {
+        match all_job_ids(&mut control).await {
+            Ok(known) => break known,
+            Err(error) if restarted_at.elapsed() < STARTUP_TIMEOUT => {
+                tracing::debug!(%error, "the restarted coordinator does not answer yet");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(error) => return Err(error.context("the restarted coordinator")),
+        }
+    };
     let lost = crash
         .accepted
         .iter()

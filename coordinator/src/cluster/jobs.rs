@@ -37,6 +37,55 @@ pub struct JobPage {
     pub next_page_token: String,
 }
 
+/// How many job sequence numbers a coordinator reserves in the store at once: submissions take
+/// them from memory, and a coordinator that stops leaves the rest of its block unused (job ids
+/// then skip them).
+const SEQ_BLOCK: u64 = 64;
+
+/// Submissions between their queue-room check and their job entering memory, and the job
+/// sequence numbers reserved for them.
+#[derive(Default)]
+pub(super) struct Submissions {
+    /// The next reserved sequence number and the end of the block (exclusive).
+    seqs: (u64, u64),
+    /// Submissions whose record is being written, per submitter.
+    pending: std::collections::HashMap<String, usize>,
+}
+
+impl Submissions {
+    /// The next job sequence number, reserving a block in `store` when none is left.
+    async fn next_seq(&mut self, store: &dyn crate::store::ClusterStore) -> Result<u64> {
+        if self.seqs.0 >= self.seqs.1 {
+            let first = store.reserve_job_seqs(SEQ_BLOCK).await?;
+            self.seqs = (first, first + SEQ_BLOCK);
+        }
+        let seq = self.seqs.0;
+        self.seqs.0 += 1;
+        Ok(seq)
+    }
+
+    /// Pending submissions: all of them, and `submitter`'s.
+    fn pending(&self, submitter: &str) -> (usize, usize) {
+        (
+            self.pending.values().sum(),
+            self.pending.get(submitter).copied().unwrap_or(0),
+        )
+    }
+
+    fn hold(&mut self, submitter: &str) {
+        *self.pending.entry(submitter.to_owned()).or_default() += 1;
+    }
+
+    fn release(&mut self, submitter: &str) {
+        if let Some(count) = self.pending.get_mut(submitter) {
+            *count -= 1;
+            if *count == 0 {
+                self.pending.remove(submitter);
+            }
+        }
+    }
+}
+
 impl Cluster {
     /// Refuses a job whose queue is not configured, or that asks for more devices than its
     /// queue's or a user's quota allows (it could never start).
@@ -72,9 +121,10 @@ impl Cluster {
     /// scheduler.
     ///
     /// The job enters memory only once its record is stored: a submission whose write fails
-    /// is answered with the error and leaves nothing behind. The state lock is released for
-    /// the store round trips (sequence, record); submissions are serialised among themselves
-    /// instead, so the queue-room check still holds when the job is inserted.
+    /// is answered with the error and leaves nothing behind. No lock is held while the record
+    /// is written: concurrent submissions share the writer's commits (group commit). Until
+    /// its job enters memory a submission counts as pending, so the queue-room checks of the
+    /// others see it; sequence numbers come from a block reserved in the store.
     #[instrument(skip(self, spec_toml))]
     pub async fn submit(
         &self,
@@ -83,35 +133,37 @@ impl Cluster {
         submitter: String,
     ) -> Result<JobInfo> {
         let spec = cohort_jobspec::parse(&spec_toml)?;
-        let submitting = self.submissions.lock().await;
-        let state = self.state.lock().await;
-        self.check_queue_room(&state, &submitter)?;
-        self.check_quotas(&spec)?;
-        let queued = QueuedJob {
-            job_id: JobId::new("candidate")?,
-            priority: spec.priority,
-            seq: 0,
-            ranks: spec.processes(),
-            devices_per_rank: spec.resources.devices_per_rank,
-            device_kind: spec.resources.device,
-            rank_group: spec.rank_group(),
-            avoid_nodes: Vec::new(),
-            min_ranks: 0,
-            owner: placement::Owner {
-                queue: spec.queue().to_owned(),
-                user: submitter.clone(),
-            },
-        };
-        if !wait_for_resources {
-            let view = state.cluster_view(false);
-            placement::check_could_ever_fit(&view, &queued).map_err(|why| {
-                Error::Unschedulable(format!(
-                    "{why}; submit with --wait-for-resources to queue it until the cluster grows"
-                ))
-            })?;
+        let mut submissions = self.submissions.lock().await;
+        {
+            let state = self.state.lock().await;
+            self.check_queue_room(&state, &submissions, &submitter)?;
+            self.check_quotas(&spec)?;
+            if !wait_for_resources {
+                let queued = QueuedJob {
+                    job_id: JobId::new("candidate")?,
+                    priority: spec.priority,
+                    seq: 0,
+                    ranks: spec.processes(),
+                    devices_per_rank: spec.resources.devices_per_rank,
+                    device_kind: spec.resources.device,
+                    rank_group: spec.rank_group(),
+                    avoid_nodes: Vec::new(),
+                    min_ranks: 0,
+                    owner: placement::Owner {
+                        queue: spec.queue().to_owned(),
+                        user: submitter.clone(),
+                    },
+                };
+                let view = state.cluster_view(false);
+                placement::check_could_ever_fit(&view, &queued).map_err(|why| {
+                    Error::Unschedulable(format!(
+                        "{why}; submit with --wait-for-resources to queue it until the cluster \
+                         grows"
+                    ))
+                })?;
+            }
         }
-        drop(state);
-        let seq = self.store.next_job_seq().await?;
+        let seq = submissions.next_seq(&*self.store).await?;
         let id = JobId::new(format!("{}-{seq}", spec.name))?;
         let record = JobRecord {
             id: id.clone(),
@@ -141,7 +193,13 @@ impl Cluster {
             backoff: Vec::new(),
         };
         // Nothing else knows the job yet, so no other write of it can be queued before this one.
-        self.writes.put_job(&record).landed().await?;
+        let written = self.writes.put_job(&record);
+        submissions.hold(&record.submitter);
+        drop(submissions);
+        let landed = written.landed().await;
+        let mut submissions = self.submissions.lock().await;
+        submissions.release(&record.submitter);
+        landed?;
         self.logs.track(&id)?;
         info!(job_id = %id, ranks = record.ranks, priority = record.priority, "job queued");
         let job = LiveJob {
@@ -158,14 +216,19 @@ impl Cluster {
             .await
             .jobs
             .insert(seq, JobSlot::Live(Box::new(job)));
-        drop(submitting);
+        drop(submissions);
         self.wake.notify_one();
         Ok(info)
     }
 
     /// Refuses a submission when the queue holds its most jobs, in all or for `submitter`.
-    fn check_queue_room(&self, state: &State, submitter: &str) -> Result<()> {
-        let (mut queued, mut theirs) = (0usize, 0usize);
+    fn check_queue_room(
+        &self,
+        state: &State,
+        submissions: &Submissions,
+        submitter: &str,
+    ) -> Result<()> {
+        let (mut queued, mut theirs) = submissions.pending(submitter);
         for job in state
             .live_jobs()
             .filter(|job| job.record.state == JobState::Queued)

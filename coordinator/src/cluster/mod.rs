@@ -340,9 +340,9 @@ pub struct Cluster {
     store: Arc<dyn ClusterStore>,
     /// Job writes, in the order the state changed; drained by one writer task.
     writes: WriteQueue,
-    /// Serialises submissions from their queue-room check to their insertion, so that the
-    /// check holds while the state lock is released for the store round trips between.
-    submissions: Mutex<()>,
+    /// Submissions whose records are being written (counted by the queue-room checks), and
+    /// the job sequence numbers reserved for submissions.
+    submissions: Mutex<jobs::Submissions>,
     /// In-memory state. Never held across a store round trip.
     state: Mutex<State>,
     /// Captured rank output.
@@ -450,7 +450,7 @@ impl Cluster {
             config,
             store,
             writes,
-            submissions: Mutex::new(()),
+            submissions: Mutex::new(jobs::Submissions::default()),
             state: Mutex::new(state),
             logs,
             rendezvous,

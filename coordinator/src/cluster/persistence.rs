@@ -4,9 +4,11 @@
 //! - An operation changes the in-memory state under the lock and, before releasing it, enqueues
 //!   every record it changed ([`WriteQueue::put_job`]). The order of the queue is therefore the
 //!   order in which the state changed.
-//! - One writer task takes records off the queue and writes them one at a time, so the store
-//!   sees a job's states in the order they happened: a later state is never overwritten by an
-//!   earlier one.
+//! - One writer task takes records off the queue and writes them in order, so the store sees a
+//!   job's states in the order they happened: a later state is never overwritten by an earlier
+//!   one. What has queued up meanwhile is written together: consecutive job records in one
+//!   transaction (group commit), so concurrent submissions and a scheduler pass's placements
+//!   share one durable commit.
 //! - A caller that must not answer before its change is durable (a submission, a cancellation,
 //!   a scheduler pass before it starts any rank) awaits its [`Written`] tickets after releasing
 //!   the lock; other callers (a heartbeat from another node) never wait for it.
@@ -122,52 +124,100 @@ pub(super) async fn all_landed(writes: Vec<Written>) -> Result<()> {
     first_failure.map_or(Ok(()), Err)
 }
 
+/// Most writes the writer takes off the queue at once: consecutive job records among them are
+/// stored in one transaction (group commit).
+const MAX_BATCH: usize = 512;
+
 /// The writer task: writes every queued record in order until the queue closes (the cluster
-/// was dropped) and is empty.
+/// was dropped) and is empty. It takes what is queued at once (up to [`MAX_BATCH`]) and stores
+/// each run of consecutive job records with one [`ClusterStore::put_jobs`], so that many
+/// submissions and scheduler changes share one durable commit.
 async fn write_in_order(
     store: Weak<dyn ClusterStore>,
     events: broadcast::Sender<JobChanged>,
     mut queue: mpsc::UnboundedReceiver<Queued>,
 ) {
-    while let Some(Queued { payload, done }) = queue.recv().await {
-        let job = match payload {
-            Payload::Job(job) => job,
-            Payload::Barrier => {
-                let _ = done.send(Ok(()));
-                continue;
+    let mut batch: Vec<Queued> = Vec::with_capacity(MAX_BATCH);
+    let mut jobs: Vec<(Box<JobRecord>, oneshot::Sender<Result<()>>)> = Vec::new();
+    while let Some(first) = queue.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
             }
-            Payload::Curves(job_id, curves) => {
-                let result = match store.upgrade() {
-                    Some(store) => store.put_job_metrics(&job_id, &curves).await,
-                    None => Err(Error::Store(format!(
-                        "writing the metric curves of job {job_id}: the store was closed"
-                    ))),
-                };
-                if let Err(Err(error)) = done.send(result) {
-                    warn!(%job_id, %error, "metric curves not written and nobody waited");
-                }
-                continue;
-            }
-        };
-        let result = match store.upgrade() {
-            Some(store) => store.put_job(&job).await,
-            None => {
-                error!(job_id = %job.id, state = job.state.name(), "job record not written: the store was closed");
-                Err(Error::Store(format!(
-                    "writing job {}: the store was closed",
-                    job.id
-                )))
-            }
-        };
-        if result.is_ok() {
-            // No watcher is not an error.
-            let _ = events.send(JobChanged {
-                job_id: job.id.clone(),
-                finished: job.state.is_terminal(),
-            });
         }
-        if let Err(Err(error)) = done.send(result) {
+        for Queued { payload, done } in batch.drain(..) {
+            match payload {
+                Payload::Job(job) => jobs.push((job, done)),
+                Payload::Barrier => {
+                    write_jobs(&store, &events, &mut jobs).await;
+                    let _ = done.send(Ok(()));
+                }
+                Payload::Curves(job_id, curves) => {
+                    write_jobs(&store, &events, &mut jobs).await;
+                    let result = match store.upgrade() {
+                        Some(store) => store.put_job_metrics(&job_id, &curves).await,
+                        None => Err(Error::Store(format!(
+                            "writing the metric curves of job {job_id}: the store was closed"
+                        ))),
+                    };
+                    if let Err(Err(error)) = done.send(result) {
+                        warn!(%job_id, %error, "metric curves not written and nobody waited");
+                    }
+                }
+            }
+        }
+        write_jobs(&store, &events, &mut jobs).await;
+    }
+}
+
+/// Stores the job records of `jobs` in one write, then tells each waiter the outcome and
+/// watchers of each stored change; empties `jobs`.
+async fn write_jobs(
+    store: &Weak<dyn ClusterStore>,
+    events: &broadcast::Sender<JobChanged>,
+    jobs: &mut Vec<(Box<JobRecord>, oneshot::Sender<Result<()>>)>,
+) {
+    if jobs.is_empty() {
+        return;
+    }
+    let records: Vec<&JobRecord> = jobs.iter().map(|(job, _)| &**job).collect();
+    let result = match store.upgrade() {
+        Some(store) if records.len() == 1 => store.put_job(records[0]).await,
+        Some(store) => store.put_jobs(&records).await,
+        None => Err(Error::Store(format!(
+            "writing {} job records: the store was closed",
+            records.len()
+        ))),
+    };
+    if let Err(error) = &result {
+        error!(jobs = records.len(), %error, "job records not written");
+    }
+    for (job, done) in jobs.drain(..) {
+        let outcome = match &result {
+            Ok(()) => {
+                // No watcher is not an error.
+                let _ = events.send(JobChanged {
+                    job_id: job.id.clone(),
+                    finished: job.state.is_terminal(),
+                });
+                Ok(())
+            }
+            Err(error) => Err(shared_failure(error)),
+        };
+        if let Err(Err(error)) = done.send(outcome) {
             warn!(job_id = %job.id, %error, "job write failed and nobody waited for it");
         }
+    }
+}
+
+/// The failure of a write shared by several waiters, as each of them is told it: the same kind
+/// of error with the same words.
+fn shared_failure(error: &Error) -> Error {
+    match error {
+        Error::Store(message) => Error::Store(message.clone()),
+        Error::LostLeadership(message) => Error::LostLeadership(message.clone()),
+        other => Error::Store(other.to_string()),
     }
 }

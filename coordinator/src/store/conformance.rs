@@ -311,6 +311,7 @@ conformance_suite!(
     audit_entries_get_increasing_numbers_page_by_page_and_survive_reopening,
     concurrent_audit_appends_get_distinct_numbers,
     the_audit_log_keeps_the_newest_entries_of_its_window,
+    jobs_written_together_are_stored_in_their_order,
 );
 
 async fn sequence_starts_at_one_and_counts_up(backend: &dyn Backend) {
@@ -320,6 +321,21 @@ async fn sequence_starts_at_one_and_counts_up(backend: &dyn Backend) {
         sequence.push(store.next_job_seq().await.unwrap());
     }
     assert_eq!(sequence, vec![1, 2, 3]);
+    // A block is reserved whole: the next number follows it.
+    assert_eq!(store.reserve_job_seqs(64).await.unwrap(), 4);
+    assert_eq!(store.next_job_seq().await.unwrap(), 68);
+}
+
+async fn jobs_written_together_are_stored_in_their_order(backend: &dyn Backend) {
+    let store = backend.open().await;
+    let first = sample_job(1);
+    let mut later = sample_job(1);
+    later.reason = "the later state".to_owned();
+    let other = sample_job(2);
+    store.put_jobs(&[&first, &other, &later]).await.unwrap();
+    let mut listed = store.list_jobs().await.unwrap().records;
+    listed.sort_by(|left, right| left.id.cmp(&right.id));
+    assert_eq!(listed, vec![later, other]);
 }
 
 async fn sequence_is_unique_and_increasing_under_concurrent_callers(backend: &dyn Backend) {

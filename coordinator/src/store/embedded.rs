@@ -436,12 +436,12 @@ impl<T, E: Into<redb::Error>> WithinOperation<T> for std::result::Result<T, E> {
 
 #[async_trait]
 impl ClusterStore for EmbeddedStore {
-    async fn next_job_seq(&self) -> Result<u64> {
-        let sequence = self
-            .run_blocking("allocating job sequence", |database| {
+    async fn reserve_job_seqs(&self, count: u64) -> Result<u64> {
+        let first = self
+            .run_blocking("allocating job sequence", move |database| {
                 let operation = "allocating job sequence";
                 let transaction = database.begin_write().within(operation, JOB_SEQ_KEY)?;
-                let next = {
+                let first = {
                     let mut meta = transaction
                         .open_table(META)
                         .within(operation, JOB_SEQ_KEY)?;
@@ -449,19 +449,20 @@ impl ClusterStore for EmbeddedStore {
                         .get(JOB_SEQ_KEY)
                         .within(operation, JOB_SEQ_KEY)?
                         .map_or(0, |guard| guard.value());
-                    let next = last.checked_add(1).ok_or_else(|| {
-                        Error::Store(format!("{operation}: job sequence exhausted at {last}"))
-                    })?;
-                    meta.insert(JOB_SEQ_KEY, next)
+                    let exhausted =
+                        || Error::Store(format!("{operation}: job sequence exhausted at {last}"));
+                    let first = last.checked_add(1).ok_or_else(exhausted)?;
+                    let end = last.checked_add(count.max(1)).ok_or_else(exhausted)?;
+                    meta.insert(JOB_SEQ_KEY, end)
                         .within(operation, JOB_SEQ_KEY)?;
-                    next
+                    first
                 };
                 transaction.commit().within(operation, JOB_SEQ_KEY)?;
-                Ok(next)
+                Ok(first)
             })
             .await?;
-        debug!(sequence, "allocated job sequence");
-        Ok(sequence)
+        debug!(first, count, "reserved job sequence numbers");
+        Ok(first)
     }
 
     async fn put_job(&self, job: &JobRecord) -> Result<()> {
@@ -469,6 +470,34 @@ impl ClusterStore for EmbeddedStore {
         self.put_bytes("writing job", JOBS, job.id.as_str().to_owned(), bytes)
             .await?;
         debug!(job_id = %job.id, state = job.state.name(), "stored job");
+        Ok(())
+    }
+
+    async fn put_jobs(&self, jobs: &[&JobRecord]) -> Result<()> {
+        let encoded = jobs
+            .iter()
+            .map(|job| Ok((job.id.as_str().to_owned(), codec::encode(*job)?)))
+            .collect::<Result<Vec<(String, Vec<u8>)>>>()?;
+        let count = encoded.len();
+        self.run_blocking("writing jobs", move |database| {
+            let operation = "writing jobs";
+            let first = encoded
+                .first()
+                .map_or("", |(key, _)| key.as_str())
+                .to_owned();
+            let transaction = database.begin_write().within(operation, &first)?;
+            {
+                let mut table = transaction.open_table(JOBS).within(operation, &first)?;
+                for (key, bytes) in &encoded {
+                    table
+                        .insert(key.as_str(), bytes.as_slice())
+                        .within(operation, key)?;
+                }
+            }
+            transaction.commit().within(operation, &first)
+        })
+        .await?;
+        debug!(count, "stored jobs in one transaction");
         Ok(())
     }
 

@@ -284,12 +284,13 @@ impl EtcdStore {
         }
     }
 
-    /// Advances the counter at `key` by one in a transaction that also applies `with(next)`,
+    /// Advances the counter at `key` by `step` (at least one) in a transaction that also applies `with(next)`,
     /// retrying when another writer advanced it first; returns the new value.
     async fn advance_sequence(
         &self,
         operation: &str,
         key: String,
+        step: u64,
         with: impl Fn(u64) -> Vec<TxnOp>,
     ) -> Result<u64> {
         let mut kv = self.kv.clone();
@@ -302,7 +303,7 @@ impl EtcdStore {
         };
         for _ in 1..=MAX_SEQUENCE_ATTEMPTS {
             let (last, mod_revision) = current;
-            let next = last.checked_add(1).ok_or_else(|| {
+            let next = last.checked_add(step.max(1)).ok_or_else(|| {
                 Error::Store(format!("{operation}: sequence {key} exhausted at {last}"))
             })?;
             let mut then = vec![TxnOp::put(key.clone(), next.to_string(), None)];
@@ -532,14 +533,16 @@ fn parse_sequence(key: &str, value: &[u8]) -> Result<u64> {
 
 #[async_trait]
 impl ClusterStore for EtcdStore {
-    async fn next_job_seq(&self) -> Result<u64> {
-        let sequence = self
-            .advance_sequence("allocating job sequence", self.job_seq_key(), |_| {
+    async fn reserve_job_seqs(&self, count: u64) -> Result<u64> {
+        let count = count.max(1);
+        let last = self
+            .advance_sequence("allocating job sequence", self.job_seq_key(), count, |_| {
                 Vec::new()
             })
             .await?;
-        debug!(sequence, "allocated job sequence");
-        Ok(sequence)
+        let first = last - (count - 1);
+        debug!(first, count, "reserved job sequence numbers");
+        Ok(first)
     }
 
     async fn put_job(&self, job: &JobRecord) -> Result<()> {
@@ -664,7 +667,7 @@ impl ClusterStore for EtcdStore {
         // Encoded inside the transaction builder, which runs per attempt with that attempt's
         // sequence number; an encoding failure is found first, outside it.
         codec::encode(&entry)?;
-        self.advance_sequence("appending to the audit log", key, |seq| {
+        self.advance_sequence("appending to the audit log", key, 1, |seq| {
             let bytes = codec::encode(&AuditEntry {
                 seq,
                 ..entry.clone()

@@ -116,8 +116,8 @@ impl FaultyStore {
 
 #[async_trait]
 impl ClusterStore for FaultyStore {
-    async fn next_job_seq(&self) -> Result<u64> {
-        self.inner.next_job_seq().await
+    async fn reserve_job_seqs(&self, count: u64) -> Result<u64> {
+        self.inner.reserve_job_seqs(count).await
     }
 
     async fn put_job(&self, job: &JobRecord) -> Result<()> {

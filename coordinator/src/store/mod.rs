@@ -40,9 +40,24 @@ use crate::model::{JobRecord, MetricHistory, NodeRecord, UnixMillis};
 #[async_trait]
 pub trait ClusterStore: Send + Sync + 'static {
     /// Allocates the next job sequence number (starting at 1), durably and atomically.
-    async fn next_job_seq(&self) -> Result<u64>;
+    async fn next_job_seq(&self) -> Result<u64> {
+        self.reserve_job_seqs(1).await
+    }
+    /// Reserves `count` (at least 1) consecutive job sequence numbers, durably and atomically,
+    /// and returns the first: numbers no later reservation hands out again, whether or not
+    /// they are used.
+    async fn reserve_job_seqs(&self, count: u64) -> Result<u64>;
     /// Inserts or replaces a job record.
     async fn put_job(&self, job: &JobRecord) -> Result<()>;
+    /// Inserts or replaces several job records in their order (a later record of the same job
+    /// wins), in one durable write where the store can: the job writer's group commit. By
+    /// default one at a time.
+    async fn put_jobs(&self, jobs: &[&JobRecord]) -> Result<()> {
+        for job in jobs {
+            self.put_job(job).await?;
+        }
+        Ok(())
+    }
     /// Returns one job record, if it exists. An undecodable record is an error naming its key
     /// (it stays where it is until a listing quarantines it).
     async fn get_job(&self, id: &JobId) -> Result<Option<JobRecord>>;
