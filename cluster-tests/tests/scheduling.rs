@@ -105,3 +105,68 @@ fn queues_hold_jobs_to_their_quota_name_why_they_wait_and_refuse_what_could_neve
     }
     Ok(())
 }
+
+#[test]
+fn no_acknowledged_submission_is_lost_when_the_coordinator_is_killed_among_them() -> Result<()> {
+    use cohort_cluster_tests::sandbox::connect_as;
+    use cohort_proto::v1::SubmitJobRequest;
+    use cohort_proto::v1::job_control_client::JobControlClient;
+    use std::sync::{Arc, Mutex};
+
+    let mut cluster = Sandbox::start()?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let acknowledged: Arc<Mutex<Vec<String>>> = Arc::default();
+    // Eight clients submit until the coordinator stops answering: their records share commits.
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (address, token) = (
+            cluster.address().to_owned(),
+            cluster.admin_token().to_owned(),
+        );
+        let acknowledged = acknowledged.clone();
+        clients.push(runtime.spawn(async move {
+            let mut client = JobControlClient::new(connect_as(&address, Some(&token)).await?);
+            for _ in 0..10_000 {
+                let answer = client
+                    .submit_job(SubmitJobRequest {
+                        spec_toml: shell_job("durable", 1, "true"),
+                        wait_for_resources: true,
+                    })
+                    .await;
+                match answer.ok().and_then(|answer| answer.into_inner().job) {
+                    Some(job) => acknowledged.lock().expect("not poisoned").push(job.job_id),
+                    None => break,
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    poll(
+        "300 acknowledged submissions",
+        Duration::from_secs(60),
+        || Ok((acknowledged.lock().expect("not poisoned").len() >= 300).then_some(())),
+    )?;
+    cluster.kill_coordinator();
+    for client in clients {
+        runtime.block_on(client)??;
+    }
+    let acknowledged = acknowledged.lock().expect("not poisoned").clone();
+    cluster.restart_coordinator()?;
+    let known: std::collections::HashSet<String> = cluster
+        .jobs()?
+        .iter()
+        .filter_map(|job| job["job_id"].as_str().map(str::to_owned))
+        .collect();
+    let lost: Vec<&String> = acknowledged
+        .iter()
+        .filter(|id| !known.contains(*id))
+        .collect();
+    eprintln!(
+        "{} submissions acknowledged before SIGKILL, {} jobs after the restart, {} lost",
+        acknowledged.len(),
+        known.len(),
+        lost.len()
+    );
+    assert!(lost.is_empty(), "lost: {lost:?}");
+    Ok(())
+}
