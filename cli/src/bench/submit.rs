@@ -138,32 +138,38 @@ pub async fn run(jobs: u32, workers: u32, submitters: u32, store: &str) -> Resul
         coordinator.address
     );
     let heartbeats = Arc::new(AtomicU64::new(0));
+    let registered = Arc::new(AtomicU64::new(0));
     let mut fleet = JoinSet::new();
     for index in 0..workers {
         let connection = coordinator.connect(&coordinator.join).await?;
-        let heartbeats = heartbeats.clone();
+        let counters = (registered.clone(), heartbeats.clone());
         fleet.spawn(simulated_worker(
             connection,
             format!("sim-{index:05}"),
-            heartbeats,
+            counters,
         ));
     }
     let mut control = JobControlClient::new(coordinator.connect(&coordinator.admin).await?);
     let started = Instant::now();
+    // Every worker's registration answered (not only recorded: the answer comes after the
+    // registration's audit entry is stored), so every worker heartbeats from now on.
     loop {
         let nodes = control
             .list_nodes(ListNodesRequest {})
             .await?
             .into_inner()
             .nodes;
-        if nodes.iter().filter(|node| node.status == "ready").count() >= workers as usize {
+        let ready = nodes.iter().filter(|node| node.status == "ready").count();
+        let answered = registered.load(Ordering::Relaxed);
+        if ready >= workers as usize && answered >= u64::from(workers) {
             break;
         }
         if started.elapsed() > STARTUP_TIMEOUT {
-            bail!("only {} of {workers} workers registered", nodes.len());
+            bail!("{answered} of {workers} workers registered, {ready} ready");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let registration_s = started.elapsed().as_secs_f64();
 
     // Heartbeats alone: the coordinator's CPU time over a fixed window.
     eprintln!("measuring heartbeats for {} s...", IDLE_WINDOW.as_secs());
@@ -226,6 +232,7 @@ pub async fn run(jobs: u32, workers: u32, submitters: u32, store: &str) -> Resul
     let row = json!({
         "store": store,
         "workers": workers,
+        "registration_s": registration_s,
         "submitters": submitters,
         "jobs": jobs,
         "accepted": submitted.accepted.len(),
@@ -243,7 +250,7 @@ pub async fn run(jobs: u32, workers: u32, submitters: u32, store: &str) -> Resul
         "lost_after_kill": lost,
     });
     println!(
-        "submit benchmark: a coordinator ({store} store), {workers} simulated workers heartbeating every {} s, {submitters} concurrent clients",
+        "submit benchmark: a coordinator ({store} store), {workers} simulated workers heartbeating every {} s (all registered in {registration_s:.1} s), {submitters} concurrent clients",
         HEARTBEAT_INTERVAL.as_secs()
     );
     print!(
@@ -366,7 +373,7 @@ async fn submit_all(
 async fn simulated_worker(
     connection: Connection,
     node_id: String,
-    heartbeats: Arc<AtomicU64>,
+    (registered_count, heartbeats): (Arc<AtomicU64>, Arc<AtomicU64>),
 ) -> Result<()> {
     let mut client = MembershipClient::new(connection);
     let mut stream = client
@@ -389,6 +396,7 @@ async fn simulated_worker(
     else {
         bail!("{node_id}: the instruction stream did not open with `registered`");
     };
+    registered_count.fetch_add(1, Ordering::Relaxed);
     let mut ticker = tokio::time::interval(HEARTBEAT_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
