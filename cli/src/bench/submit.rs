@@ -173,15 +173,7 @@ pub async fn run(jobs: u32, workers: u32, submitters: u32, store: &str) -> Resul
 
     // Heartbeats alone: the coordinator's CPU time over a fixed window.
     eprintln!("measuring heartbeats for {} s...", IDLE_WINDOW.as_secs());
-    let (cpu_before, beats_before, idle_start) = (
-        coordinator.cpu_seconds()?,
-        heartbeats.load(Ordering::Relaxed),
-        Instant::now(),
-    );
-    tokio::time::sleep(IDLE_WINDOW).await;
-    let idle_wall = idle_start.elapsed().as_secs_f64();
-    let idle_cpu = coordinator.cpu_seconds()? - cpu_before;
-    let idle_beats = heartbeats.load(Ordering::Relaxed) - beats_before;
+    let (idle_wall, idle_cpu, idle_beats) = heartbeat_load(&coordinator, &heartbeats).await?;
 
     // Submissions from concurrent clients.
     eprintln!("submitting {jobs} jobs from {submitters} clients...");
@@ -201,27 +193,14 @@ pub async fn run(jobs: u32, workers: u32, submitters: u32, store: &str) -> Resul
     // Crash safety: kill the coordinator in the middle of submissions, start it again, and
     // count the acknowledged jobs it lost.
     eprintln!("killing the coordinator during submissions...");
-    let kill_after = (jobs / 4).max(1);
-    let crash = submit_all(&mut coordinator, jobs / 2, submitters, Some(kill_after)).await?;
-    let restarted = Coordinator::start(directory.path(), &store_flag, jobs).await?;
-    let mut control = JobControlClient::new(restarted.connect(&restarted.admin).await?);
-    // With etcd the restarted coordinator stands by until the killed one's lease runs out.
-    let restarted_at = Instant::now();
-    let known = loop {
-        match all_job_ids(&mut control).await {
-            Ok(known) => break known,
-            Err(error) if restarted_at.elapsed() < STARTUP_TIMEOUT => {
-                tracing::debug!(%error, "the restarted coordinator does not answer yet");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(error) => return Err(error.context("the restarted coordinator")),
-        }
-    };
-    let lost = crash
-        .accepted
-        .iter()
-        .filter(|id| !known.contains(*id))
-        .count();
+    let (acknowledged, lost) = crash_round(
+        &mut coordinator,
+        directory.path(),
+        &store_flag,
+        jobs,
+        submitters,
+    )
+    .await?;
 
     let percentile = |sorted: &[f64], p: f64| {
         sorted
@@ -246,7 +225,7 @@ pub async fn run(jobs: u32, workers: u32, submitters: u32, store: &str) -> Resul
         "heartbeat_cores": idle_cpu / idle_wall,
         "cpu_s_per_heartbeat": idle_cpu / idle_beats.max(1) as f64,
         "cpu_s_per_submission": cpu_submitting / submitted.accepted.len().max(1) as f64,
-        "acknowledged_before_kill": crash.accepted.len(),
+        "acknowledged_before_kill": acknowledged,
         "lost_after_kill": lost,
     });
     println!(
@@ -274,7 +253,7 @@ pub async fn run(jobs: u32, workers: u32, submitters: u32, store: &str) -> Resul
                 format!("{:.1}", percentile(&waits, 0.50) * 1e3),
                 format!("{:.1}", percentile(&waits, 0.99) * 1e3),
                 format!("{:.3}", idle_cpu / idle_wall),
-                format!("{lost} of {}", crash.accepted.len()),
+                format!("{lost} of {}", acknowledged),
             ]],
         )
     );
@@ -284,6 +263,59 @@ pub async fn run(jobs: u32, workers: u32, submitters: u32, store: &str) -> Resul
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Submits `jobs / 2` jobs, SIGKILLs the coordinator a quarter of `jobs` into them, starts it
+/// again on the same store and returns how many submissions were acknowledged and how many of
+/// those jobs it no longer knows.
+async fn crash_round(
+    coordinator: &mut Coordinator,
+    data_dir: &Path,
+    store: &str,
+    jobs: u32,
+    submitters: u32,
+) -> Result<(usize, usize)> {
+    let kill_after = (jobs / 4).max(1);
+    let crash = submit_all(coordinator, jobs / 2, submitters, Some(kill_after)).await?;
+    let restarted = Coordinator::start(data_dir, store, jobs).await?;
+    let mut control = JobControlClient::new(restarted.connect(&restarted.admin).await?);
+    // With etcd the restarted coordinator stands by until the killed one's lease runs out.
+    let restarted_at = Instant::now();
+    let known = loop {
+        match all_job_ids(&mut control).await {
+            Ok(known) => break known,
+            Err(error) if restarted_at.elapsed() < STARTUP_TIMEOUT => {
+                tracing::debug!(%error, "the restarted coordinator does not answer yet");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(error) => return Err(error.context("the restarted coordinator")),
+        }
+    };
+    let lost = crash
+        .accepted
+        .iter()
+        .filter(|id| !known.contains(*id))
+        .count();
+    Ok((crash.accepted.len(), lost))
+}
+
+/// The coordinator's wall seconds, CPU seconds and heartbeats received over [`IDLE_WINDOW`]
+/// (`heartbeats` counts the simulated workers' heartbeats).
+async fn heartbeat_load(
+    coordinator: &Coordinator,
+    heartbeats: &AtomicU64,
+) -> Result<(f64, f64, u64)> {
+    let (cpu_before, beats_before, started) = (
+        coordinator.cpu_seconds()?,
+        heartbeats.load(Ordering::Relaxed),
+        Instant::now(),
+    );
+    tokio::time::sleep(IDLE_WINDOW).await;
+    Ok((
+        started.elapsed().as_secs_f64(),
+        coordinator.cpu_seconds()? - cpu_before,
+        heartbeats.load(Ordering::Relaxed) - beats_before,
+    ))
 }
 
 /// What a round of submissions did.

@@ -370,7 +370,8 @@ impl Cluster {
         let sharing = state.sharing(&self.config, &view);
         // (running, queued) jobs per queue; and per (queue, user), with their devices held.
         let mut jobs: BTreeMap<String, (u32, u32)> = BTreeMap::new();
-        let mut user_jobs: BTreeMap<(String, String), (u32, u32, Usage)> = BTreeMap::new();
+        let mut user_jobs: BTreeMap<(String, String), (u32, u32, sharing::Devices)> =
+            BTreeMap::new();
         for entry in state.live_jobs() {
             let holding = entry
                 .record
@@ -393,7 +394,7 @@ impl Cluster {
             user.0 += running;
             user.1 += waiting;
             let devices = holding * u64::from(entry.record.devices_per_rank);
-            user.2.add(&owner, entry.record.device_kind, devices);
+            user.2.add(entry.record.device_kind, devices);
         }
         let mut names: Vec<String> = self
             .config
@@ -416,8 +417,7 @@ impl Cluster {
                 let users = user_jobs
                     .iter()
                     .filter(|((queue, _), _)| *queue == name)
-                    .map(|((_, user), (running_jobs, queued_jobs, here))| {
-                        let held_here = here.users.get(user).copied().unwrap_or_default();
+                    .map(|((_, user), (running_jobs, queued_jobs, held_here))| {
                         let held = sharing.held.users.get(user).copied().unwrap_or_default();
                         QueueUser {
                             user: user.clone(),

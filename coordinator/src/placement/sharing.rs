@@ -103,7 +103,8 @@ pub struct Devices {
 }
 
 impl Devices {
-    fn add(&mut self, kind: DeviceKind, count: u64) {
+    /// Counts `count` more devices of `kind`.
+    pub fn add(&mut self, kind: DeviceKind, count: u64) {
         match kind {
             DeviceKind::Cpu => self.cpu += count,
             DeviceKind::Gpu => self.gpu += count,
