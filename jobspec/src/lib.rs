@@ -11,6 +11,8 @@
 //! - [`train`]: the sections of a `kind = "train"` job (`[model]`, `[data]`, `[optimizer]`,
 //!   `[schedule]`, `[parallel]`, `[checkpoint]`).
 //! - [`fault_tolerance`]: `[fault_tolerance]`, how often a failed job is restarted.
+//! - [`objective`]: [`objective::Objective`], an evaluation metric and its direction, what early
+//!   stopping, the best checkpoints and sweep leaderboards rank by.
 //! - [`layout`]: the rules across training sections (model and data set, transformer meshes,
 //!   parameter-server jobs) and the pure pipeline-stage balancing.
 //! - [`parallel`]: `[parallel]`, the mesh of replicas, stages and shards and the gradient
@@ -22,6 +24,7 @@
 pub mod fault_tolerance;
 pub mod job;
 pub mod layout;
+pub mod objective;
 pub mod parallel;
 pub mod parse;
 pub mod precision;
