@@ -111,6 +111,11 @@ pub enum Command {
     /// Drain a node (admins): nothing new is placed on it, and the jobs on it that may restart
     /// move off it through a checkpoint and a restart that uses up no restart.
     Drain(DrainArgs),
+    /// List the checkpoints a job wrote: step, epoch, the evaluation at that step, size, path,
+    /// and whether retention deleted it; the best by the job's metric is marked.
+    Checkpoints(CheckpointsArgs),
+    /// Hyper-parameter sweeps: `cohort sweep FILE` submits one; `status`, `list`, `cancel`.
+    Sweep(SweepArgs),
     /// Run the coordinator.
     Coordinator(CoordinatorDaemonArgs),
     /// Run a worker daemon on this node.
@@ -348,10 +353,12 @@ pub struct SubmitArgs {
     /// Queue the job even if the cluster is too small for it today.
     #[arg(long)]
     pub wait_for_resources: bool,
-    /// Start a `kind = "train"` job from this checkpoint directory (sets
-    /// `checkpoint.resume_from`): weights, optimizer state and step are restored.
-    #[arg(long)]
-    pub resume_from: Option<PathBuf>,
+    /// Start a `kind = "train"` job from a checkpoint (sets `checkpoint.resume_from`): weights,
+    /// optimizer state and step are restored. Either one another job recorded, `JOB@best` (by
+    /// that job's metric), `JOB@latest` or `JOB@step-N` (see `cohort checkpoints JOB`), or a
+    /// checkpoint directory.
+    #[arg(long, value_name = "JOB@WHICH|DIR")]
+    pub resume_from: Option<String>,
     /// Where the coordinator is.
     #[command(flatten)]
     pub coordinator: CoordinatorArgs,
@@ -473,6 +480,64 @@ pub struct CancelArgs {
 /// `cohort nodes` and `cohort queues`.
 #[derive(Debug, Args)]
 pub struct NodesArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    /// Where the coordinator is.
+    #[command(flatten)]
+    pub coordinator: CoordinatorArgs,
+}
+
+/// `cohort checkpoints`.
+#[derive(Debug, Args)]
+pub struct CheckpointsArgs {
+    /// The job id.
+    pub job_id: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    /// Where the coordinator is.
+    #[command(flatten)]
+    pub coordinator: CoordinatorArgs,
+}
+
+/// `cohort sweep`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct SweepArgs {
+    /// What to do; without one, submits FILE.
+    #[command(subcommand)]
+    pub command: Option<SweepCommand>,
+    /// The sweep file (TOML) to submit: a `[sweep]` section and the base `[job]`.
+    #[arg(required = true)]
+    pub file: Option<PathBuf>,
+    /// Follow the sweep until it ends, showing its leaderboard; exit non-zero unless it
+    /// succeeds.
+    #[arg(long)]
+    pub watch: bool,
+    /// Where the coordinator is.
+    #[command(flatten)]
+    pub coordinator: CoordinatorArgs,
+}
+
+/// `cohort sweep` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SweepCommand {
+    /// Show a sweep and its leaderboard: every trial's parameters, metric, steps and state,
+    /// best first.
+    Status(SweepIdArgs),
+    /// List sweeps.
+    List(NodesArgs),
+    /// Cancel a sweep: no trial starts or resumes any more, and its running trials are
+    /// cancelled.
+    Cancel(SweepIdArgs),
+}
+
+/// A sweep to show or cancel.
+#[derive(Debug, Args)]
+pub struct SweepIdArgs {
+    /// The sweep id (printed by `cohort sweep FILE`).
+    pub sweep_id: String,
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     pub output: OutputFormat,

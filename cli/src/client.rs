@@ -115,11 +115,24 @@ pub async fn submit(
     spec_toml: String,
     wait_for_resources: bool,
 ) -> Result<JobInfo> {
-    client
-        .submit_job(SubmitJobRequest {
+    submit_request(
+        client,
+        SubmitJobRequest {
             spec_toml,
             wait_for_resources,
-        })
+            resume_from: String::new(),
+        },
+    )
+    .await
+}
+
+/// Submits a job as `request` says (a checkpoint of another job to start from included).
+pub async fn submit_request(
+    client: &mut JobControlClient<CoordinatorConnection>,
+    request: SubmitJobRequest,
+) -> Result<JobInfo> {
+    client
+        .submit_job(request)
         .await
         .map_err(status)?
         .into_inner()

@@ -242,6 +242,13 @@ pub fn job_detail(job: &JobInfo) -> String {
     if !job.reason.is_empty() {
         let _ = writeln!(out, "reason:    {}", job.reason);
     }
+    if let Some(trial) = &job.trial {
+        let _ = writeln!(
+            out,
+            "trial:     {} of sweep {}, rung {}",
+            trial.trial, trial.sweep_id, trial.rung
+        );
+    }
     if !job.waiting.is_empty() {
         let _ = writeln!(out, "waiting:   {}", job.waiting);
     }

@@ -113,6 +113,7 @@ async fn a_forged_session_speaks_for_no_one_and_a_huge_detail_is_cut() -> Result
         .submit_job(SubmitJobRequest {
             spec_toml: spec,
             wait_for_resources: true,
+            resume_from: String::new(),
         })
         .await?
         .into_inner()

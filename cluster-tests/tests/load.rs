@@ -88,6 +88,7 @@ async fn run_jobs(
                 .submit_job(SubmitJobRequest {
                     spec_toml: shell_job("short", 1, "echo \"job $COHORT_JOB_ID rank $RANK\""),
                     wait_for_resources: false,
+                    resume_from: String::new(),
                 })
                 .await?
                 .into_inner()

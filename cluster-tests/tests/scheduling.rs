@@ -131,6 +131,7 @@ fn no_acknowledged_submission_is_lost_when_the_coordinator_is_killed_among_them(
                     .submit_job(SubmitJobRequest {
                         spec_toml: shell_job("durable", 1, "true"),
                         wait_for_resources: true,
+                        resume_from: String::new(),
                     })
                     .await;
                 match answer.ok().and_then(|answer| answer.into_inner().job) {

@@ -165,6 +165,7 @@ async fn the_coordinator_refuses_invalid_specs_sent_directly() -> Result<()> {
             .submit_job(SubmitJobRequest {
                 spec_toml: spec,
                 wait_for_resources: true,
+                resume_from: String::new(),
             })
             .await
             .expect_err(what);
@@ -193,6 +194,7 @@ async fn the_coordinator_refuses_invalid_specs_sent_directly() -> Result<()> {
         .submit_job(SubmitJobRequest {
             spec_toml: oversized,
             wait_for_resources: true,
+            resume_from: String::new(),
         })
         .await
         .expect_err("oversized spec");

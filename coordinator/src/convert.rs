@@ -368,6 +368,10 @@ pub fn rank_metrics(record: &JobRecord) -> Vec<v1::RankMetrics> {
             collectives: Vec::new(),
             step_compute_s: Vec::new(),
             first_timed_step: 0,
+            // Checkpoints are listed by ListCheckpoints, an early stop is the job's reason.
+            checkpoints: Vec::new(),
+            deleted_checkpoint_steps: Vec::new(),
+            early_stop: None,
         })
         .collect()
 }
@@ -385,6 +389,124 @@ pub fn step_times(metrics: &v1::RankMetrics) -> Result<crate::stragglers::StepTi
         first_step: metrics.first_timed_step,
         seconds: metrics.step_compute_s.clone(),
     })
+}
+
+/// What a rank's report says of its checkpoints and of an early stop.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CheckpointReport {
+    /// Checkpoints it wrote since its last report (attempt 0 until the cluster sets it).
+    pub written: Vec<crate::model::CheckpointVersion>,
+    /// Steps of checkpoints its retention deleted.
+    pub deleted: Vec<u64>,
+    /// Why the run stopped early, as the job's reason says it.
+    pub early_stop: Option<String>,
+}
+
+/// Checks and converts a rank's report of its checkpoints and early stop: bounded counts and
+/// paths, finite metrics.
+pub fn checkpoint_report(metrics: &v1::RankMetrics) -> Result<CheckpointReport> {
+    use crate::limits::MAX_CHECKPOINTS_PER_REPORT;
+    use cohort_jobspec::job::MAX_STRING_LEN;
+    for (field, count) in [
+        ("checkpoints", metrics.checkpoints.len()),
+        (
+            "deleted_checkpoint_steps",
+            metrics.deleted_checkpoint_steps.len(),
+        ),
+    ] {
+        if count > MAX_CHECKPOINTS_PER_REPORT {
+            return Err(Error::InvalidArgument(format!(
+                "{field}: {count} entries, expected at most {MAX_CHECKPOINTS_PER_REPORT}"
+            )));
+        }
+    }
+    let now = crate::model::now_ms();
+    let written = metrics
+        .checkpoints
+        .iter()
+        .map(|checkpoint| {
+            if checkpoint.path.is_empty() || checkpoint.path.len() > MAX_STRING_LEN {
+                return Err(Error::InvalidArgument(format!(
+                    "checkpoints.path: {} bytes, expected 1 to {MAX_STRING_LEN}",
+                    checkpoint.path.len()
+                )));
+            }
+            for (field, value) in [
+                ("eval_loss", checkpoint.eval_loss),
+                ("eval_accuracy", checkpoint.eval_accuracy),
+            ] {
+                if value.is_some_and(|value| value.is_nan()) {
+                    return Err(Error::InvalidArgument(format!(
+                        "checkpoints.{field}: NaN, expected a number"
+                    )));
+                }
+            }
+            Ok(crate::model::CheckpointVersion {
+                step: checkpoint.step,
+                epoch: checkpoint.epoch,
+                attempt: 0,
+                path: checkpoint.path.clone(),
+                bytes: checkpoint.bytes,
+                eval_loss: checkpoint.eval_loss,
+                eval_accuracy: checkpoint.eval_accuracy,
+                written_at_ms: now,
+                deleted: false,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let early_stop = match &metrics.early_stop {
+        None => None,
+        Some(stop) => {
+            let metric = match stop.metric.as_str() {
+                "eval_loss" | "eval_accuracy" => stop.metric.as_str(),
+                other => {
+                    return Err(Error::InvalidArgument(format!(
+                        "early_stop.metric: {}, expected eval_loss or eval_accuracy",
+                        excerpt(other)
+                    )));
+                }
+            };
+            Some(format!(
+                "early stopped at step {}: {metric} did not improve on {:.4} (step {}) for {} \
+                 evaluations",
+                stop.step, stop.best_value, stop.best_step, stop.patience
+            ))
+        }
+    };
+    Ok(CheckpointReport {
+        written,
+        deleted: metrics.deleted_checkpoint_steps.clone(),
+        early_stop,
+    })
+}
+
+/// The protocol's view of a job's checkpoint versions, the best one by `objective` marked.
+pub fn checkpoint_infos(
+    versions: &[crate::model::CheckpointVersion],
+    objective: cohort_jobspec::objective::Objective,
+) -> Vec<v1::CheckpointInfo> {
+    let best = crate::checkpoints::best(versions, objective);
+    versions
+        .iter()
+        .enumerate()
+        .map(|(index, version)| v1::CheckpointInfo {
+            step: version.step,
+            epoch: version.epoch,
+            attempt: version.attempt,
+            path: version.path.clone(),
+            bytes: version.bytes,
+            eval_loss: version.eval_loss,
+            eval_accuracy: version.eval_accuracy,
+            written_at_unix_ms: version.written_at_ms,
+            state: if version.deleted {
+                "deleted"
+            } else {
+                "complete"
+            }
+            .to_owned(),
+            best: best == Some(index),
+        })
+        .collect()
 }
 
 /// Checks and converts a rank's report of its communicators.
@@ -516,6 +638,11 @@ pub fn job_info(record: &JobRecord) -> v1::JobInfo {
         // Live only: the cluster adds them for a running job, and why a queued job waits.
         stragglers: Vec::new(),
         waiting: String::new(),
+        trial: record.trial.as_ref().map(|tag| v1::TrialTag {
+            sweep_id: tag.sweep_id.to_string(),
+            trial: tag.trial,
+            rung: tag.rung,
+        }),
     }
 }
 

@@ -21,6 +21,9 @@ pub enum Error {
     /// No job with this id.
     #[error("job {0} not found")]
     JobNotFound(String),
+    /// No sweep with this id.
+    #[error("sweep {0} not found")]
+    SweepNotFound(String),
     /// No node with this id has ever registered.
     #[error("node {0} not found: no worker ever registered it")]
     NodeNotFound(String),
@@ -99,7 +102,9 @@ impl From<Error> for tonic::Status {
             Error::Unschedulable(_)
             | Error::FailedPrecondition(_)
             | Error::IllegalTransition { .. } => tonic::Status::failed_precondition(message),
-            Error::JobNotFound(_) | Error::NodeNotFound(_) => tonic::Status::not_found(message),
+            Error::JobNotFound(_) | Error::NodeNotFound(_) | Error::SweepNotFound(_) => {
+                tonic::Status::not_found(message)
+            }
             Error::UnknownSession(_) => tonic::Status::unauthenticated(message),
             Error::Timeout(_) => tonic::Status::deadline_exceeded(message),
             Error::Unauthenticated(_) => tonic::Status::unauthenticated(message),

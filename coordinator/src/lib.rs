@@ -16,15 +16,19 @@
 //!   and each node's straggler score that placement weighs.
 //! - [`rendezvous`]: the per-job key-value store and barrier ranks use to find each other.
 //! - [`logs`]: captured rank output, on disk and live to followers.
+//! - [`sweeps`]: hyperparameter sweeps: each trial's parameter values and asynchronous
+//!   successive halving, which trial starts or goes on next (pure decisions).
+//! - [`checkpoints`]: the checkpoint versions a job recorded, and how `JOB@best`,
+//!   `JOB@latest` and `JOB@step-N` resolve through them.
 //! - [`auth`]: who is calling (users, workers, jobs, by token) and what they may do.
 //! - [`service`]: the gRPC layer: authenticate, decode, call [`cluster::Cluster`], encode.
 //! - [`telemetry`], [`http`], [`dashboard`]: `/metrics` for Prometheus and the web dashboard,
 //!   on `--http`.
-//! - [`stragglers`]: which rank drags a job (compute time against the other ranks').
 //! - [`model`], [`convert`], [`config`], [`limits`], [`error`]: records, protocol conversions,
 //!   settings, request bounds, and the crate's error type.
 
 pub mod auth;
+pub mod checkpoints;
 pub mod cluster;
 pub mod config;
 pub mod convert;
@@ -42,6 +46,7 @@ pub mod rendezvous;
 pub mod service;
 pub mod store;
 pub mod stragglers;
+pub mod sweeps;
 pub mod telemetry;
 
 use std::future::Future;

@@ -22,6 +22,11 @@ pub const MAX_PROCESSES_PER_JOB: usize = cohort_jobspec::job::MAX_RANKS as usize
 pub const MAX_ATTEMPT_NODES: usize = MAX_PROCESSES_PER_JOB;
 /// Most attempts a job has: its first and one per restart.
 pub const MAX_ATTEMPTS: usize = cohort_jobspec::fault_tolerance::MAX_RESTARTS as usize + 1;
+/// Most checkpoint versions a job record keeps (the oldest deleted ones are dropped first, then
+/// the oldest): 256 paths of at most 4 KiB stay far below [`MAX_RECORD_BYTES`].
+pub const MAX_CHECKPOINT_VERSIONS: usize = 256;
+/// Most checkpoints (and deletions) one metrics report may carry.
+pub const MAX_CHECKPOINTS_PER_REPORT: usize = 64;
 
 /// Longest rendezvous key, in bytes.
 pub const MAX_KEY_BYTES: usize = 512;

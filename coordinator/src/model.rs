@@ -242,6 +242,107 @@ pub struct JobRecord {
     pub attempts: Vec<AttemptRecord>,
     /// Nodes the job's next attempts avoid after failing on them.
     pub backoff: Vec<NodeBackoff>,
+    /// Every checkpoint its ranks reported writing, oldest first; at most
+    /// [`crate::limits::MAX_CHECKPOINT_VERSIONS`] (the oldest deleted ones go first).
+    pub checkpoints: Vec<CheckpointVersion>,
+    /// The sweep trial the job runs, if it is one.
+    pub trial: Option<TrialTag>,
+}
+
+/// Where a sweep stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SweepState {
+    /// Trials are running or will be started or promoted.
+    Running,
+    /// Every trial ended and at least one reported its metric.
+    Succeeded,
+    /// Every trial ended and none reported its metric.
+    Failed,
+    /// Cancelled by a user: no trial starts or resumes any more.
+    Cancelled,
+}
+
+impl SweepState {
+    /// Its name in output (`running`, `succeeded`, `failed`, `cancelled`).
+    pub fn name(self) -> &'static str {
+        match self {
+            SweepState::Running => "running",
+            SweepState::Succeeded => "succeeded",
+            SweepState::Failed => "failed",
+            SweepState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether the sweep has ended.
+    pub fn is_terminal(self) -> bool {
+        self != SweepState::Running
+    }
+}
+
+/// A hyper-parameter sweep as stored: its file, its searcher's state, and the jobs that ran
+/// each trial. Written before each job it submits is, so that a restarted coordinator
+/// continues it without running a trial twice.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SweepRecord {
+    /// Its id.
+    pub id: cohort_proto::SweepId,
+    /// Submission order (the job sequence).
+    pub seq: u64,
+    /// The sweep file as submitted.
+    pub spec_toml: String,
+    /// Name from the file.
+    pub name: String,
+    /// Who submitted it; its trials are their jobs.
+    pub submitter: String,
+    /// Where it stands.
+    pub state: SweepState,
+    /// Why it ended (empty while running or when there is nothing to say).
+    pub reason: String,
+    /// When it was submitted.
+    pub submitted_at_ms: UnixMillis,
+    /// When it ended.
+    pub finished_at_ms: Option<UnixMillis>,
+    /// The searcher's state: every trial's rung, results and status.
+    pub search: crate::sweeps::SearchState,
+    /// The jobs of each trial, by trial number: one per rung it ran, oldest first.
+    pub trial_jobs: Vec<Vec<JobId>>,
+}
+
+impl crate::store::codec::Record for SweepRecord {}
+
+/// A checkpoint a job wrote: what `cohort checkpoints` lists and `--resume-from JOB@...`
+/// resolves through.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointVersion {
+    /// Optimizer steps completed when it was written.
+    pub step: u64,
+    /// The epoch of that step (0-based).
+    pub epoch: u64,
+    /// The attempt that wrote it, from 0.
+    pub attempt: u32,
+    /// Its directory on the node that wrote it.
+    pub path: String,
+    /// Total bytes of its files.
+    pub bytes: u64,
+    /// Evaluation loss at its step, if an evaluation ran there.
+    pub eval_loss: Option<f64>,
+    /// Evaluation accuracy at its step, if an evaluation ran there.
+    pub eval_accuracy: Option<f64>,
+    /// When its writing rank reported it.
+    pub written_at_ms: UnixMillis,
+    /// Deleted by the job's retention (`checkpoint.keep_last`, `keep_best`).
+    pub deleted: bool,
+}
+
+/// Which sweep, trial and rung a job runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrialTag {
+    /// The sweep.
+    pub sweep_id: cohort_proto::ids::SweepId,
+    /// The trial's number, from 0.
+    pub trial: u32,
+    /// The rung the job runs up to, from 0.
+    pub rung: u32,
 }
 
 /// One ended attempt of a job.
@@ -527,6 +628,24 @@ mod tests {
                     until_ms: i64::MIN,
                 })
                 .collect(),
+            checkpoints: (0..crate::limits::MAX_CHECKPOINT_VERSIONS)
+                .map(|index| CheckpointVersion {
+                    step: u64::MAX - index as u64,
+                    epoch: u64::MAX,
+                    attempt: u32::MAX,
+                    path: "p".repeat(cohort_jobspec::job::MAX_STRING_LEN),
+                    bytes: u64::MAX,
+                    eval_loss: Some(f64::MAX),
+                    eval_accuracy: Some(f64::MAX),
+                    written_at_ms: i64::MIN,
+                    deleted: true,
+                })
+                .collect(),
+            trial: Some(TrialTag {
+                sweep_id: cohort_proto::SweepId::new("s".repeat(MAX_ID_LEN)).unwrap(),
+                trial: u32::MAX,
+                rung: u32::MAX,
+            }),
         }
     }
 

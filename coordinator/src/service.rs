@@ -19,7 +19,7 @@ use tracing::{debug, warn};
 
 use crate::auth::access::sees_job;
 use crate::auth::{Action, Authenticator, Caller, authorize};
-use crate::cluster::{Cluster, MetricsReport};
+use crate::cluster::{Cluster, JobSubmission, MetricsReport};
 use crate::convert;
 use crate::error::Error;
 use crate::limits::MAX_LOG_LINES_PER_PUSH;
@@ -36,6 +36,10 @@ const AUDIT_PAGE: usize = 1_000;
 
 fn job_id(text: &str) -> Result<JobId, Status> {
     JobId::new(text).map_err(|e| Status::from(Error::from(e)))
+}
+
+fn sweep_id(text: &str) -> Result<cohort_proto::SweepId, Status> {
+    cohort_proto::SweepId::new(text).map_err(|e| Status::from(Error::from(e)))
 }
 
 /// The bearer token of a call's `authorization` metadata, if it has one.
@@ -121,6 +125,15 @@ impl JobControl for CoordinatorService {
                 return Err(refused.into());
             }
         };
+        // Resuming from another job's checkpoint reads that job: the caller must be allowed to.
+        let resume_from = match request.get_ref().resume_from.as_str() {
+            "" => None,
+            text => {
+                let reference: crate::checkpoints::CheckpointRef = text.parse()?;
+                self.reader_of(&request, &reference.job_id).await?;
+                Some(reference)
+            }
+        };
         let request = request.into_inner();
         // A submission runs to its end on a task of its own: a client that hangs up while its
         // job's record is being written must not leave the job stored but unknown to the
@@ -128,7 +141,13 @@ impl JobControl for CoordinatorService {
         let cluster = self.cluster.clone();
         let job = tokio::spawn(async move {
             cluster
-                .submit(request.spec_toml, request.wait_for_resources, submitter)
+                .submit_job(JobSubmission {
+                    spec_toml: request.spec_toml,
+                    wait_for_resources: request.wait_for_resources,
+                    submitter,
+                    resume_from,
+                    trial: None,
+                })
                 .await
         })
         .await
@@ -326,6 +345,103 @@ impl JobControl for CoordinatorService {
         Ok(Response::new(ListNodesResponse {
             nodes: self.cluster.nodes().await,
         }))
+    }
+
+    async fn list_checkpoints(
+        &self,
+        request: Request<ListCheckpointsRequest>,
+    ) -> Result<Response<ListCheckpointsResponse>, Status> {
+        let job_id = job_id(&request.get_ref().job_id)?;
+        self.reader_of(&request, &job_id).await?;
+        let (versions, objective) = self.cluster.checkpoints(&job_id).await?;
+        Ok(Response::new(ListCheckpointsResponse {
+            checkpoints: convert::checkpoint_infos(&versions, objective),
+        }))
+    }
+
+    async fn submit_sweep(
+        &self,
+        request: Request<SubmitSweepRequest>,
+    ) -> Result<Response<SweepInfo>, Status> {
+        let caller = self.auth.caller(bearer(&request))?;
+        let submitter = match (authorize(&caller, Action::Submit), caller.user_name()) {
+            (Ok(()), Some(name)) => name.to_owned(),
+            (refused, _) => {
+                let refused = refused.err().unwrap_or_else(|| {
+                    Error::PermissionDenied(format!("{caller} may not submit sweeps"))
+                });
+                let outcome: Result<(), &Error> = Err(&refused);
+                self.auth.audit(&caller, "submit sweep", "", &outcome).await;
+                return Err(refused.into());
+            }
+        };
+        let spec_toml = request.into_inner().spec_toml;
+        let cluster = self.cluster.clone();
+        // Like a job's submission, it runs to its end whether or not the client waits.
+        let sweep = tokio::spawn(async move { cluster.submit_sweep(spec_toml, submitter).await })
+            .await
+            .map_err(|_| Status::internal("the submission's task ended before its answer"))?;
+        let target = sweep.as_ref().map_or("", |sweep| sweep.sweep_id.as_str());
+        self.auth
+            .audit(&caller, "submit sweep", target, &sweep)
+            .await;
+        Ok(Response::new(sweep?))
+    }
+
+    async fn get_sweep(
+        &self,
+        request: Request<GetSweepRequest>,
+    ) -> Result<Response<SweepInfo>, Status> {
+        let sweep_id = sweep_id(&request.get_ref().sweep_id)?;
+        let caller = self.auth.caller(bearer(&request))?;
+        let (sweep, owner) = self.cluster.sweep(&sweep_id).await?;
+        authorize(
+            &caller,
+            Action::ReadSweep {
+                sweep_id: &sweep_id,
+                owner: &owner,
+            },
+        )?;
+        Ok(Response::new(sweep))
+    }
+
+    async fn list_sweeps(
+        &self,
+        request: Request<ListSweepsRequest>,
+    ) -> Result<Response<ListSweepsResponse>, Status> {
+        let caller = self.allowed(&request, Action::ListJobs)?;
+        let sweeps = self.cluster.sweeps().await;
+        Ok(Response::new(ListSweepsResponse {
+            sweeps: sweeps
+                .into_iter()
+                .filter(|sweep| sees_job(&caller, &sweep.submitter))
+                .collect(),
+        }))
+    }
+
+    async fn cancel_sweep(
+        &self,
+        request: Request<CancelSweepRequest>,
+    ) -> Result<Response<SweepInfo>, Status> {
+        let sweep_id = sweep_id(&request.get_ref().sweep_id)?;
+        let caller = self.auth.caller(bearer(&request))?;
+        let outcome = match self.cluster.sweep(&sweep_id).await {
+            Ok((_, owner)) => match authorize(
+                &caller,
+                Action::CancelSweep {
+                    sweep_id: &sweep_id,
+                    owner: &owner,
+                },
+            ) {
+                Ok(()) => self.cluster.cancel_sweep(&sweep_id).await,
+                Err(error) => Err(error),
+            },
+            Err(error) => Err(error),
+        };
+        self.auth
+            .audit(&caller, "cancel sweep", sweep_id.as_str(), &outcome)
+            .await;
+        Ok(Response::new(outcome?))
     }
 
     async fn list_queues(
@@ -630,6 +746,7 @@ impl Rendezvous for CoordinatorService {
             metrics: convert::metrics_record(&metrics)?,
             progress: convert::collective_progress(&metrics.collectives)?,
             step_times: convert::step_times(&metrics)?,
+            checkpoints: convert::checkpoint_report(&metrics)?,
         };
         self.cluster
             .report_metrics(&job_id, metrics.rank, report)
@@ -760,6 +877,7 @@ mod tests {
             let request = SubmitJobRequest {
                 spec_toml: SPEC.to_owned(),
                 wait_for_resources: true,
+                resume_from: String::new(),
             };
             let job = self.service.submit_job(call(request, Some(token))).await?;
             Ok(job.into_inner().job.unwrap().job_id)
@@ -1150,7 +1268,8 @@ mod tests {
             ]
             .prop_map(|spec_toml| Fuzzed::Submit(SubmitJobRequest {
                 spec_toml,
-                wait_for_resources: false
+                wait_for_resources: false,
+                resume_from: String::new(),
             })),
             (text, text, number.clone(), any::<u64>()).prop_map(
                 |(node_id, address, index, memory)| {

@@ -20,6 +20,7 @@ use cohort_proto::env::{self as rank_env, torch};
 use cohort_proto::text::excerpt;
 use serde::{Deserialize, Serialize};
 
+use crate::objective::Objective;
 use crate::problems::{Problems, SpecError, field_key};
 use crate::train::{
     CheckpointSpec, DataSpec, ModelSpec, OptimizerSpec, ParallelSpec, ScheduleSpec,
@@ -109,6 +110,9 @@ pub struct JobSpec {
     pub train: Option<crate::precision::TrainSpec>,
     /// Restarts after a failure. Default: 3 for `kind = "train"`, none for `kind = "command"`.
     pub fault_tolerance: Option<crate::fault_tolerance::FaultToleranceSpec>,
+    /// When a `kind = "train"` job ends because its evaluations stopped improving. Default:
+    /// absent, it runs its whole schedule.
+    pub early_stopping: Option<crate::early_stopping::EarlyStoppingSpec>,
 }
 
 fn default_name() -> String {
@@ -232,6 +236,22 @@ impl JobSpec {
         }
     }
 
+    /// What "best" means for the job's evaluations (its best checkpoints, a sweep's
+    /// leaderboard): `checkpoint.metric` and `checkpoint.mode` when given, else early
+    /// stopping's objective, else the highest evaluation accuracy.
+    pub fn objective(&self) -> Objective {
+        if let Some(checkpoint) = &self.checkpoint
+            && let Some(metric) = checkpoint.metric
+        {
+            return Objective::new(metric, checkpoint.mode);
+        }
+        self.early_stopping
+            .as_ref()
+            .map_or_else(Objective::default, |early_stopping| {
+                early_stopping.objective()
+            })
+    }
+
     /// How often a failed attempt of the job is restarted before it fails for good.
     pub fn max_restarts(&self) -> u32 {
         use crate::fault_tolerance::{DEFAULT_COMMAND_RESTARTS, DEFAULT_TRAIN_RESTARTS};
@@ -321,6 +341,7 @@ impl JobSpec {
                     ("schedule", self.schedule.is_some()),
                     ("checkpoint", self.checkpoint.is_some()),
                     ("train", self.train.is_some()),
+                    ("early_stopping", self.early_stopping.is_some()),
                 ];
                 for (section, present) in train_sections {
                     if present {
@@ -489,6 +510,11 @@ mod tests {
                 .is_some_and(|extension| extension == "toml")
             {
                 let text = std::fs::read_to_string(&path).unwrap();
+                // Sweep files (a `[sweep]` around a `[job]`) are not job files.
+                let table: toml::Table = text.parse().unwrap();
+                if table.contains_key("sweep") {
+                    continue;
+                }
                 if let Err(error) = parse(&text) {
                     panic!("{}: {error}", path.display());
                 }

@@ -11,6 +11,8 @@
 //! - [`train`]: the sections of a `kind = "train"` job (`[model]`, `[data]`, `[optimizer]`,
 //!   `[schedule]`, `[parallel]`, `[checkpoint]`).
 //! - [`fault_tolerance`]: `[fault_tolerance]`, how often a failed job is restarted.
+//! - [`early_stopping`]: `[early_stopping]`, and the rules of the fields that end a training run
+//!   early or prune its checkpoints (`schedule.stop_after_*`, `checkpoint.keep_*`).
 //! - [`objective`]: [`objective::Objective`], an evaluation metric and its direction, what early
 //!   stopping, the best checkpoints and sweep leaderboards rank by.
 //! - [`layout`]: the rules across training sections (model and data set, transformer meshes,
@@ -20,7 +22,10 @@
 //! - [`precision`]: `[train]`, the compute and gradient-exchange formats and fp16 loss scaling.
 //! - [`problems`]: [`Problems`], the list of field-path errors validation produces, each bounded
 //!   so that no error quotes more than a short excerpt of the input.
+//! - [`sweep`]: sweep files, a base training job and the fields to search, their validation
+//!   against the real job parser, and the job of each trial segment.
 
+pub mod early_stopping;
 pub mod fault_tolerance;
 pub mod job;
 pub mod layout;
@@ -29,6 +34,7 @@ pub mod parallel;
 pub mod parse;
 pub mod precision;
 pub mod problems;
+pub mod sweep;
 pub mod train;
 
 pub use job::{CommandSpec, DeviceKind, JobKind, JobSpec, MAX_SPEC_BYTES, Resources};

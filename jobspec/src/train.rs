@@ -28,7 +28,8 @@
 //! ```
 //!
 //! Every section is optional and every field has a default, so `kind = "train"` alone trains
-//! the default MLP with AdamW on one rank.
+//! the default MLP with AdamW on one rank. The fields that end a run early or prune its
+//! checkpoints are checked with `[early_stopping]` ([`crate::early_stopping`]).
 
 use std::path::Component;
 
@@ -507,6 +508,15 @@ pub struct ScheduleSpec {
     /// Also evaluates every this many steps (1 to 1,000,000,000). Default: only at the end of
     /// every epoch and of training.
     pub eval_every_steps: Option<u64>,
+    /// Ends the run after this many optimizer steps (1 to 1,000,000,000; capped at the run's
+    /// steps) with an evaluation and a checkpoint of that step. Epochs, learning-rate schedule
+    /// and total steps stay those of the whole run, so a run resuming from that checkpoint
+    /// continues exactly where this one stopped (a sweep pauses its trials at a rung this way).
+    /// Not with `stop_after_epochs`. Default: absent, the run goes to its end.
+    pub stop_after_steps: Option<u64>,
+    /// `stop_after_steps` in epochs: above 0 and at most `epochs`, fractions allowed; the run
+    /// ends after `ceil(stop_after_epochs x steps per epoch)` steps, at least 1. Default: absent.
+    pub stop_after_epochs: Option<f64>,
 }
 
 impl Default for ScheduleSpec {
@@ -518,6 +528,8 @@ impl Default for ScheduleSpec {
             lr_decay: LearningRateDecay::Cosine,
             max_steps: None,
             eval_every_steps: None,
+            stop_after_steps: None,
+            stop_after_epochs: None,
         }
     }
 }
@@ -563,6 +575,21 @@ pub struct CheckpointSpec {
     /// Seconds a stopped rank (cancel, drain, a restart) has to finish its step and write its
     /// checkpoint before it is killed (SIGTERM to SIGKILL), 0 to 600. Default 10.
     pub stop_grace_s: Option<f64>,
+    /// Keeps only the this many newest checkpoints (1 to 10,000) besides those `keep_best`
+    /// keeps, deleting older ones after each checkpoint; the newest is always kept. Default:
+    /// absent (with `keep_best` absent too, every checkpoint is kept).
+    pub keep_last: Option<u32>,
+    /// Keeps the this many best checkpoints by the job's objective (`metric`, `mode`), 1 to
+    /// 10,000; every checkpoint is then evaluated. Default: absent (none kept for being best,
+    /// except the best one when early stopping is on and `keep_last` is set).
+    pub keep_best: Option<u32>,
+    /// The job's objective, what "best" means for `keep_best` (and a sweep's leaderboard):
+    /// `"eval_loss"` or `"eval_accuracy"`. Default: `early_stopping.metric`, else
+    /// `"eval_accuracy"`.
+    pub metric: Option<crate::objective::Metric>,
+    /// `"min"` or `"max"`, the direction of `metric` (only with it). Default: the metric's
+    /// natural direction.
+    pub mode: Option<crate::objective::Mode>,
 }
 
 impl Default for CheckpointSpec {
@@ -572,6 +599,10 @@ impl Default for CheckpointSpec {
             resume_from: None,
             directory: "checkpoints".to_owned(),
             stop_grace_s: None,
+            keep_last: None,
+            keep_best: None,
+            metric: None,
+            mode: None,
         }
     }
 }
@@ -671,6 +702,7 @@ pub fn validate(spec: &JobSpec, problems: &mut Problems) {
     if let Some(train) = &spec.train {
         train.validate(problems);
     }
+    crate::early_stopping::validate(spec, &parallel, problems);
     crate::layout::validate(spec, &parallel, problems);
 }
 

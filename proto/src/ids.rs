@@ -112,6 +112,12 @@ string_id!(
     "job id"
 );
 string_id!(
+    /// Identifies a hyper-parameter sweep, e.g. `mlp-lr-3`. Assigned by the coordinator at
+    /// submission, from the same sequence as job ids.
+    SweepId,
+    "sweep id"
+);
+string_id!(
     /// Identifies a worker node, e.g. `gpu-node-3`. Chosen by the worker (defaults to the
     /// hostname) and stable across worker restarts.
     NodeId,

@@ -31,7 +31,7 @@ pub mod secret;
 pub mod text;
 pub mod transport;
 
-pub use ids::{IdError, JobId, NodeId};
+pub use ids::{IdError, JobId, NodeId, SweepId};
 pub use secret::Secret;
 
 /// Cases each fuzz property (proptest) of the workspace runs: `PROPTEST_CASES` when set, so

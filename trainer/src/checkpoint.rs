@@ -6,7 +6,10 @@
 //! - `optimizer.safetensors`: the flat optimizer buffers (`momentum_buffer`, or
 //!   `first_moment` and `second_moment`) in parameter order.
 //!
-//! Both files carry the step in their metadata, and the model file the position in the data
+//! - `evaluation.txt`, when an evaluation ran at its step: that evaluation
+//!   ([`EVALUATION_FILE`]), what [`list`] reads to rank checkpoints for retention.
+//!
+//! Both tensor files carry the step in their metadata, and the model file the position in the data
 //! stream after that step (`epoch`, `epoch_offset`: examples of that epoch's shuffled order
 //! already trained on), so that a resumed run continues with exactly the examples that come next.
 //! The directory is written under a temporary name (`.step-NNNNNNNN.partial-PID`), its files
@@ -21,6 +24,7 @@ use cohort_jobspec::train::OptimizerKind;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::error::{Result, TrainerError};
+use crate::metrics::EvaluationMetrics;
 use crate::optim::{Optimizer, OptimizerState};
 use crate::parameters::ParameterSet;
 use crate::sampler::DataPosition;
@@ -46,12 +50,17 @@ pub struct RestoredCheckpoint {
 /// run resumes from. Partial checkpoints (a write that was cut short) have hidden names and are
 /// never returned; a missing directory holds none.
 pub fn latest(directory: &Path) -> Result<Option<(u64, PathBuf)>> {
+    Ok(complete_checkpoints(directory)?.pop())
+}
+
+/// The complete checkpoints in `directory` by step, lowest first (none in a missing directory).
+fn complete_checkpoints(directory: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let entries = match std::fs::read_dir(directory) {
         Ok(entries) => entries,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(error) => return Err(checkpoint_error(directory, error)),
     };
-    let mut latest: Option<(u64, PathBuf)> = None;
+    let mut checkpoints = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| checkpoint_error(directory, e))?;
         let name = entry.file_name();
@@ -63,11 +72,129 @@ pub fn latest(directory: &Path) -> Result<Option<(u64, PathBuf)>> {
             continue;
         };
         let path = entry.path();
-        if is_checkpoint(&path) && latest.as_ref().is_none_or(|(best, _)| step > *best) {
-            latest = Some((step, path));
+        if is_checkpoint(&path) {
+            checkpoints.push((step, path));
         }
     }
-    Ok(latest)
+    checkpoints.sort();
+    Ok(checkpoints)
+}
+
+/// A complete checkpoint found in a directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointEntry {
+    /// Optimizer steps completed when it was written.
+    pub step: u64,
+    /// Its directory.
+    pub path: PathBuf,
+    /// Total bytes of its files.
+    pub bytes: u64,
+    /// The evaluation recorded at its step, if one ran there (and its file reads back).
+    pub evaluation: Option<EvaluationMetrics>,
+}
+
+/// Lists the complete checkpoints in `directory`, lowest step first, with their sizes and
+/// recorded evaluations: what retention ranks, after a restart as during a run. A missing
+/// directory holds none; an evaluation file that does not read back is logged and counts as
+/// no evaluation.
+pub fn list(directory: &Path) -> Result<Vec<CheckpointEntry>> {
+    complete_checkpoints(directory)?
+        .into_iter()
+        .map(|(step, path)| {
+            let evaluation = read_evaluation(&path).unwrap_or_else(|error| {
+                tracing::warn!(step, %error, "a checkpoint's evaluation does not read back");
+                None
+            });
+            Ok(CheckpointEntry {
+                step,
+                bytes: size(&path)?,
+                path,
+                evaluation,
+            })
+        })
+        .collect()
+}
+
+/// Returns the total bytes of the files in the checkpoint directory `path`.
+pub fn size(path: &Path) -> Result<u64> {
+    let mut bytes = 0;
+    for entry in std::fs::read_dir(path).map_err(|e| checkpoint_error(path, e))? {
+        let metadata = entry
+            .and_then(|entry| entry.metadata())
+            .map_err(|e| checkpoint_error(path, e))?;
+        if metadata.is_file() {
+            bytes += metadata.len();
+        }
+    }
+    Ok(bytes)
+}
+
+/// Deletes the checkpoint at `path`: renamed to a hidden name first (atomically, so that no
+/// half-deleted checkpoint is ever found under its final name), then removed.
+pub fn remove(path: &Path) -> Result<()> {
+    let name = path
+        .file_name()
+        .and_then(|name| name.to_str())
+        .ok_or_else(|| checkpoint_error(path, "not a checkpoint directory name"))?;
+    let doomed = path.with_file_name(format!(".{name}.deleting-{}", std::process::id()));
+    std::fs::rename(path, &doomed).map_err(|e| checkpoint_error(path, e))?;
+    std::fs::remove_dir_all(&doomed).map_err(|e| checkpoint_error(&doomed, e))
+}
+
+/// File inside a checkpoint holding the evaluation at its step, when one ran there: lines
+/// `key = value` (`step`, `epoch`, `loss`, `accuracy`, `examples`).
+pub const EVALUATION_FILE: &str = "evaluation.txt";
+
+/// The file (name and bytes) recording `evaluation` in a checkpoint, written with its other
+/// files before the checkpoint is committed.
+pub fn evaluation_file(evaluation: &EvaluationMetrics) -> (String, Vec<u8>) {
+    // `{}` prints the shortest text that reads back as the same float.
+    let text = format!(
+        "step = {}\nepoch = {}\nloss = {}\naccuracy = {}\nexamples = {}\n",
+        evaluation.step,
+        evaluation.epoch,
+        evaluation.loss,
+        evaluation.accuracy,
+        evaluation.examples
+    );
+    (EVALUATION_FILE.to_owned(), text.into_bytes())
+}
+
+/// Reads the evaluation recorded in the checkpoint at `path`: `None` when it has none.
+pub fn read_evaluation(path: &Path) -> Result<Option<EvaluationMetrics>> {
+    let file = path.join(EVALUATION_FILE);
+    let text = match std::fs::read_to_string(&file) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(checkpoint_error(&file, error)),
+    };
+    let values: HashMap<&str, &str> = text
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(key, value)| (key.trim(), value.trim()))
+        .collect();
+    fn field<T: std::str::FromStr>(
+        file: &Path,
+        values: &HashMap<&str, &str>,
+        key: &str,
+    ) -> Result<T> {
+        values
+            .get(key)
+            .and_then(|value| value.parse().ok())
+            .ok_or_else(|| {
+                checkpoint_error(
+                    file,
+                    format!("{key} = {:?}, expected a number", values.get(key)),
+                )
+            })
+    }
+    Ok(Some(EvaluationMetrics {
+        step: field(&file, &values, "step")?,
+        epoch: field(&file, &values, "epoch")?,
+        loss: field(&file, &values, "loss")?,
+        accuracy: field(&file, &values, "accuracy")?,
+        examples: field(&file, &values, "examples")?,
+    }))
 }
 
 /// Makes the checkpoint written into `partial` durable and visible as `final_path`: flushes
@@ -180,9 +307,10 @@ pub fn read_parameter_server_snapshot(path: &Path, shard: u32) -> Result<Option<
     }
 }
 
-/// Like [`save`], with `extra_files` (name and bytes, e.g. parameter-server snapshots) written
-/// into the checkpoint before it appears under its final name, stopping in the middle of the
-/// write when `stop_in_write` (fault injection, see [`crate::TrainConfig::stop_in_checkpoint`]).
+/// Like [`save`], with `extra_files` (name and bytes, e.g. parameter-server snapshots or
+/// [`evaluation_file`]) written into the checkpoint before it appears under its final name,
+/// stopping in the middle of the write when `stop_in_write` (fault injection, see
+/// [`crate::TrainConfig::stop_in_checkpoint`]).
 pub fn save_with_files(
     directory: &Path,
     step: u64,
@@ -525,6 +653,67 @@ mod tests {
             latest(dir.path()).unwrap(),
             Some((100, dir.path().join("step-00000100")))
         );
+    }
+
+    #[test]
+    fn checkpoints_list_with_their_sizes_and_evaluations_and_are_removed_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(list(&dir.path().join("none yet")).unwrap().is_empty());
+        let source = model(1);
+        let spec = OptimizerSpec::default();
+        let optimizer = Optimizer::new(&spec, source.parameters().element_count()).unwrap();
+        let evaluation = EvaluationMetrics {
+            step: 20,
+            epoch: 1,
+            loss: 0.412_345_67,
+            accuracy: 0.1 + 0.2,
+            examples: 300,
+        };
+        let files = [evaluation_file(&evaluation)];
+        let parameters = source.parameters();
+        let evaluated =
+            save_with_files(dir.path(), 20, START, parameters, &optimizer, &files, false).unwrap();
+        let plain = save(dir.path(), 10, START, parameters, &optimizer).unwrap();
+        // A partial checkpoint is not listed.
+        std::fs::create_dir(dir.path().join(".step-00000030.partial-7")).unwrap();
+
+        let entries = list(dir.path()).unwrap();
+        assert_eq!(entries.len(), 2);
+        assert_eq!((entries[0].step, &entries[0].path), (10, &plain));
+        assert_eq!(entries[0].evaluation, None);
+        // The evaluation reads back exactly, floats included.
+        assert_eq!((entries[1].step, &entries[1].path), (20, &evaluated));
+        assert_eq!(entries[1].evaluation.as_ref(), Some(&evaluation));
+        let file_bytes =
+            |path: &Path, name: &str| std::fs::metadata(path.join(name)).unwrap().len();
+        assert_eq!(
+            entries[1].bytes,
+            file_bytes(&evaluated, MODEL_FILE)
+                + file_bytes(&evaluated, OPTIMIZER_FILE)
+                + file_bytes(&evaluated, EVALUATION_FILE)
+        );
+        assert_eq!(size(&evaluated).unwrap(), entries[1].bytes);
+
+        // An evaluation file that does not read back counts as none.
+        std::fs::write(evaluated.join(EVALUATION_FILE), b"loss = lots\n").unwrap();
+        let error = read_evaluation(&evaluated).unwrap_err().to_string();
+        assert!(error.contains("expected a number"), "{error}");
+        assert_eq!(list(dir.path()).unwrap()[1].evaluation, None);
+
+        remove(&plain).unwrap();
+        assert!(!plain.exists());
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .filter(|name| !name.contains("partial"))
+            .collect();
+        assert_eq!(
+            names,
+            ["step-00000020"],
+            "nothing of it is left, hidden or not"
+        );
+        assert_eq!(latest(dir.path()).unwrap(), Some((20, evaluated)));
+        assert!(remove(&plain).is_err());
     }
 
     #[test]

@@ -61,7 +61,9 @@ pub mod transformer;
 
 pub use device::ComputeDevice;
 pub use error::{Result, TrainerError};
-pub use metrics::{EvaluationMetrics, MetricsSink, PhaseTimings, StepMetrics};
+pub use metrics::{
+    CheckpointWritten, EarlyStop, EvaluationMetrics, MetricsSink, PhaseTimings, StepMetrics,
+};
 pub use parameter_server::{ParameterServerLink, train_with_parameter_server};
 pub use run::TrainConfig;
 pub use run::plan::TrainOutcome;

@@ -1,8 +1,10 @@
 //! What a training run reports while it runs: per-step and per-evaluation metrics, per-phase
 //! timings, and the [`MetricsSink`] trait the caller implements to receive them.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use cohort_jobspec::objective::{Metric, Objective};
 
 /// Wall-clock time of one step's phases on this rank.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -86,6 +88,46 @@ pub struct EvaluationMetrics {
     pub examples: usize,
 }
 
+impl EvaluationMetrics {
+    /// The value of `metric` in this evaluation.
+    pub fn value(&self, metric: Metric) -> f64 {
+        match metric {
+            Metric::EvalLoss => f64::from(self.loss),
+            Metric::EvalAccuracy => f64::from(self.accuracy),
+        }
+    }
+}
+
+/// A checkpoint a run has written and committed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointWritten {
+    /// Optimizer steps completed when it was written (the run resumes with this step).
+    pub step: u64,
+    /// The epoch (0-based) of its last step.
+    pub epoch: u64,
+    /// Its directory (`.../step-NNNNNNNN`).
+    pub path: PathBuf,
+    /// Total bytes of its files.
+    pub bytes: u64,
+    /// The evaluation at its step, if one ran there.
+    pub evaluation: Option<EvaluationMetrics>,
+}
+
+/// Why and where a run stopped early (early stopping).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EarlyStop {
+    /// The step the run stopped after (its checkpoint is written).
+    pub step: u64,
+    /// The step of the best evaluation, the last that improved.
+    pub best_step: u64,
+    /// That evaluation's value of the objective's metric.
+    pub best_value: f64,
+    /// The metric and direction judged.
+    pub objective: Objective,
+    /// Evaluations in a row that did not improve on the best before the run stopped.
+    pub patience: u32,
+}
+
 /// Receives metrics as training runs; the CLI forwards them to the coordinator.
 ///
 /// Called on the training thread after every step, so implementations should return quickly
@@ -98,9 +140,22 @@ pub trait MetricsSink {
     /// Called after every evaluation (end of each epoch, and at the end of training).
     fn on_evaluation(&mut self, metrics: &EvaluationMetrics);
 
-    /// Called on rank 0 after a checkpoint has been written. Does nothing by default.
-    fn on_checkpoint(&mut self, step: u64, path: &Path) {
+    /// Called on the rank that wrote it (rank 0) once a checkpoint is committed. Does nothing
+    /// by default.
+    fn on_checkpoint(&mut self, checkpoint: &CheckpointWritten) {
+        let _ = checkpoint;
+    }
+
+    /// Called on the rank that wrote it once the checkpoint of `step` at `path` has been
+    /// deleted by retention (`checkpoint.keep_last`, `keep_best`). Does nothing by default.
+    fn on_checkpoint_deleted(&mut self, step: u64, path: &Path) {
         let _ = (step, path);
+    }
+
+    /// Called on every rank when early stopping ends the run, after its last checkpoint and
+    /// before the run returns. Does nothing by default.
+    fn on_early_stop(&mut self, stop: &EarlyStop) {
+        let _ = stop;
     }
 }
 
@@ -149,7 +204,27 @@ impl MetricsSink for LogMetrics {
         );
     }
 
-    fn on_checkpoint(&mut self, step: u64, path: &Path) {
-        tracing::info!(step, path = %path.display(), "checkpoint");
+    fn on_checkpoint(&mut self, checkpoint: &CheckpointWritten) {
+        tracing::info!(
+            step = checkpoint.step,
+            path = %checkpoint.path.display(),
+            bytes = checkpoint.bytes,
+            "checkpoint"
+        );
+    }
+
+    fn on_checkpoint_deleted(&mut self, step: u64, path: &Path) {
+        tracing::info!(step, path = %path.display(), "checkpoint deleted by retention");
+    }
+
+    fn on_early_stop(&mut self, stop: &EarlyStop) {
+        tracing::info!(
+            step = stop.step,
+            best_step = stop.best_step,
+            best_value = stop.best_value,
+            metric = %stop.objective.metric,
+            patience = stop.patience,
+            "early stopping"
+        );
     }
 }

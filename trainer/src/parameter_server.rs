@@ -228,6 +228,14 @@ pub fn train_with_parameter_server(
     // The parameter server numbers ranks as its messages do (u32); the trainer indexes by them.
     let rank = link.client.rank as usize;
     let world_size = config.parallel.world_size() as usize;
+    if config.early_stopping.is_some() {
+        return Err(TrainerError::Config(
+            "early stopping with parameter servers, expected none (the job spec refuses \
+             [early_stopping] with parallel.comm = \"ps\": only rank 0 evaluates, so the ranks \
+             could not agree on when to stop)"
+                .into(),
+        ));
+    }
     if !config.device.is_cpu() {
         return Err(TrainerError::Config(format!(
             "device {} with parameter servers, expected cpu (the job spec refuses \
@@ -504,7 +512,11 @@ impl Run for ParameterServerRun<'_> {
         Ok(Some(evaluation))
     }
 
-    fn checkpoint(&mut self, completed: u64) -> Result<Option<PathBuf>> {
+    fn checkpoint(
+        &mut self,
+        completed: u64,
+        evaluation: Option<&EvaluationMetrics>,
+    ) -> Result<Option<PathBuf>> {
         if self.rank != 0 {
             return Ok(None);
         }
@@ -522,6 +534,7 @@ impl Run for ParameterServerRun<'_> {
             &self.plan.model,
             &self.optimizer,
             snapshots,
+            evaluation,
         )?;
         Ok(Some(path))
     }
@@ -661,7 +674,8 @@ fn pull_rows(
     layout.write_rows(model, rows, &pulled[0])
 }
 
-/// Writes a checkpoint of `model` at `step` holding every shard's snapshot.
+/// Writes a checkpoint of `model` (and the placeholder `optimizer`) at `step` holding every
+/// shard's snapshot and `evaluation`, the evaluation at that step if one ran.
 fn write_checkpoint(
     config: &TrainConfig,
     step: u64,
@@ -669,6 +683,7 @@ fn write_checkpoint(
     model: &Model,
     optimizer: &Optimizer,
     snapshots: Vec<Vec<u8>>,
+    evaluation: Option<&EvaluationMetrics>,
 ) -> Result<PathBuf> {
     let files: Vec<(String, Vec<u8>)> = snapshots
         .into_iter()
@@ -679,6 +694,7 @@ fn write_checkpoint(
                 bytes,
             )
         })
+        .chain(evaluation.map(checkpoint::evaluation_file))
         .collect();
     checkpoint::save_with_files(
         &config.checkpoint_directory(),

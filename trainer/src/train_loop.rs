@@ -352,17 +352,25 @@ impl Run for DataParallel<'_> {
         Ok(self.buckets.stop_agreed())
     }
 
-    fn checkpoint(&mut self, completed: u64) -> Result<Option<PathBuf>> {
+    fn checkpoint(
+        &mut self,
+        completed: u64,
+        evaluation: Option<&EvaluationMetrics>,
+    ) -> Result<Option<PathBuf>> {
         if self.communicator.rank() != 0 {
             return Ok(None);
         }
+        let files: Vec<_> = evaluation
+            .map(checkpoint::evaluation_file)
+            .into_iter()
+            .collect();
         let path = checkpoint::save_with_files(
             &self.config.checkpoint_directory(),
             completed,
             self.plan.sampler.position(completed),
             self.plan.model.parameters(),
             &self.update.optimizer,
-            &[],
+            &files,
             self.config.stop_in_checkpoint == Some(completed),
         )?;
         Ok(Some(path))
@@ -371,11 +379,13 @@ impl Run for DataParallel<'_> {
 
 #[cfg(test)]
 mod tests {
+    use cohort_jobspec::early_stopping::EarlyStoppingSpec;
+    use cohort_jobspec::objective::{Metric, Mode, Objective};
     use cohort_jobspec::train::{LearningRateDecay, OptimizerKind};
 
     use super::*;
     use crate::data::synthetic_splits;
-    use crate::metrics::{DiscardMetrics, StepMetrics};
+    use crate::metrics::{CheckpointWritten, DiscardMetrics, EarlyStop, StepMetrics};
     use cohort_collective::{InMemoryStore, TcpRing, TcpRingConfig};
 
     /// Records everything a run reports.
@@ -384,6 +394,9 @@ mod tests {
         steps: Vec<StepMetrics>,
         evaluations: Vec<EvaluationMetrics>,
         checkpoints: Vec<(u64, PathBuf)>,
+        written: Vec<CheckpointWritten>,
+        deleted: Vec<(u64, PathBuf)>,
+        early_stops: Vec<EarlyStop>,
     }
 
     impl MetricsSink for Recorder {
@@ -393,8 +406,16 @@ mod tests {
         fn on_evaluation(&mut self, metrics: &EvaluationMetrics) {
             self.evaluations.push(metrics.clone());
         }
-        fn on_checkpoint(&mut self, step: u64, path: &std::path::Path) {
-            self.checkpoints.push((step, path.to_owned()));
+        fn on_checkpoint(&mut self, checkpoint: &CheckpointWritten) {
+            self.checkpoints
+                .push((checkpoint.step, checkpoint.path.clone()));
+            self.written.push(checkpoint.clone());
+        }
+        fn on_checkpoint_deleted(&mut self, step: u64, path: &std::path::Path) {
+            self.deleted.push((step, path.to_owned()));
+        }
+        fn on_early_stop(&mut self, stop: &EarlyStop) {
+            self.early_stops.push(stop.clone());
         }
     }
 
@@ -557,6 +578,173 @@ mod tests {
                 .fold(0.0f32, f32::max);
             assert!(difference < 1e-6, "max difference {difference}");
         }
+    }
+
+    #[test]
+    fn a_run_stopped_after_some_steps_then_resumed_ends_as_an_uninterrupted_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = small_splits();
+        let mut config = small_config(2, dir.path());
+        config.schedule.warmup_steps = 3;
+        config.schedule.lr_decay = LearningRateDecay::Cosine;
+        config.checkpoint.directory = "uninterrupted".into();
+        let uninterrupted = run_group(vec![config.clone(), config.clone()], &data);
+
+        // 0.75 of an epoch of 12 steps: the run ends after step 9, evaluated and checkpointed.
+        let mut stopped = config.clone();
+        stopped.schedule.stop_after_epochs = Some(0.75);
+        stopped.checkpoint.directory = "stopped".into();
+        let results = run_group(vec![stopped.clone(), stopped], &data);
+        let checkpoint = dir.path().join("stopped/step-00000009");
+        for (rank, (outcome, recorder)) in results.iter().enumerate() {
+            assert_eq!(outcome.scheduled_stop, Some(9));
+            assert_eq!((outcome.steps, outcome.stopped_at), (9, None));
+            assert!(outcome.early_stop.is_none());
+            assert_eq!(recorder.steps.len(), 9);
+            assert_eq!(recorder.evaluations.last().unwrap().step, 9);
+            let expected = (rank == 0).then_some(checkpoint.as_path());
+            assert_eq!(outcome.checkpoint.as_deref(), expected);
+        }
+        let recorded = checkpoint::read_evaluation(&checkpoint).unwrap().unwrap();
+        assert_eq!(Some(&recorded), results[0].1.evaluations.last());
+        assert_eq!(results[0].1.written[0].evaluation, Some(recorded));
+
+        // Resumed without the stop, it takes steps 10 to 24 of the same schedule.
+        let mut resumed = config.clone();
+        resumed.checkpoint.directory = "resumed".into();
+        resumed.checkpoint.resume_from = Some(checkpoint.display().to_string());
+        let results = run_group(vec![resumed.clone(), resumed], &data);
+        let expected = flat_values(&uninterrupted[0].0.model);
+        for (outcome, recorder) in &results {
+            assert_eq!(recorder.steps.first().unwrap().step, 10);
+            assert_eq!(outcome.steps, 24);
+            assert_eq!(outcome.scheduled_stop, None);
+            // The same world size sums in the same order: bit for bit (tolerance 0).
+            assert_eq!(flat_values(&outcome.model), expected);
+        }
+        let learning_rates = |recorder: &Recorder| -> Vec<f64> {
+            recorder
+                .steps
+                .iter()
+                .filter(|step| step.step > 9)
+                .map(|step| step.learning_rate)
+                .collect()
+        };
+        assert_eq!(
+            learning_rates(&results[0].1),
+            learning_rates(&uninterrupted[0].1)
+        );
+    }
+
+    /// The steps of the checkpoint directories in `directory`, hidden ones included.
+    fn steps_on_disk(directory: &std::path::Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(directory)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn retention_leaves_the_newest_and_the_best_checkpoints_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = small_splits();
+        let mut config = small_config(1, dir.path());
+        // 10 epochs of 12 steps; checkpoints every 20 steps and at 120.
+        config.schedule.epochs = 10;
+        config.checkpoint.every_steps = Some(20);
+        config.checkpoint.keep_last = Some(2);
+        config.checkpoint.keep_best = Some(1);
+        // Ranking by the highest loss makes the best an early checkpoint, not a newest one.
+        config.objective = Objective::new(Metric::EvalLoss, Some(Mode::Max));
+        let (outcome, recorder) = run_group(vec![config], &data).pop().unwrap();
+        assert_eq!(outcome.steps, 120);
+
+        // Every checkpoint was evaluated at its step, and that evaluation was reported.
+        let written: Vec<u64> = recorder.written.iter().map(|c| c.step).collect();
+        assert_eq!(written, [20, 40, 60, 80, 100, 120]);
+        let loss_at = |step: u64| {
+            let evaluation = recorder.evaluations.iter().find(|e| e.step == step);
+            evaluation.unwrap().loss
+        };
+        for checkpoint in &recorder.written {
+            let evaluation = checkpoint.evaluation.as_ref().unwrap();
+            assert_eq!(evaluation.loss, loss_at(checkpoint.step));
+        }
+        // Expected: the 2 newest, and the one of the highest loss (the first, on a tie).
+        let mut highest = written[0];
+        for &step in &written {
+            if loss_at(step) > loss_at(highest) {
+                highest = step;
+            }
+        }
+        let mut expected: Vec<u64> = vec![100, 120, highest];
+        expected.sort();
+        expected.dedup();
+        let names: Vec<String> = expected
+            .iter()
+            .map(|step| format!("step-{step:08}"))
+            .collect();
+        assert_eq!(steps_on_disk(&dir.path().join("checkpoints")), names);
+        let deleted: Vec<u64> = recorder.deleted.iter().map(|(step, _)| *step).collect();
+        let not_kept: Vec<u64> = written
+            .iter()
+            .copied()
+            .filter(|step| !expected.contains(step))
+            .collect();
+        assert_eq!(deleted, not_kept);
+        // What is left lists with the evaluations that were reported.
+        let listed = checkpoint::list(&dir.path().join("checkpoints")).unwrap();
+        assert_eq!(
+            listed.iter().map(|entry| entry.step).collect::<Vec<_>>(),
+            expected
+        );
+        for entry in &listed {
+            assert_eq!(entry.evaluation.as_ref().unwrap().loss, loss_at(entry.step));
+            assert!(entry.bytes > 0);
+        }
+    }
+
+    #[test]
+    fn early_stopping_stops_every_rank_after_the_same_evaluation() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = small_splits();
+        let mut config = small_config(2, dir.path());
+        config.schedule.epochs = 4;
+        // No evaluation can beat the first by 10: the second (step 24 of 48) ends the run.
+        config.early_stopping = Some(EarlyStoppingSpec {
+            patience: 1,
+            min_delta: 10.0,
+            ..EarlyStoppingSpec::default()
+        });
+        let results = run_group(vec![config.clone(), config], &data);
+        let checkpoints = dir.path().join("checkpoints");
+        for (rank, (outcome, recorder)) in results.iter().enumerate() {
+            let stop = outcome.early_stop.clone().unwrap();
+            assert_eq!((stop.step, stop.best_step, stop.patience), (24, 12, 1));
+            assert_eq!(stop.best_value, f64::from(recorder.evaluations[0].loss));
+            assert_eq!(recorder.early_stops, [stop]);
+            assert_eq!(outcome.steps, 24);
+            assert_eq!(recorder.steps.len(), 24);
+            let (best, last) = match rank {
+                0 => (
+                    Some(checkpoints.join("step-00000012")),
+                    Some(checkpoints.join("step-00000024")),
+                ),
+                _ => (None, None),
+            };
+            assert_eq!(outcome.best_checkpoint, best);
+            assert_eq!(outcome.checkpoint, last);
+            assert_eq!(
+                flat_values(&outcome.model),
+                flat_values(&results[0].0.model)
+            );
+        }
+        assert_eq!(
+            steps_on_disk(&checkpoints),
+            ["step-00000012", "step-00000024"]
+        );
     }
 
     /// The examples of every step of a sample record, by step.

@@ -360,6 +360,7 @@ async fn submit_all(
                         // Queued whatever the cluster holds: the crash round runs without
                         // workers.
                         wait_for_resources: true,
+                        resume_from: String::new(),
                     })
                     .await;
                 let took = sent.elapsed().as_secs_f64();

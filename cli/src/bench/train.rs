@@ -74,6 +74,7 @@ fn benchmark_config(world_size: u32, steps: u64) -> TrainConfig {
         checkpoint: None,
         train: None,
         fault_tolerance: None,
+        early_stopping: None,
     };
     let mut config = TrainConfig::from_job_spec(&spec, std::env::temp_dir());
     config.evaluate = false;

@@ -53,16 +53,52 @@ pub fn read_spec(path: &std::path::Path) -> Result<String> {
 /// Submits a job file; with `--watch`, follows it and returns its outcome as the exit code.
 pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
     let mut spec_toml = read_spec(&args.file)?;
-    if let Some(checkpoint) = &args.resume_from {
-        spec_toml = with_resume_from(&spec_toml, checkpoint)?;
+    let mut resume_from = String::new();
+    match args.resume_from.as_deref().map(ResumeFrom::of) {
+        None => {}
+        Some(ResumeFrom::Directory(checkpoint)) => {
+            spec_toml = with_resume_from(&spec_toml, &checkpoint)?;
+        }
+        Some(ResumeFrom::Recorded(reference)) => {
+            let spec = cohort_jobspec::parse(&spec_toml)?;
+            if spec.kind != cohort_jobspec::JobKind::Train {
+                bail!("--resume-from: only a kind = \"train\" job can start from a checkpoint");
+            }
+            resume_from = reference;
+        }
     }
     let mut client = client::job_control(&args.coordinator.target()?).await?;
-    let job = client::submit(&mut client, spec_toml, args.wait_for_resources).await?;
+    let request = cohort_proto::v1::SubmitJobRequest {
+        spec_toml,
+        wait_for_resources: args.wait_for_resources,
+        resume_from,
+    };
+    let job = client::submit_request(&mut client, request).await?;
     println!("{}", job.job_id);
     if !args.watch {
         return Ok(ExitCode::SUCCESS);
     }
     watch(&mut client, &job.job_id).await
+}
+
+/// What `--resume-from` names: a checkpoint directory here, or a checkpoint another job
+/// recorded (`JOB@best`, `JOB@latest`, `JOB@step-N`), which the coordinator resolves.
+#[derive(Debug, PartialEq)]
+enum ResumeFrom {
+    Directory(std::path::PathBuf),
+    Recorded(String),
+}
+
+impl ResumeFrom {
+    /// An existing directory wins, so that a directory whose name has an `@` still works.
+    fn of(text: &str) -> Self {
+        let path = std::path::Path::new(text);
+        if !path.is_dir() && text.contains('@') && !text.contains('/') {
+            ResumeFrom::Recorded(text.to_owned())
+        } else {
+            ResumeFrom::Directory(path.to_owned())
+        }
+    }
 }
 
 /// Returns the spec with `checkpoint.resume_from` set to `checkpoint` (made absolute, since
@@ -74,25 +110,17 @@ fn with_resume_from(spec_toml: &str, checkpoint: &std::path::Path) -> Result<Str
     }
     if !checkpoint.is_dir() {
         bail!(
-            "--resume-from {}: not a checkpoint directory",
+            "--resume-from {}: not a checkpoint directory (nor JOB@best, JOB@latest or \
+             JOB@step-N)",
             checkpoint.display()
         );
     }
     let absolute = std::path::absolute(checkpoint)?;
-    let mut document: toml::Table = spec_toml.parse()?;
-    let section = document
-        .entry("checkpoint")
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    let toml::Value::Table(section) = section else {
-        bail!("job file: checkpoint is not a table");
-    };
-    section.insert(
-        "resume_from".to_owned(),
-        toml::Value::String(absolute.display().to_string()),
-    );
-    let text = toml::to_string(&document)?;
-    cohort_jobspec::parse(&text)?;
-    Ok(text)
+    Ok(cohort_jobspec::parse::with_field(
+        spec_toml,
+        "checkpoint.resume_from",
+        absolute.display().to_string().into(),
+    )?)
 }
 
 /// Follows a job until it ends, printing progress to stderr and a summary at the end. Returns
@@ -576,4 +604,21 @@ pub async fn nodes(args: NodesArgs) -> Result<ExitCode> {
         OutputFormat::Table => print!("{}", render::nodes_table(&nodes)),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_from_is_a_recorded_checkpoint_unless_it_is_a_directory_or_a_path() {
+        assert_eq!(
+            ResumeFrom::of("mlp-3@best"),
+            ResumeFrom::Recorded("mlp-3@best".to_owned())
+        );
+        assert_eq!(
+            ResumeFrom::of("runs/a@b/step-00000020"),
+            ResumeFrom::Directory("runs/a@b/step-00000020".into())
+        );
+    }
 }

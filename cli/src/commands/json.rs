@@ -36,6 +36,11 @@ pub fn job(job: &JobInfo) -> Value {
         "state": render::job_state(job.state()),
         "reason": job.reason,
         "waiting": job.waiting,
+        "trial": job.trial.as_ref().map(|trial| json!({
+            "sweep_id": trial.sweep_id,
+            "trial": trial.trial,
+            "rung": trial.rung,
+        })),
         "failed_rank": job.failed_rank,
         "stragglers": job.stragglers.iter().map(|straggler| json!({
             "rank": straggler.rank,

@@ -2,6 +2,7 @@
 
 mod certs;
 mod daemons;
+mod experiments;
 mod jobs;
 mod json;
 mod kv;
@@ -27,6 +28,8 @@ pub async fn run(command: Command) -> Result<ExitCode> {
         Command::Nodes(args) => jobs::nodes(args).await,
         Command::Queues(args) => jobs::queues(args).await,
         Command::Drain(args) => jobs::drain(args).await,
+        Command::Checkpoints(args) => experiments::checkpoints(args).await,
+        Command::Sweep(args) => experiments::sweep(args).await,
         Command::Coordinator(args) => daemons::coordinator(args).await,
         Command::Worker(args) => daemons::worker(args).await,
         Command::Up(args) => up::up(args).await,

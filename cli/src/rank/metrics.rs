@@ -15,7 +15,9 @@ use std::time::Duration;
 use cohort_collective::Progress;
 use cohort_collective::progress::ChannelProgress;
 use cohort_proto::v1::rendezvous_client::RendezvousClient;
-use cohort_proto::v1::{CollectiveProgress, RankMetrics, ReportMetricsRequest};
+use cohort_proto::v1::{
+    CheckpointWritten, CollectiveProgress, EarlyStopReport, RankMetrics, ReportMetricsRequest,
+};
 use cohort_trainer::{EvaluationMetrics, MetricsSink, PhaseTimings, StepMetrics};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
@@ -28,6 +30,9 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
 /// Most step times kept for one report (while reports cannot be sent, the oldest are
 /// dropped); the coordinator takes at most this many.
 const MAX_REPORTED_STEPS: usize = 1024;
+/// Most checkpoint events of each kind one report carries (the coordinator's bound); the rest
+/// go with the next.
+const MAX_EVENTS_PER_REPORT: usize = 64;
 
 /// The compute seconds of each step since the last report.
 #[derive(Debug, Default)]
@@ -57,9 +62,54 @@ impl ComputeTimes {
     }
 }
 
-/// Locks the shared compute times (plain data, consistent after every call).
-fn lock(times: &Mutex<ComputeTimes>) -> std::sync::MutexGuard<'_, ComputeTimes> {
-    times.lock().unwrap_or_else(PoisonError::into_inner)
+/// Locks shared plain data (consistent after every call, so a poisoned lock is still usable).
+fn lock<T>(shared: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Events that must reach the coordinator, unlike the latest figures, which the next report
+/// replaces: checkpoints written and deleted (what `--resume-from JOB@...` resolves through)
+/// and an early stop (the job's reason). Every report carries them until one that carried them
+/// is answered; the coordinator takes a repeated one as the same event.
+#[derive(Debug, Default)]
+struct PendingEvents {
+    written: Vec<CheckpointWritten>,
+    deleted: Vec<u64>,
+    early_stop: Option<EarlyStopReport>,
+}
+
+impl PendingEvents {
+    /// Copies the events (at most [`MAX_EVENTS_PER_REPORT`] of each kind) into `metrics`.
+    fn fill(&self, metrics: &mut RankMetrics) {
+        metrics.checkpoints = self
+            .written
+            .iter()
+            .take(MAX_EVENTS_PER_REPORT)
+            .cloned()
+            .collect();
+        metrics.deleted_checkpoint_steps = self
+            .deleted
+            .iter()
+            .take(MAX_EVENTS_PER_REPORT)
+            .copied()
+            .collect();
+        metrics.early_stop = self.early_stop.clone();
+    }
+
+    /// Forgets the events `metrics` carried to the coordinator.
+    fn delivered(&mut self, metrics: &RankMetrics) {
+        self.written
+            .retain(|event| !metrics.checkpoints.contains(event));
+        self.deleted
+            .retain(|step| !metrics.deleted_checkpoint_steps.contains(step));
+        if metrics.early_stop.is_some() {
+            self.early_stop = None;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.written.is_empty() && self.deleted.is_empty() && self.early_stop.is_none()
+    }
 }
 /// Steps at the start whose timings are left out of the medians (warm-up, allocation).
 const WARMUP_STEPS: usize = 3;
@@ -142,6 +192,8 @@ pub struct CoordinatorMetrics {
     progress: Progress,
     /// Per-step compute times not reported yet, shared with the reporter task.
     compute_times: Arc<Mutex<ComputeTimes>>,
+    /// Checkpoint events and an early stop not delivered yet, shared with the reporter task.
+    pending: Arc<Mutex<PendingEvents>>,
     /// The job.
     job_id: String,
     /// Every step's times, for the medians.
@@ -168,6 +220,8 @@ impl CoordinatorMetrics {
         let reported_progress = progress.clone();
         let compute_times = Arc::new(Mutex::new(ComputeTimes::default()));
         let reported_times = Arc::clone(&compute_times);
+        let pending = Arc::new(Mutex::new(PendingEvents::default()));
+        let reported_events = Arc::clone(&pending);
         runtime.spawn(async move {
             let mut previous = Vec::new();
             loop {
@@ -182,7 +236,10 @@ impl CoordinatorMetrics {
                 metrics.collectives = collectives(&snapshot);
                 previous = snapshot;
                 lock(&reported_times).take(&mut metrics);
-                send(&mut reporter, &reporter_job, metrics).await;
+                lock(&reported_events).fill(&mut metrics);
+                if send(&mut reporter, &reporter_job, &mut metrics).await {
+                    lock(&reported_events).delivered(&metrics);
+                }
                 tokio::time::sleep(REPORT_INTERVAL).await;
             }
         });
@@ -192,6 +249,7 @@ impl CoordinatorMetrics {
             client,
             progress,
             compute_times,
+            pending,
             job_id,
             timings: StepTimings::default(),
             evaluation_words: ("test", "examples"),
@@ -218,9 +276,33 @@ impl CoordinatorMetrics {
         let mut metrics = self.latest.borrow().clone();
         metrics.collectives = collectives(&self.progress.snapshot());
         lock(&self.compute_times).take(&mut metrics);
+        self.send_now(metrics);
+    }
+
+    /// Sends `metrics` with the undelivered events from the training thread and waits for the
+    /// answer (for events: the coordinator should know of a checkpoint before the next one is
+    /// written, and of everything before the rank exits).
+    fn send_now(&mut self, mut metrics: RankMetrics) {
+        lock(&self.pending).fill(&mut metrics);
         let mut client = self.client.clone();
         let job_id = self.job_id.clone();
-        self.runtime.block_on(send(&mut client, &job_id, metrics));
+        if self
+            .runtime
+            .block_on(send(&mut client, &job_id, &mut metrics))
+        {
+            lock(&self.pending).delivered(&metrics);
+        }
+        let undelivered = !lock(&self.pending).is_empty();
+        if undelivered {
+            warn!("checkpoint events not delivered yet; the next report carries them");
+        }
+    }
+
+    /// Queues an event and sends it at once with the latest figures.
+    fn report_event(&mut self, add: impl FnOnce(&mut PendingEvents)) {
+        add(&mut lock(&self.pending));
+        let metrics = self.latest.borrow().clone();
+        self.send_now(metrics);
     }
 }
 
@@ -270,20 +352,25 @@ fn collectives(snapshot: &[ChannelProgress]) -> Vec<CollectiveProgress> {
         .collect()
 }
 
+/// Sends one report; returns whether the coordinator took it.
 async fn send(
     client: &mut RendezvousClient<CoordinatorConnection>,
     job_id: &str,
-    mut metrics: RankMetrics,
-) {
+    metrics: &mut RankMetrics,
+) -> bool {
     metrics.reported_at_unix_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_millis() as i64);
     let request = ReportMetricsRequest {
         job_id: job_id.to_owned(),
-        metrics: Some(metrics),
+        metrics: Some(metrics.clone()),
     };
-    if let Err(status) = client.report_metrics(request).await {
-        warn!(%status, "could not report metrics");
+    match client.report_metrics(request).await {
+        Ok(_) => true,
+        Err(status) => {
+            warn!(%status, "could not report metrics");
+            false
+        }
     }
 }
 
@@ -338,9 +425,45 @@ impl MetricsSink for CoordinatorMetrics {
         });
     }
 
-    fn on_checkpoint(&mut self, step: u64, path: &Path) {
-        info!(step, path = %path.display(), "checkpoint written");
-        println!("checkpoint at step {step}: {}", path.display());
+    fn on_checkpoint(&mut self, checkpoint: &cohort_trainer::CheckpointWritten) {
+        let path = checkpoint.path.display();
+        info!(step = checkpoint.step, %path, bytes = checkpoint.bytes, "checkpoint written");
+        println!("checkpoint at step {}: {path}", checkpoint.step);
+        let event = CheckpointWritten {
+            step: checkpoint.step,
+            epoch: checkpoint.epoch,
+            path: checkpoint.path.display().to_string(),
+            bytes: checkpoint.bytes,
+            eval_loss: checkpoint
+                .evaluation
+                .as_ref()
+                .map(|evaluation| f64::from(evaluation.loss)),
+            eval_accuracy: checkpoint
+                .evaluation
+                .as_ref()
+                .map(|evaluation| f64::from(evaluation.accuracy)),
+        };
+        self.report_event(|pending| pending.written.push(event));
+    }
+
+    fn on_checkpoint_deleted(&mut self, step: u64, path: &Path) {
+        info!(step, path = %path.display(), "checkpoint deleted by retention");
+        println!(
+            "checkpoint of step {step} deleted (retention): {}",
+            path.display()
+        );
+        self.report_event(|pending| pending.deleted.push(step));
+    }
+
+    fn on_early_stop(&mut self, stop: &cohort_trainer::EarlyStop) {
+        let report = EarlyStopReport {
+            step: stop.step,
+            best_step: stop.best_step,
+            best_value: stop.best_value,
+            metric: stop.objective.metric.name().to_owned(),
+            patience: stop.patience,
+        };
+        self.report_event(|pending| pending.early_stop = Some(report));
     }
 }
 
@@ -365,6 +488,38 @@ mod tests {
         communication_figures(&earlier, &progress.snapshot(), &mut extra);
         assert!(extra["allreduce_busbw_gbps"] > 0.0, "{extra:?}");
         assert!(extra["ps_exchange_latency_s"] >= 0.0, "{extra:?}");
+    }
+
+    #[test]
+    fn checkpoint_events_ride_every_report_until_one_is_answered() {
+        let checkpoint = |step| CheckpointWritten {
+            step,
+            path: format!("/out/step-{step}"),
+            ..CheckpointWritten::default()
+        };
+        let mut pending = PendingEvents::default();
+        pending.written.extend((0..70).map(checkpoint));
+        pending.deleted.push(5);
+        let mut first = RankMetrics::default();
+        pending.fill(&mut first);
+        assert_eq!(first.checkpoints.len(), MAX_EVENTS_PER_REPORT);
+        // Not answered: the next report carries the same events.
+        let mut again = RankMetrics::default();
+        pending.fill(&mut again);
+        assert_eq!(again.checkpoints, first.checkpoints);
+        // An event added while a report was out stays for the next.
+        pending.written.push(checkpoint(100));
+        pending.delivered(&again);
+        assert_eq!(
+            pending.written.iter().map(|c| c.step).collect::<Vec<_>>(),
+            [64, 65, 66, 67, 68, 69, 100]
+        );
+        assert!(pending.deleted.is_empty());
+        pending.early_stop = Some(EarlyStopReport::default());
+        let mut last = RankMetrics::default();
+        pending.fill(&mut last);
+        pending.delivered(&last);
+        assert!(pending.is_empty());
     }
 
     #[test]

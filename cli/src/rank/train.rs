@@ -7,13 +7,14 @@
 //! worker named.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use cohort_collective::Store;
 use cohort_jobspec::DeviceKind;
-use cohort_jobspec::train::{CollectiveBackend, Communication, ModelKind};
+use cohort_jobspec::train::{CollectiveBackend, Communication, ModelKind, ScheduleSpec};
 use cohort_parameter_server::ClientConfig;
 use cohort_parameter_server::server::shard_address_key;
 use cohort_proto::env;
@@ -22,7 +23,7 @@ use cohort_trainer::language_model::train_language_model;
 use cohort_trainer::mesh::{MeshLinks, MeshShape, connect_mesh};
 use cohort_trainer::run::StopSignal;
 use cohort_trainer::run::config::SlowDown;
-use cohort_trainer::{ComputeDevice, ParameterServerLink, TrainConfig, TrainOutcome};
+use cohort_trainer::{ComputeDevice, EarlyStop, ParameterServerLink, TrainConfig, TrainOutcome};
 
 use super::{RankLink, inputs, parameter_server};
 
@@ -135,10 +136,67 @@ pub fn run() -> Result<ExitCode> {
         }
         return Ok(ExitCode::from(launch::EXIT_STOPPED_WITH_CHECKPOINT));
     }
+    // Stopping as the schedule asks or early stopping is a success: the job is done.
     if rank == 0 {
+        let ending = EarlyEnd {
+            scheduled_stop: outcome.scheduled_stop,
+            early_stop: outcome.early_stop.as_ref(),
+            checkpoint: outcome.checkpoint.as_deref(),
+            best_checkpoint: outcome.best_checkpoint.as_deref(),
+        };
+        if let Some(line) = ending.line(&config.schedule) {
+            eprintln!("{line}");
+        }
         print_outcome(&outcome);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How a run that exits successfully ended before its last step, for the line rank 0 prints.
+struct EarlyEnd<'a> {
+    /// The step `schedule.stop_after_*` ended the run after.
+    scheduled_stop: Option<u64>,
+    /// Early stopping's report.
+    early_stop: Option<&'a EarlyStop>,
+    /// The checkpoint of the step the run ended at.
+    checkpoint: Option<&'a Path>,
+    /// Early stopping's best checkpoint.
+    best_checkpoint: Option<&'a Path>,
+}
+
+impl EarlyEnd<'_> {
+    /// The `[cohort] ...` line saying why the run ended early, if it did.
+    fn line(&self, schedule: &ScheduleSpec) -> Option<String> {
+        let path =
+            |path: Option<&Path>| path.map_or("none".to_owned(), |p| p.display().to_string());
+        if let Some(stop) = self.early_stop {
+            let evaluations = if stop.patience == 1 {
+                "evaluation"
+            } else {
+                "evaluations"
+            };
+            return Some(format!(
+                "[cohort] early stopped at step {}: {} did not improve on {:.4} (step {}) for {} \
+                 {evaluations}; best checkpoint: {}",
+                stop.step,
+                stop.objective.metric,
+                stop.best_value,
+                stop.best_step,
+                stop.patience,
+                path(self.best_checkpoint)
+            ));
+        }
+        let step = self.scheduled_stop?;
+        let field = if schedule.stop_after_steps.is_some() {
+            "schedule.stop_after_steps"
+        } else {
+            "schedule.stop_after_epochs"
+        };
+        Some(format!(
+            "[cohort] stopped after step {step} ({field}): checkpoint {}",
+            path(self.checkpoint)
+        ))
+    }
 }
 
 /// Makes SIGTERM a request to stop with a checkpoint: the run stops after the next step every
@@ -260,6 +318,15 @@ fn train_transformer(link: &RankLink, config: &TrainConfig) -> Result<ExitCode> 
         .with_context(|| format!("rank {rank} training"))?;
     metrics.finish();
     if rank == 0 {
+        let ending = EarlyEnd {
+            scheduled_stop: outcome.scheduled_stop,
+            early_stop: outcome.early_stop.as_ref(),
+            checkpoint: outcome.checkpoint.as_deref(),
+            best_checkpoint: outcome.best_checkpoint.as_deref(),
+        };
+        if let Some(line) = ending.line(&config.schedule) {
+            eprintln!("{line}");
+        }
         let describe = |evaluation: &cohort_trainer::EvaluationMetrics| {
             format!(
                 "validation loss {:.4} (perplexity {:.2}, next-character accuracy {:.2}%) at step {}",
@@ -335,7 +402,63 @@ fn print_outcome(outcome: &TrainOutcome) {
 
 #[cfg(test)]
 mod tests {
+    use cohort_jobspec::objective::{Metric, Objective};
+
     use super::*;
+
+    #[test]
+    fn a_run_ended_early_says_why_in_one_line() {
+        let schedule = ScheduleSpec {
+            stop_after_steps: Some(40),
+            ..ScheduleSpec::default()
+        };
+        let stopped = EarlyEnd {
+            scheduled_stop: Some(40),
+            early_stop: None,
+            checkpoint: Some(Path::new("/out/checkpoints/step-00000040")),
+            best_checkpoint: None,
+        };
+        assert_eq!(
+            stopped.line(&schedule).unwrap(),
+            "[cohort] stopped after step 40 (schedule.stop_after_steps): checkpoint \
+             /out/checkpoints/step-00000040"
+        );
+        let in_epochs = ScheduleSpec {
+            stop_after_epochs: Some(1.5),
+            ..ScheduleSpec::default()
+        };
+        assert!(
+            stopped
+                .line(&in_epochs)
+                .unwrap()
+                .contains("(schedule.stop_after_epochs)")
+        );
+        let stop = EarlyStop {
+            step: 60,
+            best_step: 30,
+            best_value: 0.412_34,
+            objective: Objective::natural(Metric::EvalLoss),
+            patience: 3,
+        };
+        let early = EarlyEnd {
+            scheduled_stop: None,
+            early_stop: Some(&stop),
+            checkpoint: Some(Path::new("/out/checkpoints/step-00000060")),
+            best_checkpoint: Some(Path::new("/out/checkpoints/step-00000030")),
+        };
+        assert_eq!(
+            early.line(&ScheduleSpec::default()).unwrap(),
+            "[cohort] early stopped at step 60: eval_loss did not improve on 0.4123 (step 30) \
+             for 3 evaluations; best checkpoint: /out/checkpoints/step-00000030"
+        );
+        let to_the_end = EarlyEnd {
+            scheduled_stop: None,
+            early_stop: None,
+            checkpoint: Some(Path::new("/out/checkpoints/step-00000100")),
+            best_checkpoint: None,
+        };
+        assert_eq!(to_the_end.line(&ScheduleSpec::default()), None);
+    }
 
     #[test]
     fn gpu_ranks_compute_on_the_device_the_worker_names() {

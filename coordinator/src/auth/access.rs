@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use cohort_proto::JobId;
+use cohort_proto::{JobId, SweepId};
 
 use crate::error::{Error, Result};
 
@@ -69,6 +69,20 @@ pub enum Action<'a> {
         /// Its submitter.
         owner: &'a str,
     },
+    /// Read a sweep and its trials; `owner` submitted it.
+    ReadSweep {
+        /// The sweep.
+        sweep_id: &'a SweepId,
+        /// Its submitter.
+        owner: &'a str,
+    },
+    /// Cancel a sweep; `owner` submitted it.
+    CancelSweep {
+        /// The sweep.
+        sweep_id: &'a SweepId,
+        /// Its submitter.
+        owner: &'a str,
+    },
     /// List jobs (a user sees their own in the list).
     ListJobs,
     /// List nodes.
@@ -100,7 +114,10 @@ pub fn authorize(caller: &Caller, action: Action<'_>) -> Result<()> {
         }
         (
             Caller::User { name, .. },
-            Action::ReadJob { owner, .. } | Action::CancelJob { owner, .. },
+            Action::ReadJob { owner, .. }
+            | Action::CancelJob { owner, .. }
+            | Action::ReadSweep { owner, .. }
+            | Action::CancelSweep { owner, .. },
         ) => name == owner,
         (
             Caller::User { .. },
@@ -120,7 +137,10 @@ pub fn authorize(caller: &Caller, action: Action<'_>) -> Result<()> {
     }
     let who_may = match action {
         Action::Submit | Action::ListJobs | Action::ListQueues | Action::ReadMetrics => "users",
-        Action::ReadJob { .. } | Action::CancelJob { .. } => "the user who submitted it and admins",
+        Action::ReadJob { .. }
+        | Action::CancelJob { .. }
+        | Action::ReadSweep { .. }
+        | Action::CancelSweep { .. } => "the user who submitted it and admins",
         Action::ListNodes => "any authenticated caller",
         Action::ManageUsers | Action::ReadAudit | Action::DrainNode => "admins",
         Action::Join => "workers holding the cluster's join token",
@@ -147,6 +167,8 @@ fn describe(action: Action<'_>) -> String {
         Action::Submit => "submit jobs".to_owned(),
         Action::ReadJob { job_id, .. } => format!("read job {job_id}"),
         Action::CancelJob { job_id, .. } => format!("cancel job {job_id}"),
+        Action::ReadSweep { sweep_id, .. } => format!("read sweep {sweep_id}"),
+        Action::CancelSweep { sweep_id, .. } => format!("cancel sweep {sweep_id}"),
         Action::ListJobs => "list jobs".to_owned(),
         Action::ListNodes => "list nodes".to_owned(),
         Action::ListQueues => "list queues".to_owned(),
@@ -190,8 +212,24 @@ mod tests {
             owner: "alice",
         };
         let use_job = Action::UseJob { job_id: &job };
+        let sweep = SweepId::new("sweep-3").unwrap();
+        let read_sweep = Action::ReadSweep {
+            sweep_id: &sweep,
+            owner: "alice",
+        };
+        let cancel_sweep = Action::CancelSweep {
+            sweep_id: &sweep,
+            owner: "alice",
+        };
         let cases: Vec<(Caller, Action<'_>, bool)> = vec![
             (user("alice"), Action::Submit, true),
+            (user("alice"), read_sweep, true),
+            (user("alice"), cancel_sweep, true),
+            (user("bob"), read_sweep, false),
+            (user("bob"), cancel_sweep, false),
+            (admin(), cancel_sweep, true),
+            (Caller::Worker, read_sweep, false),
+            (Caller::Job(job.clone()), cancel_sweep, false),
             (user("alice"), read, true),
             (user("alice"), cancel, true),
             (user("bob"), read, false),

@@ -27,6 +27,23 @@ pub struct MetricsReport {
     pub progress: Vec<ChannelState>,
     /// Compute times of its steps since its last report (straggler detection).
     pub step_times: StepTimes,
+    /// Checkpoints it wrote or deleted, and an early stop.
+    pub checkpoints: convert::CheckpointReport,
+}
+
+/// A job to submit and how.
+#[derive(Debug, Clone)]
+pub struct JobSubmission {
+    /// The job file.
+    pub spec_toml: String,
+    /// Queue it even if it can never fit the cluster as it is now.
+    pub wait_for_resources: bool,
+    /// Who submits it.
+    pub submitter: String,
+    /// Start from this checkpoint of another job.
+    pub resume_from: Option<crate::checkpoints::CheckpointRef>,
+    /// The sweep trial it runs.
+    pub trial: Option<crate::model::TrialTag>,
 }
 
 /// One page of the job listing.
@@ -89,7 +106,7 @@ impl Submissions {
 impl Cluster {
     /// Refuses a job whose queue is not configured, or that asks for more devices than its
     /// queue's or a user's quota allows (it could never start).
-    fn check_quotas(&self, spec: &cohort_jobspec::JobSpec) -> Result<()> {
+    pub(super) fn check_quotas(&self, spec: &cohort_jobspec::JobSpec) -> Result<()> {
         let Some(queue) = self.config.queue(spec.queue()) else {
             return Err(Error::InvalidArgument(format!(
                 "queue: {:?} is not a queue of this cluster (its queues: {})",
@@ -132,7 +149,42 @@ impl Cluster {
         wait_for_resources: bool,
         submitter: String,
     ) -> Result<JobInfo> {
+        self.submit_job(JobSubmission {
+            spec_toml,
+            wait_for_resources,
+            submitter,
+            resume_from: None,
+            trial: None,
+        })
+        .await
+    }
+
+    /// [`Cluster::submit`] with every option: a checkpoint of another job to start from
+    /// (resolved now, through that job's recorded versions, into the spec's
+    /// `checkpoint.resume_from`), and the sweep trial the job runs.
+    #[instrument(skip_all, fields(submitter = %submission.submitter))]
+    pub async fn submit_job(&self, submission: JobSubmission) -> Result<JobInfo> {
+        let JobSubmission {
+            mut spec_toml,
+            wait_for_resources,
+            submitter,
+            resume_from,
+            trial,
+        } = submission;
+        if let Some(reference) = &resume_from {
+            let path = self.resolve_checkpoint(reference).await?;
+            spec_toml = cohort_jobspec::parse::with_field(
+                &spec_toml,
+                "checkpoint.resume_from",
+                path.into(),
+            )?;
+        }
         let spec = cohort_jobspec::parse(&spec_toml)?;
+        if resume_from.is_some() && spec.kind != cohort_jobspec::JobKind::Train {
+            return Err(Error::InvalidArgument(
+                "resume_from: only a kind = \"train\" job resumes from a checkpoint".to_owned(),
+            ));
+        }
         let mut submissions = self.submissions.lock().await;
         {
             let state = self.state.lock().await;
@@ -191,6 +243,8 @@ impl Cluster {
             min_ranks: spec.min_ranks().unwrap_or(0),
             attempts: Vec::new(),
             backoff: Vec::new(),
+            checkpoints: Vec::new(),
+            trial,
         };
         // Nothing else knows the job yet, so no other write of it can be queued before this one.
         let written = self.writes.put_job(&record);
@@ -209,6 +263,7 @@ impl Cluster {
             communication: CommunicationWatch::default(),
             stragglers: StragglerWatch::default(),
             waiting: None,
+            early_stop: None,
         };
         let info = convert::job_info(&job.record);
         self.state
@@ -382,6 +437,7 @@ impl Cluster {
             metrics,
             progress,
             step_times,
+            checkpoints,
         } = report;
         let mut state = self.state.lock().await;
         let Some(job) = state.live_mut(job_id) else {
@@ -425,6 +481,18 @@ impl Cluster {
         job.record.metrics.insert(rank, metrics.clone());
         job.communication
             .observe(job.record.attempt, rank, progress, now_ms());
+        if let Some(early_stop) = checkpoints.early_stop {
+            job.early_stop = Some(early_stop);
+        }
+        // Checkpoint versions are what a later `--resume-from JOB@...` resolves through: stored
+        // with the record at once (they are rare), not with the next state change.
+        let versions_changed = !checkpoints.written.is_empty() || !checkpoints.deleted.is_empty();
+        for mut written in checkpoints.written {
+            written.attempt = job.record.attempt;
+            crate::checkpoints::record(&mut job.record.checkpoints, written);
+        }
+        crate::checkpoints::mark_deleted(&mut job.record.checkpoints, &checkpoints.deleted);
+        let stored = versions_changed.then(|| self.writes.put_job(&job.record));
         let job: &LiveJob = job;
         self.publish(job);
         let now = now_ms();
@@ -434,6 +502,9 @@ impl Cluster {
             }
         }
         drop(state);
+        if let Some(stored) = stored {
+            stored.landed().await?;
+        }
         self.record_history(job_id, rank, &metrics).await
     }
 
@@ -634,7 +705,8 @@ impl Cluster {
             .filter(|r| ProcessRole::of(r.rank, ranks) == ProcessRole::Rank)
             .all(|r| r.succeeded())
         {
-            return self.finish_job(state, job_id, JobState::Succeeded, String::new(), writes);
+            let reason = job.early_stop.clone().unwrap_or_default();
+            return self.finish_job(state, job_id, JobState::Succeeded, reason, writes);
         }
         let all_started = placement
             .iter()

@@ -19,6 +19,9 @@
 //! - `restarts`: a failed attempt restarted while restarts remain, away from the node to blame.
 //! - `persistence`: the ordered queue of job writes and the one task that writes them.
 //! - `history`: each job's metric curves, kept and stored.
+//! - `sweeps`: hyper-parameter sweeps, advanced on every tick by [`crate::sweeps`]' decisions;
+//!   their trials are ordinary jobs tagged with their sweep.
+//! - `versions`: a job's checkpoint versions, listed and resolved for `--resume-from`.
 //! - `watchdog`: running jobs whose communication hangs fail their attempt, naming who holds
 //!   them up.
 
@@ -28,6 +31,8 @@ mod membership;
 mod persistence;
 mod restarts;
 mod scheduling;
+mod sweeps;
+mod versions;
 mod watchdog;
 
 #[cfg(test)]
@@ -60,7 +65,7 @@ use crate::stragglers::{NodeScore, StragglerWatch};
 use cohort_proto::text::truncate;
 use persistence::{WriteQueue, Written};
 
-pub use jobs::MetricsReport;
+pub use jobs::{JobSubmission, MetricsReport};
 pub use membership::SessionToken;
 
 /// Capacity of a worker's instruction stream; a worker this far behind is treated as gone.
@@ -158,6 +163,9 @@ struct LiveJob {
     stragglers: StragglerWatch,
     /// While queued: why it is not running yet, as the last scheduler pass found.
     waiting: Option<scheduling::Waiting>,
+    /// Why its run stopped early (early stopping), once a rank reported it: the reason the job
+    /// succeeds with (not stored: after a coordinator restart the job succeeds without it).
+    early_stop: Option<String>,
 }
 
 impl LiveJob {
@@ -359,6 +367,8 @@ pub struct Cluster {
     telemetry: crate::telemetry::Telemetry,
     /// Each job's metric curves.
     histories: history::Histories,
+    /// Hyper-parameter sweeps. Taken before `state` when both are held, never after.
+    sweeps: Mutex<sweeps::Sweeps>,
 }
 
 impl Cluster {
@@ -373,6 +383,10 @@ impl Cluster {
         let mut recovering = 0;
         let jobs = store.list_jobs().await?;
         let mut quarantined = jobs.quarantined.len();
+        let mut sweeps = sweeps::Sweeps::load(store.list_sweeps().await?);
+        for sweep_id in sweeps::adopt_tagged_jobs(&mut sweeps, &jobs.records) {
+            sweeps.store(&sweep_id, store.as_ref()).await?;
+        }
         for record in jobs.records {
             if record.state.is_terminal()
                 && record.placement.iter().all(|rank| rank.state.is_final())
@@ -419,6 +433,7 @@ impl Cluster {
                     communication: CommunicationWatch::default(),
                     stragglers: StragglerWatch::default(),
                     waiting: None,
+                    early_stop: None,
                 })),
             );
         }
@@ -459,6 +474,7 @@ impl Cluster {
             job_tokens,
             telemetry: crate::telemetry::Telemetry::new()?,
             histories: history::Histories::default(),
+            sweeps: Mutex::new(sweeps),
         })
     }
 
@@ -563,6 +579,9 @@ impl Cluster {
             }
             if let Err(error) = self.check_hangs().await {
                 warn!(%error, "hang check failed");
+            }
+            if let Err(error) = self.advance_sweeps().await {
+                warn!(%error, "advancing sweeps failed");
             }
             if let Err(error) = self.schedule().await {
                 warn!(%error, "scheduler pass failed");
@@ -888,6 +907,7 @@ mod tests {
             let mut request = tonic::Request::new(v1::SubmitJobRequest {
                 spec_toml: SPEC.to_owned(),
                 wait_for_resources: true,
+                resume_from: String::new(),
             });
             let bearer = format!("Bearer {}", admin.trim()).parse().unwrap();
             request.metadata_mut().insert("authorization", bearer);

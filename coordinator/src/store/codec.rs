@@ -26,8 +26,8 @@ use crate::limits::MAX_RECORD_BYTES;
 
 /// The format version written in front of every record. Version 2 added a job's submitter and
 /// each rank's stop cause; version 3 a job's attempts (restarts); version 4 the job that
-/// preempted an attempt.
-pub const FORMAT_VERSION: u8 = 4;
+/// preempted an attempt; version 5 a job's checkpoint versions and sweep trial.
+pub const FORMAT_VERSION: u8 = 5;
 
 /// A stored type: decoded in the current format, and in the formats it was stored in before.
 pub trait Record: Serialize + DeserializeOwned {
@@ -180,7 +180,8 @@ mod tests {
         bytes[0] = 7;
         let error = decode::<Sample>(&bytes).unwrap_err().to_string();
         assert!(error.contains("decoding Sample"), "{error}");
-        assert!(error.contains("format version 7, expected 4"), "{error}");
+        let expected = format!("format version 7, expected {FORMAT_VERSION}");
+        assert!(error.contains(&expected), "{error}");
     }
 
     #[test]

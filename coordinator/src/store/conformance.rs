@@ -23,8 +23,8 @@ use super::{ClusterStore, Quarantined, RecordKind, codec};
 use crate::auth::records::{AuditEntry, UserRecord};
 use crate::lifecycle::JobState;
 use crate::model::{
-    AttemptRecord, DeviceRecord, GpuPeerRecord, JobRecord, MetricsRecord, NodeBackoff, NodeRecord,
-    RankRecord, RankState,
+    AttemptRecord, CheckpointVersion, DeviceRecord, GpuPeerRecord, JobRecord, MetricsRecord,
+    NodeBackoff, NodeRecord, RankRecord, RankState, SweepRecord, SweepState, TrialTag,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -206,6 +206,22 @@ pub(crate) fn sample_job(number: u64) -> JobRecord {
             failures: 1,
             until_ms: 1_700_000_010_090,
         }],
+        checkpoints: vec![CheckpointVersion {
+            step: 20,
+            epoch: 0,
+            attempt: 0,
+            path: format!("/var/lib/cohort/outputs/job-{number}/checkpoints/step-00000020"),
+            bytes: 1 << 20,
+            eval_loss: Some(0.5),
+            eval_accuracy: None,
+            written_at_ms: 1_700_000_000_080,
+            deleted: number.is_multiple_of(2),
+        }],
+        trial: number.is_multiple_of(3).then(|| TrialTag {
+            sweep_id: cohort_proto::SweepId::new("sweep-1").expect("valid sweep id"),
+            trial: number as u32,
+            rung: 1,
+        }),
     }
 }
 
@@ -312,6 +328,7 @@ conformance_suite!(
     concurrent_audit_appends_get_distinct_numbers,
     the_audit_log_keeps_the_newest_entries_of_its_window,
     jobs_written_together_are_stored_in_their_order,
+    sweeps_are_put_replaced_and_listed_in_submission_order,
 );
 
 async fn sequence_starts_at_one_and_counts_up(backend: &dyn Backend) {
@@ -707,6 +724,55 @@ async fn metric_curves_round_trip_are_replaced_and_survive_reopening(backend: &d
         reopened.get_job_metrics(&sample_job(2).id).await.unwrap(),
         None
     );
+}
+
+/// A running ASHA sweep over one parameter, with its first trials started.
+fn sample_sweep(seq: u64) -> SweepRecord {
+    let spec_toml = format!(
+        "version = 1\nname = \"sweep-{seq}\"\n[sweep]\nmax_trials = 4\n\
+         [sweep.searcher]\nkind = \"asha\"\nmin_resource = 0.25\n\
+         [sweep.parameters]\n\"optimizer.lr\" = {{ loguniform = [1e-4, 1e-1] }}\n\
+         [job]\nversion = 1\nkind = \"train\"\n"
+    );
+    let spec = cohort_jobspec::sweep::parse_sweep(&spec_toml).expect("a valid sweep");
+    let mut search = crate::sweeps::SearchState::new(crate::sweeps::Plan::from_spec(&spec));
+    let started = search.next();
+    SweepRecord {
+        id: cohort_proto::SweepId::new(format!("sweep-{seq}")).expect("valid sweep id"),
+        seq,
+        spec_toml,
+        name: format!("sweep-{seq}"),
+        submitter: "alice".to_owned(),
+        state: SweepState::Running,
+        reason: String::new(),
+        submitted_at_ms: 1_700_000_000_000,
+        finished_at_ms: None,
+        search,
+        trial_jobs: (0..started.len())
+            .map(|trial| vec![JobId::new(format!("sweep-{seq}-t{trial}-9")).expect("job id")])
+            .collect(),
+    }
+}
+
+async fn sweeps_are_put_replaced_and_listed_in_submission_order(backend: &dyn Backend) {
+    let store = backend.open().await;
+    assert!(store.list_sweeps().await.unwrap().is_empty());
+    for seq in [12, 3, 7] {
+        store.put_sweep(&sample_sweep(seq)).await.unwrap();
+    }
+    let mut ended = sample_sweep(7);
+    ended.search.cancel();
+    ended.state = SweepState::Cancelled;
+    ended.finished_at_ms = Some(1_700_000_000_500);
+    store.put_sweep(&ended).await.unwrap();
+    let expected = vec![sample_sweep(3), ended, sample_sweep(12)];
+    assert!(
+        expected[0].search.running() > 0,
+        "the sample has running trials"
+    );
+    assert_eq!(store.list_sweeps().await.unwrap(), expected);
+    drop(store);
+    assert_eq!(backend.open().await.list_sweeps().await.unwrap(), expected);
 }
 
 async fn users_are_put_replaced_listed_by_name_and_removed(backend: &dyn Backend) {

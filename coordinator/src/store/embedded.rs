@@ -43,7 +43,7 @@ use super::{
 use crate::auth::records::{AuditEntry, UserRecord};
 use crate::error::{Error, Result};
 use crate::limits::MAX_AUDIT_ENTRIES;
-use crate::model::{JobRecord, MetricHistory, NodeRecord};
+use crate::model::{JobRecord, MetricHistory, NodeRecord, SweepRecord};
 
 /// Name of the database file inside the data dir.
 pub const DATABASE_FILE_NAME: &str = "cluster.redb";
@@ -79,6 +79,8 @@ const JOB_SEQ_KEY: &str = "job_seq";
 
 /// Users by name.
 const USERS: RecordTable = TableDefinition::new("users");
+/// Sweeps by id.
+const SWEEPS: RecordTable = TableDefinition::new("sweeps");
 /// Metric curves of jobs by job id: encoded [`MetricHistory`].
 const JOB_METRICS: RecordTable = TableDefinition::new("job_metrics");
 /// Audit entries by sequence number.
@@ -219,6 +221,25 @@ impl EmbeddedStore {
                 .insert(key.as_str(), bytes.as_slice())
                 .within(operation, &key)?;
             transaction.commit().within(operation, &key)
+        })
+        .await
+    }
+
+    /// Every (key, bytes) of `table`.
+    async fn list_table(
+        &self,
+        operation: &'static str,
+        table: RecordTable,
+    ) -> Result<Vec<(String, Vec<u8>)>> {
+        self.run_blocking(operation, move |database| {
+            let transaction = database.begin_read().within(operation, "")?;
+            let records = transaction.open_table(table).within(operation, "")?;
+            let mut stored = Vec::new();
+            for entry in records.iter().within(operation, "")? {
+                let (key, value) = entry.within(operation, "")?;
+                stored.push((key.value().to_owned(), value.value().to_vec()));
+            }
+            Ok(stored)
         })
         .await
     }
@@ -384,6 +405,7 @@ fn create_tables(database: &Database) -> std::result::Result<(), redb::Error> {
     }
     transaction.open_table(META)?;
     transaction.open_table(USERS)?;
+    transaction.open_table(SWEEPS)?;
     transaction.open_table(AUDIT)?;
     transaction.commit()?;
     Ok(())
@@ -606,20 +628,19 @@ impl ClusterStore for EmbeddedStore {
     }
 
     async fn list_users(&self) -> Result<Vec<UserRecord>> {
-        let stored = self
-            .run_blocking("listing users", |database| {
-                let operation = "listing users";
-                let transaction = database.begin_read().within(operation, "")?;
-                let users = transaction.open_table(USERS).within(operation, "")?;
-                let mut stored = Vec::new();
-                for entry in users.iter().within(operation, "")? {
-                    let (key, value) = entry.within(operation, "")?;
-                    stored.push((key.value().to_owned(), value.value().to_vec()));
-                }
-                Ok(stored)
-            })
-            .await?;
+        let stored = self.list_table("listing users", USERS).await?;
         Ok(super::decode_users(stored))
+    }
+
+    async fn put_sweep(&self, sweep: &SweepRecord) -> Result<()> {
+        let bytes = codec::encode(sweep)?;
+        self.put_bytes("writing sweep", SWEEPS, sweep.id.to_string(), bytes)
+            .await
+    }
+
+    async fn list_sweeps(&self) -> Result<Vec<SweepRecord>> {
+        let stored = self.list_table("listing sweeps", SWEEPS).await?;
+        Ok(super::decode_sweeps(stored))
     }
 
     async fn append_audit(&self, entry: AuditEntry) -> Result<u64> {

@@ -50,7 +50,7 @@ use super::{
 use crate::auth::records::{AuditEntry, UserRecord};
 use crate::error::{Error, Result};
 use crate::limits::MAX_AUDIT_ENTRIES;
-use crate::model::{JobRecord, MetricHistory, NodeRecord};
+use crate::model::{JobRecord, MetricHistory, NodeRecord, SweepRecord};
 use quarantine::Settled;
 
 /// Key prefix used when the operator names none.
@@ -657,6 +657,23 @@ impl ClusterStore for EtcdStore {
             stored
                 .into_iter()
                 .map(|(name, bytes, _)| (name, bytes))
+                .collect(),
+        ))
+    }
+
+    async fn put_sweep(&self, sweep: &SweepRecord) -> Result<()> {
+        let bytes = codec::encode(sweep)?;
+        let key = format!("{}/sweeps/{}", self.prefix, sweep.id);
+        self.put_bytes(&format!("writing sweep {}", sweep.id), key, bytes)
+            .await
+    }
+
+    async fn list_sweeps(&self) -> Result<Vec<SweepRecord>> {
+        let stored = self.list_bytes("listing sweeps", "sweeps").await?;
+        Ok(super::decode_sweeps(
+            stored
+                .into_iter()
+                .map(|(id, bytes, _)| (id, bytes))
                 .collect(),
         ))
     }

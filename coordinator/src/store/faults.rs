@@ -22,7 +22,7 @@ use super::{ClusterStore, Listing, Quarantined, QuarantinedRecord};
 use crate::auth::records::{AuditEntry, UserRecord};
 use crate::error::{Error, Result};
 use crate::lifecycle::JobState;
-use crate::model::{JobRecord, MetricHistory, NodeRecord};
+use crate::model::{JobRecord, MetricHistory, NodeRecord, SweepRecord};
 
 /// The gate writes pass.
 #[derive(Debug, Default, Clone, Copy)]
@@ -170,6 +170,15 @@ impl ClusterStore for FaultyStore {
 
     async fn list_users(&self) -> Result<Vec<UserRecord>> {
         self.inner.list_users().await
+    }
+
+    async fn put_sweep(&self, sweep: &SweepRecord) -> Result<()> {
+        self.injected_failure("writing sweep")?;
+        self.inner.put_sweep(sweep).await
+    }
+
+    async fn list_sweeps(&self) -> Result<Vec<SweepRecord>> {
+        self.inner.list_sweeps().await
     }
 
     async fn append_audit(&self, entry: AuditEntry) -> Result<u64> {

@@ -8,6 +8,9 @@
 //!   were submitted before restarts existed); nodes as today.
 //! - Version 3: jobs whose ended attempts do not say whether a preemption ended them (read as
 //!   not preempted: preemption did not exist); nodes and every other record as today.
+//! - Version 4: jobs without checkpoint versions or a sweep trial (today's layout less its two
+//!   trailing fields: read with those empty, since neither existed); every other record as
+//!   today.
 
 use cohort_jobspec::DeviceKind;
 use cohort_proto::{JobId, NodeId};
@@ -17,15 +20,15 @@ use super::codec::{self, Record};
 use crate::error::Result;
 use crate::lifecycle::JobState;
 use crate::model::{
-    AttemptRecord, DeviceRecord, JobRecord, MetricsRecord, NodeBackoff, NodeRecord, RankRecord,
-    RankState, UnixMillis,
+    AttemptRecord, CheckpointVersion, DeviceRecord, JobRecord, MetricsRecord, NodeBackoff,
+    NodeRecord, RankRecord, RankState, TrialTag, UnixMillis,
 };
 
 impl Record for NodeRecord {
     fn decode_earlier(version: u8, body: &[u8]) -> Option<Result<Self>> {
         match version {
             1 | 2 => Some(codec::decode_body::<NodeRecordV2>(body).map(NodeRecord::from)),
-            3 => Some(codec::decode_body(body)),
+            3 | 4 => Some(codec::decode_body(body)),
             _ => None,
         }
     }
@@ -69,9 +72,23 @@ impl Record for JobRecord {
             ),
             2 => Some(codec::decode_body::<JobRecordV2>(body).map(JobRecord::from)),
             3 => Some(codec::decode_body::<JobRecordV3>(body).map(JobRecord::from)),
+            4 => Some(decode_job_record_v4(body)),
             _ => None,
         }
     }
+}
+
+/// Decodes a version 4 job record: today's layout without its trailing `checkpoints` and
+/// `trial`. Bincode lays fields out one after the other, so the body followed by the encoding
+/// of those two fields' empty values is a record of today's layout.
+fn decode_job_record_v4(body: &[u8]) -> Result<JobRecord> {
+    let trailing: (Vec<CheckpointVersion>, Option<TrialTag>) = (Vec::new(), None);
+    let trailing = bincode::serde::encode_to_vec(&trailing, bincode::config::standard())
+        .map_err(|error| crate::error::Error::Store(format!("encoding JobRecord: {error}")))?;
+    let mut today = Vec::with_capacity(body.len() + trailing.len());
+    today.extend_from_slice(body);
+    today.extend_from_slice(&trailing);
+    codec::decode_body(&today)
 }
 
 /// A rank of a version 1 job record.
@@ -278,6 +295,8 @@ impl From<JobRecordV2> for JobRecord {
             min_ranks: 0,
             attempts: Vec::new(),
             backoff: Vec::new(),
+            checkpoints: Vec::new(),
+            trial: None,
         }
     }
 }
@@ -384,7 +403,7 @@ mod tests {
 
     #[test]
     fn a_version_2_job_is_read_as_its_first_attempt_without_restarts() {
-        let mut current = crate::store::conformance::sample_job(4);
+        let mut current = sample_job_before_version_5();
         current.attempt = 0;
         current.max_restarts = 0;
         current.min_ranks = 0;
@@ -417,9 +436,81 @@ mod tests {
         assert_eq!(codec::decode::<JobRecord>(&bytes).unwrap(), current);
     }
 
+    /// Today's job record fields up to version 4, as version 4 laid them out.
+    fn version_2_fields(current: &JobRecord) -> JobRecordV2 {
+        JobRecordV2 {
+            id: current.id.clone(),
+            seq: current.seq,
+            spec_toml: current.spec_toml.clone(),
+            name: current.name.clone(),
+            kind: current.kind.clone(),
+            priority: current.priority,
+            ranks: current.ranks,
+            devices_per_rank: current.devices_per_rank,
+            device_kind: current.device_kind,
+            wait_for_resources: current.wait_for_resources,
+            submitter: current.submitter.clone(),
+            state: current.state,
+            reason: current.reason.clone(),
+            blamed_rank: current.blamed_rank,
+            submitted_at_ms: current.submitted_at_ms,
+            scheduled_at_ms: current.scheduled_at_ms,
+            started_at_ms: current.started_at_ms,
+            finished_at_ms: current.finished_at_ms,
+            placement: current.placement.clone(),
+            metrics: current.metrics.clone(),
+        }
+    }
+
+    /// A sample job without what version 5 added.
+    fn sample_job_before_version_5() -> JobRecord {
+        let mut current = crate::store::conformance::sample_job(4);
+        current.checkpoints.clear();
+        current.trial = None;
+        current
+    }
+
+    #[test]
+    fn a_version_4_job_is_read_without_checkpoints_or_trial() {
+        /// A version 4 job record, laid out as version 4 wrote it.
+        #[derive(Serialize)]
+        struct JobRecordV4 {
+            unchanged: JobRecordV2,
+            attempt: u32,
+            max_restarts: u32,
+            min_ranks: u32,
+            attempts: Vec<AttemptRecord>,
+            backoff: Vec<NodeBackoff>,
+        }
+        let mut current = sample_job_before_version_5();
+        current.attempts[0].preempted_by = Some(JobId::new("urgent-1").unwrap());
+        let old = JobRecordV4 {
+            unchanged: version_2_fields(&current),
+            attempt: current.attempt,
+            max_restarts: current.max_restarts,
+            min_ranks: current.min_ranks,
+            attempts: current.attempts.clone(),
+            backoff: current.backoff.clone(),
+        };
+        let mut bytes = vec![4];
+        bytes.extend(bincode::serde::encode_to_vec(&old, bincode::config::standard()).unwrap());
+        assert_eq!(codec::decode::<JobRecord>(&bytes).unwrap(), current);
+        // A truncated version 4 record is still refused, not padded into shape.
+        bytes.truncate(bytes.len() - 1);
+        assert!(codec::decode::<JobRecord>(&bytes).is_err());
+        // A version 4 node is today's.
+        let node = crate::store::conformance::sample_node(1);
+        let mut bytes = vec![4];
+        bytes.extend(bincode::serde::encode_to_vec(&node, bincode::config::standard()).unwrap());
+        assert_eq!(codec::decode::<NodeRecord>(&bytes).unwrap(), node);
+    }
+
     #[test]
     fn a_version_3_job_is_read_with_its_attempts_as_not_preempted() {
-        let current = crate::store::conformance::sample_job(4);
+        let mut current = sample_job_before_version_5();
+        for attempt in &mut current.attempts {
+            attempt.preempted_by = None;
+        }
         assert!(!current.attempts.is_empty());
         let old = JobRecordV3 {
             unchanged: JobRecordV2 {

@@ -31,7 +31,7 @@ use tracing::error;
 
 use crate::auth::records::{AuditEntry, UserRecord};
 use crate::error::Result;
-use crate::model::{JobRecord, MetricHistory, NodeRecord, UnixMillis};
+use crate::model::{JobRecord, MetricHistory, NodeRecord, SweepRecord, UnixMillis};
 
 /// Where the coordinator keeps jobs, placements and nodes.
 ///
@@ -87,6 +87,11 @@ pub trait ClusterStore: Send + Sync + 'static {
     async fn append_audit(&self, entry: AuditEntry) -> Result<u64>;
     /// The entries after `after_seq`, oldest first, at most `limit`.
     async fn list_audit(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditEntry>>;
+    /// Inserts or replaces sweep `sweep.id`.
+    async fn put_sweep(&self, sweep: &SweepRecord) -> Result<()>;
+    /// Every sweep that decodes, oldest first (by sequence number). One that does not decode is
+    /// left where it is and logged: it is neither lost nor continued.
+    async fn list_sweeps(&self) -> Result<Vec<SweepRecord>>;
     /// Inserts or replaces the metric curves of job `id`.
     async fn put_job_metrics(&self, id: &JobId, history: &MetricHistory) -> Result<()>;
     /// The metric curves of job `id`, if any were stored. Curves that do not decode are an
@@ -256,6 +261,23 @@ fn decode_users(stored: Vec<(String, Vec<u8>)>) -> Vec<UserRecord> {
         .collect();
     users.sort_by(|a, b| a.name.cmp(&b.name));
     users
+}
+
+/// The sweeps among `stored` (id, bytes) that decode, oldest first; the rest are logged and left
+/// in the store.
+fn decode_sweeps(stored: Vec<(String, Vec<u8>)>) -> Vec<SweepRecord> {
+    let mut sweeps: Vec<SweepRecord> = stored
+        .into_iter()
+        .filter_map(|(id, bytes)| match codec::decode::<SweepRecord>(&bytes) {
+            Ok(sweep) => Some(sweep),
+            Err(error) => {
+                error!(sweep = %id, %error, "a stored sweep does not decode; it is left in the store and not continued");
+                None
+            }
+        })
+        .collect();
+    sweeps.sort_by_key(|sweep| sweep.seq);
+    sweeps
 }
 
 /// Decodes stored audit entries, skipping (and logging) any that do not decode.

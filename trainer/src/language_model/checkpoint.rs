@@ -14,9 +14,10 @@ use cohort_jobspec::layout::TransformerShape;
 
 use crate::checkpoint::{
     FORMAT, MODEL_FILE, OPTIMIZER_FILE, TensorFile, checkpoint_error, checkpoint_name,
-    write_tensors,
+    evaluation_file, write_tensors,
 };
 use crate::error::{Result, TrainerError};
+use crate::metrics::EvaluationMetrics;
 use crate::optim::Optimizer;
 use crate::text::Vocabulary;
 use crate::transformer::{
@@ -155,14 +156,15 @@ pub struct SaveContext<'a> {
     pub shape: TransformerShape,
 }
 
-/// Writes the checkpoint of `step` under `directory` (on world rank 0, whose path is returned;
-/// every rank must call it).
+/// Writes the checkpoint of `step` under `directory` on world rank 0, whose path is returned,
+/// recording `evaluation`, the evaluation at that step if one ran. Every rank must call it.
 pub fn save(
     context: SaveContext<'_>,
     directory: &Path,
     step: u64,
     stage: &TransformerStage,
     optimizer: &Optimizer,
+    evaluation: Option<&EvaluationMetrics>,
 ) -> Result<Option<PathBuf>> {
     let SaveContext {
         world,
@@ -245,6 +247,7 @@ pub fn save(
         shape,
         steps_taken: optimizer.steps_taken(),
         buffers: &buffer_names,
+        evaluation,
     };
     write_checkpoint(directory, &header, &model_tensors, &optimizer_tensors).map(Some)
 }
@@ -261,6 +264,8 @@ struct Header<'a> {
     steps_taken: u64,
     /// The optimizer's non-empty buffers, in order.
     buffers: &'a [&'a str],
+    /// The evaluation at its step, if one ran there.
+    evaluation: Option<&'a EvaluationMetrics>,
 }
 
 /// Writes a checkpoint's two files into a partial directory under `directory`, then renames
@@ -304,6 +309,11 @@ fn write_checkpoint(
         optimizer_tensors,
         metadata,
     )?;
+    if let Some(evaluation) = header.evaluation {
+        let (name, bytes) = evaluation_file(evaluation);
+        let path = partial_path.join(name);
+        std::fs::write(&path, bytes).map_err(|e| checkpoint_error(&path, e))?;
+    }
     crate::checkpoint::commit(&partial_path, &final_path)?;
     tracing::info!(step = header.step, path = %final_path.display(), "checkpoint written");
     Ok(final_path)

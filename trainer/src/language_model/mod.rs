@@ -35,12 +35,12 @@ use cohort_jobspec::precision::Precision;
 
 use crate::error::{Result, TrainerError};
 use crate::mesh::{MeshCoordinates, MeshGroups};
-use crate::metrics::{EvaluationMetrics, MetricsSink, PhaseTimings};
+use crate::metrics::{EarlyStop, EvaluationMetrics, MetricsSink, PhaseTimings};
 use crate::optim::Optimizer;
 use crate::pipeline::{Schedule, ScheduleStats, run_forward_only, run_training_step};
 use crate::precision::NarrowBuffers;
 use crate::run::TrainConfig;
-use crate::run::driver::{Run, drive};
+use crate::run::driver::{Run, RunPolicy, drive};
 use crate::run::schedule::{Evaluations, RunSchedule};
 use crate::run::step::{Gradients, LocalUpdate, SplitUpdate, Step, StepSummary};
 use crate::sampler::{DistributedSampler, EpochOrder, rank_share};
@@ -77,14 +77,21 @@ impl PipelineTotals {
 
 /// What a finished run leaves behind.
 pub struct LanguageModelOutcome {
-    /// Optimizer steps completed, including those before a resume.
+    /// Optimizer steps completed, including those before a resume: the step the run ended at.
     pub steps: u64,
     /// Validation before the first step of this run.
     pub initial_validation: Option<EvaluationMetrics>,
     /// The last validation.
     pub final_validation: Option<EvaluationMetrics>,
-    /// The final checkpoint (on world rank 0).
+    /// The checkpoint of the step the run ended at (on world rank 0).
     pub checkpoint: Option<PathBuf>,
+    /// The step after which the run ended because `schedule.stop_after_*` said so, short of its
+    /// last step (its checkpoint is `checkpoint`); `None` otherwise.
+    pub scheduled_stop: Option<u64>,
+    /// Why and where early stopping ended the run; `None` otherwise.
+    pub early_stop: Option<EarlyStop>,
+    /// With early stopping, the checkpoint of this run's best validation (on world rank 0).
+    pub best_checkpoint: Option<PathBuf>,
     /// Training tokens per second over this run's steps (all replicas together).
     pub tokens_per_second: f64,
     /// Wall time of this run's steps.
@@ -179,6 +186,7 @@ pub fn train_language_model(
             LanguageModelRun::new(parts, mesh, compute_model, working.as_ref(), optimizer);
         let totals = drive(
             &batching.schedule,
+            &RunPolicy::of(config),
             start_step,
             batching.global_batch,
             &mut run,
@@ -189,17 +197,23 @@ pub fn train_language_model(
     let tokens = (batching.global_batch * batching.context) as f64;
     let tokens_per_second =
         totals.steps_run as f64 * tokens / totals.training_time.as_secs_f64().max(1e-9);
+    let steps = totals
+        .ended_early_at()
+        .unwrap_or(batching.schedule.total_steps);
     tracing::info!(
-        steps = batching.schedule.total_steps,
+        steps,
         validation_loss = totals.final_evaluation.as_ref().map(|e| e.loss),
         tokens_per_second,
         "language model training finished"
     );
     Ok(LanguageModelOutcome {
-        steps: batching.schedule.total_steps,
+        steps,
         initial_validation: totals.initial_evaluation,
         final_validation: totals.final_evaluation,
         checkpoint: totals.final_checkpoint,
+        scheduled_stop: totals.scheduled_stop,
+        early_stop: totals.early_stop,
+        best_checkpoint: totals.best_checkpoint,
         tokens_per_second,
         training_time: totals.training_time,
         pipeline,
@@ -565,45 +579,31 @@ impl Run for LanguageModelRun<'_> {
         }))
     }
 
-    fn checkpoint(&mut self, completed: u64) -> Result<Option<PathBuf>> {
+    fn checkpoint(
+        &mut self,
+        completed: u64,
+        evaluation: Option<&EvaluationMetrics>,
+    ) -> Result<Option<PathBuf>> {
         let RunParts {
             config,
             corpus,
             setup,
             ..
         } = &self.parts;
-        save(
-            config,
-            &mut self.mesh,
-            setup,
-            &self.update.optimizer,
-            corpus,
+        checkpoint::save(
+            SaveContext {
+                world: self.mesh.world.as_mut(),
+                tensor_parallel: &setup.tensor_parallel,
+                full: &setup.full,
+                stage_roots: &setup.stage_roots,
+                vocabulary: &corpus.vocabulary,
+                shape: config.model.transformer(),
+            },
+            &config.checkpoint_directory(),
             completed,
+            &setup.model,
+            &self.update.optimizer,
+            evaluation,
         )
     }
-}
-
-/// Writes a checkpoint of the whole mesh's model (every rank calls it; rank 0 writes).
-fn save(
-    config: &TrainConfig,
-    mesh: &mut MeshGroups,
-    setup: &StageSetup,
-    optimizer: &Optimizer,
-    corpus: &TextCorpus,
-    step: u64,
-) -> Result<Option<PathBuf>> {
-    checkpoint::save(
-        SaveContext {
-            world: mesh.world.as_mut(),
-            tensor_parallel: &setup.tensor_parallel,
-            full: &setup.full,
-            stage_roots: &setup.stage_roots,
-            vocabulary: &corpus.vocabulary,
-            shape: config.model.transformer(),
-        },
-        &config.checkpoint_directory(),
-        step,
-        &setup.model,
-        optimizer,
-    )
 }

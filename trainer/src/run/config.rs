@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 
 use cohort_jobspec::JobSpec;
+use cohort_jobspec::early_stopping::EarlyStoppingSpec;
+use cohort_jobspec::objective::Objective;
 use cohort_jobspec::precision::TrainSpec;
 use cohort_jobspec::train::{
     CheckpointSpec, DataSpec, ModelSpec, OptimizerSpec, ParallelSpec, ScheduleSpec,
@@ -33,6 +35,11 @@ pub struct TrainConfig {
     pub checkpoint: CheckpointSpec,
     /// `[train]`: precision and loss scaling.
     pub train: TrainSpec,
+    /// `[early_stopping]`: the run ends once its evaluations stop improving. Default `None`.
+    pub early_stopping: Option<EarlyStoppingSpec>,
+    /// What "best" means for the checkpoints `checkpoint.keep_best` keeps
+    /// ([`JobSpec::objective`]). Default: the highest evaluation accuracy.
+    pub objective: Objective,
     /// Directory relative checkpoint paths resolve against: the job's output directory.
     pub output_directory: PathBuf,
     /// Examples per forward pass during evaluation. Default 1000.
@@ -86,6 +93,8 @@ impl TrainConfig {
             parallel: spec.parallel.clone().unwrap_or_default(),
             checkpoint: spec.checkpoint.clone().unwrap_or_default(),
             train: spec.train.clone().unwrap_or_default(),
+            early_stopping: spec.early_stopping.clone(),
+            objective: spec.objective(),
             output_directory: output_directory.into(),
             evaluation_batch: DEFAULT_EVALUATION_BATCH,
             evaluate: true,

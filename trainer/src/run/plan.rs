@@ -8,10 +8,10 @@ use candle_core::{DType, Device};
 
 use crate::data::TrainTestSplits;
 use crate::error::Result;
-use crate::metrics::{EvaluationMetrics, MetricsSink, PhaseTimings};
+use crate::metrics::{EarlyStop, EvaluationMetrics, MetricsSink, PhaseTimings};
 use crate::models::Model;
 use crate::run::config::TrainConfig;
-use crate::run::driver::{Run, RunTotals, drive};
+use crate::run::driver::{Run, RunPolicy, RunTotals, drive};
 use crate::run::schedule::{Evaluations, RunSchedule};
 use crate::sampler::DistributedSampler;
 
@@ -20,11 +20,12 @@ use crate::sampler::DistributedSampler;
 pub struct TrainOutcome {
     /// The trained model (identical on every rank).
     pub model: Model,
-    /// Optimizer steps completed, including those before a resume.
+    /// Optimizer steps completed, including those before a resume: the step the run ended at.
     pub steps: u64,
     /// The last evaluation, if evaluation is enabled.
     pub final_evaluation: Option<EvaluationMetrics>,
-    /// The final checkpoint, on rank 0 when enabled.
+    /// The checkpoint of the step the run ended at, on rank 0 (the rank that writes
+    /// checkpoints) when one was written.
     pub checkpoint: Option<PathBuf>,
     /// Time per phase summed over this run's steps.
     pub timings: PhaseTimings,
@@ -33,6 +34,15 @@ pub struct TrainOutcome {
     /// The step after which the run stopped on request ([`TrainConfig::stop`]), its checkpoint
     /// being `checkpoint`; `None` when it ran to the end.
     pub stopped_at: Option<u64>,
+    /// The step after which the run ended because `schedule.stop_after_steps` or
+    /// `stop_after_epochs` said so, short of its last step, its checkpoint being `checkpoint`
+    /// (a run resuming from it continues the same schedule); `None` otherwise.
+    pub scheduled_stop: Option<u64>,
+    /// Why and where early stopping ended the run (`[early_stopping]`), its checkpoint being
+    /// `checkpoint`; `None` otherwise.
+    pub early_stop: Option<EarlyStop>,
+    /// With early stopping, the checkpoint of this run's best evaluation, on rank 0.
+    pub best_checkpoint: Option<PathBuf>,
 }
 
 /// What an image-model run derives from its config before the first step.
@@ -108,21 +118,31 @@ impl RunPlan {
             total_steps = self.schedule.total_steps,
             "training starts"
         );
-        drive(&self.schedule, start_step, self.global_batch, run, metrics)
+        drive(
+            &self.schedule,
+            &RunPolicy::of(config),
+            start_step,
+            self.global_batch,
+            run,
+            metrics,
+        )
     }
 
     /// Ends the run of rank `rank` with what [`crate::run::driver::drive`] observed.
     pub(crate) fn finish(self, rank: usize, totals: RunTotals) -> TrainOutcome {
         tracing::info!(
             rank,
-            steps = self.schedule.total_steps,
+            steps = totals.ended_early_at().unwrap_or(self.schedule.total_steps),
             accuracy = totals.final_evaluation.as_ref().map(|e| e.accuracy),
             training_seconds = totals.training_time.as_secs_f64(),
             "training finished"
         );
         TrainOutcome {
-            steps: totals.stopped_at.unwrap_or(self.schedule.total_steps),
+            steps: totals.ended_early_at().unwrap_or(self.schedule.total_steps),
             stopped_at: totals.stopped_at,
+            scheduled_stop: totals.scheduled_stop,
+            early_stop: totals.early_stop,
+            best_checkpoint: totals.best_checkpoint,
             model: self.model,
             final_evaluation: totals.final_evaluation,
             checkpoint: totals.final_checkpoint,
