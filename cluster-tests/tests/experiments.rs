@@ -289,3 +289,51 @@ fn an_asha_sweep_survives_a_coordinator_kill_without_running_a_trial_twice() -> 
     );
     Ok(())
 }
+
+#[test]
+fn a_bad_sweep_is_refused_naming_each_field_before_anything_runs() -> Result<()> {
+    let mut cluster = Sandbox::start()?;
+    let with_parameters = |parameters: &str, extra: &str| {
+        SWEEP
+            .replace(
+                "\"optimizer.lr\" = { loguniform = [1e-4, 1e-1] }",
+                parameters,
+            )
+            .replace("max_trials = 6\n", extra)
+    };
+    let cases = [
+        (
+            with_parameters("\"optimizer.nonsense\" = { uniform = [0.1, 0.2] }", "max_trials = 6\n"),
+            "optimizer.nonsense",
+        ),
+        (
+            with_parameters("\"optimizer.lr\" = { uniform = [0.2, 0.1] }", "max_trials = 6\n"),
+            "optimizer.lr",
+        ),
+        (
+            with_parameters("\"model.kind\" = { uniform = [0.0, 1.0] }", "max_trials = 6\n"),
+            "model.kind",
+        ),
+        (
+            with_parameters(
+                "\"model.hidden\" = { choice = [[8], [16], [32]] }\n\"schedule.batch_size\" = \
+                 { choice = [32, 64, 128] }",
+                "max_trials = 4\n",
+            )
+            .replace("kind = \"asha\"", "kind = \"grid\"")
+            .replace("reduction_factor = 2\nmin_resource = 10\nmax_resource = 40\nresource_unit = \"steps\"\n", ""),
+            "grid of 9 trials",
+        ),
+    ];
+    for (text, named) in cases {
+        let file = cluster.write_job(&text)?;
+        let output = cluster.cli(&["sweep", file.to_str().unwrap()])?;
+        let error = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "accepted: {text}");
+        assert!(error.contains(named), "{named}: {error}");
+    }
+    let listed = cluster.cli_ok(&["sweep", "list", "--output", "json"])?;
+    assert_eq!(listed.trim(), "[]");
+    assert!(cluster.jobs()?.is_empty());
+    Ok(())
+}

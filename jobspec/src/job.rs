@@ -500,7 +500,7 @@ mod tests {
     use crate::problems::problem_strings;
 
     #[test]
-    fn every_example_job_file_is_valid() {
+    fn every_example_job_and_sweep_file_is_valid() {
         let directory = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
         let mut checked = 0;
         for entry in std::fs::read_dir(&directory).unwrap() {
@@ -510,19 +510,21 @@ mod tests {
                 .is_some_and(|extension| extension == "toml")
             {
                 let text = std::fs::read_to_string(&path).unwrap();
-                // Sweep files (a `[sweep]` around a `[job]`) are not job files.
+                // Sweep files (a `[sweep]` around a `[job]`) are checked as sweeps.
                 let table: toml::Table = text.parse().unwrap();
-                if table.contains_key("sweep") {
-                    continue;
-                }
-                if let Err(error) = parse(&text) {
+                let parsed = if table.contains_key("sweep") {
+                    crate::sweep::parse_sweep(&text).map(|_| ())
+                } else {
+                    parse(&text).map(|_| ())
+                };
+                if let Err(error) = parsed {
                     panic!("{}: {error}", path.display());
                 }
                 checked += 1;
             }
         }
         assert!(
-            checked >= 5,
+            checked >= 9,
             "only {checked} examples in {}",
             directory.display()
         );

@@ -491,3 +491,82 @@ fn trial_state(status: TrialStatus) -> &'static str {
         TrialStatus::Failed => "failed",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SWEEP: &str = "version = 1\nname = \"lr\"\n[sweep]\nmax_trials = 4\n\
+        max_concurrent_trials = 2\n[sweep.parameters]\n\
+        \"optimizer.lr\" = { loguniform = [1e-4, 1e-1] }\n[job]\nversion = 1\nkind = \"train\"\n";
+
+    /// A running sweep whose first two trials were decided (their intent stored) and whose
+    /// first trial's job is known.
+    fn decided_sweep() -> SweepRecord {
+        let spec = parse_sweep(SWEEP).unwrap();
+        let mut search = SearchState::new(Plan::from_spec(&spec));
+        assert_eq!(search.next().len(), 2);
+        SweepRecord {
+            id: SweepId::new("lr-1").unwrap(),
+            seq: 1,
+            spec_toml: SWEEP.to_owned(),
+            name: "lr".to_owned(),
+            submitter: "alice".to_owned(),
+            state: SweepState::Running,
+            reason: String::new(),
+            submitted_at_ms: 0,
+            finished_at_ms: None,
+            search,
+            trial_jobs: vec![vec![JobId::new("lr-t0-2").unwrap()]],
+        }
+    }
+
+    fn tagged_job(id: &str, seq: u64, sweep: &str, trial: u32, rung: u32) -> JobRecord {
+        let mut job = crate::store::conformance::sample_job(seq);
+        job.id = JobId::new(id).unwrap();
+        job.trial = Some(TrialTag {
+            sweep_id: SweepId::new(sweep).unwrap(),
+            trial,
+            rung,
+        });
+        job
+    }
+
+    #[test]
+    fn a_segment_stored_before_a_crash_is_adopted_once_and_misfits_are_left_alone() {
+        let mut sweeps = Sweeps::load(vec![decided_sweep()]);
+        let jobs = [
+            // Known already.
+            tagged_job("lr-t0-2", 2, "lr-1", 0, 0),
+            // Stored just before the crash: trial 1's first segment.
+            tagged_job("lr-t1-3", 3, "lr-1", 1, 0),
+            // A rung the trial has not reached: not its next segment.
+            tagged_job("lr-t0-4", 4, "lr-1", 0, 3),
+            // Another sweep's, and an untagged job.
+            tagged_job("other-t0-5", 5, "other-9", 0, 0),
+            crate::store::conformance::sample_job(6),
+        ];
+        let changed = adopt_tagged_jobs(&mut sweeps, &jobs);
+        assert_eq!(changed, [SweepId::new("lr-1").unwrap()]);
+        // Adopting again changes nothing: the segment is not submitted a second time.
+        assert!(adopt_tagged_jobs(&mut sweeps, &jobs).is_empty());
+        let record = &sweeps.by_id[&SweepId::new("lr-1").unwrap()].record;
+        let ids = |trial: usize| -> Vec<&str> {
+            record.trial_jobs[trial].iter().map(JobId::as_str).collect()
+        };
+        assert_eq!(ids(0), ["lr-t0-2"]);
+        assert_eq!(ids(1), ["lr-t1-3"]);
+        assert_eq!(segment_job(record, 1, 0).unwrap().as_str(), "lr-t1-3");
+        assert!(segment_job(record, 1, 1).is_none());
+    }
+
+    #[test]
+    fn a_sweep_whose_file_no_longer_parses_is_not_loaded() {
+        let mut broken = decided_sweep();
+        broken.id = SweepId::new("lr-2").unwrap();
+        broken.spec_toml = "version = 2".to_owned();
+        let sweeps = Sweeps::load(vec![broken, decided_sweep()]);
+        let loaded: Vec<&str> = sweeps.by_id.keys().map(SweepId::as_str).collect();
+        assert_eq!(loaded, ["lr-1"]);
+    }
+}

@@ -1,7 +1,8 @@
 //! The web dashboard on the coordinator's HTTP endpoint (`--http`): `/` the jobs, `/jobs/ID` a
 //! job (loss and evaluation curves, throughput per rank, its ranks' figures and placement, its
-//! attempts, its log's last lines folded across ranks), `/nodes` the nodes (devices in use,
-//! heartbeat, straggler score). Plain HTML drawn on the server, charts as inline SVG, and one
+//! attempts, its log's last lines folded across ranks), `/sweeps` the sweeps and `/sweeps/ID`
+//! one sweep (its trials' metric curves and its leaderboard, linking to the trials' jobs),
+//! `/nodes` the nodes (devices in use, heartbeat, straggler score). Plain HTML drawn on the server, charts as inline SVG, and one
 //! line of script (a live page reloads itself every few seconds): nothing to build, nothing
 //! fetched from elsewhere.
 //!
@@ -11,11 +12,12 @@
 //! `Secure` over TLS) that sees what that caller sees with the CLI: a user their own jobs, an
 //! admin every job. Codes and sessions live in the coordinator's memory only.
 //!
-//! - `chart`: the SVG line charts; `pages`: the HTML of each page, pure functions of what they
-//!   show.
+//! - `chart`: the SVG line charts; `pages` and `sweep_pages`: the HTML of each page, pure
+//!   functions of what they show.
 
 mod chart;
 pub mod pages;
+pub mod sweep_pages;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -134,6 +136,8 @@ pub fn routes(dashboard: Dashboard) -> axum::Router {
     axum::Router::new()
         .route("/", axum::routing::get(jobs))
         .route("/jobs/{job_id}", axum::routing::get(job))
+        .route("/sweeps", axum::routing::get(sweeps))
+        .route("/sweeps/{sweep_id}", axum::routing::get(sweep))
         .route("/nodes", axum::routing::get(nodes))
         .route("/login", axum::routing::get(login))
         .with_state(dashboard)
@@ -313,6 +317,83 @@ async fn log_tail(cluster: &Cluster, job_id: &JobId) -> Result<Vec<crate::logs::
         });
     }
     Ok(folder.finish())
+}
+
+/// `GET /sweeps`.
+async fn sweeps(State(dashboard): State<Dashboard>, headers: HeaderMap) -> Response {
+    let Some(caller) = viewer(&dashboard, &headers) else {
+        return not_logged_in();
+    };
+    if let Err(error) = authorize(&caller, Action::ListJobs) {
+        return failed(error);
+    }
+    let sweeps: Vec<_> = dashboard
+        .cluster
+        .sweeps()
+        .await
+        .into_iter()
+        .filter(|sweep| sees_job(&caller, &sweep.submitter))
+        .collect();
+    Html(sweep_pages::sweeps_page(&sweeps, now_ms())).into_response()
+}
+
+/// `GET /sweeps/{sweep_id}`.
+async fn sweep(
+    State(dashboard): State<Dashboard>,
+    Path(sweep_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(caller) = viewer(&dashboard, &headers) else {
+        return not_logged_in();
+    };
+    match sweep_page(&dashboard.cluster, &caller, &sweep_id).await {
+        Ok(page) => Html(page).into_response(),
+        Err(error) => failed(error),
+    }
+}
+
+/// Sweep `sweep_id`'s page as `caller` may see it: its best trials' curves are the first
+/// rank's evaluations of each of their jobs, in step order.
+async fn sweep_page(cluster: &Cluster, caller: &Caller, sweep_id: &str) -> Result<String> {
+    let sweep_id = cohort_proto::SweepId::new(sweep_id)
+        .map_err(|error| Error::InvalidArgument(format!("sweep id: {error}")))?;
+    let (sweep, owner) = cluster.sweep(&sweep_id).await?;
+    authorize(
+        caller,
+        Action::ReadSweep {
+            sweep_id: &sweep_id,
+            owner: &owner,
+        },
+    )?;
+    let loss = sweep.metric == "eval_loss";
+    let mut curves = Vec::new();
+    for trial in sweep.trials.iter().take(sweep_pages::MAX_CHARTED_TRIALS) {
+        let mut points = Vec::new();
+        for job_id in &trial.job_ids {
+            let Ok(job_id) = JobId::new(job_id) else {
+                continue;
+            };
+            let history = cluster.job_metrics(&job_id, None).await?;
+            let Some(first) = history.ranks.values().next() else {
+                continue;
+            };
+            points.extend(first.iter().filter_map(|point| {
+                let value = if loss {
+                    point.eval_loss
+                } else {
+                    point.eval_accuracy
+                };
+                value.map(|value| (point.step as f64, value))
+            }));
+        }
+        // One evaluation per step: the latest report of it.
+        points.dedup_by(|later, earlier| later.0 == earlier.0);
+        curves.push(sweep_pages::TrialCurve {
+            trial: trial.trial,
+            points,
+        });
+    }
+    Ok(sweep_pages::sweep_page(&sweep, &curves, now_ms()))
 }
 
 /// `GET /nodes`.

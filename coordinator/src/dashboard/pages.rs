@@ -31,7 +31,7 @@ pub fn escape(text: &str) -> String {
 }
 
 /// A whole page: `title`, the navigation, `body`; reloaded every few seconds when `live`.
-fn page(title: &str, live: bool, body: &str) -> String {
+pub(super) fn page(title: &str, live: bool, body: &str) -> String {
     let reload = if live {
         // The one script of the dashboard: a live page refreshes itself.
         format!(
@@ -44,7 +44,8 @@ fn page(title: &str, live: bool, body: &str) -> String {
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <title>{} · Cohort</title><style>{STYLE}</style></head><body>\
-         <nav><b>Cohort</b> <a href=\"/\">jobs</a> <a href=\"/nodes\">nodes</a></nav>\
+         <nav><b>Cohort</b> <a href=\"/\">jobs</a> <a href=\"/sweeps\">sweeps</a> \
+         <a href=\"/nodes\">nodes</a></nav>\
          <main>{body}</main>{reload}</body></html>",
         escape(title)
     )
@@ -65,7 +66,7 @@ fn state_name(state: i32) -> &'static str {
 }
 
 /// A duration in seconds, for people (`42 s`, `3 min`, `5 h`).
-fn age(seconds: i64) -> String {
+pub(super) fn age(seconds: i64) -> String {
     match seconds.max(0) {
         s if s < 120 => format!("{s} s"),
         s if s < 7200 => format!("{} min", s / 60),
