@@ -9,7 +9,8 @@
 //! - [`mod@parse`]: from text to a validated [`JobSpec`], toml's and serde's errors turned into
 //!   bounded problems that name the field.
 //! - [`train`]: the sections of a `kind = "train"` job (`[model]`, `[data]`, `[optimizer]`,
-//!   `[schedule]`, `[parallel]`, `[checkpoint]`).
+//!   `[schedule]`, `[parallel]`; `[checkpoint]` re-exported from [`checkpoint`]).
+//! - [`checkpoint`]: `[checkpoint]`, where checkpoints go, which are kept, and resuming.
 //! - [`fault_tolerance`]: `[fault_tolerance]`, how often a failed job is restarted.
 //! - [`early_stopping`]: `[early_stopping]`, and the rules of the fields that end a training run
 //!   early or prune its checkpoints (`schedule.stop_after_*`, `checkpoint.keep_*`).
@@ -25,6 +26,7 @@
 //! - [`sweep`]: sweep files, a base training job and the fields to search, their validation
 //!   against the real job parser, and the job of each trial segment.
 
+pub mod checkpoint;
 pub mod early_stopping;
 pub mod fault_tolerance;
 pub mod job;

@@ -28,16 +28,23 @@ pub fn parse(text: &str) -> Result<JobSpec, SpecError> {
             format!("{} bytes, expected at most {MAX_SPEC_BYTES}", text.len()),
         )));
     }
+    let spec: JobSpec = deserialize(text)?;
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// Reads `text` as a `T` (a job file, a sweep file): a syntax error is one problem naming its
+/// line, column and key, a shape error (unknown field, wrong type, missing field) one naming its
+/// field path.
+pub(crate) fn deserialize<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, SpecError> {
     let deserializer = toml::Deserializer::parse(text)
         .map_err(|error| SpecError::Parse(syntax_problem(text, &error)))?;
-    let spec: JobSpec = serde_path_to_error::deserialize(deserializer).map_err(|error| {
+    serde_path_to_error::deserialize(deserializer).map_err(|error| {
         SpecError::Parse(Problem::new(
             field_path(error.path()),
             error.inner().message(),
         ))
-    })?;
-    spec.validate()?;
-    Ok(spec)
+    })
 }
 
 /// Returns the job file `text` with the field at dotted `path` set to `value` (tables created

@@ -41,16 +41,12 @@
 pub mod parameters;
 pub mod searcher;
 
-use std::fmt::Write as _;
-
-use cohort_proto::text::floor_char_boundary;
 use serde::Deserialize;
-use serde_path_to_error::Segment as PathSegment;
 
 use crate::job::{JobKind, JobSpec, MAX_NAME_LEN, MAX_SPEC_BYTES, is_valid_name};
 use crate::objective::{Metric, Mode, Objective};
 use crate::parse::set_field;
-use crate::problems::{MAX_PATH_BYTES, Problem, Problems, SpecError, field_key};
+use crate::problems::{Problem, Problems, SpecError};
 
 pub use parameters::{Distribution, Parameter};
 pub use searcher::{AshaSpec, Resource, ResourceUnit, Searcher, SearcherKind};
@@ -258,40 +254,7 @@ struct SweepSection {
 
 /// Reads the sweep file's shape; a syntax or shape error is one problem naming where.
 fn read_file(text: &str) -> Result<SweepFile, SpecError> {
-    let deserializer = toml::Deserializer::parse(text).map_err(|error| {
-        let message = error.message();
-        SpecError::Parse(match error.span() {
-            Some(span) => {
-                let before = &text[..floor_char_boundary(text, span.start)];
-                let line = before.bytes().filter(|&b| b == b'\n').count() + 1;
-                let line_start = before.rfind('\n').map_or(0, |newline| newline + 1);
-                let column = before[line_start..].chars().count() + 1;
-                Problem::new("", format!("line {line}, column {column}: {message}"))
-            }
-            None => Problem::new("", message),
-        })
-    })?;
-    serde_path_to_error::deserialize(deserializer).map_err(|error| {
-        let mut path = String::new();
-        for segment in error.path() {
-            if path.len() > MAX_PATH_BYTES {
-                break;
-            }
-            match segment {
-                PathSegment::Seq { index } => {
-                    let _ = write!(path, "[{index}]");
-                }
-                PathSegment::Map { key } | PathSegment::Enum { variant: key } => {
-                    if !path.is_empty() {
-                        path.push('.');
-                    }
-                    path.push_str(&field_key(key));
-                }
-                PathSegment::Unknown => {}
-            }
-        }
-        SpecError::Parse(Problem::new(path, error.inner().message()))
-    })
+    crate::parse::deserialize(text)
 }
 
 /// Checks the base job: no field the sweep sets, valid as a job file, `kind = "train"`.

@@ -409,34 +409,13 @@ mod tests {
         current.min_ranks = 0;
         current.attempts.clear();
         current.backoff.clear();
-        let old = JobRecordV2 {
-            id: current.id.clone(),
-            seq: current.seq,
-            spec_toml: current.spec_toml.clone(),
-            name: current.name.clone(),
-            kind: current.kind.clone(),
-            priority: current.priority,
-            ranks: current.ranks,
-            devices_per_rank: current.devices_per_rank,
-            device_kind: current.device_kind,
-            wait_for_resources: current.wait_for_resources,
-            submitter: current.submitter.clone(),
-            state: current.state,
-            reason: current.reason.clone(),
-            blamed_rank: current.blamed_rank,
-            submitted_at_ms: current.submitted_at_ms,
-            scheduled_at_ms: current.scheduled_at_ms,
-            started_at_ms: current.started_at_ms,
-            finished_at_ms: current.finished_at_ms,
-            placement: current.placement.clone(),
-            metrics: current.metrics.clone(),
-        };
+        let old = version_2_fields(&current);
         let mut bytes = vec![2];
         bytes.extend(bincode::serde::encode_to_vec(&old, bincode::config::standard()).unwrap());
         assert_eq!(codec::decode::<JobRecord>(&bytes).unwrap(), current);
     }
 
-    /// Today's job record fields up to version 4, as version 4 laid them out.
+    /// The fields of `current` a version 2 record has (laid out first in versions 3 and 4).
     fn version_2_fields(current: &JobRecord) -> JobRecordV2 {
         JobRecordV2 {
             id: current.id.clone(),
@@ -513,28 +492,7 @@ mod tests {
         }
         assert!(!current.attempts.is_empty());
         let old = JobRecordV3 {
-            unchanged: JobRecordV2 {
-                id: current.id.clone(),
-                seq: current.seq,
-                spec_toml: current.spec_toml.clone(),
-                name: current.name.clone(),
-                kind: current.kind.clone(),
-                priority: current.priority,
-                ranks: current.ranks,
-                devices_per_rank: current.devices_per_rank,
-                device_kind: current.device_kind,
-                wait_for_resources: current.wait_for_resources,
-                submitter: current.submitter.clone(),
-                state: current.state,
-                reason: current.reason.clone(),
-                blamed_rank: current.blamed_rank,
-                submitted_at_ms: current.submitted_at_ms,
-                scheduled_at_ms: current.scheduled_at_ms,
-                started_at_ms: current.started_at_ms,
-                finished_at_ms: current.finished_at_ms,
-                placement: current.placement.clone(),
-                metrics: current.metrics.clone(),
-            },
+            unchanged: version_2_fields(&current),
             attempt: current.attempt,
             max_restarts: current.max_restarts,
             min_ranks: current.min_ranks,
