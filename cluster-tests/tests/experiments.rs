@@ -337,3 +337,44 @@ fn a_bad_sweep_is_refused_naming_each_field_before_anything_runs() -> Result<()>
     assert!(cluster.jobs()?.is_empty());
     Ok(())
 }
+
+#[test]
+fn a_cancelled_sweep_cancels_its_running_trial_and_starts_no_other() -> Result<()> {
+    let mut cluster = Sandbox::start()?;
+    cluster.add_worker("node-a", 1)?;
+    // Long trials, one at a time.
+    let long = SWEEP
+        .replace("max_concurrent_trials = 2", "max_concurrent_trials = 1")
+        .replace("max_resource = 40", "max_resource = 100000")
+        .replace("epochs = 1\n", "epochs = 300\n")
+        .replace("max_steps = 40\n", "max_steps = 100000\n")
+        .replace("min_resource = 10", "min_resource = 50000");
+    let file = cluster.write_job(&long)?;
+    let sweep_id = cluster
+        .cli_ok(&["sweep", file.to_str().unwrap()])?
+        .trim()
+        .to_owned();
+    let running = poll("a trial to run", Duration::from_secs(120), || {
+        let jobs = cluster.jobs()?;
+        Ok(jobs
+            .into_iter()
+            .find(|job| job["state"] == "running")
+            .and_then(|job| job["job_id"].as_str().map(str::to_owned)))
+    })?;
+    let pids = cluster.wait_for_running_ranks(&running)?;
+    let cancelled = cluster.cli_ok(&["sweep", "cancel", &sweep_id])?;
+    assert!(cancelled.contains("cancelled"), "{cancelled}");
+    let job = cluster.wait_for_state(&running, "cancelled", Duration::from_secs(60))?;
+    assert_eq!(job["trial"]["trial"].as_u64(), Some(0), "{job}");
+    cluster.wait_for_processes_gone(&pids, Duration::from_secs(60))?;
+    let sweep = sweep(&cluster, &sweep_id)?;
+    assert_eq!(sweep["state"], "cancelled", "{sweep}");
+    assert_eq!(sweep["reason"], "cancelled by user", "{sweep}");
+    assert_eq!(sweep["trials"].as_array().map(Vec::len), Some(1), "{sweep}");
+    assert_eq!(sweep["trials"][0]["state"], "stopped", "{sweep}");
+    assert_eq!(cluster.jobs()?.len(), 1, "no other trial started");
+    let again = cluster.cli(&["sweep", "cancel", &sweep_id])?;
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already cancelled"));
+    Ok(())
+}
