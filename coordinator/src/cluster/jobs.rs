@@ -761,20 +761,44 @@ fn not_running(state: &State, job_id: &JobId) -> Error {
 /// that ended first (ties by index), preferring root causes over the processes Cohort itself
 /// stopped because of them. A parameter server fails by ending at all: it serves until stopped.
 pub(super) fn earliest_failure(placement: &[RankRecord], ranks: u32) -> Option<&RankRecord> {
-    placement
+    let failed: Vec<&RankRecord> = placement
         .iter()
         .filter(|rank| {
             rank.state.is_final()
                 && (!rank.succeeded() || ProcessRole::of(rank.rank, ranks) != ProcessRole::Rank)
         })
-        .min_by_key(|rank| {
-            (
-                rank.stop_cause == StopCause::Instructed,
-                rank.exited_at_ms.unwrap_or(i64::MAX),
-                rank.rank,
-            )
-        })
+        .collect();
+    let first_end = failed
+        .iter()
+        .filter(|rank| rank.stop_cause != StopCause::Instructed)
+        .filter_map(|rank| rank.exited_at_ms)
+        .min();
+    // A process killed by a signal Cohort did not send (the OOM killer, an operator, a crash)
+    // did not end because a peer went away: its peers' ends, noticed a moment later but
+    // possibly reaped sooner on a busier node, are echoes of it.
+    let killed_first = |rank: &RankRecord| {
+        rank.stop_cause == StopCause::None
+            && rank.signal.is_some()
+            && rank
+                .exited_at_ms
+                .zip(first_end)
+                .is_some_and(|(at, first)| at <= first.saturating_add(ROOT_CAUSE_WINDOW_MS))
+    };
+    failed.into_iter().min_by_key(|rank| {
+        (
+            rank.stop_cause == StopCause::Instructed,
+            !killed_first(rank),
+            rank.exited_at_ms.unwrap_or(i64::MAX),
+            rank.rank,
+        )
+    })
 }
+
+/// How long after the first failure of an attempt a process killed by a foreign signal is still
+/// taken for its root cause, before processes that exited on their own (as a rank does when
+/// its peer disconnects). Workers on different nodes reap and report their processes with
+/// delays of this order.
+const ROOT_CAUSE_WINDOW_MS: i64 = 2_000;
 
 /// The reason a failed process gives its job, naming the cause: `rank 2 on node n1 exited with
 /// code 3: error: ...`, `node n1 left: its worker was shut down and stopped rank 2`.
@@ -841,6 +865,34 @@ mod tests {
             failure_reason(blamed, 4),
             "rank 3 on node node-3 exited with code 3"
         );
+    }
+
+    #[test]
+    fn a_rank_killed_from_outside_is_blamed_over_peers_that_exited_a_moment_before() {
+        let killed = |rank_number, at| RankRecord {
+            signal: Some(9),
+            ..rank(rank_number, RankState::Exited, None, Some(at))
+        };
+        // Rank 1 lost its peer and exited 1; the worker of rank 2's node reaped it later.
+        let placement = vec![
+            rank(0, RankState::Exited, Some(1), Some(1_300)),
+            rank(1, RankState::Exited, Some(1), Some(1_000)),
+            killed(2, 1_200),
+        ];
+        assert_eq!(earliest_failure(&placement, 3).unwrap().rank, 2);
+        // Killed long after the first failure: an echo of it, not its cause.
+        let placement = vec![
+            rank(1, RankState::Exited, Some(1), Some(1_000)),
+            killed(2, 1_000 + ROOT_CAUSE_WINDOW_MS + 1),
+        ];
+        assert_eq!(earliest_failure(&placement, 3).unwrap().rank, 1);
+        // Stopped by Cohort: never the cause.
+        let stopped = RankRecord {
+            stop_cause: StopCause::Instructed,
+            ..killed(2, 900)
+        };
+        let placement = vec![rank(1, RankState::Exited, Some(1), Some(1_000)), stopped];
+        assert_eq!(earliest_failure(&placement, 3).unwrap().rank, 1);
     }
 
     #[test]
