@@ -518,6 +518,16 @@ pub struct MetricsRecord {
     pub reported_at_ms: UnixMillis,
 }
 
+impl MetricsRecord {
+    /// Its last evaluation's value of `metric`, if it reported one.
+    pub fn evaluation(&self, metric: cohort_jobspec::objective::Metric) -> Option<f64> {
+        match metric {
+            cohort_jobspec::objective::Metric::EvalLoss => self.eval_loss,
+            cohort_jobspec::objective::Metric::EvalAccuracy => self.eval_accuracy,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;

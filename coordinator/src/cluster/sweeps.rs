@@ -289,10 +289,7 @@ impl Cluster {
                 let value = job
                     .metrics
                     .values()
-                    .find_map(|metrics| match objective.metric {
-                        cohort_jobspec::objective::Metric::EvalLoss => metrics.eval_loss,
-                        cohort_jobspec::objective::Metric::EvalAccuracy => metrics.eval_accuracy,
-                    })
+                    .find_map(|metrics| metrics.evaluation(objective.metric))
                     .filter(|value| value.is_finite());
                 Outcome::Succeeded { value, steps }
             } else {
