@@ -3,7 +3,8 @@
 //! Ranks find each other through a rendezvous [`Store`] (the coordinator's per-job key-value
 //! service in a cluster, [`InMemoryStore`] in tests), then run collectives (all-reduce,
 //! broadcast, all-gather, reduce-scatter, barrier) through the [`Communicator`] trait, which
-//! two implementations share: [`TcpRing`], a pipelined ring over TCP, and [`Nccl`], NVIDIA's
+//! three implementations share: [`TcpRing`], a pipelined ring over TCP, [`ShmGroup`], shared
+//! memory between the ranks of one node, and [`Nccl`], NVIDIA's
 //! NCCL on one GPU per rank, behind the `cuda` cargo feature (without it, the same API returns
 //! [`Error::NotCompiledWithCuda`]). This crate moves and reduces flat buffers of `f32`, `bf16`
 //! and `f16` and knows nothing of models.
@@ -15,6 +16,8 @@
 //!   the `f32`-accumulating reduction kernels.
 //! - [`tcp_ring`]: [`TcpRing`] and [`TcpRingConfig`]: ring setup, the non-blocking transport,
 //!   and the message schedules of each collective.
+//! - [`shm`]: [`ShmGroup`] and [`ShmConfig`]: ranks on one node through shared memory (a sealed
+//!   memfd passed over authenticated Unix sockets; futex waits; a dead rank is named).
 //! - [`nccl`]: [`Nccl`] and [`NcclConfig`]: NCCL setup through the store, the trait on host
 //!   buffers (staged through the GPU), collectives on device buffers, and the deadline watchdog
 //!   that aborts a communicator whose collective never finishes.
@@ -43,6 +46,7 @@ pub mod operation;
 pub mod p2p;
 pub mod progress;
 pub mod rendezvous;
+pub mod shm;
 pub mod tcp_ring;
 
 pub use auth::LinkSecret;
@@ -54,4 +58,5 @@ pub use operation::Collective;
 pub use p2p::{PeerLink, PeerLinkConfig};
 pub use progress::Progress;
 pub use rendezvous::{InMemoryStore, Store, address_key};
+pub use shm::{ShmConfig, ShmGroup};
 pub use tcp_ring::{TcpRing, TcpRingConfig};

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use cohort_collective::cuda::{self, CudaLibrary};
 use cohort_collective::{
     BufferMut, Communicator, DType, Element, Error, InMemoryStore, Nccl, NcclConfig, Progress,
-    ReduceOp, TcpRing, TcpRingConfig,
+    ReduceOp, ShmConfig, ShmGroup, TcpRing, TcpRingConfig,
 };
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
@@ -158,6 +158,47 @@ const TCP_RING_SMALL_CHUNKS: Backend = Backend {
     max_world_size: unlimited,
     connect: |store, rank, world_size, settings| {
         tcp_ring_rank_with(store, rank, world_size, settings, 1024)
+    },
+    names_failed_peers: true,
+};
+
+/// Connects one [`ShmGroup`] rank, with the given slot size.
+fn shm_rank_with(
+    store: &InMemoryStore,
+    rank: usize,
+    world_size: usize,
+    settings: &GroupSettings,
+    slot_bytes: usize,
+) -> cohort_collective::Result<Box<dyn Communicator>> {
+    let config = ShmConfig {
+        io_timeout: settings.io_timeout,
+        connect_timeout: Duration::from_secs(60),
+        slot_bytes,
+        progress: settings.progress_of(rank),
+        ..ShmConfig::default()
+    };
+    ShmGroup::connect(store, "conformance", rank, world_size, &config)
+        .map(|group| Box::new(group) as Box<dyn Communicator>)
+}
+
+/// [`ShmGroup`] with default settings.
+const SHM: Backend = Backend {
+    name: "ShmGroup",
+    max_world_size: unlimited,
+    connect: |store, rank, world_size, settings| {
+        let slot_bytes = ShmConfig::default().slot_bytes;
+        shm_rank_with(store, rank, world_size, settings, slot_bytes)
+    },
+    names_failed_peers: true,
+};
+
+/// [`ShmGroup`] with the smallest slots: many steps per collective, and the striped
+/// all-reduce even for small buffers.
+const SHM_SMALL_SLOTS: Backend = Backend {
+    name: "ShmGroup (small slots)",
+    max_world_size: unlimited,
+    connect: |store, rank, world_size, settings| {
+        shm_rank_with(store, rank, world_size, settings, 4096)
     },
     names_failed_peers: true,
 };
@@ -793,6 +834,8 @@ macro_rules! communicator_conformance_suite {
 
 communicator_conformance_suite!(tcp_ring, TCP_RING);
 communicator_conformance_suite!(tcp_ring_small_chunks, TCP_RING_SMALL_CHUNKS);
+communicator_conformance_suite!(shm, SHM);
+communicator_conformance_suite!(shm_small_slots, SHM_SMALL_SLOTS);
 communicator_conformance_suite!(nccl, NCCL);
 
 /// [`Nccl`]'s device-buffer methods, which the [`Communicator`] suite does not reach: results

@@ -1,0 +1,301 @@
+//! [`ShmGroup`]: a [`Communicator`] for ranks on one node, through shared memory.
+//!
+//! Ranks of a job that share a node need not pay for the TCP stack: they map one segment of
+//! shared memory and copy their data through it, synchronising with atomic counters and futexes.
+//! A 4 KiB all-reduce of two ranks is one copy in, one barrier and one reduction; a large one
+//! is reduced stripe by stripe on every rank's core at once.
+//!
+//! - `segment`: the memfd, its sealed size and layout, and the group's abort word.
+//! - `setup`: forming the group through the store, with a proof of the job's secret, and passing
+//!   the segment to every rank.
+//! - `sync`: the epoch protocol (one barrier per step, double-buffered slots), waiting, and
+//!   failure detection: a dead, dropped or stalled rank is named, as by [`crate::TcpRing`].
+//! - `plans`: what each collective copies and reduces in each epoch.
+//!
+//! Nothing is left behind: the segment has no name (nothing appears in `/dev/shm`), and the
+//! kernel frees it with the last rank's mapping, however that rank ended.
+
+mod plans;
+mod segment;
+mod setup;
+mod sync;
+
+use std::time::Duration;
+
+use tracing::debug;
+
+use self::plans::Group;
+use self::sync::Epochs;
+use crate::buffer::{BufferMut, BufferRef, Element, ReduceOp};
+use crate::communicator::{Communicator, TypedCollectives, typed};
+use crate::error::{Error, Result};
+use crate::operation::Collective;
+use crate::progress::{Channel, Entered, Progress};
+use crate::rendezvous::Store;
+
+pub use self::segment::MEMFD_NAME;
+
+/// Largest group [`ShmGroup`] forms (every rank keeps a connection to every other).
+pub const MAX_WORLD_SIZE: usize = 64;
+
+/// Settings of a [`ShmGroup`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShmConfig {
+    /// Longest wait for all ranks to join. Default 120 s.
+    pub connect_timeout: Duration,
+    /// Longest a collective may wait for the rank furthest behind without it moving before it
+    /// fails naming that rank. Default 30 s.
+    pub io_timeout: Duration,
+    /// Bytes of each of a rank's two data slots: the largest chunk a collective moves per step.
+    /// Default 512 KiB; a multiple of 64 from 4 KiB to 64 MiB, and at least 4 bytes per rank.
+    /// Set by rank 0, whose value the group uses.
+    pub slot_bytes: usize,
+    /// How long a waiting rank spins before it yields and then sleeps. Default `None`: 50 µs
+    /// when the node has a core for every rank of the group, otherwise no spinning.
+    pub spin: Option<Duration>,
+    /// The job's link secret, which every connection must prove it knows ([`crate::auth`]).
+    /// Default `None` (in-process tests and benchmarks).
+    pub secret: Option<crate::LinkSecret>,
+    /// Where the group records its operations, for hang diagnosis.
+    pub progress: Progress,
+}
+
+impl Default for ShmConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(120),
+            io_timeout: Duration::from_secs(30),
+            slot_bytes: 512 * 1024,
+            spin: None,
+            secret: None,
+            progress: Progress::default(),
+        }
+    }
+}
+
+impl ShmConfig {
+    /// Checks every field for a group of `world_size`; returns the first problem found.
+    pub fn validate(&self, world_size: usize) -> Result<()> {
+        if !self.slot_bytes.is_multiple_of(64)
+            || !(4096..=64 << 20).contains(&self.slot_bytes)
+            || self.slot_bytes < 4 * world_size
+        {
+            return Err(Error::InvalidArgument {
+                field: "config.slot_bytes",
+                found: self.slot_bytes.to_string(),
+                expected: "a multiple of 64 from 4096 to 67108864",
+            });
+        }
+        crate::error::check_positive_durations(&[
+            ("config.connect_timeout", self.connect_timeout),
+            ("config.io_timeout", self.io_timeout),
+        ])
+    }
+}
+
+/// A communicator whose ranks, all on one node, exchange data through shared memory.
+///
+/// Built by every rank with [`ShmGroup::connect`]; it may move to another thread. Reductions
+/// accumulate in `f32`, round once, and give every rank the same bits.
+pub struct ShmGroup {
+    rank: usize,
+    world_size: usize,
+    prefix: String,
+    /// `None` for a world of one rank.
+    group: Option<Group>,
+    /// The first failure, after which every call fails.
+    failure: Option<(String, Option<usize>)>,
+    channel: Channel,
+}
+
+impl ShmGroup {
+    /// Joins the group named `prefix` as `rank` of `world_size`, through `store`: every rank
+    /// must call this concurrently with the same prefix and world size, on the same node (the
+    /// same network namespace). Fails within `config.connect_timeout` naming missing ranks.
+    pub fn connect(
+        store: &dyn Store,
+        prefix: &str,
+        rank: usize,
+        world_size: usize,
+        config: &ShmConfig,
+    ) -> Result<ShmGroup> {
+        config.validate(world_size)?;
+        if !(1..=MAX_WORLD_SIZE).contains(&world_size) {
+            return Err(Error::InvalidArgument {
+                field: "world_size",
+                found: world_size.to_string(),
+                expected: "1 to 64",
+            });
+        }
+        if rank >= world_size {
+            return Err(Error::InvalidArgument {
+                field: "rank",
+                found: rank.to_string(),
+                expected: "less than world_size",
+            });
+        }
+        let group = if world_size == 1 {
+            None
+        } else {
+            let joined = setup::join(store, prefix, rank, world_size, config)?;
+            let spin = config.spin.unwrap_or_else(|| sync::default_spin(world_size));
+            Some(Group {
+                rank,
+                world_size,
+                epochs: Epochs::new(rank, world_size, spin, config.io_timeout, joined.peers),
+                segment: joined.segment,
+                partial: Vec::new(),
+            })
+        };
+        debug!(prefix, rank, world_size, "shared-memory group ready");
+        Ok(ShmGroup {
+            rank,
+            world_size,
+            prefix: prefix.to_owned(),
+            group,
+            failure: None,
+            channel: config.progress.channel(prefix, world_size),
+        })
+    }
+
+    /// Returns the key prefix the group was formed under.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Runs `body` on the group unless there is nothing to exchange (one rank, or `elements`
+    /// is 0); remembers a failure so that later calls fail at once.
+    fn exchange(
+        &mut self,
+        collective: Collective,
+        elements: usize,
+        body: impl FnOnce(&mut Group) -> Result<()>,
+    ) -> Result<()> {
+        if let Some((first_failure, failed_rank)) = &self.failure {
+            return Err(Error::Poisoned {
+                collective,
+                first_failure: first_failure.clone(),
+                failed_rank: *failed_rank,
+            });
+        }
+        let Some(group) = self.group.as_mut() else {
+            return Ok(());
+        };
+        if elements == 0 {
+            return Ok(());
+        }
+        let result = body(group);
+        if let Err(error) = &result {
+            self.failure = Some((error.to_string(), error.failed_rank()));
+        }
+        result
+    }
+
+    fn enter(&self, collective: Collective, len: usize, dtype: crate::DType) -> Entered {
+        self.channel
+            .enter(collective.name(), len * dtype.size_bytes(), None)
+    }
+}
+
+impl Drop for ShmGroup {
+    fn drop(&mut self) {
+        if let Some(group) = &self.group {
+            group.epochs.depart(&group.segment);
+        }
+    }
+}
+
+impl TypedCollectives for ShmGroup {
+    fn all_reduce_typed<T: Element>(&mut self, buffer: &mut [T], op: ReduceOp) -> Result<()> {
+        self.exchange(Collective::AllReduce, buffer.len(), |group| {
+            group.all_reduce(buffer, op)
+        })
+    }
+
+    fn broadcast_typed<T: Element>(&mut self, buffer: &mut [T], root: usize) -> Result<()> {
+        self.exchange(Collective::Broadcast, buffer.len(), |group| {
+            group.broadcast(buffer, root)
+        })
+    }
+
+    fn all_gather_typed<T: Element>(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
+        let own = self.rank * input.len()..(self.rank + 1) * input.len();
+        self.exchange(Collective::AllGather, input.len(), |group| {
+            output[own].copy_from_slice(input);
+            group.all_gather(input, output)
+        })?;
+        if self.group.is_none() {
+            output.copy_from_slice(input);
+        }
+        Ok(())
+    }
+
+    fn reduce_scatter_typed<T: Element>(
+        &mut self,
+        input: &[T],
+        output: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
+        if self.group.is_none() && self.failure.is_none() {
+            output.copy_from_slice(input);
+            return Ok(());
+        }
+        self.exchange(Collective::ReduceScatter, output.len(), |group| {
+            group.reduce_scatter(input, output, op)
+        })
+    }
+}
+
+impl Communicator for ShmGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn all_reduce(&mut self, buffer: BufferMut<'_>, op: ReduceOp) -> Result<()> {
+        let entered = self.enter(Collective::AllReduce, buffer.len(), buffer.dtype());
+        let result = typed::all_reduce(self, buffer, op);
+        self.channel.complete(entered, &result);
+        result
+    }
+
+    fn broadcast(&mut self, buffer: BufferMut<'_>, root: usize) -> Result<()> {
+        let entered = self.enter(Collective::Broadcast, buffer.len(), buffer.dtype());
+        let result = typed::broadcast(self, self.world_size, buffer, root);
+        self.channel.complete(entered, &result);
+        result
+    }
+
+    fn all_gather(&mut self, input: BufferRef<'_>, output: BufferMut<'_>) -> Result<()> {
+        let entered = self.enter(Collective::AllGather, output.len(), output.dtype());
+        let result = typed::all_gather(self, self.world_size, input, output);
+        self.channel.complete(entered, &result);
+        result
+    }
+
+    fn reduce_scatter(
+        &mut self,
+        input: BufferRef<'_>,
+        output: BufferMut<'_>,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let entered = self.enter(Collective::ReduceScatter, input.len(), input.dtype());
+        let result = typed::reduce_scatter(self, self.world_size, input, output, op);
+        self.channel.complete(entered, &result);
+        result
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        let entered = self.enter(Collective::Barrier, 0, crate::DType::F32);
+        let result = self.exchange(Collective::Barrier, 1, Group::barrier);
+        self.channel.complete(entered, &result);
+        result
+    }
+
+    fn as_send(&mut self) -> Option<&mut (dyn Communicator + Send)> {
+        Some(self)
+    }
+}
