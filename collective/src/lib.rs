@@ -16,6 +16,8 @@
 //!   the `f32`-accumulating reduction kernels.
 //! - [`tcp_ring`]: [`TcpRing`] and [`TcpRingConfig`]: ring setup, the non-blocking transport,
 //!   and the message schedules of each collective.
+//! - [`group`]: [`connect_group`], the one entry point for host communicators: it learns which
+//!   node each rank is on and forms shared memory or a TCP ring ([`Transport`]).
 //! - [`shm`]: [`ShmGroup`] and [`ShmConfig`]: ranks on one node through shared memory (a sealed
 //!   memfd passed over authenticated Unix sockets; futex waits; a dead rank is named).
 //! - [`nccl`]: [`Nccl`] and [`NcclConfig`]: NCCL setup through the store, the trait on host
@@ -41,6 +43,7 @@ pub mod buffer;
 pub mod communicator;
 pub mod cuda;
 pub mod error;
+pub mod group;
 pub mod nccl;
 pub mod operation;
 pub mod p2p;
@@ -53,6 +56,7 @@ pub use auth::LinkSecret;
 pub use buffer::{BufferMut, BufferRef, DType, Element, ReduceOp};
 pub use communicator::Communicator;
 pub use error::{AbortCause, Error, LinkFailure, Result};
+pub use group::{GroupConfig, Transport, connect_group};
 pub use nccl::{Nccl, NcclConfig};
 pub use operation::Collective;
 pub use p2p::{PeerLink, PeerLinkConfig};

@@ -138,7 +138,9 @@ impl ShmGroup {
             None
         } else {
             let joined = setup::join(store, prefix, rank, world_size, config)?;
-            let spin = config.spin.unwrap_or_else(|| sync::default_spin(world_size));
+            let spin = config
+                .spin
+                .unwrap_or_else(|| sync::default_spin(world_size));
             Some(Group {
                 rank,
                 world_size,
@@ -297,5 +299,153 @@ impl Communicator for ShmGroup {
 
     fn as_send(&mut self) -> Option<&mut (dyn Communicator + Send)> {
         Some(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Barrier};
+    use std::time::Instant;
+
+    use super::*;
+    use crate::rendezvous::InMemoryStore;
+
+    /// Forms a group of `world_size` on threads and runs `body` on every rank, returning the
+    /// results in rank order.
+    fn on_group<R: Send>(
+        world_size: usize,
+        config: impl Fn(usize) -> ShmConfig + Sync,
+        body: impl Fn(&mut ShmGroup) -> R + Sync,
+    ) -> Vec<Result<R>> {
+        let store = Arc::new(InMemoryStore::new());
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..world_size)
+                .map(|rank| {
+                    let (store, config, body) = (Arc::clone(&store), &config, &body);
+                    scope.spawn(move || {
+                        let mut group =
+                            ShmGroup::connect(&*store, "test", rank, world_size, &config(rank))?;
+                        Ok(body(&mut group))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|handle| handle.join().unwrap())
+                .collect()
+        })
+    }
+
+    #[test]
+    fn epoch_counters_wrap_around() {
+        let world_size = 3;
+        let ready = Barrier::new(world_size);
+        let results = on_group(
+            world_size,
+            |_| ShmConfig::default(),
+            |group| {
+                let start = u32::MAX - 4;
+                let inner = group.group.as_mut().unwrap();
+                inner.epochs.start_at(&inner.segment, start);
+                ready.wait();
+                let mut sums = Vec::new();
+                for round in 0..6 {
+                    let mut values = vec![(group.rank() + round) as f32; 100_000];
+                    group
+                        .all_reduce((&mut values).into(), ReduceOp::Sum)
+                        .unwrap();
+                    sums.push(values[99_999]);
+                }
+                sums
+            },
+        );
+        for sums in results {
+            assert_eq!(sums.unwrap(), vec![3.0, 6.0, 9.0, 12.0, 15.0, 18.0]);
+        }
+    }
+
+    #[test]
+    fn ranks_that_sleep_instead_of_spinning_still_meet() {
+        let config = |_| ShmConfig {
+            spin: Some(Duration::ZERO),
+            ..ShmConfig::default()
+        };
+        let results = on_group(4, config, |group| {
+            let mut total = 0.0;
+            for round in 0..50 {
+                if group.rank() == round % 4 {
+                    // The others reach the collective first and must sleep on the futex.
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                let mut values = vec![1.0_f32; 1000];
+                group
+                    .all_reduce((&mut values).into(), ReduceOp::Average)
+                    .unwrap();
+                total += values[0];
+            }
+            total
+        });
+        for total in results {
+            assert_eq!(total.unwrap(), 50.0);
+        }
+    }
+
+    #[test]
+    fn mismatched_calls_name_the_peer_and_what_it_called() {
+        let results = on_group(
+            2,
+            |_| ShmConfig::default(),
+            |group| {
+                let mut values = vec![1.0_f32; 7 + group.rank()];
+                group
+                    .all_reduce((&mut values).into(), ReduceOp::Sum)
+                    .unwrap_err()
+                    .to_string()
+            },
+        );
+        assert_eq!(
+            results[0].as_ref().unwrap(),
+            "all_reduce: peer rank 1 broke the protocol: it called all_reduce (sum) of 8 f32 \
+             elements while this rank called all_reduce (sum) of 7 f32 elements"
+        );
+        assert!(results[1].as_ref().unwrap().contains("peer rank 0"));
+    }
+
+    #[test]
+    fn ranks_with_different_secrets_never_form_a_group() {
+        let config = |rank: usize| ShmConfig {
+            connect_timeout: Duration::from_secs(2),
+            secret: Some(crate::LinkSecret::derive(&format!("token {rank}"))),
+            ..ShmConfig::default()
+        };
+        let started = Instant::now();
+        let results = on_group(2, config, |_| ());
+        assert!(started.elapsed() < Duration::from_secs(10));
+        for result in results {
+            let error = result.unwrap_err();
+            assert!(
+                matches!(error, Error::Handshake { .. } | Error::RanksMissing { .. }),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_dropped_group_leaves_no_mapping_behind() {
+        let maps = || std::fs::read_to_string("/proc/self/maps").unwrap();
+        let count = || maps().matches(MEMFD_NAME).count();
+        let before = count();
+        let results = on_group(
+            3,
+            |_| ShmConfig::default(),
+            |group| {
+                group.barrier().unwrap();
+                count()
+            },
+        );
+        for during in results {
+            assert!(during.unwrap() > before, "the ranks map the segment");
+        }
+        assert_eq!(count(), before);
     }
 }

@@ -17,7 +17,9 @@
 
 use super::segment::Segment;
 use super::sync::{Call, Epochs};
-use crate::buffer::{Addend, Element, ReduceOp, accumulate, finish_in_place, finish_into, sum_pair};
+use crate::buffer::{
+    Addend, Element, ReduceOp, accumulate, finish_in_place, finish_into, sum_pair,
+};
 use crate::error::Result;
 use crate::operation::Collective;
 
@@ -54,12 +56,20 @@ impl Group {
         if size_of_val(buffer) <= SMALL_BYTES && buffer.len() <= capacity {
             let parity = self.epochs.next_parity();
             // SAFETY: the next epoch's parity, within the slot (checked above).
-            unsafe { own_slot(&self.segment, self.rank, parity, 0, buffer.len()) }.copy_from_slice(buffer);
+            unsafe { own_slot(&self.segment, self.rank, parity, 0, buffer.len()) }
+                .copy_from_slice(buffer);
             let parity = self.epochs.arrive_and_wait(&self.segment, call)?;
             let len = buffer.len();
             // SAFETY: the epoch of `parity` has been waited for.
             let source = |peer: usize| unsafe { slot::<T>(&self.segment, peer, parity, 0, len) };
-            reduce_in_place(buffer, self.rank, source, self.world_size, divisor, &mut self.partial);
+            reduce_in_place(
+                buffer,
+                self.rank,
+                source,
+                self.world_size,
+                divisor,
+                &mut self.partial,
+            );
             return Ok(());
         }
         let (rank, world_size) = (self.rank, self.world_size);
@@ -70,7 +80,8 @@ impl Group {
             let parity = self.epochs.next_parity();
             {
                 // SAFETY: the next epoch's parity, within the slot (a chunk fits).
-                let slot = unsafe { own_slot::<T>(&self.segment, self.rank, parity, 0, chunk.len()) };
+                let slot =
+                    unsafe { own_slot::<T>(&self.segment, self.rank, parity, 0, chunk.len()) };
                 slot[..own.start].copy_from_slice(&chunk[..own.start]);
                 slot[own.end..].copy_from_slice(&chunk[own.end..]);
             }
@@ -78,9 +89,17 @@ impl Group {
             {
                 let (start, len) = (own.start, own.len());
                 // SAFETY: the epoch of `parity` has been waited for.
-                let source = |peer: usize| unsafe { slot::<T>(&self.segment, peer, parity, start, len) };
+                let source =
+                    |peer: usize| unsafe { slot::<T>(&self.segment, peer, parity, start, len) };
                 let partial = &mut self.partial;
-                reduce_in_place(&mut chunk[own.clone()], rank, source, world_size, divisor, partial);
+                reduce_in_place(
+                    &mut chunk[own.clone()],
+                    rank,
+                    source,
+                    world_size,
+                    divisor,
+                    partial,
+                );
             }
             let parity = self.epochs.next_parity();
             // SAFETY: the next epoch's parity, within the slot.
@@ -90,7 +109,8 @@ impl Group {
             for owner in (0..world_size).filter(|&owner| owner != rank) {
                 let theirs = stripe(owner);
                 // SAFETY: the epoch of `parity` has been waited for.
-                let reduced = unsafe { slot::<T>(&self.segment, owner, parity, theirs.start, theirs.len()) };
+                let reduced =
+                    unsafe { slot::<T>(&self.segment, owner, parity, theirs.start, theirs.len()) };
                 chunk[theirs].copy_from_slice(reduced);
             }
         }
@@ -110,7 +130,8 @@ impl Group {
             let parity = self.epochs.next_parity();
             if self.rank == root {
                 // SAFETY: the next epoch's parity, within the slot.
-                unsafe { own_slot(&self.segment, self.rank, parity, 0, chunk.len()) }.copy_from_slice(chunk);
+                unsafe { own_slot(&self.segment, self.rank, parity, 0, chunk.len()) }
+                    .copy_from_slice(chunk);
             }
             let parity = self.epochs.arrive_and_wait(&self.segment, call)?;
             if self.rank != root {
@@ -137,12 +158,14 @@ impl Group {
             let len = capacity.min(block - start);
             let parity = self.epochs.next_parity();
             // SAFETY: the next epoch's parity, within the slot.
-            unsafe { own_slot(&self.segment, self.rank, parity, 0, len) }.copy_from_slice(&input[start..start + len]);
+            unsafe { own_slot(&self.segment, self.rank, parity, 0, len) }
+                .copy_from_slice(&input[start..start + len]);
             let parity = self.epochs.arrive_and_wait(&self.segment, call)?;
             for peer in (0..self.world_size).filter(|&peer| peer != self.rank) {
                 let at = peer * block + start;
                 // SAFETY: the epoch of `parity` has been waited for.
-                output[at..at + len].copy_from_slice(unsafe { slot(&self.segment, peer, parity, 0, len) });
+                output[at..at + len]
+                    .copy_from_slice(unsafe { slot(&self.segment, peer, parity, 0, len) });
             }
         }
         Ok(())
@@ -186,7 +209,13 @@ impl Group {
                 }
             };
             let partial = &mut self.partial;
-            reduce_into(&mut output[start..start + len], source, world_size, divisor, partial);
+            reduce_into(
+                &mut output[start..start + len],
+                source,
+                world_size,
+                divisor,
+                partial,
+            );
         }
         Ok(())
     }

@@ -109,8 +109,9 @@ impl Segment {
         let bytes = segment_bytes(world_size, slot_bytes);
         let name = std::ffi::CString::new(MEMFD_NAME).expect("no NUL in the name");
         // SAFETY: a valid C string and flags; the result is checked.
-        let raw =
-            unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+        let raw = unsafe {
+            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
         if raw < 0 {
             return Err(os_error("create the shared-memory file (memfd_create)"));
         }
@@ -127,8 +128,12 @@ impl Segment {
         }
         let segment = Segment::map(fd, bytes, world_size, slot_bytes)?;
         let header = segment.header();
-        header.world_size.store(world_size as u64, Ordering::Relaxed);
-        header.slot_bytes.store(slot_bytes as u64, Ordering::Relaxed);
+        header
+            .world_size
+            .store(world_size as u64, Ordering::Relaxed);
+        header
+            .slot_bytes
+            .store(slot_bytes as u64, Ordering::Relaxed);
         header.magic.store(MAGIC, Ordering::Release);
         Ok(segment)
     }
@@ -153,7 +158,9 @@ impl Segment {
         // SAFETY: fstat succeeded, so it filled `stat`.
         let file_bytes = unsafe { stat.assume_init() }.st_size as usize;
         if file_bytes < HEADER_BYTES {
-            return Err(invalid(format!("{file_bytes} bytes, too small for a header")));
+            return Err(invalid(format!(
+                "{file_bytes} bytes, too small for a header"
+            )));
         }
         let header_only = Segment::map(fd, file_bytes, 0, 0)?;
         let header = header_only.header();
@@ -238,9 +245,8 @@ impl Segment {
     /// to 64.
     pub fn slot(&self, rank: usize, parity: usize) -> *mut u8 {
         assert!(rank < self.world_size && parity < 2);
-        let offset = HEADER_BYTES
-            + self.world_size * CONTROL_BYTES
-            + (rank * 2 + parity) * self.slot_bytes;
+        let offset =
+            HEADER_BYTES + self.world_size * CONTROL_BYTES + (rank * 2 + parity) * self.slot_bytes;
         debug_assert!(offset.is_multiple_of(SLOT_ALIGN) && offset + self.slot_bytes <= self.bytes);
         // SAFETY: in bounds, as above.
         unsafe { self.base.as_ptr().add(offset) }
@@ -335,6 +341,9 @@ mod tests {
         let error = Segment::open(created.fd().try_clone().unwrap(), 3)
             .err()
             .unwrap();
-        assert!(error.to_string().contains("not a segment for 3 ranks"), "{error}");
+        assert!(
+            error.to_string().contains("not a segment for 3 ranks"),
+            "{error}"
+        );
     }
 }

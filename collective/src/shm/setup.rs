@@ -75,7 +75,9 @@ pub(crate) fn join(
     })?;
     store.set(&socket_key(prefix, rank), name.as_bytes())?;
 
-    let keys: Vec<String> = (0..world_size).map(|peer| socket_key(prefix, peer)).collect();
+    let keys: Vec<String> = (0..world_size)
+        .map(|peer| socket_key(prefix, peer))
+        .collect();
     let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
     let names = store
         .wait(&key_refs, remaining(deadline))
@@ -120,15 +122,15 @@ pub(crate) fn join(
 
     // (2) Accept every lower rank and answer its proof.
     let mut acceptors: Vec<Option<(UnixStream, Acceptor)>> = (0..rank).map(|_| None).collect();
-    listener
-        .set_nonblocking(true)
-        .map_err(|source| Error::Io {
-            context: "configure the group's socket".to_owned(),
-            source,
-        })?;
+    listener.set_nonblocking(true).map_err(|source| Error::Io {
+        context: "configure the group's socket".to_owned(),
+        source,
+    })?;
     while acceptors.iter().any(Option::is_none) {
         let Some(mut stream) = accept_before(&listener, deadline)? else {
-            let missing = (0..rank).filter(|&peer| acceptors[peer].is_none()).collect();
+            let missing = (0..rank)
+                .filter(|&peer| acceptors[peer].is_none())
+                .collect();
             return Err(Error::RanksMissing {
                 prefix: prefix.to_owned(),
                 missing_ranks: missing,
@@ -143,7 +145,10 @@ pub(crate) fn join(
                     .map_err(|error| handshake(peer, format!("answer the proof: {error}")))?;
                 acceptors[peer] = Some((stream, acceptor));
             }
-            Ok((peer, ..)) => warn!(prefix, rank, peer, "refused a second connection from a rank"),
+            Ok((peer, ..)) => warn!(
+                prefix,
+                rank, peer, "refused a second connection from a rank"
+            ),
             Err(reason) => warn!(prefix, rank, reason, "refused a stray connection"),
         }
     }
@@ -222,7 +227,8 @@ fn read_introduction(
     stream
         .read_exact(&mut fixed)
         .map_err(|error| format!("read the introduction: {error}"))?;
-    let word = |at: usize| u32::from_le_bytes(fixed[at..at + 4].try_into().expect("4 bytes")) as usize;
+    let word =
+        |at: usize| u32::from_le_bytes(fixed[at..at + 4].try_into().expect("4 bytes")) as usize;
     let (from, world, prefix_bytes) = (word(8), word(12), word(16));
     if &fixed[..8] != INTRO_MAGIC || prefix_bytes > MAX_PREFIX_BYTES {
         return Err("not a shared-memory group introduction".to_owned());

@@ -81,7 +81,10 @@ impl Call {
         match Collective::from_code((words[0] & 0xFF) as u8) {
             Some(Collective::Barrier) => collective.to_owned(),
             Some(Collective::Broadcast) => {
-                format!("{collective} of {} {dtype} elements from root {root}", words[1])
+                format!(
+                    "{collective} of {} {dtype} elements from root {root}",
+                    words[1]
+                )
             }
             _ => format!("{collective}{op} of {} {dtype} elements", words[1]),
         }
@@ -171,7 +174,12 @@ impl Epochs {
     }
 
     /// Waits until every rank has arrived at `target`.
-    fn wait_for_all(&mut self, segment: &Segment, collective: Collective, target: u32) -> Result<()> {
+    fn wait_for_all(
+        &mut self,
+        segment: &Segment,
+        collective: Collective,
+        target: u32,
+    ) -> Result<()> {
         let started = Instant::now();
         let mut last_change = started;
         let mut last_seen: Option<(usize, u32)> = None;
@@ -237,10 +245,12 @@ impl Epochs {
             }
             let control = segment.control(peer);
             control.waiters.fetch_add(1, Ordering::SeqCst);
-            if control.arrived.load(Ordering::SeqCst) == arrived
-                && segment.abort().is_none()
-            {
-                futex_wait(&control.arrived, arrived, SLEEP_SLICE.min(self.io_timeout - idle));
+            if control.arrived.load(Ordering::SeqCst) == arrived && segment.abort().is_none() {
+                futex_wait(
+                    &control.arrived,
+                    arrived,
+                    SLEEP_SLICE.min(self.io_timeout - idle),
+                );
             }
             control.waiters.fetch_sub(1, Ordering::SeqCst);
         }
@@ -295,6 +305,17 @@ impl Epochs {
         } else {
             aborted(collective, abort)
         }
+    }
+
+    /// Starts the epoch count at `epoch` (tests of the counters' wrap-around; every rank must
+    /// call it before any collective).
+    #[cfg(test)]
+    pub fn start_at(&mut self, segment: &Segment, epoch: u32) {
+        self.epoch = epoch;
+        segment
+            .control(self.rank)
+            .arrived
+            .store(epoch, Ordering::SeqCst);
     }
 
     /// Marks this rank as gone and wakes anyone waiting for it.
@@ -372,7 +393,10 @@ mod tests {
             root: 0,
             len: 7,
         };
-        assert_eq!(Call::describe(reduce.pack()), "all_reduce (sum) of 7 f32 elements");
+        assert_eq!(
+            Call::describe(reduce.pack()),
+            "all_reduce (sum) of 7 f32 elements"
+        );
         let broadcast = Call {
             collective: Collective::Broadcast,
             dtype: DType::Bf16,

@@ -1,0 +1,268 @@
+//! One entry point for a host communicator: [`connect_group`] learns which node every rank is
+//! on and picks the transport: shared memory ([`ShmGroup`]) when all ranks share a node, the TCP
+//! ring otherwise, or what the job asked for ([`Transport`]).
+//!
+//! The choice is a pure function of what every rank published ([`plan_layout`]), so every rank
+//! makes the same one.
+
+use std::time::Duration;
+
+use tracing::debug;
+
+use crate::communicator::Communicator;
+use crate::error::{Error, Result};
+use crate::rendezvous::Store;
+use crate::shm::{ShmConfig, ShmGroup};
+use crate::tcp_ring::{TcpRing, TcpRingConfig};
+
+/// Which transport a group of ranks uses between host buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// Shared memory when every rank is on one node, TCP otherwise.
+    #[default]
+    Auto,
+    /// The TCP ring, wherever the ranks are.
+    Tcp,
+    /// Shared memory; an error unless every rank is on one node.
+    Shm,
+}
+
+impl Transport {
+    /// The name used in job specs and flags.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Auto => "auto",
+            Transport::Tcp => "tcp",
+            Transport::Shm => "shm",
+        }
+    }
+}
+
+/// How a group's ranks are connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// One ring over TCP.
+    TcpRing,
+    /// Shared memory on one node.
+    SharedMemory,
+}
+
+/// Chooses the layout for ranks on `nodes` (node of each rank, in rank order), or says why
+/// `transport` cannot be honoured.
+pub fn plan_layout(nodes: &[String], transport: Transport) -> Result<Layout, String> {
+    let one_node = nodes.windows(2).all(|pair| pair[0] == pair[1]);
+    match transport {
+        Transport::Tcp => Ok(Layout::TcpRing),
+        Transport::Auto if one_node => Ok(Layout::SharedMemory),
+        Transport::Auto => Ok(Layout::TcpRing),
+        Transport::Shm if one_node => Ok(Layout::SharedMemory),
+        Transport::Shm => {
+            let mut distinct: Vec<&str> = nodes.iter().map(String::as_str).collect();
+            distinct.dedup();
+            Err(format!(
+                "transport \"shm\" needs every rank on one node, but they are on nodes {}",
+                distinct.join(", ")
+            ))
+        }
+    }
+}
+
+/// Settings of [`connect_group`].
+#[derive(Debug, Clone, Default)]
+pub struct GroupConfig {
+    /// The transport asked for.
+    pub transport: Transport,
+    /// This rank's node, as every rank of the group names it (ranks with equal names share
+    /// memory). Empty: one node for all.
+    pub node: String,
+    /// Settings of a TCP ring, if one is formed (its timeouts, secret and progress record are
+    /// used for shared memory too).
+    pub tcp: TcpRingConfig,
+    /// Bytes of each shared-memory slot (`None`: [`ShmConfig`]'s default).
+    pub shm_slot_bytes: Option<usize>,
+}
+
+/// Joins the group named `prefix` as `rank` of `world_size`: publishes this rank's node under
+/// `{prefix}/node/{rank}`, waits for every rank's, and forms the layout [`plan_layout`] picks.
+pub fn connect_group(
+    store: &dyn Store,
+    prefix: &str,
+    rank: usize,
+    world_size: usize,
+    config: &GroupConfig,
+) -> Result<Box<dyn Communicator + Send>> {
+    if world_size <= 1 || config.transport == Transport::Tcp {
+        return Ok(Box::new(TcpRing::connect(
+            store,
+            prefix,
+            rank,
+            world_size,
+            &config.tcp,
+        )?));
+    }
+    let nodes = node_names(
+        store,
+        prefix,
+        rank,
+        world_size,
+        &config.node,
+        config.tcp.connect_timeout,
+    )?;
+    let layout =
+        plan_layout(&nodes, config.transport).map_err(|reason| Error::InvalidArgument {
+            field: "transport",
+            found: reason,
+            expected: "\"auto\" or \"tcp\" for ranks on several nodes",
+        })?;
+    debug!(prefix, rank, world_size, ?layout, "group layout");
+    Ok(match layout {
+        Layout::TcpRing => Box::new(TcpRing::connect(
+            store,
+            prefix,
+            rank,
+            world_size,
+            &config.tcp,
+        )?),
+        Layout::SharedMemory => {
+            let shm = ShmConfig {
+                connect_timeout: config.tcp.connect_timeout,
+                io_timeout: config.tcp.io_timeout,
+                slot_bytes: config
+                    .shm_slot_bytes
+                    .unwrap_or(ShmConfig::default().slot_bytes),
+                spin: None,
+                secret: config.tcp.secret.clone(),
+                progress: config.tcp.progress.clone(),
+            };
+            Box::new(ShmGroup::connect(store, prefix, rank, world_size, &shm)?)
+        }
+    })
+}
+
+/// Publishes `node` for `rank` and returns every rank's node, in rank order.
+fn node_names(
+    store: &dyn Store,
+    prefix: &str,
+    rank: usize,
+    world_size: usize,
+    node: &str,
+    timeout: Duration,
+) -> Result<Vec<String>> {
+    store.set(&format!("{prefix}/node/{rank}"), node.as_bytes())?;
+    let keys: Vec<String> = (0..world_size)
+        .map(|peer| format!("{prefix}/node/{peer}"))
+        .collect();
+    let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let values = store
+        .wait(&key_refs, timeout)
+        .map_err(|error| match error {
+            Error::StoreTimeout { timeout, .. } => Error::RanksMissing {
+                prefix: prefix.to_owned(),
+                missing_ranks: (0..world_size)
+                    .filter(|&peer| store.get(&keys[peer]).ok().flatten().is_none())
+                    .collect(),
+                world_size,
+                timeout,
+            },
+            other => other,
+        })?;
+    Ok(values
+        .into_iter()
+        .map(|value| String::from_utf8_lossy(&value).into_owned())
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::rendezvous::InMemoryStore;
+    use crate::{BufferMut, ReduceOp};
+
+    fn nodes(names: &[&str]) -> Vec<String> {
+        names.iter().map(|name| (*name).to_owned()).collect()
+    }
+
+    #[test]
+    fn ranks_on_one_node_share_memory_unless_tcp_is_asked_for() {
+        let same = nodes(&["a", "a", "a"]);
+        assert_eq!(
+            plan_layout(&same, Transport::Auto),
+            Ok(Layout::SharedMemory)
+        );
+        assert_eq!(plan_layout(&same, Transport::Shm), Ok(Layout::SharedMemory));
+        assert_eq!(plan_layout(&same, Transport::Tcp), Ok(Layout::TcpRing));
+    }
+
+    #[test]
+    fn ranks_on_several_nodes_use_tcp_and_refuse_shared_memory() {
+        let spread = nodes(&["a", "a", "b", "b"]);
+        assert_eq!(plan_layout(&spread, Transport::Auto), Ok(Layout::TcpRing));
+        assert_eq!(plan_layout(&spread, Transport::Tcp), Ok(Layout::TcpRing));
+        assert_eq!(
+            plan_layout(&spread, Transport::Shm),
+            Err(
+                "transport \"shm\" needs every rank on one node, but they are on nodes a, b"
+                    .to_owned()
+            )
+        );
+    }
+
+    /// Connects `nodes.len()` ranks on threads and all-reduces ones, returning each rank's
+    /// result or error.
+    fn all_reduce_ones(nodes: &[&str], transport: Transport) -> Vec<Result<f32>> {
+        let store = Arc::new(InMemoryStore::new());
+        let world_size = nodes.len();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = nodes
+                .iter()
+                .enumerate()
+                .map(|(rank, node)| {
+                    let store = Arc::clone(&store);
+                    scope.spawn(move || {
+                        let config = GroupConfig {
+                            transport,
+                            node: (*node).to_owned(),
+                            ..GroupConfig::default()
+                        };
+                        let mut group = connect_group(&*store, "g", rank, world_size, &config)?;
+                        let mut values = vec![1.0_f32; 3];
+                        group.all_reduce(BufferMut::from(&mut values), ReduceOp::Sum)?;
+                        Ok(values[0])
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|handle| handle.join().unwrap())
+                .collect()
+        })
+    }
+
+    #[test]
+    fn every_transport_forms_a_working_group() {
+        for (nodes, transport) in [
+            (&["n", "n", "n"][..], Transport::Auto),
+            (&["n", "n", "n"][..], Transport::Shm),
+            (&["a", "b", "b"][..], Transport::Auto),
+            (&["n", "n"][..], Transport::Tcp),
+        ] {
+            for result in all_reduce_ones(nodes, transport) {
+                assert_eq!(
+                    result.unwrap(),
+                    nodes.len() as f32,
+                    "{nodes:?} {transport:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn shared_memory_across_nodes_fails_on_every_rank_naming_the_nodes() {
+        for result in all_reduce_ones(&["a", "b"], Transport::Shm) {
+            let error = result.unwrap_err().to_string();
+            assert!(error.contains("on nodes a, b"), "{error}");
+        }
+    }
+}
