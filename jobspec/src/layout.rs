@@ -5,7 +5,8 @@
 use crate::job::{DeviceKind, JobSpec, MAX_RANKS};
 use crate::problems::Problems;
 use crate::train::{
-    CollectiveBackend, Communication, DatasetKind, ModelKind, ModelSpec, ParallelSpec,
+    CollectiveBackend, Communication, DatasetKind, HostTransport, ModelKind, ModelSpec,
+    ParallelSpec,
 };
 
 /// Default transformer blocks.
@@ -234,6 +235,23 @@ fn validate_collective(
     parallel: &ParallelSpec,
     problems: &mut Problems,
 ) {
+    if parallel.transport != HostTransport::Auto {
+        let reason = if parallel.comm == Communication::Ps {
+            Some("with parallel.comm = \"ps\", expected \"auto\" (gradients go to the servers)")
+        } else if gradient_transport(spec) == CollectiveBackend::Nccl {
+            Some(
+                "with NCCL carrying the gradients, expected \"auto\" (set parallel.collective = \"tcp\")",
+            )
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            problems.push(
+                "parallel.transport",
+                format!("\"{}\" {reason}", parallel.transport.name()),
+            );
+        }
+    }
     if parallel.collective != CollectiveBackend::Nccl {
         return;
     }
@@ -545,6 +563,45 @@ mod tests {
             );
         }
         assert!(parse(&job(gpu, "data = 2\ncollective = \"nccl\"")).is_ok());
+    }
+
+    #[test]
+    fn a_host_transport_is_refused_where_no_host_collective_carries_the_gradients() {
+        let job = |resources: &str, parallel: &str| {
+            format!(
+                "version = 1\nkind = \"train\"\n[resources]\n{resources}\n[parallel]\n{parallel}\n"
+            )
+        };
+        let gpu = "device = \"gpu\"";
+        for text in [
+            job("", "data = 2\ntransport = \"shm\""),
+            job("", "data = 2\ntransport = \"tcp\""),
+            job(gpu, "data = 2\ncollective = \"tcp\"\ntransport = \"shm\""),
+            transformer_job("data = 2\ntransport = \"shm\""),
+        ] {
+            assert!(parse(&text).is_ok(), "{text}: {:?}", problem_strings(&text));
+        }
+        for (text, expected) in [
+            (
+                job("", "data = 2\ncomm = \"ps\"\ntransport = \"shm\""),
+                "parallel.transport: \"shm\" with parallel.comm = \"ps\"",
+            ),
+            (
+                job(gpu, "data = 2\ntransport = \"tcp\""),
+                "parallel.transport: \"tcp\" with NCCL carrying the gradients",
+            ),
+        ] {
+            let problems = problem_strings(&text);
+            assert!(
+                problems.iter().any(|p| p.starts_with(expected)),
+                "{text}: {problems:?}"
+            );
+        }
+        let problems = problem_strings(&job("", "data = 2\ntransport = \"udp\""));
+        assert!(
+            problems.iter().any(|p| p.contains("transport")),
+            "{problems:?}"
+        );
     }
 
     #[test]

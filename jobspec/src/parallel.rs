@@ -48,6 +48,30 @@ impl CollectiveBackend {
     }
 }
 
+/// How ranks' host buffers travel between the ranks of a collective group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HostTransport {
+    /// Shared memory when every rank of a group is on one node, the TCP ring otherwise.
+    #[default]
+    Auto,
+    /// The TCP ring, even between ranks of one node.
+    Tcp,
+    /// Shared memory; the job fails at start unless its ranks share a node.
+    Shm,
+}
+
+impl HostTransport {
+    /// The transport's name in job specs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Tcp => "tcp",
+            Self::Shm => "shm",
+        }
+    }
+}
+
 /// When a parameter server applies pushed gradients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -97,6 +121,10 @@ pub struct ParallelSpec {
     /// for image models on GPU ranks (`resources.device = "gpu"`) with `data` > 1, the TCP ring
     /// otherwise. Default `"auto"`.
     pub collective: CollectiveBackend,
+    /// How host-memory collectives travel (the TCP ring's and the transformer mesh's groups):
+    /// `"auto"` (shared memory between ranks on one node, TCP otherwise), `"tcp"` or `"shm"`
+    /// (every rank on one node). Default `"auto"`.
+    pub transport: HostTransport,
     /// Parameter-server processes (shards) with `comm = "ps"`, 1 to 256. Default 1.
     pub ps_shards: Option<u32>,
     /// Parameter-server mode with `comm = "ps"`: `"sync"`, `"async"` or `"ssp"`.
@@ -153,6 +181,7 @@ impl Default for ParallelSpec {
             gradient_bucket_bytes: DEFAULT_GRADIENT_BUCKET_BYTES,
             comm: Communication::Allreduce,
             collective: CollectiveBackend::Auto,
+            transport: HostTransport::Auto,
             ps_shards: None,
             ps_mode: None,
             staleness: None,

@@ -38,7 +38,7 @@ use crate::problems::Problems;
 
 pub use crate::checkpoint::CheckpointSpec;
 pub use crate::parallel::{
-    CollectiveBackend, Communication, ParallelSpec, PipelineSchedule, PsMode,
+    CollectiveBackend, Communication, HostTransport, ParallelSpec, PipelineSchedule, PsMode,
 };
 pub use cohort_numerics::{
     LearningRateDecay, LearningRateSchedule, OptimizerConfig, OptimizerKind,

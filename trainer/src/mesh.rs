@@ -10,8 +10,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use cohort_collective::p2p::{PeerLink, PeerLinkConfig};
-use cohort_collective::{Communicator, LinkSecret, Progress, Store, TcpRing, TcpRingConfig};
-use cohort_jobspec::train::ParallelSpec;
+use cohort_collective::{
+    Communicator, GroupConfig, LinkSecret, Progress, Store, TcpRingConfig, Transport, connect_group,
+};
+use cohort_jobspec::train::{HostTransport, ParallelSpec};
 
 use crate::error::{Result, TrainerError};
 use crate::pipeline::{PipelineLinks, StagePosition};
@@ -110,6 +112,10 @@ pub struct MeshLinks {
     pub progress: Progress,
     /// Longest a collective or a receive waits on a peer before it fails.
     pub io_timeout: Duration,
+    /// How the groups' collectives travel (`parallel.transport`).
+    pub transport: Transport,
+    /// This rank's node: ranks with the same node share memory with `transport` auto or shm.
+    pub node: String,
 }
 
 impl MeshLinks {
@@ -121,7 +127,18 @@ impl MeshLinks {
             secret: None,
             progress: Progress::default(),
             io_timeout: TcpRingConfig::default().io_timeout,
+            transport: Transport::Auto,
+            node: String::new(),
         }
+    }
+}
+
+/// The collective crate's transport for a job spec's `parallel.transport`.
+pub fn host_transport(transport: HostTransport) -> Transport {
+    match transport {
+        HostTransport::Auto => Transport::Auto,
+        HostTransport::Tcp => Transport::Tcp,
+        HostTransport::Shm => Transport::Shm,
     }
 }
 
@@ -142,22 +159,21 @@ pub fn connect_mesh(
             shape.world_size()
         ))
     })?;
-    let ring_config = TcpRingConfig {
-        listen_address: links.listen_address,
-        secret: links.secret.clone(),
-        io_timeout: links.io_timeout,
-        progress: links.progress.clone(),
-        ..TcpRingConfig::default()
+    let group_config = GroupConfig {
+        transport: links.transport,
+        node: links.node.clone(),
+        tcp: TcpRingConfig {
+            listen_address: links.listen_address,
+            secret: links.secret.clone(),
+            io_timeout: links.io_timeout,
+            progress: links.progress.clone(),
+            ..TcpRingConfig::default()
+        },
+        shm_slot_bytes: None,
     };
     let ring =
         |name: String, member: usize, members: usize| -> Result<Box<dyn Communicator + Send>> {
-            Ok(Box::new(TcpRing::connect(
-                store,
-                &name,
-                member,
-                members,
-                &ring_config,
-            )?))
+            Ok(connect_group(store, &name, member, members, &group_config)?)
         };
     let MeshCoordinates {
         data,

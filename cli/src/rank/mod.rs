@@ -21,10 +21,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use cohort_collective::progress::Fault;
-use cohort_collective::{LinkSecret, Nccl, NcclConfig, Progress, TcpRing, TcpRingConfig};
+use cohort_collective::{
+    Communicator, GroupConfig, LinkSecret, Nccl, NcclConfig, Progress, TcpRing, TcpRingConfig,
+    Transport, connect_group,
+};
 use cohort_proto::env;
 use cohort_proto::launch::Launch;
 use cohort_proto::transport::CaCertificate;
+use cohort_trainer::mesh::MeshLinks;
 use tokio::runtime::Runtime;
 
 use crate::client;
@@ -164,6 +168,40 @@ impl RankLink {
         };
         TcpRing::connect(&self.store, name, self.rank(), self.world_size(), &config)
             .with_context(|| format!("rank {} joining communicator {name:?}", self.rank()))
+    }
+
+    /// Joins the group of all the job's ranks under key prefix `name` through `transport`:
+    /// shared memory between ranks on this node where `transport` allows, the TCP ring (on
+    /// the node's address) otherwise; every link proves the job's secret.
+    pub fn group(&self, name: &str, transport: Transport) -> Result<Box<dyn Communicator + Send>> {
+        let links = self.mesh_links(transport);
+        let config = GroupConfig {
+            transport,
+            node: links.node,
+            tcp: TcpRingConfig {
+                listen_address: links.listen_address,
+                secret: links.secret,
+                io_timeout: links.io_timeout,
+                progress: links.progress,
+                ..TcpRingConfig::default()
+            },
+            shm_slot_bytes: None,
+        };
+        connect_group(&self.store, name, self.rank(), self.world_size(), &config)
+            .with_context(|| format!("rank {} joining communicator {name:?}", self.rank()))
+    }
+
+    /// How this rank's collective groups and links are made: on the node's address, proving
+    /// the job's secret, sharing memory with the ranks of this node as `transport` allows.
+    pub fn mesh_links(&self, transport: Transport) -> MeshLinks {
+        MeshLinks {
+            listen_address: SocketAddr::new(self.node_address, 0),
+            secret: self.link_secret(),
+            progress: self.progress.clone(),
+            io_timeout: self.communication_timeout,
+            transport,
+            node: self.launch.node.node_id.to_string(),
+        }
     }
 
     /// Joins the job's NCCL communicator `name` (every rank of the job), on local CUDA device

@@ -6,7 +6,6 @@
 //! as it goes. A rank of a `[resources] device = "gpu"` job computes on the CUDA device its
 //! worker named.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -20,7 +19,7 @@ use cohort_parameter_server::server::shard_address_key;
 use cohort_proto::env;
 use cohort_proto::launch::{self, Role};
 use cohort_trainer::language_model::train_language_model;
-use cohort_trainer::mesh::{MeshLinks, MeshShape, connect_mesh};
+use cohort_trainer::mesh::{MeshShape, connect_mesh, host_transport};
 use cohort_trainer::run::StopSignal;
 use cohort_trainer::run::config::SlowDown;
 use cohort_trainer::{ComputeDevice, EarlyStop, ParameterServerLink, TrainConfig, TrainOutcome};
@@ -109,8 +108,9 @@ pub fn run() -> Result<ExitCode> {
             }
             CollectiveBackend::Tcp | CollectiveBackend::Auto => {
                 config.stop = Some(stop_on_sigterm(&link)?);
-                let mut ring = link.ring("data-parallel")?;
-                cohort_trainer::train(&config, &data, &mut ring, &mut metrics)
+                let transport = host_transport(config.parallel.transport);
+                let mut group = link.group("data-parallel", transport)?;
+                cohort_trainer::train(&config, &data, &mut *group, &mut metrics)
             }
         },
         Communication::Ps => {
@@ -305,12 +305,7 @@ fn train_transformer(link: &RankLink, config: &TrainConfig) -> Result<ExitCode> 
     let rank = link.rank();
     let corpus = cohort_trainer::text::load(&config.data).context("loading the text")?;
     let shape = MeshShape::of(&config.parallel);
-    let links = MeshLinks {
-        listen_address: SocketAddr::new(link.node_address, 0),
-        secret: link.link_secret(),
-        progress: link.progress.clone(),
-        io_timeout: link.communication_timeout,
-    };
+    let links = link.mesh_links(host_transport(config.parallel.transport));
     let mesh = connect_mesh(&link.store, rank, shape, &links)
         .with_context(|| format!("rank {rank} joining the {} mesh", shape.name()))?;
     let mut metrics = link.metrics()?.for_language_model();

@@ -4,13 +4,13 @@
 
 #![allow(dead_code)]
 
-use cohort_collective::{InMemoryStore, TcpRing, TcpRingConfig};
+use cohort_collective::{GroupConfig, InMemoryStore, connect_group};
 use cohort_jobspec::train::{
     DatasetKind, LearningRateDecay, ModelKind, ModelSpec, OptimizerKind, OptimizerSpec,
 };
 use cohort_trainer::data::TrainTestSplits;
 use cohort_trainer::language_model::{LanguageModelOutcome, train_language_model};
-use cohort_trainer::mesh::{MeshLinks, MeshShape, connect_mesh};
+use cohort_trainer::mesh::{MeshLinks, MeshShape, connect_mesh, host_transport};
 use cohort_trainer::metrics::DiscardMetrics;
 use cohort_trainer::models::Model;
 use cohort_trainer::text::TextCorpus;
@@ -89,16 +89,16 @@ pub fn try_train_ranks<S: MetricsSink + Default + Send>(
             .map(|(rank, config)| {
                 let store = &store;
                 scope.spawn(move || {
-                    let mut ring = TcpRing::connect(
-                        store,
-                        "test-ring",
-                        rank,
-                        world_size,
-                        &TcpRingConfig::default(),
-                    )
-                    .unwrap();
+                    // One node: the ranks share memory, as a job's ranks on one node do.
+                    let group_config = GroupConfig {
+                        transport: host_transport(config.parallel.transport),
+                        ..GroupConfig::default()
+                    };
+                    let mut group =
+                        connect_group(store, "test-group", rank, world_size, &group_config)
+                            .unwrap();
                     let mut sink = S::default();
-                    train(config, data, &mut ring, &mut sink).map(|outcome| (outcome, sink))
+                    train(config, data, &mut *group, &mut sink).map(|outcome| (outcome, sink))
                 })
             })
             .collect();
