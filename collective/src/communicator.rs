@@ -201,3 +201,90 @@ pub(crate) mod typed {
         }
     }
 }
+
+/// Implements [`Communicator`] for a transport that implements [`TypedCollectives`] and records
+/// every operation on its progress channel: routes each call through [`typed`] between
+/// `self.enter(...)` and `self.channel.complete(...)`. The type needs fields `rank`,
+/// `world_size` and `channel` (a [`crate::progress::Channel`]), a method `enter(collective,
+/// len, dtype)`, and the given barrier method (unrecorded); it may move between threads.
+macro_rules! recorded_communicator {
+    ($transport:ty, barrier = $barrier:ident) => {
+        impl $crate::communicator::Communicator for $transport {
+            fn rank(&self) -> usize {
+                self.rank
+            }
+
+            fn world_size(&self) -> usize {
+                self.world_size
+            }
+
+            fn all_reduce(
+                &mut self,
+                buffer: $crate::buffer::BufferMut<'_>,
+                op: $crate::buffer::ReduceOp,
+            ) -> $crate::error::Result<()> {
+                use $crate::operation::Collective;
+                let entered = self.enter(Collective::AllReduce, buffer.len(), buffer.dtype());
+                let result = $crate::communicator::typed::all_reduce(self, buffer, op);
+                self.channel.complete(entered, &result);
+                result
+            }
+
+            fn broadcast(
+                &mut self,
+                buffer: $crate::buffer::BufferMut<'_>,
+                root: usize,
+            ) -> $crate::error::Result<()> {
+                use $crate::operation::Collective;
+                let entered = self.enter(Collective::Broadcast, buffer.len(), buffer.dtype());
+                let world_size = self.world_size;
+                let result = $crate::communicator::typed::broadcast(self, world_size, buffer, root);
+                self.channel.complete(entered, &result);
+                result
+            }
+
+            fn all_gather(
+                &mut self,
+                input: $crate::buffer::BufferRef<'_>,
+                output: $crate::buffer::BufferMut<'_>,
+            ) -> $crate::error::Result<()> {
+                use $crate::operation::Collective;
+                let entered = self.enter(Collective::AllGather, output.len(), output.dtype());
+                let world_size = self.world_size;
+                let result =
+                    $crate::communicator::typed::all_gather(self, world_size, input, output);
+                self.channel.complete(entered, &result);
+                result
+            }
+
+            fn reduce_scatter(
+                &mut self,
+                input: $crate::buffer::BufferRef<'_>,
+                output: $crate::buffer::BufferMut<'_>,
+                op: $crate::buffer::ReduceOp,
+            ) -> $crate::error::Result<()> {
+                use $crate::operation::Collective;
+                let entered = self.enter(Collective::ReduceScatter, input.len(), input.dtype());
+                let world_size = self.world_size;
+                let result = $crate::communicator::typed::reduce_scatter(
+                    self, world_size, input, output, op,
+                );
+                self.channel.complete(entered, &result);
+                result
+            }
+
+            fn barrier(&mut self) -> $crate::error::Result<()> {
+                use $crate::operation::Collective;
+                let entered = self.enter(Collective::Barrier, 0, $crate::DType::F32);
+                let result = self.$barrier();
+                self.channel.complete(entered, &result);
+                result
+            }
+
+            fn as_send(&mut self) -> Option<&mut (dyn $crate::communicator::Communicator + Send)> {
+                Some(self)
+            }
+        }
+    };
+}
+pub(crate) use recorded_communicator;

@@ -22,8 +22,8 @@ use tracing::debug;
 
 use self::plans::{BarrierPlan, BroadcastPlan, GatherPlan, ReducePlan, Scratch};
 use self::transport::RingTransport;
-use crate::buffer::{BufferMut, BufferRef, Element, ReduceOp};
-use crate::communicator::{Communicator, TypedCollectives, typed};
+use crate::buffer::{Element, ReduceOp};
+use crate::communicator::TypedCollectives;
 use crate::error::{Error, Result};
 use crate::operation::Collective;
 use crate::progress::{Channel, Entered, Progress};
@@ -293,59 +293,7 @@ impl TypedCollectives for TcpRing {
     }
 }
 
-impl Communicator for TcpRing {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn world_size(&self) -> usize {
-        self.world_size
-    }
-
-    fn all_reduce(&mut self, buffer: BufferMut<'_>, op: ReduceOp) -> Result<()> {
-        let entered = self.enter(Collective::AllReduce, buffer.len(), buffer.dtype());
-        let result = typed::all_reduce(self, buffer, op);
-        self.channel.complete(entered, &result);
-        result
-    }
-
-    fn broadcast(&mut self, buffer: BufferMut<'_>, root: usize) -> Result<()> {
-        let entered = self.enter(Collective::Broadcast, buffer.len(), buffer.dtype());
-        let result = typed::broadcast(self, self.world_size, buffer, root);
-        self.channel.complete(entered, &result);
-        result
-    }
-
-    fn all_gather(&mut self, input: BufferRef<'_>, output: BufferMut<'_>) -> Result<()> {
-        let entered = self.enter(Collective::AllGather, output.len(), output.dtype());
-        let result = typed::all_gather(self, self.world_size, input, output);
-        self.channel.complete(entered, &result);
-        result
-    }
-
-    fn reduce_scatter(
-        &mut self,
-        input: BufferRef<'_>,
-        output: BufferMut<'_>,
-        op: ReduceOp,
-    ) -> Result<()> {
-        let entered = self.enter(Collective::ReduceScatter, input.len(), input.dtype());
-        let result = typed::reduce_scatter(self, self.world_size, input, output, op);
-        self.channel.complete(entered, &result);
-        result
-    }
-
-    fn barrier(&mut self) -> Result<()> {
-        let entered = self.enter(Collective::Barrier, 0, crate::DType::F32);
-        let result = self.barrier_untracked();
-        self.channel.complete(entered, &result);
-        result
-    }
-
-    fn as_send(&mut self) -> Option<&mut (dyn Communicator + Send)> {
-        Some(self)
-    }
-}
+crate::communicator::recorded_communicator!(TcpRing, barrier = barrier_untracked);
 
 #[cfg(test)]
 mod tests {
@@ -355,6 +303,7 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
+    use crate::communicator::Communicator;
     use crate::rendezvous::{InMemoryStore, address_key};
 
     /// Settings with a short I/O timeout for failure tests (setup stays generous, for loaded
