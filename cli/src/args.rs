@@ -189,12 +189,41 @@ pub enum BenchLinks {
     Both,
 }
 
+/// Host transports the all-reduce benchmark times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchTransport {
+    /// The TCP ring (with the links `--links` names).
+    Tcp,
+    /// Shared memory between the ranks (all on one node).
+    Shm,
+}
+
+/// `cohort bench allreduce --mpi`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MpiReference {
+    /// Open MPI's `MPI_Allreduce` in the same run when `mpirun` and mpi4py are installed;
+    /// otherwise a printed line says why not.
+    Auto,
+    /// No Open MPI run.
+    Off,
+}
+
+/// `cohort bench train --reference`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TrainReference {
+    /// PyTorch DDP on the same MLP after each world size, when torch is importable; otherwise
+    /// a printed line says why not.
+    Pytorch,
+    /// No reference run.
+    Off,
+}
+
 /// Every benchmark.
 #[derive(Debug, Subcommand)]
 pub enum Benchmark {
-    /// All-reduce time, algbw and busbw per size: the TCP ring across local rank processes,
-    /// against raw single-stream loopback TCP measured in the same run, or NCCL across the
-    /// local GPUs.
+    /// All-reduce time, algbw and busbw per size: the TCP ring and shared memory across local
+    /// rank processes, against raw single-stream loopback TCP and Open MPI measured in the same
+    /// run, or NCCL across the local GPUs.
     Allreduce {
         /// Number of ranks: rank processes for `tcp` (default 2); GPUs for `nccl` (default
         /// every local GPU, and never more).
@@ -214,6 +243,20 @@ pub enum Benchmark {
         /// size, with their ratio.
         #[arg(long, value_enum, default_value_t = BenchLinks::Authenticated)]
         links: BenchLinks,
+        /// Host transports to time (`--backend tcp`), taking turns size by size: the TCP ring
+        /// (`tcp`) and shared memory (`shm`, what ranks on one node use by default).
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "tcp,shm")]
+        transport: Vec<BenchTransport>,
+        /// `tcp`, `f32`: also time Open MPI's `MPI_Allreduce` (mpirun, same ranks, sizes and
+        /// call counts) over shared memory and over TCP, with Cohort's busbw against each
+        /// (`auto`: when mpirun and mpi4py are installed; `bash scripts/setup-references.sh`
+        /// installs them).
+        #[arg(long, value_enum, default_value_t = MpiReference::Auto)]
+        mpi: MpiReference,
+        /// The Python that runs the reference script [default: the first of `python3` on
+        /// PATH and /usr/bin/python3 that imports mpi4py].
+        #[arg(long)]
+        python: Option<PathBuf>,
     },
     /// Data-parallel training throughput of the benchmark MLP (784-1024-1024-10, global batch
     /// 256, fp32, SGD) per world size, scaling efficiency, and where a step's time goes; with
@@ -238,6 +281,16 @@ pub enum Benchmark {
         /// with the ratio (`both`).
         #[arg(long, value_enum, default_value_t = BenchTelemetry::On)]
         telemetry: BenchTelemetry,
+        /// CPU runs: after each world size, train the same MLP with PyTorch DDP (gloo, one
+        /// thread per rank process) on the same data, with Cohort's samples/s against it
+        /// (`pytorch`: when torch is importable; `bash scripts/setup-references.sh` installs
+        /// it).
+        #[arg(long, value_enum, default_value_t = TrainReference::Pytorch)]
+        reference: TrainReference,
+        /// The Python that runs the reference script [default: the first of `python3` on
+        /// PATH and /usr/bin/python3 that imports torch].
+        #[arg(long)]
+        python: Option<PathBuf>,
     },
     /// Parameter-server push+pull throughput per rank and aggregate, against single-stream
     /// loopback TCP measured in the same run.
@@ -339,6 +392,9 @@ pub enum Benchmark {
         /// Which ring links to time.
         #[arg(long, value_enum)]
         links: BenchLinks,
+        /// Which transports to time.
+        #[arg(long, value_enum, value_delimiter = ',')]
+        transport: Vec<BenchTransport>,
     },
 }
 

@@ -39,8 +39,9 @@ fn main() -> ExitCode {
                     elements,
                     dtype,
                     links,
+                    transport,
                 },
-        }) => bench::allreduce::rank(&elements, dtype, links),
+        }) => bench::allreduce::rank(&elements, dtype, links, &transport),
         args::Command::Bench(args::BenchArgs {
             benchmark:
                 args::Benchmark::TrainRank {

@@ -238,8 +238,9 @@ pub fn time_all_reduce(
 pub struct AllReduceSample {
     /// Median time of one all-reduce.
     pub time: Duration,
-    /// Payload bytes this rank sent to its ring successor during one all-reduce.
-    pub bytes_sent: u64,
+    /// Payload bytes this rank sent over the network during one all-reduce, where the
+    /// transport counts them ([`Communicator::network_bytes_sent`]).
+    pub bytes_sent: Option<u64>,
 }
 
 /// Times all-reduces (sum) of `elements` elements of `dtype` and of `f32` on `ring`,
@@ -250,7 +251,7 @@ pub struct AllReduceSample {
 ///
 /// Every rank of the ring must call this with the same arguments.
 pub fn compare_all_reduce_with_f32(
-    ring: &mut TcpRing,
+    ring: &mut dyn Communicator,
     elements: usize,
     dtype: DType,
     warmup: usize,
@@ -267,15 +268,18 @@ pub fn compare_all_reduce_with_f32(
     }
     ring.barrier()?;
     let mut times = vec![Vec::with_capacity(iterations.max(1)); buffers.len()];
-    let mut bytes_sent = vec![0; buffers.len()];
+    let mut bytes_sent = vec![None; buffers.len()];
     for _ in 0..iterations.max(1) {
         for ((buffer, times), bytes_sent) in buffers.iter_mut().zip(&mut times).zip(&mut bytes_sent)
         {
-            let bytes_before = ring.payload_bytes_sent();
+            let bytes_before = ring.network_bytes_sent();
             let started = Instant::now();
             ring.all_reduce(buffer.as_mut(), ReduceOp::Sum)?;
             times.push(started.elapsed());
-            *bytes_sent = ring.payload_bytes_sent() - bytes_before;
+            *bytes_sent = ring
+                .network_bytes_sent()
+                .zip(bytes_before)
+                .map(|(after, before)| after - before);
         }
     }
     let samples: Vec<AllReduceSample> = times
@@ -607,8 +611,8 @@ mod tests {
         });
         for [bf16_sample, f32_sample] in samples {
             // Each rank sends half the buffer in each phase: 100,000 elements in all.
-            assert_eq!(f32_sample.bytes_sent, 400_000);
-            assert_eq!(bf16_sample.bytes_sent, 200_000);
+            assert_eq!(f32_sample.bytes_sent, Some(400_000));
+            assert_eq!(bf16_sample.bytes_sent, Some(200_000));
             assert!(bf16_sample.time > Duration::ZERO && f32_sample.time > Duration::ZERO);
         }
     }

@@ -50,6 +50,14 @@ pub trait Communicator {
     /// Returns only once every rank has entered the barrier.
     fn barrier(&mut self) -> Result<()>;
 
+    /// Returns the payload bytes this rank has sent to other ranks over the network since the
+    /// group formed, where the transport counts them (the TCP ring does; shared memory sends
+    /// nothing over a network and NCCL does not say): the difference across a call is the
+    /// traffic that collective put on this rank's outgoing link.
+    fn network_bytes_sent(&self) -> Option<u64> {
+        None
+    }
+
     /// Returns this communicator as one that may be used from another thread (to overlap the
     /// gradient exchange with the backward pass), or `None` when it is bound to its thread.
     fn as_send(&mut self) -> Option<&mut (dyn Communicator + Send)> {
@@ -206,9 +214,10 @@ pub(crate) mod typed {
 /// every operation on its progress channel: routes each call through [`typed`] between
 /// `self.enter(...)` and `self.channel.complete(...)`. The type needs fields `rank`,
 /// `world_size` and `channel` (a [`crate::progress::Channel`]), a method `enter(collective,
-/// len, dtype)`, and the given barrier method (unrecorded); it may move between threads.
+/// len, dtype)`, the given barrier method (unrecorded) and, if named, the method that counts the
+/// bytes it sent over the network; it may move between threads.
 macro_rules! recorded_communicator {
-    ($transport:ty, barrier = $barrier:ident) => {
+    ($transport:ty, barrier = $barrier:ident $(, bytes_sent = $bytes_sent:ident)?) => {
         impl $crate::communicator::Communicator for $transport {
             fn rank(&self) -> usize {
                 self.rank
@@ -280,6 +289,12 @@ macro_rules! recorded_communicator {
                 self.channel.complete(entered, &result);
                 result
             }
+
+            $(
+                fn network_bytes_sent(&self) -> Option<u64> {
+                    Some(self.$bytes_sent())
+                }
+            )?
 
             fn as_send(&mut self) -> Option<&mut (dyn $crate::communicator::Communicator + Send)> {
                 Some(self)

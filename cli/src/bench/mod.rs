@@ -7,10 +7,15 @@
 //! figures isolate one mechanism from process start-up: [`mesh`] runs its ranks as threads
 //! joined through an in-memory rendezvous store, [`ps`] its servers and clients over loopback
 //! gRPC, `allreduce --backend nccl` one thread per GPU, and `train --device gpu` one rank.
+//!
+//! [`reference`] runs the well-known systems two of them are compared with in the same run:
+//! Open MPI's all-reduce for [`allreduce`], PyTorch DDP for [`train`], each skipped with a
+//! printed reason where it is not installed.
 
 pub mod allreduce;
 pub mod mesh;
 pub mod ps;
+pub mod reference;
 pub mod scheduler;
 pub mod submit;
 pub mod train;
@@ -47,7 +52,17 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
             sizes,
             dtype,
             links,
-        } => allreduce::run(backend, ranks, &sizes, dtype, links).await,
+            transport,
+            mpi,
+            python,
+        } => {
+            let reference = allreduce::OpenMpiOptions { mpi, python };
+            let variants = allreduce::Variants {
+                links,
+                transports: transport,
+            };
+            allreduce::run(backend, ranks, &sizes, dtype, &variants, &reference).await
+        }
         Benchmark::Ps {
             shards,
             ranks,
@@ -71,8 +86,13 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
             steps,
             device: BenchDevice::Cpu,
             telemetry,
+            reference,
+            python,
             ..
-        } => train::run(ranks.as_deref(), steps, telemetry).await,
+        } => {
+            let reference = train::PytorchOptions { reference, python };
+            train::run(ranks.as_deref(), steps, telemetry, &reference).await
+        }
         Benchmark::Train {
             ranks,
             steps,

@@ -4,11 +4,18 @@
 //! scaling efficiency against N times the 1-rank figure, and the median time of each phase of a
 //! step (forward, backward, optimizer, communication not hidden behind the backward pass).
 //!
+//! Right after Cohort's run of each world size, `--reference pytorch` (the default) trains the
+//! same MLP on the same data with the same optimizer and step counts under PyTorch
+//! DistributedDataParallel (gloo, one single-threaded process per rank, as Cohort's CPU ranks
+//! hold one slot each) and reports its samples/s and phases, and Cohort's samples/s against it
+//! (see [`super::reference`]); where torch is not importable, one line says why.
+//!
 //! `--device gpu` measures one rank in this process on one CUDA device instead: samples/s of
 //! the same MLP and tokens/s of a transformer on the Shakespeare text, each in fp32 and bf16,
 //! with the median time of the passes and of the host-side update (the f32 masters and the
 //! optimizer stay in host memory; see `cohort_trainer::device`).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -21,15 +28,16 @@ use cohort_jobspec::train::{
 };
 use cohort_trainer::data::TrainTestSplits;
 use cohort_trainer::language_model::train_language_model;
-use cohort_trainer::mesh::{MeshLinks, MeshShape, connect_mesh};
+use cohort_trainer::mesh::{MeshLinks, MeshShape, connect_mesh, host_transport};
 use cohort_trainer::text::TextCorpus;
 use cohort_trainer::{
     ComputeDevice, EvaluationMetrics, MetricsSink, PhaseTimings, StepMetrics, TrainConfig, train,
 };
 use serde_json::{Value, json};
 
+use super::reference::{self, PytorchPhases, PytorchReport, PytorchRequest, Reference, Skip};
 use super::{publish_result, read_result, run_job, start_cluster};
-use crate::args::BenchTelemetry;
+use crate::args::{BenchTelemetry, TrainReference};
 use crate::client;
 use crate::rank::RankLink;
 use crate::rank::metrics::StepTimings;
@@ -82,7 +90,8 @@ fn benchmark_config(world_size: u32, steps: u64) -> TrainConfig {
     config
 }
 
-/// One rank of the benchmark: trains, publishes its medians, and rank 0 prints every rank's.
+/// One rank of the benchmark: trains through the group a job's ranks form (shared memory between
+/// ranks on one node), publishes its medians, and rank 0 prints every rank's.
 /// With `telemetry`, as every job's rank does: reports metrics to the coordinator and records
 /// its collectives for hang diagnosis; without, neither.
 pub fn rank(steps: u64, telemetry: bool) -> Result<ExitCode> {
@@ -90,17 +99,17 @@ pub fn rank(steps: u64, telemetry: bool) -> Result<ExitCode> {
     let config = benchmark_config(link.launch.place.world_size, steps);
     let data = cohort_trainer::data::load(&config.data).context("loading Fashion-MNIST")?;
     let medians = if telemetry {
-        let mut ring = link.ring("bench-train")?;
+        let mut group = link.group("bench-train", host_transport(config.parallel.transport))?;
         let mut metrics = link.metrics()?;
-        train(&config, &data, &mut ring, &mut metrics)?;
+        train(&config, &data, &mut *group, &mut metrics)?;
         let medians = metrics.medians();
         metrics.finish();
         medians
     } else {
         link.progress = cohort_collective::Progress::disabled();
-        let mut ring = link.ring("bench-train")?;
+        let mut group = link.group("bench-train", host_transport(config.parallel.transport))?;
         let mut timings = StepTimings::default();
-        train(&config, &data, &mut ring, &mut timings)?;
+        train(&config, &data, &mut *group, &mut timings)?;
         timings.medians()
     };
     publish_result(&link, &medians)?;
@@ -126,124 +135,66 @@ fn check_steps(steps: u64) -> Result<()> {
     Ok(())
 }
 
+/// Whether and with which Python `bench train` runs the PyTorch reference.
+#[derive(Debug, Clone)]
+pub struct PytorchOptions {
+    /// `--reference`.
+    pub reference: TrainReference,
+    /// `--python`.
+    pub python: Option<PathBuf>,
+}
+
 /// `cohort bench train` on the CPU.
 pub async fn run(
     world_sizes: Option<&[u32]>,
     steps: u64,
     telemetry: BenchTelemetry,
+    options: &PytorchOptions,
 ) -> Result<ExitCode> {
     let world_sizes = world_sizes.unwrap_or(&DEFAULT_WORLD_SIZES);
     if world_sizes.is_empty() || world_sizes.iter().any(|&n| !(1..=16).contains(&n)) {
         bail!("--ranks {world_sizes:?}: expected world sizes of 1 to 16");
     }
     check_steps(steps)?;
-    let executable = std::env::current_exe()?;
-    let mut rows = Vec::new();
-    let mut table = Vec::new();
     let modes: &[bool] = match telemetry {
         BenchTelemetry::On => &[true],
         BenchTelemetry::Off => &[false],
         // Off first: whatever the order favours, it does not favour telemetry.
         BenchTelemetry::Both => &[false, true],
     };
-    let runs = world_sizes
-        .iter()
-        .flat_map(|&ranks| modes.iter().map(move |&telemetry| (ranks, telemetry)));
-    for (ranks, telemetry) in runs {
-        let (label, flag) = if telemetry {
-            ("on", "")
-        } else {
-            ("off", ", \"--no-telemetry\"")
-        };
-        eprintln!("training with {ranks} rank(s) for {steps} steps, telemetry {label}...");
-        let data_dir = tempfile::Builder::new().prefix("cohort-bench-").tempdir()?;
-        let cluster = start_cluster(data_dir.path(), 1, ranks).await?;
-        let spec = format!(
-            r#"
-version = 1
-name = "bench-train"
-kind = "command"
-[resources]
-ranks = {ranks}
-[command]
-program = {program}
-args = ["bench", "train-rank", "--steps", "{steps}"{flag}]
-"#,
-            program = json!(executable.display().to_string()),
-        );
-        let mut client = client::job_control(cluster.target()).await?;
-        let result = match run_job(&mut client, spec).await {
-            Ok(job) => read_result(&mut client, &job.job_id).await,
-            Err(error) => Err(error),
-        };
-        cluster.shutdown().await;
-        let per_rank: Vec<Value> = result?;
-        let step_s = slowest(&per_rank, "median_step_s");
-        let samples_per_s = f64::from(GLOBAL_BATCH) / step_s.max(f64::MIN_POSITIVE);
-        let row = json!({
-            "ranks": ranks,
-            "telemetry": label,
-            "samples_per_s": samples_per_s,
-            "step_s": step_s,
-            "forward_s": slowest(&per_rank, "median_forward_s"),
-            "backward_s": slowest(&per_rank, "median_backward_s"),
-            "optimizer_s": slowest(&per_rank, "median_optimizer_s"),
-            "exposed_comm_s": slowest(&per_rank, "median_exposed_comm_s"),
-            "data_s": slowest(&per_rank, "median_data_s"),
-        });
-        table.push(vec![
-            ranks.to_string(),
-            label.to_owned(),
-            format!("{samples_per_s:.0}"),
-            String::new(),
-            format!("{:.2}", step_s * 1e3),
-            format!("{:.2}", row["forward_s"].as_f64().unwrap_or(0.0) * 1e3),
-            format!("{:.2}", row["backward_s"].as_f64().unwrap_or(0.0) * 1e3),
-            format!("{:.2}", row["optimizer_s"].as_f64().unwrap_or(0.0) * 1e3),
-            format!("{:.2}", row["exposed_comm_s"].as_f64().unwrap_or(0.0) * 1e3),
-        ]);
-        rows.push(row);
+    let mut pytorch = PytorchMeasured::prepare(options).await;
+    let mut rows = Vec::new();
+    for &ranks in world_sizes {
+        for &telemetry in modes {
+            rows.push(measure_cohort(ranks, steps, telemetry).await?);
+        }
+        // Right after Cohort's run of the same world size, under the same conditions.
+        pytorch.measure(ranks, steps).await;
     }
-    // Scaling efficiency: samples/s against N times the 1-rank figure of this run (with the
-    // same telemetry); with both, telemetry's cost: on against off for each world size.
-    let samples = |rows: &[Value], ranks: &Value, telemetry: &str| {
-        rows.iter()
-            .find(|row| row["ranks"] == *ranks && row["telemetry"] == telemetry)
-            .and_then(|row| row["samples_per_s"].as_f64())
-    };
-    let figures: Vec<(Option<f64>, Option<f64>)> = rows
-        .iter()
-        .map(|row| {
-            let telemetry = row["telemetry"].as_str().unwrap_or("on");
-            let ranks = row["ranks"].as_f64().unwrap_or(1.0);
-            let own = row["samples_per_s"].as_f64().unwrap_or(0.0);
-            let efficiency =
-                samples(&rows, &json!(1), telemetry).map(|baseline| own / (baseline * ranks));
-            let on_over_off = match (
-                samples(&rows, &row["ranks"], "on"),
-                samples(&rows, &row["ranks"], "off"),
-            ) {
-                (Some(on), Some(off)) if telemetry == "on" => Some(on / off),
-                _ => None,
-            };
-            (efficiency, on_over_off)
-        })
-        .collect();
-    for ((row, cells), (efficiency, on_over_off)) in rows.iter_mut().zip(&mut table).zip(figures) {
-        row["efficiency"] = efficiency.map_or(Value::Null, |e| json!(e));
-        row["on_over_off"] = on_over_off.map_or(Value::Null, |ratio| json!(ratio));
-        cells[3] = efficiency.map_or("-".to_owned(), |e| format!("{e:.2}"));
-        cells.push(on_over_off.map_or("-".to_owned(), |ratio| format!("{ratio:.3}")));
-    }
+    let table = add_comparisons(&mut rows, &pytorch);
     println!(
         "data-parallel training, MLP 784-1024-1024-10, global batch {GLOBAL_BATCH}, fp32, SGD; \
          {} cores; medians over {steps} steps",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
+    if let Some(report) = &pytorch.report {
+        println!(
+            "pytorch: torch {} DistributedDataParallel over gloo, one process per rank x {} \
+             thread, {}, the same data, model and optimizer; its BACKWARD includes the \
+             gradient all-reduce DDP overlaps with it (Cohort's not hidden is EXPOSED COMM)",
+            report.torch_version,
+            report.threads_per_rank,
+            report.blas_summary()
+        );
+    }
+    for skip in &pytorch.skips {
+        skip.print();
+    }
     print!(
         "{}",
         crate::render::table(
             &[
+                "TRAINER",
                 "RANKS",
                 "TELEMETRY",
                 "SAMPLES/S",
@@ -254,12 +205,302 @@ args = ["bench", "train-rank", "--steps", "{steps}"{flag}]
                 "OPTIMIZER(MS)",
                 "EXPOSED COMM(MS)",
                 "ON/OFF",
+                "COHORT/PYTORCH",
             ],
             &table
         )
     );
-    println!("{}", json!({ "bench": "train", "results": rows }));
+    println!(
+        "{}",
+        json!({
+            "bench": "train",
+            "results": rows,
+            "pytorch": pytorch.to_json(),
+            "skipped": pytorch.skips.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        })
+    );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Trains the benchmark MLP as a job of `ranks` rank processes on a local cluster, with or
+/// without `telemetry`, and returns the slowest rank's medians as a result row.
+async fn measure_cohort(ranks: u32, steps: u64, telemetry: bool) -> Result<Value> {
+    let executable = std::env::current_exe()?;
+    let (label, flag) = if telemetry {
+        ("on", "")
+    } else {
+        ("off", ", \"--no-telemetry\"")
+    };
+    eprintln!("training with {ranks} rank(s) for {steps} steps, telemetry {label}...");
+    let data_dir = tempfile::Builder::new().prefix("cohort-bench-").tempdir()?;
+    let cluster = start_cluster(data_dir.path(), 1, ranks).await?;
+    let spec = format!(
+        r#"
+version = 1
+name = "bench-train"
+kind = "command"
+[resources]
+ranks = {ranks}
+[command]
+program = {program}
+args = ["bench", "train-rank", "--steps", "{steps}"{flag}]
+"#,
+        program = json!(executable.display().to_string()),
+    );
+    let mut client = client::job_control(cluster.target()).await?;
+    let result = match run_job(&mut client, spec).await {
+        Ok(job) => read_result(&mut client, &job.job_id).await,
+        Err(error) => Err(error),
+    };
+    cluster.shutdown().await;
+    let per_rank: Vec<Value> = result?;
+    let step_s = slowest(&per_rank, "median_step_s");
+    Ok(json!({
+        "ranks": ranks,
+        "telemetry": label,
+        "samples_per_s": f64::from(GLOBAL_BATCH) / step_s.max(f64::MIN_POSITIVE),
+        "step_s": step_s,
+        "forward_s": slowest(&per_rank, "median_forward_s"),
+        "backward_s": slowest(&per_rank, "median_backward_s"),
+        "optimizer_s": slowest(&per_rank, "median_optimizer_s"),
+        "exposed_comm_s": slowest(&per_rank, "median_exposed_comm_s"),
+        "data_s": slowest(&per_rank, "median_data_s"),
+    }))
+}
+
+/// Adds to Cohort's rows their scaling efficiency (samples/s against N times the 1-rank
+/// figure with the same telemetry), with `--telemetry both` telemetry's cost (on against off
+/// for each world size), and Cohort's samples/s against PyTorch's at the same world size;
+/// returns the table: each world size's Cohort rows, then its PyTorch row.
+fn add_comparisons(rows: &mut [Value], pytorch: &PytorchMeasured) -> Vec<Vec<String>> {
+    let samples = |rows: &[Value], ranks: &Value, telemetry: &str| {
+        rows.iter()
+            .find(|row| row["ranks"] == *ranks && row["telemetry"] == telemetry)
+            .and_then(|row| row["samples_per_s"].as_f64())
+    };
+    let figures: Vec<[Option<f64>; 3]> = rows
+        .iter()
+        .map(|row| {
+            let telemetry = row["telemetry"].as_str().unwrap_or("on");
+            let ranks = row["ranks"].as_f64().unwrap_or(1.0);
+            let own = row["samples_per_s"].as_f64().unwrap_or(0.0);
+            let efficiency =
+                samples(rows, &json!(1), telemetry).map(|baseline| own / (baseline * ranks));
+            let on_over_off = match (
+                samples(rows, &row["ranks"], "on"),
+                samples(rows, &row["ranks"], "off"),
+            ) {
+                (Some(on), Some(off)) if telemetry == "on" => Some(on / off),
+                _ => None,
+            };
+            let over_pytorch = row["ranks"]
+                .as_u64()
+                .and_then(|ranks| pytorch.samples_per_s(ranks))
+                .map(|reference| own / reference.max(f64::MIN_POSITIVE));
+            [efficiency, on_over_off, over_pytorch]
+        })
+        .collect();
+    let ranks_of: Vec<Option<u64>> = rows.iter().map(|row| row["ranks"].as_u64()).collect();
+    let mut table = Vec::new();
+    for (index, (row, [efficiency, on_over_off, over_pytorch])) in
+        rows.iter_mut().zip(figures).enumerate()
+    {
+        row["efficiency"] = json!(efficiency);
+        row["on_over_off"] = json!(on_over_off);
+        row["cohort_over_pytorch"] = json!(over_pytorch);
+        table.push(vec![
+            "cohort".to_owned(),
+            row["ranks"].to_string(),
+            row["telemetry"].as_str().unwrap_or("-").to_owned(),
+            figure(row["samples_per_s"].as_f64(), 0),
+            figure(efficiency, 2),
+            ms(row["step_s"].as_f64()),
+            ms(row["forward_s"].as_f64()),
+            ms(row["backward_s"].as_f64()),
+            ms(row["optimizer_s"].as_f64()),
+            ms(row["exposed_comm_s"].as_f64()),
+            figure(on_over_off, 3),
+            figure(over_pytorch, 2),
+        ]);
+        // A world size's PyTorch row after its last Cohort row.
+        let last_of_size = ranks_of.get(index + 1) != Some(&ranks_of[index]);
+        if let (true, Some(ranks)) = (last_of_size, ranks_of[index]) {
+            table.extend(pytorch.table_row(ranks));
+        }
+    }
+    table
+}
+
+/// Formats seconds as milliseconds for the table.
+fn ms(seconds: Option<f64>) -> String {
+    format!("{:.2}", seconds.unwrap_or(0.0) * 1e3)
+}
+
+/// Formats a figure with `digits` decimals, or `-` for none.
+fn figure(value: Option<f64>, digits: usize) -> String {
+    value.map_or("-".to_owned(), |value| format!("{value:.digits$}"))
+}
+
+/// The PyTorch reference of a run: what it runs with, what it measured and why it did not.
+#[derive(Debug, Default)]
+struct PytorchMeasured {
+    /// The Python that imports torch and the data Cohort's ranks read; `None` once skipped.
+    setup: Option<(PathBuf, PathBuf)>,
+    /// The last report (its torch version and BLAS describe every run).
+    report: Option<PytorchReport>,
+    /// Per world size measured, the slowest rank's medians.
+    results: Vec<(u32, PytorchPhases)>,
+    /// Why the reference, or one world size of it, was not measured.
+    skips: Vec<Skip>,
+}
+
+impl PytorchMeasured {
+    /// Finds the Python and the data set unless `options` or the machine rule PyTorch out.
+    async fn prepare(options: &PytorchOptions) -> Self {
+        let label = Reference::Pytorch.label();
+        let skipped = |skip: Skip| Self {
+            skips: vec![skip],
+            ..Self::default()
+        };
+        if options.reference == TrainReference::Off {
+            return skipped(Skip::because(label, "--reference off"));
+        }
+        let search_path = std::env::var_os("PATH");
+        let python = options.python.as_deref();
+        let python = match reference::find_python(
+            Reference::Pytorch,
+            python,
+            search_path.as_deref(),
+        )
+        .await
+        {
+            Ok(python) => python,
+            Err(skip) => return skipped(skip),
+        };
+        // The directory Cohort's ranks load (`cohort_trainer::data::load`).
+        let cohort_data = std::env::var_os(cohort_trainer::data::DATA_ENVIRONMENT_VARIABLE);
+        let data_spec = benchmark_config(1, WARMUP_STEPS).data;
+        match cohort_trainer::data::dataset_directory(&data_spec, cohort_data.as_deref()) {
+            Ok(directory) => Self {
+                setup: Some((python, directory)),
+                ..Self::default()
+            },
+            Err(error) => skipped(Skip::because(label, error.to_string())),
+        }
+    }
+
+    /// Trains the benchmark MLP with PyTorch DDP on `ranks` processes for `steps` timed steps,
+    /// as [`benchmark_config`] trains it, and records the result or why there is none.
+    async fn measure(&mut self, ranks: u32, steps: u64) {
+        let Some((python, data)) = &self.setup else {
+            return;
+        };
+        let config = benchmark_config(ranks, steps);
+        let request = PytorchRequest {
+            world_size: ranks,
+            steps,
+            warmup_steps: WARMUP_STEPS,
+            global_batch: config.schedule.batch_size,
+            hidden: config.model.hidden.clone(),
+            learning_rate: config.optimizer.learning_rate(),
+            momentum: config.optimizer.momentum(),
+            weight_decay: config.optimizer.weight_decay(),
+            seed: config.data.seed,
+            data: data.clone(),
+        };
+        eprintln!("training with PyTorch DDP, {ranks} process(es) for {steps} steps...");
+        // Generous: start-up, and a second per step and rank on a machine with fewer cores.
+        let timeout = Duration::from_secs(300 + (steps + WARMUP_STEPS) * u64::from(ranks));
+        let outcome = reference::run::<PytorchReport>(
+            Reference::Pytorch,
+            &[],
+            python,
+            &request.arguments(),
+            timeout,
+        )
+        .await
+        .and_then(|report| Ok((report.slowest(ranks)?, report)));
+        match outcome {
+            Ok((phases, report)) => {
+                self.results.push((ranks, phases));
+                self.report = Some(report);
+            }
+            Err(error) => self.skips.push(Skip::because(
+                format!("{} with {ranks} ranks", Reference::Pytorch.label()),
+                format!("{error:#}"),
+            )),
+        }
+    }
+
+    /// The slowest rank's medians with `ranks` processes, if measured.
+    fn phases(&self, ranks: u64) -> Option<&PytorchPhases> {
+        self.results
+            .iter()
+            .find(|(measured, _)| u64::from(*measured) == ranks)
+            .map(|(_, phases)| phases)
+    }
+
+    /// Samples/s over the median step with `ranks` processes, if measured.
+    fn samples_per_s(&self, ranks: u64) -> Option<f64> {
+        self.phases(ranks)
+            .map(|phases| f64::from(GLOBAL_BATCH) / phases.step_s.max(f64::MIN_POSITIVE))
+    }
+
+    /// Samples/s with `ranks` processes against `ranks` times the 1-process figure.
+    fn efficiency(&self, ranks: u64) -> Option<f64> {
+        Some(self.samples_per_s(ranks)? / (self.samples_per_s(1)? * ranks as f64))
+    }
+
+    /// The table row of `ranks` processes, if measured.
+    fn table_row(&self, ranks: u64) -> Option<Vec<String>> {
+        let phases = self.phases(ranks)?;
+        Some(vec![
+            "pytorch".to_owned(),
+            ranks.to_string(),
+            "-".to_owned(),
+            figure(self.samples_per_s(ranks), 0),
+            figure(self.efficiency(ranks), 2),
+            ms(Some(phases.step_s)),
+            ms(Some(phases.forward_s)),
+            ms(Some(phases.backward_s)),
+            ms(Some(phases.optimizer_s)),
+            "-".to_owned(),
+            "-".to_owned(),
+            "-".to_owned(),
+        ])
+    }
+
+    /// What the JSON line reports: `null` when nothing was measured.
+    fn to_json(&self) -> Value {
+        let Some(report) = &self.report else {
+            return Value::Null;
+        };
+        let results: Vec<Value> = self
+            .results
+            .iter()
+            .map(|(ranks, phases)| {
+                let ranks = u64::from(*ranks);
+                json!({
+                    "ranks": ranks,
+                    "samples_per_s": self.samples_per_s(ranks),
+                    "efficiency": self.efficiency(ranks),
+                    "step_s": phases.step_s,
+                    "data_s": phases.data_s,
+                    "forward_s": phases.forward_s,
+                    "backward_s": phases.backward_s,
+                    "optimizer_s": phases.optimizer_s,
+                    "last_loss": phases.last_loss,
+                })
+            })
+            .collect();
+        json!({
+            "torch_version": report.torch_version,
+            "blas": report.blas,
+            "backend": "gloo",
+            "threads_per_rank": report.threads_per_rank,
+            "results": results,
+        })
+    }
 }
 
 /// Sequences per step of the transformer `--device gpu` measures.
@@ -513,6 +754,73 @@ pub fn run_on_gpu(world_sizes: Option<&[u32]>, steps: u64, gpu: usize) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_world_size_is_compared_with_pytorch_at_the_same_size() {
+        let row = |ranks: u32, telemetry: &str, samples_per_s: f64| {
+            json!({"ranks": ranks, "telemetry": telemetry, "samples_per_s": samples_per_s,
+                   "step_s": 256.0 / samples_per_s})
+        };
+        let mut rows = vec![
+            row(1, "off", 1000.0),
+            row(1, "on", 900.0),
+            row(2, "off", 1800.0),
+            row(2, "on", 1600.0),
+        ];
+        let phases = |step_s: f64| PytorchPhases {
+            rank: 0,
+            step_s,
+            data_s: 0.0,
+            forward_s: 0.0,
+            backward_s: 0.0,
+            optimizer_s: 0.0,
+            last_loss: 2.0,
+        };
+        // PyTorch: 512 samples/s with one rank, 640 with two; measured only at those sizes.
+        let pytorch = PytorchMeasured {
+            results: vec![(1, phases(0.5)), (2, phases(0.4))],
+            ..PytorchMeasured::default()
+        };
+        let table = add_comparisons(&mut rows, &pytorch);
+        let over: Vec<f64> = rows
+            .iter()
+            .map(|row| row["cohort_over_pytorch"].as_f64().unwrap())
+            .collect();
+        assert_eq!(
+            over,
+            [
+                1000.0 / 512.0,
+                900.0 / 512.0,
+                1800.0 / 640.0,
+                1600.0 / 640.0
+            ]
+        );
+        assert_eq!(rows[3]["on_over_off"].as_f64(), Some(1600.0 / 1800.0));
+        assert_eq!(rows[2]["efficiency"].as_f64(), Some(0.9));
+        let order: Vec<(&str, &str, &str)> = table
+            .iter()
+            .map(|cells| (cells[0].as_str(), cells[1].as_str(), cells[2].as_str()))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                ("cohort", "1", "off"),
+                ("cohort", "1", "on"),
+                ("pytorch", "1", "-"),
+                ("cohort", "2", "off"),
+                ("cohort", "2", "on"),
+                ("pytorch", "2", "-"),
+            ]
+        );
+        // PyTorch's own scaling: 640 / (2 x 512).
+        assert_eq!(table[5][3], "640");
+        assert_eq!(table[5][4], "0.62");
+        // Without a reference the ratio is absent, not zero.
+        let mut rows = vec![row(1, "on", 1000.0)];
+        let table = add_comparisons(&mut rows, &PytorchMeasured::default());
+        assert_eq!(rows[0]["cohort_over_pytorch"], Value::Null);
+        assert_eq!((table.len(), table[0][11].as_str()), (1, "-"));
+    }
 
     #[test]
     fn without_a_usable_gpu_the_gpu_benchmark_fails_with_the_typed_reason() {

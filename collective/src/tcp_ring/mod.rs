@@ -293,7 +293,11 @@ impl TypedCollectives for TcpRing {
     }
 }
 
-crate::communicator::recorded_communicator!(TcpRing, barrier = barrier_untracked);
+crate::communicator::recorded_communicator!(
+    TcpRing,
+    barrier = barrier_untracked,
+    bytes_sent = payload_bytes_sent
+);
 
 #[cfg(test)]
 mod tests {
