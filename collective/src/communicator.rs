@@ -213,8 +213,8 @@ pub(crate) mod typed {
 /// Implements [`Communicator`] for a transport that implements [`TypedCollectives`] and records
 /// every operation on its progress channel: routes each call through [`typed`] between
 /// `self.enter(...)` and `self.channel.complete(...)`. The type needs fields `rank`,
-/// `world_size` and `channel` (a [`crate::progress::Channel`]), a method `enter(collective,
-/// len, dtype)`, the given barrier method (unrecorded) and, if named, the method that counts the
+/// `world_size` and `channel` (a [`crate::progress::Channel`]), methods `enter(collective,
+/// len, dtype)` and `name_error(error)` (how its errors name ranks), the given barrier method (unrecorded) and, if named, the method that counts the
 /// bytes it sent over the network; it may move between threads.
 macro_rules! recorded_communicator {
     ($transport:ty, barrier = $barrier:ident $(, bytes_sent = $bytes_sent:ident)?) => {
@@ -234,7 +234,8 @@ macro_rules! recorded_communicator {
             ) -> $crate::error::Result<()> {
                 use $crate::operation::Collective;
                 let entered = self.enter(Collective::AllReduce, buffer.len(), buffer.dtype());
-                let result = $crate::communicator::typed::all_reduce(self, buffer, op);
+                let result = $crate::communicator::typed::all_reduce(self, buffer, op)
+                    .map_err(|error| self.name_error(error));
                 self.channel.complete(entered, &result);
                 result
             }
@@ -247,7 +248,8 @@ macro_rules! recorded_communicator {
                 use $crate::operation::Collective;
                 let entered = self.enter(Collective::Broadcast, buffer.len(), buffer.dtype());
                 let world_size = self.world_size;
-                let result = $crate::communicator::typed::broadcast(self, world_size, buffer, root);
+                let result = $crate::communicator::typed::broadcast(self, world_size, buffer, root)
+                    .map_err(|error| self.name_error(error));
                 self.channel.complete(entered, &result);
                 result
             }
@@ -261,7 +263,8 @@ macro_rules! recorded_communicator {
                 let entered = self.enter(Collective::AllGather, output.len(), output.dtype());
                 let world_size = self.world_size;
                 let result =
-                    $crate::communicator::typed::all_gather(self, world_size, input, output);
+                    $crate::communicator::typed::all_gather(self, world_size, input, output)
+                        .map_err(|error| self.name_error(error));
                 self.channel.complete(entered, &result);
                 result
             }
@@ -277,7 +280,8 @@ macro_rules! recorded_communicator {
                 let world_size = self.world_size;
                 let result = $crate::communicator::typed::reduce_scatter(
                     self, world_size, input, output, op,
-                );
+                )
+                .map_err(|error| self.name_error(error));
                 self.channel.complete(entered, &result);
                 result
             }
@@ -285,7 +289,7 @@ macro_rules! recorded_communicator {
             fn barrier(&mut self) -> $crate::error::Result<()> {
                 use $crate::operation::Collective;
                 let entered = self.enter(Collective::Barrier, 0, $crate::DType::F32);
-                let result = self.$barrier();
+                let result = self.$barrier().map_err(|error| self.name_error(error));
                 self.channel.complete(entered, &result);
                 result
             }

@@ -419,6 +419,100 @@ impl Error {
         }
     }
 
+    /// Returns the error with every rank it names replaced by `names[rank]` (ranks beyond
+    /// `names` stay as they are): a communicator that is one part of a larger group reports
+    /// the group's ranks. [`Error::Aborted`] is left alone: abort notices already carry names.
+    pub(crate) fn with_rank_names(self, names: &[usize]) -> Error {
+        let name = |rank: usize| names.get(rank).copied().unwrap_or(rank);
+        match self {
+            Error::RanksMissing {
+                prefix,
+                missing_ranks,
+                world_size,
+                timeout,
+            } => Error::RanksMissing {
+                prefix,
+                missing_ranks: missing_ranks.into_iter().map(name).collect(),
+                world_size,
+                timeout,
+            },
+            Error::BadAddress {
+                prefix,
+                peer,
+                found,
+            } => Error::BadAddress {
+                prefix,
+                peer: name(peer),
+                found,
+            },
+            Error::Connect {
+                peer,
+                address,
+                source,
+            } => Error::Connect {
+                peer: name(peer),
+                address,
+                source,
+            },
+            Error::Handshake { peer, detail } => Error::Handshake {
+                peer: name(peer),
+                detail,
+            },
+            Error::PeerDisconnected { collective, peer } => Error::PeerDisconnected {
+                collective,
+                peer: name(peer),
+            },
+            Error::PeerStalled {
+                collective,
+                peer,
+                activity,
+                waited,
+            } => Error::PeerStalled {
+                collective,
+                peer: name(peer),
+                activity,
+                waited,
+            },
+            Error::PeerIo {
+                collective,
+                peer,
+                source,
+            } => Error::PeerIo {
+                collective,
+                peer: name(peer),
+                source,
+            },
+            Error::Protocol {
+                collective,
+                peer,
+                detail,
+            } => Error::Protocol {
+                collective,
+                peer: name(peer),
+                detail,
+            },
+            Error::Poisoned {
+                collective,
+                first_failure,
+                failed_rank,
+            } => Error::Poisoned {
+                collective,
+                first_failure,
+                failed_rank: failed_rank.map(name),
+            },
+            Error::Link {
+                link,
+                peer,
+                failure,
+            } => Error::Link {
+                link,
+                peer: name(peer),
+                failure,
+            },
+            other => other,
+        }
+    }
+
     /// Returns how the blamed rank failed, for the abort notice sent to the other ranks.
     pub(crate) fn abort_cause(&self) -> AbortCause {
         match self {

@@ -11,6 +11,8 @@ use tracing::debug;
 
 use crate::communicator::Communicator;
 use crate::error::{Error, Result};
+use crate::hierarchical::{Hierarchical, Placement};
+use crate::progress::Progress;
 use crate::rendezvous::Store;
 use crate::shm::{ShmConfig, ShmGroup};
 use crate::tcp_ring::{TcpRing, TcpRingConfig};
@@ -45,6 +47,9 @@ pub enum Layout {
     TcpRing,
     /// Shared memory on one node.
     SharedMemory,
+    /// Shared memory within each node and one TCP ring per local rank across nodes
+    /// ([`Hierarchical`]).
+    Hierarchical(Placement),
 }
 
 /// Chooses the layout for ranks on `nodes` (node of each rank, in rank order), or says why
@@ -54,7 +59,7 @@ pub fn plan_layout(nodes: &[String], transport: Transport) -> Result<Layout, Str
     match transport {
         Transport::Tcp => Ok(Layout::TcpRing),
         Transport::Auto if one_node => Ok(Layout::SharedMemory),
-        Transport::Auto => Ok(Layout::TcpRing),
+        Transport::Auto => Ok(even_placement(nodes).map_or(Layout::TcpRing, Layout::Hierarchical)),
         Transport::Shm if one_node => Ok(Layout::SharedMemory),
         Transport::Shm => {
             let mut distinct: Vec<&str> = nodes.iter().map(String::as_str).collect();
@@ -65,6 +70,26 @@ pub fn plan_layout(nodes: &[String], transport: Transport) -> Result<Layout, Str
             ))
         }
     }
+}
+
+/// The placement of ranks numbered node by node, with the same number (at least 2) on each
+/// of at least 2 nodes; `None` for any other arrangement.
+fn even_placement(nodes: &[String]) -> Option<Placement> {
+    let per_node = nodes.iter().take_while(|node| **node == nodes[0]).count();
+    if per_node < 2 || !nodes.len().is_multiple_of(per_node) || nodes.len() == per_node {
+        return None;
+    }
+    let blocks: Vec<&[String]> = nodes.chunks(per_node).collect();
+    let uniform = blocks
+        .iter()
+        .all(|block| block.iter().all(|node| *node == block[0]));
+    let mut firsts: Vec<&String> = blocks.iter().map(|block| &block[0]).collect();
+    firsts.sort();
+    firsts.dedup();
+    (uniform && firsts.len() == blocks.len()).then_some(Placement {
+        nodes: blocks.len(),
+        per_node,
+    })
 }
 
 /// Settings of [`connect_group`].
@@ -123,20 +148,57 @@ pub fn connect_group(
             world_size,
             &config.tcp,
         )?),
-        Layout::SharedMemory => {
-            let shm = ShmConfig {
-                connect_timeout: config.tcp.connect_timeout,
-                io_timeout: config.tcp.io_timeout,
-                slot_bytes: config
-                    .shm_slot_bytes
-                    .unwrap_or(ShmConfig::default().slot_bytes),
-                spin: None,
-                secret: config.tcp.secret.clone(),
-                progress: config.tcp.progress.clone(),
-            };
-            Box::new(ShmGroup::connect(store, prefix, rank, world_size, &shm)?)
+        Layout::SharedMemory => Box::new(ShmGroup::connect(
+            store,
+            prefix,
+            rank,
+            world_size,
+            &shm_config(config),
+        )?),
+        Layout::Hierarchical(placement) => {
+            let (node, local) = (rank / placement.per_node, rank % placement.per_node);
+            // The parts record nothing of their own: the group records its collectives.
+            let local_group = ShmGroup::connect(
+                store,
+                &format!("{prefix}/local/{node}"),
+                local,
+                placement.per_node,
+                &ShmConfig {
+                    progress: Progress::disabled(),
+                    rank_names: Some(placement.local_names(node)),
+                    ..shm_config(config)
+                },
+            )?;
+            let cross = TcpRing::connect(
+                store,
+                &format!("{prefix}/cross/{local}"),
+                node,
+                placement.nodes,
+                &TcpRingConfig {
+                    progress: Progress::disabled(),
+                    rank_names: Some(placement.cross_names(local)),
+                    ..config.tcp.clone()
+                },
+            )?;
+            let channel = config.tcp.progress.channel(prefix, world_size);
+            Box::new(Hierarchical::new(placement, local_group, cross, channel))
         }
     })
+}
+
+/// The shared-memory settings `config` implies.
+fn shm_config(config: &GroupConfig) -> ShmConfig {
+    ShmConfig {
+        connect_timeout: config.tcp.connect_timeout,
+        io_timeout: config.tcp.io_timeout,
+        slot_bytes: config
+            .shm_slot_bytes
+            .unwrap_or(ShmConfig::default().slot_bytes),
+        spin: None,
+        secret: config.tcp.secret.clone(),
+        progress: config.tcp.progress.clone(),
+        rank_names: None,
+    }
 }
 
 /// Publishes `node` for `rank` and returns every rank's node, in rank order.
@@ -198,7 +260,36 @@ mod tests {
     #[test]
     fn ranks_on_several_nodes_use_tcp_and_refuse_shared_memory() {
         let spread = nodes(&["a", "a", "b", "b"]);
-        assert_eq!(plan_layout(&spread, Transport::Auto), Ok(Layout::TcpRing));
+        assert_eq!(
+            plan_layout(&spread, Transport::Auto),
+            Ok(Layout::Hierarchical(Placement {
+                nodes: 2,
+                per_node: 2
+            }))
+        );
+        for flat in [
+            &["a", "b"][..],
+            &["a", "a", "b"],
+            &["a", "b", "a", "b"],
+            &["a", "a", "b", "b", "a", "a"],
+            &["a", "a", "a", "b", "b", "c"],
+        ] {
+            assert_eq!(
+                plan_layout(&nodes(flat), Transport::Auto),
+                Ok(Layout::TcpRing),
+                "{flat:?}"
+            );
+        }
+        assert_eq!(
+            plan_layout(
+                &nodes(&["a", "a", "a", "b", "b", "b", "c", "c", "c"]),
+                Transport::Auto
+            ),
+            Ok(Layout::Hierarchical(Placement {
+                nodes: 3,
+                per_node: 3
+            }))
+        );
         assert_eq!(plan_layout(&spread, Transport::Tcp), Ok(Layout::TcpRing));
         assert_eq!(
             plan_layout(&spread, Transport::Shm),
@@ -246,6 +337,8 @@ mod tests {
             (&["n", "n", "n"][..], Transport::Auto),
             (&["n", "n", "n"][..], Transport::Shm),
             (&["a", "b", "b"][..], Transport::Auto),
+            (&["a", "a", "b", "b"][..], Transport::Auto),
+            (&["a", "a", "a", "b", "b", "b"][..], Transport::Auto),
             (&["n", "n"][..], Transport::Tcp),
         ] {
             for result in all_reduce_ones(nodes, transport) {
@@ -256,6 +349,62 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// All-reduces `elements` f32 on ranks placed on `nodes` with `transport`; returns the
+    /// network bytes each rank sent for it.
+    fn network_bytes(nodes: &[&str], transport: Transport, elements: usize) -> Vec<u64> {
+        let store = Arc::new(InMemoryStore::new());
+        let world_size = nodes.len();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = nodes
+                .iter()
+                .enumerate()
+                .map(|(rank, node)| {
+                    let store = Arc::clone(&store);
+                    scope.spawn(move || {
+                        let config = GroupConfig {
+                            transport,
+                            node: (*node).to_owned(),
+                            ..GroupConfig::default()
+                        };
+                        let mut group =
+                            connect_group(&*store, "bytes", rank, world_size, &config).unwrap();
+                        let mut values = vec![rank as f32; elements];
+                        let before = group.network_bytes_sent().unwrap();
+                        group
+                            .all_reduce(BufferMut::from(&mut values), ReduceOp::Sum)
+                            .unwrap();
+                        let expected = (world_size * (world_size - 1) / 2) as f32;
+                        assert!(values.iter().all(|&value| value == expected));
+                        group.network_bytes_sent().unwrap() - before
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|handle| handle.join().unwrap())
+                .collect()
+        })
+    }
+
+    #[test]
+    fn a_hierarchical_group_sends_each_nodes_share_across_once() {
+        // 2 nodes x 2 ranks, 1 MiB: each rank sends 2 (2 - 1) / 2 of its half across nodes.
+        let elements = 1 << 18;
+        let bytes = (elements * 4) as u64;
+        let nodes = ["a", "a", "b", "b"];
+        let hierarchical = network_bytes(&nodes, Transport::Auto, elements);
+        assert_eq!(hierarchical, vec![bytes / 2; 4]);
+        // The flat ring sends 2 (4 - 1) / 4 of the buffer out of every rank, and the ranks at
+        // a node's boundary (1 and 3) send it across: 1.5 times the bytes per node.
+        let flat = network_bytes(&nodes, Transport::Tcp, elements);
+        assert_eq!(flat, vec![bytes * 3 / 2; 4]);
+        let per_node = |sent: &[u64], crossing: &[usize]| -> u64 {
+            crossing.iter().map(|&rank| sent[rank]).sum()
+        };
+        assert_eq!(per_node(&hierarchical, &[0, 1]), bytes);
+        assert_eq!(per_node(&flat, &[1]), bytes * 3 / 2);
     }
 
     #[test]

@@ -18,6 +18,8 @@
 //!   and the message schedules of each collective.
 //! - [`group`]: [`connect_group`], the one entry point for host communicators: it learns which
 //!   node each rank is on and forms shared memory or a TCP ring ([`Transport`]).
+//! - [`hierarchical`]: [`Hierarchical`], shared memory within each node and a TCP ring per
+//!   local rank across nodes, for jobs with several ranks on each of several nodes.
 //! - [`shm`]: [`ShmGroup`] and [`ShmConfig`]: ranks on one node through shared memory (a sealed
 //!   memfd passed over authenticated Unix sockets; futex waits; a dead rank is named).
 //! - [`nccl`]: [`Nccl`] and [`NcclConfig`]: NCCL setup through the store, the trait on host
@@ -44,6 +46,7 @@ pub mod communicator;
 pub mod cuda;
 pub mod error;
 pub mod group;
+pub mod hierarchical;
 pub mod nccl;
 pub mod operation;
 pub mod p2p;
@@ -57,6 +60,7 @@ pub use buffer::{BufferMut, BufferRef, DType, Element, ReduceOp};
 pub use communicator::Communicator;
 pub use error::{AbortCause, Error, LinkFailure, Result};
 pub use group::{GroupConfig, Transport, connect_group};
+pub use hierarchical::Hierarchical;
 pub use nccl::{Nccl, NcclConfig};
 pub use operation::Collective;
 pub use p2p::{PeerLink, PeerLinkConfig};

@@ -58,6 +58,10 @@ pub struct ShmConfig {
     pub secret: Option<crate::LinkSecret>,
     /// Where the group records its operations, for hang diagnosis.
     pub progress: Progress,
+    /// The rank each member is called in errors, by group rank, when the group is one part of
+    /// a larger one (the ranks of one node in a hierarchical all-reduce). Default `None`: group
+    /// ranks.
+    pub rank_names: Option<Vec<usize>>,
 }
 
 impl Default for ShmConfig {
@@ -69,6 +73,7 @@ impl Default for ShmConfig {
             spin: None,
             secret: None,
             progress: Progress::default(),
+            rank_names: None,
         }
     }
 }
@@ -106,6 +111,8 @@ pub struct ShmGroup {
     /// The first failure, after which every call fails.
     failure: Option<(String, Option<usize>)>,
     channel: Channel,
+    /// What members are called in errors ([`ShmConfig::rank_names`]; empty: group ranks).
+    rank_names: Vec<usize>,
 }
 
 impl ShmGroup {
@@ -134,17 +141,27 @@ impl ShmGroup {
                 expected: "less than world_size",
             });
         }
+        let rank_names = config.rank_names.clone().unwrap_or_default();
         let group = if world_size == 1 {
             None
         } else {
-            let joined = setup::join(store, prefix, rank, world_size, config)?;
+            let joined = setup::join(store, prefix, rank, world_size, config)
+                .map_err(|error| error.with_rank_names(&rank_names))?;
             let spin = config
                 .spin
                 .unwrap_or_else(|| sync::default_spin(world_size));
+            let epochs = Epochs::new(
+                rank,
+                world_size,
+                spin,
+                config.io_timeout,
+                joined.peers,
+                rank_names.clone(),
+            );
             Some(Group {
                 rank,
                 world_size,
-                epochs: Epochs::new(rank, world_size, spin, config.io_timeout, joined.peers),
+                epochs,
                 segment: joined.segment,
                 partial: Vec::new(),
             })
@@ -157,6 +174,7 @@ impl ShmGroup {
             group,
             failure: None,
             channel: config.progress.channel(prefix, world_size),
+            rank_names,
         })
     }
 
@@ -186,11 +204,35 @@ impl ShmGroup {
         if elements == 0 {
             return Ok(());
         }
-        let result = body(group);
+        let result = body(group).map_err(|error| error.with_rank_names(&self.rank_names));
         if let Err(error) = &result {
             self.failure = Some((error.to_string(), error.failed_rank()));
         }
         result
+    }
+
+    /// Errors already name ranks as asked (`exchange` does it before recording the failure).
+    fn name_error(&self, error: Error) -> Error {
+        error
+    }
+
+    /// Makes every rank of the group fail, blaming `failed_rank` (a name) as reported by
+    /// `reporter`, because another part of the larger group failed; this rank's later calls
+    /// fail too.
+    pub(crate) fn abort(&mut self, failed_rank: usize, cause: crate::AbortCause, reporter: usize) {
+        if let Some(group) = &self.group {
+            group
+                .epochs
+                .abort(&group.segment, failed_rank, cause, reporter);
+        }
+        if self.failure.is_none() {
+            self.failure = Some((
+                format!(
+                    "the group failed: rank {failed_rank} {cause} (reported by rank {reporter})"
+                ),
+                Some(failed_rank),
+            ));
+        }
     }
 
     /// [`Communicator::barrier`], unrecorded.

@@ -112,6 +112,8 @@ pub(crate) struct Epochs {
     /// Connections to every other rank (by rank), open for the group's life: a peer's end
     /// closes when its process dies.
     peers: Vec<Option<UnixStream>>,
+    /// What the abort word calls each rank (empty: group ranks); see `ShmConfig::rank_names`.
+    rank_names: Vec<usize>,
 }
 
 impl Epochs {
@@ -121,6 +123,7 @@ impl Epochs {
         spin: Duration,
         io_timeout: Duration,
         peers: Vec<Option<UnixStream>>,
+        rank_names: Vec<usize>,
     ) -> Self {
         Self {
             rank,
@@ -129,7 +132,25 @@ impl Epochs {
             spin,
             io_timeout,
             peers,
+            rank_names,
         }
+    }
+
+    /// The name of group rank `rank` in the abort word.
+    fn name(&self, rank: usize) -> usize {
+        self.rank_names.get(rank).copied().unwrap_or(rank)
+    }
+
+    /// Records in the abort word that the larger group this one belongs to failed, blaming
+    /// `failed_rank` (a name) as reported by `reporter`, unless a failure is recorded already,
+    /// and wakes every rank.
+    pub fn abort(&self, segment: &Segment, failed_rank: usize, cause: AbortCause, reporter: usize) {
+        segment.set_abort(Abort {
+            failed_rank,
+            cause,
+            reporter,
+        });
+        wake_everyone(segment, self.world_size);
     }
 
     /// The slot parity of the next epoch: where this rank writes before [`Epochs::arrive`].
@@ -227,12 +248,12 @@ impl Epochs {
             let idle = last_change.elapsed();
             if idle >= self.io_timeout {
                 let abort = segment.set_abort(Abort {
-                    failed_rank: peer,
+                    failed_rank: self.name(peer),
                     cause: AbortCause::Stalled,
-                    reporter: self.rank,
+                    reporter: self.name(self.rank),
                 });
                 wake_everyone(segment, self.world_size);
-                return Err(if abort.reporter == self.rank {
+                return Err(if abort.reporter == self.name(self.rank) {
                     Error::PeerStalled {
                         collective,
                         peer,
@@ -295,12 +316,12 @@ impl Epochs {
         cause: AbortCause,
     ) -> Error {
         let abort = segment.set_abort(Abort {
-            failed_rank: peer,
+            failed_rank: self.name(peer),
             cause,
-            reporter: self.rank,
+            reporter: self.name(self.rank),
         });
         wake_everyone(segment, self.world_size);
-        if abort.reporter == self.rank && abort.failed_rank == peer {
+        if abort.reporter == self.name(self.rank) && abort.failed_rank == self.name(peer) {
             Error::PeerDisconnected { collective, peer }
         } else {
             aborted(collective, abort)

@@ -24,7 +24,7 @@ use self::plans::{BarrierPlan, BroadcastPlan, GatherPlan, ReducePlan, Scratch};
 use self::transport::RingTransport;
 use crate::buffer::{Element, ReduceOp};
 use crate::communicator::TypedCollectives;
-use crate::error::{Error, Result};
+use crate::error::{AbortCause, Error, Result};
 use crate::operation::Collective;
 use crate::progress::{Channel, Entered, Progress};
 use crate::rendezvous::Store;
@@ -54,6 +54,10 @@ pub struct TcpRingConfig {
     /// Where the ring records its operations (a channel named after the prefix), for hang
     /// diagnosis. Default: a record of its own, read by nobody.
     pub progress: Progress,
+    /// The rank each member is called in errors and abort notices, by ring rank, when the ring
+    /// is one part of a larger group (a hierarchical all-reduce's ring across nodes). Default
+    /// `None`: ring ranks.
+    pub rank_names: Option<Vec<usize>>,
 }
 
 impl Default for TcpRingConfig {
@@ -66,6 +70,7 @@ impl Default for TcpRingConfig {
             chunk_bytes: 512 * 1024,
             secret: None,
             progress: Progress::default(),
+            rank_names: None,
         }
     }
 }
@@ -117,6 +122,8 @@ pub struct TcpRing {
     scratch: Scratch,
     /// Where the ring's operations are recorded.
     channel: Channel,
+    /// What members are called in errors ([`TcpRingConfig::rank_names`]; empty: ring ranks).
+    rank_names: Vec<usize>,
 }
 
 impl TcpRing {
@@ -157,16 +164,19 @@ impl TcpRing {
                 expected: "1 to 1024 bytes",
             });
         }
+        let rank_names = config.rank_names.clone().unwrap_or_default();
         let transport = if world_size == 1 {
             None
         } else {
-            let connections = setup::connect_ring(store, prefix, rank, world_size, config)?;
+            let connections = setup::connect_ring(store, prefix, rank, world_size, config)
+                .map_err(|error| error.with_rank_names(&rank_names))?;
             Some(RingTransport::new(
                 rank,
                 world_size,
                 connections.previous,
                 connections.next,
                 config.io_timeout,
+                rank_names.clone(),
             )?)
         };
         debug!(prefix, rank, world_size, "tcp ring ready");
@@ -183,6 +193,7 @@ impl TcpRing {
             transport,
             scratch: Scratch::new(scratch_bytes),
             channel: config.progress.channel(prefix, world_size),
+            rank_names,
         })
     }
 
@@ -205,6 +216,21 @@ impl TcpRing {
             return Ok(());
         };
         transport.run(collective, &mut BarrierPlan::new(world_size))
+    }
+
+    /// The error with members named as [`TcpRingConfig::rank_names`] says.
+    fn name_error(&self, error: Error) -> Error {
+        error.with_rank_names(&self.rank_names)
+    }
+
+    /// Tells both neighbours that the group this ring belongs to failed, blaming
+    /// `failed_rank` (a name, as in [`TcpRingConfig::rank_names`]) for `cause` as reported by
+    /// `reporter`, and makes the ring unusable. Called between collectives, when another part of
+    /// the group failed; does nothing on a ring that has already failed.
+    pub(crate) fn abort(&mut self, failed_rank: usize, cause: AbortCause, reporter: usize) {
+        if let Some(transport) = self.transport.as_mut() {
+            transport.abort(failed_rank, cause, reporter);
+        }
     }
 
     /// Returns the payload bytes this rank has sent to its successor since the ring formed

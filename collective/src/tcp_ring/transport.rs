@@ -143,6 +143,10 @@ pub(crate) struct RingTransport {
     deferred_abort: Option<FrameHeader>,
     /// The failure that broke the ring, and the rank it blamed; set once, never cleared.
     poisoned: Option<(String, Option<usize>)>,
+    /// What abort notices call each ring rank (empty: ring ranks); see
+    /// `TcpRingConfig::rank_names`. Notices carry names, so every part of a larger group
+    /// reports the same failed rank.
+    rank_names: Vec<usize>,
 }
 
 impl RingTransport {
@@ -153,6 +157,7 @@ impl RingTransport {
         previous: TcpStream,
         next: TcpStream,
         io_timeout: Duration,
+        rank_names: Vec<usize>,
     ) -> Result<Self> {
         let setup_error = |source| Error::Io {
             context: "prepare the ring connections for polling".to_owned(),
@@ -189,7 +194,29 @@ impl RingTransport {
             next_closed: false,
             deferred_abort: None,
             poisoned: None,
+            rank_names,
         })
+    }
+
+    /// The name of ring rank `rank` in abort notices.
+    fn name(&self, rank: usize) -> usize {
+        self.rank_names.get(rank).copied().unwrap_or(rank)
+    }
+
+    /// Sends both neighbours an abort notice blaming `failed_rank` (a name) between
+    /// collectives, shuts the connections down and poisons the ring; nothing if it already
+    /// failed.
+    pub fn abort(&mut self, failed_rank: usize, cause: AbortCause, reporter: usize) {
+        if self.poisoned.is_some() {
+            return;
+        }
+        let error = Error::Aborted {
+            collective: Collective::Barrier,
+            failed_rank,
+            cause,
+            reporter,
+        };
+        self.send_abort(Collective::Barrier, &error, true);
     }
 
     /// Returns the payload bytes of every message sent to the successor so far, headers
@@ -630,6 +657,21 @@ impl RingTransport {
         plan: &dyn Plan,
         progress: &mut Progress,
     ) {
+        warn!(
+            rank = self.rank,
+            %collective,
+            failed_rank = error.failed_rank(),
+            %error,
+            "collective failed; abandoning the ring"
+        );
+        let at_frame_boundary = !self.next_closed && self.finish_partial_frame(plan, progress);
+        self.send_abort(collective, error, at_frame_boundary);
+    }
+
+    /// Sends the abort notice of `error` (forwarding an abort as it came, naming the failed
+    /// and reporting ranks otherwise) to the predecessor, and to the successor when its stream
+    /// is at a frame boundary; shuts both connections down and remembers the failure.
+    fn send_abort(&mut self, collective: Collective, error: &Error, to_successor: bool) {
         let (failed_rank, reporter, cause) = match error {
             Error::Aborted {
                 failed_rank,
@@ -638,19 +680,11 @@ impl RingTransport {
                 ..
             } => (*failed_rank, *reporter, *cause),
             other => (
-                other.failed_rank().unwrap_or(self.rank),
-                self.rank,
+                self.name(other.failed_rank().unwrap_or(self.rank)),
+                self.name(self.rank),
                 other.abort_cause(),
             ),
         };
-        warn!(
-            rank = self.rank,
-            %collective,
-            failed_rank,
-            reporter,
-            %error,
-            "collective failed; abandoning the ring"
-        );
         let abort = FrameHeader {
             kind: FrameKind::Abort,
             collective,
@@ -661,7 +695,7 @@ impl RingTransport {
         .encode();
         // Best effort: a full buffer or a dead peer just means the notice is not delivered, and
         // the neighbour falls back to blaming this rank.
-        if !self.next_closed && self.finish_partial_frame(plan, progress) {
+        if to_successor && !self.next_closed {
             let _ = SockRef::from(&self.next).send_with_flags(&abort, SEND_FLAGS);
         }
         let _ = SockRef::from(&self.previous).send_with_flags(&abort, SEND_FLAGS);

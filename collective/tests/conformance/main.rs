@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use cohort_collective::cuda::{self, CudaLibrary};
 use cohort_collective::{
-    BufferMut, Communicator, DType, Element, Error, InMemoryStore, Nccl, NcclConfig, Progress,
-    ReduceOp, ShmConfig, ShmGroup, TcpRing, TcpRingConfig,
+    BufferMut, Communicator, DType, Element, Error, GroupConfig, InMemoryStore, Nccl, NcclConfig,
+    Progress, ReduceOp, ShmConfig, ShmGroup, TcpRing, TcpRingConfig, Transport, connect_group,
 };
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
@@ -199,6 +199,30 @@ const SHM_SMALL_SLOTS: Backend = Backend {
     max_world_size: unlimited,
     connect: |store, rank, world_size, settings| {
         shm_rank_with(store, rank, world_size, settings, 4096)
+    },
+    names_failed_peers: true,
+};
+
+/// [`connect_group`] with ranks on "nodes" of two consecutive ranks (all on loopback): two
+/// ranks share memory, four form a hierarchical group (two nodes of two), three and five a TCP
+/// ring.
+const HIERARCHICAL: Backend = Backend {
+    name: "connect_group (two ranks per node)",
+    max_world_size: unlimited,
+    connect: |store, rank, world_size, settings| {
+        let config = GroupConfig {
+            transport: Transport::Auto,
+            node: format!("node-{}", rank / 2),
+            tcp: TcpRingConfig {
+                io_timeout: settings.io_timeout,
+                connect_timeout: Duration::from_secs(60),
+                progress: settings.progress_of(rank),
+                ..TcpRingConfig::default()
+            },
+            shm_slot_bytes: None,
+        };
+        connect_group(store, "conformance", rank, world_size, &config)
+            .map(|group| group as Box<dyn Communicator>)
     },
     names_failed_peers: true,
 };
@@ -836,6 +860,7 @@ communicator_conformance_suite!(tcp_ring, TCP_RING);
 communicator_conformance_suite!(tcp_ring_small_chunks, TCP_RING_SMALL_CHUNKS);
 communicator_conformance_suite!(shm, SHM);
 communicator_conformance_suite!(shm_small_slots, SHM_SMALL_SLOTS);
+communicator_conformance_suite!(hierarchical, HIERARCHICAL);
 communicator_conformance_suite!(nccl, NCCL);
 
 /// [`Nccl`]'s device-buffer methods, which the [`Communicator`] suite does not reach: results
