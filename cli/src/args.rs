@@ -196,6 +196,9 @@ pub enum BenchTransport {
     Tcp,
     /// Shared memory between the ranks (all on one node).
     Shm,
+    /// What a job's ranks use where they are: shared memory on one node, hierarchical (shared
+    /// memory within nodes, TCP across) for ranks spread evenly over several, TCP otherwise.
+    Auto,
 }
 
 /// `cohort bench allreduce --mpi`.
@@ -244,7 +247,8 @@ pub enum Benchmark {
         #[arg(long, value_enum, default_value_t = BenchLinks::Authenticated)]
         links: BenchLinks,
         /// Host transports to time (`--backend tcp`), taking turns size by size: the TCP ring
-        /// (`tcp`) and shared memory (`shm`, what ranks on one node use by default).
+        /// (`tcp`), shared memory (`shm`, what ranks on one node use by default) and `auto`
+        /// (what a job's ranks use where they are; on this one-node cluster, shared memory).
         #[arg(long, value_enum, value_delimiter = ',', default_value = "tcp,shm")]
         transport: Vec<BenchTransport>,
         /// `tcp`, `f32`: also time Open MPI's `MPI_Allreduce` (mpirun, same ranks, sizes and

@@ -13,6 +13,16 @@ use cohort_cluster_tests::sandbox::{DEFAULT_TIMEOUT, Sandbox, SandboxOptions, sh
 /// A cluster with its coordinator on host 0 and worker `node-H` (one CPU slot) on each host
 /// H of 1..hosts; prints the hosts' addresses.
 fn cluster_on_hosts(test_name: &str, hosts: usize, heartbeat_deadline_s: f64) -> Option<Sandbox> {
+    cluster_on_hosts_with_slots(test_name, hosts, heartbeat_deadline_s, 1)
+}
+
+/// [`cluster_on_hosts`] with `slots` CPU slots per worker.
+fn cluster_on_hosts_with_slots(
+    test_name: &str,
+    hosts: usize,
+    heartbeat_deadline_s: f64,
+    slots: u32,
+) -> Option<Sandbox> {
     let network = TestNetwork::create_or_skip(test_name, hosts)?;
     let addresses: Vec<String> = (0..hosts)
         .map(|host| network.address(host).to_string())
@@ -26,7 +36,7 @@ fn cluster_on_hosts(test_name: &str, hosts: usize, heartbeat_deadline_s: f64) ->
         Sandbox::start_on_network(network, options).expect("starting the coordinator");
     for host in 1..hosts {
         cluster
-            .add_worker_on(&format!("node-{host}"), 1, host)
+            .add_worker_on(&format!("node-{host}"), slots, host)
             .expect("starting a worker");
     }
     Some(cluster)
@@ -165,5 +175,101 @@ fn a_host_without_credentials_can_do_nothing_to_a_cluster_on_the_network() -> Re
     // The job is untouched, and its owner (the admin, on host 0) still reaches it.
     assert_eq!(cluster.job(&job_id)?["state"], "running");
     cluster.cli_ok(&["cancel", &job_id])?;
+    Ok(())
+}
+
+#[test]
+fn two_hosts_of_two_ranks_all_reduce_hierarchically_with_less_on_the_host_links() -> Result<()> {
+    let Some(mut cluster) = cluster_on_hosts_with_slots("multi-host hierarchical", 3, 5.0, 2)
+    else {
+        return Ok(());
+    };
+    let network = cluster.network().expect("a networked cluster");
+    for host in 1..3 {
+        network.rate_limit(host, "1gbit")?;
+    }
+    // 4 MiB of f32, timed on a flat TCP ring and on the group jobs get (`auto`), call by call.
+    let elements: u64 = 1 << 20;
+    let bytes = elements * 4;
+    let job = format!(
+        r#"
+version = 1
+name = "hierarchical"
+kind = "command"
+[resources]
+ranks = 4
+[command]
+program = {program}
+args = ["bench", "allreduce-rank", "--elements", "{elements}", "--dtype", "f32", "--links", "authenticated", "--transport", "tcp,auto"]
+"#,
+        program = serde_json::json!(
+            cohort_cluster_tests::sandbox::cohort_executable()
+                .display()
+                .to_string()
+        ),
+    );
+    let job_id = cluster.submit(&job, &[])?;
+    let job = cluster.wait_for_state(&job_id, "succeeded", Duration::from_secs(120))?;
+    // Ranks are placed node by node: 0 and 1 on one host, 2 and 3 on the other.
+    let nodes: Vec<&str> = job["placement"]
+        .as_array()
+        .expect("a placement")
+        .iter()
+        .map(|place| place["node_id"].as_str().expect("a node"))
+        .collect();
+    assert!(
+        nodes[0] == nodes[1] && nodes[2] == nodes[3] && nodes[0] != nodes[2],
+        "{nodes:?}"
+    );
+    let logs = cluster.cli_ok(&["logs", &job_id, "--rank", "0"])?;
+    let result = logs
+        .lines()
+        .find_map(|line| {
+            line.split_once("cohort-bench-result ")
+                .map(|(_, json)| json)
+        })
+        .expect("rank 0 printed the result");
+    // Per rank, per kind of group: its name (`links`) and one sample per size.
+    let per_rank: Vec<serde_json::Value> = serde_json::from_str(result)?;
+    let kind = |name: &str| -> (f64, Vec<u64>) {
+        let samples: Vec<&serde_json::Value> = per_rank
+            .iter()
+            .map(|kinds| {
+                let kinds = kinds.as_array().expect("kinds");
+                let kind = kinds.iter().find(|k| k["links"] == name).expect(name);
+                &kind["samples"][0]
+            })
+            .collect();
+        let slowest = samples
+            .iter()
+            .map(|sample| sample["time_s"].as_f64().expect("a time"))
+            .fold(0.0, f64::max);
+        let sent = samples
+            .iter()
+            .map(|sample| sample["bytes_sent"].as_u64().expect("counted bytes"))
+            .collect();
+        (slowest, sent)
+    };
+    let (flat_s, flat_sent) = kind("authenticated");
+    let (hierarchical_s, hierarchical_sent) = kind("auto");
+    // Bytes that cross a host's link (1 Gbit/s): in the flat ring 0 -> 1 -> 2 -> 3 -> 0 only
+    // rank 1's and rank 3's; in the hierarchical group every rank's ring across nodes.
+    assert_eq!(flat_sent, vec![bytes * 3 / 2; 4]);
+    assert_eq!(hierarchical_sent, vec![bytes / 2; 4]);
+    let flat_host = flat_sent[1];
+    let hierarchical_host = hierarchical_sent[0] + hierarchical_sent[1];
+    let speedup = flat_s / hierarchical_s;
+    eprintln!(
+        "2 hosts x 2 ranks, 4 MiB, host links at 1 Gbit/s: bytes across each host link per \
+         all-reduce {flat_host} (flat ring) and {hierarchical_host} (hierarchical), ratio {:.2}; \
+         time {:.1} ms and {:.1} ms, busbw ratio {speedup:.2}",
+        flat_host as f64 / hierarchical_host as f64,
+        flat_s * 1e3,
+        hierarchical_s * 1e3,
+    );
+    assert_eq!(flat_host * 2, hierarchical_host * 3);
+    // The links bound both: the hierarchical group is faster by about the bytes it saves
+    // (1.5x in theory).
+    assert!(speedup > 1.25, "busbw ratio {speedup:.2}");
     Ok(())
 }

@@ -141,8 +141,8 @@ pub struct Variants {
 enum Kind {
     /// A TCP ring whose links prove `secret`.
     Ring(Option<LinkSecret>),
-    /// Shared memory.
-    Shm,
+    /// The group [`cohort_collective::connect_group`] forms with `transport`.
+    Group(Transport),
 }
 
 /// The kinds `variants` names, each with its name in the report.
@@ -158,7 +158,8 @@ fn kinds(link: &RankLink, variants: &Variants) -> Vec<(&'static str, Kind)> {
                     kinds.push(("plain", Kind::Ring(None)));
                 }
             }
-            BenchTransport::Shm => kinds.push(("shm", Kind::Shm)),
+            BenchTransport::Shm => kinds.push(("shm", Kind::Group(Transport::Shm))),
+            BenchTransport::Auto => kinds.push(("auto", Kind::Group(Transport::Auto))),
         }
     }
     kinds
@@ -188,7 +189,7 @@ pub fn rank(
         let prefix = format!("bench-allreduce-{name}");
         rings.push(match kind {
             Kind::Ring(secret) => Box::new(link.ring_proving(&prefix, secret)?),
-            Kind::Shm => link.group(&prefix, Transport::Shm)?,
+            Kind::Group(transport) => link.group(&prefix, transport)?,
         });
         results.push(LinksSamples {
             links: name.to_owned(),
@@ -675,7 +676,10 @@ fn tcp_rows(
             ]);
             let mut row = json!({
                 "links": kind,
-                "transport": if kind == "shm" { "shm" } else { "tcp" },
+                "transport": match kind.as_str() {
+                    "shm" | "auto" => kind.as_str(),
+                    _ => "tcp",
+                },
                 "busbw_ratio_vs_plain": busbw_ratio_vs_plain,
                 "fp32_equivalent_bytes": payload,
                 "bytes": bytes,
