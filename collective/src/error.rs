@@ -525,6 +525,43 @@ impl Error {
     }
 }
 
+/// The failure that made a communicator unusable, kept so that every later call fails with
+/// [`Error::Poisoned`] naming it.
+#[derive(Debug, Default)]
+pub(crate) struct FirstFailure(Option<(String, Option<usize>)>);
+
+impl FirstFailure {
+    /// Fails with [`Error::Poisoned`] if a failure was recorded.
+    pub(crate) fn check(&self, collective: Collective) -> Result<()> {
+        match &self.0 {
+            None => Ok(()),
+            Some((first_failure, failed_rank)) => Err(Error::Poisoned {
+                collective,
+                first_failure: first_failure.clone(),
+                failed_rank: *failed_rank,
+            }),
+        }
+    }
+
+    /// Records `error` unless a failure was recorded before.
+    pub(crate) fn record(&mut self, error: &Error) {
+        self.record_text(error.to_string(), error.failed_rank());
+    }
+
+    /// Records a failure described by `text`, blaming `failed_rank`, unless one was recorded
+    /// before.
+    pub(crate) fn record_text(&mut self, text: String, failed_rank: Option<usize>) {
+        if self.0.is_none() {
+            self.0 = Some((text, failed_rank));
+        }
+    }
+
+    /// Whether a failure was recorded.
+    pub(crate) fn is_set(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
 /// Fails with [`Error::InvalidArgument`] naming the first of `durations` that is zero: the
 /// timeouts of every communicator's config must be positive.
 pub(crate) fn check_positive_durations(durations: &[(&'static str, Duration)]) -> Result<()> {

@@ -300,9 +300,13 @@ mod tests {
         );
     }
 
-    /// Connects `nodes.len()` ranks on threads and all-reduces ones, returning each rank's
-    /// result or error.
-    fn all_reduce_ones(nodes: &[&str], transport: Transport) -> Vec<Result<f32>> {
+    /// Forms a group of ranks on `nodes` (by rank) with `transport`, each on a thread, runs
+    /// `body` on each, and returns the results in rank order.
+    fn on_nodes<R: Send>(
+        nodes: &[&str],
+        transport: Transport,
+        body: impl Fn(&mut (dyn Communicator + Send)) -> Result<R> + Sync,
+    ) -> Vec<Result<R>> {
         let store = Arc::new(InMemoryStore::new());
         let world_size = nodes.len();
         std::thread::scope(|scope| {
@@ -310,7 +314,7 @@ mod tests {
                 .iter()
                 .enumerate()
                 .map(|(rank, node)| {
-                    let store = Arc::clone(&store);
+                    let (store, body) = (Arc::clone(&store), &body);
                     scope.spawn(move || {
                         let config = GroupConfig {
                             transport,
@@ -318,9 +322,7 @@ mod tests {
                             ..GroupConfig::default()
                         };
                         let mut group = connect_group(&*store, "g", rank, world_size, &config)?;
-                        let mut values = vec![1.0_f32; 3];
-                        group.all_reduce(BufferMut::from(&mut values), ReduceOp::Sum)?;
-                        Ok(values[0])
+                        body(&mut *group)
                     })
                 })
                 .collect();
@@ -328,6 +330,15 @@ mod tests {
                 .into_iter()
                 .map(|handle| handle.join().unwrap())
                 .collect()
+        })
+    }
+
+    /// All-reduces ones on ranks on `nodes`; returns each rank's result or error.
+    fn all_reduce_ones(nodes: &[&str], transport: Transport) -> Vec<Result<f32>> {
+        on_nodes(nodes, transport, |group| {
+            let mut values = vec![1.0_f32; 3];
+            group.all_reduce(BufferMut::from(&mut values), ReduceOp::Sum)?;
+            Ok(values[0])
         })
     }
 
@@ -354,38 +365,18 @@ mod tests {
     /// All-reduces `elements` f32 on ranks placed on `nodes` with `transport`; returns the
     /// network bytes each rank sent for it.
     fn network_bytes(nodes: &[&str], transport: Transport, elements: usize) -> Vec<u64> {
-        let store = Arc::new(InMemoryStore::new());
         let world_size = nodes.len();
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = nodes
-                .iter()
-                .enumerate()
-                .map(|(rank, node)| {
-                    let store = Arc::clone(&store);
-                    scope.spawn(move || {
-                        let config = GroupConfig {
-                            transport,
-                            node: (*node).to_owned(),
-                            ..GroupConfig::default()
-                        };
-                        let mut group =
-                            connect_group(&*store, "bytes", rank, world_size, &config).unwrap();
-                        let mut values = vec![rank as f32; elements];
-                        let before = group.network_bytes_sent().unwrap();
-                        group
-                            .all_reduce(BufferMut::from(&mut values), ReduceOp::Sum)
-                            .unwrap();
-                        let expected = (world_size * (world_size - 1) / 2) as f32;
-                        assert!(values.iter().all(|&value| value == expected));
-                        group.network_bytes_sent().unwrap() - before
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|handle| handle.join().unwrap())
-                .collect()
+        on_nodes(nodes, transport, |group| {
+            let mut values = vec![group.rank() as f32; elements];
+            let before = group.network_bytes_sent().unwrap();
+            group.all_reduce(BufferMut::from(&mut values), ReduceOp::Sum)?;
+            let expected = (world_size * (world_size - 1) / 2) as f32;
+            assert!(values.iter().all(|&value| value == expected));
+            Ok(group.network_bytes_sent().unwrap() - before)
         })
+        .into_iter()
+        .map(Result::unwrap)
+        .collect()
     }
 
     #[test]

@@ -18,7 +18,7 @@
 
 use crate::buffer::{Element, ReduceOp};
 use crate::communicator::{Communicator, TypedCollectives};
-use crate::error::{Error, Result};
+use crate::error::{Error, FirstFailure, Result};
 use crate::operation::Collective;
 use crate::progress::{Channel, Entered};
 use crate::shm::ShmGroup;
@@ -63,7 +63,7 @@ pub struct Hierarchical {
     /// This rank's stripe of `sums`.
     stripe: Vec<f32>,
     /// The first failure, after which every call fails.
-    failure: Option<(String, Option<usize>)>,
+    failure: FirstFailure,
     channel: Channel,
 }
 
@@ -85,7 +85,7 @@ impl Hierarchical {
             cross,
             sums: Vec::new(),
             stripe: Vec::new(),
-            failure: None,
+            failure: FirstFailure::default(),
             channel,
         }
     }
@@ -102,13 +102,7 @@ impl Hierarchical {
         collective: Collective,
         body: impl FnOnce(&mut Self) -> Result<()>,
     ) -> Result<()> {
-        if let Some((first_failure, failed_rank)) = &self.failure {
-            return Err(Error::Poisoned {
-                collective,
-                first_failure: first_failure.clone(),
-                failed_rank: *failed_rank,
-            });
-        }
+        self.failure.check(collective)?;
         let result = body(self);
         if let Err(error) = &result {
             let (failed_rank, cause, reporter) = match error {
@@ -126,7 +120,7 @@ impl Hierarchical {
             };
             self.cross.abort(failed_rank, cause, reporter);
             self.local.abort(failed_rank, cause, reporter);
-            self.failure = Some((error.to_string(), error.failed_rank()));
+            self.failure.record(error);
         }
         result
     }

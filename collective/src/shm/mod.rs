@@ -28,7 +28,7 @@ use self::plans::Group;
 use self::sync::Epochs;
 use crate::buffer::{Element, ReduceOp};
 use crate::communicator::TypedCollectives;
-use crate::error::{Error, Result};
+use crate::error::{Error, FirstFailure, Result};
 use crate::operation::Collective;
 use crate::progress::{Channel, Entered, Progress};
 use crate::rendezvous::Store;
@@ -109,7 +109,7 @@ pub struct ShmGroup {
     /// `None` for a world of one rank.
     group: Option<Group>,
     /// The first failure, after which every call fails.
-    failure: Option<(String, Option<usize>)>,
+    failure: FirstFailure,
     channel: Channel,
     /// What members are called in errors ([`ShmConfig::rank_names`]; empty: group ranks).
     rank_names: Vec<usize>,
@@ -172,7 +172,7 @@ impl ShmGroup {
             world_size,
             prefix: prefix.to_owned(),
             group,
-            failure: None,
+            failure: FirstFailure::default(),
             channel: config.progress.channel(prefix, world_size),
             rank_names,
         })
@@ -191,13 +191,7 @@ impl ShmGroup {
         elements: usize,
         body: impl FnOnce(&mut Group) -> Result<()>,
     ) -> Result<()> {
-        if let Some((first_failure, failed_rank)) = &self.failure {
-            return Err(Error::Poisoned {
-                collective,
-                first_failure: first_failure.clone(),
-                failed_rank: *failed_rank,
-            });
-        }
+        self.failure.check(collective)?;
         let Some(group) = self.group.as_mut() else {
             return Ok(());
         };
@@ -206,7 +200,7 @@ impl ShmGroup {
         }
         let result = body(group).map_err(|error| error.with_rank_names(&self.rank_names));
         if let Err(error) = &result {
-            self.failure = Some((error.to_string(), error.failed_rank()));
+            self.failure.record(error);
         }
         result
     }
@@ -225,14 +219,10 @@ impl ShmGroup {
                 .epochs
                 .abort(&group.segment, failed_rank, cause, reporter);
         }
-        if self.failure.is_none() {
-            self.failure = Some((
-                format!(
-                    "the group failed: rank {failed_rank} {cause} (reported by rank {reporter})"
-                ),
-                Some(failed_rank),
-            ));
-        }
+        self.failure.record_text(
+            format!("the group failed: rank {failed_rank} {cause} (reported by rank {reporter})"),
+            Some(failed_rank),
+        );
     }
 
     /// [`Communicator::barrier`], unrecorded.
@@ -285,7 +275,7 @@ impl TypedCollectives for ShmGroup {
         output: &mut [T],
         op: ReduceOp,
     ) -> Result<()> {
-        if self.group.is_none() && self.failure.is_none() {
+        if self.group.is_none() && !self.failure.is_set() {
             output.copy_from_slice(input);
             return Ok(());
         }

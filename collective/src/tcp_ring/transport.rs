@@ -24,7 +24,7 @@ use socket2::SockRef;
 use tracing::warn;
 
 use super::wire::{FrameHeader, FrameKind, HEADER_BYTES};
-use crate::error::{AbortCause, Error, Result};
+use crate::error::{AbortCause, Error, FirstFailure, Result};
 use crate::operation::Collective;
 
 /// Longest a failing rank spends completing a half-sent frame so its abort notice can follow.
@@ -142,7 +142,7 @@ pub(crate) struct RingTransport {
     /// collective in progress; that collective may still complete, the next one fails with it.
     deferred_abort: Option<FrameHeader>,
     /// The failure that broke the ring, and the rank it blamed; set once, never cleared.
-    poisoned: Option<(String, Option<usize>)>,
+    poisoned: FirstFailure,
     /// What abort notices call each ring rank (empty: ring ranks); see
     /// `TcpRingConfig::rank_names`. Notices carry names, so every part of a larger group
     /// reports the same failed rank.
@@ -193,7 +193,7 @@ impl RingTransport {
             reverse_read: 0,
             next_closed: false,
             deferred_abort: None,
-            poisoned: None,
+            poisoned: FirstFailure::default(),
             rank_names,
         })
     }
@@ -207,7 +207,7 @@ impl RingTransport {
     /// collectives, shuts the connections down and poisons the ring; nothing if it already
     /// failed.
     pub fn abort(&mut self, failed_rank: usize, cause: AbortCause, reporter: usize) {
-        if self.poisoned.is_some() {
+        if self.poisoned.is_set() {
             return;
         }
         let error = Error::Aborted {
@@ -227,14 +227,7 @@ impl RingTransport {
 
     /// Fails if an earlier collective broke the ring.
     pub fn check_usable(&self, collective: Collective) -> Result<()> {
-        match &self.poisoned {
-            None => Ok(()),
-            Some((first_failure, failed_rank)) => Err(Error::Poisoned {
-                collective,
-                first_failure: first_failure.clone(),
-                failed_rank: *failed_rank,
-            }),
-        }
+        self.poisoned.check(collective)
     }
 
     /// Runs one collective to completion. On failure the ring is abandoned: the neighbours are
@@ -701,7 +694,7 @@ impl RingTransport {
         let _ = SockRef::from(&self.previous).send_with_flags(&abort, SEND_FLAGS);
         let _ = self.next.shutdown(Shutdown::Write);
         let _ = self.previous.shutdown(Shutdown::Write);
-        self.poisoned = Some((error.to_string(), error.failed_rank()));
+        self.poisoned.record(error);
     }
 
     /// Completes a half-written frame to the successor, so that an abort frame can follow it
