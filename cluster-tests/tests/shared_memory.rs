@@ -37,13 +37,17 @@ fn maps_a_segment(pid: u32) -> bool {
 /// Waits until the job's ranks have reported a step past 2 (they exchange gradients) and
 /// every one of `pids` maps the segment.
 fn wait_for_shared_training(cluster: &Sandbox, job_id: &str, pids: &[u32]) -> Result<()> {
-    poll("ranks training through shared memory", DEFAULT_TIMEOUT, || {
-        let job = cluster.job(job_id)?;
-        let stepped = job["metrics"]
-            .as_array()
-            .is_some_and(|m| m.iter().any(|r| r["step"].as_u64().unwrap_or(0) > 2));
-        Ok((stepped && pids.iter().all(|&pid| maps_a_segment(pid))).then_some(()))
-    })?;
+    poll(
+        "ranks training through shared memory",
+        DEFAULT_TIMEOUT,
+        || {
+            let job = cluster.job(job_id)?;
+            let stepped = job["metrics"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|r| r["step"].as_u64().unwrap_or(0) > 2));
+            Ok((stepped && pids.iter().all(|&pid| maps_a_segment(pid))).then_some(()))
+        },
+    )?;
     // The segment is anonymous: no rank maps anything under /dev/shm.
     for &pid in pids {
         let maps = maps(pid);
@@ -64,7 +68,10 @@ fn ranks_on_one_node_train_through_shared_memory_and_leave_nothing_behind() -> R
     let job = cluster.wait_for_state(&job_id, "succeeded", DEFAULT_TIMEOUT)?;
     let metrics = job["metrics"].as_array().unwrap();
     assert_eq!(metrics.len(), 2, "{job}");
-    assert_eq!(metrics[0]["eval_accuracy"], metrics[1]["eval_accuracy"], "{job}");
+    assert_eq!(
+        metrics[0]["eval_accuracy"], metrics[1]["eval_accuracy"],
+        "{job}"
+    );
     cluster.wait_for_processes_gone(&pids, DEFAULT_TIMEOUT)?;
     assert_eq!(dev_shm(), before, "/dev/shm changed");
     Ok(())

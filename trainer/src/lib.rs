@@ -29,6 +29,7 @@
 //! - [`embedding`]: the embedding model's pixel tokens and its bag-of-tokens first stage.
 //! - [`transformer`]: the GPT-style transformer, cut into pipeline stages and split over
 //!   tensor-parallel ranks (Megatron's `f` and `g`), with name-seeded initialisation.
+//! - [`host_memory`]: the allocator setting that keeps freed tensor buffers for the next step.
 //! - [`parameters`]: a model's parameters as one ordered set with a flat f32 view.
 //! - [`optim`]: [`optim::Optimizer`], a rank's SGD or AdamW over its parameters, with the update
 //!   rules and learning-rate schedule of `cohort_numerics` (clipping is part of the step).
@@ -43,6 +44,7 @@ pub mod device;
 pub mod embedding;
 pub mod error;
 pub mod evaluation;
+pub mod host_memory;
 pub mod idx;
 pub mod language_model;
 pub mod mesh;

@@ -1,17 +1,21 @@
 //! The models a job can train: an MLP of configurable widths, a small CNN and the embedding
 //! model (a bag of pixel tokens, see [`crate::embedding`]) with a dense head, built from
-//! candle-nn layers over the parameters of a [`ParameterSet`].
+//! candle-nn layers over the parameters of a [`ParameterSet`]; a dense layer's product is
+//! [`dense::DenseProduct`], whose backward pass computes only the gradients the step needs.
+
+mod dense;
 
 use std::ops::Range;
 
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, Module};
+use candle_nn::{Conv2d, Conv2dConfig, Module};
 use cohort_jobspec::train::{MAX_EMBEDDING_WIDTH, MAX_INTENSITY_LEVELS, ModelKind, ModelSpec};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use self::dense::DenseProduct;
 use crate::embedding::EmbeddingBag;
 pub use crate::embedding::EmbeddingTable;
 use crate::error::{Result, TrainerError};
@@ -26,8 +30,10 @@ enum Layer {
     Convolution(Conv2d),
     /// A dense layer (its input flattened first), then ReLU unless it produces the logits.
     Dense {
-        /// The affine map.
-        linear: Linear,
+        /// The weight, `[out, in]` (as `candle_nn::Linear` and PyTorch store it).
+        weight: Tensor,
+        /// The bias, `[out]`.
+        bias: Tensor,
         /// Whether ReLU follows.
         relu: bool,
     },
@@ -47,13 +53,13 @@ impl Stage {
         match &self.layer {
             Layer::EmbeddingBag(bag) => bag.forward(input),
             Layer::Convolution(convolution) => convolution.forward(input)?.relu()?.max_pool2d(2),
-            Layer::Dense { linear, relu } => {
+            Layer::Dense { weight, bias, relu } => {
                 let input = if input.rank() > 2 {
                     input.flatten_from(1)?
                 } else {
                     input.clone()
                 };
-                let output = linear.forward(&input)?;
+                let output = input.apply_op2(weight, DenseProduct)?.broadcast_add(bias)?;
                 if *relu { output.relu() } else { Ok(output) }
             }
         }
@@ -242,7 +248,8 @@ impl Model {
             )?;
             stages.push(Stage {
                 layer: Layer::Dense {
-                    linear: Linear::new(weight, Some(bias)),
+                    weight,
+                    bias,
                     relu: index + 1 < widths.len(),
                 },
                 parameters: first_parameter..parameters.len(),

@@ -69,8 +69,13 @@ fn rendezvous_target(launch: &Launch, ca: Option<&CaCertificate>) -> client::Tar
 }
 
 impl RankLink {
-    /// Reads the launch from the environment and connects to the rendezvous service.
+    /// Sets the allocator to keep freed tensor buffers, reads the launch from the environment
+    /// and connects to the rendezvous service.
     pub fn connect() -> Result<Self> {
+        // Before any tensor exists: freed step buffers stay in the heap for the next step.
+        if !cohort_trainer::host_memory::keep_freed_buffers() {
+            tracing::debug!("the allocator keeps its default thresholds");
+        }
         let launch = Launch::from_env()?;
         let node_address = launch.node.node_ip()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
