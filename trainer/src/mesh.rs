@@ -133,6 +133,24 @@ impl MeshLinks {
     }
 }
 
+impl MeshLinks {
+    /// The settings of a collective group made with these links.
+    pub fn group_config(&self) -> GroupConfig {
+        GroupConfig {
+            transport: self.transport,
+            node: self.node.clone(),
+            tcp: TcpRingConfig {
+                listen_address: self.listen_address,
+                secret: self.secret.clone(),
+                io_timeout: self.io_timeout,
+                progress: self.progress.clone(),
+                ..TcpRingConfig::default()
+            },
+            shm_slot_bytes: None,
+        }
+    }
+}
+
 /// The collective crate's transport for a job spec's `parallel.transport`.
 pub fn host_transport(transport: HostTransport) -> Transport {
     match transport {
@@ -159,18 +177,7 @@ pub fn connect_mesh(
             shape.world_size()
         ))
     })?;
-    let group_config = GroupConfig {
-        transport: links.transport,
-        node: links.node.clone(),
-        tcp: TcpRingConfig {
-            listen_address: links.listen_address,
-            secret: links.secret.clone(),
-            io_timeout: links.io_timeout,
-            progress: links.progress.clone(),
-            ..TcpRingConfig::default()
-        },
-        shm_slot_bytes: None,
-    };
+    let group_config = links.group_config();
     let ring =
         |name: String, member: usize, members: usize| -> Result<Box<dyn Communicator + Send>> {
             Ok(connect_group(store, &name, member, members, &group_config)?)

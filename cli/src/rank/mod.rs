@@ -22,8 +22,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use cohort_collective::progress::Fault;
 use cohort_collective::{
-    Communicator, GroupConfig, LinkSecret, Nccl, NcclConfig, Progress, TcpRing, TcpRingConfig,
-    Transport, connect_group,
+    Communicator, LinkSecret, Nccl, NcclConfig, Progress, TcpRing, TcpRingConfig, Transport,
+    connect_group,
 };
 use cohort_proto::env;
 use cohort_proto::launch::Launch;
@@ -179,19 +179,7 @@ impl RankLink {
     /// shared memory between ranks on this node where `transport` allows, the TCP ring (on
     /// the node's address) otherwise; every link proves the job's secret.
     pub fn group(&self, name: &str, transport: Transport) -> Result<Box<dyn Communicator + Send>> {
-        let links = self.mesh_links(transport);
-        let config = GroupConfig {
-            transport,
-            node: links.node,
-            tcp: TcpRingConfig {
-                listen_address: links.listen_address,
-                secret: links.secret,
-                io_timeout: links.io_timeout,
-                progress: links.progress,
-                ..TcpRingConfig::default()
-            },
-            shm_slot_bytes: None,
-        };
+        let config = self.mesh_links(transport).group_config();
         connect_group(&self.store, name, self.rank(), self.world_size(), &config)
             .with_context(|| format!("rank {} joining communicator {name:?}", self.rank()))
     }

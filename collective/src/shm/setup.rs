@@ -55,104 +55,24 @@ pub(crate) fn join(
     config: &ShmConfig,
 ) -> Result<Joined> {
     let started = Instant::now();
-    let deadline = started + config.connect_timeout;
+    let joining = Joining {
+        prefix,
+        rank,
+        world_size,
+        config,
+        deadline: started + config.connect_timeout,
+    };
     let created = if rank == 0 {
         Some(Segment::create(world_size, config.slot_bytes)?)
     } else {
         None
     };
-    let mut name = [0_u8; 16];
-    rand::rng().fill_bytes(&mut name);
-    let name: String = name.iter().map(|byte| format!("{byte:02x}")).collect();
-    let name = format!("cohort-shm-{name}");
-    let address = SocketAddr::from_abstract_name(name.as_bytes()).map_err(|source| Error::Io {
-        context: "name the group's socket".to_owned(),
-        source,
-    })?;
-    let listener = UnixListener::bind_addr(&address).map_err(|source| Error::Listen {
-        address: format!("@{name}"),
-        source,
-    })?;
-    store.set(&socket_key(prefix, rank), name.as_bytes())?;
-
-    let keys: Vec<String> = (0..world_size)
-        .map(|peer| socket_key(prefix, peer))
-        .collect();
-    let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-    let names = store
-        .wait(&key_refs, remaining(deadline))
-        .map_err(|error| match error {
-            Error::StoreTimeout { .. } => {
-                let missing = (0..world_size)
-                    .filter(|&peer| store.get(&keys[peer]).ok().flatten().is_none())
-                    .collect();
-                Error::RanksMissing {
-                    prefix: prefix.to_owned(),
-                    missing_ranks: missing,
-                    world_size,
-                    timeout: config.connect_timeout,
-                }
-            }
-            other => other,
-        })?;
-    let secret = config.secret.as_ref();
-    let intro = |from: usize| introduction(prefix, from, world_size);
-
+    let listener = joining.listen(store)?;
+    let names = joining.socket_names(store)?;
     // (1) Connect to every higher rank and send the introduction and hello proof.
-    let mut connectors = Vec::new();
-    for (peer, name) in names.iter().enumerate().skip(rank + 1) {
-        let address = SocketAddr::from_abstract_name(name).map_err(|source| Error::Io {
-            context: format!("read rank {peer}'s socket name"),
-            source,
-        })?;
-        let mut stream = UnixStream::connect_addr(&address).map_err(|source| Error::Connect {
-            peer,
-            address: format!("@{}", String::from_utf8_lossy(name)),
-            source,
-        })?;
-        let own_intro = intro(rank);
-        let (connector, proof) = Connector::start(secret, &own_intro);
-        stream
-            .set_read_timeout(Some(remaining(deadline)))
-            .and_then(|()| stream.write_all(&own_intro))
-            .and_then(|()| stream.write_all(&proof))
-            .map_err(|error| handshake(peer, format!("send the introduction: {error}")))?;
-        connectors.push((peer, stream, connector));
-    }
-
+    let connectors = joining.connect_higher(&names)?;
     // (2) Accept every lower rank and answer its proof.
-    let mut acceptors: Vec<Option<(UnixStream, Acceptor)>> = (0..rank).map(|_| None).collect();
-    listener.set_nonblocking(true).map_err(|source| Error::Io {
-        context: "configure the group's socket".to_owned(),
-        source,
-    })?;
-    while acceptors.iter().any(Option::is_none) {
-        let Some(mut stream) = accept_before(&listener, deadline)? else {
-            let missing = (0..rank)
-                .filter(|&peer| acceptors[peer].is_none())
-                .collect();
-            return Err(Error::RanksMissing {
-                prefix: prefix.to_owned(),
-                missing_ranks: missing,
-                world_size,
-                timeout: config.connect_timeout,
-            });
-        };
-        match read_introduction(&mut stream, prefix, rank, world_size, secret) {
-            Ok((peer, acceptor, answer)) if acceptors[peer].is_none() => {
-                stream
-                    .write_all(&answer)
-                    .map_err(|error| handshake(peer, format!("answer the proof: {error}")))?;
-                acceptors[peer] = Some((stream, acceptor));
-            }
-            Ok((peer, ..)) => warn!(
-                prefix,
-                rank, peer, "refused a second connection from a rank"
-            ),
-            Err(reason) => warn!(prefix, rank, reason, "refused a stray connection"),
-        }
-    }
-
+    let acceptors = joining.accept_lower(&listener)?;
     // (3) Check each higher rank's answer and confirm.
     let mut peers: Vec<Option<UnixStream>> = (0..world_size).map(|_| None).collect();
     for (peer, mut stream, connector) in connectors {
@@ -162,33 +82,16 @@ pub(crate) fn join(
         peers[peer] = Some(stream);
     }
     // (4) Check each lower rank's confirmation.
-    for (peer, accepted) in acceptors.into_iter().enumerate() {
-        let (mut stream, acceptor) = accepted.expect("every lower rank was accepted");
+    for (peer, (mut stream, acceptor)) in acceptors.into_iter().enumerate() {
         stream
-            .set_read_timeout(Some(remaining(deadline)))
+            .set_read_timeout(Some(remaining(joining.deadline)))
             .map_err(|error| handshake(peer, error.to_string()))?;
         acceptor
             .confirm(&mut stream)
             .map_err(|detail| handshake(peer, detail))?;
         peers[peer] = Some(stream);
     }
-
-    let segment = match created {
-        Some(segment) => {
-            for (peer, stream) in peers.iter().enumerate().skip(1) {
-                let stream = stream.as_ref().expect("connected to every rank");
-                send_fd(stream, segment.fd().as_raw_fd())
-                    .map_err(|error| handshake(peer, format!("pass the segment: {error}")))?;
-            }
-            segment
-        }
-        None => {
-            let leader = peers[0].as_ref().expect("connected to rank 0");
-            let fd = receive_fd(leader)
-                .map_err(|error| handshake(0, format!("receive the segment: {error}")))?;
-            Segment::open(fd, world_size)?
-        }
-    };
+    let segment = share_segment(created, &peers, world_size)?;
     debug!(
         prefix,
         rank,
@@ -197,6 +100,149 @@ pub(crate) fn join(
         "shared-memory group formed"
     );
     Ok(Joined { segment, peers })
+}
+
+/// One rank joining a group: what every step needs.
+struct Joining<'a> {
+    prefix: &'a str,
+    rank: usize,
+    world_size: usize,
+    config: &'a ShmConfig,
+    /// When setup must be done.
+    deadline: Instant,
+}
+
+impl Joining<'_> {
+    /// Listens on an abstract socket with a random name and publishes the name.
+    fn listen(&self, store: &dyn Store) -> Result<UnixListener> {
+        let mut name = [0_u8; 16];
+        rand::rng().fill_bytes(&mut name);
+        let name: String = name.iter().map(|byte| format!("{byte:02x}")).collect();
+        let name = format!("cohort-shm-{name}");
+        let address =
+            SocketAddr::from_abstract_name(name.as_bytes()).map_err(|source| Error::Io {
+                context: "name the group's socket".to_owned(),
+                source,
+            })?;
+        let listener = UnixListener::bind_addr(&address).map_err(|source| Error::Listen {
+            address: format!("@{name}"),
+            source,
+        })?;
+        listener.set_nonblocking(true).map_err(|source| Error::Io {
+            context: "configure the group's socket".to_owned(),
+            source,
+        })?;
+        store.set(&socket_key(self.prefix, self.rank), name.as_bytes())?;
+        Ok(listener)
+    }
+
+    /// Every rank's socket name, by rank.
+    fn socket_names(&self, store: &dyn Store) -> Result<Vec<Vec<u8>>> {
+        let keys: Vec<String> = (0..self.world_size)
+            .map(|peer| socket_key(self.prefix, peer))
+            .collect();
+        let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        store
+            .wait(&key_refs, remaining(self.deadline))
+            .map_err(|error| match error {
+                Error::StoreTimeout { .. } => self.ranks_missing(
+                    (0..self.world_size)
+                        .filter(|&peer| store.get(&keys[peer]).ok().flatten().is_none())
+                        .collect(),
+                ),
+                other => other,
+            })
+    }
+
+    /// Connects to every higher rank and sends the introduction and hello proof.
+    fn connect_higher(&self, names: &[Vec<u8>]) -> Result<Vec<(usize, UnixStream, Connector)>> {
+        let own_intro = introduction(self.prefix, self.rank, self.world_size);
+        let mut connectors = Vec::new();
+        for (peer, name) in names.iter().enumerate().skip(self.rank + 1) {
+            let address = SocketAddr::from_abstract_name(name).map_err(|source| Error::Io {
+                context: format!("read rank {peer}'s socket name"),
+                source,
+            })?;
+            let mut stream =
+                UnixStream::connect_addr(&address).map_err(|source| Error::Connect {
+                    peer,
+                    address: format!("@{}", String::from_utf8_lossy(name)),
+                    source,
+                })?;
+            let (connector, proof) = Connector::start(self.config.secret.as_ref(), &own_intro);
+            stream
+                .set_read_timeout(Some(remaining(self.deadline)))
+                .and_then(|()| stream.write_all(&own_intro))
+                .and_then(|()| stream.write_all(&proof))
+                .map_err(|error| handshake(peer, format!("send the introduction: {error}")))?;
+            connectors.push((peer, stream, connector));
+        }
+        Ok(connectors)
+    }
+
+    /// Accepts every lower rank (dropping strays) and answers its proof; returns them by rank.
+    fn accept_lower(&self, listener: &UnixListener) -> Result<Vec<(UnixStream, Acceptor)>> {
+        let (prefix, rank) = (self.prefix, self.rank);
+        let mut acceptors: Vec<Option<(UnixStream, Acceptor)>> = (0..rank).map(|_| None).collect();
+        while acceptors.iter().any(Option::is_none) {
+            let Some(mut stream) = accept_before(listener, self.deadline)? else {
+                let missing = (0..rank).filter(|&peer| acceptors[peer].is_none());
+                return Err(self.ranks_missing(missing.collect()));
+            };
+            let secret = self.config.secret.as_ref();
+            match read_introduction(&mut stream, prefix, rank, self.world_size, secret) {
+                Ok((peer, acceptor, answer)) if acceptors[peer].is_none() => {
+                    stream
+                        .write_all(&answer)
+                        .map_err(|error| handshake(peer, format!("answer the proof: {error}")))?;
+                    acceptors[peer] = Some((stream, acceptor));
+                }
+                Ok((peer, ..)) => {
+                    warn!(
+                        prefix,
+                        rank, peer, "refused a second connection from a rank"
+                    );
+                }
+                Err(reason) => warn!(prefix, rank, reason, "refused a stray connection"),
+            }
+        }
+        Ok(acceptors.into_iter().flatten().collect())
+    }
+
+    /// The error for ranks that did not show up in time.
+    fn ranks_missing(&self, missing_ranks: Vec<usize>) -> Error {
+        Error::RanksMissing {
+            prefix: self.prefix.to_owned(),
+            missing_ranks,
+            world_size: self.world_size,
+            timeout: self.config.connect_timeout,
+        }
+    }
+}
+
+/// Rank 0 (which `created` the segment) passes it to every other rank; the others receive and
+/// map it.
+fn share_segment(
+    created: Option<Segment>,
+    peers: &[Option<UnixStream>],
+    world_size: usize,
+) -> Result<Segment> {
+    match created {
+        Some(segment) => {
+            for (peer, stream) in peers.iter().enumerate().skip(1) {
+                let stream = stream.as_ref().expect("connected to every rank");
+                send_fd(stream, segment.fd().as_raw_fd())
+                    .map_err(|error| handshake(peer, format!("pass the segment: {error}")))?;
+            }
+            Ok(segment)
+        }
+        None => {
+            let leader = peers[0].as_ref().expect("connected to rank 0");
+            let fd = receive_fd(leader)
+                .map_err(|error| handshake(0, format!("receive the segment: {error}")))?;
+            Segment::open(fd, world_size)
+        }
+    }
 }
 
 /// The introduction rank `from` sends: magic, ranks, and the group's prefix.
