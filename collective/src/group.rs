@@ -177,6 +177,10 @@ pub fn connect_group(
                 &TcpRingConfig {
                     progress: Progress::disabled(),
                     rank_names: Some(placement.cross_names(local)),
+                    // Half again the node's timeout: a stall inside a node, which shared memory
+                    // names exactly, is detected and passed on before the ring across nodes
+                    // would blame the stalled rank's node-mate it waits for.
+                    io_timeout: config.tcp.io_timeout.saturating_mul(3) / 2,
                     ..config.tcp.clone()
                 },
             )?;
